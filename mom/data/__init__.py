@@ -1,0 +1,1 @@
+"""Corpora: raw media sources, corpus building, packing and loading for training."""
