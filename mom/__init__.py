@@ -1,5 +1,17 @@
-"""Mixture-of-Mamba (MoM): multi-modal Mamba language models with modality-aware sparsity."""
+"""Mixture-of-Mamba (MoM): multi-modal Mamba language models with modality-aware sparsity.
 
+``import mom`` registers `MoMConfig` / `MoMModel` / `MoMForCausalLM` with ``transformers``' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from mom.cache import MoMCache
 from mom.config import MoMConfig
+from mom.modeling import MoMForCausalLM, MoMModel
+from mom.routing import RoutedLinear, Routing
 
-__all__ = ["MoMConfig"]
+AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
+AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
+AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)
+
+__all__ = ["MoMCache", "MoMConfig", "MoMForCausalLM", "MoMModel", "RoutedLinear", "Routing"]

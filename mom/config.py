@@ -33,7 +33,8 @@ class MoMConfig(PretrainedConfig):
             (subset of ``in_proj, x_proj, dt_proj, out_proj``); ``()`` is a dense Mamba.
         dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Mamba's Δ initialisation.
         conv_bias, bias: biases of the conv and of ``in_proj``/``out_proj``.
-        norm_epsilon: RMSNorm epsilon.
+        rms_norm: RMSNorm (Mamba's default) if true, else LayerNorm.
+        norm_epsilon: epsilon of the norms.
         residual_in_fp32: keep the residual stream in fp32.
         rescale_prenorm_residual: scale ``out_proj`` init by ``1/sqrt(n_layer)`` (GPT-2 scheme).
         initializer_range: std of the embedding init.
@@ -59,6 +60,7 @@ class MoMConfig(PretrainedConfig):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        rms_norm: bool = True,
         norm_epsilon: float = 1e-5,
         residual_in_fp32: bool = True,
         rescale_prenorm_residual: bool = True,
@@ -83,6 +85,7 @@ class MoMConfig(PretrainedConfig):
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
         self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
         self.conv_bias, self.bias = conv_bias, bias
+        self.rms_norm = rms_norm
         self.norm_epsilon = norm_epsilon
         self.residual_in_fp32 = residual_in_fp32
         self.rescale_prenorm_residual = rescale_prenorm_residual

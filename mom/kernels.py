@@ -1,0 +1,102 @@
+"""Backend dispatch for the shared sequence mixer: mamba-ssm / causal-conv1d CUDA kernels or pure PyTorch.
+
+The CUDA kernels are used for CUDA tensors when their packages import (``pip install .[cuda]``); everything else
+runs the reference implementations in `mom.scan` and here. ``MOM_FORCE_REFERENCE=1`` forces the reference path.
+`backend_name(device)` says which backend a tensor on ``device`` gets; the model logs it once and exposes it as
+``model.backend``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from mom import scan as ref
+
+logger = logging.getLogger(__name__)
+
+FORCE_REFERENCE_ENV = "MOM_FORCE_REFERENCE"
+
+
+@cache
+def _mamba_ssm():
+    """mamba-ssm's selective-scan ops, or None. ``import mamba_ssm`` can fail in many ways without its extension."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception as err:  # ImportError, OSError (missing .so), RuntimeError (CUDA mismatch)
+        logger.debug("mamba-ssm unavailable: %s", err)
+        return None
+    return selective_scan_fn, selective_state_update
+
+
+@cache
+def _causal_conv1d():
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except Exception as err:
+        logger.debug("causal-conv1d unavailable: %s", err)
+        return None
+    return causal_conv1d_fn, causal_conv1d_update
+
+
+def force_reference() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "0").lower() not in ("", "0", "false", "no")
+
+
+def backend_name(device: torch.device) -> str:
+    """'cuda' (mamba-ssm scan, plus '+causal-conv1d' when installed) or 'reference'."""
+    if device.type != "cuda" or force_reference() or _mamba_ssm() is None:
+        return "reference"
+    return "cuda+causal-conv1d" if _causal_conv1d() is not None else "cuda"
+
+
+def _use_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and not force_reference() and _mamba_ssm() is not None
+
+
+def _use_conv_kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda and not force_reference() and _causal_conv1d() is not None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """Shapes as `mom.scan.selective_scan`."""
+    if _use_cuda(u):
+        fn = _mamba_ssm()[0]
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Shapes as `mom.scan.selective_state_update`; updates ``state`` in place."""
+    if _use_cuda(x):
+        fn = _mamba_ssm()[1]
+        return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(depthwise causal conv). x: (b, d, l); weight: (d, w); bias: (d,). Returns (b, d, l)."""
+    if _use_conv_kernel(x):
+        return _causal_conv1d()[0](x, weight, bias, activation="silu")
+    width = weight.shape[-1]
+    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=weight.shape[0])
+    return F.silu(y[..., : x.shape[-1]])
+
+
+def causal_conv1d_update(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One step: shift ``conv_state`` (b, d, w) left, append x (b, d), return silu(conv) (b, d)."""
+    if _use_conv_kernel(x):
+        return _causal_conv1d()[1](x, conv_state, weight, bias, activation="silu")
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = (conv_state * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return F.silu(y).to(x.dtype)

@@ -1,0 +1,352 @@
+"""MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head.
+
+Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
+`MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` for ``generate()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from mom import kernels
+from mom.cache import MoMCache
+from mom.config import MoMConfig
+from mom.mixer import MoMMixer
+from mom.routing import Routing
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value excluded from the loss (Hugging Face convention)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: MoMConfig) -> nn.Module:
+    if config.rms_norm:
+        return RMSNorm(config.d_model, config.norm_epsilon)
+    return nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
+
+
+class MoMBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)). Norms are shared across modalities."""
+
+    def __init__(self, config: MoMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = make_norm(config)
+        self.mixer = MoMMixer(config, layer_idx)
+
+    def forward(self, hidden, routing, cache=None, mask=None):
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), routing, cache, mask)
+        return residual + out
+
+
+@dataclass
+class MoMOutput(ModelOutput):
+    """``modality_ids`` (b, l): the routing used (given, or derived from the token ids)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    modality_ids: torch.Tensor | None = None
+    cache_params: MoMCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MoMCausalLMOutput(ModelOutput):
+    """``modality_losses``: {modality: mean next-token loss over targets of that modality} (NaN if none).
+
+    ``modality_loss_sums`` / ``modality_target_counts`` (num_modalities,) let a trainer aggregate exactly over
+    micro-batches and ranks.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    modality_losses: dict[str, torch.Tensor] | None = None
+    modality_loss_sums: torch.Tensor | None = None
+    modality_target_counts: torch.Tensor | None = None
+    cache_params: MoMCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class MoMPreTrainedModel(PreTrainedModel):
+    config_class = MoMConfig
+    config: MoMConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["MoMBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Mamba's initialisation (mamba-ssm ``mamba_simple.py`` / ``_init_weights``), applied to every expert."""
+        cfg = self.config
+        if isinstance(module, MoMMixer):
+            # S4D-real: A = -(1..N) for every channel; D = 1.
+            A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).expand(cfg.d_inner, -1)
+            init.copy_(module.A_log, torch.log(A))
+            init.ones_(module.D)
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                bound = 1 / math.sqrt(cfg.d_conv)  # PyTorch's Conv1d default (fan_in = d_conv for depthwise)
+                init.uniform_(module.conv1d.bias, -bound, bound)
+            for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+                for linear in _linears(getattr(module, name)):
+                    self._init_linear(name, linear)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=cfg.initializer_range)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
+            if not cfg.tie_word_embeddings:
+                init.normal_(module.weight, std=cfg.initializer_range)
+
+    def _init_linear(self, name: str, linear: nn.Linear) -> None:
+        cfg = self.config
+        if name == "dt_proj":
+            std = cfg.dt_rank**-0.5 * cfg.dt_scale
+            if cfg.dt_init == "constant":
+                init.constant_(linear.weight, std)
+            else:
+                init.uniform_(linear.weight, -std, std)
+            # Δ bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max], so that softplus(bias) starts there.
+            dt = torch.exp(
+                torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
+            ).clamp(min=cfg.dt_init_floor)
+            init.copy_(linear.bias, dt + torch.log(-torch.expm1(-dt)))
+            return
+        init.kaiming_uniform_(linear.weight, a=math.sqrt(5))  # nn.Linear's default
+        if name == "out_proj" and cfg.rescale_prenorm_residual:
+            # GPT-2 scheme as in mamba-ssm: scale residual-branch outputs by 1/sqrt(n_layer).
+            init.copy_(linear.weight, linear.weight / math.sqrt(cfg.n_layer))
+        if linear.bias is not None:
+            init.zeros_(linear.bias)
+
+
+def _linears(proj: nn.Module) -> list[nn.Linear]:
+    """The expert ``nn.Linear``s of a projection (one if shared)."""
+    return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
+
+
+def validate_inputs(
+    config: MoMConfig,
+    input_ids: torch.Tensor,
+    modality_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check shapes and ranges with ONE host sync; return the (b, l) int64 modality ids (derived if not given)."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)}")
+    for name, t in (("modality_ids", modality_ids), ("labels", labels)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
+    V, M = config.vocab_size, config.num_modalities
+    checks = {"token id": (input_ids, (input_ids < 0) | (input_ids >= V), f"[0, {V})")}
+    if modality_ids is not None:
+        checks["modality id"] = (modality_ids, (modality_ids < 0) | (modality_ids >= M), f"[0, {M}) {config.modalities}")
+    if labels is not None:
+        bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= V)
+        checks["label"] = (labels, bad, f"[0, {V}) or {IGNORE_INDEX}")
+    flags = torch.stack([bad.any() for _, bad, _ in checks.values()]).tolist()  # the one host sync
+    for (what, (values, bad, valid)), flag in zip(checks.items(), flags):
+        if flag:
+            raise ValueError(f"{what} {int(values[bad][0])} is out of range; valid: {valid}")
+    if modality_ids is not None:
+        return modality_ids.long()
+    bounds = torch.tensor(config.vocab_offsets[1:], device=input_ids.device, dtype=input_ids.dtype)
+    return torch.bucketize(input_ids, bounds, right=True)
+
+
+class MoMModel(MoMPreTrainedModel):
+    def __init__(self, config: MoMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList([MoMBlock(config, i) for i in range(config.n_layer)])
+        self.norm_f = make_norm(config)
+        self.gradient_checkpointing = False
+        self._logged_backend: str | None = None
+        self.post_init()
+
+    @property
+    def backend(self) -> str:
+        """Which selective-scan backend this model's forward uses on its current device."""
+        return kernels.backend_name(self.embeddings.weight.device)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        modality_ids: torch.LongTensor | None = None,
+        cache_params: MoMCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MoMOutput:
+        """input_ids, modality_ids, attention_mask: (b, l). ``labels`` is only validated here."""
+        modality_ids = validate_inputs(self.config, input_ids, modality_ids, labels)
+        if self._logged_backend != self.backend:
+            self._logged_backend = self.backend
+            logger.info("mom: selective-scan backend = %s", self.backend)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache_params is None:
+            cache_params = MoMCache(self.config, input_ids.shape[0], input_ids.device, self.embeddings.weight.dtype)
+        cache = cache_params if use_cache else None
+        mask = None
+        if attention_mask is not None and cache is not None and cache.seqlen_offset > 0:
+            attention_mask = None  # steps after the prefill are never padding
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask
+
+        routing = Routing.build(modality_ids, self.config.num_modalities)  # once for all layers and projections
+        hidden = self.embeddings(input_ids)  # (b, l, d)
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, routing, None, mask)
+            else:
+                hidden = layer(hidden, routing, cache, mask)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        return MoMOutput(hidden, modality_ids, cache, all_hidden)
+
+
+class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: MoMConfig) -> None:
+        super().__init__(config)
+        self.backbone = MoMModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def backend(self) -> str:
+        return self.backbone.backend
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.backbone.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a key/value cache: prepare_inputs_for_generation makes a MoMCache
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache_params: MoMCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        if use_cache is not False and cache_params is not None and cache_params.seqlen_offset > 0:
+            input_ids = input_ids[:, -1:]  # the prefix lives in the recurrent state
+            attention_mask = None
+        return {
+            "input_ids": input_ids,
+            "cache_params": cache_params,
+            "use_cache": use_cache,
+            "attention_mask": attention_mask,
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        cache_params: MoMCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoMCausalLMOutput:
+        """Next-token LM. input_ids, labels, modality_ids: (b, l); labels are shifted inside (HF convention)."""
+        out = self.backbone(
+            input_ids,
+            modality_ids=modality_ids,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            labels=labels,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V)
+        result = MoMCausalLMOutput(logits=logits, cache_params=out.cache_params, hidden_states=out.hidden_states)
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels cannot be combined with logits_to_keep")
+            self._add_losses(result, logits, labels, out.modality_ids)
+        return result
+
+    def _add_losses(self, result, logits, labels, modality_ids) -> None:
+        """Mean loss over all targets, and per modality of the target token (no host sync)."""
+        M = self.config.num_modalities
+        targets = labels[:, 1:]  # (b, l-1)
+        per_token = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        valid = (targets.reshape(-1) != IGNORE_INDEX).float()
+        target_modality = modality_ids[:, 1:].reshape(-1).long()
+        sums = per_token.new_zeros(M).scatter_add_(0, target_modality, per_token * valid)
+        counts = valid.new_zeros(M).scatter_add_(0, target_modality, valid)
+        result.loss = sums.sum() / counts.sum().clamp(min=1)
+        result.modality_loss_sums, result.modality_target_counts = sums, counts
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+        result.modality_losses = dict(zip(self.config.modalities, means.unbind()))
+
+    @classmethod
+    def from_dense_mamba(cls, model_or_path, config: MoMConfig) -> MoMForCausalLM:
+        """Warm-start a MoM from a dense ``transformers.MambaForCausalLM`` (object or local directory).
+
+        Every dense projection is copied into every modality's expert, so the new model's logits equal the dense
+        model's for any mix of modalities until training makes the experts diverge.
+        """
+        from mom.convert import mom_from_dense_mamba
+
+        return mom_from_dense_mamba(model_or_path, config, cls)

@@ -1,0 +1,83 @@
+"""Token routing by modality, computed once per forward and shared by every layer and projection.
+
+A MoM projection sends each token through the expert of its modality. Instead of a boolean-mask gather per
+projection per modality (one host sync each), `Routing` sorts the flattened tokens by modality ONCE per forward:
+every `RoutedLinear` then gathers its input with one index, runs each expert on a contiguous slice and scatters
+back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each token goes.
+
+    Attributes:
+        perm: (n,) flat token indices sorted by modality (stable, so order within a modality is kept).
+        inv_perm: (n,) inverse of ``perm``: position of each original token in the sorted order.
+        counts: tokens per modality, on the host (read once when the routing is built).
+        modality_ids: (b, l) the modality index of each token.
+        num_modalities: number of modalities of the model (experts per routed projection).
+    """
+
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    counts: tuple[int, ...]
+    modality_ids: torch.Tensor
+    num_modalities: int
+
+    @classmethod
+    def build(cls, modality_ids: torch.Tensor, num_modalities: int) -> Routing:
+        flat = modality_ids.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+        counts = tuple(torch.bincount(flat, minlength=num_modalities).tolist())  # the one host sync
+        return cls(perm, inv_perm, counts, modality_ids, num_modalities)
+
+    def at(self, t: int) -> Routing:
+        """Routing of position ``t`` alone, (b, 1)."""
+        return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)
+
+    @property
+    def single(self) -> int | None:
+        """Index of the only modality present, or None if several are."""
+        present = [i for i, c in enumerate(self.counts) if c > 0]
+        return present[0] if len(present) == 1 else None
+
+
+class RoutedLinear(nn.ModuleDict):
+    """One ``nn.Linear`` expert per modality, addressable by name (``in_proj.text``, ``in_proj.image``...).
+
+    Experts are plain ``nn.Linear`` children so that ``peft`` can wrap them with LoRA by module name.
+    """
+
+    def __init__(self, modalities: tuple[str, ...], in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__({m: nn.Linear(in_features, out_features, bias=bias) for m in modalities})
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x: (b, l, in) -> (b, l, out), each token through its modality's expert."""
+        experts = list(self.values())
+        if routing.single is not None and not torch.is_grad_enabled():  # inference on one modality: no permutation
+            return experts[routing.single](x)
+        lead = x.shape[:-1]
+        x_sorted = x.reshape(-1, x.shape[-1]).index_select(0, routing.perm)  # (n, in)
+        # Every expert runs, on an empty slice if its modality is absent, so each gets a (zero) gradient and
+        # data-parallel engines see the same parameters used on every rank.
+        y_sorted = torch.cat([expert(chunk) for expert, chunk in zip(experts, x_sorted.split(routing.counts))])
+        return y_sorted.index_select(0, routing.inv_perm).reshape(*lead, self.out_features)
+
+
+def project(proj: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Apply a projection that is either shared (``nn.Linear``) or routed (`RoutedLinear`)."""
+    if isinstance(proj, RoutedLinear):
+        return proj(x, routing)
+    return proj(x)
+
