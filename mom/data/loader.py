@@ -1,0 +1,335 @@
+"""Training data loader: tokenized Parquet corpus -> packed ``(b, l)`` batches, deterministic and resumable.
+
+    loader = build_loader(DataConfig(path="data/small", seq_len=1024, batch_size=8), rank, world_size)
+    batch = next(loader)          # dict of (b, l) tensors, see mom.data.packing
+    state = loader.state_dict()   # save with the checkpoint; load_state_dict() resumes exactly here
+
+Document order (epochs, shuffling, mixture weights, data-parallel ranks) is defined in ``mom.data.sampler``;
+packing into rows in ``mom.data.packing``. See docs/loading.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mom.data.errors import BadInputError
+from mom.data.packing import Packer
+from mom.data.sampler import DocumentSampler, RowGroup
+
+# Document kinds of the corpus contract (column ``kind``); mixture weights are keyed by these.
+DOC_KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
+SPLITS = ("train", "validation")
+COLUMNS = ("input_ids", "modality", "doc_id", "kind")  # the columns the loader reads
+BUILD_HINT = "corpus incomplete or not built: run `mom-data build ...` to (re)build it"
+STATE_FORMAT = 1
+
+
+# ---- config ------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a training recipe.
+
+    Args:
+        path: corpus directory (holds ``manifest.json``).
+        split: ``"train"`` or ``"validation"``.
+        seq_len: tokens per row.
+        batch_size: rows per batch, per data-parallel rank (the micro-batch).
+        seed: base seed of the document order; the epoch number is folded in.
+        mixture: sampling weight per document kind: a kind of weight ``w`` appears ``w`` times per epoch in
+            expectation (2.0 doubles it, 0.5 keeps half, 0 excludes it); kinds not listed get 1.0.
+        shuffle: shuffle row groups and documents (``False``: corpus order, e.g. for evaluation).
+        open_row_groups: row groups read and interleaved at once (the shuffle buffer; memory is this many
+            row groups).
+        drop_last: at the end of an epoch drop the tokens that do not fill a whole batch; ``False`` emits them
+            as one last batch padded to full shape (``labels == -100`` at padding).
+        num_epochs: stop after this many epochs (``None``: repeat forever, each epoch in a new order).
+        return_doc_ids: add a ``doc_ids`` (b, l) int64 tensor to each batch (-1 at padding).
+    """
+
+    path: str
+    split: str = "train"
+    seq_len: int = 2048
+    batch_size: int = 8
+    seed: int = 0
+    mixture: dict[str, float] | None = None
+    shuffle: bool = True
+    open_row_groups: int = 4
+    drop_last: bool = True
+    num_epochs: int | None = None
+    return_doc_ids: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path: must be a non-empty string, got {self.path!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split: must be one of {list(SPLITS)}, got {self.split!r}")
+        for name in ("seq_len", "batch_size", "open_row_groups"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.num_epochs is not None:
+            _check_int("num_epochs", self.num_epochs, minimum=1)
+        for name in ("shuffle", "drop_last", "return_doc_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.mixture is not None:
+            if not isinstance(self.mixture, dict):
+                raise ValueError(f"mixture: must be a mapping of document kind to weight, got {self.mixture!r}")
+            for kind, weight in self.mixture.items():
+                if kind not in DOC_KINDS:
+                    raise ValueError(f"mixture.{kind}: unknown document kind; valid kinds are {list(DOC_KINDS)}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                    raise ValueError(f"mixture.{kind}: weight must be a number, got {weight!r}")
+                if weight < 0:
+                    raise ValueError(f"mixture.{kind}: weight must be >= 0, got {weight}")
+            self.mixture = {k: float(w) for k, w in self.mixture.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from a recipe's ``data:`` mapping; unknown or missing keys raise ``ValueError`` naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"data: must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"data.{key}: unknown key; valid keys are {sorted(known)}")
+        if "path" not in d:
+            raise ValueError("data.path: required (the corpus directory)")
+        return cls(**d)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+# ---- corpus ------------------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """The parts of ``<corpus>/manifest.json`` the loader needs."""
+
+    root: Path
+    modalities: tuple[str, ...]
+    vocab_sizes: tuple[int, ...]
+    shards: dict[str, list[str]]  # split -> shard paths relative to root
+
+    @property
+    def vocab_size(self) -> int:
+        return sum(self.vocab_sizes)
+
+    @property
+    def vocab_offsets(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in np.cumsum((0,) + self.vocab_sizes[:-1]))
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and check ``<root>/manifest.json`` (its presence marks a complete corpus)."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus directory {root} does not exist ({BUILD_HINT})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {BUILD_HINT}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e}); {BUILD_HINT}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: manifest must be a JSON object")
+
+    def get(key: str) -> Any:
+        if key not in raw:
+            raise ValueError(f"{path}: missing key {key!r}")
+        return raw[key]
+
+    modalities = get("modalities")
+    if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
+        raise ValueError(f"{path}: 'modalities' must be a non-empty list of names, got {modalities!r}")
+    sizes = get("vocab_sizes")
+    if isinstance(sizes, dict):  # {modality: size}
+        missing = [m for m in modalities if m not in sizes]
+        if missing:
+            raise ValueError(f"{path}: 'vocab_sizes' has no size for modalities {missing}")
+        sizes = [sizes[m] for m in modalities]
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) != len(modalities)
+        or not all(isinstance(v, int) and v > 0 for v in sizes)
+    ):
+        raise ValueError(f"{path}: 'vocab_sizes' must give a positive size per modality, got {sizes!r}")
+    shards = {}
+    for split in SPLITS:  # {"splits": {split: {"shards": [...]}}} or {"shards": {split: [...]}}
+        entry = raw.get("splits", {}).get(split, {}).get("shards") if "splits" in raw else None
+        if entry is None:
+            entry = raw.get("shards", {}).get(split)
+        if entry is None:
+            raise ValueError(f"{path}: no shard list for split {split!r}")
+        if not isinstance(entry, list) or not all(isinstance(s, str) for s in entry):
+            raise ValueError(f"{path}: shard list of split {split!r} must be a list of file names")
+        shards[split] = entry
+    return Manifest(root, tuple(modalities), tuple(sizes), shards)
+
+
+def read_row_group(path: str | os.PathLike, index: int, manifest: Manifest) -> RowGroup:
+    """Read one row group of a shard and check it against the manifest (ids in range, modalities consistent)."""
+    with pq.ParquetFile(path) as f:
+        missing = [c for c in COLUMNS if c not in f.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        table = f.read_row_group(index, columns=list(COLUMNS))
+    doc_ids = table.column("doc_id").to_numpy().astype(np.int64)  # (n,)
+    ids, offsets = _flat_list(table.column("input_ids"), path, "input_ids")
+    modality, mod_offsets = _flat_list(table.column("modality"), path, "modality")
+    if not np.array_equal(offsets, mod_offsets):
+        doc = int(doc_ids[np.argmax(np.diff(offsets) != np.diff(mod_offsets))])
+        raise BadInputError(str(path), f"doc_id {doc}: input_ids and modality have different lengths")
+    bad = (ids < 0) | (ids >= manifest.vocab_size)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        doc = int(doc_ids[np.searchsorted(offsets, pos, side="right") - 1])
+        raise BadInputError(
+            str(path), f"doc_id {doc}: token id {int(ids[pos])} out of range [0, {manifest.vocab_size})"
+        )
+    expected = np.searchsorted(np.array(manifest.vocab_offsets[1:]), ids, side="right")  # (t,) modality of ids
+    wrong = expected != modality
+    if wrong.any():
+        pos = int(np.argmax(wrong))
+        doc = int(doc_ids[np.searchsorted(offsets, pos, side="right") - 1])
+        raise BadInputError(
+            str(path),
+            f"doc_id {doc}: token id {int(ids[pos])} has modality {int(modality[pos])}, expected "
+            f"{int(expected[pos])} from the vocabulary layout",
+        )
+    return RowGroup(ids, modality, offsets, doc_ids, table.column("kind").to_pylist())
+
+
+def _flat_list(column: pa.ChunkedArray, path: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values (t,), offsets (n + 1,) starting at 0) of a list column."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count or array.values.null_count:
+        raise BadInputError(str(path), f"column {name!r} has null entries")
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.values.to_numpy()[offsets[0] : offsets[-1]]
+    return values, offsets - offsets[0]
+
+
+# ---- loader ------------------------------------------------------------------------------------
+class PackedLoader:
+    """Iterator of packed batches for one data-parallel rank; ``state_dict``/``load_state_dict`` resume exactly.
+
+    Attributes:
+        modalities, vocab_sizes: from the manifest, to check against the model config.
+        sampler: the document order (``mom.data.sampler.DocumentSampler``).
+        epoch: the epoch the next batch comes from (0-based).
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.manifest = read_manifest(cfg.path)
+        self.modalities, self.vocab_sizes = self.manifest.modalities, self.manifest.vocab_sizes
+        self.shard_paths = [self.manifest.root / s for s in self.manifest.shards[cfg.split]]
+        row_groups = []
+        for i, path in enumerate(self.shard_paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in the manifest is missing ({BUILD_HINT})")
+            try:
+                n = pq.read_metadata(path).num_row_groups
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"shard {path} is not a readable Parquet file ({e}); {BUILD_HINT}") from e
+            row_groups += [(i, j) for j in range(n)]
+        self.sampler = DocumentSampler(
+            row_groups,
+            lambda shard, row_group: read_row_group(self.shard_paths[shard], row_group, self.manifest),
+            seed=cfg.seed,
+            weights=cfg.mixture,
+            shuffle=cfg.shuffle,
+            open_row_groups=cfg.open_row_groups,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.packer = Packer(cfg.seq_len, cfg.batch_size, cfg.return_doc_ids)
+        self._epoch_batches = 0  # batches emitted in the current epoch
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while not self.packer.has_batch():
+            if self.cfg.num_epochs is not None and self.sampler.epoch >= self.cfg.num_epochs:
+                raise StopIteration
+            doc = next(self.sampler)
+            if doc is not None:
+                self.packer.add(doc)
+                continue
+            # end of an epoch: emit the padded tail, or drop it
+            batch = None if self.cfg.drop_last else self.packer.pop_padded_batch()
+            self.packer.clear()
+            if batch is None and self._epoch_batches == 0:
+                raise ValueError(
+                    f"split {self.cfg.split!r} of {self.cfg.path} gives rank {self.rank} of {self.world_size} "
+                    f"no batch of {self.cfg.batch_size}x{self.cfg.seq_len} tokens in an epoch; use a smaller "
+                    "seq_len or batch_size, fewer ranks, drop_last: false, or more data"
+                )
+            self._epoch_batches = 0
+            if batch is not None:
+                return batch
+        self._epoch_batches += 1
+        return self.packer.pop_batch()
+
+    # ---- resume --------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        """What must match for a saved position to mean the same thing."""
+        cfg = asdict(self.cfg)
+        for key in ("path", "num_epochs", "return_doc_ids"):  # these may change between runs
+            cfg.pop(key)
+        shards = [str(s) for s in self.manifest.shards[self.cfg.split]]
+        return {**cfg, "rank": self.rank, "world_size": self.world_size, "shards": shards}
+
+    def state_dict(self) -> dict:
+        """Exact position (plain Python values and tensors: safe for ``torch.load(weights_only=True)``)."""
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": self._fingerprint(),
+            "sampler": self.sampler.state_dict(),
+            "packer": self.packer.state_dict(),
+            "epoch_batches": self._epoch_batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``; a state saved with a different data config raises ``ValueError``."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        saved, current = state["fingerprint"], self._fingerprint()
+        for key in current:
+            if saved.get(key) != current[key]:
+                raise ValueError(
+                    f"cannot resume the data loader: {key} was {saved.get(key)!r} when saved, now {current[key]!r}"
+                )
+        self.sampler.load_state_dict(state["sampler"])
+        self.packer.load_state_dict(state["packer"])
+        self._epoch_batches = int(state["epoch_batches"])
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> PackedLoader:
+    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``."""
+    return PackedLoader(cfg, rank, world_size)
