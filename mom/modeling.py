@@ -165,7 +165,8 @@ def validate_inputs(
     V, M = config.vocab_size, config.num_modalities
     checks = {"token id": (input_ids, (input_ids < 0) | (input_ids >= V), f"[0, {V})")}
     if modality_ids is not None:
-        checks["modality id"] = (modality_ids, (modality_ids < 0) | (modality_ids >= M), f"[0, {M}) {config.modalities}")
+        bad = (modality_ids < 0) | (modality_ids >= M)
+        checks["modality id"] = (modality_ids, bad, f"[0, {M}) {config.modalities}")
     if labels is not None:
         bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= V)
         checks["label"] = (labels, bad, f"[0, {V}) or {IGNORE_INDEX}")
@@ -176,7 +177,7 @@ def validate_inputs(
     if modality_ids is not None:
         return modality_ids.long()
     bounds = torch.tensor(config.vocab_offsets[1:], device=input_ids.device, dtype=input_ids.dtype)
-    return torch.bucketize(input_ids, bounds, right=True)
+    return torch.bucketize(input_ids.contiguous(), bounds, right=True)
 
 
 class MoMModel(MoMPreTrainedModel):
@@ -329,7 +330,10 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         M = self.config.num_modalities
         targets = labels[:, 1:]  # (b, l-1)
         per_token = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         )
         valid = (targets.reshape(-1) != IGNORE_INDEX).float()
         target_modality = modality_ids[:, 1:].reshape(-1).long()
