@@ -1,0 +1,38 @@
+"""Shared helpers for the GPU benchmarks: interleaved modality layouts, timing and memory measurement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DEFAULT_RUNS = (64, 256, 128)  # text / image / speech run lengths, repeated along the sequence
+
+
+def interleaved_modalities(batch: int, length: int, runs=DEFAULT_RUNS, device="cuda") -> torch.Tensor:
+    """(batch, length) modality ids cycling through runs of the given lengths (0, 1, 2, 0, ...)."""
+    row, m = [], 0
+    while len(row) < length:
+        row += [m] * runs[m]
+        m = (m + 1) % len(runs)
+    return torch.tensor(row[:length], device=device).expand(batch, -1).contiguous()
+
+
+def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[float, float]:
+    """(mean milliseconds per call, peak GiB allocated during the calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30
+
+
+def row(name: str, mom_value: float, dense_value: float, unit: str) -> str:
+    ratio = mom_value / dense_value if dense_value else float("nan")
+    return f"{name:<28} MoM {mom_value:10.3f} {unit:<6} dense {dense_value:10.3f} {unit:<6} ratio {ratio:6.3f}"
