@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from mom.config import PROJECTIONS, MoMConfig
 
@@ -123,7 +124,7 @@ class FlopTable:
         c = self.config
         total = self.forward_flops
         header = (
-            f"{'component':<24}{'kind':<12}{'x':>4}{'FLOPs/token':>16}{'share':>8}{'params total':>16}"
+            f"{'component':<24}{'kind':<12}{'n':>4}{'FLOPs/token':>16}{'share':>8}{'params total':>16}"
             f"{'params active':>16}  note"
         )
         lines = [
@@ -350,12 +351,6 @@ def human_duration(seconds: float) -> str:
 REFERENCE_GPUS = ("H100 SXM", "H200 SXM", "A100", "L40S", "A10G", "L4", "RTX 4090")
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConfig:
     """A `MoMConfig` from a saved model's ``config.json`` (file or model directory), with ``key=value`` overrides."""
     path = Path(path)
@@ -377,7 +372,7 @@ def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConf
         key = key.removeprefix("model.")
         if key not in known:
             raise ValueError(f"override {key!r}: not a MoMConfig field")
-        data[key] = _parse_value(value)
+        data[key] = yaml.safe_load(value)  # "64" -> 64, "[in_proj]" -> list, "true" -> True
     return MoMConfig.from_dict(data)
 
 
@@ -429,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no token budget: pass --tokens (or --config) for training FLOPs and time estimates")
         return 0
     total = training_flops(config, tokens)
-    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs ({human(total)}FLOP, model FLOPs)")
+    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs (model FLOPs, {TRAIN_FACTOR}x forward)")
     print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} MFU (dense bf16 peak):")
     for name in REFERENCE_GPUS:
         peak = next(g for g in GPU_PEAKS if g.name == name)
