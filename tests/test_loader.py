@@ -57,7 +57,13 @@ SCHEMA = pa.schema(
 def write_corpus(root, train_docs, val_docs=(), shards=2, row_group_size=8):
     """A corpus in the contracted layout: <root>/<split>/shard-XXXXX.parquet, manifest.json written last."""
     root = Path(root)
-    manifest = {"modalities": MODALITIES, "vocab_sizes": VOCAB_SIZES, "splits": {}}
+    manifest = {
+        "format": "mom-corpus",
+        "version": 1,
+        "modalities": MODALITIES,
+        "vocab_sizes": VOCAB_SIZES,
+        "splits": {},
+    }
     for split, docs in (("train", train_docs), ("validation", val_docs)):
         (root / split).mkdir(parents=True, exist_ok=True)
         names = []
@@ -252,6 +258,22 @@ def test_missing_or_corrupt_corpus_errors(tmp_path):
     (root / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest"):
         build_loader(cfg(root))
+    manifest = json.loads((root / "manifest.json.bak").read_text())
+    for key, value, message in [
+        ("version", 2, "version 2"),
+        ("vocab_sizes", [40, 16], "vocab_sizes"),
+        ("splits", {"train": {}}, "splits.train.shards"),
+    ]:
+        (root / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(ValueError, match=message):
+            build_loader(cfg(root))
+    (root / "manifest.json").write_text(json.dumps({**manifest, "splits": {"train": manifest["splits"]["train"]}}))
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        build_loader(cfg(root, split="validation"))
+    del manifest["modalities"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="missing key 'modalities'"):
+        build_loader(cfg(root))
     (root / "manifest.json.bak").rename(root / "manifest.json")
     (root / "train" / "shard-00001.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="shard-00001.parquet"):
@@ -268,9 +290,9 @@ def test_bad_token_ids_name_the_document(tmp_path):
     with pytest.raises(ValueError, match=r"doc_id 7: token id 64 out of range"):
         list(build_loader(cfg(root, num_epochs=1)))
     docs = make_docs(10)
-    docs[4]["modality"][0] = 1  # BOS is a text token
+    docs[3]["input_ids"][1] = -5
     root = write_corpus(tmp_path / "b", docs, shards=1)
-    with pytest.raises(ValueError, match=r"doc_id 4: token id 2 has modality 1"):
+    with pytest.raises(ValueError, match=r"doc_id 3: token id -5 out of range"):
         list(build_loader(cfg(root, num_epochs=1)))
 
 

@@ -29,9 +29,10 @@ from mom.data.sampler import DocumentSampler, RowGroup
 # Document kinds of the corpus contract (column ``kind``); mixture weights are keyed by these.
 DOC_KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")
-COLUMNS = ("input_ids", "modality", "doc_id", "kind")  # the columns the loader reads
+COLUMNS = ("input_ids", "doc_id", "kind")  # the columns the loader reads
 BUILD_HINT = "corpus incomplete or not built: run `mom-data build ...` to (re)build it"
-STATE_FORMAT = 1
+STATE_FORMAT = 1  # version of PackedLoader.state_dict()
+MANIFEST_FORMAT, MANIFEST_VERSION = "mom-corpus", 1  # written by mom.data.build
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -150,50 +151,49 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 
     def get(key: str) -> Any:
         if key not in raw:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise ValueError(f"{path}: missing key {key!r}; {BUILD_HINT}")
         return raw[key]
 
+    if get("format") != MANIFEST_FORMAT or get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path}: format {raw['format']!r} version {raw['version']!r}, this loader reads "
+            f"{MANIFEST_FORMAT!r} version {MANIFEST_VERSION}"
+        )
     modalities = get("modalities")
     if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
         raise ValueError(f"{path}: 'modalities' must be a non-empty list of names, got {modalities!r}")
     sizes = get("vocab_sizes")
-    if isinstance(sizes, dict):  # {modality: size}
-        missing = [m for m in modalities if m not in sizes]
-        if missing:
-            raise ValueError(f"{path}: 'vocab_sizes' has no size for modalities {missing}")
-        sizes = [sizes[m] for m in modalities]
     if (
         not isinstance(sizes, list)
         or len(sizes) != len(modalities)
-        or not all(isinstance(v, int) and v > 0 for v in sizes)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
     ):
         raise ValueError(f"{path}: 'vocab_sizes' must give a positive size per modality, got {sizes!r}")
+    splits = get("splits")
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: 'splits' must map split names to their shards")
     shards = {}
-    for split in SPLITS:  # {"splits": {split: {"shards": [...]}}} or {"shards": {split: [...]}}
-        entry = raw.get("splits", {}).get(split, {}).get("shards") if "splits" in raw else None
-        if entry is None:
-            entry = raw.get("shards", {}).get(split)
-        if entry is None:
-            raise ValueError(f"{path}: no shard list for split {split!r}")
-        if not isinstance(entry, list) or not all(isinstance(s, str) for s in entry):
-            raise ValueError(f"{path}: shard list of split {split!r} must be a list of file names")
-        shards[split] = entry
+    for split, entry in splits.items():
+        files = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{path}: 'splits.{split}.shards' must be a list of shard files")
+        shards[split] = files
     return Manifest(root, tuple(modalities), tuple(sizes), shards)
 
 
 def read_row_group(path: str | os.PathLike, index: int, manifest: Manifest) -> RowGroup:
-    """Read one row group of a shard and check it against the manifest (ids in range, modalities consistent)."""
+    """Read one row group of a shard; token ids must lie in the manifest's unified vocabulary.
+
+    Modality ids are derived from the vocabulary layout (the contract makes the ``modality`` column equal to
+    it), so that column is not read.
+    """
     with pq.ParquetFile(path) as f:
         missing = [c for c in COLUMNS if c not in f.schema_arrow.names]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}")
         table = f.read_row_group(index, columns=list(COLUMNS))
     doc_ids = table.column("doc_id").to_numpy().astype(np.int64)  # (n,)
-    ids, offsets = _flat_list(table.column("input_ids"), path, "input_ids")
-    modality, mod_offsets = _flat_list(table.column("modality"), path, "modality")
-    if not np.array_equal(offsets, mod_offsets):
-        doc = int(doc_ids[np.argmax(np.diff(offsets) != np.diff(mod_offsets))])
-        raise BadInputError(str(path), f"doc_id {doc}: input_ids and modality have different lengths")
+    ids, offsets = _flat_list(table.column("input_ids"), path, "input_ids")  # (t,), (n + 1,)
     bad = (ids < 0) | (ids >= manifest.vocab_size)
     if bad.any():
         pos = int(np.argmax(bad))
@@ -201,16 +201,9 @@ def read_row_group(path: str | os.PathLike, index: int, manifest: Manifest) -> R
         raise BadInputError(
             str(path), f"doc_id {doc}: token id {int(ids[pos])} out of range [0, {manifest.vocab_size})"
         )
-    expected = np.searchsorted(np.array(manifest.vocab_offsets[1:]), ids, side="right")  # (t,) modality of ids
-    wrong = expected != modality
-    if wrong.any():
-        pos = int(np.argmax(wrong))
-        doc = int(doc_ids[np.searchsorted(offsets, pos, side="right") - 1])
-        raise BadInputError(
-            str(path),
-            f"doc_id {doc}: token id {int(ids[pos])} has modality {int(modality[pos])}, expected "
-            f"{int(expected[pos])} from the vocabulary layout",
-        )
+    modality = np.zeros(len(ids), dtype=np.int8)  # (t,) number of modality offsets each id is past
+    for start in manifest.vocab_offsets[1:]:
+        modality += ids >= start
     return RowGroup(ids, modality, offsets, doc_ids, table.column("kind").to_pylist())
 
 
@@ -239,6 +232,10 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.manifest = read_manifest(cfg.path)
         self.modalities, self.vocab_sizes = self.manifest.modalities, self.manifest.vocab_sizes
+        if cfg.split not in self.manifest.shards:
+            raise ValueError(
+                f"{cfg.path}/manifest.json lists no split {cfg.split!r}; it has {list(self.manifest.shards)}"
+            )
         self.shard_paths = [self.manifest.root / s for s in self.manifest.shards[cfg.split]]
         row_groups = []
         for i, path in enumerate(self.shard_paths):
