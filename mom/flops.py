@@ -397,10 +397,16 @@ def _load(args: argparse.Namespace) -> tuple[MoMConfig, int | None]:
     """(model config, token budget or None) from the recipe or the config.json."""
     if args.model_json is not None:
         return config_from_json(args.model_json, args.overrides), None
-    from mom.recipe import load_recipe
+    from mom.recipe import AUTO, load_recipe
 
     recipe = load_recipe(args.config, args.overrides)
-    return recipe.model_config(), int(recipe.total_tokens(args.world_size))
+    auto = {}
+    if AUTO in (recipe.model.get("modalities"), recipe.model.get("vocab_sizes")):
+        from mom.data.loader import read_manifest  # "auto" sizes come from the corpus, as in training
+
+        manifest = read_manifest(recipe.data.path)
+        auto = {"modalities": manifest.modalities, "vocab_sizes": manifest.vocab_sizes}
+    return recipe.model_config(**auto), int(recipe.total_tokens(args.world_size))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

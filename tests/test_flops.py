@@ -1,9 +1,9 @@
 import functools
-import sys
-import types
+import json
 
 import pytest
 import torch
+import yaml
 from conftest import interleaved_ids, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -176,26 +176,31 @@ def test_cli_on_saved_model_config(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_cli_on_recipe_uses_its_budget_and_world_size(monkeypatch, capsys):
-    """The recipe path, against a stand-in for `mom.recipe` (the real loader has its own tests)."""
-    config = tiny_config()
-    calls = {}
+def test_cli_on_recipe_uses_its_budget_world_size_and_corpus_vocab(tmp_path, capsys):
+    pytest.importorskip("mom.recipe")
+    from mom.data.loader import MANIFEST_FORMAT, MANIFEST_VERSION
 
-    class Recipe:
-        def model_config(self):
-            return config
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "modalities": ["text", "image", "speech"],
+                "vocab_sizes": [40, 24, 16], "splits": {"train": {"shards": []}}}  # fmt: skip
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    recipe = {
+        "model": {"modalities": "auto", "vocab_sizes": "auto", "d_model": 16, "n_layer": 2, "d_state": 4, "dt_rank": 3},
+        "data": {"path": str(corpus), "seq_len": 32, "batch_size": 2},
+        "train": {"max_steps": 10, "grad_accum": 3},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
 
-        def total_tokens(self, world_size):
-            calls["world_size"] = world_size
-            return 1000 * world_size
-
-    def load_recipe(path, overrides):
-        calls["args"] = (path, list(overrides))
-        return Recipe()
-
-    monkeypatch.setitem(sys.modules, "mom.recipe", types.SimpleNamespace(load_recipe=load_recipe))
-    assert flops.main(["--config", "r.yaml", "--world-size", "4", "train.lr=0.1"]) == 0
+    assert flops.main(["--config", str(path), "--world-size", "4", "model.d_model=32"]) == 0
     out = capsys.readouterr().out
-    assert calls == {"args": ("r.yaml", ["train.lr=0.1"]), "world_size": 4}
-    assert "training on 4,000 tokens" in out
-    assert f"{flops.training_flops(config, 4000):.3e}" in out
+    config = tiny_config(d_model=32)  # vocab sizes from the manifest, d_model from the override
+    assert f"{flops.forward_flops_per_token(config):,}" in out
+    tokens = 4 * 2 * 3 * 32 * 10  # world size * batch * grad_accum * seq_len * steps
+    assert f"training on {tokens:,} tokens" in out
+    assert f"{flops.training_flops(config, tokens):.3e}" in out
+    assert "on 4 GPU(s)" in out
+    with pytest.raises(SystemExit):
+        flops.main(["--config", str(path), "model.d_modle=32"])
+    assert "d_modle" in capsys.readouterr().err
