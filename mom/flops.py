@@ -112,6 +112,8 @@ class FlopTable:
 
     def training_flops_per_token(self, hardware: bool = False, gradient_checkpointing: bool = False) -> float:
         """See the module-level `training_flops_per_token`."""
+        if gradient_checkpointing and not hardware:
+            raise ValueError("gradient_checkpointing: recomputation only counts in hardware FLOPs; pass hardware=True")
         flops = TRAIN_FACTOR * self.forward_flops
         if hardware:
             flops += RECOMPUTE_FACTOR * self.flops_of("scan")  # mamba-ssm's scan backward re-runs the forward scan

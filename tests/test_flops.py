@@ -119,6 +119,8 @@ def test_training_flops():
     assert flops.training_flops_per_token(config, hardware=True, gradient_checkpointing=True) == (
         3 * fwd + table.flops_of("scan") + layers
     )
+    with pytest.raises(ValueError, match="hardware=True"):
+        flops.training_flops_per_token(config, gradient_checkpointing=True)
     assert flops.training_flops(config, 1000) == 1000 * 3 * fwd
     with pytest.raises(ValueError, match="tokens"):
         flops.training_flops(config, -1)
