@@ -246,7 +246,10 @@ def missing_requirements(recipe: BuildRecipe) -> list[str]:
                 (c / "data" / "openmoji.json").is_file()
                 for c in (root, root / "package", root / "node_modules/openmoji")
             ):
-                hints.append("npm pack openmoji && tar xzf openmoji-*.tgz, then options.path: <the package folder>")
+                hints.append(
+                    f"openmoji image source: no npm package at options.path ({o.get('path')}): "
+                    "`npm pack openmoji && tar xzf openmoji-*.tgz` and point options.path at ./package"
+                )
         elif spec.source == "noto-emoji":
             if not Path(o.get("font") or "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file():
                 hints.append("apt-get install fonts-noto-color-emoji  (noto-emoji image source)")
@@ -566,16 +569,17 @@ def prepare_tokenizer(recipe: BuildRecipe) -> Any:
         text_recipe = TextTokenizerRecipe.from_yaml(recipe.tokenizer.train_text)
         print(f"training the text tokenizer into {root / 'text'} ({recipe.tokenizer.train_text}) ...")
         TextTokenizer.train(recipe_texts(text_recipe), text_recipe).save(root / "text")
+    needed = [m for m in MODALITIES if m == "text" or getattr(recipe, m)]
     if not (root / "config.json").is_file():
-        subdirs = {m: m for m in MODALITIES if (root / m / "config.json").is_file()}
-        if "text" not in subdirs:
+        absent = [str(root / m) for m in needed if not (root / m / "config.json").is_file()]
+        if absent:
             raise FileNotFoundError(
-                f"tokenizer: {root}/config.json and {root}/text/ not found (set tokenizer.train_text)"
+                f"tokenizer: {root}/config.json not found and tokenizer directories {absent} are missing "
+                "(train them, or set tokenizer.train_text for the text one)"
             )
-        write_config(root, subdirs, None)
+        write_config(root, {m: m for m in MODALITIES if (root / m / "config.json").is_file()}, None)
     tokenizer = MultimodalTokenizer.load(root)
-    needed = [m for m in MODALITIES if getattr(recipe, m)]
-    missing = [m for m in needed if m not in tokenizer.modalities and m != "text"]
+    missing = [m for m in needed if m not in tokenizer.modalities]
     if missing:
         raise ValueError(f"tokenizer {root}: the recipe has {missing} sources but the tokenizer lacks those modalities")
     return tokenizer

@@ -78,6 +78,15 @@ class MultimodalTokenizer:
             raise ValueError(f"this tokenizer has no {modality!r} modality (modalities: {list(self.modalities)})")
         return self.tokenizers[modality]
 
+    @property
+    def speech_sample_rate(self) -> int | None:
+        """Sample rate of decoded speech (``None`` without a speech tokenizer)."""
+        if "speech" not in self.tokenizers:
+            return None
+        tok = self.tokenizers["speech"]
+        rate = getattr(tok, "sample_rate", None) or getattr(getattr(tok, "config", None), "sample_rate", None)
+        return int(rate) if rate else None
+
     def to_config_kwargs(self) -> dict:
         """Keyword arguments for ``MoMConfig``: modalities, vocab sizes and the bos/eos/pad ids."""
         return {
@@ -203,7 +212,10 @@ class MultimodalTokenizer:
         return parts
 
     def decode_document(self, ids: Sequence[int] | np.ndarray) -> list[Part]:
-        """Parts of a document: ``("text", str)``, ``("image", uint8 (h, w, 3))``, ``("speech", float32 (n,))``."""
+        """Parts of a document: ``("text", str)``, ``("image", uint8 (h, w, 3))``, ``("speech", float32 (n,))``.
+
+        Speech is rendered at the speech tokenizer's ``sample_rate`` (see ``speech_sample_rate``).
+        """
         out: list[Part] = []
         for name, local in self.split_document(ids):
             if name == "text":
@@ -215,7 +227,10 @@ class MultimodalTokenizer:
                 pixels = _to_numpy(self.image.decode(_as_long(local[None, :])))  # (1, h, w, 3)
                 out.append(("image", np.asarray(pixels[0], dtype=np.uint8)))
             else:
-                waveform = _to_numpy(self.speech.decode(_as_long(local)))
+                waveform = self.speech.decode(_as_long(local))
+                if isinstance(waveform, tuple):  # (waveform, sample_rate)
+                    waveform = waveform[0]
+                waveform = _to_numpy(waveform)
                 out.append(("speech", np.asarray(waveform, dtype=np.float32).reshape(-1)))
         return out
 
