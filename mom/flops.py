@@ -340,6 +340,8 @@ def human(x: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 2 * 3600:
@@ -406,7 +408,13 @@ def _load(args: argparse.Namespace) -> tuple[MoMConfig, int | None]:
     if AUTO in (recipe.model.get("modalities"), recipe.model.get("vocab_sizes")):
         from mom.data.loader import read_manifest  # "auto" sizes come from the corpus, as in training
 
-        manifest = read_manifest(recipe.data.path)
+        try:
+            manifest = read_manifest(recipe.data.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(
+                f"model.modalities / model.vocab_sizes are 'auto' and the corpus gives none ({err}); build the "
+                "corpus or override them, e.g. model.modalities=[text,image,speech] model.vocab_sizes=[8192,8192,1024]"
+            ) from err
         auto = {"modalities": manifest.modalities, "vocab_sizes": manifest.vocab_sizes}
     return recipe.model_config(**auto), int(recipe.total_tokens(args.world_size))
 

@@ -206,3 +206,6 @@ def test_cli_on_recipe_uses_its_budget_world_size_and_corpus_vocab(tmp_path, cap
     with pytest.raises(SystemExit):
         flops.main(["--config", str(path), "model.d_modle=32"])
     assert "d_modle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # "auto" sizes need the corpus
+        flops.main(["--config", str(path), f"data.path={tmp_path / 'unbuilt'}"])
+    assert "model.vocab_sizes" in capsys.readouterr().err
