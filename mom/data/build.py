@@ -109,7 +109,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 class SourceSpec:
     """One source of a modality: its name, the options passed to ``iter_<modality>_records`` and build options.
 
-    ``max_records`` caps the records taken from the source. ``texts_from`` (espeak speech only) is a text source
+    ``max_records`` caps the records taken from the source; ``chunk_size`` overrides the recipe's. ``texts_from``
+    (espeak speech only) is a text source
     (``{source: fortunes, max_chars: 160}``) whose documents, whitespace-collapsed, are the sentences to speak.
     """
 
@@ -117,10 +118,13 @@ class SourceSpec:
     options: dict = field(default_factory=dict)
     max_records: int | None = None
     texts_from: dict | None = None
+    chunk_size: int | None = None  # overrides the recipe's chunk_size (small for slow sources such as espeak)
 
     def __post_init__(self) -> None:
         if self.max_records is not None and self.max_records < 0:
             raise ValueError(f"max_records: must be >= 0, got {self.max_records}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size: must be positive, got {self.chunk_size}")
 
 
 @dataclass
@@ -452,7 +456,7 @@ def encode_source(
                 continue
             records.append(record)
             bar.update()
-            if len(records) == recipe.chunk_size:
+            if len(records) == (spec.chunk_size or recipe.chunk_size):
                 flush(records)
                 records = []
         if records or pending:
