@@ -1,0 +1,573 @@
+"""Speech with transcripts, offline: espeak-ng synthesis, folders of audio files, and datasets saved to disk.
+
+``iter_speech_records(source, on_error=..., **options)`` yields :class:`SpeechRecord` (mono float32 waveform, sample
+rate, transcript, source name, per-clip metadata). Unusable items (corrupt audio, unsupported sample rate, empty
+transcript) go to ``on_error(BadInputError(path, reason))`` and iteration continues; the callback may re-raise.
+
+Command line (``python -m mom.data.speech --help``):
+
+* ``synth --texts FILE --out DIR``: synthesise one clip per line of FILE into a folder readable by the "folder" source.
+* ``voices [--language en]``: list the espeak-ng voices installed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import wave
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mom.data.errors import BadInputError, MissingDependencyError
+from mom.tokenization.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+
+__all__ = [
+    "DEFAULT_VOICES",
+    "ESPEAK_PITCH_RANGE",
+    "ESPEAK_SPEED_RANGE",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "SpeechRecord",
+    "check_sample_rate",
+    "iter_speech_records",
+    "list_voices",
+    "read_audio",
+    "resample",
+    "synthesize",
+    "write_audio",
+    "write_speech_folder",
+]
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+TRANSCRIPTS_FILE = "transcripts.jsonl"
+
+ESPEAK_APT_HINT = "install it with `apt-get update && apt-get install -y espeak-ng` (Debian/Ubuntu)"
+ESPEAK_SPEED_RANGE = (80, 450)  # words per minute accepted by espeak-ng (-s)
+ESPEAK_PITCH_RANGE = (0, 99)  # espeak-ng pitch adjustment (-p), 50 is the voice's default
+# English accents of espeak-ng's own (non-MBROLA) voices, crossed with some of its male/female/whisper variants.
+DEFAULT_VOICES = (
+    "en-us", "en-us+f3", "en-us+m3", "en-us+f2", "en-gb", "en-gb+f4", "en-gb+m2", "en-gb-x-rp", "en-gb-x-rp+f1",
+    "en-gb-scotland", "en-gb-scotland+f5", "en-gb-x-gbclan+m4", "en-gb-x-gbcwmd+f3", "en-029", "en-029+m7",
+    "en-us-nyc+m1", "en-us+whisper", "en-gb+croak",
+)
+# A few voices of other languages, for multilingual experiments (pass them as ``voices``).
+OTHER_VOICES = ("de", "fr-fr", "es", "it", "nl", "pt-br", "pl", "sv", "cmn", "ja")
+
+
+@dataclass
+class SpeechRecord:
+    """One utterance: mono ``waveform`` ``(n,)`` float32 in [-1, 1] at ``sample_rate`` Hz, with its transcript."""
+
+    waveform: np.ndarray
+    sample_rate: int
+    transcript: str
+    source: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return len(self.waveform) / self.sample_rate
+
+
+# ---- audio files ------------------------------------------------------------------------------------------------
+
+
+def _soundfile():
+    try:
+        import soundfile
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("reading/writing FLAC needs the `soundfile` package: pip install soundfile") from e
+    return soundfile
+
+
+def _to_mono_float32(samples: np.ndarray) -> np.ndarray:
+    """``(n,)`` or ``(n, channels)`` -> mono float32 ``(n,)`` (channels averaged)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def _read_wav_stdlib(source: str | io.BytesIO) -> tuple[np.ndarray, int]:
+    """PCM WAV (8/16/24/32-bit integer) with the standard library."""
+    with wave.open(source, "rb") as w:
+        width, channels, sr = w.getsampwidth(), w.getnchannels(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # 24-bit little endian: widen to int32 by hand
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
+    elif width in (2, 4):
+        dtype = np.int16 if width == 2 else np.int32
+        x = np.frombuffer(raw[: len(raw) // width * width], dtype=dtype).astype(np.float32) / 2 ** (8 * width - 1)
+    else:
+        raise ValueError(f"unsupported WAV sample width {width} bytes")
+    return _to_mono_float32(x[: len(x) // channels * channels].reshape(-1, channels)), sr
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read a WAV or FLAC file as ``(waveform (n,) float32 mono in [-1, 1], sample_rate)``; channels are averaged.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`BadInputError` for an unreadable, corrupt or empty one,
+    and :class:`MissingDependencyError` for FLAC without the ``soundfile`` package. WAV needs only the standard
+    library (integer PCM); ``soundfile``, when installed, also reads float WAV.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such audio file")
+    suffix = path.suffix.lower()
+    if suffix not in AUDIO_SUFFIXES:
+        raise BadInputError(str(path), f"unsupported audio format {suffix!r}; supported: {', '.join(AUDIO_SUFFIXES)}")
+    try:
+        if suffix == ".wav":
+            try:
+                x, sr = _read_wav_stdlib(str(path))
+            except (wave.Error, ValueError, EOFError) as stdlib_error:
+                try:
+                    import soundfile
+                except ImportError:
+                    raise stdlib_error from None
+                x, sr = soundfile.read(str(path), dtype="float32", always_2d=False)
+        else:
+            x, sr = _soundfile().read(str(path), dtype="float32", always_2d=False)
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # every decoder error means the same thing to the caller: this file is unusable
+        raise BadInputError(str(path), f"cannot decode audio ({type(e).__name__}: {e})") from e
+    x = _to_mono_float32(x)
+    if x.size == 0:
+        raise BadInputError(str(path), "audio file holds no samples")
+    return x, int(sr)
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; audio is meant to be shared
+    return fd, tmp
+
+
+def write_audio(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int, bits: int = 16) -> None:
+    """Write mono float audio to ``.wav`` (16-bit PCM, standard library) or ``.flac`` (``soundfile``), atomically.
+
+    ``bits`` < 16 rounds samples to that many significant bits (still stored as 16-bit): FLAC then detects the unused
+    low bits and the file shrinks by about a third at 12 bits, at ~72 dB signal-to-quantisation-noise ratio.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in AUDIO_SUFFIXES:
+        raise ValueError(f"{path}: unsupported audio format {suffix!r}; use one of {', '.join(AUDIO_SUFFIXES)}")
+    if not 8 <= bits <= 16:
+        raise ValueError(f"bits: must be in [8, 16], got {bits}")
+    step = 2 ** (16 - bits)
+    pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32767 / step) * step, -32768, 32767)
+    pcm = pcm.astype(np.int16)
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix == ".wav":
+                with wave.open(f, "wb") as w:
+                    w.setnchannels(1)
+                    w.setsampwidth(2)
+                    w.setframerate(int(sample_rate))
+                    w.writeframes(pcm.tobytes())
+            else:
+                _soundfile().write(f, pcm, int(sample_rate), format="FLAC", subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_sample_rate(sample_rate: int, path: str) -> None:
+    """:class:`BadInputError` unless ``MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE``."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise BadInputError(
+            path,
+            f"unsupported sample rate {sample_rate} Hz; supported rates are {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz",
+        )
+
+
+def _validated(record: SpeechRecord, path: str) -> SpeechRecord:
+    """Return ``record`` with a stripped transcript, or raise :class:`BadInputError` saying what is wrong."""
+    check_sample_rate(record.sample_rate, path)
+    if record.waveform.ndim != 1 or record.waveform.size == 0:
+        raise BadInputError(path, f"expected a non-empty mono waveform, got shape {record.waveform.shape}")
+    if not np.isfinite(record.waveform).all():
+        raise BadInputError(path, "waveform contains NaN or infinite samples")
+    transcript = (record.transcript or "").strip() if isinstance(record.transcript, str) else None
+    if not transcript:
+        raise BadInputError(path, "empty transcript")
+    record.transcript = transcript
+    return record
+
+
+# ---- espeak-ng -----------------------------------------------------------------------------------------------------
+
+
+def _espeak_binary() -> str:
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise MissingDependencyError(f"the espeak-ng speech synthesiser is not installed; {ESPEAK_APT_HINT}")
+    return binary
+
+
+def synthesize(text: str, voice: str = "en-us", speed: int = 175, pitch: int = 50,
+               sample_rate: int = 16_000) -> np.ndarray:
+    """Speak ``text`` with espeak-ng; returns a mono float32 waveform ``(n,)`` at ``sample_rate`` Hz.
+
+    ``voice`` is an espeak-ng voice, optionally with a variant (``"en-gb+f3"``, see ``list_voices``); ``speed`` is in
+    words per minute (80-450), ``pitch`` in 0-99 (50 = the voice's default). espeak-ng renders at 22.05 kHz; the
+    result is resampled. :class:`MissingDependencyError` if espeak-ng is missing, :class:`BadInputError` for empty
+    text or an unknown voice.
+    """
+    binary = _espeak_binary()
+    if not isinstance(text, str) or not text.strip():
+        raise BadInputError(repr(text), "empty text")
+    if not ESPEAK_SPEED_RANGE[0] <= speed <= ESPEAK_SPEED_RANGE[1]:
+        raise ValueError(f"speed: must be in {ESPEAK_SPEED_RANGE} words per minute, got {speed}")
+    if not ESPEAK_PITCH_RANGE[0] <= pitch <= ESPEAK_PITCH_RANGE[1]:
+        raise ValueError(f"pitch: must be in {ESPEAK_PITCH_RANGE}, got {pitch}")
+    with tempfile.TemporaryDirectory(prefix="mom-espeak-") as tmp:
+        out = os.path.join(tmp, "clip.wav")
+        cmd = [binary, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "-w", out, "--stdin"]
+        proc = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, timeout=120)
+        if proc.returncode != 0 or not os.path.exists(out):
+            message = proc.stderr.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"
+            raise BadInputError(f"espeak-ng voice {voice!r}", message)
+        x, sr = _read_wav_stdlib(out)
+    return resample(x, sr, sample_rate) if sr != sample_rate else x
+
+
+def list_voices(language: str | None = None) -> list[str]:
+    """Names of the installed espeak-ng voices (``--voices[=language]``), MBROLA voices excluded (they need extra
+    data packages). Append a variant from ``list_voices("variant")`` with ``+``, e.g. ``"en-us+f3"``."""
+    binary = _espeak_binary()
+    cmd = [binary, f"--voices={language}"] if language else [binary, "--voices"]
+    lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+    names = []
+    for line in lines:
+        cols = line.split()
+        if len(cols) < 5 or cols[4].startswith("mb/"):
+            continue
+        names.append(cols[4].removeprefix("!v/") if language == "variant" else cols[1])
+    return sorted(set(names))
+
+
+def _iter_espeak(on_error: Callable[[BadInputError], None], texts: Iterable[str] | None = None,
+                 texts_file: str | None = None, voices: Sequence[str] = DEFAULT_VOICES,
+                 speed_range: Sequence[int] = (140, 200), pitch_range: Sequence[int] = (30, 70), seed: int = 0,
+                 sample_rate: int = 16_000) -> Iterator[SpeechRecord]:
+    if (texts is None) == (texts_file is None):
+        raise ValueError("espeak source: give exactly one of `texts` (an iterable of strings) or `texts_file`")
+    if isinstance(texts, str):
+        raise ValueError("texts: expected an iterable of strings, got a single string")
+    if not voices:
+        raise ValueError("voices: need at least one voice")
+    for name, (lo, hi), (min_v, max_v) in (("speed_range", speed_range, ESPEAK_SPEED_RANGE),
+                                           ("pitch_range", pitch_range, ESPEAK_PITCH_RANGE)):
+        if not min_v <= lo <= hi <= max_v:
+            raise ValueError(f"{name}: need {min_v} <= low <= high <= {max_v}, got {lo}, {hi}")
+    _espeak_binary()  # fail before the first text, not inside it
+    if texts_file is not None:
+        texts = Path(texts_file).read_text(encoding="utf-8").splitlines()
+    rng = random.Random(seed)
+    for index, text in enumerate(texts):
+        # Draw the choices before any check so that item i always gets the same voice whatever precedes it.
+        voice, speed, pitch = rng.choice(list(voices)), rng.randint(*speed_range), rng.randint(*pitch_range)
+        path = f"espeak text #{index}"
+        try:
+            if not isinstance(text, str) or not text.strip():
+                raise BadInputError(path, "empty transcript")
+            waveform = synthesize(text, voice, speed, pitch, sample_rate)
+            meta = {"engine": "espeak-ng", "voice": voice, "speed": speed, "pitch": pitch, "index": index}
+            record = _validated(SpeechRecord(waveform, sample_rate, text, "espeak-ng", meta), path)
+        except BadInputError as e:
+            on_error(e)
+            continue
+        yield record
+
+
+# ---- folders of audio files ----------------------------------------------------------------------------------------
+
+
+def _read_transcripts(root: Path, on_error: Callable[[BadInputError], None]) -> dict[str, dict]:
+    """``transcripts.jsonl`` (one ``{"file": ..., "transcript": ..., ...}`` per line) keyed by relative path."""
+    entries: dict[str, dict] = {}
+    listing = root / TRANSCRIPTS_FILE
+    if not listing.is_file():
+        return entries
+    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{listing}:{number}"
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise ValueError('expected an object with a "file" string')
+        except ValueError as e:
+            on_error(BadInputError(where, f"bad transcripts line ({e})"))
+            continue
+        entries[Path(entry["file"]).as_posix()] = entry
+    return entries
+
+
+def _iter_folder(on_error: Callable[[BadInputError], None], path: str | os.PathLike | None = None,
+                 split: str | None = None) -> Iterator[SpeechRecord]:
+    if path is None:
+        raise ValueError("folder source: option `path` (the folder of audio files) is required")
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder of audio files")
+    entries = _read_transcripts(root, on_error)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    seen = set()
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        seen.add(rel)
+        entry = dict(entries.get(rel, {}))
+        if split is not None and entry.get("split") != split:
+            continue
+        try:
+            if "transcript" in entry or "text" in entry:
+                transcript = entry.pop("transcript", None) or entry.pop("text", None)
+            elif file.with_suffix(".txt").is_file():
+                transcript = file.with_suffix(".txt").read_text(encoding="utf-8")
+            else:
+                raise BadInputError(str(file), f"no transcript (no entry in {TRANSCRIPTS_FILE}, no sidecar .txt)")
+            waveform, sr = read_audio(file)
+            entry.pop("file", None)
+            source = str(entry.pop("source", "folder"))
+            meta = {"file": rel, **entry}
+            record = _validated(SpeechRecord(waveform, sr, transcript, source, meta), str(file))
+        except BadInputError as e:
+            on_error(e)
+            continue
+        yield record
+    for rel in entries:
+        if rel not in seen and (split is None or entries[rel].get("split") == split):
+            on_error(BadInputError(str(root / rel), f"listed in {TRANSCRIPTS_FILE} but the audio file is missing"))
+
+
+# ---- datasets saved with `datasets.save_to_disk` ------------------------------------------------------------------
+
+
+def _decode_dataset_audio(value: object, where: str) -> tuple[np.ndarray, int]:
+    """An audio cell: ``{"array", "sampling_rate"}`` (decoded) or ``{"bytes", "path"}`` (encoded file)."""
+    if isinstance(value, dict) and value.get("array") is not None:
+        if value.get("sampling_rate") is None:
+            raise BadInputError(where, "audio cell has an array but no sampling_rate")
+        return _to_mono_float32(np.asarray(value["array"])), int(value["sampling_rate"])
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        if value.get("bytes"):
+            try:
+                x, sr = _soundfile().read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=False)
+            except MissingDependencyError:
+                raise
+            except Exception as e:
+                raise BadInputError(where, f"cannot decode audio bytes ({type(e).__name__}: {e})") from e
+            return _to_mono_float32(x), int(sr)
+        return read_audio(value["path"])
+    raise BadInputError(where, f"unrecognised audio cell of type {type(value).__name__}")
+
+
+def _iter_hf_dataset(on_error: Callable[[BadInputError], None], path: str | os.PathLike | None = None,
+                     audio_column: str = "audio", text_column: str = "text",
+                     split: str | None = None) -> Iterator[SpeechRecord]:
+    if path is None:
+        raise ValueError("hf-dataset source: option `path` (a directory written by save_to_disk) is required")
+    try:
+        import datasets
+    except ImportError as e:
+        raise MissingDependencyError("the hf-dataset source needs the `datasets` package: pip install datasets") from e
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such dataset directory")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise ValueError(f"split: {path} holds splits {sorted(ds)}; choose one with split=..., got {split!r}")
+        ds = ds[split]
+    for column in (audio_column, text_column):
+        if column not in ds.column_names:
+            raise ValueError(f"{path}: no column {column!r}; columns are {ds.column_names}")
+    if isinstance(ds.features[audio_column], datasets.Audio):
+        # Decode ourselves (soundfile) rather than through `datasets`' optional audio backends.
+        ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+    for row_index, row in enumerate(ds):
+        where = f"{path}[{row_index}]"
+        try:
+            waveform, sr = _decode_dataset_audio(row[audio_column], where)
+            meta = {"dataset": str(path), "row": row_index}
+            meta.update({k: v for k, v in row.items()
+                         if k not in (audio_column, text_column) and isinstance(v, (str, int, float, bool))})
+            record = _validated(SpeechRecord(waveform, sr, row[text_column], "hf-dataset", meta), where)
+        except BadInputError as e:
+            on_error(e)
+            continue
+        yield record
+
+
+_SOURCES = {"espeak": _iter_espeak, "folder": _iter_folder, "hf-dataset": _iter_hf_dataset}
+_OPTIONS = {
+    "espeak": ("texts", "texts_file", "voices", "speed_range", "pitch_range", "seed", "sample_rate"),
+    "folder": ("path", "split"),
+    "hf-dataset": ("path", "audio_column", "text_column", "split"),
+}
+
+
+def iter_speech_records(source: str, *, on_error: Callable[[BadInputError], None],
+                        **options: object) -> Iterator[SpeechRecord]:
+    """Yield :class:`SpeechRecord` from one source; unusable items go to ``on_error`` and are skipped.
+
+    Sources and their options:
+
+    * ``"espeak"``: ``texts`` (iterable of str) or ``texts_file`` (one text per line); ``voices`` (default
+      ``DEFAULT_VOICES``), ``speed_range`` (words/min, default (140, 200)), ``pitch_range`` (default (30, 70)),
+      ``seed`` (voice/speed/pitch choices are a function of seed and position), ``sample_rate`` (16000).
+      meta holds ``voice``, ``speed``, ``pitch``.
+    * ``"folder"``: ``path``; WAV/FLAC files under it (recursively), transcripts from ``transcripts.jsonl``
+      (``{"file": "a.flac", "transcript": "...", ...}``, extra fields go to meta; ``"source"`` names the source) or
+      a sidecar ``<name>.txt``; ``split`` keeps only entries whose ``"split"`` field equals it.
+    * ``"hf-dataset"``: ``path`` written by ``datasets.Dataset.save_to_disk``, ``audio_column`` ("audio"),
+      ``text_column`` ("text"), ``split`` (for a DatasetDict).
+
+    Unknown options raise ``ValueError`` naming them.
+    """
+    if source not in _SOURCES:
+        raise ValueError(f"unknown speech source {source!r}; choose one of {sorted(_SOURCES)}")
+    unknown = sorted(set(options) - set(_OPTIONS[source]))
+    if unknown:
+        raise ValueError(f"{source} source: unknown option(s) {unknown}; valid options are {list(_OPTIONS[source])}")
+    return _SOURCES[source](on_error, **options)
+
+
+# ---- writing a folder corpus ---------------------------------------------------------------------------------------
+
+
+def assign_split(transcript: str, validation_fraction: float) -> str:
+    """``"validation"`` for a stable ``validation_fraction`` of transcripts (hash of the text), else ``"train"``;
+    identical transcripts always land in the same split."""
+    digest = int.from_bytes(hashlib.sha1(transcript.strip().lower().encode("utf-8")).digest()[:8], "big")
+    return "validation" if digest / 2**64 < validation_fraction else "train"
+
+
+def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathLike, *, audio_format: str = "flac",
+                        bits: int = 16, validation_fraction: float = 0.0, overwrite: bool = False) -> int:
+    """Write records as ``NNNNN.<format>`` plus ``transcripts.jsonl`` (with source, meta and split) into ``out_dir``.
+
+    The folder is assembled beside ``out_dir`` and moved into place at the end, so an interrupted run leaves any
+    previous folder intact. Returns the number of clips written.
+    """
+    out_dir = Path(out_dir)
+    if audio_format not in ("flac", "wav"):
+        raise ValueError(f"audio_format: must be 'flac' or 'wav', got {audio_format!r}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700 directories
+    try:
+        lines = []
+        for i, r in enumerate(records):
+            name = f"{i:05d}.{audio_format}"
+            write_audio(tmp / name, r.waveform, r.sample_rate, bits=bits)
+            split = assign_split(r.transcript, validation_fraction)
+            entry = {"file": name, "transcript": r.transcript, "source": r.source, "split": split,
+                     "sample_rate": r.sample_rate, "duration": round(r.duration, 3), **r.meta}
+            lines.append(json.dumps(entry, ensure_ascii=False))
+        (tmp / TRANSCRIPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(lines)
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    texts = [t for t in Path(args.texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+    skipped: list[BadInputError] = []
+    records = iter_speech_records("espeak", on_error=skipped.append, texts=texts, voices=args.voices,
+                                  speed_range=args.speed_range, pitch_range=args.pitch_range, seed=args.seed,
+                                  sample_rate=args.sample_rate)
+    kept: list[SpeechRecord] = []
+
+    def progress() -> Iterator[SpeechRecord]:
+        for r in tqdm(records, total=len(texts), desc="synthesising", unit="clip"):
+            kept.append(r)
+            yield r
+
+    n = write_speech_folder(progress(), args.out, audio_format=args.format, bits=args.bits,
+                            validation_fraction=args.validation_fraction, overwrite=args.overwrite)
+    seconds = sum(r.duration for r in kept)
+    n_val = sum(assign_split(r.transcript, args.validation_fraction) == "validation" for r in kept)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir())
+    print(f"wrote {n} clips ({n - n_val} train, {n_val} validation), {seconds:.1f} s of audio, "
+          f"{size / 1e6:.2f} MB, to {args.out}; skipped {len(skipped)}")
+    for e in skipped:
+        print(f"  skipped {e}", file=sys.stderr)
+    return 0
+
+
+def _cmd_voices(args: argparse.Namespace) -> int:
+    for name in list_voices(args.language):
+        print(name)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m mom.data.speech``."""
+    parser = argparse.ArgumentParser(prog="python -m mom.data.speech", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="synthesise one espeak-ng clip per line of a text file into a folder",
+                       description="Synthesise one clip per non-empty line of --texts with espeak-ng (voice, speed "
+                                   "and pitch drawn per clip from --seed) and write NNNNN.flac + transcripts.jsonl.")
+    p.add_argument("--texts", required=True, help="UTF-8 text file, one utterance per line")
+    p.add_argument("--out", required=True, help="output folder (readable with the 'folder' source)")
+    p.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), help="espeak-ng voices[+variant] to draw from")
+    p.add_argument("--speed-range", nargs=2, type=int, default=[140, 200], metavar=("LOW", "HIGH"),
+                   help="words per minute (default: 140 200)")
+    p.add_argument("--pitch-range", nargs=2, type=int, default=[30, 70], metavar=("LOW", "HIGH"),
+                   help="espeak-ng pitch 0-99 (default: 30 70)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the voice/speed/pitch draws (default: 0)")
+    p.add_argument("--sample-rate", type=int, default=16_000, help="output sample rate in Hz (default: 16000)")
+    p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio file format (default: flac)")
+    p.add_argument("--bits", type=int, default=16, help="significant bits per sample, 8-16 (default: 16)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="fraction of transcripts marked split=validation (default: 0.1)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_synth)
+    p = sub.add_parser("voices", help="list installed espeak-ng voices",
+                       description="List installed espeak-ng voices (MBROLA voices excluded).")
+    p.add_argument("--language", default=None, help="language filter, e.g. 'en'; 'variant' lists voice variants")
+    p.set_defaults(func=_cmd_voices)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
