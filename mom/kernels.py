@@ -75,6 +75,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """Shapes as `mom.scan.selective_state_update`; updates ``state`` in place."""
     if _use_cuda(x):
         fn = _mamba_ssm()[1]
+        if dt_bias is None:  # mamba-ssm 2.3's Triton kernel dereferences dt_bias unconditionally
+            dt_bias = torch.zeros(x.shape[-1], device=x.device, dtype=torch.float32)
         return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
