@@ -3,7 +3,9 @@
     python eval/bench_layer.py                     # the two default shapes
     python eval/bench_layer.py --shape 8x2048x1024 --runs 64,256,128
 
-Both sides run in the same process on the same inputs; prints time, peak memory and their ratio (MoM / dense).
+Every variant runs in the same process on the same inputs; prints time and peak memory, each with its ratio to
+mamba-ssm's fused dense layer (the target). The extra rows attribute the gap: mamba-ssm without its fused path,
+our mixer with ``decouple=()``, and MoM with per-expert module calls instead of the grouped GEMM.
 Routing is built once per model forward and shared by all layers, so its cost is printed separately.
 """
 
@@ -16,11 +18,21 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, measure, row  # noqa: E402
+from bench_common import interleaved_modalities, measure  # noqa: E402
 
 import mom  # noqa: E402
+from mom.config import PROJECTIONS  # noqa: E402
 from mom.mixer import MoMMixer  # noqa: E402
-from mom.routing import Routing  # noqa: E402
+from mom.routing import DISABLE_GROUPED_ENV, Routing  # noqa: E402
+
+
+def _step(layer, routing, x, grad):
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x) if routing is None else layer(x, routing)
+        y.backward(grad)
+
+    return step
 
 
 def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int) -> None:
@@ -28,39 +40,39 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
 
     device = "cuda"
     modality_ids = interleaved_modalities(batch, length, runs, device)
-    config = mom.MoMConfig(vocab_sizes=(16, 16, 16)[: len(runs)], modalities=("text", "image", "speech")[: len(runs)],
-                           d_model=d_model, n_layer=1)
-    model = mom.MoMForCausalLM(config)  # for Mamba's initialisation of the mixer
-    mixer: MoMMixer = model.backbone.layers[0].mixer.to(device)
-    dense = Mamba(d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand).to(device)
+    names = ("text", "image", "speech")[: len(runs)]
     x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
 
-    def routing() -> Routing:
-        return Routing.build(modality_ids, config.num_modalities)
+    def mom_mixer(decouple) -> MoMMixer:
+        config = mom.MoMConfig(modalities=names, vocab_sizes=(16,) * len(runs), d_model=d_model, n_layer=1,
+                               decouple=decouple)
+        return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)  # Mamba's initialisation
 
-    r = routing()
+    routing = Routing.build(modality_ids, len(runs))
+    def mamba(fast: bool):
+        return Mamba(d_model, d_state=16, d_conv=4, expand=2, use_fast_path=fast).to(device)
 
-    def step_mom() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = mixer(x, r)
-        y.backward(grad)
-
-    def step_dense() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = dense(x)
-        y.backward(grad)
-
-    t_mom, m_mom = measure(step_mom, iters=iters)
-    mixer.zero_grad(set_to_none=True)
-    x.grad = None
-    torch.cuda.empty_cache()
-    t_dense, m_dense = measure(step_dense, iters=iters)
-    t_route, _ = measure(routing, iters=iters)
+    variants = {  # name: (layer factory, routing or None, environment)
+        "mamba-ssm fused (dense)": (lambda: mamba(True), None, {}),
+        "mamba-ssm unfused (dense)": (lambda: mamba(False), None, {}),
+        "mom decouple=() (dense)": (lambda: mom_mixer(()), routing, {}),
+        "MoM grouped GEMM": (lambda: mom_mixer(PROJECTIONS), routing, {}),
+        "MoM module routing": (lambda: mom_mixer(PROJECTIONS), routing, {DISABLE_GROUPED_ENV: "1"}),
+    }
     print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.kernels.backend_name(x.device)}")
-    print(row("fwd+bwd time", t_mom, t_dense, "ms"))
-    print(row("peak memory", m_mom, m_dense, "GiB"))
-    print(f"{'routing build (per forward)':<28} {t_route:.3f} ms")
+    base = None
+    for name, (factory, r, env) in variants.items():
+        os.environ.update(env)
+        ms, gib = measure(_step(factory(), r, x, grad), iters=iters)
+        for key in env:
+            os.environ.pop(key)
+        base = base or (ms, gib)
+        print(f"  {name:<28} {ms:8.3f} ms ({ms / base[0]:5.2f}x)   peak {gib:6.3f} GiB ({gib / base[1]:5.2f}x)")
+        x.grad = None
+        torch.cuda.empty_cache()
+    t_route, _ = measure(lambda: Routing.build(modality_ids, len(runs)), iters=iters)
+    print(f"  routing build (once per model forward): {t_route:.3f} ms")
 
 
 def main(argv=None) -> int:

@@ -78,3 +78,54 @@ def test_cuda_generation_matches_full_forward(monkeypatch):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-3, rtol=1e-3)
     generated = model.generate(ids[:, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (2, 13)
+
+
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
+def test_grouped_gemm_routing_matches_module_calls(layout, monkeypatch):
+    from mom.routing import DISABLE_GROUPED_ENV, RoutedLinear, Routing
+
+    layer = RoutedLinear(("text", "image", "speech"), 64, 96, bias=True).cuda()
+    modality_ids = interleaved_ids(_config(), 2, RUN_LAYOUTS[layout]).cuda()
+    modality_ids = _config().modality_of(modality_ids)
+    routing = Routing.build(modality_ids, 3)
+    x = torch.randn(*modality_ids.shape, 64, device="cuda")
+    results = []
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(DISABLE_GROUPED_ENV, disabled)
+        assert (layer._grouped_dtype(x.bfloat16()) is None) == (disabled == "1")
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xi, routing)
+        y.float().square().sum().backward()
+        results.append((y.float(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = results
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, atol=5e-2, rtol=2e-2)
+    for g, g_ref in zip(gp, gp_ref):
+        torch.testing.assert_close(g, g_ref, atol=0.5, rtol=2e-2)
+
+
+def test_lora_wrapped_experts_defer_to_module_calls(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from mom.routing import DISABLE_GROUPED_ENV
+
+    config = tiny_config(vocab_sizes=(200, 120, 80), d_model=64, n_layer=2, d_state=16, dt_rank=16)
+    model = mom.MoMForCausalLM(config).cuda()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["in_proj.image"], init_lora_weights=False))
+    in_proj = model.backbone.layers[0].mixer.in_proj
+    out_proj = model.backbone.layers[0].mixer.out_proj
+    probe = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert in_proj._grouped_dtype(probe) is None  # adapters present: module calls
+    assert out_proj._grouped_dtype(probe) == torch.bfloat16  # untouched projection keeps the fast path
+    ids = interleaved_ids(config, 2, RUN_LAYOUTS["uneven"]).cuda()
+    outs = []
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(DISABLE_GROUPED_ENV, disabled)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outs.append(peft_model(input_ids=ids).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=5e-2, rtol=5e-2)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), peft_model.disable_adapter():
+        base = peft_model(input_ids=ids).logits
+    assert (base - outs[0]).abs().max() > 1e-3  # the adapter is honoured
