@@ -101,7 +101,9 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
         "gradient_accumulation_steps": recipe.train.grad_accum,
         "train_batch_size": recipe.data.batch_size * recipe.train.grad_accum * ctx.world_size,
-        "gradient_clipping": optim.grad_clip,
+        # with the plain fp32 optimizer of stage 0 the trainer clips itself (mom.train.clip_or_drop_grads), so that
+        # it can also drop non-finite gradients, which only DeepSpeed's ZeRO / bf16 optimizers detect
+        "gradient_clipping": 0.0 if trainer_clips(recipe, ctx) else optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": zero,
         "bf16": {"enabled": ctx.dtype == torch.bfloat16},
@@ -109,6 +111,11 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return merge(config, ds.extra)
+
+
+def trainer_clips(recipe: Recipe, ctx: Context) -> bool:
+    """True where DeepSpeed's optimizer neither skips non-finite steps nor needs to clip: stage 0 in fp32."""
+    return recipe.deepspeed.zero_stage == 0 and ctx.dtype == torch.float32
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Recipe, ctx: Context) -> Any:

@@ -31,7 +31,7 @@ from mom.checkpoint import Checkpointer, atomic_write_text, export_hf
 from mom.config import MoMConfig
 from mom.data.loader import build_loader, read_manifest
 from mom.distributed import Context, all_reduce_sum
-from mom.metrics import MetricsLogger
+from mom.metrics import MetricsLogger, read_jsonl
 from mom.modeling import MoMForCausalLM
 from mom.optim import lr_at, param_groups
 from mom.recipe import AUTO, Recipe, load_recipe
@@ -103,7 +103,7 @@ def train(
     for step in range(state["step"] + 1, last_step + 1):
         set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
         start = time.perf_counter()
-        result = train_step(engine, loader, ctx, cfg.grad_accum, config.num_modalities, step in cfg.inject_nan_steps)
+        result = train_step(engine, loader, ctx, recipe, config.num_modalities, step in cfg.inject_nan_steps)
         seconds = time.perf_counter() - start
         state["step"] = step
         state["tokens"] += tokens_per_step
@@ -158,6 +158,8 @@ def train(
     if cfg.export_hf and state["step"] >= cfg.max_steps:
         hf_dir = export_hf(engine, out_dir / "hf", resolve_tokenizer_dir(recipe), ctx)
     metrics.close()
+    if ctx.is_main and not train_metrics:  # nothing trained in this invocation (resumed at the end): last logged
+        train_metrics = last_record(metrics.path, "train")
     summary = {
         "step": state["step"],
         "tokens": state["tokens"],
@@ -176,23 +178,26 @@ def train(
 
 
 # ---- one optimizer step ----------------------------------------------------------------------------------------
-def train_step(engine: Any, loader: Any, ctx: Context, grad_accum: int, num_modalities: int, inject_nan: bool) -> dict:
-    """``grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite.
+def train_step(
+    engine: Any, loader: Any, ctx: Context, recipe: Recipe, num_modalities: int, inject_nan: bool
+) -> dict[str, Any]:
+    """``train.grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite.
 
     Returns ``stats`` ((2M,) summed loss and target count per modality, over micro-batches and ranks), ``bad``
     (the update was skipped) and ``grad_norm`` (before clipping).
     """
     M = num_modalities
     stats = torch.zeros(2 * M + 1, dtype=torch.float64, device=ctx.device)  # sums (M), counts (M), non-finite
-    own_check = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     grad_norm, grads_finite = None, True
+    grad_accum = recipe.train.grad_accum
+    own_clip = distributed.trainer_clips(recipe, ctx)
     for micro in range(grad_accum):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(loader).items() if k in MODEL_INPUTS}
         out = engine(**batch)
         loss = out.loss * float("nan") if inject_nan and ctx.is_main else out.loss  # fault injection (tests)
         engine.backward(loss)
-        if own_check and micro == grad_accum - 1:
-            grad_norm, grads_finite = drop_non_finite_grads(engine.module)
+        if own_clip and micro == grad_accum - 1:  # gradients are all-reduced: check and clip before the step
+            grad_norm, grads_finite = clip_or_drop_grads(engine.module, recipe.optim.grad_clip)
         engine.step()
         stats[:M] += out.modality_loss_sums.detach().double()
         stats[M : 2 * M] += out.modality_target_counts.detach().double()
@@ -200,7 +205,7 @@ def train_step(engine: Any, loader: Any, ctx: Context, grad_accum: int, num_moda
     all_reduce_sum(stats)
     stats = stats.cpu()
     # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves; the
-    # plain fp32 stage-0 optimizer does not, so drop_non_finite_grads cleared the gradients before its step.
+    # plain fp32 stage-0 optimizer does not, so clip_or_drop_grads cleared the gradients before its step.
     bad = bool(stats[2 * M] > 0) or not grads_finite or not engine.was_step_applied()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
@@ -208,17 +213,23 @@ def train_step(engine: Any, loader: Any, ctx: Context, grad_accum: int, num_moda
     return {"stats": stats[: 2 * M], "bad": bad, "grad_norm": grad_norm}
 
 
-def drop_non_finite_grads(model: nn.Module) -> tuple[float, bool]:
-    """Global gradient norm; if it is not finite, set every ``.grad`` to None so the optimizer step is a no-op."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
+    """Global gradient norm (before clipping) and whether it is finite.
+
+    Finite: gradients are scaled down to norm ``max_norm`` if above it (0 disables). Not finite: every ``.grad``
+    is set to None, which makes the optimizer step a no-op for all parameters.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return 0.0, True
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-    if math.isfinite(norm):
-        return norm, True
-    for p in model.parameters():
-        p.grad = None
-    return norm, False
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
+    if not math.isfinite(norm):
+        for p in params:
+            p.grad = None
+        return norm, False
+    if max_norm > 0 and norm > max_norm:
+        torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))  # torch's clip_grad_norm_ epsilon
+    return norm, True
 
 
 def set_lr(engine: Any, lr: float) -> None:
@@ -343,6 +354,12 @@ def resolve_tokenizer_dir(recipe: Recipe) -> Path | None:
 
 
 # ---- output ----------------------------------------------------------------------------------------------------
+def last_record(path: Path, split: str) -> dict[str, Any]:
+    """The loss entries of the last ``split`` record of a metrics file ({} if none)."""
+    records = [r for r in read_jsonl(path) if r.get("split") == split] if path.exists() else []
+    return {k: v for k, v in records[-1].items() if k.startswith("loss")} if records else {}
+
+
 def format_summary(summary: dict[str, Any], modalities: Sequence[str]) -> str:
     def fmt(x: Any) -> str:
         return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
