@@ -2,7 +2,8 @@
 
 A recipe has five sections, each mapping one to one onto a dataclass (docs/training.md lists every key)::
 
-    model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes`` may be "auto": from the corpus)
+    model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes``: "auto", the default, takes them
+                from the corpus manifest)
     data:       mom.data.loader.DataConfig
     optim:      OptimConfig
     train:      TrainConfig
@@ -294,6 +295,7 @@ def _build(cls: type, section: dict[str, Any], prefix: str) -> Any:
 def _check_model(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
+    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # the corpus defines them unless given
     schema = _model_schema()
     for key, value in model.items():
         if key not in schema:
@@ -301,16 +303,14 @@ def _check_model(model: Any) -> dict[str, Any]:
         if key in ("modalities", "vocab_sizes") and value == AUTO:
             continue
         _check_type(f"model.{key}", value, schema[key])
-    placeholders = {"modalities": ("text",), "vocab_sizes": (8,)}
-    trial = {k: v for k, v in model.items() if v != AUTO}
-    if model.get("modalities", ()) == AUTO or model.get("vocab_sizes", ()) == AUTO:
-        trial.pop("modalities", None), trial.pop("vocab_sizes", None)
-        trial.update(placeholders)
+    trial = dict(model)
+    if AUTO in (model["modalities"], model["vocab_sizes"]):
+        trial.update(modalities=("text",), vocab_sizes=(8,))  # placeholders: the corpus gives the real ones
     try:  # catch bad values (decouple names, sizes) now rather than after the corpus is opened
         MoMConfig(**trial)
     except ValueError as e:
         raise ValueError(f"model.{e}") from e
-    return dict(model)
+    return model
 
 
 def _model_schema() -> dict[str, Any]:
