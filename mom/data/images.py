@@ -1,0 +1,609 @@
+"""Real captioned images from offline sources, as :class:`ImageRecord` streams.
+
+Sources (``iter_image_records(source, ...)``):
+
+* ``"openmoji"``: the npm package ``openmoji`` (colour emoji SVGs + ``data/openmoji.json``; CC BY-SA 4.0),
+  rasterised with ``cairosvg`` or ``resvg-py``; captioned from the annotation, group and tags.
+* ``"noto-emoji"``: Debian's ``fonts-noto-color-emoji`` font rendered with Pillow; captioned from the Unicode name.
+* ``"digits"``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey digits), upscaled and given a coloured ink.
+* ``"folder"``: a folder of images with captions (``captions.jsonl`` or a ``<name>.txt`` sidecar per image).
+* ``"hf-dataset"``: a Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (read with ``load_from_disk``).
+
+Options common to every source: ``size`` (square side in pixels; centre-crop then resize), ``limit`` (at most this
+many source images), ``seed`` (shuffle the source order deterministically before ``limit``), ``augment`` (``k``
+extra augmented variants per image, so the image side grows ``k + 1`` times) and ``augment_seed``.
+
+Transparent pixels are composited onto white. An unusable item (corrupt file, empty caption) is passed to
+``on_error`` as a :class:`BadInputError` and skipped; the callback may raise to stop. CLI: ``python -m
+mom.data.images export --help`` writes a sample of sources to a folder (the committed small raw image set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, UnidentifiedImageError
+
+from mom.data.errors import BadInputError, MissingDependencyError
+
+SOURCES = ("openmoji", "noto-emoji", "digits", "folder", "hf-dataset")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
+NOTO_BITMAP_SIZE = 109  # the only pixel size of Noto's CBDT bitmap strikes (glyphs render as 136x128)
+OPENMOJI_VIEWBOX = 72  # OpenMoji SVGs are drawn on a 72x72 grid
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_INKS = {  # ink colours of the digits source (name -> RGB); the colour name is in the caption
+    "black": (20, 20, 20),
+    "blue": (30, 60, 200),
+    "red": (200, 30, 30),
+    "green": (30, 140, 50),
+    "purple": (120, 40, 160),
+    "orange": (230, 120, 20),
+}
+# Captions naming a direction would be wrong after a mirror image, so those images are never flipped.
+_DIRECTIONAL = re.compile(r"\b(left|right|leftwards|rightwards|clockwise|anticlockwise|counterclockwise)\b")
+
+
+@dataclass
+class ImageRecord:
+    """One image with its caption. ``meta["id"]`` identifies the source item; ``meta["variant"]`` is 0 for the
+    original and 1..k for augmented copies."""
+
+    image: Image.Image  # RGB
+    caption: str
+    source: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    """A lazily loaded source image: ``load()`` returns (image, caption, meta), ``None`` to skip silently, or
+    raises :class:`BadInputError`."""
+
+    key: str
+    load: Callable[[], tuple[Image.Image, str, dict] | None]
+    source: str
+    flip_ok: bool = True
+
+
+def iter_image_records(
+    source: str,
+    *,
+    on_error: Callable[[BadInputError], None],
+    size: int | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    augment: int = 0,
+    augment_seed: int = 0,
+    **options: Any,
+) -> Iterator[ImageRecord]:
+    """Yield captioned RGB images from ``source`` (one of :data:`SOURCES`); see the module docstring.
+
+    ``options`` are the source's own (e.g. ``path=``); an unknown one raises ``ValueError`` naming it.
+    """
+    if source not in _SOURCE_FACTORIES:
+        raise ValueError(f"unknown image source {source!r}; valid sources are {list(SOURCES)}")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ValueError(f"size: must be a positive integer or None, got {size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit: must be a non-negative integer or None, got {limit!r}")
+    if not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment: must be a non-negative integer, got {augment!r}")
+    factory, allowed = _SOURCE_FACTORIES[source]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {unknown}; valid options are {sorted(allowed)}")
+    items = factory(size=size, **options)
+    if seed is not None:
+        random.Random(seed).shuffle(items)
+    produced = 0
+    for item in items:
+        if limit is not None and produced >= limit:
+            return
+        try:
+            loaded = item.load()
+        except BadInputError as err:
+            on_error(err)
+            continue
+        if loaded is None:
+            continue
+        image, caption, meta = loaded
+        caption = " ".join(caption.split())
+        if not caption:
+            on_error(BadInputError(item.key, "empty caption"))
+            continue
+        image = _fit(_to_rgb(image), size)
+        produced += 1
+        meta = {"id": item.key, "variant": 0, **meta}
+        yield ImageRecord(image=image, caption=caption, source=item.source, meta=meta)
+        flip_ok = item.flip_ok and not _DIRECTIONAL.search(caption.lower())
+        for variant in range(1, augment + 1):
+            rng = random.Random(f"{augment_seed}:{item.source}:{item.key}:{variant}")
+            yield ImageRecord(
+                image=augment_image(image, rng, flip=flip_ok),
+                caption=caption,
+                source=item.source,
+                meta={**meta, "variant": variant},
+            )
+
+
+# ---- image helpers -----------------------------------------------------------------------------------------------
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``; transparency is composited onto white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _fit(image: Image.Image, size: int | None) -> Image.Image:
+    """Centre-crop to a square and resize to ``size`` x ``size`` (no-op when ``size`` is None)."""
+    if size is None or image.size == (size, size):
+        return image
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
+
+
+def augment_image(image: Image.Image, rng: random.Random, *, flip: bool = True) -> Image.Image:
+    """A random variant of ``image`` (same size): crop of 75-100% of the side, resized back; brightness, contrast
+    and saturation each scaled by 0.8-1.2 (no hue change: captions may name colours); mirrored with p=0.5 if
+    ``flip``. Deterministic given the state of ``rng``."""
+    w, h = image.size
+    scale = rng.uniform(0.75, 1.0)
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = image.resize((w, h), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enhancer(out).enhance(rng.uniform(0.8, 1.2))
+    if flip and rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    return out
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadInputError(str(path), f"cannot read image ({type(err).__name__}: {err})") from err
+
+
+# ---- openmoji ----------------------------------------------------------------------------------------------------
+_OPENMOJI_HELP = (
+    "the 'openmoji' source needs the npm package openmoji unpacked on disk: run `npm pack openmoji && tar xzf "
+    "openmoji-*.tgz` (unpacks to ./package) or `npm install openmoji` (./node_modules/openmoji), then pass "
+    "path=<that directory>"
+)
+
+
+def _render_cairosvg(path: Path, size: int) -> Image.Image:
+    import cairosvg
+
+    png = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
+    return Image.open(io.BytesIO(png)).convert("RGBA")
+
+
+def _render_resvg(path: Path, size: int) -> Image.Image:
+    import resvg_py
+
+    png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+    return Image.open(io.BytesIO(bytes(png))).convert("RGBA")
+
+
+def _svg_rasterizer(name: str) -> Callable[[Path, int], Image.Image]:
+    """SVG file -> RGBA image of side ``size``, with cairosvg (needs libcairo2) and/or resvg-py.
+
+    ``"auto"`` uses every one installed, trying the next when one fails on a file.
+    """
+    if name not in ("auto", "cairosvg", "resvg"):
+        raise ValueError(f"openmoji: rasterizer must be 'auto', 'cairosvg' or 'resvg', got {name!r}")
+    renderers, errors = [], []
+    for module, renderer in (("cairosvg", _render_cairosvg), ("resvg_py", _render_resvg)):
+        if name != "auto" and not module.startswith(name):
+            continue
+        try:
+            __import__(module)  # cairosvg raises OSError when the cairo C library is missing
+            renderers.append(renderer)
+        except (ImportError, OSError) as err:
+            errors.append(f"{module}: {err}")
+    if not renderers:
+        raise MissingDependencyError(
+            "no SVG rasteriser for the 'openmoji' source: `pip install resvg-py`, or `pip install cairosvg` with "
+            f"`apt-get install libcairo2` ({'; '.join(errors)})"
+        )
+
+    def render(path: Path, size: int) -> Image.Image:
+        for renderer in renderers[:-1]:
+            try:
+                return renderer(path, size)
+            except Exception:  # noqa: BLE001 - rasterisers raise many types on SVG features they lack
+                pass
+        return renderers[-1](path, size)
+
+    return render
+
+
+def _openmoji_root(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        raise MissingDependencyError(_OPENMOJI_HELP)
+    root = Path(path)
+    for candidate in (root, root / "package", root / "node_modules" / "openmoji"):
+        if (candidate / "data" / "openmoji.json").is_file() and (candidate / "color" / "svg").is_dir():
+            return candidate
+    raise MissingDependencyError(f"{root} holds no data/openmoji.json and color/svg/: {_OPENMOJI_HELP}")
+
+
+def _openmoji_caption(entry: dict, n_tags: int) -> str:
+    group = str(entry.get("group", "")).strip()
+    group_words = {"extras-openmoji": "openmoji extra", "extras-unicode": "unicode extra"}.get(
+        group, group.replace("-", " and ") if group.count("-") == 1 else group
+    )
+    caption = str(entry.get("annotation", "")).strip()
+    if caption and group_words:
+        caption = f"{caption}, a {group_words} emoji"
+    tags = [t.strip() for t in f"{entry.get('openmoji_tags', '')},{entry.get('tags', '')}".split(",") if t.strip()]
+    tags = list(dict.fromkeys(t for t in tags if t.lower() not in caption.lower()))[:n_tags]
+    if caption and tags:
+        caption += f" ({', '.join(tags)})"
+    return caption
+
+
+def _openmoji_items(
+    *,
+    size: int | None,
+    path: str | None = None,
+    skin_tones: bool = False,
+    groups: Sequence[str] | None = None,
+    caption_tags: int = 3,
+    rasterizer: str = "auto",
+) -> list[_Item]:
+    root = _openmoji_root(path)
+    render = _svg_rasterizer(rasterizer)
+    side = size or OPENMOJI_VIEWBOX
+    entries = json.loads((root / "data" / "openmoji.json").read_text(encoding="utf-8"))
+    items = []
+    for entry in entries:
+        if not skin_tones and str(entry.get("skintone", "")) != "":
+            continue
+        if groups is not None and entry.get("group") not in groups:
+            continue
+        hexcode = str(entry.get("hexcode", ""))
+        svg = root / "color" / "svg" / f"{hexcode}.svg"
+
+        def load(svg: Path = svg, entry: dict = entry) -> tuple[Image.Image, str, dict]:
+            if not svg.is_file():
+                raise BadInputError(str(svg), "SVG file listed in openmoji.json is missing")
+            try:
+                image = render(svg, side)
+            except Exception as err:  # rasterisers raise many types on a malformed SVG
+                raise BadInputError(str(svg), f"cannot rasterise SVG ({type(err).__name__}: {err})") from err
+            meta = {k: entry.get(k, "") for k in ("hexcode", "emoji", "group", "subgroups", "openmoji_author")}
+            return image, _openmoji_caption(entry, caption_tags), {**meta, "license": "CC BY-SA 4.0"}
+
+        items.append(_Item(key=hexcode, load=load, source="openmoji"))
+    return items
+
+
+# ---- noto-emoji --------------------------------------------------------------------------------------------------
+# Code points tried against the font: the Latin-1 symbols, general punctuation .. misc symbols and arrows, CJK
+# symbols, and the supplementary emoji planes. Code points without a glyph in the font are skipped silently.
+_NOTO_RANGES = ((0xA9, 0xAF), (0x2000, 0x2C00), (0x3030, 0x3300), (0x1F000, 0x1FB00))
+
+
+def _noto_items(*, size: int | None, font: str = NOTO_FONT) -> list[_Item]:
+    if not Path(font).is_file():
+        raise MissingDependencyError(
+            f"the 'noto-emoji' source needs the Noto Color Emoji font at {font}: "
+            "`apt-get install fonts-noto-color-emoji` (or pass font=<path to NotoColorEmoji.ttf>)"
+        )
+    try:
+        face = ImageFont.truetype(font, NOTO_BITMAP_SIZE, layout_engine=ImageFont.Layout.BASIC)
+    except OSError as err:
+        raise BadInputError(font, f"cannot open font ({err})") from err
+    side = size or 128
+
+    def load(ch: str) -> tuple[Image.Image, str, dict] | None:
+        try:
+            _, _, right, bottom = face.getbbox(ch)
+            canvas = Image.new("RGBA", (max(right, 1), max(bottom, 1)), (0, 0, 0, 0))
+            ImageDraw.Draw(canvas).text((0, 0), ch, font=face, embedded_color=True)
+        except (OSError, RuntimeError, ValueError):
+            return None  # FreeType cannot lay this code point out: not in the font
+        if canvas.getchannel("A").getbbox() is None:
+            return None  # no glyph for this code point
+        square = Image.new("RGBA", (max(canvas.size),) * 2, (0, 0, 0, 0))
+        square.paste(canvas, ((square.width - canvas.width) // 2, (square.height - canvas.height) // 2))
+        square = square.resize((side, side), Image.Resampling.LANCZOS)
+        name = unicodedata.name(ch).lower()
+        return square, f"{name}, an emoji", {"codepoint": f"U+{ord(ch):04X}", "emoji": ch}
+
+    items = []
+    for lo, hi in _NOTO_RANGES:
+        for cp in range(lo, hi):
+            if unicodedata.name(chr(cp), ""):
+                items.append(_Item(key=f"U+{cp:04X}", load=lambda cp=cp: load(chr(cp)), source="noto-emoji"))
+    return items
+
+
+# ---- digits ------------------------------------------------------------------------------------------------------
+def _digit_items(*, size: int | None, colourise: bool = True) -> list[_Item]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise MissingDependencyError("the 'digits' source needs scikit-learn: `pip install scikit-learn`") from err
+    digits = load_digits()
+    side = size or 32
+    inks = list(DIGIT_INKS.items()) if colourise else [("black", DIGIT_INKS["black"])]
+
+    def load(i: int) -> tuple[Image.Image, str, dict]:
+        grey = Image.fromarray((digits.images[i] * (255 / 16)).astype("uint8"), mode="L")  # values are 0..16
+        ink = grey.resize((side, side), Image.Resampling.BICUBIC)
+        name, rgb = inks[i % len(inks)]
+        image = Image.composite(Image.new("RGB", ink.size, rgb), Image.new("RGB", ink.size, (255, 255, 255)), ink)
+        label = int(digits.target[i])
+        caption = f"a handwritten digit {DIGIT_WORDS[label]}" + (f" in {name}" if colourise else "")
+        return image, caption, {"label": label, "ink": name, "license": "CC BY 4.0 (UCI optdigits)"}
+
+    # A mirrored digit is not a digit, so these are never flipped.
+    return [
+        _Item(key=f"digit-{i:04d}", load=lambda i=i: load(i), source="digits", flip_ok=False)
+        for i in range(len(digits.images))
+    ]
+
+
+# ---- folder ------------------------------------------------------------------------------------------------------
+def _folder_items(*, size: int | None, path: str | None = None, captions: str = "captions.jsonl") -> list[_Item]:
+    if path is None:
+        raise ValueError("folder: option 'path' (the image folder) is required")
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"folder: {root} is not a directory")
+    jsonl = root / captions
+    items: list[_Item] = []
+    if jsonl.is_file():
+        with jsonl.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{jsonl}:{lineno}"
+                try:
+                    entry = json.loads(line)
+                    file, caption = entry.pop("file"), entry.pop("caption")
+                    if not isinstance(file, str) or not isinstance(caption, str):
+                        raise TypeError("'file' and 'caption' must be strings")
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                    bad = BadInputError(where, f"bad captions line ({type(err).__name__}: {err})")
+                    items.append(_Item(key=where, load=lambda bad=bad: _raise(bad), source="folder"))
+                    continue
+                source = str(entry.pop("source", "folder"))
+
+                def load(file: str = file, caption: str = caption, entry: dict = entry) -> tuple:
+                    image = _open_image(root / file)
+                    if not caption.strip():
+                        raise BadInputError(str(root / file), "empty caption")
+                    return image, caption, {"file": file, **entry}
+
+                items.append(_Item(key=Path(file).stem, load=load, source=source))
+        return items
+    for image_path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+
+        def load_sidecar(image_path: Path = image_path) -> tuple:
+            sidecar = image_path.with_suffix(".txt")
+            if not sidecar.is_file():
+                raise BadInputError(str(image_path), f"no caption: expected {sidecar.name} or an entry in {captions}")
+            caption = sidecar.read_text(encoding="utf-8", errors="replace")
+            if not caption.strip():
+                raise BadInputError(str(sidecar), "empty caption")
+            return _open_image(image_path), caption, {"file": image_path.name}
+
+        items.append(_Item(key=image_path.stem, load=load_sidecar, source="folder"))
+    return items
+
+
+def _raise(err: BadInputError) -> None:
+    raise err
+
+
+# ---- hf-dataset --------------------------------------------------------------------------------------------------
+def _hf_items(
+    *,
+    size: int | None,
+    path: str | None = None,
+    split: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+) -> list[_Item]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise MissingDependencyError("the 'hf-dataset' source needs `pip install datasets`") from err
+    if path is None:
+        raise ValueError("hf-dataset: option 'path' (a dataset saved with save_to_disk) is required")
+    if not Path(path).is_dir():
+        raise ValueError(f"hf-dataset: {path} is not a directory")
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise ValueError(f"hf-dataset: {path} holds splits {list(ds)}; choose one with split=<name>")
+        ds = ds[split]
+    for option, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in ds.column_names:
+            raise ValueError(f"hf-dataset: {option}={column!r} is not a column of {path}; columns: {ds.column_names}")
+
+    def load(i: int) -> tuple:
+        row = ds[i]
+        cell, caption, where = row[image_column], row[caption_column], f"{path}[{i}]"
+        if isinstance(cell, Image.Image):
+            image = cell
+        elif isinstance(cell, dict) and cell.get("bytes"):
+            try:
+                image = Image.open(io.BytesIO(cell["bytes"]))
+                image.load()
+            except (UnidentifiedImageError, OSError) as err:
+                raise BadInputError(where, f"cannot decode image bytes ({err})") from err
+        elif (isinstance(cell, dict) and cell.get("path")) or isinstance(cell, str):
+            image = _open_image(Path(cell["path"] if isinstance(cell, dict) else cell))
+        else:
+            raise BadInputError(where, f"unsupported image cell of type {type(cell).__name__}")
+        if not isinstance(caption, str):
+            raise BadInputError(where, f"caption is {type(caption).__name__}, not a string")
+        return image, caption, {"row": i}
+
+    return [_Item(key=f"row-{i}", load=lambda i=i: load(i), source="hf-dataset") for i in range(len(ds))]
+
+
+_SOURCE_FACTORIES: dict[str, tuple[Callable[..., list[_Item]], tuple[str, ...]]] = {
+    "openmoji": (_openmoji_items, ("path", "skin_tones", "groups", "caption_tags", "rasterizer")),
+    "noto-emoji": (_noto_items, ("font",)),
+    "digits": (_digit_items, ("colourise",)),
+    "folder": (_folder_items, ("path", "captions")),
+    "hf-dataset": (_hf_items, ("path", "split", "image_column", "caption_column")),
+}
+
+
+# ---- export CLI --------------------------------------------------------------------------------------------------
+def export_images(
+    out: str | os.PathLike,
+    sources: Sequence[tuple[str, int | None, dict]],
+    *,
+    size: int = 32,
+    held_out: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Sample ``(source, count, options)`` images to ``out/`` as PNGs plus ``captions.jsonl`` (file, caption,
+    source, split, id and source metadata); ``held_out`` of each source is marked ``"split": "validation"``.
+
+    Written to a temporary folder and renamed into place, so ``out`` is never left half-written. Returns a summary.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not 0 <= held_out < 1:
+        raise ValueError(f"held_out: must be in [0, 1), got {held_out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    skipped: Counter = Counter()
+    counts: Counter = Counter()
+    try:
+        lines = []
+        for name, count, options in sources:
+
+            def on_error(err: BadInputError, name: str = name) -> None:
+                skipped[name] += 1
+                print(f"skipped {err}", file=sys.stderr)
+
+            records = list(
+                tqdm(
+                    iter_image_records(name, on_error=on_error, size=size, limit=count, seed=seed, **options),
+                    total=count,
+                    desc=f"export {name}",
+                    unit="img",
+                )
+            )
+            n_val = round(held_out * len(records))
+            val_ids = {r.meta["id"] for r in random.Random(f"{seed}:{name}:split").sample(records, n_val)}
+            for r in records:
+                file = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{r.source}-{r.meta['id']}") + ".png"
+                r.image.save(tmp / file, optimize=True)
+                split = "validation" if r.meta["id"] in val_ids else "train"
+                meta = {k: v for k, v in r.meta.items() if k != "variant"}
+                lines.append({"file": file, "caption": r.caption, "source": r.source, "split": split, **meta})
+                counts[(r.source, split)] += 1
+        with (tmp / "captions.jsonl").open("w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "images": len(lines),
+        "per_source_split": {f"{s}/{p}": n for (s, p), n in sorted(counts.items())},
+        "skipped": dict(skipped),
+    }
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mom.data.images export ...``: write a sample of image sources to a folder."""
+    parser = argparse.ArgumentParser(prog="python -m mom.data.images", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "export",
+        help="sample images from sources into a folder of PNGs + captions.jsonl",
+        description="Sample captioned images from sources into OUT/ (one PNG per image + captions.jsonl with "
+        "file, caption, source, split, id, metadata). Example: --source openmoji:250 --source digits:150 "
+        "--opt openmoji.path=./package",
+    )
+    ex.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ex.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME[:COUNT]",
+        help=f"a source ({', '.join(SOURCES)}) and how many images to take (all if no count)",
+    )
+    ex.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="a source option, e.g. openmoji.path=./package (VALUE is parsed as JSON if it can be)",
+    )
+    ex.add_argument("--size", type=int, default=32, help="square side in pixels (default 32)")
+    ex.add_argument("--held-out", type=float, default=0.1, help="fraction of each source marked validation")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the random sample and the held-out split")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+
+    options: dict[str, dict] = {}
+    for opt in args.opt:
+        key, sep, value = opt.partition("=")
+        name, dot, k = key.partition(".")
+        if not sep or not dot:
+            parser.error(f"--opt {opt!r}: expected NAME.KEY=VALUE")
+        options.setdefault(name, {})[k] = _parse_value(value)
+    sources = []
+    for spec in args.source:
+        name, _, count = spec.partition(":")
+        sources.append((name, int(count) if count else None, options.get(name, {})))
+    try:
+        summary = export_images(
+            args.out, sources, size=args.size, held_out=args.held_out, seed=args.seed, overwrite=args.overwrite
+        )
+    except (MissingDependencyError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
