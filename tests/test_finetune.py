@@ -229,6 +229,19 @@ def test_only_adapters_train_and_outputs_round_trip(tmp_path, corpora, random_ba
                  *ft_args(tmp_path, corpora["heldout"], "train.max_steps=4")]) == 2
 
 
+def test_stopped_run_saves_no_adapter_and_resumes(tmp_path, capsys, corpora, random_base, one_thread):
+    args = ["--base", str(random_base), "--config", str(HELDOUT_RECIPE),
+            *ft_args(tmp_path, corpora["heldout"], "train.max_steps=4", "train.eval_batches=1")]
+    assert main([*args, "train.stop_after=2"]) == 0
+    assert "stopped at step 2 of 4" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert main(args) == 0  # train.resume=auto: continues from the step-2 checkpoint
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "adapter:" in out
+    summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
+    assert summary["step"] == 4 and Path(summary["adapter_dir"], "adapter_model.safetensors").is_file()
+
+
 # ---- the downstream example -----------------------------------------------------------------------------------------
 TEXT_FORGETTING_BOUND = 0.05  # nats: largest allowed rise of the base corpus's validation text loss
 IMAGE_FORGETTING_BOUND = 0.25  # nats: largest allowed rise of its image loss (seen classes; replay keeps it low)
