@@ -4,8 +4,8 @@
     python eval/bench_layer.py --shape 8x2048x1024 --runs 64,256,128
 
 Every variant runs in the same process on the same inputs; prints time and peak memory, each with its ratio to
-mamba-ssm's fused dense layer (the target). The extra rows attribute the gap: mamba-ssm without its fused path,
-our mixer with ``decouple=()``, and MoM with per-expert module calls instead of the grouped GEMM.
+mamba-ssm's fused dense layer (the target). The extra rows attribute the gap: mamba-ssm without its fused path
+and our mixer with ``decouple=()`` (same code path as MoM, no routing).
 Routing is built once per model forward and shared by all layers, so its cost is printed separately.
 """
 
@@ -23,7 +23,7 @@ from bench_common import interleaved_modalities, measure  # noqa: E402
 import mom  # noqa: E402
 from mom.config import PROJECTIONS  # noqa: E402
 from mom.mixer import MoMMixer  # noqa: E402
-from mom.routing import DISABLE_GROUPED_ENV, Routing  # noqa: E402
+from mom.routing import Routing  # noqa: E402
 
 
 def _step(layer, routing, x, grad):
@@ -57,8 +57,7 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
         "mamba-ssm fused (dense)": (lambda: mamba(True), None, {}),
         "mamba-ssm unfused (dense)": (lambda: mamba(False), None, {}),
         "mom decouple=() (dense)": (lambda: mom_mixer(()), routing, {}),
-        "MoM grouped GEMM": (lambda: mom_mixer(PROJECTIONS), routing, {}),
-        "MoM module routing": (lambda: mom_mixer(PROJECTIONS), routing, {DISABLE_GROUPED_ENV: "1"}),
+        "MoM (all four decoupled)": (lambda: mom_mixer(PROJECTIONS), routing, {}),
     }
     print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.kernels.backend_name(x.device)}")
     base = None
