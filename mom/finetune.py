@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,7 @@ def finetune(
     model = load_base(base_dir)
     for corpus in [recipe.data.path, *corpora]:
         check_corpus_matches(model, corpus)
+    torch.manual_seed(recipe.train.seed)  # LoRA's A factors are drawn here, before the trainer seeds anything
     peft_model = wrap(model, ft.lora)
     trainable, total = parameter_counts(peft_model)
     print(f"mom-finetune: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -164,6 +165,7 @@ def finetune(
             export_merged(peft_model, merged_dir)
     summary = {
         "base": str(base_dir),
+        "lora": asdict(ft.lora),
         "step": result["step"],
         "adapter_dir": str(adapter_dir) if finished else None,
         "merged_dir": str(merged_dir) if finished and merged_dir else None,
