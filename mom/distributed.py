@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from mom.recipe import Recipe, TrainConfig
-from mom.routing import DISABLE_GROUPED_ENV
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,6 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``param_groups`` (see mom.optim.param_groups)."""
     import deepspeed
 
-    if recipe.deepspeed.zero_stage == 3:
-        # ZeRO-3 gathers a module's weights only when that module is called; the grouped-GEMM path of
-        # mom.RoutedLinear reads its experts' weights without calling them, so route through module calls.
-        os.environ[DISABLE_GROUPED_ENV] = "1"
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(recipe, ctx))
     return engine
