@@ -7,9 +7,10 @@ DeepSpeed stays here: model code never imports it. One ``setup()`` covers every 
 * ``srun python -m mom.train`` under SLURM: ranks are taken from ``SLURM_PROCID`` / ``SLURM_NTASKS`` /
   ``SLURM_LOCALID`` (``MASTER_ADDR`` / ``MASTER_PORT`` must be exported, see launch/slurm.sbatch).
 
-Precision: fp32 on CPU; on GPU DeepSpeed's bf16 mode, which runs forward/backward in bf16 parameters and keeps an
-fp32 master copy of EVERY parameter (``A_log``, ``D`` and the Δ bias included) that the optimizer updates. The
-model reads ``A_log`` / ``D`` through ``.float()``, so the scan itself runs in fp32 (docs/training.md).
+Precision (``train.dtype``): fp32 on CPU; on GPU DeepSpeed's bf16 mode, which runs forward/backward with bf16
+weights and keeps an fp32 master copy of EVERY parameter (``A_log``, ``D`` and the Δ bias included) that the optimizer
+updates; or "autocast_bf16": fp32 weights throughout, matmuls in bf16 under ``torch.autocast`` (mamba-ssm's own
+recipe), so ``A_log``, ``D`` and the Δ bias are never rounded to bf16. docs/training.md compares them.
 """
 
 from __future__ import annotations
@@ -29,21 +30,30 @@ from mom.recipe import Recipe, TrainConfig
 
 @dataclass(frozen=True)
 class Context:
-    """Where this process runs: ``rank`` of ``world_size`` (``local_rank`` on its node), device and dtype."""
+    """Where this process runs: ``rank`` of ``world_size`` (``local_rank`` on its node), device and precision.
+
+    ``precision``: "fp32"; "bf16" (DeepSpeed bf16: bf16 weights in forward/backward, fp32 master weights in the
+    optimizer); "autocast_bf16" (fp32 weights, matmuls in bf16 under ``torch.autocast``).
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-    dtype: torch.dtype
+    precision: str = "fp32"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the matmuls (what peak FLOP/s and MFU refer to)."""
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
 
 def setup(train: TrainConfig) -> Context:
-    """Initialise the process group (idempotent) and pick device and dtype from ``train.device`` / ``train.dtype``."""
+    """Initialise the process group (idempotent); device and precision from ``train.device`` / ``train.dtype``."""
     _fill_env_from_slurm()
     if "RANK" not in os.environ:  # one process, no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -74,10 +84,8 @@ def setup(train: TrainConfig) -> Context:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo", verbose=False)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": torch.bfloat16 if on_gpu else torch.float32}[
-        train.dtype
-    ]
-    return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, dtype)
+    precision = train.dtype if train.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, precision)
 
 
 def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
@@ -106,16 +114,18 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "gradient_clipping": 0.0 if trainer_clips(recipe, ctx) else optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": zero,
-        "bf16": {"enabled": ctx.dtype == torch.bfloat16},
+        "bf16": {"enabled": ctx.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # mom.metrics logs; keep DeepSpeed's own step printing off
         "wall_clock_breakdown": False,
     }
+    if ctx.precision == "autocast_bf16":  # fp32 weights; nn.Linear / Conv1d run in bf16 (DeepSpeed's default list)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return merge(config, ds.extra)
 
 
 def trainer_clips(recipe: Recipe, ctx: Context) -> bool:
-    """True where DeepSpeed's optimizer neither skips non-finite steps nor needs to clip: stage 0 in fp32."""
-    return recipe.deepspeed.zero_stage == 0 and ctx.dtype == torch.float32
+    """True where DeepSpeed's optimizer neither skips non-finite steps nor needs to clip: stage 0, fp32 weights."""
+    return recipe.deepspeed.zero_stage == 0 and ctx.precision != "bf16"
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Recipe, ctx: Context) -> Any:

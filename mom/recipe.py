@@ -93,7 +93,8 @@ class TrainConfig:
         max_bad_steps: steps with a non-finite loss or gradient that are skipped (with a warning) before the run
             stops with an error.
         device: "auto" (cuda if available, else cpu), "cpu" or "cuda".
-        dtype: "auto" (bf16 on cuda, fp32 on cpu), "bf16" or "fp32".
+        dtype: "auto" (bf16 on cuda, fp32 on cpu), "fp32", "bf16" (DeepSpeed bf16: bf16 weights, fp32 master
+            weights in the optimizer) or "autocast_bf16" (fp32 weights, bf16 matmuls under torch.autocast).
         export_hf: write a Hugging Face model (``save_pretrained``, safetensors) to ``out_dir/hf`` at the end.
         tokenizer_dir: multimodal tokenizer directory copied into the export (``hf/tokenizer``); "auto": the
             corpus manifest's ``tokenizer_dir``; ``null``: none.
@@ -115,7 +116,7 @@ class TrainConfig:
     resume: str = "auto"
     max_bad_steps: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32", "autocast_bf16"] = "auto"
     export_hf: bool = True
     tokenizer_dir: str | None = AUTO
     progress: bool = True

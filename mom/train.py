@@ -78,7 +78,7 @@ def train(
 
     # ---- bookkeeping and resume -----------------------------------------------------------------------------------
     flops_per_token = flops.training_flops_per_token(config)
-    peak = flops.peak_flops(ctx.device, ctx.dtype)  # None on CPU: MFU is null
+    peak = flops.peak_flops(ctx.device, ctx.compute_dtype)  # None on CPU: MFU is null
     tokens_per_step = recipe.tokens_per_step(ctx.world_size)
     checkpointer = Checkpointer(out_dir / "checkpoints", cfg.keep_last, ctx)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}

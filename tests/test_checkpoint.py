@@ -14,7 +14,7 @@ from mom import checkpoint as ckpt_module
 from mom.checkpoint import LATEST, META, Checkpointer, export_hf, rng_state, set_rng_state
 from mom.distributed import Context
 
-CTX = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dtype=torch.float32)
+CTX = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), precision="fp32")
 
 
 class FakeEngine:

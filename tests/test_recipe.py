@@ -105,7 +105,7 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
     ])
     assert r.optim.betas == (0.8, 0.9) and r.train.stop_after is None and r.data.mixture == {"text": 2.0}
     assert r.train.out_dir == "a=b"
-    ctx = Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), dtype=torch.float32)
+    ctx = Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), precision="fp32")
     ds = deepspeed_config(r, ctx)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # extra merged key by key
     assert ds["train_batch_size"] == 2 * r.data.batch_size * r.train.grad_accum and not ds["bf16"]["enabled"]
