@@ -1,7 +1,7 @@
 """`mom-train`: pretrain (or fine-tune) a MoM language model with DeepSpeed, from a recipe.
 
     mom-train --config recipes/tiny_mom.yaml [key=value ...] [--resume auto|none|PATH]
-    deepspeed --num_gpus 8 -m mom.train --config recipes/t2i_760m_mom.yaml
+    deepspeed --num_gpus 8 --module mom.train --config recipes/t2i_760m_mom.yaml
 
 `train()` reads top to bottom: processes -> data -> model -> engine -> resume -> steps (micro-batches: forward,
 backward; skip a non-finite step; optimizer step; log / evaluate / checkpoint) -> final evaluation, checkpoint,
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mom-train",
         description="Pretrain a MoM / dense Mamba language model with DeepSpeed from a YAML recipe. Runs as one "
-        "process (CPU or one GPU) or under the deepspeed launcher: deepspeed --num_gpus N -m mom.train ...",
+        "process (CPU or one GPU) or under the deepspeed launcher: deepspeed --num_gpus N --module mom.train ...",
         epilog="Example: mom-train --config recipes/tiny_mom.yaml train.max_steps=50 optim.lr=1e-3. "
         "See docs/training.md.",
     )
