@@ -150,3 +150,29 @@ def test_text_only_tokenizer(text: TextTokenizer) -> None:
     assert tok.decode_document(tok.encode_document([("text", "only text")])) == [("text", "only text")]
     with pytest.raises(ValueError, match="no 'image' modality"):
         tok.encode_document([("image", _image([0, 0, 0, 0]))])
+
+
+def test_committed_small_trio_round_trip() -> None:
+    from PIL import Image
+
+    from mom.data.speech import read_audio
+
+    tok = MultimodalTokenizer.load(SMALL)
+    config = json.loads((SMALL / "config.json").read_text())
+    assert tok.modalities == ("text", "image", "speech") and list(tok.vocab_sizes) == config["vocab_sizes"]
+    entry = json.loads((ROOT / "data/small/raw/images/captions.jsonl").read_text().splitlines()[0])
+    image = Image.open(ROOT / "data/small/raw/images" / entry["file"]).convert("RGB")
+    wave, rate = read_audio(ROOT / "data/small/raw/speech/clips/00000.flac")
+    codes = tok.encode_images([image])[0]
+    units = tok.encode_speech(wave, rate)
+    assert len(codes) == tok.image.tokens_per_image and 40 <= len(units) <= 60 * len(wave) / rate
+    ids = tok.encode_document([("text", entry["caption"]), ("image", image), ("speech", (wave, rate))])
+    parts = tok.split_document(ids)
+    assert [name for name, _ in parts] == ["text", "image", "speech"]
+    assert parts[1][1].tolist() == codes.tolist() and parts[2][1].tolist() == units.tolist()
+    assert np.array_equal(tok.modality_of(ids), MoMConfig(**tok.to_config_kwargs()).modality_of(torch.tensor(ids)))
+    text, pixels = tok.decode_document(ids[: ids.index(BOSP_ID)] + [EOS_ID])
+    assert text == ("text", entry["caption"])
+    assert pixels[0] == "image" and pixels[1].shape == (tok.image.image_size, tok.image.image_size, 3)
+    error = np.abs(pixels[1].astype(float) - np.asarray(image.resize(pixels[1].shape[:2]), dtype=float)).mean()
+    assert error < 40  # a reconstruction of this image, not noise (mean abs error in 0..255 levels)
