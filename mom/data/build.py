@@ -731,6 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the completed work", file=sys.stderr)
+        return 130
     out = args.out or recipe.out
     total = sum(s["documents"] for s in manifest["splits"].values())
     print(f"built {out}: {total:,} documents in {manifest['build_seconds']} s")
