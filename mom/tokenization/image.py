@@ -686,8 +686,8 @@ class SourceSpec:
 class ImageTokenizerRecipe:
     """A YAML recipe: where the images come from, the architecture and the training run.
 
-    Held-out images are the records whose ``meta["split"]`` is ``"validation"`` (as written by ``python -m
-    mom.data.images export``); when no record has that mark, ``held_out_fraction`` of the source items is held out.
+    Held-out images, per source: the records whose ``meta["split"]`` is ``"validation"`` (as written by ``python -m
+    mom.data.images export``), or, when none has that mark, a seeded ``held_out_fraction`` of the source's items.
     Augmented variants (``options.augment``) of held-out items are never trained on nor evaluated.
     """
 
@@ -721,19 +721,24 @@ class ImageTokenizerRecipe:
 
         from mom.data.images import iter_image_records
 
-        records = []
-        for spec in self.sources:
+        records, held_keys = [], set()
+        for index, spec in enumerate(self.sources):
             options = {"size": self.tokenizer.image_size, **spec.options}
-            records += list(iter_image_records(spec.source, on_error=on_error or _warn, **options))
-        marked = any(r.meta.get("split") == "validation" for r in records)
-        if marked:
-            held_keys = {(r.source, r.meta["id"]) for r in records if r.meta.get("split") == "validation"}
-        else:
-            keys = sorted({(r.source, r.meta["id"]) for r in records})
-            held_keys = set(random.Random(self.training.seed).sample(keys, round(self.held_out_fraction * len(keys))))
+            recs = list(iter_image_records(spec.source, on_error=on_error or _warn, **options))
+            keys = sorted({(r.source, r.meta["id"]) for r in recs})
+            marked = {(r.source, r.meta["id"]) for r in recs if r.meta.get("split") == "validation"}
+            if not marked:  # no split in the source: hold out a seeded sample of its items
+                rng = random.Random(f"{self.training.seed}:{index}")
+                marked = set(rng.sample(keys, round(self.held_out_fraction * len(keys))))
+            records += recs
+            held_keys |= marked
         train = [r.image for r in records if (r.source, r.meta["id"]) not in held_keys]
-        held = [r.image for r in records if (r.source, r.meta["id"]) in held_keys and r.meta.get("variant", 0) == 0]
-        return train, held
+        held: dict = {}  # one original per held-out item, even if two sources yield it
+        for r in records:
+            key = (r.source, r.meta["id"])
+            if key in held_keys and r.meta.get("variant", 0) == 0:
+                held.setdefault(key, r.image)
+        return train, list(held.values())
 
 
 def _warn(err: Exception) -> None:
