@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -33,7 +34,22 @@ from mom.config import MoMConfig
 from mom.data.loader import DataConfig
 
 AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: taken from the corpus manifest
-OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.2) rather than the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.inf|\.nan)$", re.I),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as recipes read it (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -231,7 +247,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path}: invalid YAML: {e}") from e
     raw = {} if raw is None else raw
@@ -252,7 +268,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise ValueError(f"override {override!r}: expected key=value, e.g. train.max_steps=20")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
     parts = key.split(".")

@@ -277,16 +277,22 @@ def load_val_batches(recipe: Recipe, ctx: Context) -> list[dict[str, torch.Tenso
     return batches[: int(count)]
 
 
-@torch.no_grad()
 def evaluate(engine: Any, batches: list[dict], ctx: Context, modalities: Sequence[str]) -> dict[str, float]:
-    """Mean validation loss overall and per target modality, exact over batches and ranks."""
+    """Mean validation loss overall and per target modality, exact over batches and ranks.
+
+    Under ZeRO-3 the forward runs with autograd on (the graph is dropped): without grad, a routed projection calls
+    only the experts of the modalities present, so ranks with different modalities would gather different weights.
+    """
     M = len(modalities)
     stats = torch.zeros(2 * M, dtype=torch.float64, device=ctx.device)
+    grad_mode = torch.enable_grad() if engine.zero_optimization_stage() == 3 else torch.no_grad()
     engine.eval()
-    for batch in batches:
-        out = engine(**{k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS})
-        stats[:M] += out.modality_loss_sums.double()
-        stats[M:] += out.modality_target_counts.double()
+    with grad_mode:
+        for batch in batches:
+            out = engine(**{k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS})
+            stats[:M] += out.modality_loss_sums.detach().double()
+            stats[M:] += out.modality_target_counts.detach().double()
+            del out
     engine.train()
     return losses(all_reduce_sum(stats).cpu(), modalities)
 

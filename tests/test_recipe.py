@@ -102,7 +102,9 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
     r = load_recipe(write(tmp_path, MINIMAL), [
         "optim.betas=[0.8, 0.9]", "train.stop_after=null", "data.mixture.text=2",
         "deepspeed.extra.zero_optimization.overlap_comm=true", "deepspeed.zero_stage=2", "train.out_dir=a=b",
+        "optim.lr=1e-3", "optim.eps=1E-6",  # YAML 1.2 floats (PyYAML alone would read strings)
     ])
+    assert r.optim.lr == 0.001 and r.optim.eps == 1e-6
     assert r.optim.betas == (0.8, 0.9) and r.train.stop_after is None and r.data.mixture == {"text": 2.0}
     assert r.train.out_dir == "a=b"
     ctx = Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), precision="fp32")

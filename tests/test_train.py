@@ -24,7 +24,8 @@ TINY = ROOT / "recipes" / "tiny_mom.yaml"
 SMALL_CORPUS = ROOT / "data" / "small"
 # A model small enough for fast CPU steps; the corpus is the bundled one when it is built (else a synthetic one).
 FAST = ["model.d_model=32", "model.n_layer=1", "model.d_state=8", "data.seq_len=64", "data.batch_size=2",
-        "train.progress=false", "train.tensorboard=false", "train.eval_batches=2", "train.eval_every=0"]
+        "train.progress=false", "train.tensorboard=false", "train.eval_batches=2", "train.eval_every=0",
+        "optim.lr=2e-2", "optim.warmup_steps=2"]  # a high learning rate: the loss visibly drops within a few steps
 
 
 def synthetic_corpus(root: Path, n_train: int = 300, n_val: int = 30) -> Path:
@@ -101,7 +102,7 @@ def test_reference_run_logs_metrics_checkpoints_and_exports(reference, corpus):
     assert last["mfu"] is None and last["tokens_per_s"] > 0 and last["grad_norm"] > 0
     for m in config.modalities:
         assert f"loss/{m}" in last
-    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.1
     assert [r["step"] for r in records if r["split"] == "validation"] == [6]
     assert result["validation"]["loss"] == pytest.approx(records[-1]["loss"])
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
