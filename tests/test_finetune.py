@@ -261,7 +261,7 @@ def test_heldout_class_example(tmp_path, corpora, one_thread):
     base_dir = train(base_recipe)["hf_export"]
 
     code = main(["--base", base_dir, "--config", str(HELDOUT_RECIPE), "--compare", str(corpora["base"]),
-                 *ft_args(tmp_path, corpora["heldout"])])
+                 *ft_args(tmp_path, corpora["heldout"], "data.seq_len=64", "train.max_steps=60")])
     assert code == 0
     summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
     heldout = summary["comparison"][str(corpora["heldout"])]
