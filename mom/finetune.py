@@ -34,7 +34,7 @@ from mom.checkpoint import atomic_write_text
 from mom.data.loader import build_loader, read_manifest
 from mom.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
 from mom.modeling import MoMForCausalLM
-from mom.recipe import Recipe, apply_override
+from mom.recipe import Recipe, apply_override, parse_yaml
 from mom.train import MODEL_INPUTS, losses, train
 
 ADAPTER_SUBDIR = "adapter"  # default adapter directory inside train.out_dir
@@ -55,7 +55,7 @@ def load_finetune_recipe(path: str | os.PathLike, overrides: Sequence[str] = ())
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -89,7 +89,7 @@ def _apply_lora_override(lora_raw: dict[str, Any], override: str) -> None:
     if not sep or len(parts) != 2 or not parts[1]:
         raise ValueError(f"override {override!r}: expected lora.<key>=value, e.g. lora.r=16")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
     known = LoraSettings.__dataclass_fields__

@@ -126,8 +126,9 @@ def test_shipped_recipes_load(path):
 
 
 def test_recipe_sections_and_overrides(tmp_path):
-    ft = load_finetune_recipe(HELDOUT_RECIPE, ["lora.r=16", "lora.modalities=[image, speech]", "optim.lr=0.5"])
-    assert (ft.lora.r, ft.lora.modalities, ft.recipe.optim.lr) == (16, ["image", "speech"], 0.5)
+    ft = load_finetune_recipe(HELDOUT_RECIPE, ["lora.r=16", "lora.modalities=[image, speech]", "optim.lr=5e-1",
+                                               "lora.alpha=1e1"])
+    assert (ft.lora.r, ft.lora.modalities, ft.lora.alpha, ft.recipe.optim.lr) == (16, ["image", "speech"], 10.0, 0.5)
     with pytest.raises(ValueError, match="override lora.rank: unknown key; valid keys of lora are"):
         load_finetune_recipe(HELDOUT_RECIPE, ["lora.rank=4"])
     with pytest.raises(ValueError, match="override model.d_model: the base checkpoint defines the model"):
