@@ -52,6 +52,26 @@ class Routing:
         return present[0] if len(present) == 1 else None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows -> rows[perm]. The gradient of a permutation is the inverse permutation: a gather again, instead of
+    the scatter-add that ``index_select``'s backward runs (measured 10x slower on CPU, atomics on GPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv_perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv_perm,) = ctx.saved_tensors
+        return grad.index_select(0, inv_perm), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+    """x: (n, f) -> x[perm]; ``inv_perm`` must be the inverse permutation (used by the backward)."""
+    return _PermuteRows.apply(x, perm, inv_perm)
+
+
 class RoutedLinear(nn.ModuleDict):
     """One ``nn.Linear`` expert per modality, addressable by name (``in_proj.text``, ``in_proj.image``...).
 
@@ -68,12 +88,12 @@ class RoutedLinear(nn.ModuleDict):
         if routing.single is not None and not torch.is_grad_enabled():  # inference on one modality: no permutation
             return experts[routing.single](x)
         lead = x.shape[:-1]
-        x_sorted = x.reshape(-1, x.shape[-1]).index_select(0, routing.perm)  # (n, in)
+        x_sorted = permute_rows(x.reshape(-1, x.shape[-1]), routing.perm, routing.inv_perm)  # (n, in)
         # Every expert runs, on an empty slice if its modality is absent, so each gets a (zero) gradient and
         # data-parallel engines see the same parameters used on every rank. Experts are called as modules, so LoRA
         # adapters and other wrappers are honoured.
         y_sorted = torch.cat([expert(chunk) for expert, chunk in zip(experts, x_sorted.split(routing.counts))])
-        return y_sorted.index_select(0, routing.inv_perm).reshape(*lead, self.out_features)
+        return permute_rows(y_sorted, routing.inv_perm, routing.perm).reshape(*lead, self.out_features)
 
 
 def project(proj: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:

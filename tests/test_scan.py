@@ -32,27 +32,36 @@ def random_inputs(b=2, d=5, n=3, l=37):
     )
 
 
-@pytest.mark.parametrize("l, chunk", [(1, 64), (37, 8), (64, 16), (100, 64), (130, 32)])
-def test_chunked_scan_matches_loop(l, chunk):
+@pytest.mark.parametrize("l", [1, 2, 5, 37, 64, 100, 130])
+def test_chunked_scan_matches_loop(l):
     inp = random_inputs(l=l)
     h0 = torch.randn(2, 5, 3, dtype=torch.float64)
-    y, last = scan.selective_scan(
-        **inp, delta_softplus=True, return_last_state=True, initial_state=h0, chunk_size=chunk
-    )
+    y, last = scan.selective_scan(**inp, delta_softplus=True, return_last_state=True, initial_state=h0)
     y_ref, last_ref = loop_scan(**inp, h0=h0)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(last, last_ref.float() if last.dtype == torch.float32 else last_ref)
 
 
-def test_chunked_scan_gradients_match_loop():
-    inp = {k: v.requires_grad_() for k, v in random_inputs(l=45).items()}
-    y = scan.selective_scan(**inp, delta_softplus=True, chunk_size=8)
-    grads = torch.autograd.grad(y.pow(2).sum(), list(inp.values()))
+@pytest.mark.parametrize("l", [1, 7, 45])
+def test_chunked_scan_gradients_match_loop(l):
+    inp = {k: v.requires_grad_() for k, v in random_inputs(l=l).items()}
+    h0 = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    y, last = scan.selective_scan(**inp, delta_softplus=True, return_last_state=True, initial_state=h0)
+    loss = y.pow(2).sum() + last.sum()
+    grads = torch.autograd.grad(loss, [*inp.values(), h0])
     inp_ref = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-    y_ref, _ = loop_scan(**inp_ref)
-    grads_ref = torch.autograd.grad(y_ref.pow(2).sum(), list(inp_ref.values()))
-    for name, g, g_ref in zip(inp, grads, grads_ref):
+    h0_ref = h0.detach().clone().requires_grad_()
+    y_ref, last_ref = loop_scan(**inp_ref, h0=h0_ref)
+    grads_ref = torch.autograd.grad(y_ref.pow(2).sum() + last_ref.sum(), [*inp_ref.values(), h0_ref])
+    for name, g, g_ref in zip([*inp, "h0"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, msg=name)
+
+
+def test_linear_recurrence_gradcheck():
+    a = torch.rand(1, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(scan.linear_recurrence, (a, x, h0))
 
 
 def test_state_update_continues_the_scan():
