@@ -4,7 +4,7 @@ Layout under ``<out_dir>/checkpoints/``::
 
     latest                  # name of the newest complete checkpoint (replaced atomically)
     step-00000100/          # one complete checkpoint
-        meta.json           # step, tokens, FLOPs so far, world size... written LAST: marks the dir complete
+        meta.json           # step, tokens, FLOPs so far, world size, model shape... written LAST: marks it complete
         rank-00000.pt       # per rank: data-loader position and RNG states (torch, cuda, numpy, python)
         mp_rank_00_model_states.pt, *optim_states.pt ...   # DeepSpeed's own files (model, optimizer)
     .tmp-step-00000200/     # a save in progress (or killed mid-way): never loaded, removed by the next save
@@ -116,9 +116,23 @@ class Checkpointer:
         )
 
     # ---- load ----------------------------------------------------------------------------------------------------
-    def load(self, engine: Any, loader: Any, path: Path) -> dict[str, Any]:
-        """Restore engine (model + optimizer), loader position and RNG states from ``path``; return its meta."""
+    def load(self, engine: Any, loader: Any, path: Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore engine (model + optimizer), loader position and RNG states from ``path``; return its meta.
+
+        ``expect``: meta entries that must match (e.g. ``{"model": shape}``), checked before anything is loaded.
+        """
         meta = json.loads((path / META).read_text())
+        for key, value in (expect or {}).items():
+            saved = meta.get(key)
+            if isinstance(saved, dict) and isinstance(value, dict):
+                keys = value.keys() | saved.keys()
+                diff = {k: (saved.get(k), value.get(k)) for k in keys if saved.get(k) != value.get(k)}
+            else:
+                diff = {} if saved == value else {key: (saved, value)}
+            if diff:
+                shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                raise ValueError(f"cannot resume from {path}: {key} differs ({shown}); use another train.out_dir "
+                                 "or --resume none")
         if meta.get("world_size") != self.ctx.world_size:
             raise ValueError(
                 f"checkpoint {path} was written by {meta.get('world_size')} data-parallel ranks, this run has "

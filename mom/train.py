@@ -82,9 +82,10 @@ def train(
     tokens_per_step = recipe.tokens_per_step(ctx.world_size)
     checkpointer = Checkpointer(out_dir / "checkpoints", cfg.keep_last, ctx)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}
+    shape = model_shape(config)  # saved with each checkpoint: resuming into another architecture is refused
     resume_from = checkpointer.resolve(cfg.resume)
     if resume_from is not None:
-        meta = checkpointer.load(engine, loader, resume_from)
+        meta = checkpointer.load(engine, loader, resume_from, expect={"model": shape})
         state.update({k: meta[k] for k in state})
         ctx.is_main and print(f"resumed from {resume_from} (step {state['step']})", flush=True)
     if ctx.is_main:
@@ -141,7 +142,7 @@ def train(
             val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
             metrics.log(step, "validation", evaluate(engine, val_batches, ctx, config.modalities))
         if cfg.save_every and step % cfg.save_every == 0:
-            checkpointer.save(engine, loader, dict(state))
+            checkpointer.save(engine, loader, {**state, "model": shape})
             saved_step = step
     bar.close()
 
@@ -152,7 +153,7 @@ def train(
         validation = evaluate(engine, val_batches, ctx, config.modalities)
         metrics.log(state["step"], "validation", validation)
     if saved_step != state["step"]:
-        checkpointer.save(engine, loader, dict(state))
+        checkpointer.save(engine, loader, {**state, "model": shape})
     checkpoint = checkpointer.latest()
     hf_dir = None
     if cfg.export_hf and state["step"] >= cfg.max_steps:
@@ -230,6 +231,13 @@ def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))  # torch's clip_grad_norm_ epsilon
     return norm, True
+
+
+def model_shape(config: MoMConfig) -> dict[str, Any]:
+    """The config fields that fix the parameter shapes (a checkpoint only loads into the same ones)."""
+    keys = ("modalities", "vocab_sizes", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple",
+            "bias", "conv_bias", "rms_norm", "tie_word_embeddings")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
 
 
 def set_lr(engine: Any, lr: float) -> None:
