@@ -59,6 +59,7 @@ def train(
     ctx = distributed.setup(cfg)
     torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
     out_dir = Path(cfg.out_dir)
+    tokenizer_dir = resolve_tokenizer_dir(recipe)  # checked now rather than at export time
 
     # ---- data and model -------------------------------------------------------------------------------------------
     loader = build_loader(recipe.data, ctx.rank, ctx.world_size)
@@ -87,7 +88,8 @@ def train(
     if resume_from is not None:
         meta = checkpointer.load(engine, loader, resume_from, expect={"model": shape})
         state.update({k: meta[k] for k in state})
-        ctx.is_main and print(f"resumed from {resume_from} (step {state['step']})", flush=True)
+        if ctx.is_main:
+            print(f"resumed from {resume_from} (step {state['step']})", flush=True)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -96,7 +98,8 @@ def train(
     val_batches = None  # validation batches, loaded once
     window = Window(config.modalities)
     train_metrics: dict[str, Any] = {}
-    saved_step = state["step"] if resume_from is not None else None
+    first_step = state["step"]  # 0, or where this run resumed
+    saved_step = first_step if resume_from is not None else None
     bar = tqdm(total=last_step, initial=state["step"], disable=not (ctx.is_main and cfg.progress),
                desc="train", unit="step", dynamic_ncols=True)
 
@@ -113,7 +116,8 @@ def train(
             state["bad_steps"] += 1
             message = (f"step {step}: non-finite loss or gradient, update skipped "
                        f"({state['bad_steps']} of train.max_bad_steps={cfg.max_bad_steps})")
-            ctx.is_main and tqdm.write(f"WARNING: {message}", file=sys.stderr)
+            if ctx.is_main:
+                tqdm.write(f"WARNING: {message}", file=sys.stderr)
             if state["bad_steps"] > cfg.max_bad_steps:
                 bar.close()
                 metrics.close()
@@ -148,7 +152,7 @@ def train(
 
     # ---- end of run: evaluate, checkpoint, export -----------------------------------------------------------------
     validation: dict[str, Any] = {}
-    if cfg.eval_batches:
+    if cfg.eval_batches and state["step"] > first_step:
         val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
         validation = evaluate(engine, val_batches, ctx, config.modalities)
         metrics.log(state["step"], "validation", validation)
@@ -157,10 +161,10 @@ def train(
     checkpoint = checkpointer.latest()
     hf_dir = None
     if cfg.export_hf and state["step"] >= cfg.max_steps:
-        hf_dir = export_hf(engine, out_dir / "hf", resolve_tokenizer_dir(recipe), ctx)
+        hf_dir = export_hf(engine, out_dir / "hf", tokenizer_dir, ctx)
     metrics.close()
-    if ctx.is_main and not train_metrics:  # nothing trained in this invocation (resumed at the end): last logged
-        train_metrics = last_record(metrics.path, "train")
+    if ctx.is_main and state["step"] == first_step:  # nothing trained (resumed at the end): the last logged
+        train_metrics, validation = last_record(metrics.path, "train"), last_record(metrics.path, "validation")
     summary = {
         "step": state["step"],
         "tokens": state["tokens"],
@@ -445,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"mom-train: error: {e}\n")
     try:
         train(recipe)
+    except (ValueError, FileNotFoundError) as e:  # a recipe / corpus / checkpoint mismatch found before training
+        parser.exit(2, f"mom-train: error: {e}\n")
     except TrainingError as e:
         parser.exit(1, f"mom-train: error: {e}\n")
 

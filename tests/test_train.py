@@ -165,6 +165,16 @@ def test_non_finite_steps_are_skipped_then_training_stops(corpus, tmp_path, caps
     assert records[-1]["skipped_steps"] == 1
 
 
+def test_resuming_into_another_architecture_is_refused(reference, corpus, capsys):
+    out, _ = reference
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(TINY), f"data.path={corpus}", f"train.out_dir={out}", *FAST, *RUN, "model.d_model=48"])
+    assert exit_info.value.code == 2
+    assert "model differs (d_model: 32 in the checkpoint, 48 now, dt_rank: 2 in the checkpoint, 3 now)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_text_image_model_on_a_three_modality_corpus_needs_speech_kinds_excluded(corpus, tmp_path):
     base = ["model.modalities=[text, image]"]
     with pytest.raises(ValueError, match="data.mixture must give weight 0"):
