@@ -45,12 +45,6 @@ class Routing:
         """Routing of position ``t`` alone, (b, 1)."""
         return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)
 
-    @property
-    def single(self) -> int | None:
-        """Index of the only modality present, or None if several are."""
-        present = [i for i, c in enumerate(self.counts) if c > 0]
-        return present[0] if len(present) == 1 else None
-
 
 class _PermuteRows(torch.autograd.Function):
     """rows -> rows[perm]. The gradient of a permutation is the inverse permutation: a gather again, instead of
@@ -85,13 +79,11 @@ class RoutedLinear(nn.ModuleDict):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: (b, l, in) -> (b, l, out), each token through its modality's expert."""
         experts = list(self.values())
-        if routing.single is not None and not torch.is_grad_enabled():  # inference on one modality: no permutation
-            return experts[routing.single](x)
         lead = x.shape[:-1]
         x_sorted = permute_rows(x.reshape(-1, x.shape[-1]), routing.perm, routing.inv_perm)  # (n, in)
-        # Every expert runs, on an empty slice if its modality is absent, so each gets a (zero) gradient and
-        # data-parallel engines see the same parameters used on every rank. Experts are called as modules, so LoRA
-        # adapters and other wrappers are honoured.
+        # Every expert runs, on an empty slice if its modality is absent, so each gets a (zero) gradient and every
+        # data-parallel rank calls the same modules (ZeRO-3 gathers a module's weights when it is called, in step
+        # across ranks). Experts are called as modules, so LoRA adapters and other wrappers are honoured.
         y_sorted = torch.cat([expert(chunk) for expert, chunk in zip(experts, x_sorted.split(routing.counts))])
         return permute_rows(y_sorted, routing.inv_perm, routing.perm).reshape(*lead, self.out_features)
 

@@ -62,12 +62,16 @@ def test_random_interleaving_counts_and_permutation():
     check_against_reference(ids)
 
 
-def test_inference_shortcut_for_single_modality_matches():
+def test_every_expert_is_called_even_without_grad():
+    """Under ZeRO-3 every rank must call the same modules, whatever modalities its batch holds."""
     layer = RoutedLinear(MODALITIES, 4, 3, bias=False)
-    x = torch.randn(2, 5, 4)
-    routing = Routing.build(torch.ones(2, 5, dtype=torch.long), 3)
+    called = []
+    for name, expert in layer.items():
+        expert.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    routing = Routing.build(torch.ones(2, 5, dtype=torch.long), 3)  # image only
     with torch.no_grad():
-        torch.testing.assert_close(layer(x, routing), layer["image"](x))
+        torch.testing.assert_close(layer(torch.ones(2, 5, 4), routing), layer["image"](torch.ones(2, 5, 4)))
+    assert called[:3] == list(MODALITIES)
 
 
 def test_experts_are_plain_linear_modules_addressable_by_name():
