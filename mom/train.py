@@ -290,16 +290,11 @@ def load_val_batches(recipe: Recipe, ctx: Context) -> list[dict[str, torch.Tenso
 
 
 def evaluate(engine: Any, batches: list[dict], ctx: Context, modalities: Sequence[str]) -> dict[str, float]:
-    """Mean validation loss overall and per target modality, exact over batches and ranks.
-
-    Under ZeRO-3 the forward runs with autograd on (the graph is dropped): without grad, a routed projection calls
-    only the experts of the modalities present, so ranks with different modalities would gather different weights.
-    """
+    """Mean validation loss overall and per target modality, exact over batches and ranks."""
     M = len(modalities)
     stats = torch.zeros(2 * M, dtype=torch.float64, device=ctx.device)
-    grad_mode = torch.enable_grad() if engine.zero_optimization_stage() == 3 else torch.no_grad()
     engine.eval()
-    with grad_mode:
+    with torch.no_grad():
         for batch in batches:
             out = engine(**{k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS})
             stats[:M] += out.modality_loss_sums.detach().double()
