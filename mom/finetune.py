@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
 from mom.checkpoint import atomic_write_text
+from mom.configio import read_mapping
 from mom.data.loader import build_loader, read_manifest
 from mom.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
 from mom.modeling import MoMForCausalLM
@@ -51,15 +52,7 @@ class FinetuneRecipe:
 
 def load_finetune_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> FinetuneRecipe:
     """Read a fine-tuning recipe and apply ``key=value`` overrides (``lora.*`` ones included), validate it all."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found")
-    try:
-        raw = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path}: invalid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"recipe {path}: must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_mapping(path, "recipe", of="sections")
     if "lora" not in raw:
         raise ValueError(f"recipe {path}: lora: section required (what to adapt, see docs/finetune.md)")
     if raw.get("model"):

@@ -17,16 +17,15 @@ not depend on the sequence length. Conventions (docs/flops.md gives the derivati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from mom.config import PROJECTIONS, MoMConfig
+from mom.configio import parse_yaml, read_mapping
 
 # ---- per-element operation counts (see the module docstring) ---------------------------------------------------
 SILU_FLOPS = 4  # z * sigmoid(z) = z / (1 + exp(-z)): exp, add, reciprocal, multiply
@@ -362,12 +361,7 @@ def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConf
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"--model-json: no such file {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-json: {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"--model-json: {path} must hold a JSON object")
+    data = read_mapping(path, "--model-json")
     known = set(MoMConfig().to_dict())
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -376,7 +370,7 @@ def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConf
         key = key.removeprefix("model.")
         if key not in known:
             raise ValueError(f"override {key!r}: not a MoMConfig field")
-        data[key] = yaml.safe_load(value)  # "64" -> 64, "[in_proj]" -> list, "true" -> True
+        data[key] = parse_yaml(value)  # "64" -> 64, "[in_proj]" -> list, "true" -> True, "1e-5" -> 1e-05
     return MoMConfig.from_dict(data)
 
 

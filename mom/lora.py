@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from mom.config import PROJECTIONS
+from mom.configio import from_dict
 from mom.routing import RoutedLinear
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Embedding)  # module types peft's LoRA can wrap (that MoM contains)
@@ -113,13 +114,7 @@ class LoraSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraSettings:
         """Build from a recipe's ``lora:`` mapping; unknown keys raise ``ValueError`` naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"lora: must be a mapping, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise ValueError(f"lora.{key}: unknown key; valid keys are {known}")
-        return cls(**d)
+        return from_dict(cls, d, "lora", check_types=False)  # __post_init__ checks types with its own messages
 
     @property
     def all_modules_to_save(self) -> list[str]:

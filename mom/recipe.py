@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
-import re
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,25 +28,10 @@ from typing import Any, Literal
 import yaml
 
 from mom.config import MoMConfig
+from mom.configio import check_value, from_dict, parse_yaml, read_mapping
 from mom.data.loader import DataConfig
 
 AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: taken from the corpus manifest
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.2) rather than the string YAML 1.1 makes of it."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.inf|\.nan)$", re.I),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML as recipes read it (see `_Loader`)."""
-    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -236,23 +218,14 @@ class Recipe:
             section = {} if section is None else section
             if not isinstance(section, dict):
                 raise ValueError(f"{name}: must be a mapping, got {type(section).__name__}")
-            sections[name] = _build(cls_, section, name)
+            sections[name] = from_dict(cls_, section, name)
         return cls(model=model, **sections)
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply dotted ``key=value`` overrides (values parsed as YAML), validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found")
-    try:
-        raw = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path}: invalid YAML: {e}") from e
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ValueError(f"recipe {path}: must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_mapping(path, "recipe", of="sections")
     for override in overrides:
         apply_override(raw, override)
     try:
@@ -294,21 +267,6 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
-def _build(cls: type, section: dict[str, Any], prefix: str) -> Any:
-    hints = _hints(cls)
-    for key, value in section.items():
-        if key not in hints:
-            raise ValueError(f"{prefix}.{key}: unknown key; valid keys are {sorted(hints)}")
-        _check_type(f"{prefix}.{key}", value, hints[key])
-    try:
-        return cls(**section)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(prefix + ".") else f"{prefix}.{msg}") from e
-    except TypeError as e:  # a required field is missing
-        raise ValueError(f"{prefix}: {e}") from e
-
-
 def _check_model(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
@@ -319,7 +277,7 @@ def _check_model(model: Any) -> dict[str, Any]:
             raise ValueError(f"model.{key}: unknown key; valid keys are {sorted(schema)}")
         if key in ("modalities", "vocab_sizes") and value == AUTO:
             continue
-        _check_type(f"model.{key}", value, schema[key])
+        check_value(value, schema[key], f"model.{key}")  # checked only: MoMConfig converts
     trial = dict(model)
     if AUTO in (model["modalities"], model["vocab_sizes"]):
         trial.update(modalities=("text",), vocab_sizes=(8,))  # placeholders: the corpus gives the real ones
@@ -344,61 +302,6 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _is_free_dict(annotation: Any) -> bool:
     return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> None:
-    """Raise ``ValueError`` naming ``key`` unless ``value`` (parsed YAML) fits ``annotation``."""
-    if not _fits(value, annotation):
-        shown = _type_name(annotation)
-        raise ValueError(f"{key}: expected {shown}, got {type(value).__name__} {value!r}")
-
-
-def _fits(value: Any, annotation: Any) -> bool:
-    if annotation is Any:
-        return True
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-        return all(_fits(v, args[0]) for v in value) if args else True
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            return False
-        return all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()) if args else True
-    return isinstance(value, annotation) if isinstance(annotation, type) else True
-
-
-def _type_name(annotation: Any) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"list of {len(args)} {_type_name(args[0])}"
-    if origin in (list, tuple, Sequence, typing.Sequence):
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    return getattr(annotation, "__name__", str(annotation))
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

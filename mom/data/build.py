@@ -23,15 +23,14 @@ import os
 import shutil
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
+from mom.configio import from_dict, read_mapping
 from mom.data.documents import KINDS, SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
 from mom.data.errors import BadInputError, MissingDependencyError
 from mom.tokenization.special import SPECIAL_TOKENS
@@ -45,64 +44,11 @@ MODALITIES = ("text", "image", "speech")
 
 
 def dataclass_from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types; ``ValueError`` names the bad key.
-
-    Supports fields typed ``int``, ``float``, ``str``, ``bool``, ``X | None``, ``list[X]``, ``tuple[X, ...]``,
-    ``dict``, ``Any`` and nested dataclasses. ``where`` prefixes error messages (e.g. the recipe file name).
-    """
-    prefix = f"{where}: " if where else ""
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix}expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{prefix}unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    kwargs = {name: _convert(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    """`mom.configio.from_dict` of a whole file's mapping; ``where`` (e.g. the file name) prefixes its errors."""
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ValueError(f"{prefix}{e}") from None
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        return dataclass_from_dict(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        converted = [_convert(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(converted) if origin is tuple else converted
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        if len(args) == 2:
-            return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise ValueError(f"{key}: unsupported field type {tp}")
+        return from_dict(cls, data, list_unknown=True)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
 @dataclass
@@ -199,11 +145,7 @@ class BuildRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> BuildRecipe:
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        return dataclass_from_dict(cls, data, where=str(path))
+        return dataclass_from_dict(cls, read_mapping(path, "recipe"), where=str(path))
 
     def sources(self) -> Iterator[tuple[str, int, SourceSpec]]:
         for modality in MODALITIES:

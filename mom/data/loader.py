@@ -10,10 +10,9 @@ packing into rows in ``mom.data.packing``. See docs/loading.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mom.configio import from_dict, read_mapping
 from mom.data.errors import BadInputError
 from mom.data.packing import Packer
 from mom.data.sampler import DocumentSampler, RowGroup
@@ -98,16 +98,8 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a recipe's ``data:`` mapping; unknown or missing keys raise ``ValueError`` naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"data: must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"data.{key}: unknown key; valid keys are {sorted(known)}")
-        if "path" not in d:
-            raise ValueError("data.path: required (the corpus directory)")
-        return cls(**d)
+        """Build from a recipe's ``data:`` mapping; bad keys or types raise ``ValueError`` naming the key."""
+        return from_dict(cls, d, "data")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -143,11 +135,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {BUILD_HINT}")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e}); {BUILD_HINT}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: manifest must be a JSON object")
+        raw = read_mapping(path, "manifest")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{e}; {BUILD_HINT}") from e
 
     def get(key: str) -> Any:
         if key not in raw:

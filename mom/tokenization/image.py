@@ -27,8 +27,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from mom.configio import from_dict, read_mapping
 from mom.data.errors import MissingDependencyError
 
 KIND = "vq-image"
@@ -50,51 +49,6 @@ WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "training_report.json"
 
 ImagesLike = Union[Sequence[Image.Image], torch.Tensor, np.ndarray]  # noqa: UP007 - a runtime alias
-
-
-# ---- typed dataclasses from YAML/JSON ----------------------------------------------------------------------------
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Return ``value`` converted to ``hint`` (int -> float, list -> tuple) or raise ``ValueError`` naming ``where``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return _check_type(value, option, where)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}: expected {hint}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ValueError(f"{where}: expected None, got {value!r}")
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
-        item = args[0] if args else Any
-        return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if (origin is dict or hint is dict) and isinstance(value, dict):
-        return dict(value)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return dataclass_from_dict(hint, value, where)
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
-
-
-def dataclass_from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types raise ``ValueError`` naming the key."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
 
 
 # ---- configuration -----------------------------------------------------------------------------------------------
@@ -417,7 +371,7 @@ class ImageTokenizer:
             raise ValueError(f"{directory / CONFIG_FILE}: unsupported format_version {raw.get('format_version')!r}")
         fields = {k: v for k, v in raw.items() if k not in ("kind", "format_version")}
         try:
-            config = dataclass_from_dict(ImageTokenizerConfig, fields)
+            config = from_dict(ImageTokenizerConfig, fields)
         except ValueError as err:
             raise ValueError(f"{directory / CONFIG_FILE}: {err}") from err
         weights = directory / WEIGHTS_FILE
@@ -445,13 +399,7 @@ def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer config (is {directory} a saved image tokenizer?)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return raw
+    return read_mapping(path, "image tokenizer config")
 
 
 def _replace_dir(tmp: Path, directory: Path) -> None:
@@ -704,15 +652,10 @@ class ImageTokenizerRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ImageTokenizerRecipe:
-        import yaml
-
+        data = read_mapping(path, "image tokenizer recipe")
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot read recipe ({err})") from err
-        try:
-            return dataclass_from_dict(cls, data or {})
-        except (ValueError, TypeError) as err:
+            return from_dict(cls, data)
+        except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
     def load_images(self, on_error: Any = None) -> tuple[list[Image.Image], list[Image.Image]]:

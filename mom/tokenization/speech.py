@@ -20,8 +20,6 @@ import math
 import os
 import sys
 import tempfile
-import types
-import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mom.configio import from_dict, read_mapping
 from mom.tokenization.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
@@ -143,63 +142,11 @@ class SpeechTokenizerRecipe:
     seed: int = 0
 
 
-def _check_value(value: object, hint: object, key: str) -> object:
-    """``value`` converted to type ``hint`` (dataclass, Optional, int/float/str/bool/dict), else ValueError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_value(value, inner, key)
-    if dataclasses.is_dataclass(hint):
-        return dataclass_from_mapping(hint, value, key)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool):
-        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-            raise ValueError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ValueError(f"{key}: unsupported field type {hint}")  # pragma: no cover - programming error
-
-
-def dataclass_from_mapping(cls: type, data: object, where: str = "") -> typing.Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys, missing keys or wrong types raise ValueError naming
-    the key (dotted from ``where``)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    prefix = f"{where}." if where else ""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys are {sorted(fields)}")
-    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"missing key(s) {[prefix + k for k in missing]}")
-    try:
-        return cls(**{k: _check_value(v, hints[k], prefix + k) for k, v in data.items()})
-    except ValueError as e:
-        if where and not str(e).startswith(where):
-            raise ValueError(f"{where}: {e}") from e
-        raise
-
-
 def load_recipe(path: str | os.PathLike) -> SpeechTokenizerRecipe:
     """Read a YAML recipe into :class:`SpeechTokenizerRecipe` (ValueError naming any bad key)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such recipe file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_mapping(path, "speech tokenizer recipe")
     try:
-        return dataclass_from_mapping(SpeechTokenizerRecipe, data)
+        return from_dict(SpeechTokenizerRecipe, data, list_unknown=True)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -339,7 +286,7 @@ class SpeechTokenizer:
             raise ValueError(f"{config_path}: format_version {payload.get('format_version')!r} is not supported "
                              f"(expected {FORMAT_VERSION})")
         try:
-            config = dataclass_from_mapping(SpeechTokenizerConfig, payload.get("config"), "config")
+            config = from_dict(SpeechTokenizerConfig, payload.get("config"), "config", list_unknown=True)
         except ValueError as e:
             raise ValueError(f"{config_path}: {e}") from e
         if not weights_path.is_file():
