@@ -43,14 +43,6 @@ MODALITIES = ("text", "image", "speech")
 # ---- recipe ------------------------------------------------------------------------------------------------------
 
 
-def dataclass_from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """`mom.configio.from_dict` of a whole file's mapping; ``where`` (e.g. the file name) prefixes its errors."""
-    try:
-        return from_dict(cls, data, list_unknown=True)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}" if where else str(e)) from None
-
-
 @dataclass
 class SourceSpec:
     """One source of a modality: its name, the options passed to ``iter_<modality>_records`` and build options.
@@ -145,7 +137,10 @@ class BuildRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> BuildRecipe:
-        return dataclass_from_dict(cls, read_mapping(path, "recipe"), where=str(path))
+        try:
+            return from_dict(cls, read_mapping(path, "recipe"), list_unknown=True)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def sources(self) -> Iterator[tuple[str, int, SourceSpec]]:
         for modality in MODALITIES:

@@ -65,12 +65,12 @@ class TextTokenizerRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TextTokenizerRecipe:
-        import yaml
+        from mom.configio import from_dict, read_mapping
 
-        from mom.data.build import dataclass_from_dict
-
-        with open(path, encoding="utf-8") as f:
-            return dataclass_from_dict(cls, yaml.safe_load(f) or {}, where=str(path))
+        try:
+            return from_dict(cls, read_mapping(path, "recipe"), list_unknown=True)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class TextTokenizer:
