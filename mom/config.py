@@ -38,6 +38,9 @@ class MoMConfig(PretrainedConfig):
         residual_in_fp32: keep the residual stream in fp32.
         rescale_prenorm_residual: scale ``out_proj`` init by ``1/sqrt(n_layer)`` (GPT-2 scheme).
         initializer_range: std of the embedding init.
+        reset_at_document_boundaries: with a packed batch's ``seq_idx`` given to ``forward``, start every document
+            from a zero conv window and SSM state, as if it were alone in its row (runs the reference scan: the
+            mamba-ssm Mamba-1 kernel has no per-document reset).
     """
 
     model_type = "mom"
@@ -70,6 +73,7 @@ class MoMConfig(PretrainedConfig):
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         use_cache: bool = True,
+        reset_at_document_boundaries: bool = False,
         **kwargs,
     ) -> None:
         self.modalities = tuple(modalities) if not isinstance(modalities, str) else (modalities,)
@@ -91,6 +95,7 @@ class MoMConfig(PretrainedConfig):
         self.rescale_prenorm_residual = rescale_prenorm_residual
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.reset_at_document_boundaries = reset_at_document_boundaries
         self._validate(decouple)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,

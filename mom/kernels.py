@@ -63,8 +63,14 @@ def _use_conv_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda and not force_reference() and _causal_conv1d() is not None
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """Shapes as `mom.scan.selective_scan`."""
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, reset=None
+):
+    """Shapes as `mom.scan.selective_scan`; ``reset`` (b, l) bool zeroes the state before those positions."""
+    if reset is not None:
+        if u.is_cuda:
+            _warn_once("document reset runs the pure-PyTorch scan (mamba-ssm's Mamba-1 kernel has no reset)")
+        return ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reset=reset)
     if _use_cuda(u):
         fn = _mamba_ssm()[0]
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -81,13 +87,39 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """silu(depthwise causal conv). x: (b, d, l); weight: (d, w); bias: (d,). Returns (b, d, l)."""
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """silu(depthwise causal conv). x: (b, d, l); weight: (d, w); bias: (d,). Returns (b, d, l).
+
+    ``reset`` (b, l) bool: a document starts there, so taps reaching back before it read zeros.
+    """
+    if reset is not None:
+        return _causal_conv1d_segmented(x, weight, bias, reset)
     if _use_conv_kernel(x):
         return _causal_conv1d()[0](x, weight, bias, activation="silu")
     width = weight.shape[-1]
     y = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=weight.shape[0])
     return F.silu(y[..., : x.shape[-1]])
+
+
+def _causal_conv1d_segmented(x, weight, bias, reset):
+    """The causal conv with every window cut at the last document start (reference, any device)."""
+    width, l = weight.shape[-1], x.shape[-1]
+    segment = torch.cumsum(reset.long(), dim=-1)  # (b, l) document number within the row
+    y = x * weight[:, -1, None]  # tap 0: the position itself
+    for k in range(1, width):  # tap k reads position t - k if it is in the same document
+        x_k = F.pad(x[..., : l - k], (k, 0))
+        same = F.pad(segment[:, : l - k], (k, 0), value=-1) == segment  # (b, l)
+        y = y + x_k * same.unsqueeze(1).to(x.dtype) * weight[:, -1 - k, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y)
+
+
+@cache
+def _warn_once(message: str) -> None:
+    logger.warning("mom: %s", message)
 
 
 def causal_conv1d_update(

@@ -53,11 +53,13 @@ class MoMMixer(nn.Module):
         routing: Routing,
         cache: MoMCache | None = None,
         mask: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden: (b, l, d_model) -> (b, l, d_model).
 
         ``mask`` (b, l), 1 for real tokens and 0 for (left) padding, zeroes padded positions before the projection
-        and after the conv so that they leave no trace in the conv window or the SSM state.
+        and after the conv so that they leave no trace in the conv window or the SSM state. ``doc_start`` (b, l)
+        bool marks where packed documents start: the conv window and the SSM state restart there.
         """
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
@@ -70,7 +72,7 @@ class MoMMixer(nn.Module):
         if cache is not None:  # keep the last w inputs for the recurrent conv
             w = weight.shape[-1]
             cache.conv_states[self.layer_idx].copy_(nn.functional.pad(x, (w - l, 0)) if l < w else x[..., -w:])
-        x = kernels.causal_conv1d(x.contiguous(), weight, self.conv1d.bias)  # (b, di, l)
+        x = kernels.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, doc_start)  # (b, di, l)
         if mask is not None:
             x = x * mask.unsqueeze(1).to(x.dtype)
         dt, B, C = self._ssm_params(x.transpose(1, 2), routing)
@@ -86,6 +88,7 @@ class MoMMixer(nn.Module):
             delta_bias=None,  # the Δ bias is inside dt_proj (per modality when decoupled)
             delta_softplus=True,
             return_last_state=cache is not None,
+            reset=doc_start,
         )
         if cache is not None:
             y, last_state = result

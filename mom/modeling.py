@@ -56,9 +56,9 @@ class MoMBlock(nn.Module):
         self.norm = make_norm(config)
         self.mixer = MoMMixer(config, layer_idx)
 
-    def forward(self, hidden, routing, cache=None, mask=None):
+    def forward(self, hidden, routing, cache=None, mask=None, doc_start=None):
         residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), routing, cache, mask)
+        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), routing, cache, mask, doc_start)
         return residual + out
 
 
@@ -211,10 +211,21 @@ class MoMModel(MoMPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         labels: torch.LongTensor | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> MoMOutput:
-        """input_ids, modality_ids, attention_mask: (b, l). ``labels`` is only validated here."""
+        """input_ids, modality_ids, attention_mask, seq_idx: (b, l). ``labels`` is only validated here.
+
+        ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
+        every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
+        """
         modality_ids = validate_inputs(self.config, input_ids, modality_ids, labels)
+        doc_start = None
+        if self.config.reset_at_document_boundaries and seq_idx is not None:
+            if seq_idx.shape != input_ids.shape:
+                raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but input_ids has {tuple(input_ids.shape)}")
+            doc_start = torch.zeros_like(input_ids, dtype=torch.bool)
+            doc_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
         if self._logged_backend != self.backend:
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
@@ -233,9 +244,9 @@ class MoMModel(MoMPreTrainedModel):
         all_hidden = (hidden,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, routing, None, mask)
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, routing, None, mask, doc_start)
             else:
-                hidden = layer(hidden, routing, cache, mask)
+                hidden = layer(hidden, routing, cache, mask, doc_start)
             if output_hidden_states:
                 all_hidden += (hidden,)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
@@ -302,12 +313,15 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput:
-        """Next-token LM. input_ids, labels, modality_ids: (b, l); labels are shifted inside (HF convention)."""
+        """Next-token LM. input_ids, labels, modality_ids, seq_idx: (b, l); labels are shifted inside (HF
+        convention). ``seq_idx``: see `MoMModel.forward`."""
         out = self.backbone(
             input_ids,
             modality_ids=modality_ids,
+            seq_idx=seq_idx,
             cache_params=cache_params,
             use_cache=use_cache,
             attention_mask=attention_mask,

@@ -118,10 +118,12 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
 ):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature.
 
-    u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,); initial_state: (b, d, n).
+    u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,); initial_state: (b, d, n);
+    reset: (b, l) bool, zero the state before these positions (a new packed document starts there).
     Returns out (b, d, l) in u's dtype, and the last state (b, d, n) fp32 if ``return_last_state``.
     """
     dtype = u.dtype
@@ -131,6 +133,8 @@ def selective_scan(
     if delta_softplus:
         delta = F.softplus(delta)
     decay = torch.exp(delta.unsqueeze(-1) * _up(A)[:, None, :])  # (b, d, l, n)
+    if reset is not None:
+        decay = decay * (~reset)[:, None, :, None].to(decay.dtype)
     inp = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, l, n)
     h = linear_recurrence(decay, inp, initial_state)
     y = torch.einsum("bdln,bnl->bdl", h, C)

@@ -189,3 +189,26 @@ def test_bad_inputs_raise_value_error_with_the_offending_value(kwargs, message):
 
 def test_backend_is_visible():
     assert mom.MoMForCausalLM(tiny_config()).backend == "reference"
+
+
+def test_document_reset_makes_packed_documents_independent():
+    docs = [[(0, 5), (1, 6)], [(2, 7), (0, 3)], [(1, 9)]]  # three documents of different modalities
+    config = tiny_config(reset_at_document_boundaries=True)
+    model = mom.MoMForCausalLM(config).eval()
+    parts = [interleaved_ids(config, 1, runs) for runs in docs]
+    packed = torch.cat(parts, dim=1)
+    seq_idx = torch.cat([torch.full_like(p, i, dtype=torch.int32) for i, p in enumerate(parts)], dim=1)
+    with torch.no_grad():
+        alone = torch.cat([model(p).logits for p in parts], dim=1)
+        reset = model(packed, seq_idx=seq_idx).logits
+        flowing = model(packed).logits  # no seq_idx: state flows across documents
+    torch.testing.assert_close(reset, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(flowing, alone, atol=1e-3)
+    # the switch is off by default: seq_idx alone changes nothing
+    plain = mom.MoMForCausalLM(tiny_config()).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(packed, seq_idx=seq_idx).logits, plain(packed).logits)
+    # and training through the reset has gradients everywhere
+    model.train()
+    model(packed, labels=packed, seq_idx=seq_idx).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -91,3 +91,16 @@ def test_reference_backend_on_cpu_and_forced(monkeypatch):
     assert kernels.backend_name(torch.device("cpu")) == "reference"
     monkeypatch.setenv(kernels.FORCE_REFERENCE_ENV, "1")
     assert kernels.backend_name(torch.device("cuda")) == "reference"
+
+
+def test_document_reset_equals_separate_sequences():
+    inp = random_inputs(l=20)
+    reset = torch.zeros(2, 20, dtype=torch.bool)
+    reset[:, 7] = reset[:, 15] = True
+    y = scan.selective_scan(**inp, delta_softplus=True, reset=reset)
+    w, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    conv = kernels.causal_conv1d(inp["u"], w, bias, reset)
+    for lo, hi in ((0, 7), (7, 15), (15, 20)):
+        part = {k: (v[..., lo:hi] if v.dim() == 3 else v) for k, v in inp.items()}
+        torch.testing.assert_close(y[..., lo:hi], scan.selective_scan(**part, delta_softplus=True))
+        torch.testing.assert_close(conv[..., lo:hi], kernels.causal_conv1d(inp["u"][..., lo:hi], w, bias))
