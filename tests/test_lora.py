@@ -228,32 +228,21 @@ def test_load_adapter_rejects_non_adapter_dir(tmp_path):
         load_adapter(model_of(), tmp_path)
 
 
-# ---- the CUDA fast path must defer to module calls when adapters are present ----------------------------------
+# ---- on CUDA in bf16 the adapters must act and merge exactly as on CPU ----------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_adapters_bypass_grouped_gemm_and_merge_matches(monkeypatch):
-    """In bf16 on CUDA, plain experts may run as one grouped GEMM that reads their weights directly; with LoRA
-    on an expert that would silently drop the adapter. The adapted model must match its merged twin (which may
-    take the grouped path) and make no grouped-GEMM call itself."""
-    calls = []
-    if hasattr(torch, "_grouped_mm"):
-        grouped_mm = torch._grouped_mm
-        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
-    config = tiny_config(d_model=32, dt_rank=16, d_state=8)  # multiples of 16: the grouped path's alignment
+def test_cuda_bf16_adapters_are_honoured_and_merge_matches():
+    """On CUDA in bf16 (where a fast routed path may one day read expert weights directly) the adapters must act,
+    and the adapted model must match its merged twin."""
+    config = tiny_config(d_model=32, dt_rank=16, d_state=8)
     base = mom.MoMForCausalLM(config).cuda().to(torch.bfloat16).eval()
     ids = interleaved_ids(config, 2, [(TEXT, 24), (IMAGE, 40), (TEXT, 16)]).cuda()
     base_logits = logits(base, ids)
-    base_calls = len(calls)
     peft_model = wrap(base, settings(projections=list(mom.config.PROJECTIONS), modalities=["image"]))
     for n, p in peft_model.named_parameters():
         if ".lora_B." in n:
             torch.nn.init.normal_(p, std=0.2)
-    calls.clear()
     adapted = logits(peft_model, ids)
-    assert not calls  # every routed projection holds a LoRA expert: module calls only
-    merged = peft_model.merge_and_unload()
-    calls.clear()
-    merged_logits = logits(merged, ids)
-    assert len(calls) == base_calls  # the merged model takes the same path as the plain base
+    merged_logits = logits(peft_model.merge_and_unload(), ids)
     assert (adapted - base_logits).abs().max() > 0.5
     torch.testing.assert_close(merged_logits, adapted, rtol=0.05, atol=0.1)  # bf16 rounding of merged weights
