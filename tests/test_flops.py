@@ -179,7 +179,6 @@ def test_cli_on_saved_model_config(tmp_path, capsys):
 
 
 def test_cli_on_recipe_uses_its_budget_world_size_and_corpus_vocab(tmp_path, capsys):
-    pytest.importorskip("mom.recipe")
     from mom.data.loader import MANIFEST_FORMAT, MANIFEST_VERSION
 
     corpus = tmp_path / "corpus"

@@ -8,7 +8,6 @@ what to do with it: ``"stop"`` raises it, ``"skip"`` drops the item, a callable 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -315,7 +314,3 @@ def _hf_dataset(*, on_error: OnError, **options) -> Iterator[TextRecord]:
         for part, doc in enumerate(_documents(text, min_chars, max_chars)):
             yield TextRecord(doc, "hf-dataset", {"path": str(path), "row": row, "part": part})
 
-
-def meta_json(meta: dict) -> str:
-    """Canonical JSON of a record's metadata (sorted keys) as stored in the corpus ``meta`` column."""
-    return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
