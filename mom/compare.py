@@ -11,12 +11,13 @@ for MoM against dense). With matplotlib installed, ``--out`` also draws loss aga
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from mom.metrics import read_jsonl
 
 
 @dataclass
@@ -36,13 +37,7 @@ def read_curve(name: str, run_dir: str | Path, split: str = "validation") -> Cur
         raise FileNotFoundError(f"run {name!r}: no metrics file at {path} (is it a mom-train out_dir?)")
     flops_at: dict[int, float] = {}
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not a JSON line ({err})") from err
+    for row in read_jsonl(path):
         if row.get("split") == "train" and "flops" in row:
             flops_at[row["step"]] = row["flops"]
         if row.get("split") == split:

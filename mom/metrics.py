@@ -61,13 +61,19 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a metrics file (a torn last line, from a crash mid-write, is ignored)."""
+    """All records of a metrics file. A torn last line (a crash mid-write) is ignored; any other line that is not
+    JSON raises ``ValueError`` naming the file and line."""
+    lines = Path(path).read_text().splitlines()
     records = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON line ({err})") from err
     return records
 
 

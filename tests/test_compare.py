@@ -51,9 +51,12 @@ def test_cli_errors_and_plot(tmp_path, capsys):
     assert out.stat().st_size > 1000 and "plot:" in capsys.readouterr().out
 
 
-def test_corrupt_metrics_line_names_the_file(tmp_path):
+def test_corrupt_metrics_line_names_the_file_but_a_torn_last_line_is_ignored(tmp_path):
     run = write_run(tmp_path / "a", [1], 1.0, [(3.0, 3.0, 3.0)])
     with open(run / "metrics.jsonl", "a") as f:
-        f.write("{not json\n")
+        f.write('{"split": "train", "st')  # a crash mid-write
+    assert read_curve("a", run).losses["all"] == [3.0]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('\n{"split": "validation", "step": 1, "loss": 2.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:3"):
         read_curve("a", run)
