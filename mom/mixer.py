@@ -43,7 +43,7 @@ class MoMMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(di, n))  # A = -exp(A_log), S4D-real init in _init_weights
         self.D = nn.Parameter(torch.empty(di))
         self.out_proj = linear("out_proj", di, config.d_model, config.bias)
-        # Parameters that must stay fp32 and out of weight decay (read by optimisers / mixed-precision wrappers).
+        # Excluded from weight decay (mom.optim reads `_no_weight_decay`).
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 

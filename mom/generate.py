@@ -1,0 +1,163 @@
+"""`mom-generate`: sample an interleaved document from a trained MoM and decode it to text, PNG and WAV.
+
+    mom-generate --model runs/tiny_mom/hf --prompt "a handwritten digit seven" --then image --out samples/
+
+Decoding is constrained to well-formed documents (`SpanConstraint`): outside media spans only text ids, span
+openers and EOS may follow; inside an image span exactly ``tokens_per_image`` image codes, then the closing marker;
+inside a speech span speech units until the closing marker (or ``--max-speech-units``). The prompt is
+``<s> text`` followed by the opener of ``--then`` (``image`` / ``speech``), or nothing for ``--then text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor
+
+import mom  # noqa: F401  (registers the Auto classes)
+from mom.tokenization.multimodal import MultimodalTokenizer
+from mom.tokenization.special import BOI_ID, BOS_ID, BOSP_ID, EOI_ID, EOS_ID, EOSP_ID, PAD_ID
+
+
+class SpanConstraint(LogitsProcessor):
+    """Masks the logits so that every sampled document parses: media spans hold only their modality's ids, an image
+    span exactly ``tokens_per_image`` codes, a speech span at most ``max_speech_units`` units."""
+
+    def __init__(self, tokenizer: MultimodalTokenizer, max_speech_units: int = 500) -> None:
+        self.ranges = {m: (o, o + v) for m, o, v in zip(tokenizer.modalities, tokenizer.offsets.values(),
+                                                          tokenizer.vocab_sizes)}
+        self.tokens_per_image = getattr(tokenizer.image, "tokens_per_image", None) if "image" in self.ranges else None
+        self.max_speech_units = max_speech_units
+        self.text_range = self.ranges["text"]
+        self.openers = {BOI_ID: "image", BOSP_ID: "speech"}
+        absent = [t for t, m in self.openers.items() if m not in self.ranges]
+        self.forbidden_in_text = [PAD_ID, BOS_ID, EOI_ID, EOSP_ID, *absent]
+
+    def state(self, row: list[int]) -> tuple[str, int]:
+        """(current span: "text" / "image" / "speech", tokens emitted inside it)."""
+        for back, token in enumerate(reversed(row)):
+            if token in self.openers:
+                return self.openers[token], back
+            if token in (EOI_ID, EOSP_ID, BOS_ID):
+                break
+        return "text", 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = torch.zeros_like(scores, dtype=torch.bool)  # (b, V)
+        for i, row in enumerate(input_ids.tolist()):
+            span, emitted = self.state(row)
+            if span == "text":
+                lo, hi = self.text_range
+                allowed[i, lo:hi] = True
+                allowed[i, self.forbidden_in_text] = False
+            elif span == "image" and emitted >= self.tokens_per_image:
+                allowed[i, EOI_ID] = True
+            elif span == "speech" and emitted >= self.max_speech_units:
+                allowed[i, EOSP_ID] = True
+            else:
+                lo, hi = self.ranges[span]
+                allowed[i, lo:hi] = True
+                if span == "speech" and emitted > 0:
+                    allowed[i, EOSP_ID] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+def generate_document(
+    model,
+    tokenizer: MultimodalTokenizer,
+    prompt: str,
+    then: str = "text",
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_speech_units: int = 500,
+    seed: int = 0,
+) -> list[int]:
+    """Unified ids of one sampled document: the prompt, then what the model adds until EOS or ``max_new_tokens``."""
+    opener = {"text": [], "image": [BOI_ID], "speech": [BOSP_ID]}
+    if then not in opener or (then != "text" and then not in tokenizer.modalities):
+        raise ValueError(f"--then: expected one of {['text', *tokenizer.modalities[1:]]}, got {then!r}")
+    ids = [BOS_ID] + tokenizer.encode_text(prompt) + opener[then]
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=top_k or None,
+        logits_processor=[SpanConstraint(tokenizer, max_speech_units)],
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+    )
+    return out[0].tolist()
+
+
+def close_open_span(ids: list[int], constraint: SpanConstraint) -> list[int]:
+    """Drop an unfinished media span at the end (``max_new_tokens`` ran out inside it)."""
+    span, emitted = constraint.state(ids)
+    return ids if span == "text" else ids[: len(ids) - emitted - 1]
+
+
+def write_document(parts, out_dir: Path, sample_rate: int | None) -> list[Path]:
+    """text.txt, image_<i>.png, speech_<i>.wav for the decoded parts."""
+    from PIL import Image
+
+    from mom.data.speech import write_audio
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, text, counts = [], [], {"image": 0, "speech": 0}
+    for kind, value in parts:
+        if kind == "text":
+            text.append(value)
+            continue
+        path = out_dir / f"{kind}_{counts[kind]}.{'png' if kind == 'image' else 'wav'}"
+        counts[kind] += 1
+        text.append(f"[{path.name}]")
+        if kind == "image":
+            Image.fromarray(np.asarray(value, dtype=np.uint8)).save(path)
+        else:
+            write_audio(path, value, sample_rate)
+        written.append(path)
+    (out_dir / "text.txt").write_text("".join(text) + "\n")
+    return [out_dir / "text.txt", *written]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mom-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a Hugging Face MoM directory (e.g. runs/tiny_mom/hf)")
+    parser.add_argument("--tokenizer", help="multimodal tokenizer directory (default: MODEL/tokenizer)")
+    parser.add_argument("--prompt", default="", help="text the document starts with")
+    parser.add_argument("--then", default="text", help="what follows the prompt: text, image or speech")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-speech-units", type=int, default=500, help="longest speech span (50 units = 1 s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples", help="directory for text.txt, image_*.png, speech_*.wav")
+    args = parser.parse_args(argv)
+    tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
+    if not (tokenizer_dir / "config.json").is_file():
+        parser.error(f"no multimodal tokenizer at {tokenizer_dir} (pass --tokenizer DIR)")
+    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if tuple(model.config.vocab_sizes) != tuple(tokenizer.vocab_sizes):
+        parser.error(f"model vocabulary {model.config.vocab_sizes} does not match tokenizer {tokenizer.vocab_sizes}")
+    ids = generate_document(model, tokenizer, args.prompt, args.then, args.max_new_tokens, args.temperature,
+                            args.top_k, args.max_speech_units, args.seed)
+    ids = close_open_span(ids, SpanConstraint(tokenizer, args.max_speech_units))
+    parts = tokenizer.decode_document(ids)
+    for path in write_document(parts, Path(args.out), tokenizer.speech_sample_rate):
+        print(f"wrote {path}")
+    print(f"{len(ids)} tokens: " + ", ".join(f"{k}" for k, _ in parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
