@@ -96,6 +96,14 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_types: bool = True
         raise ValueError(f"{prefix}{msg}" if name in fields else f"{where}: {msg}") from e
 
 
+def from_file(cls: type, path: str | Path, what: str = "recipe", **options: bool) -> Any:
+    """`from_dict` of the mapping in a YAML/JSON file (`read_mapping`); its errors are prefixed with the path."""
+    try:
+        return from_dict(cls, read_mapping(path, what), **options)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def check_value(value: Any, tp: Any, key: str, **options: bool) -> Any:
     """``value`` checked against annotation ``tp`` (and converted: dataclasses built, ints to float, sequences to
     the annotated list / tuple); ``ValueError`` naming ``key`` if it does not fit. ``options``: see `from_dict`."""

@@ -15,9 +15,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
@@ -30,6 +28,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
+from mom.atomic import atomic_directory
 from mom.checkpoint import atomic_write_text
 from mom.configio import read_mapping
 from mom.data.loader import build_loader, read_manifest
@@ -208,14 +207,8 @@ def export_merged(peft_model: Any, out_dir: str | os.PathLike) -> Path:
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose another directory or remove it")
     merged = peft_model.merge_and_unload()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

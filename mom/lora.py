@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from mom.atomic import atomic_directory
 from mom.config import PROJECTIONS
 from mom.configio import from_dict
 from mom.routing import RoutedLinear
@@ -271,17 +270,11 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, settings: Lo
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose another adapter directory or remove it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
         if settings.train_A_D:
             extra = {n: p.detach().cpu().contiguous() for n, p in _ssm_params(peft_model.get_base_model())}
             save_file(extra, str(tmp / EXTRA_PARAMS_FILE))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

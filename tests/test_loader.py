@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mom.data import loader as loader_module
-from mom.data.loader import DOC_KINDS, DataConfig, build_loader
+from mom.data.loader import DOC_KINDS, SHARD_SCHEMA, DataConfig, build_loader
 from mom.data.packing import IGNORE_INDEX
 
 MODALITIES = ["text", "image", "speech"]
@@ -42,18 +42,6 @@ def make_docs(n, seed=0, max_len=30, first_id=0):
     return docs
 
 
-SCHEMA = pa.schema(
-    [
-        ("input_ids", pa.list_(pa.int32())),
-        ("modality", pa.list_(pa.int8())),
-        ("doc_id", pa.int64()),
-        ("kind", pa.string()),
-        ("source", pa.string()),
-        ("meta", pa.string()),
-    ]
-)
-
-
 def write_corpus(root, train_docs, val_docs=(), shards=2, row_group_size=8):
     """A corpus in the contracted layout: <root>/<split>/shard-XXXXX.parquet, manifest.json written last."""
     root = Path(root)
@@ -69,7 +57,7 @@ def write_corpus(root, train_docs, val_docs=(), shards=2, row_group_size=8):
         names = []
         for s, part in enumerate(np.array_split(np.arange(len(docs)), shards)):
             name = f"{split}/shard-{s:05d}.parquet"
-            table = pa.Table.from_pylist([docs[i] for i in part], schema=SCHEMA)
+            table = pa.Table.from_pylist([docs[i] for i in part], schema=SHARD_SCHEMA)
             pq.write_table(table, root / name, row_group_size=row_group_size)
             names.append(name)
         manifest["splits"][split] = {"shards": names, "documents": len(docs)}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mom.configio import from_dict, read_mapping
+from mom.configio import from_file
 from mom.data.documents import KINDS, SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
 from mom.data.errors import BadInputError, MissingDependencyError
 from mom.tokenization.special import SPECIAL_TOKENS
@@ -137,10 +137,7 @@ class BuildRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> BuildRecipe:
-        try:
-            return from_dict(cls, read_mapping(path, "recipe"), list_unknown=True)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return from_file(cls, path, list_unknown=True)
 
     def sources(self) -> Iterator[tuple[str, int, SourceSpec]]:
         for modality in MODALITIES:
@@ -416,17 +413,9 @@ SHARD_SCHEMA_DOC = "input_ids list<int32>, modality list<int8>, doc_id int64, ki
 def _shard_table(rows: list[dict]) -> Any:
     import pyarrow as pa
 
-    schema = pa.schema(
-        [
-            ("input_ids", pa.list_(pa.int32())),
-            ("modality", pa.list_(pa.int8())),
-            ("doc_id", pa.int64()),
-            ("kind", pa.string()),
-            ("source", pa.string()),
-            ("meta", pa.string()),
-        ]
-    )
-    return pa.table({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
+    from mom.data.loader import SHARD_SCHEMA
+
+    return pa.table({name: [r[name] for r in rows] for name in SHARD_SCHEMA.names}, schema=SHARD_SCHEMA)
 
 
 @dataclass

@@ -26,9 +26,7 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +36,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, UnidentifiedImageError
 
+from mom.atomic import atomic_directory
 from mom.data.errors import BadInputError, MissingDependencyError
 
 SOURCES = ("openmoji", "noto-emoji", "digits", "folder", "hf-dataset")
@@ -498,12 +497,9 @@ def export_images(
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not 0 <= held_out < 1:
         raise ValueError(f"held_out: must be in [0, 1), got {held_out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
     skipped: Counter = Counter()
     counts: Counter = Counter()
-    try:
+    with atomic_directory(out) as tmp:
         lines = []
         for name, count, options in sources:
 
@@ -531,12 +527,6 @@ def export_images(
         with (tmp / "captions.jsonl").open("w", encoding="utf-8") as fh:
             for line in lines:
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "images": len(lines),
         "per_source_split": {f"{s}/{p}": n for (s, p), n in sorted(counts.items())},

@@ -26,6 +26,17 @@ from mom.data.errors import BadInputError
 from mom.data.packing import Packer
 from mom.data.sampler import DocumentSampler, RowGroup
 
+SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` writes them
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("modality", pa.list_(pa.int8())),
+        ("doc_id", pa.int64()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
 # Document kinds of the corpus contract (column ``kind``); mixture weights are keyed by these.
 DOC_KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mom.atomic import atomic_directory
 from mom.data.errors import BadInputError, MissingDependencyError
 from mom.tokenization.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
 
@@ -476,10 +477,7 @@ def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathL
         raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700 directories
-    try:
+    with atomic_directory(out_dir) as tmp:
         lines = []
         for i, r in enumerate(records):
             name = f"{i:05d}.{audio_format}"
@@ -489,17 +487,6 @@ def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathL
                      "sample_rate": r.sample_rate, "duration": round(r.duration, 3), **r.meta}
             lines.append(json.dumps(entry, ensure_ascii=False))
         (tmp / TRANSCRIPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(lines)
 
 

@@ -23,9 +23,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from mom.atomic import atomic_directory
 from mom.configio import from_dict, read_mapping
 from mom.data.errors import MissingDependencyError
 
@@ -342,20 +341,12 @@ class ImageTokenizer:
         """Write ``config.json`` + ``model.safetensors`` to a temporary folder, then rename it onto ``directory``."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        try:
+        with atomic_directory(directory) as tmp:
             config = {"kind": KIND, "format_version": FORMAT_VERSION, **self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"kind": KIND})
             (tmp / WEIGHTS_FILE).chmod(0o644)
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
@@ -400,17 +391,6 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer config (is {directory} a saved image tokenizer?)")
     return read_mapping(path, "image tokenizer config")
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished folder ``tmp`` onto ``directory``; an old ``directory`` is removed only afterwards."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- pretrained Chameleon VQ-VAE ---------------------------------------------------------------------------------

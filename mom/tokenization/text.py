@@ -17,14 +17,13 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mom.atomic import atomic_directory
 from mom.tokenization.special import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS
 
 KIND = "sentencepiece-text"
@@ -65,12 +64,9 @@ class TextTokenizerRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TextTokenizerRecipe:
-        from mom.configio import from_dict, read_mapping
+        from mom.configio import from_file
 
-        try:
-            return from_dict(cls, read_mapping(path, "recipe"), list_unknown=True)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return from_file(cls, path, list_unknown=True)
 
 
 class TextTokenizer:
@@ -125,25 +121,11 @@ class TextTokenizer:
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``text.model`` into ``directory`` (built in a temp dir, then renamed into place)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        try:
+        with atomic_directory(directory) as tmp:
             (tmp / MODEL_FILE).write_bytes(self._proto)
             config = {"kind": KIND, "model_file": MODEL_FILE, "vocab_size": self.vocab_size, "recipe": self.recipe}
             config["special_tokens"] = {t.piece: t.id for t in SPECIAL_TOKENS}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> TextTokenizer:
