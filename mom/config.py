@@ -41,6 +41,9 @@ class MoMConfig(PretrainedConfig):
         reset_at_document_boundaries: with a packed batch's ``seq_idx`` given to ``forward``, start every document
             from a zero conv window and SSM state, as if it were alone in its row (runs the reference scan: the
             mamba-ssm Mamba-1 kernel has no per-document reset).
+        use_fast_path: on CUDA with mamba-ssm and causal-conv1d, run each mixer through `mom.fused` (one autograd
+            Function in the scan's layout) when no cache, padding mask or document reset is involved and every
+            expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
     """
 
     model_type = "mom"
@@ -74,6 +77,7 @@ class MoMConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         use_cache: bool = True,
         reset_at_document_boundaries: bool = False,
+        use_fast_path: bool = True,
         **kwargs,
     ) -> None:
         self.modalities = tuple(modalities) if not isinstance(modalities, str) else (modalities,)
@@ -96,6 +100,7 @@ class MoMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.reset_at_document_boundaries = reset_at_document_boundaries
+        self.use_fast_path = bool(use_fast_path)
         self._validate(decouple)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,

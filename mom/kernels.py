@@ -44,6 +44,23 @@ def _causal_conv1d():
     return causal_conv1d_fn, causal_conv1d_update
 
 
+@cache
+def _layer_norm():
+    try:
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+    except Exception as err:
+        logger.debug("mamba-ssm Triton layer norm unavailable: %s", err)
+        return None
+    return layer_norm_fn
+
+
+def layer_norm_fn(t: torch.Tensor):
+    """mamba-ssm's fused add + (RMS/Layer)Norm Triton function for CUDA tensors, or None (use the reference)."""
+    if not t.is_cuda or force_reference():
+        return None
+    return _layer_norm()
+
+
 def force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "0").lower() not in ("", "0", "false", "no")
 

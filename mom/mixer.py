@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mom import kernels
+from mom import fused, kernels
 from mom.cache import MoMCache
 from mom.config import MoMConfig
 from mom.routing import RoutedLinear, Routing, project
@@ -28,6 +28,7 @@ class MoMMixer(nn.Module):
     def __init__(self, config: MoMConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.use_fast_path = config.use_fast_path  # `mom.fused` when its kernels are present
         self.d_inner, self.d_state, self.dt_rank = config.d_inner, config.d_state, config.dt_rank
 
         def linear(name: str, in_f: int, out_f: int, bias: bool) -> nn.Module:
@@ -63,6 +64,8 @@ class MoMMixer(nn.Module):
         """
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
+        if cache is None and mask is None and doc_start is None and fused.use_fast_path(self, hidden):
+            return fused.fused_mixer(self, hidden, routing)
         l = hidden.shape[1]
         if mask is not None:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)

@@ -47,8 +47,27 @@ def make_norm(config: MoMConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
 
 
+def add_norm(
+    norm: nn.Module, out: torch.Tensor | None, residual: torch.Tensor, residual_in_fp32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += out (the previous block's mixer output; None before the first block); return (norm(residual),
+    residual). On CUDA this is mamba-ssm's fused Triton add+norm kernel (one pass), as in its ``Block``."""
+    fn = kernels.layer_norm_fn(residual)
+    if fn is not None:
+        return fn(residual if out is None else out, norm.weight, getattr(norm, "bias", None),
+                  residual=None if out is None else residual, eps=norm.eps, prenorm=True,
+                  residual_in_fp32=residual_in_fp32, is_rms_norm=isinstance(norm, RMSNorm))
+    if out is not None:
+        residual = residual + out
+    if residual_in_fp32:
+        residual = residual.float()
+    return norm(residual.to(norm.weight.dtype)), residual
+
+
 class MoMBlock(nn.Module):
-    """Pre-norm residual block: h + mixer(norm(h)). Norms are shared across modalities."""
+    """Pre-norm residual block. With h the residual stream: h += out_prev; out = mixer(norm(h)). The addition of
+    a block's output is done by the next block (or the final norm), fused with its norm as mamba-ssm does; the
+    stream itself is ``residual + out``. Norms are shared across modalities."""
 
     def __init__(self, config: MoMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -56,10 +75,10 @@ class MoMBlock(nn.Module):
         self.norm = make_norm(config)
         self.mixer = MoMMixer(config, layer_idx)
 
-    def forward(self, hidden, routing, cache=None, mask=None, doc_start=None):
-        residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), routing, cache, mask, doc_start)
-        return residual + out
+    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None):
+        """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
+        hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
+        return self.mixer(hidden, routing, cache, mask, doc_start), residual
 
 
 @dataclass
@@ -240,16 +259,17 @@ class MoMModel(MoMPreTrainedModel):
             mask = attention_mask
 
         routing = Routing.build(modality_ids, self.config.num_modalities)  # once for all layers and projections
-        hidden = self.embeddings(input_ids)  # (b, l, d)
-        all_hidden = (hidden,) if output_hidden_states else None
+        out, residual = None, self.embeddings(input_ids)  # the residual stream (b, l, d) is residual + out
+        all_hidden = (residual,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, routing, None, mask, doc_start)
+                out, residual = self._gradient_checkpointing_func(layer.__call__, out, residual, routing, None, mask,
+                                                                  doc_start)
             else:
-                hidden = layer(hidden, routing, cache, mask, doc_start)
+                out, residual = layer(out, residual, routing, cache, mask, doc_start)
             if output_hidden_states:
-                all_hidden += (hidden,)
-        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+                all_hidden += (residual + out,)
+        hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return MoMOutput(hidden, modality_ids, cache, all_hidden)

@@ -1,0 +1,405 @@
+"""The fast path of `MoMMixer`: one autograd Function over the whole mixer, in the scan's layout.
+
+Same maths as the module path in `mom.mixer` (which stays the reference it is tested against), organised the way
+mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
+
+* Every activation lives **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in sequence order, viewed
+  as ``(b, f, l)`` with strides ``(l, n, 1)``. The conv and scan kernels take that view as is, and each projection is
+  one GEMM ``W @ X`` on it, so no activation is ever transposed by a copy (the module path's transposing copies were
+  a third of its GPU time).
+* Routing (`mom.routing.Routing`: tokens sorted by modality once per model forward) is a column gather
+  ``X[:, perm]``: each expert multiplies its contiguous block of sorted columns, writing straight into its block of
+  the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the columns back in sequence
+  order for the conv and the scan. in_proj, x_proj and out_proj route this way.
+* dt_proj (rank ``r``) routes without a gather: its input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank
+  features in the block of its modality and a one in the row of its modality's bias, zeros elsewhere; then ONE GEMM
+  with the experts' weights and biases side by side gives every token its own expert's ``W_m @ dt + b_m``. This is
+  exact (the zeros add nothing) and costs ``M`` times a projection that is ~1% of the layer's FLOPs.
+* Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
+  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, the scan's output and checkpoints.
+
+Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
+``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) keep the module path, which calls
+each expert as a module. `REFERENCE_KERNELS` runs the same Function with the pure-PyTorch conv and scan, on any
+device, so that its routing and layouts are tested on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mom import kernels
+from mom import scan as ref_scan
+from mom.routing import RoutedLinear, Routing
+
+PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+# ---- kernels: mamba-ssm / causal-conv1d, or the reference ----------------------------------------------------------
+class CudaKernels:
+    """causal-conv1d and mamba-ssm's selective scan, called directly (as ``mamba_inner_fn`` does)."""
+
+    def __init__(self) -> None:
+        import selective_scan_cuda
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+
+        self._scan = selective_scan_cuda
+        self._conv_fwd, self._conv_bwd = causal_conv1d_fwd_function, causal_conv1d_bwd_function
+
+    def conv_fwd(self, x, weight, bias):
+        return self._conv_fwd(x, weight, bias, None, None, None, True)
+
+    def conv_bwd(self, x, weight, bias, dout, dx):
+        dx, dweight, dbias, *_ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
+        return dx, dweight, dbias
+
+    def scan_fwd(self, u, delta, A, B, C, D, z):
+        """-> (out, checkpoints, out_z); B, C: (b, 1, n, l)."""
+        return self._scan.fwd(u, delta, A, B, C, D, z, None, True)
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz):
+        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z)."""
+        du, ddelta, dA, dB, dC, dD, _, _, out_z = self._scan.bwd(
+            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, True
+        )
+        return du, ddelta, dA, dB, dC, dD, out_z
+
+
+class ReferenceKernels:
+    """The same interface on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
+
+    @staticmethod
+    def _conv(x, weight, bias):
+        y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
+                     padding=weight.shape[-1] - 1, groups=weight.shape[0])
+        return F.silu(y[..., : x.shape[-1]])
+
+    def conv_fwd(self, x, weight, bias):
+        return self._conv(x, weight, bias)
+
+    def conv_bwd(self, x, weight, bias, dout, dx):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            y = self._conv(*leaves)
+            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dout)
+        dx.copy_(grads[0])
+        return dx, grads[1], grads[2] if bias is not None else None
+
+    @staticmethod
+    def _scan(u, delta, A, B, C, D, z):
+        return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True)
+
+    def scan_fwd(self, u, delta, A, B, C, D, z):
+        return None, None, self._scan(u, delta, A, B, C, D, z)
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz):
+        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
+        with torch.enable_grad():
+            out_z = self._scan(*leaves)
+            du, ddelta, dA, dB, dC, dD, dz_ = torch.autograd.grad(out_z, leaves, dout)
+        dz.copy_(dz_)
+        return du, ddelta, dA, dB, dC, dD, out_z.detach()
+
+
+REFERENCE_KERNELS = ReferenceKernels()
+
+
+@cache
+def cuda_kernels() -> CudaKernels | None:
+    """The CUDA kernels when both packages import (the fast path needs causal-conv1d's backward too)."""
+    if kernels._mamba_ssm() is None or kernels._causal_conv1d() is None:
+        return None
+    try:
+        return CudaKernels()
+    except Exception:  # an extension that does not load (missing .so, CUDA mismatch)
+        return None
+
+
+# ---- when the fast path applies -------------------------------------------------------------------------------------
+def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
+    """The projection's ``nn.Linear`` experts (one if shared), or None if any is wrapped (LoRA, quantised...)."""
+    experts = list(proj.values()) if isinstance(proj, RoutedLinear) else [proj]
+    return experts if all(type(e) is nn.Linear for e in experts) else None
+
+
+def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
+    """True when `fused_mixer` can replace the module path for this call (its other conditions: the caller's)."""
+    if not (hidden.is_cuda and mixer.use_fast_path) or kernels.force_reference() or cuda_kernels() is None:
+        return False
+    return all(_plain_linears(getattr(mixer, name)) is not None for name in PROJ_ORDER)
+
+
+# ---- the Function ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """What the Function needs beside tensors: sizes, which projections route, each expert's column block."""
+
+    batch: int
+    length: int
+    d_inner: int
+    dt_rank: int
+    d_state: int
+    experts: tuple[int, ...]  # experts per projection, in PROJ_ORDER (1 = shared)
+    has_bias: tuple[bool, ...]
+    bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
+    kernels: object
+
+    def routed(self, p: int) -> bool:
+        return self.experts[p] > 1
+
+    def blocks(self, p: int) -> tuple[tuple[int, int], ...]:
+        return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
+
+
+def _unpack(layout: _Layout, params) -> list[tuple[list, list]]:
+    """Flat parameter list -> [(weights, biases)] per projection."""
+    out, i = [], 0
+    for p in range(4):
+        k = layout.experts[p]
+        ws = list(params[i : i + k])
+        i += k
+        bs = list(params[i : i + k]) if layout.has_bias[p] else [None] * k
+        i += k if layout.has_bias[p] else 0
+        out.append((ws, bs))
+    return out
+
+
+def _cols_mm(out, weights, biases, rhs, blocks):
+    """out[:, s] = W_m @ rhs[:, s] (+ b_m) for each expert's block s. out: (o, n); rhs: (i, n) (any strides)."""
+    for (lo, hi), w, b in zip(blocks, weights, biases):
+        if hi == lo:
+            continue
+        if b is None:
+            torch.mm(w, rhs[:, lo:hi], out=out[:, lo:hi])
+        else:
+            torch.addmm(b[:, None], w, rhs[:, lo:hi], out=out[:, lo:hi])
+    return out
+
+
+def _dt_expanded(dt_low: torch.Tensor, onehot: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """dt_low (r, n), onehot (M, n) -> (k_pad, n): [onehot_m * dt_low for each m; onehot; zero padding]."""
+    M, n = onehot.shape
+    rows = [(onehot[:, None, :] * dt_low[None]).reshape(-1, n), onehot]
+    pad = k_pad - rows[0].shape[0] - M
+    if pad:
+        rows.append(dt_low.new_zeros(pad, n))
+    return torch.cat(rows)
+
+
+def _dt_weight(weights, biases, d_inner, k_pad, dtype):
+    """Experts of dt_proj side by side: (d_inner, k_pad) = [W_0 .. W_M-1 | b_0 .. b_M-1 | 0]."""
+    cols = list(weights) + [
+        (b if b is not None else weights[0].new_zeros(d_inner))[:, None] for b in biases
+    ]
+    w = torch.cat([c.to(dtype) for c in cols], dim=1)
+    return F.pad(w, (0, k_pad - w.shape[1]))
+
+
+class _FusedMixer(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout: _Layout, *params):
+        """hidden (b, l, d_model) -> (b, l, d_model)."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        ctx.dtype = dtype
+        with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
+            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout,
+                                        params)
+
+    @staticmethod
+    def _forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout, params):
+        dtype = ctx.dtype
+        b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
+        n = b * l
+        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = [
+            ([w.to(dtype) for w in ws], [x.to(dtype) if x is not None else None for x in bs])
+            for ws, bs in _unpack(layout, params)
+        ]
+        kern = layout.kernels
+        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model) sequence order
+        # in_proj: xz (2di, n)
+        h_in = h.index_select(0, perm) if layout.routed(0) else h  # sorted rows when routed
+        xz = _cols_mm(h.new_empty(2 * di, n), w_in, b_in, h_in.t(), layout.blocks(0))
+        if layout.routed(0):
+            xz = xz.index_select(1, inv_perm)
+        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+        conv_cols = _cols(conv_out)  # (di, n)
+        # x_proj: x_dbl (r + 2N, n)
+        x_dbl = _x_proj(conv_cols, w_x, layout, perm, inv_perm)
+        k_pad = _k_pad(layout)
+        w_dt_cat = _dt_weight(w_dt, b_dt, di, k_pad, dtype)
+        delta = w_dt_cat @ _dt_expanded(x_dbl[:r], onehot.to(dtype), k_pad)  # (di, n): every token's own expert
+        B, C = _bnl(x_dbl[r : r + N], b, l), _bnl(x_dbl[r + N :], b, l)  # (b, 1, N, l)
+        out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
+        y = _cols(out_z)  # (di, n)
+        # out_proj: rows (n, d_model)
+        y_in = y.index_select(1, perm) if layout.routed(3) else y
+        o = h.new_empty(n, w_out[0].shape[0])
+        for (lo, hi), w, bias in zip(layout.blocks(3), w_out, b_out):
+            if hi > lo:
+                if bias is None:
+                    torch.mm(y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+                else:
+                    torch.addmm(bias, y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+        if layout.routed(3):
+            o = o.index_select(0, inv_perm)
+        ctx.layout = layout
+        ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
+                              onehot, *w_in, *w_x, w_dt_cat, *w_out)
+        return o.view(b, l, -1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        with torch.autocast("cuda", enabled=False):
+            return _FusedMixer._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        layout, dtype = ctx.layout, ctx.dtype
+        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, onehot,
+         *weights) = ctx.saved_tensors
+        M_in, M_x, _, M_out = layout.experts
+        w_in, w_x = weights[:M_in], weights[M_in : M_in + M_x]
+        w_dt_cat, w_out = weights[M_in + M_x], weights[M_in + M_x + 1 :]
+        b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
+        n = b * l
+        kern = layout.kernels
+        dout = dout.reshape(n, -1).to(dtype)
+        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # recomputed
+        k_pad = _k_pad(layout)
+        dt_in = _dt_expanded(x_dbl[:r], onehot.to(dtype), k_pad)
+        delta = w_dt_cat @ dt_in  # recomputed (di, n)
+        # out_proj backward: dy (di, n) in sequence order
+        dout_in = dout.index_select(0, perm) if layout.routed(3) else dout
+        dy = _cols_mm(dout.new_empty(di, n), [w.t() for w in w_out], [None] * M_out, dout_in.t(), layout.blocks(3))
+        if layout.routed(3):
+            dy = dy.index_select(1, inv_perm)
+        # scan backward (recomputes the gated output y); dz goes straight into dxz
+        dxz = torch.empty_like(xz)
+        dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
+            conv_out, _bdl(delta, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dxz[di:], b, l)
+        )
+        y = _cols(out_z)
+        y_in = y.index_select(1, perm) if layout.routed(3) else y
+        g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3])
+        # dt_proj backward through the expanded GEMM
+        ddelta = _cols(ddelta).to(dtype)  # (di, n)
+        dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad)
+        d_dt_in = w_dt_cat.t() @ ddelta  # (k_pad, n)
+        M_dt = layout.experts[2]
+        d_dt_low = (d_dt_in[: M_dt * r].view(M_dt, r, n) * onehot[:, None, :].to(dtype)).sum(0)  # (r, n)
+        g_dt = [(dw_dt_cat[:, m * r : (m + 1) * r], dw_dt_cat[:, M_dt * r + m] if layout.has_bias[2] else None)
+                for m in range(M_dt)]
+        # x_proj backward: dconv_out += W_x^T dx_dbl
+        dx_dbl = torch.cat([d_dt_low, _cols(dB[:, 0]).to(dtype), _cols(dC[:, 0]).to(dtype)])  # (r + 2N, n)
+        dconv_cols = _cols(dconv_out)  # (di, n), a view: updated in place
+        if layout.routed(1):
+            dxd_in, conv_in = dx_dbl.index_select(1, perm), _cols(conv_out).index_select(1, perm)
+            dconv_sorted = _cols_mm(dout.new_empty(di, n), [w.t() for w in w_x], [None] * M_x, dxd_in,
+                                    layout.blocks(1))
+            dconv_cols.add_(dconv_sorted.index_select(1, inv_perm))
+        else:
+            dxd_in, conv_in = dx_dbl, _cols(conv_out)
+            dconv_cols.addmm_(w_x[0].t(), dx_dbl)
+        g_x = _weight_grads(dxd_in, conv_in, layout.blocks(1), False)
+        # conv backward: dx goes straight into dxz
+        _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols.to(dtype), b, l),
+                                            _bdl(dxz[:di], b, l))
+        # in_proj backward
+        dxz_in = dxz.index_select(1, perm) if layout.routed(0) else dxz
+        dh = dout.new_empty(n, h_in.shape[1])
+        for (lo, hi), w in zip(layout.blocks(0), w_in):
+            if hi > lo:
+                torch.mm(dxz_in[:, lo:hi].t(), w, out=dh[lo:hi])
+        if layout.routed(0):
+            dh = dh.index_select(0, inv_perm)
+        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0])
+        grads = []
+        for g, has_bias in ((g_in, layout.has_bias[0]), (g_x, False), (g_dt, layout.has_bias[2]),
+                            (g_out, layout.has_bias[3])):
+            grads += [w for w, _ in g]
+            if has_bias:
+                grads += [bias for _, bias in g]
+        dconv_w = dconv_w.unsqueeze(1)
+        return (dh.view(b, l, -1), None, None, None, dconv_w, dconv_b, dA, dD, None, *grads)
+
+
+def _weight_grads(d_cols, x_cols, blocks, has_bias):
+    """Per expert block s: dW = d[:, s] @ x[:, s]^T, db = d[:, s].sum(1). d_cols (o, n), x_cols (i, n)."""
+    out = []
+    for lo, hi in blocks:
+        d, x = d_cols[:, lo:hi], x_cols[:, lo:hi]
+        out.append((d @ x.t(), d.sum(1) if has_bias else None))
+    return out
+
+
+def _x_proj(conv_cols, w_x, layout, perm, inv_perm):
+    """x_dbl (r + 2N, n) = each token's x_proj expert applied to its column of conv_cols (di, n)."""
+    if not layout.routed(1):
+        return w_x[0] @ conv_cols
+    sorted_in = conv_cols.index_select(1, perm)
+    x_dbl = _cols_mm(conv_cols.new_empty(w_x[0].shape[0], conv_cols.shape[1]), w_x, [None] * len(w_x), sorted_in,
+                     layout.blocks(1))
+    return x_dbl.index_select(1, inv_perm)
+
+
+def _k_pad(layout: _Layout) -> int:
+    """Rows of the expanded dt_proj input, M * r + M rounded up to 8 (bf16 tensor-core alignment)."""
+    k = layout.experts[2] * (layout.dt_rank + 1)
+    return -(-k // 8) * 8
+
+
+def _bdl(cols: torch.Tensor, b: int, l: int) -> torch.Tensor:
+    """(f, n) -> (b, f, l) view, strides (l, n, 1): the layout the conv and scan kernels read."""
+    return cols.view(cols.shape[0], b, l).permute(1, 0, 2)
+
+
+def _cols(bdl: torch.Tensor) -> torch.Tensor:
+    """(b, f, l) with strides (l, n, 1) -> (f, n) view (kernel outputs keep their input's layout)."""
+    f = bdl.shape[1]
+    cols = bdl.permute(1, 0, 2)
+    if not cols.is_contiguous():  # a kernel gave a (b, f, l)-contiguous result: one copy
+        cols = cols.contiguous()
+    return cols.view(f, -1)
+
+
+def _bnl(cols: torch.Tensor, b: int, l: int) -> torch.Tensor:
+    """(N, n) -> (b, 1, N, l) contiguous (B and C are small: a copy keeps the scan's fastest layout)."""
+    return _bdl(cols, b, l).contiguous().unsqueeze(1)
+
+
+def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None) -> torch.Tensor:
+    """The mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
+
+    ``kern``: `CudaKernels` (default) or `REFERENCE_KERNELS` (any device; what the CPU tests use).
+    """
+    kern = kern or cuda_kernels()
+    b, l, _ = hidden.shape
+    projections = [getattr(mixer, name) for name in PROJ_ORDER]
+    experts = [_plain_linears(p) for p in projections]
+    if any(e is None for e in experts):
+        raise ValueError("fused_mixer needs plain nn.Linear experts; wrapped ones (LoRA) take the module path")
+    counts = routing.counts
+    starts = [sum(counts[:m]) for m in range(len(counts))]
+    bounds = tuple((s, s + c) for s, c in zip(starts, counts))
+    layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
+                     tuple(e[0].bias is not None for e in experts), bounds, kern)
+    params = []
+    for linears, has_bias in zip(experts, layout.has_bias):
+        params += [e.weight for e in linears]
+        params += [e.bias for e in linears] if has_bias else []
+    if layout.routed(2):
+        onehot = F.one_hot(routing.modality_ids.reshape(-1), routing.num_modalities).t().float()  # (M, n)
+    else:
+        onehot = hidden.new_ones(1, b * l, dtype=torch.float32)
+    A = -torch.exp(mixer.A_log.float())
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, onehot, mixer.conv1d.weight, mixer.conv1d.bias,
+                             A, mixer.D.float(), layout, *params)

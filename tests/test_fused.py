@@ -1,0 +1,88 @@
+"""The fused mixer (`mom.fused`) against the module path, on CPU with the reference kernels (fp64).
+
+The same Function runs on GPU with mamba-ssm's kernels (tests/test_cuda.py); here its routing, layouts, expanded
+dt_proj GEMM and hand-written backward are checked exactly, for every decouple set and modality layout.
+"""
+
+import pytest
+import torch
+
+import mom
+from mom import fused
+from mom.config import PROJECTIONS
+from mom.routing import Routing
+
+MODALITIES = ("text", "image", "speech")
+
+
+def make_mixer(decouple, bias=False, seed=0):
+    torch.manual_seed(seed)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4,
+                           decouple=decouple, bias=bias)
+    mixer = mom.MoMForCausalLM(config).backbone.layers[1].mixer.double()
+    with torch.no_grad():  # distinct experts, so that a token sent to the wrong one shows
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mixer
+
+
+def layouts():
+    runs = torch.zeros(2, 23, dtype=torch.long)
+    runs[:, 5:13] = 1
+    runs[1, 17:] = 2
+    return {
+        "uneven runs": runs,
+        "random": torch.randint(0, 3, (3, 17)),
+        "speech absent": torch.randint(0, 2, (2, 19)),
+        "one modality": torch.full((2, 9), 1),
+    }
+
+
+def run(mixer, modality_ids, fast: bool, seed=1):
+    torch.manual_seed(seed)
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS) if fast else mixer(hidden, routing)
+    out.backward(torch.randn_like(out))
+    grads = {name: p.grad.clone() for name, p in mixer.named_parameters()}
+    mixer.zero_grad(set_to_none=True)
+    return out.detach(), hidden.grad, grads
+
+
+@pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("in_proj", "dt_proj"), ("x_proj", "out_proj")])
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_fused_matches_module_path(decouple, layout):
+    modality_ids = layouts()[layout]
+    mixer = make_mixer(decouple, bias=decouple == PROJECTIONS)  # biases on in_proj/out_proj in one case
+    out_ref, dh_ref, g_ref = run(mixer, modality_ids, fast=False)
+    out, dh, g = run(mixer, modality_ids, fast=True)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dh, dh_ref)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_absent_modality_gets_zero_expert_grads():
+    mixer = make_mixer(PROJECTIONS)
+    _, _, g = run(mixer, layouts()["speech absent"], fast=True)
+    speech = [name for name in g if name.endswith(".speech.weight") or name.endswith(".speech.bias")]
+    assert len(speech) == 5  # in, x, dt (weight + bias), out
+    assert all(torch.count_nonzero(g[name]) == 0 for name in speech)
+    assert torch.count_nonzero(g["in_proj.text.weight"]) > 0
+
+
+def test_fast_path_only_for_plain_linear_experts_on_cuda():
+    mixer = make_mixer(PROJECTIONS).float()
+    hidden = torch.randn(1, 4, 12)
+    assert not fused.use_fast_path(mixer, hidden)  # CPU tensors: the module path
+    assert fused._plain_linears(mixer.in_proj) is not None
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8),
+                                                                   d_model=12, n_layer=1)),
+                                  peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
+    mixer = wrapped.base_model.model.backbone.layers[0].mixer
+    assert fused._plain_linears(mixer.in_proj) is None  # a LoRA-wrapped expert: defer to module calls
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        fused.fused_mixer(mixer, hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3),
+                          fused.REFERENCE_KERNELS)
