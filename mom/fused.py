@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from mom import kernels
 from mom import scan as ref_scan
+from mom.gather import gather_cols
 from mom.routing import RoutedLinear, Routing
 
 PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -181,13 +182,26 @@ def _cols_mm(out, weights, biases, rhs, blocks):
     return out
 
 
-def _dt_expanded(dt_low: torch.Tensor, onehot: torch.Tensor, k_pad: int) -> torch.Tensor:
-    """dt_low (r, n), onehot (M, n) -> (k_pad, n): [onehot_m * dt_low for each m; onehot; zero padding]."""
-    M, n = onehot.shape
-    rows = [(onehot[:, None, :] * dt_low[None]).reshape(-1, n), onehot]
-    pad = k_pad - rows[0].shape[0] - M
+def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """t (f, n), select (M, n) one-hot -> (M * f, n): token t's column in the block of its modality, zeros
+    elsewhere (``select=None``: a shared projection, t itself)."""
+    return t if select is None else (select[:, None, :] * t[None]).reshape(-1, t.shape[1])
+
+
+def _pick(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality."""
+    if select is None:
+        return t
+    M, n = select.shape
+    return (t.view(M, -1, n) * select[:, None, :]).sum(0)
+
+
+def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """dt_low (r, n) -> (k_pad, n): [`_spread` dt_low; the one-hot rows that pick each expert's bias; zeros]."""
+    rows = [_spread(dt_low, select), select]
+    pad = k_pad - rows[0].shape[0] - select.shape[0]
     if pad:
-        rows.append(dt_low.new_zeros(pad, n))
+        rows.append(dt_low.new_zeros(pad, dt_low.shape[1]))
     return torch.cat(rows)
 
 
@@ -205,41 +219,47 @@ class _FusedMixer(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout: _Layout, *params):
         """hidden (b, l, d_model) -> (b, l, d_model)."""
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-        ctx.dtype = dtype
+        ctx.dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
             return _FusedMixer._forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout,
                                         params)
 
     @staticmethod
     def _forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout, params):
-        dtype = ctx.dtype
+        dtype, kern = ctx.dtype, layout.kernels
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = [
             ([w.to(dtype) for w in ws], [x.to(dtype) if x is not None else None for x in bs])
             for ws, bs in _unpack(layout, params)
         ]
-        kern = layout.kernels
-        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model) sequence order
-        # in_proj: xz (2di, n)
-        h_in = h.index_select(0, perm) if layout.routed(0) else h  # sorted rows when routed
+        select = onehot.to(dtype)  # (M, n)
+        # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
+        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model)
+        h_in = h.index_select(0, perm) if layout.routed(0) else h
         xz = _cols_mm(h.new_empty(2 * di, n), w_in, b_in, h_in.t(), layout.blocks(0))
         if layout.routed(0):
-            xz = xz.index_select(1, inv_perm)
+            xz = gather_cols(xz, inv_perm)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
-        conv_cols = _cols(conv_out)  # (di, n)
-        # x_proj: x_dbl (r + 2N, n)
-        x_dbl = _x_proj(conv_cols, w_x, layout, perm, inv_perm)
+        # x_proj: every expert on every token, each token keeps its own expert's row block (x_proj is ~1% of the
+        # layer's FLOPs; the alternative, two column gathers of conv_out, costs more)
+        w_x_cat = torch.cat(w_x)  # (M * (r + 2N), di)
+        x_sel = select if layout.routed(1) else None
+        x_dbl = _pick(w_x_cat @ _cols(conv_out), x_sel)  # (r + 2N, n)
+        # dt_proj: one GEMM over the spread Δ-rank features, biases included
         k_pad = _k_pad(layout)
-        w_dt_cat = _dt_weight(w_dt, b_dt, di, k_pad, dtype)
-        delta = w_dt_cat @ _dt_expanded(x_dbl[:r], onehot.to(dtype), k_pad)  # (di, n): every token's own expert
+        dt_sel = select if layout.routed(2) else select.new_ones(1, n)
+        w_dt_cat = _dt_weight(w_dt, b_dt, di, k_pad, dtype)  # (di, k_pad)
+        delta = w_dt_cat @ _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (di, n)
         B, C = _bnl(x_dbl[r : r + N], b, l), _bnl(x_dbl[r + N :], b, l)  # (b, 1, N, l)
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
+        del conv_out, delta
+        # out_proj: rows (n, d_model) of sorted tokens, then back to sequence order
         y = _cols(out_z)  # (di, n)
-        # out_proj: rows (n, d_model)
-        y_in = y.index_select(1, perm) if layout.routed(3) else y
+        del out_z
+        y_in = gather_cols(y, perm) if layout.routed(3) else y
+        del y
         o = h.new_empty(n, w_out[0].shape[0])
         for (lo, hi), w, bias in zip(layout.blocks(3), w_out, b_out):
             if hi > lo:
@@ -248,10 +268,10 @@ class _FusedMixer(torch.autograd.Function):
                 else:
                     torch.addmm(bias, y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
         if layout.routed(3):
-            o = o.index_select(0, inv_perm)
+            o = o.index_select(0, inv_perm)  # a row gather: PyTorch's is fast
         ctx.layout = layout
         ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
-                              onehot, *w_in, *w_x, w_dt_cat, *w_out)
+                              select, dt_sel, w_x_cat, w_dt_cat, *w_in, *w_out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -262,74 +282,73 @@ class _FusedMixer(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        layout, dtype = ctx.layout, ctx.dtype
-        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, onehot,
-         *weights) = ctx.saved_tensors
-        M_in, M_x, _, M_out = layout.experts
-        w_in, w_x = weights[:M_in], weights[M_in : M_in + M_x]
-        w_dt_cat, w_out = weights[M_in + M_x], weights[M_in + M_x + 1 :]
+        layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
+        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel,
+         w_x_cat, w_dt_cat, *weights) = ctx.saved_tensors
+        M_in, M_x, M_dt, M_out = layout.experts
+        w_in, w_out = weights[:M_in], weights[M_in:]
         b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
         n = b * l
-        kern = layout.kernels
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # recomputed
-        k_pad = _k_pad(layout)
-        dt_in = _dt_expanded(x_dbl[:r], onehot.to(dtype), k_pad)
-        delta = w_dt_cat @ dt_in  # recomputed (di, n)
         # out_proj backward: dy (di, n) in sequence order
         dout_in = dout.index_select(0, perm) if layout.routed(3) else dout
-        dy = _cols_mm(dout.new_empty(di, n), [w.t() for w in w_out], [None] * M_out, dout_in.t(), layout.blocks(3))
+        del dout
+        dy = _cols_mm(dout_in.new_empty(di, n), [w.t() for w in w_out], [None] * M_out, dout_in.t(), layout.blocks(3))
         if layout.routed(3):
-            dy = dy.index_select(1, inv_perm)
-        # scan backward (recomputes the gated output y); dz goes straight into dxz
+            dy = gather_cols(dy, inv_perm)
+        # scan backward on the recomputed conv output and Δ; it recomputes the gated output and writes dz into dxz
+        k_pad = _k_pad(layout)
+        dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
         dxz = torch.empty_like(xz)
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
-            conv_out, _bdl(delta, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dxz[di:], b, l)
+            conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
+            _bdl(dxz[di:], b, l)
         )
-        y = _cols(out_z)
-        y_in = y.index_select(1, perm) if layout.routed(3) else y
+        del dy
+        y_in = gather_cols(_cols(out_z), perm) if layout.routed(3) else _cols(out_z)
+        del out_z
         g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3])
+        del y_in, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
         dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad)
-        d_dt_in = w_dt_cat.t() @ ddelta  # (k_pad, n)
-        M_dt = layout.experts[2]
-        d_dt_low = (d_dt_in[: M_dt * r].view(M_dt, r, n) * onehot[:, None, :].to(dtype)).sum(0)  # (r, n)
+        d_dt_low = _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None)  # (r, n)
+        del ddelta, dt_in
         g_dt = [(dw_dt_cat[:, m * r : (m + 1) * r], dw_dt_cat[:, M_dt * r + m] if layout.has_bias[2] else None)
                 for m in range(M_dt)]
-        # x_proj backward: dconv_out += W_x^T dx_dbl
+        # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_dbl = torch.cat([d_dt_low, _cols(dB[:, 0]).to(dtype), _cols(dC[:, 0]).to(dtype)])  # (r + 2N, n)
-        dconv_cols = _cols(dconv_out)  # (di, n), a view: updated in place
-        if layout.routed(1):
-            dxd_in, conv_in = dx_dbl.index_select(1, perm), _cols(conv_out).index_select(1, perm)
-            dconv_sorted = _cols_mm(dout.new_empty(di, n), [w.t() for w in w_x], [None] * M_x, dxd_in,
-                                    layout.blocks(1))
-            dconv_cols.add_(dconv_sorted.index_select(1, inv_perm))
-        else:
-            dxd_in, conv_in = dx_dbl, _cols(conv_out)
-            dconv_cols.addmm_(w_x[0].t(), dx_dbl)
-        g_x = _weight_grads(dxd_in, conv_in, layout.blocks(1), False)
+        dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
+        dw_x_cat = dx_all @ _cols(conv_out).t()  # (M * (r + 2N), di)
+        del conv_out
+        dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
+        del dconv_out
+        dconv_cols.addmm_(w_x_cat.t(), dx_all)
+        g_x = [(w, None) for w in dw_x_cat.chunk(M_x)]
         # conv backward: dx goes straight into dxz
-        _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols.to(dtype), b, l),
+        _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
+        del dconv_cols
         # in_proj backward
-        dxz_in = dxz.index_select(1, perm) if layout.routed(0) else dxz
-        dh = dout.new_empty(n, h_in.shape[1])
+        dxz_in = gather_cols(dxz, perm) if layout.routed(0) else dxz
+        del dxz
+        dh = dxz_in.new_empty(n, h_in.shape[1])
         for (lo, hi), w in zip(layout.blocks(0), w_in):
             if hi > lo:
                 torch.mm(dxz_in[:, lo:hi].t(), w, out=dh[lo:hi])
+        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0])
+        del dxz_in
         if layout.routed(0):
             dh = dh.index_select(0, inv_perm)
-        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0])
         grads = []
         for g, has_bias in ((g_in, layout.has_bias[0]), (g_x, False), (g_dt, layout.has_bias[2]),
                             (g_out, layout.has_bias[3])):
             grads += [w for w, _ in g]
             if has_bias:
                 grads += [bias for _, bias in g]
-        dconv_w = dconv_w.unsqueeze(1)
-        return (dh.view(b, l, -1), None, None, None, dconv_w, dconv_b, dA, dD, None, *grads)
+        return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *grads)
 
 
 def _weight_grads(d_cols, x_cols, blocks, has_bias):
@@ -339,16 +358,6 @@ def _weight_grads(d_cols, x_cols, blocks, has_bias):
         d, x = d_cols[:, lo:hi], x_cols[:, lo:hi]
         out.append((d @ x.t(), d.sum(1) if has_bias else None))
     return out
-
-
-def _x_proj(conv_cols, w_x, layout, perm, inv_perm):
-    """x_dbl (r + 2N, n) = each token's x_proj expert applied to its column of conv_cols (di, n)."""
-    if not layout.routed(1):
-        return w_x[0] @ conv_cols
-    sorted_in = conv_cols.index_select(1, perm)
-    x_dbl = _cols_mm(conv_cols.new_empty(w_x[0].shape[0], conv_cols.shape[1]), w_x, [None] * len(w_x), sorted_in,
-                     layout.blocks(1))
-    return x_dbl.index_select(1, inv_perm)
 
 
 def _k_pad(layout: _Layout) -> int:
@@ -396,10 +405,7 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     for linears, has_bias in zip(experts, layout.has_bias):
         params += [e.weight for e in linears]
         params += [e.bias for e in linears] if has_bias else []
-    if layout.routed(2):
-        onehot = F.one_hot(routing.modality_ids.reshape(-1), routing.num_modalities).t().float()  # (M, n)
-    else:
-        onehot = hidden.new_ones(1, b * l, dtype=torch.float32)
+    onehot = F.one_hot(routing.modality_ids.reshape(-1), routing.num_modalities).t().float()  # (M, n)
     A = -torch.exp(mixer.A_log.float())
     return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, onehot, mixer.conv1d.weight, mixer.conv1d.bias,
                              A, mixer.D.float(), layout, *params)
