@@ -18,11 +18,15 @@ def interleaved_modalities(batch: int, length: int, runs=DEFAULT_RUNS, device="c
     return torch.tensor(row[:length], device=device).expand(batch, -1).contiguous()
 
 
-def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[float, float]:
-    """(mean milliseconds per call, peak GiB allocated during the calls)."""
+def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[float, float, float]:
+    """(mean milliseconds per call, peak GiB allocated during the calls, GiB resident before them).
+
+    Resident: what stays allocated between calls (parameters, their gradients, optimizer states, inputs); peak minus
+    resident is what a call adds (activations and temporaries)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -30,7 +34,7 @@ def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[f
         fn()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30
+    return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30, resident
 
 
 def row(name: str, mom_value: float, dense_value: float, unit: str) -> str:

@@ -3,8 +3,10 @@
     python eval/bench_layer.py                     # the two default shapes
     python eval/bench_layer.py --shape 8x2048x1024 --runs 64,256,128
 
-Every variant runs in the same process on the same inputs; prints time and peak memory, each with its ratio to
-mamba-ssm's fused dense layer (the target; "MoM, fast path" is the row the goal is about). The other rows attribute
+Every variant runs in the same process on the same inputs; prints time, peak memory and the peak above what stays
+resident between steps (parameters, their gradients, the inputs: MoM has M times the projection weights), each with
+its ratio to mamba-ssm's fused dense layer (the target; "MoM, fast path" is the row the goal is about). The other
+rows attribute
 the gap: mamba-ssm without its fused path, our mixer with ``decouple=()`` (no routing), and each of ours on the
 module path (``use_fast_path=False``: per-expert module calls, the reference the fast path is tested against).
 Routing is built once per model forward and shared by all layers, so its cost is printed separately.
@@ -66,12 +68,14 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.kernels.backend_name(x.device)}")
     base = None
     for name, (factory, r) in variants.items():
-        ms, gib = measure(_step(factory(), r, x, grad), iters=iters)
-        base = base or (ms, gib)
-        print(f"  {name:<28} {ms:8.3f} ms ({ms / base[0]:5.2f}x)   peak {gib:6.3f} GiB ({gib / base[1]:5.2f}x)")
+        ms, gib, resident = measure(_step(factory(), r, x, grad), iters=iters)
+        added = gib - resident  # activations and temporaries of one step
+        base = base or (ms, gib, added)
+        print(f"  {name:<26} {ms:8.3f} ms ({ms / base[0]:5.2f}x)   peak {gib:6.3f} GiB ({gib / base[1]:5.2f}x)"
+              f"   above resident {added:6.3f} GiB ({added / base[2]:5.2f}x)")
         x.grad = None
         torch.cuda.empty_cache()
-    t_route, _ = measure(lambda: Routing.build(modality_ids, len(runs)), iters=iters)
+    t_route, _, _ = measure(lambda: Routing.build(modality_ids, len(runs)), iters=iters)
     print(f"  routing build (once per model forward): {t_route:.3f} ms")
 
 

@@ -67,7 +67,7 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int)
             forward = dense_forward
         params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ms, gib = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
+        ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
         results[name] = (tokens / (ms / 1e3), gib, params)
         del model, optimizer
     tps_mom, mem_mom, p_mom = results["mom"]

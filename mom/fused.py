@@ -8,20 +8,22 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   one GEMM ``W @ X`` on it, so no activation is ever transposed by a copy (the module path's transposing copies were
   a third of its GPU time).
 * Routing (`mom.routing.Routing`: tokens sorted by modality once per model forward) is a column gather
-  ``X[:, perm]``: each expert multiplies its contiguous block of sorted columns, writing straight into its block of
-  the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the columns back in sequence
-  order for the conv and the scan. in_proj, x_proj and out_proj route this way.
-* dt_proj (rank ``r``) routes without a gather: its input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank
-  features in the block of its modality and a one in the row of its modality's bias, zeros elsewhere; then ONE GEMM
-  with the experts' weights and biases side by side gives every token its own expert's ``W_m @ dt + b_m``. This is
-  exact (the zeros add nothing) and costs ``M`` times a projection that is ~1% of the layer's FLOPs.
+  ``X[:, perm]`` (`mom.gather.gather_cols`): each expert multiplies its contiguous block of sorted columns, writing
+  straight into its block of the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the
+  columns back in sequence order for the conv and the scan. in_proj and out_proj route this way.
+* x_proj and dt_proj are small (~1% and ~0.5% of the layer's FLOPs), so they route without any gather: x_proj runs
+  every expert on every token in ONE GEMM with the experts' weights stacked, and each token keeps the rows of its
+  own expert (`_pick`); dt_proj's input is spread to ``(M * r + M, n)``, token ``t``'s Δ-rank features in the block
+  of its modality and a one in the row of its modality's bias, zeros elsewhere (`_spread`), so that ONE GEMM with the
+  experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add nothing) and cost ``M``
+  times a small GEMM instead of two column gathers of a (d_inner, n) matrix.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
   does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, the scan's output and checkpoints.
 
 Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
-``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) keep the module path, which calls
-each expert as a module. `REFERENCE_KERNELS` runs the same Function with the pure-PyTorch conv and scan, on any
-device, so that its routing and layouts are tested on CPU.
+``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
+keep the module path, which calls each expert as a module. `REFERENCE_KERNELS` runs the same Function with the
+pure-PyTorch conv and scan, on any device, so that its routing, layouts and backward are tested on CPU.
 """
 
 from __future__ import annotations
@@ -128,11 +130,21 @@ def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
     return experts if all(type(e) is nn.Linear for e in experts) else None
 
 
+def supports_fast_path(mixer: nn.Module) -> bool:
+    """Whether `fused_mixer` can compute this mixer: every expert a plain ``nn.Linear`` (a LoRA-wrapped one must be
+    called as a module) and every weight present. ZeRO-3 leaves a module's weights empty until the module itself is
+    called, and the fused path reads the conv's and the experts' weights without calling them, so a partitioned
+    model takes the module path."""
+    if any(_plain_linears(getattr(mixer, name)) is None for name in PROJ_ORDER):
+        return False
+    return all(p.numel() > 0 for p in mixer.parameters())
+
+
 def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
-    """True when `fused_mixer` can replace the module path for this call (its other conditions: the caller's)."""
+    """True when `fused_mixer` replaces the module path for this call (cache, mask and reset: the caller checks)."""
     if not (hidden.is_cuda and mixer.use_fast_path) or kernels.force_reference() or cuda_kernels() is None:
         return False
-    return all(_plain_linears(getattr(mixer, name)) is not None for name in PROJ_ORDER)
+    return supports_fast_path(mixer)
 
 
 # ---- the Function ---------------------------------------------------------------------------------------------------
@@ -394,8 +406,9 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     b, l, _ = hidden.shape
     projections = [getattr(mixer, name) for name in PROJ_ORDER]
     experts = [_plain_linears(p) for p in projections]
-    if any(e is None for e in experts):
-        raise ValueError("fused_mixer needs plain nn.Linear experts; wrapped ones (LoRA) take the module path")
+    if not supports_fast_path(mixer):
+        raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
+                         "ZeRO-3-partitioned ones take the module path")
     counts = routing.counts
     starts = [sum(counts[:m]) for m in range(len(counts))]
     bounds = tuple((s, s + c) for s, c in zip(starts, counts))

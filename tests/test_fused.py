@@ -72,17 +72,34 @@ def test_absent_modality_gets_zero_expert_grads():
     assert torch.count_nonzero(g["in_proj.text.weight"]) > 0
 
 
-def test_fast_path_only_for_plain_linear_experts_on_cuda():
+def test_fast_path_only_for_plain_present_linear_experts_on_cuda():
     mixer = make_mixer(PROJECTIONS).float()
     hidden = torch.randn(1, 4, 12)
     assert not fused.use_fast_path(mixer, hidden)  # CPU tensors: the module path
-    assert fused._plain_linears(mixer.in_proj) is not None
+    assert fused.supports_fast_path(mixer)
+    with torch.no_grad():  # as ZeRO-3 leaves a module's weights until the module is called
+        mixer.conv1d.weight.data = torch.empty(0)
+    assert not fused.supports_fast_path(mixer)
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8),
                                                                    d_model=12, n_layer=1)),
                                   peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
     mixer = wrapped.base_model.model.backbone.layers[0].mixer
-    assert fused._plain_linears(mixer.in_proj) is None  # a LoRA-wrapped expert: defer to module calls
+    assert not fused.supports_fast_path(mixer)  # a LoRA-wrapped expert: defer to module calls
     with pytest.raises(ValueError, match="plain nn.Linear"):
         fused.fused_mixer(mixer, hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3),
                           fused.REFERENCE_KERNELS)
+
+
+def test_fused_bf16_weights_close_to_module_path():
+    """bf16 parameters without autocast (DeepSpeed's bf16 mode): same dtypes through the Function."""
+    mixer = make_mixer(PROJECTIONS).to(torch.bfloat16)
+    modality_ids = layouts()["uneven runs"]
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.bfloat16)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    ref = mixer(hidden, routing).float()
+    out = fused.fused_mixer(mixer, hidden.requires_grad_(), routing, fused.REFERENCE_KERNELS)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
