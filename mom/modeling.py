@@ -17,7 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from mom import kernels
+from mom import fused, kernels
 from mom.cache import MoMCache
 from mom.config import MoMConfig
 from mom.mixer import MoMMixer
@@ -211,8 +211,12 @@ class MoMModel(MoMPreTrainedModel):
 
     @property
     def backend(self) -> str:
-        """Which selective-scan backend this model's forward uses on its current device."""
-        return kernels.backend_name(self.embeddings.weight.device)
+        """Which selective-scan backend this model's forward uses on its current device, and whether its mixers take
+        the fused fast path (`mom.fused`) where they can."""
+        name = kernels.backend_name(self.embeddings.weight.device)
+        if name != "reference" and self.config.use_fast_path and fused.cuda_kernels() is not None:
+            name += " (fused mixer)"
+        return name
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
