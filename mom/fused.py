@@ -11,12 +11,12 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   ``X[:, perm]`` (`mom.gather.gather_cols`): each expert multiplies its contiguous block of sorted columns, writing
   straight into its block of the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the
   columns back in sequence order for the conv and the scan. in_proj and out_proj route this way.
-* x_proj and dt_proj are small (~1% and ~0.5% of the layer's FLOPs), so they route without any gather: x_proj runs
-  every expert on every token in ONE GEMM with the experts' weights stacked, and each token keeps the rows of its
-  own expert (`_pick`); dt_proj's input is spread to ``(M * r + M, n)``, token ``t``'s Δ-rank features in the block
-  of its modality and a one in the row of its modality's bias, zeros elsewhere (`_spread`), so that ONE GEMM with the
-  experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add nothing) and cost ``M``
-  times a small GEMM instead of two column gathers of a (d_inner, n) matrix.
+* x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
+  gather: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked, and each token
+  keeps the rows of its own expert (`_pick`); dt_proj's input is spread to ``(M * r + M, n)``, token ``t``'s Δ-rank
+  features in the block of its modality and a one in the row of its modality's bias, zeros elsewhere (`_spread`),
+  so that ONE GEMM with the experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add
+  nothing) and cost ``M`` times a small GEMM instead of column gathers of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
   does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, the scan's output and checkpoints.
 
@@ -254,8 +254,8 @@ class _FusedMixer(torch.autograd.Function):
             xz = gather_cols(xz, inv_perm)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
-        # x_proj: every expert on every token, each token keeps its own expert's row block (x_proj is ~1% of the
-        # layer's FLOPs; the alternative, two column gathers of conv_out, costs more)
+        # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
+        # instead of column gathers of conv_out and of its gradient)
         w_x_cat = torch.cat(w_x)  # (M * (r + 2N), di)
         x_sel = select if layout.routed(1) else None
         x_dbl = _pick(w_x_cat @ _cols(conv_out), x_sel)  # (r + 2N, n)
