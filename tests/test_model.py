@@ -212,3 +212,35 @@ def test_document_reset_makes_packed_documents_independent():
     model.train()
     model(packed, labels=packed, seq_idx=seq_idx).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    """Blocks pass (output, residual) pairs; recomputing them under checkpointing changes nothing."""
+    torch.manual_seed(0)
+    model = mom.MoMForCausalLM(tiny_config()).train()
+    ids = interleaved_ids(model.config, 2, RUNS)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+
+
+def test_hidden_states_are_the_residual_stream():
+    model = mom.MoMForCausalLM(tiny_config()).eval()
+    ids = interleaved_ids(model.config, 1, RUNS)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        states = out.hidden_states
+        assert len(states) == model.config.n_layer + 1
+        torch.testing.assert_close(states[0], model.backbone.embeddings(ids).float())
+        # the last state, normed and projected, gives the logits
+        torch.testing.assert_close(model.lm_head(model.backbone.norm_f(states[-1])), out.logits)
