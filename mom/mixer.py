@@ -11,6 +11,10 @@ Per token, exactly as in Mamba (mamba-ssm's ``modules/mamba_simple.py``)::
 
 Projections named in ``config.decouple`` are `RoutedLinear` (one ``nn.Linear`` per modality), the others plain
 ``nn.Linear``; with ``decouple=()`` this is exactly a dense Mamba mixer.
+
+Training forwards on CUDA take the fast path, `mom.fused` (the same maths as one autograd Function in the scan's
+layout); this module path is the reference it is tested against, and runs everything else: CPU, caches and
+generation, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned weights.
 """
 
 from __future__ import annotations
