@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+import mom
+
 DEFAULT_RUNS = (64, 256, 128)  # text / image / speech run lengths, repeated along the sequence
 
 
@@ -16,6 +18,13 @@ def interleaved_modalities(batch: int, length: int, runs=DEFAULT_RUNS, device="c
         row += [m] * runs[m]
         m = (m + 1) % len(runs)
     return torch.tensor(row[:length], device=device).expand(batch, -1).contiguous()
+
+
+def mom_mixer(num_modalities: int, d_model: int, decouple, fast: bool = True, device: str = "cuda"):
+    """One MoM mixer layer with Mamba's initialisation (built through the LM, which initialises it)."""
+    config = mom.MoMConfig(modalities=("text", "image", "speech")[:num_modalities], vocab_sizes=(16,) * num_modalities,
+                           d_model=d_model, n_layer=1, decouple=decouple, use_fast_path=fast)
+    return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)
 
 
 def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[float, float, float]:

@@ -21,11 +21,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, measure  # noqa: E402
+from bench_common import interleaved_modalities, measure, mom_mixer  # noqa: E402
 
 import mom  # noqa: E402
 from mom.config import PROJECTIONS  # noqa: E402
-from mom.mixer import MoMMixer  # noqa: E402
 from mom.routing import Routing  # noqa: E402
 
 
@@ -43,14 +42,8 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
 
     device = "cuda"
     modality_ids = interleaved_modalities(batch, length, runs, device)
-    names = ("text", "image", "speech")[: len(runs)]
     x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
-
-    def mom_mixer(decouple, fast: bool) -> MoMMixer:
-        config = mom.MoMConfig(modalities=names, vocab_sizes=(16,) * len(runs), d_model=d_model, n_layer=1,
-                               decouple=decouple, use_fast_path=fast)
-        return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)  # Mamba's initialisation
 
     routing = Routing.build(modality_ids, len(runs))
 
@@ -60,10 +53,10 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     variants = {  # name: (layer factory, routing or None)
         "mamba-ssm fused (dense)": (lambda: mamba(True), None),
         "mamba-ssm unfused (dense)": (lambda: mamba(False), None),
-        "mom dense, module path": (lambda: mom_mixer((), False), routing),
-        "mom dense, fast path": (lambda: mom_mixer((), True), routing),
-        "MoM, module path": (lambda: mom_mixer(PROJECTIONS, False), routing),
-        "MoM, fast path": (lambda: mom_mixer(PROJECTIONS, True), routing),
+        "mom dense, module path": (lambda: mom_mixer(len(runs), d_model, (), fast=False), routing),
+        "mom dense, fast path": (lambda: mom_mixer(len(runs), d_model, ()), routing),
+        "MoM, module path": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS, fast=False), routing),
+        "MoM, fast path": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS), routing),
     }
     print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.kernels.backend_name(x.device)}")
     base = None

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities  # noqa: E402
+from bench_common import interleaved_modalities, mom_mixer  # noqa: E402
 
 import mom  # noqa: E402
 from mom.config import PROJECTIONS  # noqa: E402
@@ -50,12 +50,6 @@ def main(argv=None) -> int:
     b, l, d = (int(v) for v in args.shape.split("x"))
     runs = tuple(int(v) for v in args.runs.split(","))
     modality_ids = interleaved_modalities(b, l, runs, "cuda")
-
-    def mom_mixer(decouple):
-        config = mom.MoMConfig(modalities=("text", "image", "speech")[: len(runs)], vocab_sizes=(16,) * len(runs),
-                               d_model=d, n_layer=1, decouple=decouple)
-        return mom.MoMForCausalLM(config).backbone.layers[0].mixer.cuda()
-
     dense = Mamba(d, d_state=16, d_conv=4, expand=2).cuda()
     routing = Routing.build(modality_ids, len(runs))
     x = torch.randn(b, l, d, device="cuda", requires_grad=True)
@@ -70,8 +64,8 @@ def main(argv=None) -> int:
         return run
 
     print("device:", torch.cuda.get_device_name(), "backend:", mom.kernels.backend_name(x.device))
-    profile_step("MoM mixer", step(mom_mixer(PROJECTIONS), routing), args.rows)
-    profile_step("mom mixer, decouple=()", step(mom_mixer(()), routing), args.rows)
+    profile_step("MoM mixer", step(mom_mixer(len(runs), d, PROJECTIONS), routing), args.rows)
+    profile_step("mom mixer, decouple=()", step(mom_mixer(len(runs), d, ()), routing), args.rows)
     profile_step("mamba-ssm fused Mamba", step(dense), args.rows)
     return 0
 

@@ -76,19 +76,13 @@ class CudaKernels:
 class ReferenceKernels:
     """The same interface on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
 
-    @staticmethod
-    def _conv(x, weight, bias):
-        y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
-                     padding=weight.shape[-1] - 1, groups=weight.shape[0])
-        return F.silu(y[..., : x.shape[-1]])
-
     def conv_fwd(self, x, weight, bias):
-        return self._conv(x, weight, bias)
+        return kernels.reference_causal_conv1d(x, weight, bias)
 
     def conv_bwd(self, x, weight, bias, dout, dx):
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
         with torch.enable_grad():
-            y = self._conv(*leaves)
+            y = kernels.reference_causal_conv1d(*leaves)
             grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dout)
         dx.copy_(grads[0])
         return dx, grads[1], grads[2] if bias is not None else None
@@ -409,16 +403,12 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     if not supports_fast_path(mixer):
         raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
                          "ZeRO-3-partitioned ones take the module path")
-    counts = routing.counts
-    starts = [sum(counts[:m]) for m in range(len(counts))]
-    bounds = tuple((s, s + c) for s, c in zip(starts, counts))
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
-                     tuple(e[0].bias is not None for e in experts), bounds, kern)
+                     tuple(e[0].bias is not None for e in experts), routing.bounds, kern)
     params = []
     for linears, has_bias in zip(experts, layout.has_bias):
         params += [e.weight for e in linears]
         params += [e.bias for e in linears] if has_bias else []
-    onehot = F.one_hot(routing.modality_ids.reshape(-1), routing.num_modalities).t().float()  # (M, n)
     A = -torch.exp(mixer.A_log.float())
-    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, onehot, mixer.conv1d.weight, mixer.conv1d.bias,
-                             A, mixer.D.float(), layout, *params)
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot, mixer.conv1d.weight,
+                             mixer.conv1d.bias, A, mixer.D.float(), layout, *params)

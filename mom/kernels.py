@@ -115,8 +115,13 @@ def causal_conv1d(
         return _causal_conv1d_segmented(x, weight, bias, reset)
     if _use_conv_kernel(x):
         return _causal_conv1d()[0](x, weight, bias, activation="silu")
-    width = weight.shape[-1]
-    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=weight.shape[0])
+    return reference_causal_conv1d(x, weight, bias)
+
+
+def reference_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(depthwise causal conv) in PyTorch, weights cast to x's dtype. x: (b, d, l); weight: (d, w)."""
+    bias = None if bias is None else bias.to(x.dtype)
+    y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])
     return F.silu(y[..., : x.shape[-1]])
 
 

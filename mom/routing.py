@@ -9,6 +9,7 @@ back with the inverse permutation. The only host synchronisation is reading the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,18 @@ class Routing:
         inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
         counts = tuple(torch.bincount(flat, minlength=num_modalities).tolist())  # the one host sync
         return cls(perm, inv_perm, counts, modality_ids, num_modalities)
+
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) of each modality's block of the sorted tokens."""
+        ends = [sum(self.counts[: m + 1]) for m in range(len(self.counts))]
+        return tuple((end - c, end) for end, c in zip(ends, self.counts))
+
+    @cached_property
+    def onehot(self) -> torch.Tensor:
+        """(num_modalities, n) float32 one-hot of each token's modality, built once and shared by all layers."""
+        flat = self.modality_ids.reshape(-1)
+        return torch.nn.functional.one_hot(flat, self.num_modalities).t().float()
 
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
