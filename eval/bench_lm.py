@@ -35,36 +35,45 @@ def train_step_fn(model, ids, labels, optimizer, forward):
     return step
 
 
-def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int) -> None:
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    device = "cuda"
-    config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+def make_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cuda") -> torch.Tensor:
+    """(batch, length) token ids, modalities interleaved in runs, each id drawn from its modality's vocabulary."""
     modality_ids = interleaved_modalities(batch, length, device=device)
     offsets = torch.tensor(config.vocab_offsets, device=device)
     sizes = torch.tensor(config.vocab_sizes, device=device)
-    ids = offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
+    return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
+
+
+def mom_forward(model, ids, labels):
+    return model(ids, labels=labels).loss
+
+
+def dense_forward(model, ids, labels):
+    logits = model(ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def build(name: str, d_model: int, n_layer: int, device: str = "cuda"):
+    """-> (model, forward(model, ids, labels) -> loss) for "mom" or "dense" (mamba-ssm's MambaLMHeadModel)."""
+    if name == "mom":
+        config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+        return mom.MoMForCausalLM(config).to(device), mom_forward
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    dcfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba1"},
+                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    return MambaLMHeadModel(dcfg, device=device), dense_forward
+
+
+def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int) -> None:
+    device = "cuda"
+    config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+    ids = make_batch(config, batch, length, device)
     tokens = batch * length
-
-    def mom_forward(model, ids, labels):
-        return model(ids, labels=labels).loss
-
-    def dense_forward(model, ids, labels):
-        logits = model(ids).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-
     results = {}
     for name in ("mom", "dense"):
         torch.cuda.empty_cache()
-        if name == "mom":
-            model = mom.MoMForCausalLM(config).to(device)
-            forward = mom_forward
-        else:
-            dcfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba1"},
-                               rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
-            model = MambaLMHeadModel(dcfg, device=device)
-            forward = dense_forward
+        model, forward = build(name, d_model, n_layer, device)
         params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)

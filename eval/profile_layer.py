@@ -32,7 +32,7 @@ def profile_step(name: str, step, rows: int) -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"\n=== {name}: CUDA time per kernel over 5 fwd+bwd steps ===")
+    print(f"\n=== {name}: CUDA time per kernel over 5 steps ===")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 
 

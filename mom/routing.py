@@ -14,6 +14,8 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
+from mom.routed_mm import RunTiles, run_tiles
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -42,11 +44,10 @@ class Routing:
         counts = tuple(torch.bincount(flat, minlength=num_modalities).tolist())  # the one host sync
         return cls(perm, inv_perm, counts, modality_ids, num_modalities)
 
-    @property
-    def bounds(self) -> tuple[tuple[int, int], ...]:
-        """(start, end) of each modality's block of the sorted tokens."""
-        ends = [sum(self.counts[: m + 1]) for m in range(len(self.counts))]
-        return tuple((end - c, end) for end, c in zip(ends, self.counts))
+    @cached_property
+    def tiles(self) -> RunTiles:
+        """The tokens cut into tiles of one modality (`mom.routed_mm`'s schedule), built once per forward."""
+        return run_tiles(self.modality_ids, self.num_modalities)
 
     @cached_property
     def onehot(self) -> torch.Tensor:
