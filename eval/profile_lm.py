@@ -3,7 +3,9 @@
     python eval/profile_lm.py                        # 768 x 24, batch 8 x 2048
     python eval/profile_lm.py --model 1024x48 --rows 40
 
-Complements eval/bench_lm.py (the totals) the way eval/profile_layer.py complements eval/bench_layer.py.
+Complements eval/bench_lm.py (the totals) the way eval/profile_layer.py complements eval/bench_layer.py. Also prints
+where a step synchronises with the host, and the step's wall time next to the time the host took to enqueue it:
+when the two are close, the GPU waits on Python (launch-bound), whatever its kernels cost.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import warnings
 
 import torch
 
@@ -19,6 +23,31 @@ from bench_lm import VOCAB_SPLIT, build, make_batch, train_step_fn  # noqa: E402
 from profile_layer import profile_step  # noqa: E402
 
 import mom  # noqa: E402
+
+
+def host_view(step, iters: int = 5) -> None:
+    """The host synchronisations of one step (file:line), then wall vs enqueue time per step."""
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    sites = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    print(f"host syncs in one step: {sum(sites.values())}", *(f"{k} x{v}" for k, v in sites.items()), sep="\n  ")
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    enqueued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    print(f"per step: wall {wall / iters * 1e3:.1f} ms, host enqueue {enqueued / iters * 1e3:.1f} ms")
 
 
 def main(argv=None) -> int:
@@ -38,7 +67,9 @@ def main(argv=None) -> int:
     for name in ("mom", "dense"):
         model, forward = build(name, d, n)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        profile_step(f"{name} LM training step", train_step_fn(model, ids, ids, optimizer, forward), args.rows)
+        step = train_step_fn(model, ids, ids, optimizer, forward)
+        profile_step(f"{name} LM training step", step, args.rows)
+        host_view(step)
         del model, optimizer
         torch.cuda.empty_cache()
     return 0

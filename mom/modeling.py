@@ -366,15 +366,12 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     def _add_losses(self, result, logits, labels, modality_ids) -> None:
         """Mean loss over all targets, and per modality of the target token (no host sync)."""
         M = self.config.num_modalities
-        targets = labels[:, 1:]  # (b, l-1)
-        per_token = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-        valid = (targets.reshape(-1) != IGNORE_INDEX).float()
-        target_modality = modality_ids[:, 1:].reshape(-1).long()
+        # position t predicts labels[t + 1]: shift the labels, not the (b, l, V) logits (no copy of them)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (b * l,)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        valid = (targets != IGNORE_INDEX).float()
+        target_modality = F.pad(modality_ids[:, 1:], (0, 1)).reshape(-1).long()
         sums = per_token.new_zeros(M).scatter_add_(0, target_modality, per_token * valid)
         counts = valid.new_zeros(M).scatter_add_(0, target_modality, valid)
         result.loss = sums.sum() / counts.sum().clamp(min=1)

@@ -94,17 +94,23 @@ def _kernels():
     except ImportError:
         return None
 
-    mm_configs = [
-        triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4))
+    def small_first(configs, named_args, **_):
+        """Problems under 2^20 weight elements (tests, tiny models) take the first config: not worth tuning."""
+        return configs[:1] if named_args["O"] * named_args["K"] < 2**20 else configs
+
+    mm_configs = [  # SWAP: tokens as the dot's rows (a 64 x BM tile: wgmma's 64-row instruction, BM wide)
+        triton.Config({"BM": bm, "BK": 64, "SWAP": swap}, num_warps=w, num_stages=st)
+        for swap, bm, w, st in ((True, 128, 4, 4), (False, 128, 4, 4), (False, 128, 8, 3), (False, 256, 8, 3),
+                                (True, 256, 4, 3), (True, 256, 8, 3), (True, 128, 8, 4))
     ]
 
-    @triton.autotune(mm_configs, key=["O", "K", "s_wo", "s_xn", "s_cn"])
+    @triton.autotune(mm_configs, key=["O", "K", "s_wo", "s_xn", "s_cn"],
+                     prune_configs_by={"early_config_prune": small_first})
     @triton.jit
     def mm_kernel(w, x, c, bias, table, n_tiles, O, K, N,
                   s_wm, s_wo, s_wk, s_xk, s_xn, s_co, s_cn, s_bm,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, ALIGNED: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr):
+                  BM: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
         pid = tl.program_id(0)
         num_o = tl.cdiv(O, BM)
         tile, pid_o = pid // num_o, pid % num_o  # the output-row blocks of one tile run side by side (x reuse)
@@ -116,28 +122,48 @@ def _kernels():
         cols = base + tl.arange(0, BT)
         ks = tl.arange(0, BK)
         row_ok, col_ok = rows < O, cols < N
-        a_ptr = w + m * s_wm + rows[:, None].to(tl.int64) * s_wo + ks[None, :] * s_wk
-        b_ptr = x + ks[:, None].to(tl.int64) * s_xk + cols[None, :].to(tl.int64) * s_xn
-        acc = tl.zeros((BM, BT), dtype=tl.float32)
-        for k in range(0, K, BK):
-            k_ok = ks < K - k
-            a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptr += BK * s_wk
-            b_ptr += BK * s_xk
-        if HAS_BIAS:
-            acc += tl.load(bias + m * s_bm + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         own = (cols >= lo) & (cols < hi)
-        c_ptr = c + rows[:, None].to(tl.int64) * s_co + cols[None, :].to(tl.int64) * s_cn
-        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & own[None, :])
+        w_rows, x_cols = w + m * s_wm + rows.to(tl.int64) * s_wo, x + cols.to(tl.int64) * s_xn
+        c_rows, c_cols = rows.to(tl.int64) * s_co, cols.to(tl.int64) * s_cn
+        if SWAP:  # out^T (BT, BM) = x^T (BT, BK) @ W^T (BK, BM)
+            a_ptr = x_cols[:, None] + ks[None, :].to(tl.int64) * s_xk
+            b_ptr = w_rows[None, :] + ks[:, None] * s_wk
+            acc = tl.zeros((BT, BM), dtype=tl.float32)
+            for k in range(0, K, BK):
+                k_ok = ks < K - k
+                a = tl.load(a_ptr, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptr += BK * s_xk
+                b_ptr += BK * s_wk
+            if HAS_BIAS:
+                acc += tl.load(bias + m * s_bm + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(c + c_rows[None, :] + c_cols[:, None], acc.to(c.dtype.element_ty),
+                     mask=own[:, None] & row_ok[None, :])
+        else:  # out (BM, BT) = W (BM, BK) @ x (BK, BT)
+            a_ptr = w_rows[:, None] + ks[None, :] * s_wk
+            b_ptr = x_cols[None, :] + ks[:, None].to(tl.int64) * s_xk
+            acc = tl.zeros((BM, BT), dtype=tl.float32)
+            for k in range(0, K, BK):
+                k_ok = ks < K - k
+                a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptr += BK * s_wk
+                b_ptr += BK * s_xk
+            if HAS_BIAS:
+                acc += tl.load(bias + m * s_bm + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(c + c_rows[:, None] + c_cols[None, :], acc.to(c.dtype.element_ty),
+                     mask=row_ok[:, None] & own[None, :])
 
     wgrad_configs = [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4))
+        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+                              (128, 64, 4, 4))
     ]
 
-    @triton.autotune(wgrad_configs, key=["O", "K", "s_dn", "s_xn"])
+    @triton.autotune(wgrad_configs, key=["O", "K", "s_dn", "s_xn"],
+                     prune_configs_by={"early_config_prune": small_first})
     @triton.jit
     def wgrad_kernel(d, x, out, table, offsets, n_tiles, O, K, N,
                      s_do, s_dn, s_xk, s_xn, s_om, s_oo, s_ok,

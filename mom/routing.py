@@ -3,7 +3,8 @@
 A MoM projection sends each token through the expert of its modality. Instead of a boolean-mask gather per
 projection per modality (one host sync each), `Routing` sorts the flattened tokens by modality ONCE per forward:
 every `RoutedLinear` then gathers its input with one index, runs each expert on a contiguous slice and scatters
-back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once.
+back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once, when
+the module path first needs them (the fused path, `mom.fused`, reads `Routing.tiles` instead).
 """
 
 from __future__ import annotations
@@ -22,27 +23,37 @@ class Routing:
     """Where each token goes.
 
     Attributes:
-        perm: (n,) flat token indices sorted by modality (stable, so order within a modality is kept).
-        inv_perm: (n,) inverse of ``perm``: position of each original token in the sorted order.
-        counts: tokens per modality, on the host (read once when the routing is built).
         modality_ids: (b, l) the modality index of each token.
         num_modalities: number of modalities of the model (experts per routed projection).
+
+    Everything else is derived on first use and cached, so each path pays only for what it reads: the module path
+    the permutation and counts, the fused path the tiles and the one-hot.
     """
 
-    perm: torch.Tensor
-    inv_perm: torch.Tensor
-    counts: tuple[int, ...]
     modality_ids: torch.Tensor
     num_modalities: int
 
     @classmethod
     def build(cls, modality_ids: torch.Tensor, num_modalities: int) -> Routing:
-        flat = modality_ids.reshape(-1)
-        perm = torch.argsort(flat, stable=True)
-        inv_perm = torch.empty_like(perm)
-        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-        counts = tuple(torch.bincount(flat, minlength=num_modalities).tolist())  # the one host sync
-        return cls(perm, inv_perm, counts, modality_ids, num_modalities)
+        return cls(modality_ids, num_modalities)
+
+    @cached_property
+    def perm(self) -> torch.Tensor:
+        """(n,) flat token indices sorted by modality (stable, so order within a modality is kept)."""
+        return torch.argsort(self.modality_ids.reshape(-1), stable=True)
+
+    @cached_property
+    def inv_perm(self) -> torch.Tensor:
+        """(n,) inverse of ``perm``: position of each original token in the sorted order."""
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        return inv
+
+    @cached_property
+    def counts(self) -> tuple[int, ...]:
+        """Tokens per modality, on the host (one host sync, the first time)."""
+        flat = self.modality_ids.reshape(-1)
+        return tuple(torch.bincount(flat, minlength=self.num_modalities).tolist())
 
     @cached_property
     def tiles(self) -> RunTiles:
