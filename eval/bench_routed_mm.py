@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import interleaved_modalities, measure  # noqa: E402
 
-from mom.routed_mm import routed_mm, routed_wgrad, run_tiles  # noqa: E402
+from mom.routed_mm import _kernels, routed_mm, routed_wgrad, run_tiles  # noqa: E402
 
 
 def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int) -> None:
@@ -48,7 +48,9 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
         t_routed, _, _ = measure(routed, iters=iters)
         total[0] += t_dense
         total[1] += t_routed
-        print(f"  {name:<16} dense {t_dense:7.3f} ms   routed {t_routed:7.3f} ms   ratio {t_routed / t_dense:5.2f}")
+        kernel = _kernels()[1 if "wgrad" in name else 0]
+        print(f"  {name:<16} dense {t_dense:7.3f} ms   routed {t_routed:7.3f} ms   ratio {t_routed / t_dense:5.2f}"
+              f"   ({kernel.best_config})")
     print(f"  {'all six':<16} dense {total[0]:7.3f} ms   routed {total[1]:7.3f} ms   ratio {total[1] / total[0]:5.2f}")
 
 
