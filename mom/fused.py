@@ -7,16 +7,16 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   as ``(b, f, l)`` with strides ``(l, n, 1)``. The conv and scan kernels take that view as is, and each projection is
   one GEMM ``W @ X`` on it, so no activation is ever transposed by a copy (the module path's transposing copies were
   a third of its GPU time).
-* in_proj and out_proj route through `mom.routed_mm`: GEMMs over tiles of consecutive tokens of one modality,
-  each tile multiplied by its modality's expert, reading and writing the activations in sequence order (the tile
-  schedule, `Routing.tiles`, is built once per model forward). No permutation, gather or copy of an activation;
-  their weight gradients accumulate per modality in fp32, in the parameters' dtype.
+* Routing (`mom.routing.Routing`: tokens sorted by modality once per model forward) is a column gather
+  ``X[:, perm]`` (`mom.gather.gather_cols`): each expert multiplies its contiguous block of sorted columns, writing
+  straight into its block of the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the
+  columns back in sequence order for the conv and the scan. in_proj and out_proj route this way.
 * x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
   gather: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked, and each token
   keeps the rows of its own expert (`_pick`); dt_proj's input is spread to ``(M * r + M, n)``, token ``t``'s Δ-rank
   features in the block of its modality and a one in the row of its modality's bias, zeros elsewhere (`_spread`),
   so that ONE GEMM with the experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add
-  nothing) and cost ``M`` times a small GEMM (a routed GEMM's tiles would be mostly empty at r + 2N rows).
+  nothing) and cost ``M`` times a small GEMM instead of column gathers of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
   does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, the scan's output and checkpoints.
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from mom import kernels
 from mom import scan as ref_scan
-from mom.routed_mm import RunTiles, routed_mm, routed_wgrad
+from mom.gather import gather_cols
 from mom.routing import RoutedLinear, Routing
 
 PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -144,7 +144,7 @@ def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
 # ---- the Function ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
-    """What the Function needs beside tensors: sizes, which projections route, the token tiles, the kernels."""
+    """What the Function needs beside tensors: sizes, which projections route, each expert's column block."""
 
     batch: int
     length: int
@@ -153,11 +153,14 @@ class _Layout:
     d_state: int
     experts: tuple[int, ...]  # experts per projection, in PROJ_ORDER (1 = shared)
     has_bias: tuple[bool, ...]
-    tiles: RunTiles  # the tokens cut into runs of one modality (routed_mm's schedule)
+    bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
     kernels: object
 
     def routed(self, p: int) -> bool:
         return self.experts[p] > 1
+
+    def blocks(self, p: int) -> tuple[tuple[int, int], ...]:
+        return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
 
 
 def _unpack(layout: _Layout, params) -> list[tuple[list, list]]:
@@ -173,37 +176,16 @@ def _unpack(layout: _Layout, params) -> list[tuple[list, list]]:
     return out
 
 
-def _stack(tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
-    """Experts' weights (or biases) as one (M, ...) tensor in ``dtype`` (one casting copy each; none if M = 1 and
-    the dtype matches)."""
-    if tensors[0] is None:
-        return None
-    if len(tensors) == 1 and tensors[0].dtype == dtype:
-        return tensors[0][None]
-    out = tensors[0].new_empty((len(tensors), *tensors[0].shape), dtype=dtype)
-    for slot, t in zip(out, tensors):
-        slot.copy_(t)
+def _cols_mm(out, weights, biases, rhs, blocks):
+    """out[:, s] = W_m @ rhs[:, s] (+ b_m) for each expert's block s. out: (o, n); rhs: (i, n) (any strides)."""
+    for (lo, hi), w, b in zip(blocks, weights, biases):
+        if hi == lo:
+            continue
+        if b is None:
+            torch.mm(w, rhs[:, lo:hi], out=out[:, lo:hi])
+        else:
+            torch.addmm(b[:, None], w, rhs[:, lo:hi], out=out[:, lo:hi])
     return out
-
-
-def _project(weight: torch.Tensor, x_cols: torch.Tensor, tiles: RunTiles, bias: torch.Tensor | None,
-             out: torch.Tensor) -> torch.Tensor:
-    """out (o, n) = each token's expert applied to x_cols (i, n); weight (M, o, i), bias (M, o). M = 1: shared."""
-    if weight.shape[0] > 1:
-        return routed_mm(weight, x_cols, tiles, bias, out)
-    if bias is None:
-        return torch.mm(weight[0], x_cols, out=out)
-    return torch.addmm(bias[0][:, None], weight[0], x_cols, out=out)
-
-
-def _weight_grads(d_cols, x_cols, layout: _Layout, p: int, select, dtype):
-    """[(dW_m, db_m)] of projection p: d_cols (o, n) output gradient, x_cols (i, n) input, in sequence order."""
-    has_bias = layout.has_bias[p]
-    if not layout.routed(p):
-        return [((d_cols @ x_cols.t()).to(dtype), d_cols.sum(1).to(dtype) if has_bias else None)]
-    dw = routed_wgrad(d_cols, x_cols, layout.tiles, dtype)  # (M, o, i)
-    db = (d_cols @ select.t()).to(dtype).t() if has_bias else [None] * len(dw)  # (M, o)
-    return list(zip(dw, db))
 
 
 def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
@@ -241,29 +223,34 @@ def _dt_weight(weights, biases, d_inner, k_pad, dtype):
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden, onehot, conv_weight, conv_bias, A, D, layout: _Layout, *params):
+    def forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout: _Layout, *params):
         """hidden (b, l, d_model) -> (b, l, d_model)."""
         ctx.dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-        ctx.param_dtype = params[0].dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, hidden, onehot, conv_weight, conv_bias, A, D, layout, params)
+            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout,
+                                        params)
 
     @staticmethod
-    def _forward(ctx, hidden, onehot, conv_weight, conv_bias, A, D, layout, params):
-        dtype, kern, tiles = ctx.dtype, layout.kernels, layout.tiles
+    def _forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout, params):
+        dtype, kern = ctx.dtype, layout.kernels
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
-        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _unpack(layout, params)
-        W_in, B_in, W_out, B_out = (_stack(t, dtype) for t in (w_in, b_in, w_out, b_out))  # (M, o, i), (M, o)
+        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = [
+            ([w.to(dtype) for w in ws], [x.to(dtype) if x is not None else None for x in bs])
+            for ws, bs in _unpack(layout, params)
+        ]
         select = onehot.to(dtype)  # (M, n)
-        # in_proj: xz (2di, n) = each token's expert on its hidden state, tiles of one modality at a time
+        # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model)
-        xz = _project(W_in, h.t(), tiles, B_in, h.new_empty(2 * di, n))
+        h_in = h.index_select(0, perm) if layout.routed(0) else h
+        xz = _cols_mm(h.new_empty(2 * di, n), w_in, b_in, h_in.t(), layout.blocks(0))
+        if layout.routed(0):
+            xz = gather_cols(xz, inv_perm)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
-        # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM,
-        # cheaper than routing a (r + 2N)-row output tile by tile)
-        w_x_cat = torch.cat([w.to(dtype) for w in w_x])  # (M * (r + 2N), di)
+        # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
+        # instead of column gathers of conv_out and of its gradient)
+        w_x_cat = torch.cat(w_x)  # (M * (r + 2N), di)
         x_sel = select if layout.routed(1) else None
         x_dbl = _pick(w_x_cat @ _cols(conv_out), x_sel)  # (r + 2N, n)
         # dt_proj: one GEMM over the spread Δ-rank features, biases included
@@ -274,12 +261,23 @@ class _FusedMixer(torch.autograd.Function):
         B, C = _bnl(x_dbl[r : r + N], b, l), _bnl(x_dbl[r + N :], b, l)  # (b, 1, N, l)
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
         del conv_out, delta
-        # out_proj: o (n, d_model), written through its transpose
-        o = h.new_empty(n, W_out.shape[1])
-        _project(W_out, _cols(out_z), tiles, B_out, o.t())
+        # out_proj: rows (n, d_model) of sorted tokens, then back to sequence order
+        y = _cols(out_z)  # (di, n)
+        del out_z
+        y_in = gather_cols(y, perm) if layout.routed(3) else y
+        del y
+        o = h.new_empty(n, w_out[0].shape[0])
+        for (lo, hi), w, bias in zip(layout.blocks(3), w_out, b_out):
+            if hi > lo:
+                if bias is None:
+                    torch.mm(y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+                else:
+                    torch.addmm(bias, y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+        if layout.routed(3):
+            o = o.index_select(0, inv_perm)  # a row gather: PyTorch's is fast
         ctx.layout = layout
-        ctx.save_for_backward(h, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, select, dt_sel,
-                              w_x_cat, w_dt_cat, W_in, W_out)
+        ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
+                              select, dt_sel, w_x_cat, w_dt_cat, *w_in, *w_out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -290,16 +288,21 @@ class _FusedMixer(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        layout, dtype, kern, tiles = ctx.layout, ctx.dtype, ctx.layout.kernels, ctx.layout.tiles
-        (h, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, select, dt_sel, w_x_cat, w_dt_cat,
-         W_in, W_out) = ctx.saved_tensors
-        M_dt, M_x = layout.experts[2], layout.experts[1]
+        layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
+        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel,
+         w_x_cat, w_dt_cat, *weights) = ctx.saved_tensors
+        M_in, M_x, M_dt, M_out = layout.experts
+        w_in, w_out = weights[:M_in], weights[M_in:]
         b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
         n = b * l
-        dout = dout.reshape(n, -1).to(dtype)  # (n, d_model)
+        dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-        # out_proj backward: dy (di, n) = each token's expert transposed on its output gradient
-        dy = _project(W_out.transpose(1, 2), dout.t(), tiles, None, dout.new_empty(di, n))
+        # out_proj backward: dy (di, n) in sequence order
+        dout_in = dout.index_select(0, perm) if layout.routed(3) else dout
+        del dout
+        dy = _cols_mm(dout_in.new_empty(di, n), [w.t() for w in w_out], [None] * M_out, dout_in.t(), layout.blocks(3))
+        if layout.routed(3):
+            dy = gather_cols(dy, inv_perm)
         # scan backward on the recomputed conv output and Δ; it recomputes the gated output and writes dz into dxz
         k_pad = _k_pad(layout)
         dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
@@ -310,8 +313,10 @@ class _FusedMixer(torch.autograd.Function):
             _bdl(dxz[di:], b, l)
         )
         del dy
-        g_out = _weight_grads(dout.t(), _cols(out_z), layout, 3, select, ctx.param_dtype)
+        y_in = gather_cols(_cols(out_z), perm) if layout.routed(3) else _cols(out_z)
         del out_z
+        g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3])
+        del y_in, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
         dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad)
@@ -332,17 +337,33 @@ class _FusedMixer(torch.autograd.Function):
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
         del dconv_cols
-        # in_proj backward: dh (n, d_model), written through its transpose
-        dh = dxz.new_empty(n, h.shape[1])
-        _project(W_in.transpose(1, 2), dxz, tiles, None, dh.t())
-        g_in = _weight_grads(dxz, h.t(), layout, 0, select, ctx.param_dtype)
+        # in_proj backward
+        dxz_in = gather_cols(dxz, perm) if layout.routed(0) else dxz
+        del dxz
+        dh = dxz_in.new_empty(n, h_in.shape[1])
+        for (lo, hi), w in zip(layout.blocks(0), w_in):
+            if hi > lo:
+                torch.mm(dxz_in[:, lo:hi].t(), w, out=dh[lo:hi])
+        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0])
+        del dxz_in
+        if layout.routed(0):
+            dh = dh.index_select(0, inv_perm)
         grads = []
         for g, has_bias in ((g_in, layout.has_bias[0]), (g_x, False), (g_dt, layout.has_bias[2]),
                             (g_out, layout.has_bias[3])):
             grads += [w for w, _ in g]
             if has_bias:
                 grads += [bias for _, bias in g]
-        return (dh.view(b, l, -1), None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *grads)
+        return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *grads)
+
+
+def _weight_grads(d_cols, x_cols, blocks, has_bias):
+    """Per expert block s: dW = d[:, s] @ x[:, s]^T, db = d[:, s].sum(1). d_cols (o, n), x_cols (i, n)."""
+    out = []
+    for lo, hi in blocks:
+        d, x = d_cols[:, lo:hi], x_cols[:, lo:hi]
+        out.append((d @ x.t(), d.sum(1) if has_bias else None))
+    return out
 
 
 def _k_pad(layout: _Layout) -> int:
@@ -383,11 +404,11 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
         raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
                          "ZeRO-3-partitioned ones take the module path")
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
-                     tuple(e[0].bias is not None for e in experts), routing.tiles, kern)
+                     tuple(e[0].bias is not None for e in experts), routing.bounds, kern)
     params = []
     for linears, has_bias in zip(experts, layout.has_bias):
         params += [e.weight for e in linears]
         params += [e.bias for e in linears] if has_bias else []
     A = -torch.exp(mixer.A_log.float())
-    return _FusedMixer.apply(hidden, routing.onehot, mixer.conv1d.weight, mixer.conv1d.bias, A, mixer.D.float(),
-                             layout, *params)
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot, mixer.conv1d.weight,
+                             mixer.conv1d.bias, A, mixer.D.float(), layout, *params)

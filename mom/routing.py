@@ -4,7 +4,7 @@ A MoM projection sends each token through the expert of its modality. Instead of
 projection per modality (one host sync each), `Routing` sorts the flattened tokens by modality ONCE per forward:
 every `RoutedLinear` then gathers its input with one index, runs each expert on a contiguous slice and scatters
 back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once, when
-the module path first needs them (the fused path, `mom.fused`, reads `Routing.tiles` instead).
+a path first needs them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from functools import cached_property
 
 import torch
 import torch.nn as nn
-
-from mom.routed_mm import RunTiles, run_tiles
 
 
 @dataclass(frozen=True)
@@ -27,7 +25,7 @@ class Routing:
         num_modalities: number of modalities of the model (experts per routed projection).
 
     Everything else is derived on first use and cached, so each path pays only for what it reads: the module path
-    the permutation and counts, the fused path the tiles and the one-hot.
+    the permutation and counts, the fused path also the one-hot.
     """
 
     modality_ids: torch.Tensor
@@ -55,10 +53,11 @@ class Routing:
         flat = self.modality_ids.reshape(-1)
         return tuple(torch.bincount(flat, minlength=self.num_modalities).tolist())
 
-    @cached_property
-    def tiles(self) -> RunTiles:
-        """The tokens cut into tiles of one modality (`mom.routed_mm`'s schedule), built once per forward."""
-        return run_tiles(self.modality_ids, self.num_modalities)
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) of each modality's block of the sorted tokens."""
+        ends = [sum(self.counts[: m + 1]) for m in range(len(self.counts))]
+        return tuple((end - c, end) for end, c in zip(ends, self.counts))
 
     @cached_property
     def onehot(self) -> torch.Tensor:

@@ -116,3 +116,15 @@ def test_fast_path_matches_module_path(decouple, layout, autocast, monkeypatch):
         torch.testing.assert_close(logits, logits_ref, atol=2e-4, rtol=2e-4)
         for name in grads:
             torch.testing.assert_close(grads[name], grads_ref[name], atol=5e-4, rtol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2048, 16384), (37, 1000), (5, 3)])
+def test_gather_cols_matches_index_select(shape):
+    from mom.gather import gather_cols
+
+    f, n = shape
+    x = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]  # a row stride larger than n
+    index = torch.randperm(n, device="cuda")
+    assert torch.equal(gather_cols(x, index), x.index_select(1, index))
+    runs = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)  # a routing-like permutation
+    assert torch.equal(gather_cols(x.contiguous(), runs), x.index_select(1, runs))
