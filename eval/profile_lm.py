@@ -5,13 +5,16 @@
 
 Complements eval/bench_lm.py (the totals) the way eval/profile_layer.py complements eval/bench_layer.py. Also prints
 where a step synchronises with the host, and the step's wall time next to the time the host took to enqueue it:
-when the two are close, the GPU waits on Python (launch-bound), whatever its kernels cost.
+when the two are close, the GPU waits on Python (launch-bound), whatever its kernels cost; and then where the host's
+time goes (cProfile of one step, by function).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 import warnings
@@ -50,12 +53,26 @@ def host_view(step, iters: int = 5) -> None:
     print(f"per step: wall {wall / iters * 1e3:.1f} ms, host enqueue {enqueued / iters * 1e3:.1f} ms")
 
 
+def host_profile(step, rows: int) -> None:
+    """Where the host spends one step: Python functions and torch calls by own time (cProfile, one step)."""
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"host time by function, one step (top {rows} by own time):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="768x24", help="D_MODELxN_LAYER")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--host-only", action="store_true", help="skip the CUDA kernel table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_lm: needs a CUDA device", file=sys.stderr)
@@ -68,8 +85,10 @@ def main(argv=None) -> int:
         model, forward = build(name, d, n)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         step = train_step_fn(model, ids, ids, optimizer, forward)
-        profile_step(f"{name} LM training step", step, args.rows)
+        if not args.host_only:
+            profile_step(f"{name} LM training step", step, args.rows)
         host_view(step)
+        host_profile(step, args.rows)
         del model, optimizer
         torch.cuda.empty_cache()
     return 0
