@@ -87,7 +87,7 @@ class MoMOutput(ModelOutput):
 
     last_hidden_state: torch.Tensor | None = None
     modality_ids: torch.Tensor | None = None
-    cache_params: MoMCache | None = None
+    cache: MoMCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -104,7 +104,7 @@ class MoMCausalLMOutput(ModelOutput):
     modality_losses: dict[str, torch.Tensor] | None = None
     modality_loss_sums: torch.Tensor | None = None
     modality_target_counts: torch.Tensor | None = None
-    cache_params: MoMCache | None = None
+    cache: MoMCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -228,7 +228,7 @@ class MoMModel(MoMPreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         modality_ids: torch.LongTensor | None = None,
-        cache_params: MoMCache | None = None,
+        cache: MoMCache | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -253,9 +253,9 @@ class MoMModel(MoMPreTrainedModel):
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and cache_params is None:
-            cache_params = MoMCache(self.config, input_ids.shape[0], input_ids.device, self.embeddings.weight.dtype)
-        cache = cache_params if use_cache else None
+        if use_cache and cache is None:
+            cache = MoMCache(self.config, input_ids.shape[0], input_ids.device, self.embeddings.weight.dtype)
+        cache = cache if use_cache else None
         mask = None
         if attention_mask is not None and cache is not None and cache.seqlen_offset > 0:
             attention_mask = None  # steps after the prefill are never padding
@@ -311,17 +311,17 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        cache_params: MoMCache | None = None,
+        cache: MoMCache | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        if use_cache is not False and cache_params is not None and cache_params.seqlen_offset > 0:
+        if use_cache is not False and cache is not None and cache.seqlen_offset > 0:
             input_ids = input_ids[:, -1:]  # the prefix lives in the recurrent state
             attention_mask = None
         return {
             "input_ids": input_ids,
-            "cache_params": cache_params,
+            "cache": cache,
             "use_cache": use_cache,
             "attention_mask": attention_mask,
         }
@@ -331,7 +331,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         labels: torch.LongTensor | None = None,
         modality_ids: torch.LongTensor | None = None,
-        cache_params: MoMCache | None = None,
+        cache: MoMCache | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -346,7 +346,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             input_ids,
             modality_ids=modality_ids,
             seq_idx=seq_idx,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
@@ -356,7 +356,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V)
-        result = MoMCausalLMOutput(logits=logits, cache_params=out.cache_params, hidden_states=out.hidden_states)
+        result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels cannot be combined with logits_to_keep")

@@ -72,7 +72,7 @@ def test_cuda_generation_matches_full_forward(monkeypatch):
         full = model(ids).logits
         out = model(ids[:, :8], use_cache=True)
         steps = [out.logits] + [
-            model(ids[:, t : t + 1], cache_params=out.cache_params, use_cache=True).logits
+            model(ids[:, t : t + 1], cache=out.cache, use_cache=True).logits
             for t in range(8, ids.shape[1])
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-3, rtol=1e-3)

@@ -12,7 +12,7 @@ def test_token_by_token_logits_match_full_forward():
     with torch.no_grad():
         full = model(ids).logits
         cache = mom.MoMCache(model.config, batch_size=2)
-        steps = [model(ids[:, t : t + 1], cache_params=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.seqlen_offset == ids.shape[1]
 
@@ -23,7 +23,7 @@ def test_prefill_then_steps_match_full_forward():
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :10], use_cache=True)
-        rest = model(ids[:, 10:], cache_params=out.cache_params, use_cache=True).logits  # several tokens after prefill
+        rest = model(ids[:, 10:], cache=out.cache, use_cache=True).logits  # several tokens after prefill
     torch.testing.assert_close(torch.cat([out.logits, rest], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -42,6 +42,6 @@ def test_generate_greedy_equals_manual_argmax_and_cache_is_constant_size():
     sizes = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            model(ids[:, t : t + 1], cache_params=cache, use_cache=True)
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
             sizes.append(sum(s.numel() for s in cache.conv_states + cache.ssm_states))
     assert len(set(sizes)) == 1
