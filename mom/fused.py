@@ -28,12 +28,11 @@ pure-PyTorch conv and scan, on any device, so that its routing, layouts and back
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mom import kernels
 from mom import scan as ref_scan
@@ -106,7 +105,7 @@ class ReferenceKernels:
 REFERENCE_KERNELS = ReferenceKernels()
 
 
-@cache
+@functools.cache
 def cuda_kernels() -> CudaKernels | None:
     """The CUDA kernels when both packages import (the fast path needs causal-conv1d's backward too)."""
     if kernels._mamba_ssm() is None or kernels._causal_conv1d() is None:
@@ -124,14 +123,24 @@ def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
     return experts if all(type(e) is nn.Linear for e in experts) else None
 
 
+def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor]] | None:
+    """(experts per projection, the tensors `fused_mixer` reads), or None when it cannot run this mixer: an expert
+    that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be called as a module) or a weight that is absent.
+    ZeRO-3 leaves a module's weights empty until the module itself is called, and the fused path reads the conv's
+    and the experts' weights without calling them, so a partitioned model takes the module path."""
+    experts = [_plain_linears(getattr(mixer, name)) for name in PROJ_ORDER]
+    if any(e is None for e in experts):
+        return None
+    tensors = [mixer.conv1d.weight, mixer.A_log, mixer.D]
+    tensors += [mixer.conv1d.bias] if mixer.conv1d.bias is not None else []
+    for linears in experts:
+        tensors += [e.weight for e in linears] + [e.bias for e in linears if e.bias is not None]
+    return (experts, tensors) if all(t.numel() > 0 for t in tensors) else None
+
+
 def supports_fast_path(mixer: nn.Module) -> bool:
-    """Whether `fused_mixer` can compute this mixer: every expert a plain ``nn.Linear`` (a LoRA-wrapped one must be
-    called as a module) and every weight present. ZeRO-3 leaves a module's weights empty until the module itself is
-    called, and the fused path reads the conv's and the experts' weights without calling them, so a partitioned
-    model takes the module path."""
-    if any(_plain_linears(getattr(mixer, name)) is None for name in PROJ_ORDER):
-        return False
-    return all(p.numel() > 0 for p in mixer.parameters())
+    """Whether `fused_mixer` can compute this mixer (see `_fused_inputs`)."""
+    return _fused_inputs(mixer) is not None
 
 
 def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
@@ -152,6 +161,7 @@ class _Layout:
     dt_rank: int
     d_state: int
     experts: tuple[int, ...]  # experts per projection, in PROJ_ORDER (1 = shared)
+    shapes: tuple[tuple[int, int], ...]  # (out, in) features per projection
     has_bias: tuple[bool, ...]
     bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
     kernels: object
@@ -163,22 +173,29 @@ class _Layout:
         return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
 
 
-def _unpack(layout: _Layout, params) -> list[tuple[list, list]]:
-    """Flat parameter list -> [(weights, biases)] per projection."""
+def _stacked(layout: _Layout, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """A flat buffer laid out like the Function's parameters (per projection: its experts' weights, then their
+    biases) -> per projection (weights (k, o, i), biases (k, o) or None): views, the experts stacked."""
     out, i = [], 0
-    for p in range(4):
-        k = layout.experts[p]
-        ws = list(params[i : i + k])
-        i += k
-        bs = list(params[i : i + k]) if layout.has_bias[p] else [None] * k
-        i += k if layout.has_bias[p] else 0
-        out.append((ws, bs))
+    for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes, layout.has_bias):
+        w = flat[i : i + k * fo * fi].view(k, fo, fi)
+        i += w.numel()
+        b = flat[i : i + k * fo].view(k, fo) if has_bias else None
+        i += k * fo if has_bias else 0
+        out.append((w, b))
     return out
 
 
+def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The parameters in ``dtype``, stacked per projection (`_stacked`): two kernels (a cat and a cast) instead of a
+    cast per weight and a cat per stacked projection (each launch costs host time, which bounds the LM step)."""
+    return _stacked(layout, torch.cat([p.reshape(-1) for p in params]).to(dtype))
+
+
 def _cols_mm(out, weights, biases, rhs, blocks):
-    """out[:, s] = W_m @ rhs[:, s] (+ b_m) for each expert's block s. out: (o, n); rhs: (i, n) (any strides)."""
-    for (lo, hi), w, b in zip(blocks, weights, biases):
+    """out[:, s] = W_m @ rhs[:, s] (+ b_m) for each expert's block s. out: (o, n); weights (k, o, i); biases (k, o)
+    or None; rhs: (i, n) (any strides)."""
+    for (lo, hi), w, b in zip(blocks, weights, biases if biases is not None else [None] * len(blocks)):
         if hi == lo:
             continue
         if b is None:
@@ -207,39 +224,44 @@ def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torc
     rows = [_spread(dt_low, select), select]
     pad = k_pad - rows[0].shape[0] - select.shape[0]
     if pad:
-        rows.append(dt_low.new_zeros(pad, dt_low.shape[1]))
+        rows.append(_const((pad, dt_low.shape[1]), 0.0, dt_low.dtype, dt_low.device))
     return torch.cat(rows)
 
 
-def _dt_weight(weights, biases, d_inner, k_pad, dtype):
-    """Experts of dt_proj side by side: (d_inner, k_pad) = [W_0 .. W_M-1 | b_0 .. b_M-1 | 0]."""
-    cols = list(weights) + [
-        (b if b is not None else weights[0].new_zeros(d_inner))[:, None] for b in biases
-    ]
-    w = torch.cat([c.to(dtype) for c in cols], dim=1)
-    return F.pad(w, (0, k_pad - w.shape[1]))
+def _dt_weight(w: torch.Tensor, b: torch.Tensor | None, k_pad: int) -> torch.Tensor:
+    """dt_proj's experts side by side: w (M, d_inner, r), b (M, d_inner) -> (d_inner, k_pad) =
+    [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], one cat (every piece contiguous)."""
+    M, di, _ = w.shape
+    zero = _const((di,), 0.0, w.dtype, w.device)
+    cols = list(w.unbind()) + [(b[m] if b is not None else zero)[:, None] for m in range(M)]
+    pad = k_pad - sum(c.shape[1] for c in cols)
+    return torch.cat(cols + ([_const((di, pad), 0.0, w.dtype, w.device)] if pad else []), dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant tensor that is only ever read (padding fed to cat): filled once, not at every call."""
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout: _Layout, *params):
-        """hidden (b, l, d_model) -> (b, l, d_model)."""
-        ctx.dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    def forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout: _Layout, *params):
+        """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
+        dtype the projections run in (`_dtype`)."""
+        ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout,
+            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout,
                                         params)
 
     @staticmethod
-    def _forward(ctx, hidden, perm, inv_perm, onehot, conv_weight, conv_bias, A, D, layout, params):
+    def _forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout, params):
         dtype, kern = ctx.dtype, layout.kernels
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
-        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = [
-            ([w.to(dtype) for w in ws], [x.to(dtype) if x is not None else None for x in bs])
-            for ws, bs in _unpack(layout, params)
-        ]
-        select = onehot.to(dtype)  # (M, n)
+        # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
+        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model)
         h_in = h.index_select(0, perm) if layout.routed(0) else h
@@ -250,14 +272,15 @@ class _FusedMixer(torch.autograd.Function):
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
         # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
         # instead of column gathers of conv_out and of its gradient)
-        w_x_cat = torch.cat(w_x)  # (M * (r + 2N), di)
+        w_x_cat = w_x.view(-1, di)  # (M * (r + 2N), di)
         x_sel = select if layout.routed(1) else None
         x_dbl = _pick(w_x_cat @ _cols(conv_out), x_sel)  # (r + 2N, n)
         # dt_proj: one GEMM over the spread Δ-rank features, biases included
         k_pad = _k_pad(layout)
-        dt_sel = select if layout.routed(2) else select.new_ones(1, n)
-        w_dt_cat = _dt_weight(w_dt, b_dt, di, k_pad, dtype)  # (di, k_pad)
-        delta = w_dt_cat @ _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (di, n)
+        dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
+        w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
+        dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
+        delta = w_dt_cat @ dt_in  # (di, n)
         B, C = _bnl(x_dbl[r : r + N], b, l), _bnl(x_dbl[r + N :], b, l)  # (b, 1, N, l)
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
         del conv_out, delta
@@ -266,18 +289,18 @@ class _FusedMixer(torch.autograd.Function):
         del out_z
         y_in = gather_cols(y, perm) if layout.routed(3) else y
         del y
-        o = h.new_empty(n, w_out[0].shape[0])
-        for (lo, hi), w, bias in zip(layout.blocks(3), w_out, b_out):
+        o = h.new_empty(n, w_out.shape[1])
+        for m, (lo, hi) in enumerate(layout.blocks(3)):
             if hi > lo:
-                if bias is None:
-                    torch.mm(y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+                if b_out is None:
+                    torch.mm(y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
                 else:
-                    torch.addmm(bias, y_in[:, lo:hi].t(), w.t(), out=o[lo:hi])
+                    torch.addmm(b_out[m], y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
         if layout.routed(3):
             o = o.index_select(0, inv_perm)  # a row gather: PyTorch's is fast
-        ctx.layout = layout
+        ctx.layout, ctx.param_dtype = layout, params[0].dtype
         ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
-                              select, dt_sel, w_x_cat, w_dt_cat, *w_in, *w_out)
+                              select, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -289,23 +312,23 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
-        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel,
-         w_x_cat, w_dt_cat, *weights) = ctx.saved_tensors
-        M_in, M_x, M_dt, M_out = layout.experts
-        w_in, w_out = weights[:M_in], weights[M_in:]
+        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel, dt_in,
+         w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
+        M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
         n = b * l
+        # every weight gradient is written into one flat buffer laid out like the parameters, cast once at the end
+        grads = xz.new_empty(_num_params(layout))
+        (g_in, gb_in), (g_x, _), (g_dt, gb_dt), (g_out, gb_out) = _stacked(layout, grads)
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
         # out_proj backward: dy (di, n) in sequence order
         dout_in = dout.index_select(0, perm) if layout.routed(3) else dout
         del dout
-        dy = _cols_mm(dout_in.new_empty(di, n), [w.t() for w in w_out], [None] * M_out, dout_in.t(), layout.blocks(3))
+        dy = _cols_mm(dout_in.new_empty(di, n), w_out.transpose(1, 2), None, dout_in.t(), layout.blocks(3))
         if layout.routed(3):
             dy = gather_cols(dy, inv_perm)
         # scan backward on the recomputed conv output and Δ; it recomputes the gated output and writes dz into dxz
-        k_pad = _k_pad(layout)
-        dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
         dxz = torch.empty_like(xz)
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
@@ -315,24 +338,24 @@ class _FusedMixer(torch.autograd.Function):
         del dy
         y_in = gather_cols(_cols(out_z), perm) if layout.routed(3) else _cols(out_z)
         del out_z
-        g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3])
+        _weight_grads(dout_in.t(), y_in, layout.blocks(3), g_out, gb_out)
         del y_in, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad)
+        dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
+        g_dt.copy_(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1))
+        if gb_dt is not None:
+            gb_dt.copy_(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t())
         d_dt_low = _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None)  # (r, n)
-        del ddelta, dt_in
-        g_dt = [(dw_dt_cat[:, m * r : (m + 1) * r], dw_dt_cat[:, M_dt * r + m] if layout.has_bias[2] else None)
-                for m in range(M_dt)]
+        del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_dbl = torch.cat([d_dt_low, _cols(dB[:, 0]).to(dtype), _cols(dC[:, 0]).to(dtype)])  # (r + 2N, n)
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
-        dw_x_cat = dx_all @ _cols(conv_out).t()  # (M * (r + 2N), di)
+        torch.mm(dx_all, _cols(conv_out).t(), out=g_x.view(M_x * g_x.shape[1], di))
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
         dconv_cols.addmm_(w_x_cat.t(), dx_all)
-        g_x = [(w, None) for w in dw_x_cat.chunk(M_x)]
         # conv backward: dx goes straight into dxz
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
@@ -341,28 +364,38 @@ class _FusedMixer(torch.autograd.Function):
         dxz_in = gather_cols(dxz, perm) if layout.routed(0) else dxz
         del dxz
         dh = dxz_in.new_empty(n, h_in.shape[1])
-        for (lo, hi), w in zip(layout.blocks(0), w_in):
+        for m, (lo, hi) in enumerate(layout.blocks(0)):
             if hi > lo:
-                torch.mm(dxz_in[:, lo:hi].t(), w, out=dh[lo:hi])
-        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0])
+                torch.mm(dxz_in[:, lo:hi].t(), w_in[m], out=dh[lo:hi])
+        _weight_grads(dxz_in, h_in.t(), layout.blocks(0), g_in, gb_in)
         del dxz_in
         if layout.routed(0):
             dh = dh.index_select(0, inv_perm)
-        grads = []
-        for g, has_bias in ((g_in, layout.has_bias[0]), (g_x, False), (g_dt, layout.has_bias[2]),
-                            (g_out, layout.has_bias[3])):
-            grads += [w for w, _ in g]
-            if has_bias:
-                grads += [bias for _, bias in g]
-        return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *grads)
+        param_grads = _split_params(layout, grads.to(ctx.param_dtype))
+        return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *param_grads)
 
 
-def _weight_grads(d_cols, x_cols, blocks, has_bias):
-    """Per expert block s: dW = d[:, s] @ x[:, s]^T, db = d[:, s].sum(1). d_cols (o, n), x_cols (i, n)."""
+def _weight_grads(d_cols, x_cols, blocks, g_w, g_b) -> None:
+    """Per expert block s: g_w[m] = d[:, s] @ x[:, s]^T, g_b[m] = d[:, s].sum(1) (zero for an empty block).
+    d_cols (o, n), x_cols (i, n), g_w (k, o, i), g_b (k, o) or None."""
+    for m, (lo, hi) in enumerate(blocks):
+        d = d_cols[:, lo:hi]
+        torch.mm(d, x_cols[:, lo:hi].t(), out=g_w[m])
+        if g_b is not None:
+            torch.sum(d, 1, out=g_b[m])
+
+
+def _num_params(layout: _Layout) -> int:
+    return sum(k * fo * (fi + has_bias) for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes,
+                                                                            layout.has_bias))
+
+
+def _split_params(layout: _Layout, flat: torch.Tensor) -> list[torch.Tensor]:
+    """A flat buffer laid out like the parameters -> one view per parameter, in the Function's order."""
     out = []
-    for lo, hi in blocks:
-        d, x = d_cols[:, lo:hi], x_cols[:, lo:hi]
-        out.append((d @ x.t(), d.sum(1) if has_bias else None))
+    for w, b in _stacked(layout, flat):
+        out += list(w.unbind())
+        out += list(b.unbind()) if b is not None else []
     return out
 
 
@@ -398,17 +431,19 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     """
     kern = kern or cuda_kernels()
     b, l, _ = hidden.shape
-    projections = [getattr(mixer, name) for name in PROJ_ORDER]
-    experts = [_plain_linears(p) for p in projections]
-    if not supports_fast_path(mixer):
+    found = _fused_inputs(mixer)
+    if found is None:
         raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
                          "ZeRO-3-partitioned ones take the module path")
+    experts = found[0]
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
+                     tuple((e[0].out_features, e[0].in_features) for e in experts),
                      tuple(e[0].bias is not None for e in experts), routing.bounds, kern)
     params = []
     for linears, has_bias in zip(experts, layout.has_bias):
         params += [e.weight for e in linears]
         params += [e.bias for e in linears] if has_bias else []
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     A = -torch.exp(mixer.A_log.float())
-    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot, mixer.conv1d.weight,
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot_as(dtype), mixer.conv1d.weight,
                              mixer.conv1d.bias, A, mixer.D.float(), layout, *params)

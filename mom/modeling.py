@@ -6,6 +6,7 @@ Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMMod
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -195,8 +196,15 @@ def validate_inputs(
             raise ValueError(f"{what} {int(values[bad][0])} is out of range; valid: {valid}")
     if modality_ids is not None:
         return modality_ids.long()
-    bounds = torch.tensor(config.vocab_offsets[1:], device=input_ids.device, dtype=input_ids.dtype)
+    bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
     return torch.bucketize(input_ids.contiguous(), bounds, right=True)
+
+
+@functools.cache
+def _vocab_bounds(offsets: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The first id of every modality but the first, on the device: copied there once, not at every forward (a copy
+    from host memory waits for the device)."""
+    return torch.tensor(offsets, device=device, dtype=dtype)
 
 
 class MoMModel(MoMPreTrainedModel):

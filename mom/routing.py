@@ -48,10 +48,16 @@ class Routing:
         return inv
 
     @cached_property
+    def is_modality(self) -> torch.Tensor:
+        """(num_modalities, n) bool, row m marks the tokens of modality m. A comparison with ``arange``: unlike
+        ``bincount`` and ``one_hot``, which read the ids' range on the host, it does not synchronise."""
+        flat = self.modality_ids.reshape(-1)
+        return flat[None, :] == torch.arange(self.num_modalities, device=flat.device)[:, None]
+
+    @cached_property
     def counts(self) -> tuple[int, ...]:
         """Tokens per modality, on the host (one host sync, the first time)."""
-        flat = self.modality_ids.reshape(-1)
-        return tuple(torch.bincount(flat, minlength=self.num_modalities).tolist())
+        return tuple(self.is_modality.sum(1).tolist())
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:
@@ -60,10 +66,15 @@ class Routing:
         return tuple((end - c, end) for end, c in zip(ends, self.counts))
 
     @cached_property
-    def onehot(self) -> torch.Tensor:
-        """(num_modalities, n) float32 one-hot of each token's modality, built once and shared by all layers."""
-        flat = self.modality_ids.reshape(-1)
-        return torch.nn.functional.one_hot(flat, self.num_modalities).t().float()
+    def _onehots(self) -> dict[torch.dtype, torch.Tensor]:
+        return {}
+
+    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """(num_modalities, n) one-hot of each token's modality in ``dtype``, built once per dtype and shared by all
+        layers."""
+        if dtype not in self._onehots:
+            self._onehots[dtype] = self.is_modality.to(dtype)
+        return self._onehots[dtype]
 
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
