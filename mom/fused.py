@@ -317,9 +317,7 @@ class _FusedMixer(torch.autograd.Function):
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
         n = b * l
-        # every weight gradient is written into one flat buffer laid out like the parameters, cast once at the end
-        grads = xz.new_empty(_num_params(layout))
-        (g_in, gb_in), (g_x, _), (g_dt, gb_dt), (g_out, gb_out) = _stacked(layout, grads)
+        pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, cast once when computed
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
         # out_proj backward: dy (di, n) in sequence order
@@ -338,20 +336,19 @@ class _FusedMixer(torch.autograd.Function):
         del dy
         y_in = gather_cols(_cols(out_z), perm) if layout.routed(3) else _cols(out_z)
         del out_z
-        _weight_grads(dout_in.t(), y_in, layout.blocks(3), g_out, gb_out)
+        g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3], pdtype)
         del y_in, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
         dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
-        g_dt.copy_(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1))
-        if gb_dt is not None:
-            gb_dt.copy_(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t())
+        g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
+                _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
         d_dt_low = _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None)  # (r, n)
         del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_dbl = torch.cat([d_dt_low, _cols(dB[:, 0]).to(dtype), _cols(dC[:, 0]).to(dtype)])  # (r + 2N, n)
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
-        torch.mm(dx_all, _cols(conv_out).t(), out=g_x.view(M_x * g_x.shape[1], di))
+        g_x = ((dx_all @ _cols(conv_out).t()).to(pdtype).view(M_x, -1, di), None)
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
@@ -367,33 +364,37 @@ class _FusedMixer(torch.autograd.Function):
         for m, (lo, hi) in enumerate(layout.blocks(0)):
             if hi > lo:
                 torch.mm(dxz_in[:, lo:hi].t(), w_in[m], out=dh[lo:hi])
-        _weight_grads(dxz_in, h_in.t(), layout.blocks(0), g_in, gb_in)
+        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_in
         if layout.routed(0):
             dh = dh.index_select(0, inv_perm)
-        param_grads = _split_params(layout, grads.to(ctx.param_dtype))
+        param_grads = _split_params([g_in, g_x, g_dt, g_out])
         return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *param_grads)
 
 
-def _weight_grads(d_cols, x_cols, blocks, g_w, g_b) -> None:
-    """Per expert block s: g_w[m] = d[:, s] @ x[:, s]^T, g_b[m] = d[:, s].sum(1) (zero for an empty block).
-    d_cols (o, n), x_cols (i, n), g_w (k, o, i), g_b (k, o) or None."""
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
+    """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked and
+    cast to ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0])
+    g_b = d_cols.new_empty(len(blocks), d_cols.shape[0]) if has_bias else None
     for m, (lo, hi) in enumerate(blocks):
         d = d_cols[:, lo:hi]
         torch.mm(d, x_cols[:, lo:hi].t(), out=g_w[m])
         if g_b is not None:
             torch.sum(d, 1, out=g_b[m])
+    return g_w.to(dtype), g_b.to(dtype) if g_b is not None else None
 
 
-def _num_params(layout: _Layout) -> int:
-    return sum(k * fo * (fi + has_bias) for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes,
-                                                                            layout.has_bias))
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most."""
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
-def _split_params(layout: _Layout, flat: torch.Tensor) -> list[torch.Tensor]:
-    """A flat buffer laid out like the parameters -> one view per parameter, in the Function's order."""
+def _split_params(stacked) -> list[torch.Tensor]:
+    """[(weights (k, o, i), biases (k, o) or None)] per projection -> one tensor per parameter, in the Function's
+    order (per projection: the experts' weights, then their biases)."""
     out = []
-    for w, b in _stacked(layout, flat):
+    for w, b in stacked:
         out += list(w.unbind())
         out += list(b.unbind()) if b is not None else []
     return out
