@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             for name, kernel, rowloop in (("tiles", _kernel(), False), ("rowloop", _gather_cols_rowloop, True)):
                 candidates[f"{name} {bf}x{bn} w{warps}"] = (
                     lambda k=kernel, r=rowloop, c=(bf, bn, warps): gather_with(k, x, index, *c, r))
-    for name, fn in candidates.items():
+    for name, fn in list(candidates.items())[1:]:  # the row gather permutes the transpose: a reference speed only
         assert torch.equal(fn(), expected), name
     print(f"device: {torch.cuda.get_device_name()}  shape ({f}, {n}) bf16  runs {runs}")
     gigabytes = 2 * x.numel() * x.element_size() / 1e9  # read + write

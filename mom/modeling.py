@@ -170,13 +170,16 @@ def _linears(proj: nn.Module) -> list[nn.Linear]:
     return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
 
 
-def validate_inputs(
+def validate_and_route(
     config: MoMConfig,
     input_ids: torch.Tensor,
     modality_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
-) -> torch.Tensor:
-    """Check shapes and ranges with ONE host sync; return the (b, l) int64 modality ids (derived if not given)."""
+) -> Routing:
+    """Check shapes and ranges, and build the batch's `Routing` (modality ids derived from the token ids if not
+    given), with ONE host sync: it reads the validity flags and the per-modality token counts (the routing's blocks
+    are host integers) together. A second sync per forward would stall the host twice while the GPU drains the
+    previous step's backlog."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)}")
     for name, t in (("modality_ids", modality_ids), ("labels", labels)):
@@ -190,14 +193,17 @@ def validate_inputs(
     if labels is not None:
         bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= V)
         checks["label"] = (labels, bad, f"[0, {V}) or {IGNORE_INDEX}")
-    flags = torch.stack([bad.any() for _, bad, _ in checks.values()]).tolist()  # the one host sync
-    for (what, (values, bad, valid)), flag in zip(checks.items(), flags):
+    if modality_ids is None:
+        bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
+        modality_ids = torch.bucketize(input_ids.contiguous(), bounds, right=True)
+    routing = Routing(modality_ids.long(), M)
+    flags = torch.stack([bad.any() for _, bad, _ in checks.values()])
+    values = torch.cat([flags.long(), routing.is_modality.sum(1)]).tolist()  # the one host sync
+    for (what, (ids, bad, valid)), flag in zip(checks.items(), values):
         if flag:
-            raise ValueError(f"{what} {int(values[bad][0])} is out of range; valid: {valid}")
-    if modality_ids is not None:
-        return modality_ids.long()
-    bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
-    return torch.bucketize(input_ids.contiguous(), bounds, right=True)
+            raise ValueError(f"{what} {int(ids[bad][0])} is out of range; valid: {valid}")
+    routing.set_counts(tuple(values[len(checks) :]))
+    return routing
 
 
 @functools.cache
@@ -250,7 +256,7 @@ class MoMModel(MoMPreTrainedModel):
         ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
         """
-        modality_ids = validate_inputs(self.config, input_ids, modality_ids, labels)
+        routing = validate_and_route(self.config, input_ids, modality_ids, labels)  # once for all layers
         doc_start = None
         if self.config.reset_at_document_boundaries and seq_idx is not None:
             if seq_idx.shape != input_ids.shape:
@@ -270,7 +276,6 @@ class MoMModel(MoMPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask
 
-        routing = Routing.build(modality_ids, self.config.num_modalities)  # once for all layers and projections
         out, residual = None, self.embeddings(input_ids)  # the residual stream (b, l, d) is residual + out
         all_hidden = (residual,) if output_hidden_states else None
         for layer in self.layers:
@@ -284,7 +289,7 @@ class MoMModel(MoMPreTrainedModel):
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        return MoMOutput(hidden, modality_ids, cache, all_hidden)
+        return MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
 
 
 class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):

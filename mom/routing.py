@@ -56,8 +56,15 @@ class Routing:
 
     @cached_property
     def counts(self) -> tuple[int, ...]:
-        """Tokens per modality, on the host (one host sync, the first time)."""
+        """Tokens per modality, on the host (one host sync, the first time, unless `set_counts` gave them)."""
         return tuple(self.is_modality.sum(1).tolist())
+
+    def set_counts(self, counts: tuple[int, ...]) -> None:
+        """Give the counts read by a caller's own host sync (``is_modality.sum(1)``), so that none is added."""
+        if len(counts) != self.num_modalities or sum(counts) != self.modality_ids.numel():
+            raise ValueError(f"counts {counts} do not match {self.num_modalities} modalities and "
+                             f"{self.modality_ids.numel()} tokens")
+        self.__dict__["counts"] = counts  # what the cached property would have computed
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:

@@ -78,3 +78,35 @@ def test_experts_are_plain_linear_modules_addressable_by_name():
     layer = RoutedLinear(MODALITIES, 4, 3, bias=False)
     assert [n for n, _ in layer.named_modules()][1:] == ["text", "image", "speech"]
     assert all(type(m) is torch.nn.Linear for m in layer.values())
+
+
+def test_counts_given_by_the_caller_are_checked_and_used():
+    ids = torch.randint(0, 3, (2, 17))
+    routing = Routing(ids, 3)
+    try:
+        routing.set_counts((1, 2, 3))  # 6 tokens, not 34
+    except ValueError as err:
+        assert "do not match" in str(err)
+    else:
+        raise AssertionError("counts that do not sum to the token count were accepted")
+    counts = tuple(torch.bincount(ids.flatten(), minlength=3).tolist())
+    routing.set_counts(counts)
+    assert routing.counts == counts and routing.bounds[-1][1] == ids.numel()
+
+
+def test_validate_and_route_derives_the_routing_and_names_bad_ids():
+    from mom import MoMConfig
+    from mom.modeling import validate_and_route
+
+    config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
+    ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]])  # text, image, image, text, speech, speech, text
+    routing = validate_and_route(config, ids, None, ids)
+    assert routing.counts == (3, 2, 2) and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
+    bad = ids.clone()
+    bad[0, 3] = 20
+    try:
+        validate_and_route(config, bad, None, None)
+    except ValueError as err:
+        assert "token id 20 is out of range" in str(err)
+    else:
+        raise AssertionError("an out-of-range token id was accepted")
