@@ -93,9 +93,11 @@ def main(argv=None) -> int:
             for name, kernel, rowloop in (("tiles", _kernel(), False), ("rowloop", _gather_cols_rowloop, True)):
                 candidates[f"{name} {bf}x{bn} w{warps}"] = (
                     lambda k=kernel, r=rowloop, c=(bf, bn, warps): gather_with(k, x, index, *c, r))
-    for name, fn in list(candidates.items())[1:]:  # the row gather permutes the transpose: a reference speed only
-        assert torch.equal(fn(), expected), name
     print(f"device: {torch.cuda.get_device_name()}  shape ({f}, {n}) bf16  runs {runs}")
+    for name, fn in list(candidates.items())[1:]:  # the row gather permutes the transpose: a reference speed only
+        if not torch.equal(fn(), expected):
+            print(f"  {name:<20} WRONG RESULT: dropped")
+            del candidates[name]
     gigabytes = 2 * x.numel() * x.element_size() / 1e9  # read + write
     base = None
     for name, fn in candidates.items():
