@@ -10,7 +10,6 @@ routing permutation is mostly long runs), and writes a contiguous row segment. E
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -42,7 +41,7 @@ def _kernel():
 
 def gather_cols(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (f, n) with unit column stride; index: (m,) int64 -> (f, m) contiguous, ``x[:, index]``."""
-    kernel = _kernel() if x.is_cuda and os.environ.get("MOM_GATHER") != "torch" else None  # TEMP A/B
+    kernel = _kernel() if x.is_cuda else None
     if kernel is None or x.stride(1) != 1:
         return x.index_select(1, index)
     f, m = x.shape[0], index.shape[0]
