@@ -211,12 +211,13 @@ def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
     return t if select is None else (select[:, None, :] * t[None]).reshape(-1, t.shape[1])
 
 
-def _pick(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality."""
+def _pick(t: torch.Tensor, select: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality (into
+    ``out`` if given)."""
     if select is None:
-        return t
+        return t if out is None else out.copy_(t)
     M, n = select.shape
-    return (t.view(M, -1, n) * select[:, None, :]).sum(0)
+    return torch.sum(t.view(M, -1, n) * select[:, None, :], 0, out=out)
 
 
 def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torch.Tensor:
@@ -281,7 +282,8 @@ class _FusedMixer(torch.autograd.Function):
         w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
         dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
         delta = w_dt_cat @ dt_in  # (di, n)
-        B, C = _bnl(x_dbl[r : r + N], b, l), _bnl(x_dbl[r + N :], b, l)  # (b, 1, N, l)
+        BC = _bdl(x_dbl[r:], b, l).contiguous()  # (b, 2N, l): one copy (B and C are small; the scan's fastest layout)
+        B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
         del conv_out, delta
         # out_proj: rows (n, d_model) of sorted tokens, then back to sequence order
@@ -315,7 +317,7 @@ class _FusedMixer(torch.autograd.Function):
         (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel, dt_in,
          w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
         M_x, M_dt = layout.experts[1], layout.experts[2]
-        b, l, di, r = layout.batch, layout.length, layout.d_inner, layout.dt_rank
+        b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
         pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, cast once when computed
         dout = dout.reshape(n, -1).to(dtype)
@@ -343,10 +345,12 @@ class _FusedMixer(torch.autograd.Function):
         dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
                 _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
-        d_dt_low = _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None)  # (r, n)
+        dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
+        _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None, out=dx_dbl[:r])
+        _bdl(dx_dbl[r : r + N], b, l).copy_(dB[:, 0])  # cast and layout change in one copy
+        _bdl(dx_dbl[r + N :], b, l).copy_(dC[:, 0])
         del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
-        dx_dbl = torch.cat([d_dt_low, _cols(dB[:, 0]).to(dtype), _cols(dC[:, 0]).to(dtype)])  # (r + 2N, n)
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
         g_x = ((dx_all @ _cols(conv_out).t()).to(pdtype).view(M_x, -1, di), None)
         del conv_out
@@ -418,11 +422,6 @@ def _cols(bdl: torch.Tensor) -> torch.Tensor:
     if not cols.is_contiguous():  # a kernel gave a (b, f, l)-contiguous result: one copy
         cols = cols.contiguous()
     return cols.view(f, -1)
-
-
-def _bnl(cols: torch.Tensor, b: int, l: int) -> torch.Tensor:
-    """(N, n) -> (b, 1, N, l) contiguous (B and C are small: a copy keeps the scan's fastest layout)."""
-    return _bdl(cols, b, l).contiguous().unsqueeze(1)
 
 
 def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None) -> torch.Tensor:
