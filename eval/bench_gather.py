@@ -7,9 +7,9 @@ Rows, each with its time, bandwidth and ratio to the row gather (the speed a per
   row gather          ``y.index_select(0, index)`` on the (n, f) transpose-sized matrix: PyTorch's vectorised gather
   index_select dim 1  PyTorch's column gather
   mom.gather          the Triton kernel the fast path uses (`mom.gather.gather_cols`)
-  --sweep             the same kernel over tile shapes and warps, and a variant whose programs walk down all rows
-(A scatter form, ``out[:, inverse[j]] = x[:, j]`` with aligned loads, measured 5.7x the row gather on an H100 and was
-dropped.)
+  --sweep             the same kernel over tile shapes (rows x columns per program) and warps
+(Dropped after measuring: a scatter form, ``out[:, inverse[j]] = x[:, j]`` with aligned loads, 5.7x the row gather
+on an H100; programs that load their index once and walk down all rows, 3.7-10x on an H200.)
 The index is a routing permutation (`mom.routing.Routing` of interleaved modality runs). Every result is checked
 against ``index_select``.
 """
@@ -30,31 +30,15 @@ from mom.routing import Routing  # noqa: E402
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:
     triton = None
 
-if triton is not None:
 
-    @triton.jit
-    def _gather_cols_rowloop(x, index, out, F, N, stride_x, stride_out, BF: tl.constexpr, BN: tl.constexpr):
-        """A candidate: one program per column tile loads its index once and walks down all rows."""
-        cols = tl.program_id(0) * BN + tl.arange(0, BN)
-        col_ok = cols < N
-        src = tl.load(index + cols, mask=col_ok, other=0)
-        for f0 in range(0, F, BF):
-            rows = f0 + tl.arange(0, BF)
-            ok = (rows < F)[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)[:, None]
-            values = tl.load(x + rows64 * stride_x + src[None, :], mask=ok)
-            tl.store(out + rows64 * stride_out + cols[None, :], values, mask=ok)
-
-
-def gather_with(kernel, x: torch.Tensor, index: torch.Tensor, bf: int, bn: int, warps: int, rowloop: bool):
+def gather_with(kernel, x: torch.Tensor, index: torch.Tensor, bf: int, bn: int, warps: int):
     """``x[:, index]`` through ``kernel`` with the given tile (bf rows x bn columns) and warps."""
     f, n = x.shape
     out = torch.empty_like(x)
-    grid = (-(-n // bn),) if rowloop else (-(-n // bn), -(-f // bf))
+    grid = (-(-n // bn), -(-f // bf))
     kernel[grid](x, index, out, f, n, x.stride(0), out.stride(0), BF=bf, BN=bn, num_warps=warps)
     return out
 
@@ -68,8 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="2048x16384", help="FEATURESxTOKENS")
     parser.add_argument("--runs", default="64,256,128", help="modality run lengths")
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--sweep", action="store_true", help="also time the kernel over tile shapes and warps, and "
-                        "a variant whose programs walk down all rows")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel over tile shapes and warps")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or triton is None:
         print("bench_gather: needs a CUDA device and Triton", file=sys.stderr)
@@ -90,9 +73,7 @@ def main(argv=None) -> int:
         from mom.gather import _kernel
 
         for bf, bn, warps in SWEEP:
-            for name, kernel, rowloop in (("tiles", _kernel(), False), ("rowloop", _gather_cols_rowloop, True)):
-                candidates[f"{name} {bf}x{bn} w{warps}"] = (
-                    lambda k=kernel, r=rowloop, c=(bf, bn, warps): gather_with(k, x, index, *c, r))
+            candidates[f"tiles {bf}x{bn} w{warps}"] = lambda c=(bf, bn, warps): gather_with(_kernel(), x, index, *c)
     print(f"device: {torch.cuda.get_device_name()}  shape ({f}, {n}) bf16  runs {runs}")
     for name, fn in list(candidates.items())[1:]:  # the row gather permutes the transpose: a reference speed only
         if not torch.equal(fn(), expected):
