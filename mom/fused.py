@@ -18,7 +18,11 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   so that ONE GEMM with the experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add
   nothing) and cost ``M`` times a small GEMM instead of column gathers of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
-  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, the scan's output and checkpoints.
+  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, dt_proj's expanded input, the scan's
+  output and checkpoints.
+* Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so every
+  expert weight is cast in one pass (`_cast_params`: the experts of a projection become stacked views), each
+  projection's weight gradients are computed stacked and cast once, and constants are cached.
 
 Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
 ``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
