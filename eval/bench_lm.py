@@ -3,13 +3,15 @@
     python eval/bench_lm.py                                  # ~115M (768x24) and ~353M (1024x48), batch 8x2048
     python eval/bench_lm.py --model 768x24 --batch 8 --length 2048
 
-Prints tokens/s, peak memory and MFU for both sides and their ratio (MoM / dense), same process, same data; each
-side is measured --rounds times, alternating, and its best round is compared.
+MoM is given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train` does), unless
+--device-counts. Prints tokens/s, peak memory and MFU for both sides and their ratio (MoM / dense), same process,
+same data; each side is measured --rounds times, alternating, and its best round is compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -44,8 +46,14 @@ def make_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cu
     return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
 
 
-def mom_forward(model, ids, labels):
-    return model(ids, labels=labels).loss
+def mom_forward(model, ids, labels, counts=None):
+    return model(ids, labels=labels, modality_counts=counts).loss
+
+
+def host_counts(config: mom.MoMConfig, ids: torch.Tensor) -> tuple[int, ...]:
+    """Tokens per modality of a batch, counted on the host (as `mom.train` does from the CPU batch)."""
+    modality = torch.bucketize(ids.cpu(), torch.tensor(config.vocab_offsets[1:]), right=True)
+    return tuple(torch.bincount(modality.flatten(), minlength=config.num_modalities).tolist())
 
 
 def dense_forward(model, ids, labels):
@@ -66,18 +74,22 @@ def build(name: str, d_model: int, n_layer: int, device: str = "cuda"):
     return MambaLMHeadModel(dcfg, device=device), dense_forward
 
 
-def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int) -> None:
+def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int,
+                device_counts: bool = False) -> None:
     """Each side measured ``rounds`` times, alternating (a fresh model each time); the best round counts (one slow
     round on either side, from the machine rather than the code, was seen to move the ratio by 15%)."""
     device = "cuda"
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = make_batch(config, batch, length, device)
+    counts = None if device_counts else host_counts(config, ids)  # counted once, off the timed steps
     tokens = batch * length
     results: dict[str, list[tuple[float, float, int]]] = {"mom": [], "dense": []}
     for _ in range(rounds):
         for name in ("mom", "dense"):
             torch.cuda.empty_cache()
             model, forward = build(name, d_model, n_layer, device)
+            if name == "mom":
+                forward = functools.partial(mom_forward, counts=counts)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
@@ -104,6 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="measurements per side, alternating; the best counts")
+    parser.add_argument("--device-counts", action="store_true",
+                        help="MoM reads its tokens per modality from the device (a host sync per forward) instead of "
+                        "being given them, as mom.train gives them from the CPU batch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lm: needs a CUDA device", file=sys.stderr)
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
     print("device:", torch.cuda.get_device_name())
     for spec in args.model or ["768x24", "1024x48"]:
         d, n = (int(v) for v in spec.split("x"))
-        bench_model(d, n, args.batch, args.length, args.iters, args.rounds)
+        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.device_counts)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
 import sys
@@ -22,7 +23,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lm import VOCAB_SPLIT, build, make_batch, train_step_fn  # noqa: E402
+from bench_lm import VOCAB_SPLIT, build, host_counts, make_batch, mom_forward, train_step_fn  # noqa: E402
 from profile_layer import profile_step  # noqa: E402
 
 import mom  # noqa: E402
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--host-only", action="store_true", help="skip the CUDA kernel table")
+    parser.add_argument("--device-counts", action="store_true", help="as bench_lm.py: MoM reads its counts itself")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_lm: needs a CUDA device", file=sys.stderr)
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
     print("device:", torch.cuda.get_device_name(), "model:", args.model, f"batch {args.batch}x{args.length}")
     for name in ("mom", "dense"):
         model, forward = build(name, d, n)
+        if name == "mom" and not args.device_counts:
+            forward = functools.partial(mom_forward, counts=host_counts(config, ids))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         step = train_step_fn(model, ids, ids, optimizer, forward)
         if not args.host_only:

@@ -35,7 +35,7 @@ from mom.data.loader import build_loader, read_manifest
 from mom.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
 from mom.modeling import MoMForCausalLM
 from mom.recipe import Recipe, apply_override, parse_yaml
-from mom.train import MODEL_INPUTS, losses, train
+from mom.train import losses, model_inputs, train
 
 ADAPTER_SUBDIR = "adapter"  # default adapter directory inside train.out_dir
 SUMMARY_FILE = "finetune.json"  # inside train.out_dir: parameter counts, paths, losses before / after
@@ -191,7 +191,7 @@ def evaluate_corpus(model: nn.Module, recipe: Recipe, corpus: str | os.PathLike)
     was_training = model.training
     model.eval()
     for batch in islice(build_loader(cfg), max(1, recipe.train.eval_batches)):
-        out = model(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
+        out = model(**model_inputs(batch, device, len(modalities)))
         stats[: len(modalities)] += out.modality_loss_sums.double().cpu()
         stats[len(modalities) :] += out.modality_target_counts.double().cpu()
     model.train(was_training)

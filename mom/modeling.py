@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,11 +176,21 @@ def validate_and_route(
     input_ids: torch.Tensor,
     modality_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
-) -> Routing:
-    """Check shapes and ranges, and build the batch's `Routing` (modality ids derived from the token ids if not
-    given), with ONE host sync: it reads the validity flags and the per-modality token counts (the routing's blocks
-    are host integers) together. A second sync per forward would stall the host twice while the GPU drains the
-    previous step's backlog."""
+    modality_counts: Sequence[int] | torch.Tensor | None = None,
+) -> tuple[Routing, Callable[[], None]]:
+    """Check shapes and ranges and build the batch's `Routing` (modality ids derived from the token ids if not
+    given). -> (routing, finish): call ``finish()`` once the forward's work is enqueued.
+
+    The routing's expert blocks are host integers, and reading anything from the device waits for all the work
+    queued before it: at the start of a training forward, the previous step's backward. So:
+
+    - without ``modality_counts``: ONE host sync, now, reads the checks and the per-modality token counts together
+      (``finish`` does nothing);
+    - with ``modality_counts`` (tokens per modality, counted by the caller on the host, e.g. from the CPU batch as
+      `mom.train` does): no sync now; ``finish`` reads the checks and the device's counts in ONE sync after the
+      forward is enqueued, so the GPU never waits for the host, and raises if either is wrong. Until then nothing
+      may index with an unchecked id: the forward clamps token ids for the embedding, and the loss comes after.
+    """
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)}")
     for name, t in (("modality_ids", modality_ids), ("labels", labels)):
@@ -197,13 +208,30 @@ def validate_and_route(
         bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
         modality_ids = torch.bucketize(input_ids.contiguous(), bounds, right=True)
     routing = Routing(modality_ids.long(), M)
-    flags = torch.stack([bad.any() for _, bad, _ in checks.values()])
-    values = torch.cat([flags.long(), routing.is_modality.sum(1)]).tolist()  # the one host sync
-    for (what, (ids, bad, valid)), flag in zip(checks.items(), values):
-        if flag:
-            raise ValueError(f"{what} {int(ids[bad][0])} is out of range; valid: {valid}")
-    routing.set_counts(tuple(values[len(checks) :]))
-    return routing
+    flags_and_counts = torch.cat([torch.stack([bad.any() for _, bad, _ in checks.values()]).long(),
+                                  routing.is_modality.sum(1)])
+
+    def read() -> tuple[int, ...]:
+        """The one host sync: raise for the first failed check, else return the device's counts."""
+        values = flags_and_counts.tolist()
+        for (what, (ids, bad, valid)), flag in zip(checks.items(), values):
+            if flag:
+                raise ValueError(f"{what} {int(ids[bad][0])} is out of range; valid: {valid}")
+        return tuple(values[len(checks) :])
+
+    if modality_counts is None:
+        routing.set_counts(read())
+        return routing, lambda: None
+    given = tuple(int(c) for c in modality_counts)
+    routing.set_counts(given)
+
+    def finish() -> None:
+        actual = read()
+        if actual != given:
+            raise ValueError(f"modality_counts {given} do not match the batch's tokens per modality {actual} "
+                             f"{config.modalities}")
+
+    return routing, finish
 
 
 @functools.cache
@@ -249,14 +277,17 @@ class MoMModel(MoMPreTrainedModel):
         return_dict: bool | None = None,
         labels: torch.LongTensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        modality_counts: Sequence[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> MoMOutput:
         """input_ids, modality_ids, attention_mask, seq_idx: (b, l). ``labels`` is only validated here.
 
         ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
+        ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller; the forward
+        then starts without waiting for the device (see `validate_and_route`).
         """
-        routing = validate_and_route(self.config, input_ids, modality_ids, labels)  # once for all layers
+        routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts)
         doc_start = None
         if self.config.reset_at_document_boundaries and seq_idx is not None:
             if seq_idx.shape != input_ids.shape:
@@ -276,7 +307,9 @@ class MoMModel(MoMPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask
 
-        out, residual = None, self.embeddings(input_ids)  # the residual stream (b, l, d) is residual + out
+        # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
+        embed_ids = input_ids if modality_counts is None else input_ids.clamp(0, self.config.vocab_size - 1)
+        out, residual = None, self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
         all_hidden = (residual,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -287,6 +320,7 @@ class MoMModel(MoMPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (residual + out,)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
+        finish_checks()  # raises for bad input before anything (loss, backward, cache) uses the forward
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
@@ -351,14 +385,16 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         seq_idx: torch.Tensor | None = None,
+        modality_counts: Sequence[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput:
         """Next-token LM. input_ids, labels, modality_ids, seq_idx: (b, l); labels are shifted inside (HF
-        convention). ``seq_idx``: see `MoMModel.forward`."""
+        convention). ``seq_idx``, ``modality_counts``: see `MoMModel.forward`."""
         out = self.backbone(
             input_ids,
             modality_ids=modality_ids,
             seq_idx=seq_idx,
+            modality_counts=modality_counts,
             cache=cache,
             use_cache=use_cache,
             attention_mask=attention_mask,

@@ -182,6 +182,17 @@ def train(
     return {**summary, "engine": engine}
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modalities: int,
+                 non_blocking: bool = False) -> dict[str, Any]:
+    """The model's inputs from a CPU batch, on ``device``, with the batch's tokens per modality counted here on the
+    host (``modality_counts``): the model's forward then need not wait for the device to read them."""
+    inputs: dict[str, Any] = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k in MODEL_INPUTS}
+    if "modality_ids" in batch:  # out-of-range ids are clamped here and named by the model's own check
+        ids = batch["modality_ids"].reshape(-1).clamp(0, num_modalities - 1)
+        inputs["modality_counts"] = tuple(torch.bincount(ids, minlength=num_modalities).tolist())
+    return inputs
+
+
 # ---- one optimizer step ----------------------------------------------------------------------------------------
 def train_step(
     engine: Any, loader: Any, ctx: Context, recipe: Recipe, num_modalities: int, inject_nan: bool
@@ -197,8 +208,7 @@ def train_step(
     grad_accum = recipe.train.grad_accum
     own_clip = distributed.trainer_clips(recipe, ctx)
     for micro in range(grad_accum):
-        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(loader).items() if k in MODEL_INPUTS}
-        out = engine(**batch)
+        out = engine(**model_inputs(next(loader), ctx.device, M, non_blocking=True))
         loss = out.loss * float("nan") if inject_nan and ctx.is_main else out.loss  # fault injection (tests)
         engine.backward(loss)
         if own_clip and micro == grad_accum - 1:  # gradients are all-reduced: check and clip before the step
@@ -296,7 +306,7 @@ def evaluate(engine: Any, batches: list[dict], ctx: Context, modalities: Sequenc
     engine.eval()
     with torch.no_grad():
         for batch in batches:
-            out = engine(**{k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS})
+            out = engine(**model_inputs(batch, ctx.device, M))
             stats[:M] += out.modality_loss_sums.detach().double()
             stats[M:] += out.modality_target_counts.detach().double()
             del out

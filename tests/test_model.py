@@ -244,3 +244,42 @@ def test_hidden_states_are_the_residual_stream():
         torch.testing.assert_close(states[0], model.backbone.embeddings(ids).float())
         # the last state, normed and projected, gives the logits
         torch.testing.assert_close(model.lm_head(model.backbone.norm_f(states[-1])), out.logits)
+
+
+def _counts_model():
+    config = mom.MoMConfig(vocab_sizes=(40, 16, 8), d_model=16, n_layer=2, d_state=4)
+    torch.manual_seed(0)
+    model = mom.MoMForCausalLM(config).eval()
+    ids = torch.cat([torch.randint(0, 40, (2, 9)), torch.randint(40, 56, (2, 5)), torch.randint(56, 64, (2, 3))], 1)
+    return model, ids, (18, 10, 6)
+
+
+def test_host_counts_give_the_same_outputs():
+    model, ids, counts = _counts_model()
+    ref = model(ids, labels=ids)
+    for given in (counts, torch.tensor(counts)):
+        out = model(ids, labels=ids, modality_counts=given)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(modality_counts=(17, 11, 6)), r"modality_counts \(17, 11, 6\) do not match .* \(18, 10, 6\)"),
+        (dict(modality_counts=(18, 10)), "do not match 3 modalities"),
+        (dict(bad_token=99), "token id 99 is out of range"),
+        (dict(bad_label=-5), "label -5 is out of range"),
+    ],
+)
+def test_host_counts_still_name_bad_input(change, message):
+    """With the counts given, the checks are read after the forward is enqueued: bad ids must not crash it first
+    (the embedding sees them clamped) and still raise a ValueError naming the value, before any loss."""
+    model, ids, counts = _counts_model()
+    labels = ids.clone()
+    if "bad_token" in change:
+        ids = ids.clone()
+        ids[1, 4] = change["bad_token"]
+    if "bad_label" in change:
+        labels[0, 2] = change["bad_label"]
+    with pytest.raises(ValueError, match=message):
+        model(ids, labels=labels, modality_counts=change.get("modality_counts", counts))

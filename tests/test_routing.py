@@ -100,7 +100,7 @@ def test_validate_and_route_derives_the_routing_and_names_bad_ids():
 
     config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
     ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]])  # text, image, image, text, speech, speech, text
-    routing = validate_and_route(config, ids, None, ids)
+    routing, _ = validate_and_route(config, ids, None, ids)
     assert routing.counts == (3, 2, 2) and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
     bad = ids.clone()
     bad[0, 3] = 20
