@@ -269,6 +269,7 @@ def test_host_counts_give_the_same_outputs():
         (dict(modality_counts=(18, 10)), "do not match 3 modalities"),
         (dict(bad_token=99), "token id 99 is out of range"),
         (dict(bad_label=-5), "label -5 is out of range"),
+        (dict(bad_modality=7), "modality id 7 is out of range"),
     ],
 )
 def test_host_counts_still_name_bad_input(change, message):
@@ -281,5 +282,9 @@ def test_host_counts_still_name_bad_input(change, message):
         ids[1, 4] = change["bad_token"]
     if "bad_label" in change:
         labels[0, 2] = change["bad_label"]
+    modality_ids = None
+    if "bad_modality" in change:
+        modality_ids = torch.bucketize(ids, torch.tensor(model.config.vocab_offsets[1:]), right=True)
+        modality_ids[0, 0] = change["bad_modality"]
     with pytest.raises(ValueError, match=message):
-        model(ids, labels=labels, modality_counts=change.get("modality_counts", counts))
+        model(ids, labels=labels, modality_ids=modality_ids, modality_counts=change.get("modality_counts", counts))
