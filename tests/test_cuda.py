@@ -128,3 +128,27 @@ def test_gather_cols_matches_index_select(shape):
     assert torch.equal(gather_cols(x, index), x.index_select(1, index))
     runs = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)  # a routing-like permutation
     assert torch.equal(gather_cols(x.contiguous(), runs), x.index_select(1, runs))
+
+
+def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():
+    """With modality_counts the checks are read after the forward is enqueued: outputs and gradients equal the
+    default path's, and a bad token id is clamped for the embedding (no device-side assert) and named."""
+    model = mom.MoMForCausalLM(_config()).cuda()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS["uneven"]).cuda()
+    modality = torch.bucketize(ids.cpu(), torch.tensor(model.config.vocab_offsets[1:]), right=True)
+    counts = tuple(torch.bincount(modality.flatten(), minlength=3).tolist())
+    outs = []
+    for given in (None, counts):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, modality_counts=given)
+        out.loss.backward()
+        outs.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for name, grad in outs[0][1].items():  # the scan's backward accumulates with atomics: not bit-reproducible
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    bad = ids.clone()
+    bad[1, 5] = model.config.vocab_size + 3
+    with pytest.raises(ValueError, match=f"token id {model.config.vocab_size + 3} is out of range"):
+        model(bad, labels=ids, modality_counts=counts)
+    torch.cuda.synchronize()  # the device is still usable: no assert fired
