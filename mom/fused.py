@@ -254,7 +254,7 @@ class _FusedMixer(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout: _Layout, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
-        dtype the projections run in (`_dtype`)."""
+        dtype the projections run in (autocast's, else hidden's: `fused_mixer` chooses)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
             return _FusedMixer._forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout,
