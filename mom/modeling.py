@@ -177,7 +177,8 @@ def validate_and_route(
     modality_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
     modality_counts: Sequence[int] | torch.Tensor | None = None,
-) -> tuple[Routing, Callable[[], None]]:
+    defer: bool = True,
+) -> tuple[Routing, Callable[[], object]]:
     """Check shapes and ranges and build the batch's `Routing` (modality ids derived from the token ids if not
     given). -> (routing, finish): call ``finish()`` once the forward's work is enqueued.
 
@@ -187,9 +188,10 @@ def validate_and_route(
     - without ``modality_counts``: ONE host sync, now, reads the checks and the per-modality token counts together
       (``finish`` does nothing);
     - with ``modality_counts`` (tokens per modality, counted by the caller on the host, e.g. from the CPU batch as
-      `mom.train` does): no sync now; ``finish`` reads the checks and the device's counts in ONE sync after the
-      forward is enqueued, so the GPU never waits for the host, and raises if either is wrong. Until then nothing
-      may index with an unchecked id: the forward clamps token ids for the embedding, and the loss comes after.
+      `mom.train` does) and ``defer``: no sync now; ``finish`` reads the checks and the device's counts in ONE sync
+      after the forward is enqueued, so the GPU never waits for the host, and raises if either is wrong. Until then
+      nothing may index with an unchecked id: the forward clamps token ids for the embedding, and the loss comes
+      after. (Not ``defer``: the given counts are checked now, with the rest.)
     """
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)}")
@@ -219,18 +221,19 @@ def validate_and_route(
                 raise ValueError(f"{what} {int(ids[bad][0])} is out of range; valid: {valid}")
         return tuple(values[len(checks) :])
 
-    if modality_counts is None:
-        routing.set_counts(read())
-        return routing, lambda: None
-    given = tuple(int(c) for c in modality_counts)
-    routing.set_counts(given)
+    given = None if modality_counts is None else tuple(int(c) for c in modality_counts)
 
-    def finish() -> None:
+    def finish() -> tuple[int, ...]:
         actual = read()
-        if actual != given:
+        if given is not None and actual != given:
             raise ValueError(f"modality_counts {given} do not match the batch's tokens per modality {actual} "
                              f"{config.modalities}")
+        return actual
 
+    if given is None or not defer:
+        routing.set_counts(finish())
+        return routing, lambda: None
+    routing.set_counts(given)
     return routing, finish
 
 
@@ -284,10 +287,14 @@ class MoMModel(MoMPreTrainedModel):
 
         ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
-        ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller; the forward
-        then starts without waiting for the device (see `validate_and_route`).
+        ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller; a forward
+        without cache then starts without waiting for the device (see `validate_and_route`).
         """
-        routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        # deferred checks only without a cache: a forward that writes the recurrent cache is checked before it runs
+        defer = modality_counts is not None and not use_cache
+        routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts,
+                                                    defer)
         doc_start = None
         if self.config.reset_at_document_boundaries and seq_idx is not None:
             if seq_idx.shape != input_ids.shape:
@@ -297,7 +304,6 @@ class MoMModel(MoMPreTrainedModel):
         if self._logged_backend != self.backend:
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = MoMCache(self.config, input_ids.shape[0], input_ids.device, self.embeddings.weight.dtype)
         cache = cache if use_cache else None
@@ -308,7 +314,7 @@ class MoMModel(MoMPreTrainedModel):
             mask = attention_mask
 
         # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
-        embed_ids = input_ids if modality_counts is None else input_ids.clamp(0, self.config.vocab_size - 1)
+        embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
         out, residual = None, self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
         all_hidden = (residual,) if output_hidden_states else None
         for layer in self.layers:

@@ -249,7 +249,7 @@ def test_hidden_states_are_the_residual_stream():
 def _counts_model():
     config = mom.MoMConfig(vocab_sizes=(40, 16, 8), d_model=16, n_layer=2, d_state=4)
     torch.manual_seed(0)
-    model = mom.MoMForCausalLM(config).eval()
+    model = mom.MoMForCausalLM(config)  # training mode: no cache, the checks are deferred
     ids = torch.cat([torch.randint(0, 40, (2, 9)), torch.randint(40, 56, (2, 5)), torch.randint(56, 64, (2, 3))], 1)
     return model, ids, (18, 10, 6)
 
@@ -288,3 +288,6 @@ def test_host_counts_still_name_bad_input(change, message):
         modality_ids[0, 0] = change["bad_modality"]
     with pytest.raises(ValueError, match=message):
         model(ids, labels=labels, modality_ids=modality_ids, modality_counts=change.get("modality_counts", counts))
+    if "modality_counts" in change:  # with a cache (eval) the counts are checked before the forward, as the rest
+        with pytest.raises(ValueError, match="do not match"):
+            model.eval()(ids, labels=labels, modality_counts=change["modality_counts"])
