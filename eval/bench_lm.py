@@ -61,11 +61,12 @@ def dense_forward(model, ids, labels):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
-def build(name: str, d_model: int, n_layer: int, device: str = "cuda"):
-    """-> (model, forward(model, ids, labels) -> loss) for "mom" or "dense" (mamba-ssm's MambaLMHeadModel)."""
+def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: tuple[int, ...] | None = None):
+    """-> (model, forward(model, ids, labels) -> loss) for "mom" or "dense" (mamba-ssm's MambaLMHeadModel).
+    ``counts``: the batch's tokens per modality, given to MoM's forward (`host_counts`); None: MoM reads them."""
     if name == "mom":
         config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
-        return mom.MoMForCausalLM(config).to(device), mom_forward
+        return mom.MoMForCausalLM(config).to(device), functools.partial(mom_forward, counts=counts)
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -87,9 +88,7 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
     for _ in range(rounds):
         for name in ("mom", "dense"):
             torch.cuda.empty_cache()
-            model, forward = build(name, d_model, n_layer, device)
-            if name == "mom":
-                forward = functools.partial(mom_forward, counts=counts)
+            model, forward = build(name, d_model, n_layer, device, counts)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)

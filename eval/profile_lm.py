@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import os
 import pstats
 import sys
@@ -23,7 +22,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lm import VOCAB_SPLIT, build, host_counts, make_batch, mom_forward, train_step_fn  # noqa: E402
+from bench_lm import VOCAB_SPLIT, build, host_counts, make_batch, train_step_fn  # noqa: E402
 from profile_layer import profile_step  # noqa: E402
 
 import mom  # noqa: E402
@@ -84,9 +83,7 @@ def main(argv=None) -> int:
     ids = make_batch(config, args.batch, args.length)
     print("device:", torch.cuda.get_device_name(), "model:", args.model, f"batch {args.batch}x{args.length}")
     for name in ("mom", "dense"):
-        model, forward = build(name, d, n)
-        if name == "mom" and not args.device_counts:
-            forward = functools.partial(mom_forward, counts=host_counts(config, ids))
+        model, forward = build(name, d, n, counts=None if args.device_counts else host_counts(config, ids))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         step = train_step_fn(model, ids, ids, optimizer, forward)
         if not args.host_only:

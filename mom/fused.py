@@ -128,18 +128,20 @@ def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
 
 
 def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor]] | None:
-    """(experts per projection, the tensors `fused_mixer` reads), or None when it cannot run this mixer: an expert
-    that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be called as a module) or a weight that is absent.
-    ZeRO-3 leaves a module's weights empty until the module itself is called, and the fused path reads the conv's
-    and the experts' weights without calling them, so a partitioned model takes the module path."""
+    """(experts per projection, the Function's parameters: per projection its experts' weights, then their biases),
+    or None when `fused_mixer` cannot run this mixer: an expert that is not a plain ``nn.Linear`` (a LoRA-wrapped one
+    must be called as a module) or a weight that is absent. ZeRO-3 leaves a module's weights empty until the module
+    itself is called, and the fused path reads the conv's and the experts' weights without calling them, so a
+    partitioned model takes the module path."""
     experts = [_plain_linears(getattr(mixer, name)) for name in PROJ_ORDER]
     if any(e is None for e in experts):
         return None
-    tensors = [mixer.conv1d.weight, mixer.A_log, mixer.D]
-    tensors += [mixer.conv1d.bias] if mixer.conv1d.bias is not None else []
+    params = []
     for linears in experts:
-        tensors += [e.weight for e in linears] + [e.bias for e in linears if e.bias is not None]
-    return (experts, tensors) if all(t.numel() > 0 for t in tensors) else None
+        params += [e.weight for e in linears] + [e.bias for e in linears if e.bias is not None]
+    shared = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D]
+    present = all(t.numel() > 0 for t in params + [t for t in shared if t is not None])
+    return (experts, params) if present else None
 
 
 def supports_fast_path(mixer: nn.Module) -> bool:
@@ -177,9 +179,11 @@ class _Layout:
         return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
 
 
-def _stacked(layout: _Layout, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """A flat buffer laid out like the Function's parameters (per projection: its experts' weights, then their
-    biases) -> per projection (weights (k, o, i), biases (k, o) or None): views, the experts stacked."""
+def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked:
+    two kernels (a cat and a cast) instead of a cast per weight and a cat per stacked projection (each launch costs
+    host time, which bounds the LM step); the results are views of the one cast buffer."""
+    flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
     out, i = [], 0
     for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes, layout.has_bias):
         w = flat[i : i + k * fo * fi].view(k, fo, fi)
@@ -188,12 +192,6 @@ def _stacked(layout: _Layout, flat: torch.Tensor) -> list[tuple[torch.Tensor, to
         i += k * fo if has_bias else 0
         out.append((w, b))
     return out
-
-
-def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The parameters in ``dtype``, stacked per projection (`_stacked`): two kernels (a cat and a cast) instead of a
-    cast per weight and a cat per stacked projection (each launch costs host time, which bounds the LM step)."""
-    return _stacked(layout, torch.cat([p.reshape(-1) for p in params]).to(dtype))
 
 
 def _cols_mm(out, weights, biases, rhs, blocks):
@@ -439,14 +437,10 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     if found is None:
         raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
                          "ZeRO-3-partitioned ones take the module path")
-    experts = found[0]
+    experts, params = found
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
                      tuple((e[0].out_features, e[0].in_features) for e in experts),
                      tuple(e[0].bias is not None for e in experts), routing.bounds, kern)
-    params = []
-    for linears, has_bias in zip(experts, layout.has_bias):
-        params += [e.weight for e in linears]
-        params += [e.bias for e in linears] if has_bias else []
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     A = -torch.exp(mixer.A_log.float())
     return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot_as(dtype), mixer.conv1d.weight,
