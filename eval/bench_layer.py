@@ -9,7 +9,10 @@ its ratio to mamba-ssm's fused dense layer (the target; "MoM, fast path" is the 
 rows attribute
 the gap: mamba-ssm without its fused path, our mixer with ``decouple=()`` (no routing), and each of ours on the
 module path (``use_fast_path=False``: per-expert module calls, the reference the fast path is tested against).
-Routing is built once per model forward and shared by all layers, so its cost is printed separately.
+"sorted stream" is the fast path as the LM runs it (`mom.fused.sorted_stream`): its input and output rows are in
+the routing's sorted order, so the row gathers around in_proj and out_proj are not needed (the model permutes its
+stream once per forward instead). Routing is built once per model forward and shared by all layers, so its cost is
+printed separately.
 """
 
 from __future__ import annotations
@@ -28,13 +31,20 @@ from mom.config import PROJECTIONS  # noqa: E402
 from mom.routing import Routing  # noqa: E402
 
 
-def _step(layer, routing, x, grad):
+def _step(layer, routing, x, grad, sorted_tokens=False):
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(x) if routing is None else layer(x, routing)
+            y = layer(x) if routing is None else layer(x, routing, sorted_tokens=sorted_tokens)
         y.backward(grad)
 
     return step
+
+
+def _build_routing(modality_ids, num_modalities):
+    """What one model forward computes of its routing: permutation, inverse and the one-hot."""
+    routing = Routing.build(modality_ids, num_modalities)
+    routing.perm, routing.inv_perm, routing.onehot_as(torch.bfloat16)
+    return routing
 
 
 def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int) -> None:
@@ -57,18 +67,19 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
         "mom dense, fast path": (lambda: mom_mixer(len(runs), d_model, ()), routing),
         "MoM, module path": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS, fast=False), routing),
         "MoM, fast path": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS), routing),
+        "MoM, fast, sorted stream": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS), routing),
     }
     print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.kernels.backend_name(x.device)}")
     base = None
     for name, (factory, r) in variants.items():
-        ms, gib, resident = measure(_step(factory(), r, x, grad), iters=iters)
+        ms, gib, resident = measure(_step(factory(), r, x, grad, "sorted" in name), iters=iters)
         added = gib - resident  # activations and temporaries of one step
         base = base or (ms, gib, added)
         print(f"  {name:<26} {ms:8.3f} ms ({ms / base[0]:5.2f}x)   peak {gib:6.3f} GiB ({gib / base[1]:5.2f}x)"
               f"   above resident {added:6.3f} GiB ({added / base[2]:5.2f}x)")
         x.grad = None
         torch.cuda.empty_cache()
-    t_route, _, _ = measure(lambda: Routing.build(modality_ids, len(runs)), iters=iters)
+    t_route, _, _ = measure(lambda: _build_routing(modality_ids, len(runs)), iters=iters)
     print(f"  routing build (once per model forward): {t_route:.3f} ms")
 
 

@@ -156,6 +156,14 @@ def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
     return supports_fast_path(mixer)
 
 
+def sorted_stream(mixers, hidden: torch.Tensor) -> bool:
+    """Whether a model keeps its residual stream in the routing's sorted order (``fused_mixer(sorted_tokens=True)``):
+    when every mixer takes the fast path (which reads and writes rows in either order) and some route in_proj or
+    out_proj (a shared one reads sequence order as cheaply). Cache, mask and reset: the caller checks."""
+    routes = any(isinstance(p, RoutedLinear) for m in mixers for p in (m.in_proj, m.out_proj))
+    return routes and all(use_fast_path(m, hidden) for m in mixers)
+
+
 # ---- the Function ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
@@ -170,6 +178,7 @@ class _Layout:
     shapes: tuple[tuple[int, int], ...]  # (out, in) features per projection
     has_bias: tuple[bool, ...]
     bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
+    sorted_io: bool  # the input and output rows are in the routing's sorted order (a sorted residual stream)
     kernels: object
 
     def routed(self, p: int) -> bool:
@@ -266,8 +275,8 @@ class _FusedMixer(torch.autograd.Function):
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
-        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model)
-        h_in = h.index_select(0, perm) if layout.routed(0) else h
+        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
+        h_in = _reorder(h, layout.sorted_io, layout.routed(0), perm, inv_perm)  # sorted iff in_proj routes
         xz = _cols_mm(h.new_empty(2 * di, n), w_in, b_in, h_in.t(), layout.blocks(0))
         if layout.routed(0):
             xz = gather_cols(xz, inv_perm)
@@ -300,8 +309,7 @@ class _FusedMixer(torch.autograd.Function):
                     torch.mm(y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
                 else:
                     torch.addmm(b_out[m], y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
-        if layout.routed(3):
-            o = o.index_select(0, inv_perm)  # a row gather: PyTorch's is fast
+        o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype = layout, params[0].dtype
         ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
                               select, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
@@ -321,11 +329,11 @@ class _FusedMixer(torch.autograd.Function):
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
-        pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, cast once when computed
+        pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, written in this dtype
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
         # out_proj backward: dy (di, n) in sequence order
-        dout_in = dout.index_select(0, perm) if layout.routed(3) else dout
+        dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
         del dout
         dy = _cols_mm(dout_in.new_empty(di, n), w_out.transpose(1, 2), None, dout_in.t(), layout.blocks(3))
         if layout.routed(3):
@@ -344,7 +352,7 @@ class _FusedMixer(torch.autograd.Function):
         del y_in, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = ddelta @ dt_in.t()  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
+        dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
                 _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
         dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
@@ -354,7 +362,7 @@ class _FusedMixer(torch.autograd.Function):
         del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
-        g_x = ((dx_all @ _cols(conv_out).t()).to(pdtype).view(M_x, -1, di), None)
+        g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
@@ -372,23 +380,40 @@ class _FusedMixer(torch.autograd.Function):
                 torch.mm(dxz_in[:, lo:hi].t(), w_in[m], out=dh[lo:hi])
         g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_in
-        if layout.routed(0):
-            dh = dh.index_select(0, inv_perm)
+        dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *param_grads)
 
 
 def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
-    """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked and
-    cast to ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
-    g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0])
-    g_b = d_cols.new_empty(len(blocks), d_cols.shape[0]) if has_bias else None
+    """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
+    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
+    g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
     for m, (lo, hi) in enumerate(blocks):
         d = d_cols[:, lo:hi]
-        torch.mm(d, x_cols[:, lo:hi].t(), out=g_w[m])
+        _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
         if g_b is not None:
-            torch.sum(d, 1, out=g_b[m])
-    return g_w.to(dtype), g_b.to(dtype) if g_b is not None else None
+            torch.sum(d, 1, dtype=dtype, out=g_b[m])
+    return g_w, g_b
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` in ``dtype`` (into ``out`` if given). For fp32 weight gradients of bf16/fp16 operands on CUDA,
+    cuBLAS writes its fp32 accumulator directly: no rounding to bf16 and no cast kernel. Otherwise a cast."""
+    if dtype == a.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype) if out is None else torch.mm(a, b, out_dtype=dtype, out=out)
+    result = torch.mm(a, b).to(dtype)
+    return result if out is None else out.copy_(result)
+
+
+def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:
+    """rows (n, f) in sorted (``Routing.perm``) or sequence order -> the order wanted: a row gather, or ``rows``."""
+    if is_sorted == want_sorted:
+        return rows
+    return rows.index_select(0, perm if want_sorted else inv_perm)
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -426,10 +451,14 @@ def _cols(bdl: torch.Tensor) -> torch.Tensor:
     return cols.view(f, -1)
 
 
-def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None) -> torch.Tensor:
+def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None,
+                sorted_tokens: bool = False) -> torch.Tensor:
     """The mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
 
     ``kern``: `CudaKernels` (default) or `REFERENCE_KERNELS` (any device; what the CPU tests use).
+    ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routing's sorted order (``Routing.perm``)
+    instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
+    out_proj (four per layer, forward and backward) when they route (`sorted_stream`).
     """
     kern = kern or cuda_kernels()
     b, l, _ = hidden.shape
@@ -440,7 +469,7 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     experts, params = found
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
                      tuple((e[0].out_features, e[0].in_features) for e in experts),
-                     tuple(e[0].bias is not None for e in experts), routing.bounds, kern)
+                     tuple(e[0].bias is not None for e in experts), routing.bounds, sorted_tokens, kern)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     A = -torch.exp(mixer.A_log.float())
     return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot_as(dtype), mixer.conv1d.weight,

@@ -59,13 +59,18 @@ class MoMMixer(nn.Module):
         cache: MoMCache | None = None,
         mask: torch.Tensor | None = None,
         doc_start: torch.Tensor | None = None,
+        sorted_tokens: bool = False,
     ) -> torch.Tensor:
         """hidden: (b, l, d_model) -> (b, l, d_model).
 
         ``mask`` (b, l), 1 for real tokens and 0 for (left) padding, zeroes padded positions before the projection
         and after the conv so that they leave no trace in the conv window or the SSM state. ``doc_start`` (b, l)
-        bool marks where packed documents start: the conv window and the SSM state restart there.
+        bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
+        hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
+        the model decides, `mom.fused.sorted_stream`).
         """
+        if sorted_tokens:
+            return fused.fused_mixer(self, hidden, routing, sorted_tokens=True)
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
         if cache is None and mask is None and doc_start is None and fused.use_fast_path(self, hidden):

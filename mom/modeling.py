@@ -23,7 +23,7 @@ from mom import fused, kernels
 from mom.cache import MoMCache
 from mom.config import MoMConfig
 from mom.mixer import MoMMixer
-from mom.routing import Routing
+from mom.routing import Routing, permute_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ class MoMBlock(nn.Module):
         self.norm = make_norm(config)
         self.mixer = MoMMixer(config, layer_idx)
 
-    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None):
+    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
-        return self.mixer(hidden, routing, cache, mask, doc_start), residual
+        return self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens), residual
 
 
 @dataclass
@@ -315,21 +315,36 @@ class MoMModel(MoMPreTrainedModel):
 
         # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
         embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
+        b, l = input_ids.shape
+        # a training forward whose mixers all take the fast path keeps the stream's b * l rows sorted by modality
+        # (`Routing.perm`): the routed in_proj / out_proj then read and write it without row gathers
+        in_sorted = (cache is None and mask is None and doc_start is None
+                     and fused.sorted_stream([layer.mixer for layer in self.layers], input_ids))
+        if in_sorted:
+            embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
         out, residual = None, self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
-        all_hidden = (residual,) if output_hidden_states else None
+        in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
+        all_hidden = (in_order(residual),) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 out, residual = self._gradient_checkpointing_func(layer.__call__, out, residual, routing, None, mask,
-                                                                  doc_start)
+                                                                  doc_start, in_sorted)
             else:
-                out, residual = layer(out, residual, routing, cache, mask, doc_start)
+                out, residual = layer(out, residual, routing, cache, mask, doc_start, in_sorted)
             if output_hidden_states:
-                all_hidden += (residual + out,)
+                all_hidden += (in_order(residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
+        hidden = in_order(hidden)
         finish_checks()  # raises for bad input before anything (loss, backward, cache) uses the forward
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
+
+    @staticmethod
+    def _sequence_order(routing: Routing, stream: torch.Tensor) -> torch.Tensor:
+        """(b, l, d) rows in the routing's sorted order -> sequence order (a row gather, a gather back in backward)."""
+        b, l, d = stream.shape
+        return permute_rows(stream.reshape(b * l, d), routing.inv_perm, routing.perm).view(b, l, d)
 
 
 class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):

@@ -103,3 +103,39 @@ def test_fused_bf16_weights_close_to_module_path():
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
+def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
+    """When every mixer takes the fast path, the model keeps its residual stream in the routing's sorted order
+    (when in_proj or out_proj routes): loss, logits, hidden states and every gradient equal the module path's."""
+    torch.manual_seed(0)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
+                           decouple=decouple)
+    model = mom.MoMForCausalLM(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    modality_ids = layouts()["uneven runs"]
+    ids = torch.tensor(config.vocab_offsets)[modality_ids] + torch.randint(0, 8, modality_ids.shape)
+
+    def forward():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, output_hidden_states=True)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    ref, g_ref = forward()  # CPU: the module path
+    monkeypatch.setattr(fused, "cuda_kernels", lambda: fused.REFERENCE_KERNELS)
+    monkeypatch.setattr(fused, "use_fast_path", lambda mixer, hidden: fused.supports_fast_path(mixer))
+    calls = []
+    monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(k) or _f(*a, **k))
+    out, g = forward()
+    assert len(calls) == config.n_layer
+    assert all(k.get("sorted_tokens", False) == (decouple != ()) for k in calls)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.logits, ref.logits)
+    for h, h_ref in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(h, h_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
