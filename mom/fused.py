@@ -21,8 +21,9 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, dt_proj's expanded input, the scan's
   output and checkpoints.
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so every
-  expert weight is cast in one pass (`_cast_params`: the experts of a projection become stacked views), each
-  projection's weight gradients are computed stacked and cast once, and constants are cached.
+  expert weight is cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked
+  views of the one buffer), each projection's weight gradients are written stacked in the parameters' dtype by
+  cuBLAS, and constants are cached.
 
 Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
 ``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
@@ -40,6 +41,7 @@ import torch.nn as nn
 
 from mom import kernels
 from mom import scan as ref_scan
+from mom.flatcast import flat_cast
 from mom.gather import gather_cols
 from mom.routing import RoutedLinear, Routing
 
@@ -190,9 +192,9 @@ class _Layout:
 
 def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked:
-    two kernels (a cat and a cast) instead of a cast per weight and a cat per stacked projection (each launch costs
-    host time, which bounds the LM step); the results are views of the one cast buffer."""
-    flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+    one kernel (`mom.flatcast`) instead of a cast per weight and a cat per stacked projection (each launch costs
+    host time, which can bound the LM step); the results are views of the one cast buffer."""
+    flat = flat_cast(params, dtype)
     out, i = [], 0
     for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes, layout.has_bias):
         w = flat[i : i + k * fo * fi].view(k, fo, fi)

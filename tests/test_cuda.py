@@ -151,3 +151,13 @@ def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():
     with pytest.raises(ValueError, match=f"token id {model.config.vocab_size + 3} is out of range"):
         model(bad, labels=ids, modality_counts=counts)
     torch.cuda.synchronize()  # the device is still usable: no assert fired
+
+
+def test_flat_cast_matches_cat_and_cast():
+    from mom.flatcast import flat_cast
+
+    tensors = [torch.randn(s, device="cuda") for s in [(3, 5000), (7,), (0,), (4096,), (2, 3, 4)]]
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(flat_cast(tensors, dtype), torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
+    tensors[0] = tensors[0].t()  # not contiguous: the cat + cast fallback, same result
+    assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
