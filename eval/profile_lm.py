@@ -17,6 +17,7 @@ import os
 import pstats
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -29,21 +30,33 @@ import mom  # noqa: E402
 
 
 def host_view(step, iters: int = 5) -> None:
-    """The host synchronisations of one step (file:line), then wall vs enqueue time per step."""
+    """The host synchronisations of one step, each with the Python stack that caused it, then wall vs enqueue time
+    per step."""
     step()
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    sites: dict[str, int] = {}
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename][-8:]
+        key = "\n      ".join(f"{os.path.relpath(f.filename)}:{f.lineno} {f.name}" for f in frames)
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
-        step()
-        torch.cuda.set_sync_debug_mode(0)
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = show
     torch.cuda.synchronize()
-    sites = {}
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
-            sites[key] = sites.get(key, 0) + 1
-    print(f"host syncs in one step: {sum(sites.values())}", *(f"{k} x{v}" for k, v in sites.items()), sep="\n  ")
+    print(f"host syncs in one step: {sum(sites.values())}")
+    for key, count in sites.items():
+        print(f"  x{count}, innermost last:\n      {key}")
     start = time.perf_counter()
     for _ in range(iters):
         step()
