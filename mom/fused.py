@@ -18,7 +18,7 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   so that ONE GEMM with the experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add
   nothing) and cost ``M`` times a small GEMM instead of column gathers of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
-  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, x_dbl, dt_proj's expanded input, the scan's
+  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's
   output and checkpoints.
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so every
   expert weight is cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked
@@ -323,7 +323,7 @@ class _FusedMixer(torch.autograd.Function):
                     torch.addmm(b_out[m], y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype = layout, params[0].dtype
-        ctx.save_for_backward(h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
+        ctx.save_for_backward(h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
                               select, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
         return o.view(b, l, -1)
 
@@ -336,7 +336,7 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
-        (h_in, xz, x_dbl, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel, dt_in,
+        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel, dt_in,
          w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
