@@ -50,31 +50,21 @@ PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 # ---- kernels: mamba-ssm / causal-conv1d, or the reference ----------------------------------------------------------
 class CudaKernels:
-    """causal-conv1d and mamba-ssm's selective scan, their extensions called directly (as ``mamba_inner_fn`` calls
-    the scan). causal-conv1d's Python functions wrap the same calls in ``torch.library`` custom ops, whose dispatch
-    costs host time at every call (a whole LM step can be bound by the host: docs/performance.md); these are the
-    custom ops' bodies (causal-conv1d 1.7's out-argument signatures)."""
+    """causal-conv1d and mamba-ssm's selective scan, called directly (as ``mamba_inner_fn`` does)."""
 
     def __init__(self) -> None:
-        import causal_conv1d_cuda
         import selective_scan_cuda
-        from causal_conv1d import cpp_functions
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
 
-        if not hasattr(cpp_functions, "_causal_conv1d_fwd_cpp"):  # the out-argument kernels (causal-conv1d 1.7)
-            raise ImportError("causal-conv1d without the out-argument kernels")
-        self._scan, self._conv = selective_scan_cuda, causal_conv1d_cuda
+        self._scan = selective_scan_cuda
+        self._conv_fwd, self._conv_bwd = causal_conv1d_fwd_function, causal_conv1d_bwd_function
 
     def conv_fwd(self, x, weight, bias):
-        out = torch.empty_like(x)
-        self._conv.causal_conv1d_fwd(x, weight, bias, None, None, out, None, True)  # SiLU on
-        return out
+        return self._conv_fwd(x, weight, bias, None, None, None, True)
 
     def conv_bwd(self, x, weight, bias, dout, dx):
-        """Writes dx in place; -> (dx, dweight, dbias) (weight gradients accumulated in fp32, as causal-conv1d's)."""
-        dweight = torch.zeros_like(weight, dtype=torch.float32)
-        dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
-        self._conv.causal_conv1d_bwd(x, weight, bias, dout, None, None, None, dx, dweight, dbias, None, True)
-        return dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None
+        dx, dweight, dbias, *_ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
+        return dx, dweight, dbias
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
         """-> (out, checkpoints, out_z); B, C: (b, 1, n, l)."""
