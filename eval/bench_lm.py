@@ -52,7 +52,7 @@ def mom_forward(model, ids, labels, counts=None):
 
 def host_counts(config: mom.MoMConfig, ids: torch.Tensor) -> tuple[int, ...]:
     """Tokens per modality of a batch, counted on the host (as `mom.train` does from the CPU batch)."""
-    modality = torch.bucketize(ids.cpu(), torch.tensor(config.vocab_offsets[1:]), right=True)
+    modality = config.modality_of(ids.cpu())
     return tuple(torch.bincount(modality.flatten(), minlength=config.num_modalities).tolist())
 
 

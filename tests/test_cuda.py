@@ -135,7 +135,7 @@ def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():
     default path's, and a bad token id is clamped for the embedding (no device-side assert) and named."""
     model = mom.MoMForCausalLM(_config()).cuda()
     ids = interleaved_ids(model.config, 2, RUN_LAYOUTS["uneven"]).cuda()
-    modality = torch.bucketize(ids.cpu(), torch.tensor(model.config.vocab_offsets[1:]), right=True)
+    modality = model.config.modality_of(ids.cpu())
     counts = tuple(torch.bincount(modality.flatten(), minlength=3).tolist())
     outs = []
     for given in (None, counts):

@@ -284,7 +284,7 @@ def test_host_counts_still_name_bad_input(change, message):
         labels[0, 2] = change["bad_label"]
     modality_ids = None
     if "bad_modality" in change:
-        modality_ids = torch.bucketize(ids, torch.tensor(model.config.vocab_offsets[1:]), right=True)
+        modality_ids = model.config.modality_of(ids)
         modality_ids[0, 0] = change["bad_modality"]
     with pytest.raises(ValueError, match=message):
         model(ids, labels=labels, modality_ids=modality_ids, modality_counts=change.get("modality_counts", counts))
