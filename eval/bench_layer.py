@@ -41,9 +41,9 @@ def _step(layer, routing, x, grad, sorted_tokens=False):
 
 
 def _build_routing(modality_ids, num_modalities):
-    """What one model forward computes of its routing: permutation, inverse and the one-hot."""
+    """What one model forward computes of its routing: permutation, inverse, group offsets, one-hot, expert ids."""
     routing = Routing.build(modality_ids, num_modalities)
-    routing.perm, routing.inv_perm, routing.onehot_as(torch.bfloat16)
+    routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(torch.bfloat16), routing.expert_ids
     return routing
 
 

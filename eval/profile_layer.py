@@ -55,16 +55,18 @@ def main(argv=None) -> int:
     x = torch.randn(b, l, d, device="cuda", requires_grad=True)
     grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
 
-    def step(layer, *extra):
+    def step(layer, *extra, **options):
         def run() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = layer(x, *extra)
+                y = layer(x, *extra, **options)
             y.backward(grad)
 
         return run
 
     print("device:", torch.cuda.get_device_name(), "backend:", mom.kernels.backend_name(x.device))
     profile_step("MoM mixer", step(mom_mixer(len(runs), d, PROJECTIONS), routing), args.rows)
+    profile_step("MoM mixer, sorted stream (as the LM runs it)",
+                 step(mom_mixer(len(runs), d, PROJECTIONS), routing, sorted_tokens=True), args.rows)
     profile_step("mom mixer, decouple=()", step(mom_mixer(len(runs), d, ()), routing), args.rows)
     profile_step("mamba-ssm fused Mamba", step(dense), args.rows)
     return 0

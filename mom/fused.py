@@ -3,27 +3,29 @@
 Same maths as the module path in `mom.mixer` (which stays the reference it is tested against), organised the way
 mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
 
-* Every activation lives **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in sequence order, viewed
-  as ``(b, f, l)`` with strides ``(l, n, 1)``. The conv and scan kernels take that view as is, and each projection is
-  one GEMM ``W @ X`` on it, so no activation is ever transposed by a copy (the module path's transposing copies were
-  a third of its GPU time).
-* Routing (`mom.routing.Routing`: tokens sorted by modality once per model forward) is a column gather
-  ``X[:, perm]`` (`mom.gather.gather_cols`): each expert multiplies its contiguous block of sorted columns, writing
-  straight into its block of the output (cuBLAS with a leading dimension, no copy), and ``Y[:, inv_perm]`` puts the
-  columns back in sequence order for the conv and the scan. in_proj and out_proj route this way.
+* The conv and the scan read activations **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in
+  sequence order, viewed as ``(b, f, l)`` with strides ``(l, n, 1)``. A shared projection is one GEMM ``W @ X`` on
+  it, so no activation is transposed by a copy (the module path's transposing copies were a third of its GPU time).
+* Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`mom.routing.Routing`: the
+  permutation is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows
+  its weight (group ends on the device, `Routing.offsets`), and one gather that also transposes
+  (`mom.gather.gather_rows_t` / `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per
+  expert, written in fp32 by cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast: measured 1.2-1.3x).
 * x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
   gather: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked, and each token
-  keeps the rows of its own expert (`_pick`); dt_proj's input is spread to ``(M * r + M, n)``, token ``t``'s Δ-rank
-  features in the block of its modality and a one in the row of its modality's bias, zeros elsewhere (`_spread`),
-  so that ONE GEMM with the experts side by side gives each token ``W_m @ dt + b_m``. Both are exact (the zeros add
-  nothing) and cost ``M`` times a small GEMM instead of column gathers of (d_inner, n) matrices.
+  keeps the rows of its own expert (`_pick`, a gather across the experts' blocks); dt_proj's input is spread to
+  ``(M * r + M, n)``, token ``t``'s Δ-rank features in the block of its modality and a one in the row of its
+  modality's bias, zeros elsewhere (`_spread`), so that ONE GEMM with the experts side by side gives each token
+  ``W_m @ dt + b_m``. Both are exact (the zeros add nothing) and cost ``M`` times a small GEMM instead of gathers
+  of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
   does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's
   output and checkpoints.
-* Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so every
-  expert weight is cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked
-  views of the one buffer), each projection's weight gradients are written stacked in the parameters' dtype by
-  cuBLAS, and constants are cached.
+* Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so routed
+  GEMMs are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function, every expert weight is
+  cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked views of the one
+  buffer), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS, and
+  constants are cached.
 
 Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
 ``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
@@ -42,7 +44,7 @@ import torch.nn as nn
 from mom import kernels
 from mom import scan as ref_scan
 from mom.flatcast import flat_cast
-from mom.gather import gather_cols
+from mom.gather import gather_cols_t, gather_rows_t
 from mom.routing import RoutedLinear, Routing
 
 PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -205,17 +207,39 @@ def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torc
     return out
 
 
-def _cols_mm(out, weights, biases, rhs, blocks):
-    """out[:, s] = W_m @ rhs[:, s] (+ b_m) for each expert's block s. out: (o, n); weights (k, o, i); biases (k, o)
-    or None; rhs: (i, n) (any strides)."""
-    for (lo, hi), w, b in zip(blocks, weights, biases if biases is not None else [None] * len(blocks)):
-        if hi == lo:
-            continue
-        if b is None:
-            torch.mm(w, rhs[:, lo:hi], out=out[:, lo:hi])
-        else:
-            torch.addmm(b[:, None], w, rhs[:, lo:hi], out=out[:, lo:hi])
+def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
+    """A shared projection on feature-major columns: ``w @ rhs (+ b)``; w (o, i), rhs (i, n) -> (o, n)."""
+    return torch.mm(w, rhs) if b is None else torch.addmm(b[:, None], w, rhs)
+
+
+def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor):
+    """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
+    expert m. rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o). ONE launch,
+    ``torch._grouped_mm`` with the blocks' ends on the device (``offsets``), where it applies (bf16, 16-byte
+    aligned strides, no bias); else one GEMM per expert (``blocks``: the same ends on the host)."""
+    if b is None and _grouped_mm_applies(rows, w):
+        return torch._grouped_mm(rows, w, offs=offsets)
+    out = rows.new_empty(rows.shape[0], w.shape[2])
+    for m, (lo, hi) in enumerate(blocks):
+        if hi > lo:
+            if b is None:
+                torch.mm(rows[lo:hi], w[m], out=out[lo:hi])
+            else:
+                torch.addmm(b[m], rows[lo:hi], w[m], out=out[lo:hi])
     return out
+
+
+def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: bf16, bases 16-byte aligned, one unit stride in the last two
+    dimensions and the other a multiple of 16 bytes, inner and output sizes multiples of 8; rows (n, i) row-major
+    (with transposed rows, CUDA's version device-asserts unless every block is a multiple of 8 rows), w (k, i, o)."""
+    if not hasattr(torch, "_grouped_mm") or rows.stride(1) != 1 or rows.shape[1] % 8 or w.shape[2] % 8:
+        return False
+    for t in (rows, w):
+        inner = t.stride()[-2:]
+        if t.dtype != torch.bfloat16 or t.data_ptr() % 16 or 1 not in inner or max(inner) * 2 % 16:
+            return False
+    return True
 
 
 def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
@@ -224,13 +248,20 @@ def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
     return t if select is None else (select[:, None, :] * t[None]).reshape(-1, t.shape[1])
 
 
-def _pick(t: torch.Tensor, select: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+def _pick(t: torch.Tensor, ids: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality (into
-    ``out`` if given)."""
-    if select is None:
+    ``out`` if given), one gather across the blocks. ``ids`` (1, f, n): each token's expert, expanded over the f
+    rows (`_expert_index`); None: a shared projection (``t`` itself)."""
+    if ids is None:
         return t if out is None else out.copy_(t)
-    M, n = select.shape
-    return torch.sum(t.view(M, -1, n) * select[:, None, :], 0, out=out)
+    _, f, n = ids.shape
+    picked = torch.gather(t.view(-1, f, n), 0, ids, out=None if out is None else out.view(1, f, n))
+    return picked.view(f, n)
+
+
+def _expert_index(ids: torch.Tensor, f: int) -> torch.Tensor:
+    """ids (n,) -> (1, f, n) view (no copy): the gather index of `_pick`."""
+    return ids.view(1, 1, -1).expand(1, f, -1)
 
 
 def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torch.Tensor:
@@ -261,34 +292,39 @@ def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: tor
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout: _Layout, *params):
+    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D,
+                layout: _Layout, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
-        dtype the projections run in (autocast's, else hidden's: `fused_mixer` chooses)."""
+        dtype the projections run in (autocast's, else hidden's: `fused_mixer` chooses); ids (n,): each token's
+        expert (`Routing.expert_ids`); offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on
+        the device (`Routing.offsets`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout,
-                                        params)
+            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias,
+                                        A_log, D, layout, params)
 
     @staticmethod
-    def _forward(ctx, hidden, perm, inv_perm, select, conv_weight, conv_bias, A, D, layout, params):
+    def _forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
+                 params):
         dtype, kern = ctx.dtype, layout.kernels
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
+        A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, layout.routed(0), perm, inv_perm)  # sorted iff in_proj routes
-        xz = _cols_mm(h.new_empty(2 * di, n), w_in, b_in, h_in.t(), layout.blocks(0))
-        if layout.routed(0):
-            xz = gather_cols(xz, inv_perm)
+        if layout.routed(0):  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+            xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
+        else:
+            xz = _linear_cols(w_in[0], b_in, h_in.t())
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
         # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
         # instead of column gathers of conv_out and of its gradient)
         w_x_cat = w_x.view(-1, di)  # (M * (r + 2N), di)
-        x_sel = select if layout.routed(1) else None
-        x_dbl = _pick(w_x_cat @ _cols(conv_out), x_sel)  # (r + 2N, n)
+        x_dbl = _pick(w_x_cat @ _cols(conv_out), _expert_index(ids, r + 2 * N) if layout.routed(1) else None)
         # dt_proj: one GEMM over the spread Δ-rank features, biases included
         k_pad = _k_pad(layout)
         dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
@@ -302,19 +338,16 @@ class _FusedMixer(torch.autograd.Function):
         # out_proj: rows (n, d_model) of sorted tokens, then back to sequence order
         y = _cols(out_z)  # (di, n)
         del out_z
-        y_in = gather_cols(y, perm) if layout.routed(3) else y
+        y_rows = gather_cols_t(y, perm) if layout.routed(3) else y.t()  # (n, di), sorted iff out_proj routes
         del y
-        o = h.new_empty(n, w_out.shape[1])
-        for m, (lo, hi) in enumerate(layout.blocks(3)):
-            if hi > lo:
-                if b_out is None:
-                    torch.mm(y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
-                else:
-                    torch.addmm(b_out[m], y_in[:, lo:hi].t(), w_out[m].t(), out=o[lo:hi])
+        if layout.routed(3):
+            o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.bounds, offsets)  # (n, d_model) sorted
+        else:
+            o = torch.mm(y_rows, w_out[0].t()) if b_out is None else torch.addmm(b_out[0], y_rows, w_out[0].t())
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype = layout, params[0].dtype
         ctx.save_for_backward(h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
-                              select, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
+                              offsets, select, ids, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -326,8 +359,8 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
-        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, select, dt_sel, dt_in,
-         w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
+        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, offsets, select, ids, dt_sel,
+         dt_in, w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
@@ -337,9 +370,10 @@ class _FusedMixer(torch.autograd.Function):
         # out_proj backward: dy (di, n) in sequence order
         dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
         del dout
-        dy = _cols_mm(dout_in.new_empty(di, n), w_out.transpose(1, 2), None, dout_in.t(), layout.blocks(3))
         if layout.routed(3):
-            dy = gather_cols(dy, inv_perm)
+            dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
+        else:
+            dy = torch.mm(w_out[0].t(), dout_in.t())
         # scan backward on the recomputed conv output and Δ; it recomputes the gated output and writes dz into dxz
         dxz = torch.empty_like(xz)
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
@@ -348,17 +382,18 @@ class _FusedMixer(torch.autograd.Function):
             _bdl(dxz[di:], b, l)
         )
         del dy
-        y_in = gather_cols(_cols(out_z), perm) if layout.routed(3) else _cols(out_z)
+        y_rows = gather_cols_t(_cols(out_z), perm) if layout.routed(3) else _cols(out_z).t()
         del out_z
-        g_out = _weight_grads(dout_in.t(), y_in, layout.blocks(3), layout.has_bias[3], pdtype)
-        del y_in, dout_in
+        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
+        del y_rows, dout_in
         # dt_proj backward through the expanded GEMM
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
         dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
                 _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
         dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
-        _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], dt_sel if layout.routed(2) else None, out=dx_dbl[:r])
+        _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], _expert_index(ids, r) if layout.routed(2) else None,
+              out=dx_dbl[:r])
         _bdl(dx_dbl[r : r + N], b, l).copy_(dB[:, 0])  # cast and layout change in one copy
         _bdl(dx_dbl[r + N :], b, l).copy_(dC[:, 0])
         del ddelta, dt_in, dw_dt_cat
@@ -374,17 +409,19 @@ class _FusedMixer(torch.autograd.Function):
                                             _bdl(dxz[:di], b, l))
         del dconv_cols
         # in_proj backward
-        dxz_in = gather_cols(dxz, perm) if layout.routed(0) else dxz
+        dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
-        dh = dxz_in.new_empty(n, h_in.shape[1])
-        for m, (lo, hi) in enumerate(layout.blocks(0)):
-            if hi > lo:
-                torch.mm(dxz_in[:, lo:hi].t(), w_in[m], out=dh[lo:hi])
-        g_in = _weight_grads(dxz_in, h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
-        del dxz_in
+        if layout.routed(0):
+            dh = _grouped(dxz_rows, w_in, None, layout.bounds, offsets)
+        else:
+            dh = torch.mm(dxz_rows, w_in[0])
+        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
+        del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
-        return (dh.view(b, l, -1), None, None, None, dconv_w.unsqueeze(1), dconv_b, dA, dD, None, *param_grads)
+        dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
+        return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
+                *param_grads)
 
 
 def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
@@ -473,6 +510,6 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
                      tuple((e[0].out_features, e[0].in_features) for e in experts),
                      tuple(e[0].bias is not None for e in experts), routing.bounds, sorted_tokens, kern)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-    A = -torch.exp(mixer.A_log.float())
-    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.onehot_as(dtype), mixer.conv1d.weight,
-                             mixer.conv1d.bias, A, mixer.D.float(), layout, *params)
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(dtype),
+                             routing.expert_ids, mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log,
+                             mixer.D.float(), layout, *params)

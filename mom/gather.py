@@ -1,11 +1,18 @@
-"""Column gather ``out[:, j] = x[:, index[j]]`` for the fast path's feature-major ``(f, n)`` activations.
+"""Routing gathers that also change layout, between the fast path's two activation layouts.
 
-PyTorch's ``index_select(1, ...)`` on CUDA runs a generic scatter/gather kernel that moved a (2048, 16384) bf16
-matrix at about half the speed of a row gather (measured on an H100: 104 us vs 47 us per 64 MiB; see
-docs/performance.md). This Triton kernel copies tiles of ``BLOCK_F`` rows x ``BLOCK_N`` columns: each row of a tile
-reads ``x[f, index[j0:j0+BLOCK_N]]``, which is contiguous wherever the index runs are (modalities come in runs, so a
-routing permutation is mostly long runs), and writes a contiguous row segment. Elsewhere (CPU, no Triton) it is
-``index_select``.
+The conv and the scan read feature-major ``(f, n)`` activations in sequence order; the routed GEMMs
+(``torch._grouped_mm``) read and write token-major ``(n, f)`` rows sorted by modality. Each crossing is one
+gather with a transpose:
+
+* `gather_rows_t`: ``x[index].t()``, token-major rows -> feature-major columns (a GEMM's output to the scan);
+* `gather_cols_t`: ``x[:, index].t()``, feature-major columns -> token-major rows (the scan's output to a GEMM).
+
+One Triton kernel does both: a program copies a tile of 64 tokens x 64 features, loading along the source's
+contiguous dimension and storing along the output's (Triton transposes the tile through shared memory); a routing
+permutation is mostly long runs, so the column side stays mostly contiguous too. Measured on an H200 for a
+(16384, 4096) bf16 matrix: 72.8 us (rows -> columns) and 81-83 us (columns -> rows), against 83.2 us for a plain
+column gather of the same bytes without the transpose; tiles of 32-128 x 64-128 with 4 or 8 warps were within 3%.
+Elsewhere (CPU, no Triton) both are ``index_select`` and a copy.
 """
 
 from __future__ import annotations
@@ -14,10 +21,7 @@ from functools import cache
 
 import torch
 
-# Tile: 4 rows x 1024 columns per program (4 warps), a 2 KiB contiguous row segment. Chosen by
-# `python eval/bench_gather.py --sweep` on an H200 for a (2048, 16384) bf16 matrix: 44 us (1.09x a row gather of the
-# same bytes), against 57 us for 8 x 512, 86 us for 16 x 256 (the earlier choice) and 154-177 us for 32-128 rows.
-BLOCK_F, BLOCK_N = 4, 1024
+TILE = 64  # tokens and features per program
 
 
 @cache
@@ -29,27 +33,42 @@ def _kernel():
         return None
 
     @triton.jit
-    def gather_cols_kernel(x, index, out, F, N, stride_x, stride_out, BF: tl.constexpr, BN: tl.constexpr):
-        cols = tl.program_id(0) * BN + tl.arange(0, BN)
-        rows = tl.program_id(1) * BF + tl.arange(0, BF)
-        col_ok, row_ok = cols < N, rows < F
-        src = tl.load(index + cols, mask=col_ok, other=0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        values = tl.load(x + rows64 * stride_x + src[None, :], mask=ok)
-        tl.store(out + rows64 * stride_out + cols[None, :], values, mask=ok)
+    def gather_t_kernel(src, index, out, N, F, s_src_tok, s_src_feat, s_out_tok, s_out_feat,
+                        BN: tl.constexpr, BF: tl.constexpr):
+        """out[j, f] = src[index[j], f] for j < N, f < F, in either layout (token and feature strides given)."""
+        toks = tl.program_id(0) * BN + tl.arange(0, BN)
+        feats = tl.program_id(1) * BF + tl.arange(0, BF)
+        tok_ok, feat_ok = toks < N, feats < F
+        src_tok = tl.load(index + toks, mask=tok_ok, other=0).to(tl.int64)
+        ok = tok_ok[:, None] & feat_ok[None, :]
+        feats64 = feats.to(tl.int64)[None, :]
+        values = tl.load(src + src_tok[:, None] * s_src_tok + feats64 * s_src_feat, mask=ok)
+        tl.store(out + toks.to(tl.int64)[:, None] * s_out_tok + feats64 * s_out_feat, values, mask=ok)
 
-    return gather_cols_kernel
+    return gather_t_kernel
 
 
-def gather_cols(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (f, n) with unit column stride; index: (m,) int64 -> (f, m) contiguous, ``x[:, index]``."""
-    kernel = _kernel() if x.is_cuda else None
-    if kernel is None or x.stride(1) != 1:
-        return x.index_select(1, index)
-    f, m = x.shape[0], index.shape[0]
-    out = x.new_empty(f, m)
-    if out.numel():
-        grid = (-(-m // BLOCK_N), -(-f // BLOCK_F))
-        kernel[grid](x, index, out, f, m, x.stride(0), out.stride(0), BF=BLOCK_F, BN=BLOCK_N)
+def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tensor) -> None:
+    """out_rows[j] = src_rows[index[j]]: (n, f) and (m, f) views of any strides, through the Triton kernel."""
+    m, f = out_rows.shape
+    if out_rows.numel():
+        grid = (-(-m // TILE), -(-f // TILE))
+        _kernel()[grid](src_rows, index, out_rows, m, f, *src_rows.stride(), *out_rows.stride(), BN=TILE, BF=TILE)
+
+
+def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (n, f) token-major; index: (m,) int64 -> (f, m) contiguous, ``x[index].t()``."""
+    if not (x.is_cuda and _kernel() is not None):
+        return x.index_select(0, index).t().contiguous()
+    out = x.new_empty(x.shape[1], index.shape[0])
+    _gather_t(x, index, out.t())
+    return out
+
+
+def gather_cols_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous, ``x[:, index].t()``."""
+    if not (x.is_cuda and _kernel() is not None):
+        return x.index_select(1, index).t().contiguous()
+    out = x.new_empty(index.shape[0], x.shape[0])
+    _gather_t(x.t(), index, out)
     return out

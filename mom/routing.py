@@ -55,6 +55,18 @@ class Routing:
         return flat[None, :] == torch.arange(self.num_modalities, device=flat.device)[:, None]
 
     @cached_property
+    def offsets(self) -> torch.Tensor:
+        """(num_modalities,) int32 on the device: where each modality's block of the sorted tokens ends (the group
+        offsets of ``torch._grouped_mm``), computed there: no host sync."""
+        return self.is_modality.sum(1).cumsum(0).to(torch.int32)
+
+    @cached_property
+    def expert_ids(self) -> torch.Tensor:
+        """(n,) each token's expert: its modality id, clamped into ``[0, num_modalities)`` so that it can index
+        before the model's deferred input checks have run (`mom.modeling.validate_and_route`)."""
+        return self.modality_ids.reshape(-1).clamp(0, self.num_modalities - 1)
+
+    @cached_property
     def counts(self) -> tuple[int, ...]:
         """Tokens per modality, on the host (one host sync, the first time, unless `set_counts` gave them)."""
         return tuple(self.is_modality.sum(1).tolist())

@@ -118,16 +118,39 @@ def test_fast_path_matches_module_path(decouple, layout, autocast, monkeypatch):
             torch.testing.assert_close(grads[name], grads_ref[name], atol=5e-4, rtol=5e-3, msg=name)
 
 
-@pytest.mark.parametrize("shape", [(2048, 16384), (37, 1000), (5, 3)])
-def test_gather_cols_matches_index_select(shape):
-    from mom.gather import gather_cols
+@pytest.mark.parametrize("shape", [(16384, 4096), (1000, 37), (3, 5)])
+def test_layout_gathers_match_index_select(shape):
+    from mom.gather import gather_cols_t, gather_rows_t
 
-    f, n = shape
-    x = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]  # a row stride larger than n
-    index = torch.randperm(n, device="cuda")
-    assert torch.equal(gather_cols(x, index), x.index_select(1, index))
-    runs = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)  # a routing-like permutation
-    assert torch.equal(gather_cols(x.contiguous(), runs), x.index_select(1, runs))
+    n, f = shape
+    rows = torch.randn(n, 2 * f, device="cuda", dtype=torch.bfloat16)[:, :f]  # a row stride larger than f
+    cols = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]
+    for index in (torch.randperm(n, device="cuda"), torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)):
+        out = gather_rows_t(rows, index)
+        assert out.is_contiguous() and torch.equal(out, rows.index_select(0, index).t())
+        out = gather_cols_t(cols, index)
+        assert out.is_contiguous() and torch.equal(out, cols.index_select(1, index).t())
+
+
+@pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
+def test_grouped_matches_per_expert_gemms_on_cuda(counts):
+    """torch._grouped_mm (one launch) equals one cuBLAS GEMM per expert, for the operand layouts of the fast path
+    (token-major rows, weights as stored or transposed) with uneven and empty blocks; transposed rows (which CUDA's
+    version takes only in blocks of multiples of 8) go through the per-expert GEMMs."""
+    from mom.fused import _grouped, _grouped_mm_applies
+
+    n = sum(counts)
+    ends = torch.tensor(counts).cumsum(0)
+    blocks = tuple((int(e) - c, int(e)) for e, c in zip(ends, counts))
+    offsets = ends.to(torch.int32).cuda()
+    w = torch.randn(3, 64, 48, device="cuda", dtype=torch.bfloat16)
+    for rows in (torch.randn(n, 64, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(64, n + 8, device="cuda", dtype=torch.bfloat16)[:, :n].t()):
+        for weights in (w, torch.randn(3, 48, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)):
+            assert _grouped_mm_applies(rows, weights) == (rows.stride(1) == 1)
+            got = _grouped(rows, weights, None, blocks, offsets)
+            want = torch.cat([rows[lo:hi] @ weights[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():

@@ -10,6 +10,7 @@ import torch
 import mom
 from mom import fused
 from mom.config import PROJECTIONS
+from mom.gather import gather_cols_t, gather_rows_t
 from mom.routing import Routing
 
 MODALITIES = ("text", "image", "speech")
@@ -103,6 +104,37 @@ def test_fused_bf16_weights_close_to_module_path():
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("counts", [(7, 12, 5), (0, 9, 0)])
+def test_grouped_gemm_matches_per_expert_gemms(counts):
+    """`fused._grouped`: ONE torch._grouped_mm for bf16 aligned row-major rows (what autocast gives on GPU; torch
+    has a CPU version too), else a GEMM per expert (transposed rows, fp64, a bias); each block of rows gets its
+    expert's weight and bias."""
+    torch.manual_seed(0)
+    n = sum(counts)
+    ends = torch.tensor(counts).cumsum(0)
+    blocks = tuple((int(e) - c, int(e)) for e, c in zip(ends, counts))
+    offsets = ends.to(torch.int32)
+    for dtype in (torch.bfloat16, torch.float64):
+        tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}  # bf16 sums in another order
+        w = torch.randn(3, 24, 16, dtype=dtype).transpose(1, 2)  # (k, i, o) views of (k, o, i) weights
+        bias = torch.randn(3, 24, dtype=dtype)
+        for rows in (torch.randn(n, 16, dtype=dtype), torch.randn(16, 64, dtype=dtype)[:, :n].t()):
+            grouped = dtype == torch.bfloat16 and rows.stride(1) == 1 and hasattr(torch, "_grouped_mm")
+            assert fused._grouped_mm_applies(rows, w) == grouped
+            want = torch.cat([rows[lo:hi] @ w[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(fused._grouped(rows, w, None, blocks, offsets), want, **tol)
+            with_bias = torch.cat([rows[lo:hi] @ w[m] + bias[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(fused._grouped(rows, w, bias, blocks, offsets), with_bias, **tol)
+
+
+def test_layout_gathers_on_cpu():
+    """`mom.gather` off CUDA: the same results as the Triton kernels' definition (tests/test_cuda.py runs those)."""
+    x = torch.randn(7, 5)
+    index = torch.tensor([3, 0, 6, 1])
+    assert torch.equal(gather_rows_t(x, index), x[index].t()) and gather_rows_t(x, index).is_contiguous()
+    assert torch.equal(gather_cols_t(x.t(), index), x[index]) and gather_cols_t(x.t(), index).is_contiguous()
 
 
 @pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
