@@ -233,12 +233,27 @@ def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands: bf16, bases 16-byte aligned, one unit stride in the last two
     dimensions and the other a multiple of 16 bytes, inner and output sizes multiples of 8; rows (n, i) row-major
     (with transposed rows, CUDA's version device-asserts unless every block is a multiple of 8 rows), w (k, i, o)."""
-    if not hasattr(torch, "_grouped_mm") or rows.stride(1) != 1 or rows.shape[1] % 8 or w.shape[2] % 8:
+    if rows.stride(1) != 1 or rows.shape[1] % 8 or w.shape[2] % 8:
         return False
     for t in (rows, w):
         inner = t.stride()[-2:]
         if t.dtype != torch.bfloat16 or t.data_ptr() % 16 or 1 not in inner or max(inner) * 2 % 16:
             return False
+    return _grouped_mm_supported(rows.device)
+
+
+@functools.cache
+def _grouped_mm_supported(device: torch.device) -> bool:
+    """Whether this torch has ``torch._grouped_mm`` for bf16 on this device (builds differ by version and GPU
+    architecture): tried once on tiny operands, per device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    rows = torch.zeros(8, 8, dtype=torch.bfloat16, device=device)
+    try:
+        torch._grouped_mm(rows, torch.zeros(1, 8, 8, dtype=rows.dtype, device=device),
+                          offs=torch.full((1,), 8, dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
     return True
 
 
