@@ -333,7 +333,7 @@ class _FusedMixer(torch.autograd.Function):
         if layout.routed(0):  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
             xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
         else:
-            xz = _linear_cols(w_in[0], b_in, h_in.t())
+            xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
         # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
