@@ -214,10 +214,11 @@ def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> 
 
 def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor):
     """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
-    expert m. rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o). ONE launch,
-    ``torch._grouped_mm`` with the blocks' ends on the device (``offsets``), where it applies (bf16, 16-byte
-    aligned strides, no bias); else one GEMM per expert (``blocks``: the same ends on the host)."""
-    if b is None and _grouped_mm_applies(rows, w):
+    expert m. rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a shared projection (k = 1, one
+    block) is one GEMM. ONE launch for routed ones too, ``torch._grouped_mm`` with the blocks' ends on the device
+    (``offsets``), where it applies (bf16, 16-byte aligned strides, no bias); else one GEMM per expert (``blocks``:
+    the same ends on the host)."""
+    if b is None and w.shape[0] > 1 and _grouped_mm_applies(rows, w):
         return torch._grouped_mm(rows, w, offs=offsets)
     out = rows.new_empty(rows.shape[0], w.shape[2])
     for m, (lo, hi) in enumerate(blocks):
@@ -355,10 +356,7 @@ class _FusedMixer(torch.autograd.Function):
         del out_z
         y_rows = gather_cols_t(y, perm) if layout.routed(3) else y.t()  # (n, di), sorted iff out_proj routes
         del y
-        if layout.routed(3):
-            o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.bounds, offsets)  # (n, d_model) sorted
-        else:
-            o = torch.mm(y_rows, w_out[0].t()) if b_out is None else torch.addmm(b_out[0], y_rows, w_out[0].t())
+        o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype = layout, params[0].dtype
         ctx.save_for_backward(h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
@@ -426,10 +424,7 @@ class _FusedMixer(torch.autograd.Function):
         # in_proj backward
         dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
-        if layout.routed(0):
-            dh = _grouped(dxz_rows, w_in, None, layout.bounds, offsets)
-        else:
-            dh = torch.mm(dxz_rows, w_in[0])
+        dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets)
         g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)

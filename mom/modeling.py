@@ -211,7 +211,7 @@ def validate_and_route(
         modality_ids = torch.bucketize(input_ids.contiguous(), bounds, right=True)
     routing = Routing(modality_ids.long(), M)
     flags_and_counts = torch.cat([torch.stack([bad.any() for _, bad, _ in checks.values()]).long(),
-                                  routing.is_modality.sum(1)])
+                                  routing.device_counts])
 
     def read() -> tuple[int, ...]:
         """The one host sync: raise for the first failed check, else return the device's counts."""

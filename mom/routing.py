@@ -55,10 +55,15 @@ class Routing:
         return flat[None, :] == torch.arange(self.num_modalities, device=flat.device)[:, None]
 
     @cached_property
+    def device_counts(self) -> torch.Tensor:
+        """(num_modalities,) tokens per modality, on the device (no host sync)."""
+        return self.is_modality.sum(1)
+
+    @cached_property
     def offsets(self) -> torch.Tensor:
         """(num_modalities,) int32 on the device: where each modality's block of the sorted tokens ends (the group
         offsets of ``torch._grouped_mm``), computed there: no host sync."""
-        return self.is_modality.sum(1).cumsum(0).to(torch.int32)
+        return self.device_counts.cumsum(0).to(torch.int32)
 
     @cached_property
     def expert_ids(self) -> torch.Tensor:
@@ -69,10 +74,10 @@ class Routing:
     @cached_property
     def counts(self) -> tuple[int, ...]:
         """Tokens per modality, on the host (one host sync, the first time, unless `set_counts` gave them)."""
-        return tuple(self.is_modality.sum(1).tolist())
+        return tuple(self.device_counts.tolist())
 
     def set_counts(self, counts: tuple[int, ...]) -> None:
-        """Give the counts read by a caller's own host sync (``is_modality.sum(1)``), so that none is added."""
+        """Give the counts read by a caller's own host sync (``device_counts``), so that none is added."""
         if len(counts) != self.num_modalities or sum(counts) != self.modality_ids.numel():
             raise ValueError(f"counts {counts} do not match {self.num_modalities} modalities and "
                              f"{self.modality_ids.numel()} tokens")
