@@ -60,6 +60,8 @@ def main(argv=None) -> int:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = layer(x, *extra, **options)
             y.backward(grad)
+            layer.zero_grad(set_to_none=True)  # as a training step leaves them (eval/bench_layer.py does the same)
+            x.grad = None
 
         return run
 

@@ -19,8 +19,8 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   ``W_m @ dt + b_m``. Both are exact (the zeros add nothing) and cost ``M`` times a small GEMM instead of gathers
   of (d_inner, n) matrices.
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
-  does with ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's
-  output and checkpoints.
+  does with ``checkpoint_lvl=1``; a routed out_proj's gated output is recomputed by the gather that sorts it);
+  stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and checkpoints.
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so routed
   GEMMs are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function, every expert weight is
   cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked views of the one
@@ -35,6 +35,7 @@ pure-PyTorch conv and scan, on any device, so that its routing, layouts and back
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -72,12 +73,12 @@ class CudaKernels:
         """-> (out, checkpoints, out_z); B, C: (b, 1, n, l)."""
         return self._scan.fwd(u, delta, A, B, C, D, z, None, True)
 
-    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz):
-        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z)."""
-        du, ddelta, dA, dB, dC, dD, _, _, out_z = self._scan.bwd(
-            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, True
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
+        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
+        du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
+            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, recompute_out_z
         )
-        return du, ddelta, dA, dB, dC, dD, out_z
+        return du, ddelta, dA, dB, dC, dD, out_z[0] if recompute_out_z else None
 
 
 class ReferenceKernels:
@@ -99,15 +100,18 @@ class ReferenceKernels:
         return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True)
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
-        return None, None, self._scan(u, delta, A, B, C, D, z)
+        """The ungated output too (as the CUDA scan's), gated as `mom.gather.gather_cols_t` gates it."""
+        out = self._scan(u, delta, A, B, C, D, None)
+        wide = torch.promote_types(out.dtype, torch.float32)
+        return out, None, (out.to(wide) * torch.nn.functional.silu(z.to(wide))).to(out.dtype)
 
-    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz):
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
         with torch.enable_grad():
             out_z = self._scan(*leaves)
             du, ddelta, dA, dB, dC, dD, dz_ = torch.autograd.grad(out_z, leaves, dout)
         dz.copy_(dz_)
-        return du, ddelta, dA, dB, dC, dD, out_z.detach()
+        return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z else None
 
 
 REFERENCE_KERNELS = ReferenceKernels()
@@ -387,32 +391,43 @@ class _FusedMixer(torch.autograd.Function):
             dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
         else:
             dy = torch.mm(w_out[0].t(), dout_in.t())
-        # scan backward on the recomputed conv output and Δ; it recomputes the gated output and writes dz into dxz
+        # scan backward on the recomputed conv output and Δ; it writes dz into dxz. out_proj's weight gradient needs
+        # the gated output: a routed one gathers it from `out` and z, gating on the way (so the scan does not write
+        # it: one (di, n) matrix less at the backward's peak); a shared one has the scan recompute it.
         dxz = torch.empty_like(xz)
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
             conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
-            _bdl(dxz[di:], b, l)
+            _bdl(dxz[di:], b, l), not layout.routed(3)
         )
         del dy
-        y_rows = gather_cols_t(_cols(out_z), perm) if layout.routed(3) else _cols(out_z).t()
+        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
-        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
+        # weight gradients run on a side stream (`_SideStream`), beside the main stream's memory-bound kernels
+        side = _SideStream(dxz.device)
+        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype, side)
         del y_rows, dout_in
-        # dt_proj backward through the expanded GEMM
+        # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)  # (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
-        g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
-                _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
+        dw_dt_cat = ddelta.new_empty(di, dt_in.shape[0], dtype=pdtype)
+        g_dt = (ddelta.new_empty(M_dt, di, r, dtype=pdtype),
+                ddelta.new_empty(M_dt, di, dtype=pdtype) if layout.has_bias[2] else None)
+        with side.run(ddelta, dt_in, dw_dt_cat, *g_dt):
+            _mm(ddelta, dt_in.t(), pdtype, out=dw_dt_cat)
+            g_dt[0].copy_(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1))
+            if g_dt[1] is not None:
+                g_dt[1].copy_(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t())
         dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
-        _pick((w_dt_cat.t() @ ddelta)[: M_dt * r], _expert_index(ids, r) if layout.routed(2) else None,
+        _pick(w_dt_cat[:, : M_dt * r].t() @ ddelta, _expert_index(ids, r) if layout.routed(2) else None,
               out=dx_dbl[:r])
         _bdl(dx_dbl[r : r + N], b, l).copy_(dB[:, 0])  # cast and layout change in one copy
         _bdl(dx_dbl[r + N :], b, l).copy_(dC[:, 0])
         del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
-        g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
+        g_x = (dx_all.new_empty(M_x, r + 2 * N, di, dtype=pdtype), None)
+        with side.run(dx_all, conv_out, g_x[0]):
+            _mm(dx_all, _cols(conv_out).t(), pdtype, out=g_x[0].view(-1, di))
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
@@ -424,27 +439,64 @@ class _FusedMixer(torch.autograd.Function):
         # in_proj backward
         dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
+        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype, side)
         dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets)
-        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
+        side.join()
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
                 *param_grads)
 
 
-def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, side: _SideStream):
     """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
-    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    ``dtype``, computed on the side stream: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
     g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
     g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
-    for m, (lo, hi) in enumerate(blocks):
-        d = d_cols[:, lo:hi]
-        _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
-        if g_b is not None:
-            torch.sum(d, 1, dtype=dtype, out=g_b[m])
+    with side.run(d_cols, x_cols, g_w, *([] if g_b is None else [g_b])):
+        for m, (lo, hi) in enumerate(blocks):
+            d = d_cols[:, lo:hi]
+            _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
+            if g_b is not None:
+                torch.sum(d, 1, dtype=dtype, out=g_b[m])
     return g_w, g_b
+
+
+class _SideStream:
+    """A second CUDA stream for the backward's weight-gradient GEMMs. They are off the critical path (nothing in the
+    layer's backward reads them) and compute-bound, so they can run while the main stream runs memory-bound kernels
+    (the conv's backward, the layout gathers). `run` queues work after everything the main stream has queued; `join`
+    makes the main stream wait for it, before the gradients are returned. Tensors are allocated on the main stream;
+    each one the side stream touches is recorded on it, so that its memory is not reused while the side stream may
+    still read or write it. Off CUDA (the reference kernels): no stream, the work runs in order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = _side_stream(device) if device.type == "cuda" else None
+        self.main = torch.cuda.current_stream(device) if self.side is not None else None
+
+    @contextlib.contextmanager
+    def run(self, *touched: torch.Tensor | None):
+        if self.side is None:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+        for t in touched:
+            if t is not None:
+                t.record_stream(self.side)
+
+    def join(self) -> None:
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream of a CUDA device (one per device, made once)."""
+    return torch.cuda.Stream(device)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -463,11 +515,6 @@ def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_p
     if is_sorted == want_sorted:
         return rows
     return rows.index_select(0, perm if want_sorted else inv_perm)
-
-
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most."""
-    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _split_params(stacked) -> list[torch.Tensor]:

@@ -5,7 +5,9 @@ The conv and the scan read feature-major ``(f, n)`` activations in sequence orde
 gather with a transpose:
 
 * `gather_rows_t`: ``x[index].t()``, token-major rows -> feature-major columns (a GEMM's output to the scan);
-* `gather_cols_t`: ``x[:, index].t()``, feature-major columns -> token-major rows (the scan's output to a GEMM).
+* `gather_cols_t`: ``x[:, index].t()``, feature-major columns -> token-major rows (the scan's output to a GEMM);
+  with ``gate``, ``(x * silu(gate))[:, index].t()``: the scan's gated output computed from its ungated one and z on
+  the way (out_proj's weight gradient needs it; the scan's backward would otherwise write it in full first).
 
 One Triton kernel does both: a program copies a tile of 64 tokens x 64 features, loading along the source's
 contiguous dimension and storing along the output's (Triton transposes the tile through shared memory); a routing
@@ -33,27 +35,35 @@ def _kernel():
         return None
 
     @triton.jit
-    def gather_t_kernel(src, index, out, N, F, s_src_tok, s_src_feat, s_out_tok, s_out_feat,
-                        BN: tl.constexpr, BF: tl.constexpr):
-        """out[j, f] = src[index[j], f] for j < N, f < F, in either layout (token and feature strides given)."""
+    def gather_t_kernel(src, gate, index, out, N, F, s_src_tok, s_src_feat, s_out_tok, s_out_feat,
+                        BN: tl.constexpr, BF: tl.constexpr, GATED: tl.constexpr):
+        """out[j, f] = src[index[j], f] (times silu(gate[index[j], f]) if GATED; gate has src's strides) for j < N,
+        f < F, in either layout (token and feature strides given)."""
         toks = tl.program_id(0) * BN + tl.arange(0, BN)
         feats = tl.program_id(1) * BF + tl.arange(0, BF)
         tok_ok, feat_ok = toks < N, feats < F
         src_tok = tl.load(index + toks, mask=tok_ok, other=0).to(tl.int64)
         ok = tok_ok[:, None] & feat_ok[None, :]
         feats64 = feats.to(tl.int64)[None, :]
-        values = tl.load(src + src_tok[:, None] * s_src_tok + feats64 * s_src_feat, mask=ok)
+        at = src_tok[:, None] * s_src_tok + feats64 * s_src_feat
+        values = tl.load(src + at, mask=ok)
+        if GATED:  # as the scan computes its gated output: in fp32, x * g / (1 + exp(-g)), rounded once
+            g = tl.load(gate + at, mask=ok).to(tl.float32)
+            values = (values.to(tl.float32) * (g / (1.0 + tl.exp(-g)))).to(values.dtype)
         tl.store(out + toks.to(tl.int64)[:, None] * s_out_tok + feats64 * s_out_feat, values, mask=ok)
 
     return gather_t_kernel
 
 
-def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tensor) -> None:
-    """out_rows[j] = src_rows[index[j]]: (n, f) and (m, f) views of any strides, through the Triton kernel."""
+def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tensor,
+              gate_rows: torch.Tensor | None = None) -> None:
+    """out_rows[j] = src_rows[index[j]] (gated: times silu(gate_rows[index[j]])): (n, f) and (m, f) views of any
+    strides (the gate's those of src), through the Triton kernel."""
     m, f = out_rows.shape
     if out_rows.numel():
         grid = (-(-m // TILE), -(-f // TILE))
-        _kernel()[grid](src_rows, index, out_rows, m, f, *src_rows.stride(), *out_rows.stride(), BN=TILE, BF=TILE)
+        _kernel()[grid](src_rows, src_rows if gate_rows is None else gate_rows, index, out_rows, m, f,
+                        *src_rows.stride(), *out_rows.stride(), BN=TILE, BF=TILE, GATED=gate_rows is not None)
 
 
 def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -65,10 +75,17 @@ def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather_cols_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous, ``x[:, index].t()``."""
+def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous, ``x[:, index].t()``; with ``gate`` (f, n),
+    the same strides as x: ``(x * silu(gate))[:, index].t()``, computed in fp32 (or x's wider dtype)."""
+    if gate is not None and (gate.shape != x.shape or gate.stride() != x.stride()):
+        raise ValueError(f"gate {tuple(gate.shape)} with strides {gate.stride()} must match the gathered tensor's "
+                         f"{tuple(x.shape)} and {x.stride()}")
     if not (x.is_cuda and _kernel() is not None):
+        if gate is not None:  # in fp32 at least
+            wide = torch.promote_types(x.dtype, torch.float32)
+            x = (x.to(wide) * torch.nn.functional.silu(gate.to(wide))).to(x.dtype)
         return x.index_select(1, index).t().contiguous()
     out = x.new_empty(index.shape[0], x.shape[0])
-    _gather_t(x.t(), index, out)
+    _gather_t(x.t(), index, out, None if gate is None else gate.t())
     return out

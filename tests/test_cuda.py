@@ -135,6 +135,10 @@ def test_layout_gathers_match_index_select(shape):
         assert out.is_contiguous() and torch.equal(out, rows.index_select(0, index).t())
         out = gather_cols_t(cols, index)
         assert out.is_contiguous() and torch.equal(out, cols.index_select(1, index).t())
+        gate = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]
+        gated = (cols.float() * torch.nn.functional.silu(gate.float())).to(cols.dtype)  # fp32, rounded once
+        torch.testing.assert_close(gather_cols_t(cols, index, gate=gate), gated.index_select(1, index).t(),
+                                   atol=1e-2, rtol=1e-2)  # Triton's exp vs PyTorch's: a bf16 ulp at most
 
 
 @pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])

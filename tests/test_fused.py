@@ -6,6 +6,7 @@ dt_proj GEMM and hand-written backward are checked exactly, for every decouple s
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mom
 from mom import fused
@@ -136,6 +137,10 @@ def test_layout_gathers_on_cpu():
     index = torch.tensor([3, 0, 6, 1])
     assert torch.equal(gather_rows_t(x, index), x[index].t()) and gather_rows_t(x, index).is_contiguous()
     assert torch.equal(gather_cols_t(x.t(), index), x[index]) and gather_cols_t(x.t(), index).is_contiguous()
+    gate = torch.randn(7, 5)
+    torch.testing.assert_close(gather_cols_t(x.t(), index, gate=gate.t()), (x * F.silu(gate))[index])
+    with pytest.raises(ValueError, match="gate"):
+        gather_cols_t(x.t(), index, gate=gate.t().contiguous())  # strides differ from x's
 
 
 @pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
