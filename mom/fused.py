@@ -47,7 +47,6 @@ from mom import scan as ref_scan
 from mom.flatcast import flat_cast
 from mom.gather import gather_cols_t, gather_rows_t
 from mom.routing import RoutedLinear, Routing
-from mom.tokenwise import tokenwise_linear
 
 PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
@@ -263,22 +262,26 @@ def _grouped_mm_supported(device: torch.device) -> bool:
     return True
 
 
-def _token_linear(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, ids: torch.Tensor, routed: bool,
-                  out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-    """Each token's column through its expert: w (k, o, i), b (k, o) or None, x (i, n) feature-major in sequence
-    order -> (o, n) (into ``out``, added to it with ``accumulate``). Routed: `mom.tokenwise` (one Triton kernel, no
-    gather of x); shared (k = 1): one cuBLAS GEMM."""
-    if routed:
-        return tokenwise_linear(w, x, ids, b, out=out, accumulate=accumulate)
-    if accumulate:
-        return out.addmm_(w[0], x)
-    return torch.mm(w[0], x, out=out) if b is None else torch.addmm(b[0][:, None], w[0], x, out=out)
-
-
 def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
     """t (f, n), select (M, n) one-hot -> (M * f, n): token t's column in the block of its modality, zeros
     elsewhere (``select=None``: a shared projection, t itself)."""
     return t if select is None else (select[:, None, :] * t[None]).reshape(-1, t.shape[1])
+
+
+def _pick(t: torch.Tensor, ids: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality (into
+    ``out`` if given), one gather across the blocks. ``ids`` (1, f, n): each token's expert, expanded over the f
+    rows (`_expert_index`); None: a shared projection (``t`` itself)."""
+    if ids is None:
+        return t if out is None else out.copy_(t)
+    _, f, n = ids.shape
+    picked = torch.gather(t.view(-1, f, n), 0, ids, out=None if out is None else out.view(1, f, n))
+    return picked.view(f, n)
+
+
+def _expert_index(ids: torch.Tensor, f: int) -> torch.Tensor:
+    """ids (n,) -> (1, f, n) view (no copy): the gather index of `_pick`."""
+    return ids.view(1, 1, -1).expand(1, f, -1)
 
 
 def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torch.Tensor:
@@ -288,6 +291,16 @@ def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torc
     if pad:
         rows.append(_const((pad, dt_low.shape[1]), 0.0, dt_low.dtype, dt_low.device))
     return torch.cat(rows)
+
+
+def _dt_weight(w: torch.Tensor, b: torch.Tensor | None, k_pad: int) -> torch.Tensor:
+    """dt_proj's experts side by side: w (M, d_inner, r), b (M, d_inner) -> (d_inner, k_pad) =
+    [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], one cat (every piece contiguous)."""
+    M, di, _ = w.shape
+    zero = _const((di,), 0.0, w.dtype, w.device)
+    cols = list(w.unbind()) + [(b[m] if b is not None else zero)[:, None] for m in range(M)]
+    pad = k_pad - sum(c.shape[1] for c in cols)
+    return torch.cat(cols + ([_const((di, pad), 0.0, w.dtype, w.device)] if pad else []), dim=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -328,9 +341,16 @@ class _FusedMixer(torch.autograd.Function):
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
-        # x_proj and dt_proj: each token through its own expert, in sequence order (`_token_linear`)
-        x_dbl = _token_linear(w_x, None, _cols(conv_out), ids, layout.routed(1))  # (r + 2N, n)
-        delta = _token_linear(w_dt, b_dt, x_dbl[:r], ids, layout.routed(2))  # (di, n)
+        # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
+        # instead of column gathers of conv_out and of its gradient)
+        w_x_cat = w_x.view(-1, di)  # (M * (r + 2N), di)
+        x_dbl = _pick(w_x_cat @ _cols(conv_out), _expert_index(ids, r + 2 * N) if layout.routed(1) else None)
+        # dt_proj: one GEMM over the spread Δ-rank features, biases included
+        k_pad = _k_pad(layout)
+        dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
+        w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
+        dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
+        delta = w_dt_cat @ dt_in  # (di, n)
         BC = _bdl(x_dbl[r:], b, l).contiguous()  # (b, 2N, l): one copy (B and C are small; the scan's fastest layout)
         B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
@@ -344,7 +364,7 @@ class _FusedMixer(torch.autograd.Function):
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype = layout, params[0].dtype
         ctx.save_for_backward(h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
-                              offsets, select, ids, x_dbl, w_in, w_x, w_dt, b_dt, w_out)
+                              offsets, select, ids, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -356,8 +376,8 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
-        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, offsets, select, ids, x_dbl,
-         w_in, w_x, w_dt, b_dt, w_out) = ctx.saved_tensors
+        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, offsets, select, ids, dt_sel,
+         dt_in, w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
@@ -376,12 +396,10 @@ class _FusedMixer(torch.autograd.Function):
         # it: one (di, n) matrix less at the backward's peak); a shared one has the scan recompute it.
         dxz = torch.empty_like(xz)
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
-        delta = _token_linear(w_dt, b_dt, x_dbl[:r], ids, layout.routed(2))
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
-            conv_out, _bdl(delta, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dxz[di:], b, l),
-            not layout.routed(3)
+            conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
+            _bdl(dxz[di:], b, l), not layout.routed(3)
         )
-        del delta
         del dy
         y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
@@ -389,34 +407,31 @@ class _FusedMixer(torch.autograd.Function):
         side = _SideStream(dxz.device)
         g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype, side)
         del y_rows, dout_in
-        # dt_proj backward; its weight gradient as ONE GEMM on the Δ-rank features spread to their expert's block,
-        # with one-hot rows for the biases: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
+        # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = ddelta.new_empty(di, _k_pad(layout), dtype=pdtype)
+        dw_dt_cat = ddelta.new_empty(di, dt_in.shape[0], dtype=pdtype)
         g_dt = (ddelta.new_empty(M_dt, di, r, dtype=pdtype),
                 ddelta.new_empty(M_dt, di, dtype=pdtype) if layout.has_bias[2] else None)
-        with side.run(ddelta, x_dbl, select, dw_dt_cat, *g_dt):
-            dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
-            _mm(ddelta, _dt_expanded(x_dbl[:r], dt_sel, dw_dt_cat.shape[1]).t(), pdtype, out=dw_dt_cat)
+        with side.run(ddelta, dt_in, dw_dt_cat, *g_dt):
+            _mm(ddelta, dt_in.t(), pdtype, out=dw_dt_cat)
             g_dt[0].copy_(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1))
             if g_dt[1] is not None:
                 g_dt[1].copy_(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t())
         dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
-        _token_linear(w_dt.transpose(1, 2), None, ddelta, ids, layout.routed(2), out=dx_dbl[:r])
+        _pick(w_dt_cat[:, : M_dt * r].t() @ ddelta, _expert_index(ids, r) if layout.routed(2) else None,
+              out=dx_dbl[:r])
         _bdl(dx_dbl[r : r + N], b, l).copy_(dB[:, 0])  # cast and layout change in one copy
         _bdl(dx_dbl[r + N :], b, l).copy_(dC[:, 0])
-        del ddelta, dw_dt_cat
-        # x_proj backward; its weight gradient as ONE GEMM on the gradient spread to its expert's block
-        g_x = (dx_dbl.new_empty(M_x, r + 2 * N, di, dtype=pdtype), None)
-        with side.run(dx_dbl, select, conv_out, g_x[0]):
-            dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
+        del ddelta, dt_in, dw_dt_cat
+        # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
+        dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
+        g_x = (dx_all.new_empty(M_x, r + 2 * N, di, dtype=pdtype), None)
+        with side.run(dx_all, conv_out, g_x[0]):
             _mm(dx_all, _cols(conv_out).t(), pdtype, out=g_x[0].view(-1, di))
-            del dx_all
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
-        _token_linear(w_x.transpose(1, 2), None, dx_dbl, ids, layout.routed(1), out=dconv_cols, accumulate=True)
-        del dx_dbl
+        dconv_cols.addmm_(w_x_cat.t(), dx_all)
         # conv backward: dx goes straight into dxz
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
