@@ -443,16 +443,10 @@ class _FusedMixer(torch.autograd.Function):
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
         del dconv_cols
-        # in_proj backward: dxz (2di, n) -> rows (n, 2di), sorted iff in_proj routes; a routed one is gathered one
-        # expert block at a time, each block's weight-gradient GEMMs (side stream) running beside the next gather
-        if layout.routed(0):
-            dxz_rows = dxz.new_empty(n, 2 * di)
-            gather_block = functools.partial(_gather_block, dxz, perm, dxz_rows)
-        else:
-            dxz_rows, gather_block = dxz.t(), None
+        # in_proj backward
+        dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
-        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype, side, gather_block)
-        del gather_block
+        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype, side)
         dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets)
         del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
@@ -463,22 +457,13 @@ class _FusedMixer(torch.autograd.Function):
                 *param_grads)
 
 
-def _gather_block(cols: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor, lo: int, hi: int) -> None:
-    """rows[lo:hi] = cols[:, perm[lo:hi]].t(): one expert's block of a routed GEMM's sorted input rows."""
-    gather_cols_t(cols, perm[lo:hi], out=rows[lo:hi])
-
-
-def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, side: _SideStream, prepare=None):
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, side: _SideStream):
     """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
-    ``dtype``, computed on the side stream: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n).
-    ``prepare(lo, hi)``, if given, is called before each block's GEMMs are queued (on the main stream: it writes that
-    block of ``d_cols``)."""
+    ``dtype``, computed on the side stream: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
     g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
     g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
-    for m, (lo, hi) in enumerate(blocks):
-        if prepare is not None:
-            prepare(lo, hi)
-        with side.run(d_cols, x_cols, g_w, g_b):
+    with side.run(d_cols, x_cols, g_w, *([] if g_b is None else [g_b])):
+        for m, (lo, hi) in enumerate(blocks):
             d = d_cols[:, lo:hi]
             _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
             if g_b is not None:

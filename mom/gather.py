@@ -75,11 +75,9 @@ def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous (or into ``out``, (m, f) rows of any row
-    stride), ``x[:, index].t()``; with ``gate`` (f, n), the same strides as x: ``(x * silu(gate))[:, index].t()``,
-    computed in fp32 (or x's wider dtype)."""
+def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous, ``x[:, index].t()``; with ``gate`` (f, n),
+    the same strides as x: ``(x * silu(gate))[:, index].t()``, computed in fp32 (or x's wider dtype)."""
     if gate is not None and (gate.shape != x.shape or gate.stride() != x.stride()):
         raise ValueError(f"gate {tuple(gate.shape)} with strides {gate.stride()} must match the gathered tensor's "
                          f"{tuple(x.shape)} and {x.stride()}")
@@ -87,8 +85,7 @@ def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | Non
         if gate is not None:  # in fp32 at least
             wide = torch.promote_types(x.dtype, torch.float32)
             x = (x.to(wide) * torch.nn.functional.silu(gate.to(wide))).to(x.dtype)
-        rows = x.index_select(1, index).t()
-        return rows.contiguous() if out is None else out.copy_(rows)
-    out = x.new_empty(index.shape[0], x.shape[0]) if out is None else out
+        return x.index_select(1, index).t().contiguous()
+    out = x.new_empty(index.shape[0], x.shape[0])
     _gather_t(x.t(), index, out, None if gate is None else gate.t())
     return out
