@@ -384,14 +384,6 @@ class _FusedMixer(torch.autograd.Function):
         pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, written in this dtype
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-        # the conv output and Δ, recomputed on the side stream (`_SideStream`) while the main one runs out_proj's
-        # backward (a compute-bound GEMM beside memory-bound work)
-        side = _SideStream(xz.device)
-        delta = xz.new_empty(di, n)
-        with side.run(xz, w_dt_cat, dt_in, delta):
-            conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
-            torch.mm(w_dt_cat, dt_in, out=delta)
-        side.hand_over(conv_out)
         # out_proj backward: dy (di, n) in sequence order
         dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
         del dout
@@ -403,15 +395,16 @@ class _FusedMixer(torch.autograd.Function):
         # the gated output: a routed one gathers it from `out` and z, gating on the way (so the scan does not write
         # it: one (di, n) matrix less at the backward's peak); a shared one has the scan recompute it.
         dxz = torch.empty_like(xz)
-        side.join()
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
-            conv_out, _bdl(delta, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dxz[di:], b, l),
-            not layout.routed(3)
+            conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
+            _bdl(dxz[di:], b, l), not layout.routed(3)
         )
-        del dy, delta
+        del dy
         y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
-        # weight gradients run on the side stream, beside the main stream's memory-bound kernels
+        # weight gradients run on a side stream (`_SideStream`), beside the main stream's memory-bound kernels
+        side = _SideStream(dxz.device)
         g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype, side)
         del y_rows, dout_in
         # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
@@ -472,13 +465,12 @@ def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, si
 
 
 class _SideStream:
-    """A second CUDA stream for backward work that can run beside the main stream's: the weight-gradient GEMMs (off
-    the critical path: nothing in the layer's backward reads them; compute-bound, beside the conv's backward and the
-    layout gathers) and the recomputed conv output and Δ (beside out_proj's input-gradient GEMM). `run` queues work
-    after everything the main stream has queued; `join` makes the main stream wait for it. Each tensor the side
-    stream touches is recorded on it, so that its memory is not reused while the side stream may still read or write
-    it (and one it makes for the main stream, on the main one: `hand_over`). Off CUDA (the reference kernels): no
-    stream, the work runs in order."""
+    """A second CUDA stream for the backward's weight-gradient GEMMs. They are off the critical path (nothing in the
+    layer's backward reads them) and compute-bound, so they can run while the main stream runs memory-bound kernels
+    (the conv's backward, the layout gathers). `run` queues work after everything the main stream has queued; `join`
+    makes the main stream wait for it, before the gradients are returned. Tensors are allocated on the main stream;
+    each one the side stream touches is recorded on it, so that its memory is not reused while the side stream may
+    still read or write it. Off CUDA (the reference kernels): no stream, the work runs in order."""
 
     def __init__(self, device: torch.device) -> None:
         self.side = _side_stream(device) if device.type == "cuda" else None
@@ -495,11 +487,6 @@ class _SideStream:
         for t in touched:
             if t is not None:
                 t.record_stream(self.side)
-
-    def hand_over(self, t: torch.Tensor) -> None:
-        """``t``, made on the side stream, is read on the main one (after `join`): its memory waits for both."""
-        if self.side is not None:
-            t.record_stream(self.main)
 
     def join(self) -> None:
         if self.side is not None:
