@@ -35,7 +35,6 @@ pure-PyTorch conv and scan, on any device, so that its routing, layouts and back
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -403,20 +402,13 @@ class _FusedMixer(torch.autograd.Function):
         del dy
         y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
-        # weight gradients run on a side stream (`_SideStream`), beside the main stream's memory-bound kernels
-        side = _SideStream(dxz.device)
-        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype, side)
+        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
         del y_rows, dout_in
         # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = ddelta.new_empty(di, dt_in.shape[0], dtype=pdtype)
-        g_dt = (ddelta.new_empty(M_dt, di, r, dtype=pdtype),
-                ddelta.new_empty(M_dt, di, dtype=pdtype) if layout.has_bias[2] else None)
-        with side.run(ddelta, dt_in, dw_dt_cat, *g_dt):
-            _mm(ddelta, dt_in.t(), pdtype, out=dw_dt_cat)
-            g_dt[0].copy_(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1))
-            if g_dt[1] is not None:
-                g_dt[1].copy_(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t())
+        dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
+        g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
+                _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
         dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
         _pick(w_dt_cat[:, : M_dt * r].t() @ ddelta, _expert_index(ids, r) if layout.routed(2) else None,
               out=dx_dbl[:r])
@@ -425,9 +417,7 @@ class _FusedMixer(torch.autograd.Function):
         del ddelta, dt_in, dw_dt_cat
         # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
         dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
-        g_x = (dx_all.new_empty(M_x, r + 2 * N, di, dtype=pdtype), None)
-        with side.run(dx_all, conv_out, g_x[0]):
-            _mm(dx_all, _cols(conv_out).t(), pdtype, out=g_x[0].view(-1, di))
+        g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
@@ -439,64 +429,27 @@ class _FusedMixer(torch.autograd.Function):
         # in_proj backward
         dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
-        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype, side)
         dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets)
+        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
-        side.join()
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
                 *param_grads)
 
 
-def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, side: _SideStream):
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
     """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
-    ``dtype``, computed on the side stream: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
     g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
     g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
-    with side.run(d_cols, x_cols, g_w, *([] if g_b is None else [g_b])):
-        for m, (lo, hi) in enumerate(blocks):
-            d = d_cols[:, lo:hi]
-            _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
-            if g_b is not None:
-                torch.sum(d, 1, dtype=dtype, out=g_b[m])
+    for m, (lo, hi) in enumerate(blocks):
+        d = d_cols[:, lo:hi]
+        _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
+        if g_b is not None:
+            torch.sum(d, 1, dtype=dtype, out=g_b[m])
     return g_w, g_b
-
-
-class _SideStream:
-    """A second CUDA stream for the backward's weight-gradient GEMMs. They are off the critical path (nothing in the
-    layer's backward reads them) and compute-bound, so they can run while the main stream runs memory-bound kernels
-    (the conv's backward, the layout gathers). `run` queues work after everything the main stream has queued; `join`
-    makes the main stream wait for it, before the gradients are returned. Tensors are allocated on the main stream;
-    each one the side stream touches is recorded on it, so that its memory is not reused while the side stream may
-    still read or write it. Off CUDA (the reference kernels): no stream, the work runs in order."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.side = _side_stream(device) if device.type == "cuda" else None
-        self.main = torch.cuda.current_stream(device) if self.side is not None else None
-
-    @contextlib.contextmanager
-    def run(self, *touched: torch.Tensor | None):
-        if self.side is None:
-            yield
-            return
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
-            yield
-        for t in touched:
-            if t is not None:
-                t.record_stream(self.side)
-
-    def join(self) -> None:
-        if self.side is not None:
-            self.main.wait_stream(self.side)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The side stream of a CUDA device (one per device, made once)."""
-    return torch.cuda.Stream(device)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -515,6 +468,11 @@ def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_p
     if is_sorted == want_sorted:
         return rows
     return rows.index_select(0, perm if want_sorted else inv_perm)
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most."""
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _split_params(stacked) -> list[torch.Tensor]:
