@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants; best time kept")
     parser.add_argument("--accumulate", action="store_true",
                         help="keep the parameters' .grad between steps, so that each backward adds into them (as a "
-                             "micro-batch of gradient accumulation does); default: set to None before each step, as "
-                             "optimizer.zero_grad() does")
+                             "micro-batch of gradient accumulation does); default: dropped after each step, as "
+                             "optimizer.zero_grad() drops them")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_layer: needs a CUDA device", file=sys.stderr)
