@@ -44,7 +44,7 @@ import torch.nn as nn
 from mom import kernels
 from mom import scan as ref_scan
 from mom.flatcast import flat_cast
-from mom.gather import gather_cols_t, gather_rows_t
+from mom.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.routing import RoutedLinear, Routing
 
 PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -101,8 +101,7 @@ class ReferenceKernels:
     def scan_fwd(self, u, delta, A, B, C, D, z):
         """The ungated output too (as the CUDA scan's), gated as `mom.gather.gather_cols_t` gates it."""
         out = self._scan(u, delta, A, B, C, D, None)
-        wide = torch.promote_types(out.dtype, torch.float32)
-        return out, None, (out.to(wide) * torch.nn.functional.silu(z.to(wide))).to(out.dtype)
+        return out, None, silu_gated(out, z)
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]

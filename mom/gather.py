@@ -66,6 +66,12 @@ def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tenso
                         *src_rows.stride(), *out_rows.stride(), BN=TILE, BF=TILE, GATED=gate_rows is not None)
 
 
+def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x * silu(gate)`` as the scan computes its gated output: in fp32 (or x's wider dtype), rounded once to x's."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(wide) * torch.nn.functional.silu(gate.to(wide))).to(x.dtype)
+
+
 def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (n, f) token-major; index: (m,) int64 -> (f, m) contiguous, ``x[index].t()``."""
     if not (x.is_cuda and _kernel() is not None):
@@ -82,9 +88,7 @@ def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | Non
         raise ValueError(f"gate {tuple(gate.shape)} with strides {gate.stride()} must match the gathered tensor's "
                          f"{tuple(x.shape)} and {x.stride()}")
     if not (x.is_cuda and _kernel() is not None):
-        if gate is not None:  # in fp32 at least
-            wide = torch.promote_types(x.dtype, torch.float32)
-            x = (x.to(wide) * torch.nn.functional.silu(gate.to(wide))).to(x.dtype)
+        x = x if gate is None else silu_gated(x, gate)
         return x.index_select(1, index).t().contiguous()
     out = x.new_empty(index.shape[0], x.shape[0])
     _gather_t(x.t(), index, out, None if gate is None else gate.t())
