@@ -8,19 +8,25 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   it, so no activation is transposed by a copy (the module path's transposing copies were a third of its GPU time).
 * Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`mom.routing.Routing`: the
   permutation is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows
-  its weight (group ends on the device, `Routing.offsets`), and one gather that also transposes
-  (`mom.gather.gather_rows_t` / `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per
-  expert, written in fp32 by cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast: measured 1.2-1.3x).
+  its weight (group ends on the device, `Routing.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per
+  expert instead (faster there, measured). One gather that also transposes (`mom.gather.gather_rows_t` /
+  `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per expert, written in fp32 by
+  cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast: measured 1.2-1.3x); so is the input gradient of
+  an fp32 input (no cast kernel after the Function).
 * x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
-  gather: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked, and each token
-  keeps the rows of its own expert (`_pick`, a gather across the experts' blocks); dt_proj's input is spread to
-  ``(M * r + M, n)``, token ``t``'s Δ-rank features in the block of its modality and a one in the row of its
-  modality's bias, zeros elsewhere (`_spread`), so that ONE GEMM with the experts side by side gives each token
-  ``W_m @ dt + b_m``. Both are exact (the zeros add nothing) and cost ``M`` times a small GEMM instead of gathers
-  of (d_inner, n) matrices.
+  gather of a (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights
+  stacked; dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj
+  expert) in the block of its modality and a one in the row of its modality's bias, zeros elsewhere, so that ONE
+  GEMM with the experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own
+  expert (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost
+  ``M`` times a small GEMM.
+* The scan gates its output only for a shared out_proj; a routed one's gather computes ``out * silu(z)`` on the way
+  (the scan then neither reads z nor writes a second (d_inner, n) output).
 * Backward recomputes the conv output, Δ and the gated scan output instead of storing them (as ``mamba_inner_fn``
   does with ``checkpoint_lvl=1``; a routed out_proj's gated output is recomputed by the gather that sorts it);
-  stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and checkpoints.
+  stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and checkpoints. xz and the
+  scan's output are freed as soon as the backward is done with them (so a retained graph cannot be differentiated
+  twice through this Function: it says so).
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so routed
   GEMMs are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function, every expert weight is
   cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked views of the one
@@ -69,8 +75,9 @@ class CudaKernels:
         return dx, dweight, dbias
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
-        """-> (out, checkpoints, out_z); B, C: (b, 1, n, l)."""
-        return self._scan.fwd(u, delta, A, B, C, D, z, None, True)
+        """-> (out, checkpoints, out_z: the gated output, None without z); B, C: (b, 1, n, l)."""
+        out, checkpoints, *out_z = self._scan.fwd(u, delta, A, B, C, D, z, None, True)
+        return out, checkpoints, out_z[0] if z is not None else None
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
@@ -101,7 +108,7 @@ class ReferenceKernels:
     def scan_fwd(self, u, delta, A, B, C, D, z):
         """The ungated output too (as the CUDA scan's), gated as `mom.gather.gather_cols_t` gates it."""
         out = self._scan(u, delta, A, B, C, D, None)
-        return out, None, silu_gated(out, z)
+        return out, None, silu_gated(out, z) if z is not None else None
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
@@ -214,22 +221,34 @@ def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> 
     return torch.mm(w, rhs) if b is None else torch.addmm(b[:, None], w, rhs)
 
 
-def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor):
+def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor,
+             out_dtype: torch.dtype | None = None):
     """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
-    expert m. rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a shared projection (k = 1, one
-    block) is one GEMM. ONE launch for routed ones too, ``torch._grouped_mm`` with the blocks' ends on the device
-    (``offsets``), where it applies (bf16, 16-byte aligned strides, no bias); else one GEMM per expert (``blocks``:
-    the same ends on the host)."""
-    if b is None and w.shape[0] > 1 and _grouped_mm_applies(rows, w):
+    expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a
+    shared projection (k = 1, one block) is one GEMM. ONE launch for routed ones too, ``torch._grouped_mm`` with the
+    blocks' ends on the device (``offsets``), where it applies (bf16 in and out, 16-byte aligned strides, no bias)
+    and the GEMM is below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert (``blocks``: the same ends on the
+    host), which writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
+    out_dtype = out_dtype or rows.dtype
+    n, i = rows.shape
+    if (b is None and w.shape[0] > 1 and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
+            and _grouped_mm_applies(rows, w)):
         return torch._grouped_mm(rows, w, offs=offsets)
-    out = rows.new_empty(rows.shape[0], w.shape[2])
+    out = rows.new_empty(n, w.shape[2], dtype=out_dtype)
     for m, (lo, hi) in enumerate(blocks):
         if hi > lo:
             if b is None:
-                torch.mm(rows[lo:hi], w[m], out=out[lo:hi])
+                _mm(rows[lo:hi], w[m], out_dtype, out=out[lo:hi])
             else:
                 torch.addmm(b[m], rows[lo:hi], w[m], out=out[lo:hi])
     return out
+
+
+# Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
+# (CUTLASS): measured on an H200 in a layer's fwd+bwd, 10.829 vs 10.932 ms at 4 x 4096 x 2048 (whose in_proj and
+# out_proj GEMMs are 2^38 and 2^37 multiply-adds), the same within noise at 8 x 2048 x 1024 (2^36, 2^35), where the
+# grouped GEMM's single launch matters more (a small model's step can be bound by the host's launch rate).
+PER_EXPERT_MACS = 2**37
 
 
 def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
@@ -260,35 +279,17 @@ def _grouped_mm_supported(device: torch.device) -> bool:
     return True
 
 
-def _spread(t: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
-    """t (f, n), select (M, n) one-hot -> (M * f, n): token t's column in the block of its modality, zeros
-    elsewhere (``select=None``: a shared projection, t itself)."""
-    return t if select is None else (select[:, None, :] * t[None]).reshape(-1, t.shape[1])
-
-
-def _pick(t: torch.Tensor, ids: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of `_spread`: (M * f, n) -> (f, n), each token's column from the block of its modality (into
-    ``out`` if given), one gather across the blocks. ``ids`` (1, f, n): each token's expert, expanded over the f
-    rows (`_expert_index`); None: a shared projection (``t`` itself)."""
-    if ids is None:
-        return t if out is None else out.copy_(t)
-    _, f, n = ids.shape
-    picked = torch.gather(t.view(-1, f, n), 0, ids, out=None if out is None else out.view(1, f, n))
-    return picked.view(f, n)
-
-
-def _expert_index(ids: torch.Tensor, f: int) -> torch.Tensor:
-    """ids (n,) -> (1, f, n) view (no copy): the gather index of `_pick`."""
-    return ids.view(1, 1, -1).expand(1, f, -1)
-
-
-def _dt_expanded(dt_low: torch.Tensor, select: torch.Tensor, k_pad: int) -> torch.Tensor:
-    """dt_low (r, n) -> (k_pad, n): [`_spread` dt_low; the one-hot rows that pick each expert's bias; zeros]."""
-    rows = [_spread(dt_low, select), select]
-    pad = k_pad - rows[0].shape[0] - select.shape[0]
-    if pad:
-        rows.append(_const((pad, dt_low.shape[1]), 0.0, dt_low.dtype, dt_low.device))
-    return torch.cat(rows)
+def _route(src: torch.Tensor, select: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each token's rows to or from the block of its expert, into ``out``: src (Ms, f, b, l), out (Mo, f, b, l), any
+    strides, Ms and Mo each 1 (a shared projection) or M. Mo = M: block m holds src's columns of modality m's tokens
+    and zeros elsewhere (a multiply by the one-hot ``select`` (M, n); a shared src is broadcast); Mo = 1 from Ms = M:
+    each token's column from its expert's block (a gather by ``ids`` (n,)); both 1: a copy."""
+    m_out, f, b, l = out.shape
+    if m_out > 1:
+        return torch.mul(src, select.view(m_out, 1, b, l), out=out)
+    if src.shape[0] > 1:
+        return torch.gather(src, 0, ids.view(1, 1, b, l).expand(1, f, b, l), out=out)
+    return out.copy_(src)
 
 
 def _dt_weight(w: torch.Tensor, b: torch.Tensor | None, k_pad: int) -> torch.Tensor:
@@ -339,30 +340,41 @@ class _FusedMixer(torch.autograd.Function):
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
-        # x_proj: every expert on every token, each token keeps its own expert's row block (M times a small GEMM
-        # instead of column gathers of conv_out and of its gradient)
-        w_x_cat = w_x.view(-1, di)  # (M * (r + 2N), di)
-        x_dbl = _pick(w_x_cat @ _cols(conv_out), _expert_index(ids, r + 2 * N) if layout.routed(1) else None)
-        # dt_proj: one GEMM over the spread Δ-rank features, biases included
+        # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
+        # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
+        M_x, M_dt = layout.experts[1], layout.experts[2]
+        w_x_cat = w_x.view(-1, di)  # (M_x * (r + 2N), di)
+        x_all = (w_x_cat @ _cols(conv_out)).view(M_x, r + 2 * N, b, l)
+        # dt_proj: one GEMM over the expanded input [Δ-rank features spread to their expert's block; one-hot bias rows;
+        # zero padding] (k_pad, n), biases included
         k_pad = _k_pad(layout)
         dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
+        dt_in = select.new_empty(k_pad, n)
+        _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
+        dt_in[M_dt * r : M_dt * (r + 1)].copy_(dt_sel)
+        dt_in[M_dt * (r + 1) :].zero_()
         w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
-        dt_in = _dt_expanded(x_dbl[:r], dt_sel, k_pad)  # (k_pad, n)
         delta = w_dt_cat @ dt_in  # (di, n)
-        BC = _bdl(x_dbl[r:], b, l).contiguous()  # (b, 2N, l): one copy (B and C are small; the scan's fastest layout)
+        BC = x_all.new_empty(b, 2 * N, l)  # B and C in one (the scan's fastest layout), each token's from its expert
+        _route(x_all[:, r:], select, ids, BC.permute(1, 0, 2)[None])
+        del x_all
         B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
-        out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, z)
+        # the scan gates its output for a shared out_proj; a routed one's gather gates it on the way (the scan then
+        # neither reads z nor writes a second (di, n) output)
+        out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D,
+                                                None if layout.routed(3) else z)
         del conv_out, delta
-        # out_proj: rows (n, d_model) of sorted tokens, then back to sequence order
-        y = _cols(out_z)  # (di, n)
+        # out_proj: rows (n, di) of sorted tokens (the gated output), then back to sequence order
+        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
-        y_rows = gather_cols_t(y, perm) if layout.routed(3) else y.t()  # (n, di), sorted iff out_proj routes
-        del y
         o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
-        ctx.layout, ctx.param_dtype = layout, params[0].dtype
-        ctx.save_for_backward(h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm,
-                              offsets, select, ids, dt_sel, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
+        ctx.layout, ctx.param_dtype, ctx.hidden_dtype = layout, params[0].dtype, hidden.dtype
+        ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
+                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
+        # the two largest activations, held here instead so that the backward can free each after its last use
+        # (with the input gradient and the weight gradients allocated, the end of the backward can be its peak)
+        ctx.xz_out = (xz, out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -374,8 +386,14 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
-        (h_in, xz, conv_weight, conv_bias, A, B, C, D, out, checkpoints, perm, inv_perm, offsets, select, ids, dt_sel,
-         dt_in, w_x_cat, w_dt_cat, w_in, w_out) = ctx.saved_tensors
+        (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, dt_in, w_x_cat,
+         w_dt_cat, w_in, w_out) = ctx.saved_tensors
+        if ctx.xz_out is None:
+            raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, so "
+                               "a graph kept with retain_graph=True cannot be differentiated again; set the model's "
+                               "use_fast_path=False for that")
+        xz, out = ctx.xz_out
+        ctx.xz_out = None
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
@@ -400,7 +418,7 @@ class _FusedMixer(torch.autograd.Function):
         )
         del dy
         y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
-        del out_z
+        del out_z, out
         g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
         del y_rows, dout_in
         # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
@@ -408,14 +426,16 @@ class _FusedMixer(torch.autograd.Function):
         dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
         g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
                 _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
-        dx_dbl = ddelta.new_empty(r + 2 * N, n)  # [dΔ-rank; dB; dC], each written in place
-        _pick(w_dt_cat[:, : M_dt * r].t() @ ddelta, _expert_index(ids, r) if layout.routed(2) else None,
-              out=dx_dbl[:r])
-        _bdl(dx_dbl[r : r + N], b, l).copy_(dB[:, 0])  # cast and layout change in one copy
-        _bdl(dx_dbl[r + N :], b, l).copy_(dC[:, 0])
-        del ddelta, dt_in, dw_dt_cat
-        # x_proj backward: dconv_out += W_x^T dx_dbl, on the spread gradient
-        dx_all = _spread(dx_dbl, select if layout.routed(1) else None)  # (M * (r + 2N), n)
+        # x_proj's output gradient in its experts' row blocks, each token's in its expert's block (zeros elsewhere):
+        # [dΔ-rank; dB; dC] per expert, each part written in place (with its cast and layout change)
+        dx_all = ddelta.new_empty(M_x, r + 2 * N, b, l)
+        dt_low = (w_dt_cat[:, : M_dt * r].t() @ ddelta).view(M_dt, r, b, l)  # every dt_proj expert's, every token
+        _route(dt_low, select, ids, dx_all[:, :r])
+        _route(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
+        _route(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
+        del ddelta, dt_in, dw_dt_cat, dt_low
+        # x_proj backward: dconv_out += W_x^T dx_all
+        dx_all = dx_all.view(-1, n)  # (M_x * (r + 2N), n)
         g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
         del conv_out
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
@@ -424,11 +444,12 @@ class _FusedMixer(torch.autograd.Function):
         # conv backward: dx goes straight into dxz
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
                                             _bdl(dxz[:di], b, l))
-        del dconv_cols
+        del dconv_cols, x, z, xz
         # in_proj backward
         dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
         del dxz
-        dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets)
+        # in the input's dtype (an fp32 input's gradient is written by the GEMM in fp32: no cast afterwards)
+        dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets, out_dtype=ctx.hidden_dtype)
         g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
         del dxz_rows
         dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)

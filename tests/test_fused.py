@@ -66,6 +66,18 @@ def test_fused_matches_module_path(decouple, layout):
         torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_backward_twice_through_a_retained_graph_names_the_problem():
+    """The backward frees the largest activations as it goes: a second backward through a retained graph stops with
+    an error that says so (and how to avoid it) instead of computing on freed tensors."""
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
+    out = fused.fused_mixer(mixer, hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_KERNELS)
+    out.sum().backward(retain_graph=True)
+    assert hidden.grad is not None
+    with pytest.raises(RuntimeError, match="ran twice.*use_fast_path=False"):
+        out.sum().backward()
+
+
 def test_absent_modality_gets_zero_expert_grads():
     mixer = make_mixer(PROJECTIONS)
     _, _, g = run(mixer, layouts()["speech absent"], fast=True)
