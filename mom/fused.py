@@ -26,7 +26,8 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   does with ``checkpoint_lvl=1``; a routed out_proj's gated output is recomputed by the gather that sorts it);
   stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and checkpoints. xz and the
   scan's output are freed as soon as the backward is done with them (so a retained graph cannot be differentiated
-  twice through this Function: it says so).
+  twice through this Function: it says so), except under saved-tensor hooks (activation checkpointing, offloading),
+  which see them as saved tensors.
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so routed
   GEMMs are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function, every expert weight is
   cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked views of the one
@@ -370,11 +371,13 @@ class _FusedMixer(torch.autograd.Function):
         o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
         o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype, ctx.hidden_dtype = layout, params[0].dtype, hidden.dtype
+        # The two largest activations are held on ctx, so that the backward can free each after its last use (with the
+        # input and weight gradients allocated, the end of the backward can be its peak), unless saved-tensor hooks
+        # (activation checkpointing, offloading) are active: those must see every saved tensor.
+        ctx.hooked = _saved_tensors_hooked()
         ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
-                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out)
-        # the two largest activations, held here instead so that the backward can free each after its last use
-        # (with the input gradient and the weight gradients allocated, the end of the backward can be its peak)
-        ctx.xz_out = (xz, out)
+                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *((xz, out) if ctx.hooked else ()))
+        ctx.held = None if ctx.hooked else (xz, out)
         return o.view(b, l, -1)
 
     @staticmethod
@@ -387,13 +390,15 @@ class _FusedMixer(torch.autograd.Function):
     def _backward(ctx, dout):
         layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
         (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, dt_in, w_x_cat,
-         w_dt_cat, w_in, w_out) = ctx.saved_tensors
-        if ctx.xz_out is None:
-            raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, so "
-                               "a graph kept with retain_graph=True cannot be differentiated again; set the model's "
-                               "use_fast_path=False for that")
-        xz, out = ctx.xz_out
-        ctx.xz_out = None
+         w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
+        if not ctx.hooked:
+            if ctx.held is None:
+                raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, "
+                                   "so a graph kept with retain_graph=True cannot be differentiated again; set the "
+                                   "model's use_fast_path=False for that")
+            held, ctx.held = ctx.held, None
+        xz, out = held
+        del held
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
@@ -457,6 +462,16 @@ class _FusedMixer(torch.autograd.Function):
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
                 *param_grads)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``: non-reentrant activation
+    checkpointing, CPU offloading), which tensors held on ctx would escape. True when this torch cannot tell."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        return top is None or top(False) is not None
+    except (TypeError, RuntimeError):
+        return True
 
 
 def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):

@@ -78,6 +78,24 @@ def test_backward_twice_through_a_retained_graph_names_the_problem():
         out.sum().backward()
 
 
+def test_saved_tensor_hooks_see_every_activation():
+    """Under saved-tensor hooks (activation checkpointing, offloading) xz and the scan's output are saved through
+    them like the rest, not held on ctx, and a retained graph can be differentiated twice."""
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
+    routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS)
+    n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
+    assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
+    out.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    hidden.grad = None
+    out.sum().backward()
+    torch.testing.assert_close(hidden.grad, first)
+
+
 def test_absent_modality_gets_zero_expert_grads():
     mixer = make_mixer(PROJECTIONS)
     _, _, g = run(mixer, layouts()["speech absent"], fast=True)
