@@ -29,10 +29,10 @@ mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
   twice through this Function: it says so), except under saved-tensor hooks (activation checkpointing, offloading),
   which see them as saved tensors.
 * Few launches: a whole LM step can be bound by the host's kernel-launch rate (docs/performance.md), so routed
-  GEMMs are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function, every expert weight is
-  cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become stacked views of the one
-  buffer), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS, and
-  constants are cached.
+  GEMMs below `PER_EXPERT_MACS` are grouped, ``A = -exp(A_log)`` and its gradient are computed inside the Function,
+  every expert weight is cast in one kernel (`_cast_params`, `mom.flatcast`: the experts of a projection become
+  stacked views of the one buffer), each projection's weight gradients are written stacked in the parameters' dtype
+  by cuBLAS, and constants are cached.
 
 Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
 ``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
@@ -365,7 +365,7 @@ class _FusedMixer(torch.autograd.Function):
         out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D,
                                                 None if layout.routed(3) else z)
         del conv_out, delta
-        # out_proj: rows (n, di) of sorted tokens (the gated output), then back to sequence order
+        # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
         y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
         del out_z
         o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
