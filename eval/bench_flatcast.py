@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         return 2
     print("device:", torch.cuda.get_device_name())
     for d in args.d_model or [768, 1024]:
-        _, params = _fused_inputs(mom_mixer(3, d, PROJECTIONS))
+        _, params, _ = _fused_inputs(mom_mixer(3, d, PROJECTIONS))
         flat = torch.cat([p.reshape(-1) for p in params])
         assert torch.equal(flat_cast(params, torch.bfloat16), flat.to(torch.bfloat16))
         variants = {

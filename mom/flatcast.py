@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mom.launch import launch
+
 BLOCK = 4096  # elements per program: 16 KiB of fp32 read, 8 KiB of bf16 written
 
 
@@ -71,6 +73,6 @@ def flat_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tens
 
     addresses, starts = _table(tuple(t.data_ptr() for t in tensors), sizes, first.device)
     out = torch.empty(sum(sizes), dtype=dtype, device=first.device)
-    grid = (-(-max(sizes) // BLOCK), len(tensors))
-    kernel[grid](addresses, starts, out, SRC=getattr(tl, _TRITON_DTYPES[first.dtype]), BLOCK=BLOCK)
+    grid = (-(-max(sizes) // BLOCK), len(tensors), 1)
+    launch(kernel, grid, (addresses, starts, out), SRC=getattr(tl, _TRITON_DTYPES[first.dtype]), BLOCK=BLOCK)
     return out

@@ -137,25 +137,31 @@ def cuda_kernels() -> CudaKernels | None:
 # ---- when the fast path applies -------------------------------------------------------------------------------------
 def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
     """The projection's ``nn.Linear`` experts (one if shared), or None if any is wrapped (LoRA, quantised...)."""
-    experts = list(proj.values()) if isinstance(proj, RoutedLinear) else [proj]
+    experts = list(proj._modules.values()) if isinstance(proj, RoutedLinear) else [proj]
     return experts if all(type(e) is nn.Linear for e in experts) else None
 
 
-def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor]] | None:
-    """(experts per projection, the Function's parameters: per projection its experts' weights, then their biases),
-    or None when `fused_mixer` cannot run this mixer: an expert that is not a plain ``nn.Linear`` (a LoRA-wrapped one
-    must be called as a module) or a weight that is absent. ZeRO-3 leaves a module's weights empty until the module
-    itself is called, and the fused path reads the conv's and the experts' weights without calling them, so a
-    partitioned model takes the module path."""
-    experts = [_plain_linears(getattr(mixer, name)) for name in PROJ_ORDER]
+def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor], list] | None:
+    """(experts per projection, the Function's parameters: per projection its experts' weights, then their biases,
+    the shared ones: conv weight, conv bias, A_log, D), or None when `fused_mixer` cannot run this mixer: an expert
+    that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be called as a module) or a weight that is absent.
+    ZeRO-3 leaves a module's weights empty until the module itself is called, and the fused path reads the conv's
+    and the experts' weights without calling them, so a partitioned model takes the module path.
+
+    It runs at every layer's forward, so it reads the modules' own dicts: ``nn.Module.__getattr__`` costs about a
+    microsecond per submodule or parameter, ~40 us per mixer, host time that a small model's step can be bound by."""
+    modules = mixer._modules
+    experts = [_plain_linears(modules[name]) for name in PROJ_ORDER]
     if any(e is None for e in experts):
         return None
     params = []
     for linears in experts:
-        params += [e.weight for e in linears] + [e.bias for e in linears if e.bias is not None]
-    shared = [mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log, mixer.D]
+        own = [e._parameters for e in linears]
+        params += [p["weight"] for p in own] + [p["bias"] for p in own if p["bias"] is not None]
+    conv = modules["conv1d"]._parameters
+    shared = [conv["weight"], conv["bias"], mixer._parameters["A_log"], mixer._parameters["D"]]
     present = all(t.numel() > 0 for t in params + [t for t in shared if t is not None])
-    return (experts, params) if present else None
+    return (experts, params, shared) if present else None
 
 
 def supports_fast_path(mixer: nn.Module) -> bool:
@@ -375,9 +381,10 @@ class _FusedMixer(torch.autograd.Function):
         # input and weight gradients allocated, the end of the backward can be its peak), unless saved-tensor hooks
         # (activation checkpointing, offloading) are active: those must see every saved tensor.
         ctx.hooked = _saved_tensors_hooked()
+        held = (xz, out, y_rows if layout.routed(3) else None)
         ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
-                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *((xz, out) if ctx.hooked else ()))
-        ctx.held = None if ctx.hooked else (xz, out)
+                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *(held if ctx.hooked else ()))
+        ctx.held = None if ctx.hooked else held
         return o.view(b, l, -1)
 
     @staticmethod
@@ -397,7 +404,7 @@ class _FusedMixer(torch.autograd.Function):
                                    "so a graph kept with retain_graph=True cannot be differentiated again; set the "
                                    "model's use_fast_path=False for that")
             held, ctx.held = ctx.held, None
-        xz, out = held
+        xz, out, y_rows = held
         del held
         M_x, M_dt = layout.experts[1], layout.experts[2]
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
@@ -405,27 +412,31 @@ class _FusedMixer(torch.autograd.Function):
         pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, written in this dtype
         dout = dout.reshape(n, -1).to(dtype)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-        # out_proj backward: dy (di, n) in sequence order
+        # out_proj backward: dy (di, n) in sequence order. A routed out_proj's weight gradient comes first, from the
+        # gated rows kept by the forward, which are then freed before the scan's backward (its peak); a shared one's
+        # needs the gated output in sequence order, which the scan's backward recomputes.
         dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
         del dout
         if layout.routed(3):
+            g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.bounds, layout.has_bias[3], pdtype)
+            del y_rows
             dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
         else:
             dy = torch.mm(w_out[0].t(), dout_in.t())
-        # scan backward on the recomputed conv output and Δ; it writes dz into dxz. out_proj's weight gradient needs
-        # the gated output: a routed one gathers it from `out` and z, gating on the way (so the scan does not write
-        # it: one (di, n) matrix less at the backward's peak); a shared one has the scan recompute it.
-        dxz = torch.empty_like(xz)
+        # scan backward on the recomputed conv output and Δ; it writes dz into dxz. A routed in_proj reads dx and dz
+        # through the gather that sorts them, so they can be two matrices, and dx is allocated after the scan's
+        # backward (its peak); a shared one reads them as one (2di, n) matrix.
+        dxz = None if layout.routed(0) else torch.empty_like(xz)
+        dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
         dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
             conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
-            _bdl(dxz[di:], b, l), not layout.routed(3)
+            _bdl(dz, b, l), not layout.routed(3)
         )
-        del dy
-        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
-        del out_z, out
-        g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
-        del y_rows, dout_in
+        del dy, out
+        if not layout.routed(3):
+            g_out = _weight_grads(dout_in.t(), _cols(out_z), layout.blocks(3), layout.has_bias[3], pdtype)
+        del out_z, dout_in
         # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
         dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
@@ -446,13 +457,19 @@ class _FusedMixer(torch.autograd.Function):
         dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
         del dconv_out
         dconv_cols.addmm_(w_x_cat.t(), dx_all)
-        # conv backward: dx goes straight into dxz
+        # conv backward
+        dx = xz.new_empty(di, n) if dxz is None else dxz[:di]
         _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
-                                            _bdl(dxz[:di], b, l))
+                                            _bdl(dx, b, l))
         del dconv_cols, x, z, xz
         # in_proj backward
-        dxz_rows = gather_cols_t(dxz, perm) if layout.routed(0) else dxz.t()  # (n, 2di), sorted iff routed
-        del dxz
+        if layout.routed(0):  # (n, 2di) sorted rows, each half gathered from its own matrix
+            dxz_rows = dx.new_empty(n, 2 * di)
+            gather_cols_t(dx, perm, out=dxz_rows[:, :di])
+            gather_cols_t(dz, perm, out=dxz_rows[:, di:])
+        else:
+            dxz_rows = dxz.t()
+        del dxz, dx, dz
         # in the input's dtype (an fp32 input's gradient is written by the GEMM in fp32: no cast afterwards)
         dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets, out_dtype=ctx.hidden_dtype)
         g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
@@ -555,11 +572,10 @@ def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=N
     if found is None:
         raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
                          "ZeRO-3-partitioned ones take the module path")
-    experts, params = found
+    experts, params, (conv_weight, conv_bias, A_log, D) = found
     layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
                      tuple((e[0].out_features, e[0].in_features) for e in experts),
-                     tuple(e[0].bias is not None for e in experts), routing.bounds, sorted_tokens, kern)
+                     tuple(e[0]._parameters["bias"] is not None for e in experts), routing.bounds, sorted_tokens, kern)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(dtype),
-                             routing.expert_ids, mixer.conv1d.weight, mixer.conv1d.bias, mixer.A_log,
-                             mixer.D.float(), layout, *params)
+                             routing.expert_ids, conv_weight, conv_bias, A_log, D.float(), layout, *params)

@@ -23,6 +23,8 @@ from functools import cache
 
 import torch
 
+from mom.launch import launch
+
 TILE = 64  # tokens and features per program
 
 
@@ -61,9 +63,9 @@ def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tenso
     strides (the gate's those of src), through the Triton kernel."""
     m, f = out_rows.shape
     if out_rows.numel():
-        grid = (-(-m // TILE), -(-f // TILE))
-        _kernel()[grid](src_rows, src_rows if gate_rows is None else gate_rows, index, out_rows, m, f,
-                        *src_rows.stride(), *out_rows.stride(), BN=TILE, BF=TILE, GATED=gate_rows is not None)
+        grid = (-(-m // TILE), -(-f // TILE), 1)
+        launch(_kernel(), grid, (src_rows, src_rows if gate_rows is None else gate_rows, index, out_rows, m, f,
+                                 *src_rows.stride(), *out_rows.stride()), BN=TILE, BF=TILE, GATED=gate_rows is not None)
 
 
 def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -81,15 +83,20 @@ def gather_rows_t(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """x: (f, n) feature-major; index: (m,) int64 -> (m, f) contiguous, ``x[:, index].t()``; with ``gate`` (f, n),
-    the same strides as x: ``(x * silu(gate))[:, index].t()``, computed in fp32 (or x's wider dtype)."""
+def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (f, n) feature-major; index: (m,) int64 -> (m, f), ``x[:, index].t()``, into ``out`` (any strides, e.g.
+    columns of wider rows) or a new contiguous tensor; with ``gate`` (f, n), the same strides as x:
+    ``(x * silu(gate))[:, index].t()``, computed in fp32 (or x's wider dtype)."""
     if gate is not None and (gate.shape != x.shape or gate.stride() != x.stride()):
         raise ValueError(f"gate {tuple(gate.shape)} with strides {gate.stride()} must match the gathered tensor's "
                          f"{tuple(x.shape)} and {x.stride()}")
+    if out is not None and out.shape != (index.shape[0], x.shape[0]):
+        raise ValueError(f"out {tuple(out.shape)} must be {(index.shape[0], x.shape[0])}")
     if not (x.is_cuda and _kernel() is not None):
         x = x if gate is None else silu_gated(x, gate)
-        return x.index_select(1, index).t().contiguous()
-    out = x.new_empty(index.shape[0], x.shape[0])
+        rows = x.index_select(1, index).t()
+        return rows.contiguous() if out is None else out.copy_(rows)
+    out = x.new_empty(index.shape[0], x.shape[0]) if out is None else out
     _gather_t(x.t(), index, out, None if gate is None else gate.t())
     return out

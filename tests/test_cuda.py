@@ -142,6 +142,9 @@ def test_layout_gathers_match_index_select(shape):
         gated = (cols.float() * torch.nn.functional.silu(gate.float())).to(cols.dtype)  # fp32, rounded once
         torch.testing.assert_close(gather_cols_t(cols, index, gate=gate), gated.index_select(1, index).t(),
                                    atol=1e-2, rtol=1e-2)  # Triton's exp vs PyTorch's: a bf16 ulp at most
+        wide = torch.zeros(n, 2 * f, device="cuda", dtype=cols.dtype)  # into the right half of wider rows
+        gather_cols_t(cols, index, out=wide[:, f:])
+        assert torch.equal(wide[:, f:], cols.index_select(1, index).t()) and not wide[:, :f].any()
 
 
 @pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
@@ -196,3 +199,23 @@ def test_flat_cast_matches_cat_and_cast():
         assert torch.equal(flat_cast(tensors, dtype), torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
     tensors[0] = tensors[0].t()  # not contiguous: the cat + cast fallback, same result
     assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
+
+
+def test_triton_kernels_launched_directly_after_the_first_call():
+    """`mom.launch`: the second launch with the same specialisation goes through the compiled kernel's own launcher
+    (this Triton's takes the call) and computes what the JIT launch computes."""
+    from mom import launch
+    from mom.flatcast import flat_cast
+    from mom.gather import gather_cols_t
+
+    launch._compiled.clear()
+    index = torch.randperm(1000, device="cuda")
+    for _ in range(3):  # a JIT launch, then direct ones, each on new data
+        cols = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(gather_cols_t(cols, index), cols.index_select(1, index).t())
+        gated = (cols.float() * torch.nn.functional.silu(gate.float())).bfloat16().index_select(1, index).t()
+        torch.testing.assert_close(gather_cols_t(cols, index, gate=gate), gated, atol=1e-2, rtol=1e-2)
+        tensors = [torch.randn(s, device="cuda") for s in [(3, 5000), (7,), (4096,)]]
+        assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
+    assert launch._direct and len(launch._compiled) == 3  # gather, gated gather, flat cast: one key each

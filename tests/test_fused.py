@@ -171,6 +171,11 @@ def test_layout_gathers_on_cpu():
     torch.testing.assert_close(gather_cols_t(x.t(), index, gate=gate.t()), (x * F.silu(gate))[index])
     with pytest.raises(ValueError, match="gate"):
         gather_cols_t(x.t(), index, gate=gate.t().contiguous())  # strides differ from x's
+    wide = torch.zeros(4, 10)  # into the right half of wider rows
+    gather_cols_t(x.t(), index, out=wide[:, 5:])
+    assert torch.equal(wide[:, 5:], x[index]) and not wide[:, :5].any()
+    with pytest.raises(ValueError, match="out"):
+        gather_cols_t(x.t(), index, out=wide)
 
 
 @pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
