@@ -430,9 +430,9 @@ class _FusedMixer(torch.autograd.Function):
             dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
         else:
             dy = torch.mm(w_out[0].t(), dout_in.t())
-        # scan backward on the recomputed conv output and Δ; it writes dz into dxz. A routed in_proj reads dx and dz
-        # through the gather that sorts them, so they can be two matrices, and dx is allocated after the scan's
-        # backward (its peak); a shared one reads them as one (2di, n) matrix.
+        # scan backward on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through
+        # the gathers that sort them, so they can be two matrices, and dx is allocated after the scan's backward (its
+        # peak); a shared one reads them as one (2di, n) matrix, dxz.
         dxz = None if layout.routed(0) else torch.empty_like(xz)
         dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
         conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
