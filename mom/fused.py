@@ -425,7 +425,7 @@ class _FusedMixer(torch.autograd.Function):
         dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
         del dout
         if layout.routed(3):
-            g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.bounds, layout.has_bias[3], pdtype)
+            g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
             del y_rows
             dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
         else:

@@ -7,7 +7,7 @@ gather with a transpose:
 * `gather_rows_t`: ``x[index].t()``, token-major rows -> feature-major columns (a GEMM's output to the scan);
 * `gather_cols_t`: ``x[:, index].t()``, feature-major columns -> token-major rows (the scan's output to a GEMM);
   with ``gate``, ``(x * silu(gate))[:, index].t()``: the scan's gated output computed from its ungated one and z on
-  the way (out_proj's weight gradient needs it; the scan's backward would otherwise write it in full first).
+  the way (a routed out_proj's input; the scan then does not write a gated copy).
 
 One Triton kernel does both: a program copies a tile of 64 tokens x 64 features, loading along the source's
 contiguous dimension and storing along the output's (Triton transposes the tile through shared memory); a routing

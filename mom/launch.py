@@ -26,9 +26,12 @@ def launch(kernel, grid: tuple[int, int, int], args: tuple, **constexprs) -> Non
     """``kernel[grid](*args, **constexprs)``; ``args``: tensors and ints (the kernel's leading parameters, in
     order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order."""
     global _direct
+    if not _direct:
+        kernel[grid](*args, **constexprs)
+        return
     key = (kernel, torch.cuda.current_device(), *constexprs.values(),
            *(a if isinstance(a, int) else (a.dtype, a.data_ptr() % 16) for a in args))
-    compiled = _compiled.get(key) if _direct else None
+    compiled = _compiled.get(key)
     if compiled is not None:
         try:
             compiled[grid](*args, *constexprs.values())
