@@ -5,10 +5,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from mom.cache import MoMCache
-from mom.config import MoMConfig
-from mom.modeling import MoMForCausalLM, MoMModel
-from mom.routing import RoutedLinear, Routing
+from mom.model.cache import MoMCache
+from mom.model.config import MoMConfig
+from mom.model.modeling import MoMForCausalLM, MoMModel
+from mom.model.routing import RoutedLinear, Routing
 
 AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
 AutoModel.register(MoMConfig, MoMModel, exist_ok=True)

@@ -1,1 +1,4 @@
-"""Corpora: raw media sources, corpus building, packing and loading for training."""
+"""Corpora: raw media sources (text, images, speech), documents, corpus building, packing and loading for training.
+
+May import ``mom.tokenization`` and ``mom.utils``; nothing of the model or training.
+"""

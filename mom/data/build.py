@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from mom.configio import from_file
 from mom.data.documents import KINDS, SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
-from mom.data.errors import BadInputError, MissingDependencyError
 from mom.tokenization.special import SPECIAL_TOKENS
+from mom.utils.configio import from_file
+from mom.utils.errors import BadInputError, MissingDependencyError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -36,8 +36,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, UnidentifiedImageError
 
-from mom.atomic import atomic_directory
-from mom.data.errors import BadInputError, MissingDependencyError
+from mom.utils.atomic import atomic_directory
+from mom.utils.errors import BadInputError, MissingDependencyError
 
 SOURCES = ("openmoji", "noto-emoji", "digits", "folder", "hf-dataset")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mom.configio import from_dict, read_mapping
-from mom.data.errors import BadInputError
 from mom.data.packing import Packer
 from mom.data.sampler import DocumentSampler, RowGroup
+from mom.utils.configio import from_dict, read_mapping
+from mom.utils.errors import BadInputError
 
 SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` writes them
     [

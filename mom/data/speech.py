@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mom.atomic import atomic_directory
-from mom.data.errors import BadInputError, MissingDependencyError
-from mom.tokenization.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+from mom.utils.atomic import atomic_directory
+from mom.utils.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+from mom.utils.errors import BadInputError, MissingDependencyError
 
 __all__ = [
     "DEFAULT_VOICES",

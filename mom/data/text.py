@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mom.data.errors import BadInputError, MissingDependencyError
+from mom.utils.errors import BadInputError, MissingDependencyError
 
 PYTHON_DOCS_DIR = "/usr/share/doc/python3.11/html/_sources"  # Debian package python3.11-doc
 FORTUNES_DIR = "/usr/share/games/fortunes"  # Debian package fortunes

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from mom.atomic import atomic_directory
-from mom.configio import from_dict, read_mapping
-from mom.data.errors import MissingDependencyError
+from mom.utils.atomic import atomic_directory
+from mom.utils.configio import from_dict, read_mapping
+from mom.utils.errors import MissingDependencyError
 
 KIND = "vq-image"
 CHAMELEON_KIND = "chameleon-vqvae"

@@ -29,8 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mom.configio import from_dict, read_mapping
-from mom.tokenization.audio import (
+from mom.utils.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     as_mono_tensor,
@@ -40,6 +39,7 @@ from mom.tokenization.audio import (
     resample,
     stft,
 )
+from mom.utils.configio import from_dict, read_mapping
 
 KIND = "mel-kmeans-speech"
 FORMAT_VERSION = 1

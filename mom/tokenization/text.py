@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mom.atomic import atomic_directory
 from mom.tokenization.special import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS
+from mom.utils.atomic import atomic_directory
 
 KIND = "sentencepiece-text"
 MODEL_FILE = "text.model"
@@ -64,7 +64,7 @@ class TextTokenizerRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TextTokenizerRecipe:
-        from mom.configio import from_file
+        from mom.utils.configio import from_file
 
         return from_file(cls, path, list_unknown=True)
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from mom.data.errors import MissingDependencyError
+    from mom.utils.errors import MissingDependencyError
 
     recipe = TextTokenizerRecipe.from_yaml(args.recipe)
     start = time.time()

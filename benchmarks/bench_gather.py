@@ -1,0 +1,66 @@
+"""Benchmark the fast path's layout gathers (`mom.ops.triton.gather`): a routing permutation plus a transpose.
+
+    python benchmarks/bench_gather.py                          # (16384 tokens, 4096 features) bf16, runs 64/256/128
+    python benchmarks/bench_gather.py --shape 16384x2048 --runs 64,256,128
+
+Rows, each with its time, bandwidth and ratio to the row gather (what a permutation without a transpose costs):
+  row gather             ``x.index_select(0, index)`` of a token-major (n, f) matrix: PyTorch's vectorised gather
+  rows -> columns        `mom.ops.triton.gather.gather_rows_t` (a routed GEMM's output to the scan's layout)
+  columns -> rows        `mom.ops.triton.gather.gather_cols_t` (the scan's output to a routed GEMM's input)
+  PyTorch, rows -> cols  ``x.index_select(0, index).t().contiguous()``: the same result in two passes
+The index is a routing permutation (`mom.model.routing.Routing` of interleaved modality runs). Every result is checked
+against PyTorch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import interleaved_modalities, measure  # noqa: E402
+
+from mom.model.routing import Routing  # noqa: E402
+from mom.ops.triton.gather import gather_cols_t, gather_rows_t  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="16384x4096", help="TOKENSxFEATURES")
+    parser.add_argument("--runs", default="64,256,128", help="modality run lengths")
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gather: needs a CUDA device", file=sys.stderr)
+        return 2
+    n, f = (int(v) for v in args.shape.split("x"))
+    runs = tuple(int(v) for v in args.runs.split(","))
+    index = Routing.build(interleaved_modalities(1, n, runs, "cuda"), len(runs)).perm
+    rows = torch.randn(n, f, device="cuda", dtype=torch.bfloat16)
+    cols = rows.t().contiguous()  # the same values, feature-major
+    expected = rows.index_select(0, index)  # (n, f)
+    candidates = {
+        "row gather": (lambda: rows.index_select(0, index), expected),
+        "rows -> columns": (lambda: gather_rows_t(rows, index), expected.t()),
+        "columns -> rows": (lambda: gather_cols_t(cols, index), expected),
+        "PyTorch, rows -> cols": (lambda: rows.index_select(0, index).t().contiguous(), expected.t()),
+    }
+    print(f"device: {torch.cuda.get_device_name()}  ({n}, {f}) bf16  runs {runs}")
+    gigabytes = 2 * rows.numel() * rows.element_size() / 1e9  # read + write
+    base = None
+    for name, (fn, want) in candidates.items():
+        if not torch.equal(fn(), want):
+            print(f"  {name:<22} WRONG RESULT")
+            return 1
+        ms, _, _ = measure(fn, iters=args.iters)
+        base = base or ms
+        rate = gigabytes / (ms / 1e3)
+        print(f"  {name:<22} {ms * 1e3:8.1f} us  {rate:7.0f} GB/s  ({ms / base:5.2f}x the row gather)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

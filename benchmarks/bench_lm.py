@@ -1,0 +1,133 @@
+"""Benchmark a whole MoM LM training step against mamba-ssm's `MambaLMHeadModel` (AdamW, bf16 autocast).
+
+    python benchmarks/bench_lm.py                                  # ~115M (768x24) and ~353M (1024x48), batch 8x2048
+    python benchmarks/bench_lm.py --model 768x24 --batch 8 --length 2048
+
+MoM is given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train` does), unless
+--device-counts. Prints tokens/s, peak memory and MFU for both sides and their ratio (MoM / dense), same process,
+same data; each side is measured --rounds times, alternating, and its best round is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import interleaved_modalities, measure, row  # noqa: E402
+
+import mom  # noqa: E402
+from mom.model import flops  # noqa: E402
+
+VOCAB = 50280  # mamba-ssm's GPT-NeoX vocabulary (50277) padded to a multiple of 8
+VOCAB_SPLIT = (VOCAB - 8192 - 4096, 8192, 4096)  # text / image / speech
+
+
+def train_step_fn(model, ids, labels, optimizer, forward):
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(model, ids, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cuda") -> torch.Tensor:
+    """(batch, length) token ids, modalities interleaved in runs, each id drawn from its modality's vocabulary."""
+    modality_ids = interleaved_modalities(batch, length, device=device)
+    offsets = torch.tensor(config.vocab_offsets, device=device)
+    sizes = torch.tensor(config.vocab_sizes, device=device)
+    return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
+
+
+def mom_forward(model, ids, labels, counts=None):
+    return model(ids, labels=labels, modality_counts=counts).loss
+
+
+def host_counts(config: mom.MoMConfig, ids: torch.Tensor) -> tuple[int, ...]:
+    """Tokens per modality of a batch, counted on the host (as `mom.train` does from the CPU batch)."""
+    modality = config.modality_of(ids.cpu())
+    return tuple(torch.bincount(modality.flatten(), minlength=config.num_modalities).tolist())
+
+
+def dense_forward(model, ids, labels):
+    logits = model(ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: tuple[int, ...] | None = None):
+    """-> (model, forward(model, ids, labels) -> loss) for "mom" or "dense" (mamba-ssm's MambaLMHeadModel).
+    ``counts``: the batch's tokens per modality, given to MoM's forward (`host_counts`); None: MoM reads them."""
+    if name == "mom":
+        config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+        return mom.MoMForCausalLM(config).to(device), functools.partial(mom_forward, counts=counts)
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    dcfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba1"},
+                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    return MambaLMHeadModel(dcfg, device=device), dense_forward
+
+
+def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int,
+                device_counts: bool = False) -> None:
+    """Each side measured ``rounds`` times, alternating (a fresh model each time); the best round counts (one slow
+    round on either side, from the machine rather than the code, was seen to move the ratio by 15%)."""
+    device = "cuda"
+    config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+    ids = make_batch(config, batch, length, device)
+    counts = None if device_counts else host_counts(config, ids)  # counted once, off the timed steps
+    tokens = batch * length
+    results: dict[str, list[tuple[float, float, int]]] = {"mom": [], "dense": []}
+    for _ in range(rounds):
+        for name in ("mom", "dense"):
+            torch.cuda.empty_cache()
+            model, forward = build(name, d_model, n_layer, device, counts)
+            params = sum(p.numel() for p in model.parameters())
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
+            results[name].append((tokens / (ms / 1e3), gib, params))
+            del model, optimizer
+    for name, runs in results.items():
+        print(f"  {name} tokens/s per round (k): " + ", ".join(f"{tps / 1e3:.1f}" for tps, _, _ in runs))
+    tps_mom, mem_mom, p_mom = max(results["mom"])
+    tps_dense, mem_dense, p_dense = max(results["dense"])
+    mfu_mom = flops.mfu(tps_mom, config, torch.device(device))
+    mfu_dense = flops.mfu(tps_dense, config, torch.device(device))  # active FLOPs per token are equal
+    print(f"model d_model={d_model} n_layer={n_layer} batch={batch}x{length} params MoM {p_mom/1e6:.1f}M "
+          f"dense {p_dense/1e6:.1f}M backend={mom.ops.backend.backend_name(torch.device(device))}")
+    print(row("tokens/s (k)", tps_mom / 1e3, tps_dense / 1e3, "k/s"))
+    print(row("peak memory", mem_mom, mem_dense, "GiB"))
+    if mfu_mom is not None and mfu_dense is not None:
+        print(row("MFU", mfu_mom, mfu_dense, ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="D_MODELxN_LAYER (repeatable)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per side, alternating; the best counts")
+    parser.add_argument("--device-counts", action="store_true",
+                        help="MoM reads its tokens per modality from the device (a host sync per forward) instead of "
+                        "being given them, as mom.train gives them from the CPU batch")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_lm: needs a CUDA device", file=sys.stderr)
+        return 2
+    print("device:", torch.cuda.get_device_name())
+    for spec in args.model or ["768x24", "1024x48"]:
+        d, n = (int(v) for v in spec.split("x"))
+        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.device_counts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""`MoMConfig`: the hyper-parameters of a Mixture-of-Mamba language model.
+
+The unified vocabulary is laid out contiguously in modality order (Chameleon
+style): ids ``[0, vocab_sizes[0])`` belong to the first modality (text, which
+also holds the special tokens BOS/EOS/begin-image/...), the next
+``vocab_sizes[1]`` ids to the second modality, and so on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers import PretrainedConfig
+
+PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+class MoMConfig(PretrainedConfig):
+    """Configuration of a MoM (or, with ``decouple=()``, a dense Mamba) causal LM.
+
+    Args:
+        modalities: modality names; the first one is the text modality.
+        vocab_sizes: vocabulary size of each modality, in the same order.
+        d_model: residual stream width.
+        n_layer: number of Mamba blocks.
+        d_state: SSM state size N per channel.
+        d_conv: width of the shared depthwise causal convolution.
+        expand: ``d_inner = expand * d_model``.
+        dt_rank: rank of the Δ projection; ``"auto"`` is ``ceil(d_model / 16)`` as in Mamba.
+        decouple: which token-wise projections get one expert per modality
+            (subset of ``in_proj, x_proj, dt_proj, out_proj``); ``()`` is a dense Mamba.
+        dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Mamba's Δ initialisation.
+        conv_bias, bias: biases of the conv and of ``in_proj``/``out_proj``.
+        rms_norm: RMSNorm (Mamba's default) if true, else LayerNorm.
+        norm_epsilon: epsilon of the norms.
+        residual_in_fp32: keep the residual stream in fp32.
+        rescale_prenorm_residual: scale ``out_proj`` init by ``1/sqrt(n_layer)`` (GPT-2 scheme).
+        initializer_range: std of the embedding init.
+        reset_at_document_boundaries: with a packed batch's ``seq_idx`` given to ``forward``, start every document
+            from a zero conv window and SSM state, as if it were alone in its row (runs the reference scan: the
+            mamba-ssm Mamba-1 kernel has no per-document reset).
+        use_fast_path: on CUDA with mamba-ssm and causal-conv1d, run each mixer through `mom.ops.fused` (one autograd
+            Function in the scan's layout) when no cache, padding mask or document reset is involved and every
+            expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
+    """
+
+    model_type = "mom"
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = ("text", "image", "speech"),
+        vocab_sizes: Sequence[int] = (1024, 1024, 512),
+        d_model: int = 256,
+        n_layer: int = 4,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        decouple: Sequence[str] = PROJECTIONS,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        rms_norm: bool = True,
+        norm_epsilon: float = 1e-5,
+        residual_in_fp32: bool = True,
+        rescale_prenorm_residual: bool = True,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        reset_at_document_boundaries: bool = False,
+        use_fast_path: bool = True,
+        **kwargs,
+    ) -> None:
+        self.modalities = tuple(modalities) if not isinstance(modalities, str) else (modalities,)
+        self.vocab_sizes = tuple(int(v) for v in vocab_sizes)
+        self.d_model = d_model
+        self.n_layer = n_layer
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        decouple = (decouple,) if isinstance(decouple, str) else tuple(decouple)
+        self.decouple = tuple(p for p in PROJECTIONS if p in decouple)  # canonical order
+        self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
+        self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
+        self.conv_bias, self.bias = conv_bias, bias
+        self.rms_norm = rms_norm
+        self.norm_epsilon = norm_epsilon
+        self.residual_in_fp32 = residual_in_fp32
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.reset_at_document_boundaries = reset_at_document_boundaries
+        self.use_fast_path = bool(use_fast_path)
+        self._validate(decouple)
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    def _validate(self, decouple: tuple[str, ...]) -> None:
+        if len(self.modalities) == 0:
+            raise ValueError("modalities: must name at least one modality")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities: names must be unique, got {self.modalities}")
+        for m in self.modalities:
+            if not m.isidentifier():
+                raise ValueError(f"modalities: {m!r} is not a valid module name (letters, digits, _)")
+        if len(self.vocab_sizes) != len(self.modalities):
+            raise ValueError(
+                f"vocab_sizes: expected one size per modality ({len(self.modalities)}), got {self.vocab_sizes}"
+            )
+        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for m, v in zip(self.modalities, self.vocab_sizes):
+            if v <= 0:
+                raise ValueError(f"vocab_sizes: size of modality {m!r} must be positive, got {v}")
+        unknown = [p for p in decouple if p not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"decouple: unknown projection(s) {unknown}; valid names are {list(PROJECTIONS)}")
+        if self.dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: must be 'random' or 'constant', got {self.dt_init!r}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the unified vocabulary (sum over modalities)."""
+        return sum(self.vocab_sizes)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def vocab_offsets(self) -> tuple[int, ...]:
+        """First unified id of each modality."""
+        offsets, total = [], 0
+        for v in self.vocab_sizes:
+            offsets.append(total)
+            total += v
+        return tuple(offsets)
+
+    def modality_index(self, name: str) -> int:
+        """Index of a modality by name; ``ValueError`` listing the valid names otherwise."""
+        if name not in self.modalities:
+            raise ValueError(f"unknown modality {name!r}; valid modalities are {list(self.modalities)}")
+        return self.modalities.index(name)
+
+    def modality_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Map unified token ids to modality indices (same shape, int64).
+
+        Ids outside ``[0, vocab_size)`` raise ``ValueError`` naming the first offending id.
+        """
+        token_ids = torch.as_tensor(token_ids)
+        check_token_ids(token_ids, self.vocab_size)
+        bounds = torch.tensor(self.vocab_offsets[1:], device=token_ids.device, dtype=token_ids.dtype)
+        return torch.bucketize(token_ids, bounds, right=True)
+
+
+def check_token_ids(token_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` if any id lies outside ``[0, vocab_size)`` (one host sync)."""
+    if token_ids.numel() == 0:
+        return
+    bad = (token_ids < 0) | (token_ids >= vocab_size)
+    if bool(bad.any()):
+        value = int(token_ids[bad].flatten()[0])
+        raise ValueError(f"token id {value} is out of range for the unified vocabulary of size {vocab_size}")

@@ -1,0 +1,447 @@
+"""FLOP and parameter accounting of MoM / dense Mamba-1 language models, and model FLOPs utilisation (MFU).
+
+Everything is analytic, per token and from a `MoMConfig` alone: a Mamba has no attention, so the FLOPs of a token do
+not depend on the sequence length. Conventions (docs/flops.md gives the derivations):
+
+* A matmul counts 2 FLOPs per multiply-add (``2 * in * out`` per token for a linear layer).
+* An elementwise add, multiply, divide, exp, log or rsqrt counts 1 FLOP; SiLU ``z * sigmoid(z)`` counts 4
+  (exp, add, reciprocal, multiply) and softplus ``log(1 + exp(x))`` counts 3.
+* MoM routes each token through exactly ONE expert per decoupled projection, so its FLOPs per token equal those of
+  the dense model of the same width; only the parameter count grows (``total`` vs ``active`` parameters).
+* Training = forward + backward with backward = 2x forward (gradients w.r.t. inputs and w.r.t. weights), so 3x
+  forward. These are *model* FLOPs (PaLM's MFU definition): recomputation is not counted. ``hardware=True`` adds
+  what an implementation recomputes: mamba-ssm's selective-scan backward kernel re-runs the forward scan (+1x on the
+  scan rows), and gradient checkpointing re-runs every block's forward (+1x on every per-layer row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mom.model.config import PROJECTIONS, MoMConfig
+from mom.utils.configio import parse_yaml, read_mapping
+
+# ---- per-element operation counts (see the module docstring) ---------------------------------------------------
+SILU_FLOPS = 4  # z * sigmoid(z) = z / (1 + exp(-z)): exp, add, reciprocal, multiply
+SOFTPLUS_FLOPS = 3  # log(1 + exp(x)): exp, add, log
+RMSNORM_FLOPS = 4  # per element: square, sum, scale by rsqrt(mean + eps), weight multiply (O(1) per token ignored)
+LAYERNORM_FLOPS = 7  # per element: mean, subtract, square, sum, scale, weight multiply, bias add
+CROSS_ENTROPY_FLOPS = 4  # per logit: max, subtract, exp, sum (log and target pick are O(1) per token)
+
+TRAIN_FACTOR = 3  # forward (1) + backward (2: one matmul for dL/dX, one for dL/dW, each the forward's size)
+RECOMPUTE_FACTOR = 1  # one extra forward for rows an implementation recomputes in the backward (hardware FLOPs)
+
+KINDS = ("lookup", "matmul", "conv", "scan", "elementwise")
+
+
+@dataclass(frozen=True)
+class FlopRow:
+    """One component of the model.
+
+    Attributes:
+        component: name, ``layer.*`` for components present once in every block.
+        flops: forward FLOPs per token of ONE instance (one layer for ``layer.*`` rows).
+        params: parameters stored by one instance (every modality's expert).
+        active_params: parameters one token goes through (its modality's expert only).
+        kind: ``matmul`` / ``conv`` (seen by ``torch.utils.flop_counter``), ``scan`` (inside the selective-scan
+            kernel), ``elementwise`` or ``lookup``.
+        count: instances in the model (``n_layer`` for per-layer rows, else 1).
+        note: where the count comes from.
+    """
+
+    component: str
+    flops: int
+    params: int
+    active_params: int
+    kind: str
+    count: int
+    note: str
+
+    @property
+    def total_flops(self) -> int:
+        return self.flops * self.count
+
+    @property
+    def total_params(self) -> int:
+        return self.params * self.count
+
+    @property
+    def total_active_params(self) -> int:
+        return self.active_params * self.count
+
+
+@dataclass(frozen=True)
+class FlopTable:
+    """Forward FLOPs per token and parameters of a model, by component."""
+
+    config: MoMConfig
+    rows: tuple[FlopRow, ...]
+
+    def __getitem__(self, component: str) -> FlopRow:
+        for row in self.rows:
+            if row.component == component:
+                return row
+        raise KeyError(f"no component {component!r}; components are {[r.component for r in self.rows]}")
+
+    @property
+    def forward_flops(self) -> int:
+        """Forward FLOPs per token (the same for every modality)."""
+        return sum(r.total_flops for r in self.rows)
+
+    def flops_of(self, *kinds: str) -> int:
+        """Forward FLOPs per token of the rows of the given kinds."""
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown kind(s) {unknown}; valid kinds are {list(KINDS)}")
+        return sum(r.total_flops for r in self.rows if r.kind in kinds)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.total_params for r in self.rows)
+
+    @property
+    def active_params(self) -> int:
+        return sum(r.total_active_params for r in self.rows)
+
+    def training_flops_per_token(self, hardware: bool = False, gradient_checkpointing: bool = False) -> float:
+        """See the module-level `training_flops_per_token`."""
+        if gradient_checkpointing and not hardware:
+            raise ValueError("gradient_checkpointing: recomputation only counts in hardware FLOPs; pass hardware=True")
+        flops = TRAIN_FACTOR * self.forward_flops
+        if hardware:
+            flops += RECOMPUTE_FACTOR * self.flops_of("scan")  # mamba-ssm's scan backward re-runs the forward scan
+            if gradient_checkpointing:
+                flops += RECOMPUTE_FACTOR * sum(r.total_flops for r in self.rows if r.component.startswith("layer."))
+        return float(flops)
+
+    def format(self) -> str:
+        """A plain-text table: FLOPs per token by component, share of the forward, parameters."""
+        c = self.config
+        total = self.forward_flops
+        header = (
+            f"{'component':<24}{'kind':<12}{'n':>4}{'FLOPs/token':>16}{'share':>8}{'params total':>16}"
+            f"{'params active':>16}  note"
+        )
+        lines = [
+            f"d_model={c.d_model} n_layer={c.n_layer} d_inner={c.d_inner} d_state={c.d_state} d_conv={c.d_conv} "
+            f"dt_rank={c.dt_rank} vocab={c.vocab_size} modalities={','.join(c.modalities)} "
+            f"decouple={','.join(c.decouple) or '() (dense)'}",
+            header,
+            "-" * len(header),
+        ]
+        for r in self.rows:
+            share = r.total_flops / total if total else 0.0
+            lines.append(
+                f"{r.component:<24}{r.kind:<12}{r.count:>4}{r.total_flops:>16,}{share:>8.1%}"
+                f"{r.total_params:>16,}{r.total_active_params:>16,}  {r.note}"
+            )
+        lines.append("-" * len(header))
+        lines.append(f"{'forward total':<40}{total:>16,}{1:>8.1%}{self.total_params:>16,}{self.active_params:>16,}")
+        by_kind = ", ".join(f"{k} {self.flops_of(k) / total:.1%}" for k in KINDS[1:] if self.flops_of(k))
+        lines.append(f"forward by kind: {by_kind}")
+        lines.append(
+            f"parameters: total {human(self.total_params)}, active per token {human(self.active_params)} "
+            f"(x{self.total_params / self.active_params:.2f}); active FLOPs/token = dense model of the same width"
+        )
+        train = self.training_flops_per_token()
+        hw = self.training_flops_per_token(hardware=True)
+        lines.append(
+            f"training FLOPs/token: {human(train)} (model FLOPs, {TRAIN_FACTOR}x forward); "
+            f"{human(hw)} hardware FLOPs with mamba-ssm's scan recompute"
+        )
+        return "\n".join(lines)
+
+
+def flop_table(config: MoMConfig) -> FlopTable:
+    """Analytic forward FLOPs per token and parameters of every component of ``config``'s model."""
+    d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    V, L, M = config.vocab_size, config.n_layer, config.num_modalities
+    experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
+    norm_params = d if config.rms_norm else 2 * d
+    per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
+    norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
+
+    def proj(name: str, in_f: int, out_f: int, bias: bool, note: str) -> FlopRow:
+        one = in_f * out_f + (out_f if bias else 0)  # parameters of one expert
+        return FlopRow(f"layer.{name}", 2 * in_f * out_f, experts[name] * one, one, "matmul", L,
+                       f"{note}; {experts[name]} expert(s)")  # fmt: skip
+
+    bias_flops = di + (2 * di if config.bias else 0) + (d if config.bias else 0) + (di if config.conv_bias else 0)
+    rows = [
+        FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
+        FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
+        proj("in_proj", d, 2 * di, config.bias, "2*d*2*d_inner"),
+        FlopRow("layer.conv1d", 2 * di * w, di * w + (di if config.conv_bias else 0),
+                di * w + (di if config.conv_bias else 0), "conv", L, "2*d_inner*d_conv, depthwise causal"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * di, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d_inner"),
+        proj("x_proj", di, r + 2 * n, False, "2*d_inner*(dt_rank+2*d_state)"),
+        proj("dt_proj", r, di, True, "2*dt_rank*d_inner"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (dt, conv, ...)"),
+        FlopRow("layer.dt_softplus", SOFTPLUS_FLOPS * di, 0, 0, "scan", L, f"{SOFTPLUS_FLOPS}*d_inner"),
+        FlopRow("layer.scan.discretize", 3 * di * n + di, di * n, di * n, "scan", L,
+                "d_inner*(3*d_state+1): dt*A, exp, (dt*x)*B; A_log params"),
+        FlopRow("layer.scan.update", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: h = dA*h + dBx"),
+        FlopRow("layer.scan.readout", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: y = C.h"),
+        FlopRow("layer.scan.skip_D", 2 * di, di, di, "scan", L, "2*d_inner: y += D*x"),
+        FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)"),
+        proj("out_proj", di, d, config.bias, "2*d_inner*d"),
+        FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
+        FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
+        FlopRow("lm_head", 2 * d * V, 0 if config.tie_word_embeddings else V * d,
+                0 if config.tie_word_embeddings else V * d, "matmul", 1,
+                "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
+        FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
+    ]  # fmt: skip
+    return FlopTable(config, tuple(rows))
+
+
+def forward_flops_per_token(config: MoMConfig) -> int:
+    """Forward FLOPs per token (identical for every modality, and to the dense model of the same width)."""
+    return flop_table(config).forward_flops
+
+
+def count_params(config: MoMConfig) -> tuple[int, int]:
+    """(total, active) parameters: every expert vs the experts of one modality. A tied LM head counts once."""
+    table = flop_table(config)
+    return table.total_params, table.active_params
+
+
+def training_flops_per_token(
+    config: MoMConfig, hardware: bool = False, gradient_checkpointing: bool = False
+) -> float:
+    """Training FLOPs per token: ``3x`` forward (backward = 2x forward: gradients w.r.t. inputs and weights).
+
+    The default is *model* FLOPs, the numerator of MFU: recomputation is excluded, as in PaLM's definition, so the
+    number does not depend on the implementation. ``hardware=True`` adds what mamba-ssm recomputes: its
+    selective-scan backward kernel re-runs the forward scan (scan rows ``4x`` instead of ``3x``), and with
+    ``gradient_checkpointing`` every block's forward runs twice (per-layer rows one more time).
+    """
+    return flop_table(config).training_flops_per_token(hardware, gradient_checkpointing)
+
+
+def training_flops(
+    config: MoMConfig, tokens: int, hardware: bool = False, gradient_checkpointing: bool = False
+) -> float:
+    """Training FLOPs for ``tokens`` tokens (see `training_flops_per_token`)."""
+    if tokens < 0:
+        raise ValueError(f"tokens: must be non-negative, got {tokens}")
+    return tokens * training_flops_per_token(config, hardware, gradient_checkpointing)
+
+
+# ---- peak throughput -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense (no 2:4 sparsity) peak throughput of one GPU, FLOP/s.
+
+    ``bf16``: tensor cores, bf16/fp16 inputs with fp32 accumulation (what PyTorch uses); ``tf32``: tensor cores on
+    fp32 inputs; ``fp32``: CUDA cores. ``match`` is a case-insensitive substring of ``torch.cuda.get_device_name``.
+    """
+
+    name: str
+    match: str
+    bf16: float
+    tf32: float
+    fp32: float
+    source: str
+
+
+_T = 1e12
+# First match wins: more specific names first ("GH200" before "H200", "A100" before "A10", "L40S" before "L4").
+# Datasheets print sparse numbers with an asterisk; the dense values used here are half of those.
+GPU_PEAKS: tuple[GpuPeak, ...] = (
+    GpuPeak("GH200", "GH200", 989.4 * _T, 494.7 * _T, 67.0 * _T, "NVIDIA GH200 Grace Hopper Superchip datasheet"),
+    GpuPeak("H100 PCIe", "H100 PCIe", 756.0 * _T, 378.0 * _T, 51.2 * _T, "NVIDIA H100 datasheet, PCIe column"),
+    GpuPeak("H100 NVL", "H100 NVL", 835.5 * _T, 417.5 * _T, 60.0 * _T, "NVIDIA H100 datasheet, H100 NVL column"),
+    GpuPeak("H100 SXM", "H100", 989.4 * _T, 494.7 * _T, 66.9 * _T, "NVIDIA H100 datasheet, SXM column"),
+    GpuPeak("H200 NVL", "H200 NVL", 835.5 * _T, 417.5 * _T, 60.0 * _T, "NVIDIA H200 datasheet, H200 NVL column"),
+    GpuPeak("H200 SXM", "H200", 989.4 * _T, 494.7 * _T, 67.0 * _T, "NVIDIA H200 datasheet, SXM column"),
+    GpuPeak("B200", "B200", 2250.0 * _T, 1125.0 * _T, 75.0 * _T, "NVIDIA HGX B200 datasheet, per GPU (8-GPU / 8)"),
+    GpuPeak("A100", "A100", 312.0 * _T, 156.0 * _T, 19.5 * _T, "NVIDIA A100 datasheet (SXM and PCIe peaks agree)"),
+    GpuPeak("A10G", "A10G", 70.0 * _T, 35.0 * _T, 35.0 * _T, "AWS G5 A10G; no NVIDIA datasheet, figures AWS quotes"),
+    GpuPeak("A10", "A10", 125.0 * _T, 62.5 * _T, 31.2 * _T, "NVIDIA A10 datasheet"),
+    GpuPeak("L40S", "L40S", 362.05 * _T, 183.0 * _T, 91.6 * _T, "NVIDIA L40S datasheet"),
+    GpuPeak("L40", "L40", 181.05 * _T, 90.5 * _T, 90.5 * _T, "NVIDIA L40 datasheet"),
+    GpuPeak("L4", "L4", 121.0 * _T, 60.0 * _T, 30.3 * _T, "NVIDIA L4 datasheet"),
+    GpuPeak("RTX 4090", "RTX 4090", 165.2 * _T, 82.6 * _T, 82.6 * _T, "NVIDIA Ada (AD102) whitepaper, fp32 accum."),
+    GpuPeak("RTX 3090", "RTX 3090", 71.0 * _T, 35.6 * _T, 35.6 * _T, "NVIDIA Ampere (GA102) whitepaper, fp32 accum."),
+    GpuPeak("MI300X", "MI300X", 1307.4 * _T, 653.7 * _T, 163.4 * _T, "AMD Instinct MI300X datasheet"),
+)
+
+
+def gpu_peak(device: torch.device | str) -> GpuPeak | None:
+    """The `GpuPeak` entry of a device (or of a GPU name such as ``"NVIDIA H100 80GB HBM3"``); None if unknown."""
+    name = _device_name(device)
+    if name is None:
+        return None
+    lowered = name.lower()
+    return next((g for g in GPU_PEAKS if g.match.lower() in lowered), None)
+
+
+def _device_name(device: torch.device | str) -> str | None:
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            return device  # not a device spec: a GPU name
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, tf32: bool = False) -> float | None:
+    """Dense peak FLOP/s of ``device`` for matmuls in ``dtype``; None on CPU or for an unknown GPU.
+
+    ``device``: a ``torch.device``, a device string (``"cuda:0"``) or a GPU name (``"NVIDIA H100 PCIe"``).
+    ``dtype``: bf16 / fp16 (tensor cores), or fp32: CUDA-core peak, or the TF32 tensor-core peak if ``tf32``.
+    """
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    peak = gpu_peak(device)
+    if peak is None:
+        return None
+    if dtype == torch.float32:
+        return peak.tf32 if tf32 else peak.fp32
+    return peak.bf16
+
+
+def mfu(
+    tokens_per_second: float,
+    config: MoMConfig,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    num_devices: int = 1,
+) -> float | None:
+    """Model FLOPs utilisation: ``tokens/s * training model FLOPs/token / (num_devices * peak)``.
+
+    ``tokens_per_second`` is the throughput of all ``num_devices`` devices together. None where the peak is unknown.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices: must be >= 1, got {num_devices}")
+    peak = peak_flops(device, dtype)
+    if peak is None:
+        return None
+    return tokens_per_second * training_flops_per_token(config) / (num_devices * peak)
+
+
+# ---- formatting ------------------------------------------------------------------------------------------------
+def human(x: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+REFERENCE_GPUS = ("H100 SXM", "H200 SXM", "A100", "L40S", "A10G", "L4", "RTX 4090")
+
+
+def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConfig:
+    """A `MoMConfig` from a saved model's ``config.json`` (file or model directory), with ``key=value`` overrides."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--model-json: no such file {path}")
+    data = read_mapping(path, "--model-json")
+    known = set(MoMConfig().to_dict())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key = key.removeprefix("model.")
+        if key not in known:
+            raise ValueError(f"override {key!r}: not a MoMConfig field")
+        data[key] = parse_yaml(value)  # "64" -> 64, "[in_proj]" -> list, "true" -> True, "1e-5" -> 1e-05
+    return MoMConfig.from_dict(data)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mom-flops",
+        description="FLOPs per token and parameters of a MoM / dense Mamba model by component, training FLOPs of "
+        "a recipe's token budget and the time it takes on reference GPUs at a given MFU.",
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="training recipe YAML (recipes/<name>.yaml)")
+    src.add_argument("--model-json", help="config.json of a saved model (or its directory)")
+    parser.add_argument("--world-size", type=int, default=1, help="number of GPUs (sets the recipe's token budget "
+                        "and divides the time estimates); default 1")  # fmt: skip
+    parser.add_argument("--tokens", type=float, default=None, help="training tokens (overrides the recipe's budget)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimates; default 0.4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe (or config.json) overrides")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[MoMConfig, int | None]:
+    """(model config, token budget or None) from the recipe or the config.json."""
+    if args.model_json is not None:
+        return config_from_json(args.model_json, args.overrides), None
+    from mom.train.recipe import AUTO, load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    auto = {}
+    if AUTO in (recipe.model.get("modalities"), recipe.model.get("vocab_sizes")):
+        from mom.data.loader import read_manifest  # "auto" sizes come from the corpus, as in training
+
+        try:
+            manifest = read_manifest(recipe.data.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(
+                f"model.modalities / model.vocab_sizes are 'auto' and the corpus gives none ({err}); build the "
+                "corpus or override them, e.g. model.modalities=[text,image,speech] model.vocab_sizes=[8192,8192,1024]"
+            ) from err
+        auto = {"modalities": manifest.modalities, "vocab_sizes": manifest.vocab_sizes}
+    return recipe.model_config(**auto), int(recipe.total_tokens(args.world_size))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mom-flops`` (and ``python -m mom.model.flops``)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world-size: must be >= 1, got {args.world_size}")
+    if not 0 < args.mfu <= 1:
+        parser.error(f"--mfu: must be in (0, 1], got {args.mfu}")
+    if args.tokens is not None and args.tokens < 0:
+        parser.error(f"--tokens: must be non-negative, got {args.tokens}")
+    try:
+        config, budget = _load(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    tokens = int(args.tokens) if args.tokens is not None else budget
+    table = flop_table(config)
+    print(table.format())
+    if tokens is None:
+        print("no token budget: pass --tokens (or --config) for training FLOPs and time estimates")
+        return 0
+    total = training_flops(config, tokens)
+    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs (model FLOPs, {TRAIN_FACTOR}x forward)")
+    print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} MFU (dense bf16 peak):")
+    for name in REFERENCE_GPUS:
+        peak = next(g for g in GPU_PEAKS if g.name == name)
+        seconds = total / (args.mfu * peak.bf16 * args.world_size)
+        print(f"  {name:<10}{peak.bf16 / _T:>9.1f} TFLOP/s  {human_duration(seconds):>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

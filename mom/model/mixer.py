@@ -1,0 +1,137 @@
+"""`MoMMixer`: a Mamba-1 mixer whose token-wise projections are per modality.
+
+Per token, exactly as in Mamba (mamba-ssm's ``modules/mamba_simple.py``)::
+
+    x, z   = in_proj(h)                  # (b, l, 2*d_inner)   expert of the token's modality if decoupled
+    x      = silu(conv1d(x))             # shared depthwise causal conv over the WHOLE interleaved sequence
+    Δr,B,C = x_proj(x)                   # (b, l, dt_rank + 2*d_state)
+    Δ      = softplus(dt_proj(Δr))       # (b, l, d_inner), dt_proj includes its (per-modality) Δ bias
+    y      = scan(x, Δ, A, B, C, D) * silu(z)   # ONE selective scan, shared A_log and D: state crosses modalities
+    out    = out_proj(y)                 # (b, l, d_model)
+
+Projections named in ``config.decouple`` are `RoutedLinear` (one ``nn.Linear`` per modality), the others plain
+``nn.Linear``; with ``decouple=()`` this is exactly a dense Mamba mixer.
+
+Training forwards on CUDA take the fast path, `mom.ops.fused` (the same maths as one autograd Function in the scan's
+layout); this module path is the reference it is tested against, and runs everything else: CPU, caches and
+generation, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mom.model.cache import MoMCache
+from mom.model.config import MoMConfig
+from mom.model.routing import RoutedLinear, Routing, project
+from mom.ops import backend, fused
+
+
+class MoMMixer(nn.Module):
+    def __init__(self, config: MoMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.use_fast_path = config.use_fast_path  # `mom.ops.fused` when its kernels are present
+        self.d_inner, self.d_state, self.dt_rank = config.d_inner, config.d_state, config.dt_rank
+
+        def linear(name: str, in_f: int, out_f: int, bias: bool) -> nn.Module:
+            if name in config.decouple:
+                return RoutedLinear(config.modalities, in_f, out_f, bias)
+            return nn.Linear(in_f, out_f, bias=bias)
+
+        di, n, r = self.d_inner, self.d_state, self.dt_rank
+        self.in_proj = linear("in_proj", config.d_model, 2 * di, config.bias)
+        self.conv1d = nn.Conv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
+        self.x_proj = linear("x_proj", di, r + 2 * n, False)
+        self.dt_proj = linear("dt_proj", r, di, True)
+        self.A_log = nn.Parameter(torch.empty(di, n))  # A = -exp(A_log), S4D-real init in _init_weights
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj = linear("out_proj", di, config.d_model, config.bias)
+        # Excluded from weight decay (mom.train.optim reads `_no_weight_decay`).
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        routing: Routing,
+        cache: MoMCache | None = None,
+        mask: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None,
+        sorted_tokens: bool = False,
+    ) -> torch.Tensor:
+        """hidden: (b, l, d_model) -> (b, l, d_model).
+
+        ``mask`` (b, l), 1 for real tokens and 0 for (left) padding, zeroes padded positions before the projection
+        and after the conv so that they leave no trace in the conv window or the SSM state. ``doc_start`` (b, l)
+        bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
+        hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
+        the model decides, `mom.ops.fused.sorted_stream`).
+        """
+        if sorted_tokens:
+            return fused.fused_mixer(self, hidden, routing, sorted_tokens=True)
+        if cache is not None and cache.seqlen_offset > 0:
+            return self._continue(hidden, routing, cache)
+        if cache is None and mask is None and doc_start is None and fused.use_fast_path(self, hidden):
+            return fused.fused_mixer(self, hidden, routing)
+        l = hidden.shape[1]
+        if mask is not None:
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        xz = project(self.in_proj, hidden, routing)  # (b, l, 2*di)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each
+        weight = self.conv1d.weight.squeeze(1)  # (di, w)
+        if cache is not None:  # keep the last w inputs for the recurrent conv
+            w = weight.shape[-1]
+            cache.conv_states[self.layer_idx].copy_(nn.functional.pad(x, (w - l, 0)) if l < w else x[..., -w:])
+        x = backend.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, doc_start)  # (b, di, l)
+        if mask is not None:
+            x = x * mask.unsqueeze(1).to(x.dtype)
+        dt, B, C = self._ssm_params(x.transpose(1, 2), routing)
+        A = -torch.exp(self.A_log.float())  # (di, n)
+        result = backend.selective_scan(
+            x,
+            dt.transpose(1, 2).contiguous(),
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            self.D.float(),
+            z.contiguous(),
+            delta_bias=None,  # the Δ bias is inside dt_proj (per modality when decoupled)
+            delta_softplus=True,
+            return_last_state=cache is not None,
+            reset=doc_start,
+        )
+        if cache is not None:
+            y, last_state = result
+            cache.ssm_states[self.layer_idx].copy_(last_state)
+        else:
+            y = result
+        return project(self.out_proj, y.transpose(1, 2), routing)  # (b, l, d_model)
+
+    def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""
+        x_dbl = project(self.x_proj, x, routing)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return project(self.dt_proj, dt, routing), B, C
+
+    def step(self, hidden: torch.Tensor, routing: Routing, cache: MoMCache) -> torch.Tensor:
+        """One recurrent step. hidden: (b, 1, d_model) -> (b, 1, d_model); updates ``cache`` in place."""
+        xz = project(self.in_proj, hidden, routing)[:, 0]  # (b, 2*di)
+        x, z = xz.chunk(2, dim=-1)
+        x = backend.causal_conv1d_update(
+            x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1), self.conv1d.bias
+        )
+        dt, B, C = self._ssm_params(x.unsqueeze(1), routing)
+        A = -torch.exp(self.A_log.float())
+        y = backend.selective_state_update(
+            cache.ssm_states[self.layer_idx], x, dt[:, 0], A, B[:, 0], C[:, 0], self.D.float(), z, dt_softplus=True
+        )
+        return project(self.out_proj, y.unsqueeze(1), routing)
+
+    def _continue(self, hidden: torch.Tensor, routing: Routing, cache: MoMCache) -> torch.Tensor:
+        """Several new tokens after a cached prefix: run them through the recurrent step one by one."""
+        if hidden.shape[1] == 1:
+            return self.step(hidden, routing, cache)
+        outs = [self.step(hidden[:, t : t + 1], routing.at(t), cache) for t in range(hidden.shape[1])]
+        return torch.cat(outs, dim=1)

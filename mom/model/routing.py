@@ -1,0 +1,155 @@
+"""Token routing by modality, computed once per forward and shared by every layer and projection.
+
+A MoM projection sends each token through the expert of its modality. Instead of a boolean-mask gather per
+projection per modality (one host sync each), `Routing` sorts the flattened tokens by modality ONCE per forward:
+every `RoutedLinear` then gathers its input with one index, runs each expert on a contiguous slice and scatters
+back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once, when
+a path first needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each token goes.
+
+    Attributes:
+        modality_ids: (b, l) the modality index of each token.
+        num_modalities: number of modalities of the model (experts per routed projection).
+
+    Everything else is derived on first use and cached, so each path pays only for what it reads: the module path
+    the permutation and counts, the fused path also the one-hot.
+    """
+
+    modality_ids: torch.Tensor
+    num_modalities: int
+
+    @classmethod
+    def build(cls, modality_ids: torch.Tensor, num_modalities: int) -> Routing:
+        return cls(modality_ids, num_modalities)
+
+    @cached_property
+    def perm(self) -> torch.Tensor:
+        """(n,) flat token indices sorted by modality (stable, so order within a modality is kept)."""
+        return torch.argsort(self.modality_ids.reshape(-1), stable=True)
+
+    @cached_property
+    def inv_perm(self) -> torch.Tensor:
+        """(n,) inverse of ``perm``: position of each original token in the sorted order."""
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        return inv
+
+    @cached_property
+    def is_modality(self) -> torch.Tensor:
+        """(num_modalities, n) bool, row m marks the tokens of modality m. A comparison with ``arange``: unlike
+        ``bincount`` and ``one_hot``, which read the ids' range on the host, it does not synchronise."""
+        flat = self.modality_ids.reshape(-1)
+        return flat[None, :] == torch.arange(self.num_modalities, device=flat.device)[:, None]
+
+    @cached_property
+    def device_counts(self) -> torch.Tensor:
+        """(num_modalities,) tokens per modality, on the device (no host sync)."""
+        return self.is_modality.sum(1)
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        """(num_modalities,) int32 on the device: where each modality's block of the sorted tokens ends (the group
+        offsets of ``torch._grouped_mm``), computed there: no host sync."""
+        return self.device_counts.cumsum(0).to(torch.int32)
+
+    @cached_property
+    def expert_ids(self) -> torch.Tensor:
+        """(n,) each token's expert: its modality id, clamped into ``[0, num_modalities)`` so that it can index
+        before the model's deferred input checks have run (`mom.model.modeling.validate_and_route`)."""
+        return self.modality_ids.reshape(-1).clamp(0, self.num_modalities - 1)
+
+    @cached_property
+    def counts(self) -> tuple[int, ...]:
+        """Tokens per modality, on the host (one host sync, the first time, unless `set_counts` gave them)."""
+        return tuple(self.device_counts.tolist())
+
+    def set_counts(self, counts: tuple[int, ...]) -> None:
+        """Give the counts read by a caller's own host sync (``device_counts``), so that none is added."""
+        if len(counts) != self.num_modalities or sum(counts) != self.modality_ids.numel():
+            raise ValueError(f"counts {counts} do not match {self.num_modalities} modalities and "
+                             f"{self.modality_ids.numel()} tokens")
+        self.__dict__["counts"] = counts  # what the cached property would have computed
+
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) of each modality's block of the sorted tokens."""
+        ends = [sum(self.counts[: m + 1]) for m in range(len(self.counts))]
+        return tuple((end - c, end) for end, c in zip(ends, self.counts))
+
+    @cached_property
+    def _onehots(self) -> dict[torch.dtype, torch.Tensor]:
+        return {}
+
+    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """(num_modalities, n) one-hot of each token's modality in ``dtype``, built once per dtype and shared by all
+        layers."""
+        if dtype not in self._onehots:
+            self._onehots[dtype] = self.is_modality.to(dtype)
+        return self._onehots[dtype]
+
+    def at(self, t: int) -> Routing:
+        """Routing of position ``t`` alone, (b, 1)."""
+        return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows -> rows[perm]. The gradient of a permutation is the inverse permutation: a gather again, instead of
+    the scatter-add that ``index_select``'s backward runs (measured 10x slower on CPU, atomics on GPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv_perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv_perm,) = ctx.saved_tensors
+        return grad.index_select(0, inv_perm), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+    """x: (n, f) -> x[perm]; ``inv_perm`` must be the inverse permutation (used by the backward)."""
+    return _PermuteRows.apply(x, perm, inv_perm)
+
+
+class RoutedLinear(nn.ModuleDict):
+    """One ``nn.Linear`` expert per modality, addressable by name (``in_proj.text``, ``in_proj.image``...).
+
+    Experts are plain ``nn.Linear`` children so that ``peft`` can wrap them with LoRA by module name.
+    """
+
+    def __init__(self, modalities: tuple[str, ...], in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__({m: nn.Linear(in_features, out_features, bias=bias) for m in modalities})
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x: (b, l, in) -> (b, l, out), each token through its modality's expert."""
+        experts = list(self.values())
+        lead = x.shape[:-1]
+        x_sorted = permute_rows(x.reshape(-1, x.shape[-1]), routing.perm, routing.inv_perm)  # (n, in)
+        # Every expert runs, on an empty slice if its modality is absent, so each gets a (zero) gradient and every
+        # data-parallel rank calls the same modules (ZeRO-3 gathers a module's weights when it is called, in step
+        # across ranks). Experts are called as modules, so LoRA adapters and other wrappers are honoured.
+        y_sorted = torch.cat([expert(chunk) for expert, chunk in zip(experts, x_sorted.split(routing.counts))])
+        return permute_rows(y_sorted, routing.inv_perm, routing.perm).reshape(*lead, self.out_features)
+
+
+def project(proj: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Apply a projection that is either shared (``nn.Linear``) or routed (`RoutedLinear`)."""
+    if isinstance(proj, RoutedLinear):
+        return proj(x, routing)
+    return proj(x)
+

@@ -1,0 +1,589 @@
+"""The fast path of `MoMMixer`: one autograd Function over the whole mixer, in the scan's layout.
+
+Same maths as the module path in `mom.model.mixer` (which stays the reference it is tested against), organised the way
+mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
+
+* The conv and the scan read activations **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in
+  sequence order, viewed as ``(b, f, l)`` with strides ``(l, n, 1)``. A shared projection is one GEMM ``W @ X`` on
+  it, so no activation is transposed by a copy (the module path's transposing copies were a third of its GPU time).
+* Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`mom.model.routing.Routing`: the
+  permutation is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows
+  its weight (group ends on the device, `Routing.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per
+  expert instead (faster there, measured). One gather that also transposes (`mom.ops.triton.gather.gather_rows_t` /
+  `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per expert, written in fp32 by
+  cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast: measured 1.2-1.3x); so is the input gradient of
+  an fp32 input (no cast kernel after the Function).
+* x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
+  gather of a (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights
+  stacked; dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj
+  expert) in the block of its modality and a one in the row of its modality's bias, zeros elsewhere, so that ONE
+  GEMM with the experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own
+  expert (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost
+  ``M`` times a small GEMM.
+* The scan gates its output only for a shared out_proj; a routed one's gather computes ``out * silu(z)`` on the way
+  (the scan then neither reads z nor writes a second (d_inner, n) output).
+* Backward recomputes the conv output and Δ instead of storing them (as ``mamba_inner_fn`` does with
+  ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and
+  checkpoints, and a routed out_proj's input (the gated output in sorted rows: recomputing it for the weight
+  gradient would cost a gated gather, 65 us per step at 8 x 2048 x 1024 on an H200; it is freed before the scan's
+  backward, the peak, so the layer's peak does not grow, but a model holds one (d_inner, n) matrix more per layer
+  until its backward). A shared out_proj's gated output is recomputed by the scan's backward. xz, the scan's output
+  and the gated rows are freed as soon as the backward is done with them (so a retained graph cannot be
+  differentiated twice through this Function: it says so), except under saved-tensor hooks (activation
+  checkpointing, offloading), which see them as saved tensors. For a routed in_proj, dz and dx are two matrices
+  (each gathered into half of in_proj's sorted gradient rows), so that dx is allocated only after the scan's
+  backward.
+* Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
+  routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
+  (`mom.ops.triton.launcher`), `_fused_inputs` reads the modules' dicts,
+  ``A = -exp(A_log)`` and its gradient are computed inside
+  the Function, every expert weight is cast in one kernel (`_cast_params`, `mom.ops.triton.flatcast`: the experts of a
+  projection become stacked views of the one buffer), each projection's weight gradients are written stacked in the
+  parameters' dtype by cuBLAS, and constants are cached.
+
+Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
+``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
+keep the module path, which calls each expert as a module. `REFERENCE_KERNELS` runs the same Function with the
+pure-PyTorch conv and scan, on any device, so that its routing, layouts and backward are tested on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mom.model.routing import RoutedLinear, Routing
+from mom.ops import backend
+from mom.ops import reference as ref_scan
+from mom.ops.triton.flatcast import flat_cast
+from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
+
+PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+# ---- kernels: mamba-ssm / causal-conv1d, or the reference ----------------------------------------------------------
+class CudaKernels:
+    """causal-conv1d and mamba-ssm's selective scan, called directly (as ``mamba_inner_fn`` does)."""
+
+    def __init__(self) -> None:
+        import selective_scan_cuda
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+
+        self._scan = selective_scan_cuda
+        self._conv_fwd, self._conv_bwd = causal_conv1d_fwd_function, causal_conv1d_bwd_function
+
+    def conv_fwd(self, x, weight, bias):
+        return self._conv_fwd(x, weight, bias, None, None, None, True)
+
+    def conv_bwd(self, x, weight, bias, dout, dx):
+        dx, dweight, dbias, *_ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
+        return dx, dweight, dbias
+
+    def scan_fwd(self, u, delta, A, B, C, D, z):
+        """-> (out, checkpoints, out_z: the gated output, None without z); B, C: (b, 1, n, l)."""
+        out, checkpoints, *out_z = self._scan.fwd(u, delta, A, B, C, D, z, None, True)
+        return out, checkpoints, out_z[0] if z is not None else None
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
+        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
+        du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
+            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, recompute_out_z
+        )
+        return du, ddelta, dA, dB, dC, dD, out_z[0] if recompute_out_z else None
+
+
+class ReferenceKernels:
+    """The same interface on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
+
+    def conv_fwd(self, x, weight, bias):
+        return backend.reference_causal_conv1d(x, weight, bias)
+
+    def conv_bwd(self, x, weight, bias, dout, dx):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            y = backend.reference_causal_conv1d(*leaves)
+            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dout)
+        dx.copy_(grads[0])
+        return dx, grads[1], grads[2] if bias is not None else None
+
+    @staticmethod
+    def _scan(u, delta, A, B, C, D, z):
+        return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True)
+
+    def scan_fwd(self, u, delta, A, B, C, D, z):
+        """The ungated output too (as the CUDA scan's), gated as `mom.ops.triton.gather.gather_cols_t` gates it."""
+        out = self._scan(u, delta, A, B, C, D, None)
+        return out, None, silu_gated(out, z) if z is not None else None
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
+        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
+        with torch.enable_grad():
+            out_z = self._scan(*leaves)
+            du, ddelta, dA, dB, dC, dD, dz_ = torch.autograd.grad(out_z, leaves, dout)
+        dz.copy_(dz_)
+        return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z else None
+
+
+REFERENCE_KERNELS = ReferenceKernels()
+
+
+@functools.cache
+def cuda_kernels() -> CudaKernels | None:
+    """The CUDA kernels when both packages import (the fast path needs causal-conv1d's backward too)."""
+    if backend.mamba_ssm() is None or backend.causal_conv1d() is None:
+        return None
+    try:
+        return CudaKernels()
+    except Exception:  # an extension that does not load (missing .so, CUDA mismatch)
+        return None
+
+
+# ---- when the fast path applies -------------------------------------------------------------------------------------
+def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
+    """The projection's ``nn.Linear`` experts (one if shared), or None if any is wrapped (LoRA, quantised...)."""
+    experts = list(proj._modules.values()) if isinstance(proj, RoutedLinear) else [proj]
+    return experts if all(type(e) is nn.Linear for e in experts) else None
+
+
+def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor], list] | None:
+    """(experts per projection, the Function's parameters: per projection its experts' weights, then their biases,
+    the shared ones: conv weight, conv bias, A_log, D), or None when `fused_mixer` cannot run this mixer: an expert
+    that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be called as a module) or a weight that is absent.
+    ZeRO-3 leaves a module's weights empty until the module itself is called, and the fused path reads the conv's
+    and the experts' weights without calling them, so a partitioned model takes the module path.
+
+    It runs at every layer's forward, so it reads the modules' own dicts: ``nn.Module.__getattr__`` costs about a
+    microsecond per submodule or parameter, ~40 us per mixer, host time that a small model's step can be bound by."""
+    modules = mixer._modules
+    experts = [_plain_linears(modules[name]) for name in PROJ_ORDER]
+    if any(e is None for e in experts):
+        return None
+    params = []
+    for linears in experts:
+        own = [e._parameters for e in linears]
+        params += [p["weight"] for p in own] + [p["bias"] for p in own if p["bias"] is not None]
+    conv = modules["conv1d"]._parameters
+    shared = [conv["weight"], conv["bias"], mixer._parameters["A_log"], mixer._parameters["D"]]
+    present = all(t.numel() > 0 for t in params + [t for t in shared if t is not None])
+    return (experts, params, shared) if present else None
+
+
+def supports_fast_path(mixer: nn.Module) -> bool:
+    """Whether `fused_mixer` can compute this mixer (see `_fused_inputs`)."""
+    return _fused_inputs(mixer) is not None
+
+
+def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
+    """True when `fused_mixer` replaces the module path for this call (cache, mask and reset: the caller checks)."""
+    if not (hidden.is_cuda and mixer.use_fast_path) or backend.force_reference() or cuda_kernels() is None:
+        return False
+    return supports_fast_path(mixer)
+
+
+def sorted_stream(mixers, hidden: torch.Tensor) -> bool:
+    """Whether a model keeps its residual stream in the routing's sorted order (``fused_mixer(sorted_tokens=True)``):
+    when every mixer takes the fast path (which reads and writes rows in either order) and some route in_proj or
+    out_proj (a shared one reads sequence order as cheaply). Cache, mask and reset: the caller checks."""
+    routes = any(isinstance(p, RoutedLinear) for m in mixers for p in (m.in_proj, m.out_proj))
+    return routes and all(use_fast_path(m, hidden) for m in mixers)
+
+
+# ---- the Function ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """What the Function needs beside tensors: sizes, which projections route, each expert's column block."""
+
+    batch: int
+    length: int
+    d_inner: int
+    dt_rank: int
+    d_state: int
+    experts: tuple[int, ...]  # experts per projection, in PROJ_ORDER (1 = shared)
+    shapes: tuple[tuple[int, int], ...]  # (out, in) features per projection
+    has_bias: tuple[bool, ...]
+    bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
+    sorted_io: bool  # the input and output rows are in the routing's sorted order (a sorted residual stream)
+    kernels: object
+
+    def routed(self, p: int) -> bool:
+        return self.experts[p] > 1
+
+    def blocks(self, p: int) -> tuple[tuple[int, int], ...]:
+        return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
+
+
+def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked:
+    one kernel (`mom.ops.triton.flatcast`) instead of a cast per weight and a cat per stacked projection (each launch
+    costs host time, which can bound the LM step); the results are views of the one cast buffer."""
+    flat = flat_cast(params, dtype)
+    out, i = [], 0
+    for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes, layout.has_bias):
+        w = flat[i : i + k * fo * fi].view(k, fo, fi)
+        i += w.numel()
+        b = flat[i : i + k * fo].view(k, fo) if has_bias else None
+        i += k * fo if has_bias else 0
+        out.append((w, b))
+    return out
+
+
+def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
+    """A shared projection on feature-major columns: ``w @ rhs (+ b)``; w (o, i), rhs (i, n) -> (o, n)."""
+    return torch.mm(w, rhs) if b is None else torch.addmm(b[:, None], w, rhs)
+
+
+def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor,
+             out_dtype: torch.dtype | None = None):
+    """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
+    expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a
+    shared projection (k = 1, one block) is one GEMM. ONE launch for routed ones too, ``torch._grouped_mm`` with the
+    blocks' ends on the device (``offsets``), where it applies (bf16 in and out, 16-byte aligned strides, no bias)
+    and the GEMM is below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert (``blocks``: the same ends on the
+    host), which writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
+    out_dtype = out_dtype or rows.dtype
+    n, i = rows.shape
+    if (b is None and w.shape[0] > 1 and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
+            and _grouped_mm_applies(rows, w)):
+        return torch._grouped_mm(rows, w, offs=offsets)
+    out = rows.new_empty(n, w.shape[2], dtype=out_dtype)
+    for m, (lo, hi) in enumerate(blocks):
+        if hi > lo:
+            if b is None:
+                _mm(rows[lo:hi], w[m], out_dtype, out=out[lo:hi])
+            else:
+                torch.addmm(b[m], rows[lo:hi], w[m], out=out[lo:hi])
+    return out
+
+
+# Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
+# (CUTLASS): measured on an H200 in a layer's fwd+bwd, 10.829 vs 10.932 ms at 4 x 4096 x 2048 (whose in_proj and
+# out_proj GEMMs are 2^38 and 2^37 multiply-adds), the same within noise at 8 x 2048 x 1024 (2^36, 2^35), where the
+# grouped GEMM's single launch matters more (a small model's step can be bound by the host's launch rate).
+PER_EXPERT_MACS = 2**37
+
+
+def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: bf16, bases 16-byte aligned, one unit stride in the last two
+    dimensions and the other a multiple of 16 bytes, inner and output sizes multiples of 8; rows (n, i) row-major
+    (with transposed rows, CUDA's version device-asserts unless every block is a multiple of 8 rows), w (k, i, o)."""
+    if rows.stride(1) != 1 or rows.shape[1] % 8 or w.shape[2] % 8:
+        return False
+    for t in (rows, w):
+        inner = t.stride()[-2:]
+        if t.dtype != torch.bfloat16 or t.data_ptr() % 16 or 1 not in inner or max(inner) * 2 % 16:
+            return False
+    return _grouped_mm_supported(rows.device)
+
+
+@functools.cache
+def _grouped_mm_supported(device: torch.device) -> bool:
+    """Whether this torch has ``torch._grouped_mm`` for bf16 on this device (builds differ by version and GPU
+    architecture): tried once on tiny operands, per device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    rows = torch.zeros(8, 8, dtype=torch.bfloat16, device=device)
+    try:
+        torch._grouped_mm(rows, torch.zeros(1, 8, 8, dtype=rows.dtype, device=device),
+                          offs=torch.full((1,), 8, dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _route(src: torch.Tensor, select: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each token's rows to or from the block of its expert, into ``out``: src (Ms, f, b, l), out (Mo, f, b, l), any
+    strides, Ms and Mo each 1 (a shared projection) or M. Mo = M: block m holds src's columns of modality m's tokens
+    and zeros elsewhere (a multiply by the one-hot ``select`` (M, n); a shared src is broadcast); Mo = 1 from Ms = M:
+    each token's column from its expert's block (a gather by ``ids`` (n,)); both 1: a copy."""
+    m_out, f, b, l = out.shape
+    if m_out > 1:
+        return torch.mul(src, select.view(m_out, 1, b, l), out=out)
+    if src.shape[0] > 1:
+        return torch.gather(src, 0, ids.view(1, 1, b, l).expand(1, f, b, l), out=out)
+    return out.copy_(src)
+
+
+def _dt_weight(w: torch.Tensor, b: torch.Tensor | None, k_pad: int) -> torch.Tensor:
+    """dt_proj's experts side by side: w (M, d_inner, r), b (M, d_inner) -> (d_inner, k_pad) =
+    [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], one cat (every piece contiguous)."""
+    M, di, _ = w.shape
+    zero = _const((di,), 0.0, w.dtype, w.device)
+    cols = list(w.unbind()) + [(b[m] if b is not None else zero)[:, None] for m in range(M)]
+    pad = k_pad - sum(c.shape[1] for c in cols)
+    return torch.cat(cols + ([_const((di, pad), 0.0, w.dtype, w.device)] if pad else []), dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant tensor that is only ever read (padding fed to cat): filled once, not at every call."""
+    return torch.full(shape, value, dtype=dtype, device=device)
+
+
+class _FusedMixer(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D,
+                layout: _Layout, *params):
+        """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
+        dtype the projections run in (autocast's, else hidden's: `fused_mixer` chooses); ids (n,): each token's
+        expert (`Routing.expert_ids`); offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on
+        the device (`Routing.offsets`)."""
+        ctx.dtype = select.dtype
+        with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
+            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias,
+                                        A_log, D, layout, params)
+
+    @staticmethod
+    def _forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
+                 params):
+        dtype, kern = ctx.dtype, layout.kernels
+        b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
+        n = b * l
+        A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
+        # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
+        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
+        # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
+        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
+        h_in = _reorder(h, layout.sorted_io, layout.routed(0), perm, inv_perm)  # sorted iff in_proj routes
+        if layout.routed(0):  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+            xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
+        else:
+            xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
+        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+        # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
+        # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
+        M_x, M_dt = layout.experts[1], layout.experts[2]
+        w_x_cat = w_x.view(-1, di)  # (M_x * (r + 2N), di)
+        x_all = (w_x_cat @ _cols(conv_out)).view(M_x, r + 2 * N, b, l)
+        # dt_proj: one GEMM over the expanded input [Δ-rank features spread to their expert's block; one-hot bias rows;
+        # zero padding] (k_pad, n), biases included
+        k_pad = _k_pad(layout)
+        dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
+        dt_in = select.new_empty(k_pad, n)
+        _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
+        dt_in[M_dt * r : M_dt * (r + 1)].copy_(dt_sel)
+        dt_in[M_dt * (r + 1) :].zero_()
+        w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
+        delta = w_dt_cat @ dt_in  # (di, n)
+        BC = x_all.new_empty(b, 2 * N, l)  # B and C in one (the scan's fastest layout), each token's from its expert
+        _route(x_all[:, r:], select, ids, BC.permute(1, 0, 2)[None])
+        del x_all
+        B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
+        # the scan gates its output for a shared out_proj; a routed one's gather gates it on the way (the scan then
+        # neither reads z nor writes a second (di, n) output)
+        out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D,
+                                                None if layout.routed(3) else z)
+        del conv_out, delta
+        # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
+        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
+        del out_z
+        o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
+        o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
+        ctx.layout, ctx.param_dtype, ctx.hidden_dtype = layout, params[0].dtype, hidden.dtype
+        # The largest activations (xz, the scan's output, a routed out_proj's gated rows, kept for its weight gradient)
+        # are held on ctx, so that the backward can free each after its last use (with the input and weight gradients
+        # allocated, the end of the backward can be its peak), unless saved-tensor hooks (activation checkpointing,
+        # offloading) are active: those must see every saved tensor.
+        ctx.hooked = _saved_tensors_hooked()
+        held = (xz, out, y_rows if layout.routed(3) else None)
+        ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
+                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *(held if ctx.hooked else ()))
+        ctx.held = None if ctx.hooked else held
+        return o.view(b, l, -1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        with torch.autocast("cuda", enabled=False):
+            return _FusedMixer._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
+        (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, dt_in, w_x_cat,
+         w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
+        if not ctx.hooked:
+            if ctx.held is None:
+                raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, "
+                                   "so a graph kept with retain_graph=True cannot be differentiated again; set the "
+                                   "model's use_fast_path=False for that")
+            held, ctx.held = ctx.held, None
+        xz, out, y_rows = held
+        del held
+        M_x, M_dt = layout.experts[1], layout.experts[2]
+        b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
+        n = b * l
+        pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, written in this dtype
+        dout = dout.reshape(n, -1).to(dtype)
+        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
+        # out_proj backward: dy (di, n) in sequence order. A routed out_proj's weight gradient comes first, from the
+        # gated rows kept by the forward, which are then freed before the scan's backward (its peak); a shared one's
+        # needs the gated output in sequence order, which the scan's backward recomputes.
+        dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
+        del dout
+        if layout.routed(3):
+            g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
+            del y_rows
+            dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
+        else:
+            dy = torch.mm(w_out[0].t(), dout_in.t())
+        # scan backward on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through
+        # the gathers that sort them, so they can be two matrices, and dx is allocated after the scan's backward (its
+        # peak); a shared one reads them as one (2di, n) matrix, dxz.
+        dxz = None if layout.routed(0) else torch.empty_like(xz)
+        dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
+        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
+        dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
+            conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
+            _bdl(dz, b, l), not layout.routed(3)
+        )
+        del dy, out
+        if not layout.routed(3):
+            g_out = _weight_grads(dout_in.t(), _cols(out_z), layout.blocks(3), layout.has_bias[3], pdtype)
+        del out_z, dout_in
+        # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
+        ddelta = _cols(ddelta).to(dtype)  # (di, n)
+        dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
+        g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
+                _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
+        # x_proj's output gradient in its experts' row blocks, each token's in its expert's block (zeros elsewhere):
+        # [dΔ-rank; dB; dC] per expert, each part written in place (with its cast and layout change)
+        dx_all = ddelta.new_empty(M_x, r + 2 * N, b, l)
+        dt_low = (w_dt_cat[:, : M_dt * r].t() @ ddelta).view(M_dt, r, b, l)  # every dt_proj expert's, every token
+        _route(dt_low, select, ids, dx_all[:, :r])
+        _route(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
+        _route(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
+        del ddelta, dt_in, dw_dt_cat, dt_low
+        # x_proj backward: dconv_out += W_x^T dx_all
+        dx_all = dx_all.view(-1, n)  # (M_x * (r + 2N), n)
+        g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
+        del conv_out
+        dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
+        del dconv_out
+        dconv_cols.addmm_(w_x_cat.t(), dx_all)
+        # conv backward
+        dx = xz.new_empty(di, n) if dxz is None else dxz[:di]
+        _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
+                                            _bdl(dx, b, l))
+        del dconv_cols, x, z, xz
+        # in_proj backward
+        if layout.routed(0):  # (n, 2di) sorted rows, each half gathered from its own matrix
+            dxz_rows = dx.new_empty(n, 2 * di)
+            gather_cols_t(dx, perm, out=dxz_rows[:, :di])
+            gather_cols_t(dz, perm, out=dxz_rows[:, di:])
+        else:
+            dxz_rows = dxz.t()
+        del dxz, dx, dz
+        # in the input's dtype (an fp32 input's gradient is written by the GEMM in fp32: no cast afterwards)
+        dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets, out_dtype=ctx.hidden_dtype)
+        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
+        del dxz_rows
+        dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
+        param_grads = _split_params([g_in, g_x, g_dt, g_out])
+        dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
+        return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
+                *param_grads)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``: non-reentrant activation
+    checkpointing, CPU offloading), which tensors held on ctx would escape. True when this torch cannot tell."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        return top is None or top(False) is not None
+    except (TypeError, RuntimeError):
+        return True
+
+
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
+    """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
+    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
+    g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
+    for m, (lo, hi) in enumerate(blocks):
+        d = d_cols[:, lo:hi]
+        _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
+        if g_b is not None:
+            torch.sum(d, 1, dtype=dtype, out=g_b[m])
+    return g_w, g_b
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` in ``dtype`` (into ``out`` if given). For fp32 weight gradients of bf16/fp16 operands on CUDA,
+    cuBLAS writes its fp32 accumulator directly: no rounding to bf16 and no cast kernel. Otherwise a cast."""
+    if dtype == a.dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype) if out is None else torch.mm(a, b, out_dtype=dtype, out=out)
+    result = torch.mm(a, b).to(dtype)
+    return result if out is None else out.copy_(result)
+
+
+def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:
+    """rows (n, f) in sorted (``Routing.perm``) or sequence order -> the order wanted: a row gather, or ``rows``."""
+    if is_sorted == want_sorted:
+        return rows
+    return rows.index_select(0, perm if want_sorted else inv_perm)
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most."""
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _split_params(stacked) -> list[torch.Tensor]:
+    """[(weights (k, o, i), biases (k, o) or None)] per projection -> one tensor per parameter, in the Function's
+    order (per projection: the experts' weights, then their biases)."""
+    out = []
+    for w, b in stacked:
+        out += list(w.unbind())
+        out += list(b.unbind()) if b is not None else []
+    return out
+
+
+def _k_pad(layout: _Layout) -> int:
+    """Rows of the expanded dt_proj input, M * r + M rounded up to 8 (bf16 tensor-core alignment)."""
+    k = layout.experts[2] * (layout.dt_rank + 1)
+    return -(-k // 8) * 8
+
+
+def _bdl(cols: torch.Tensor, b: int, l: int) -> torch.Tensor:
+    """(f, n) -> (b, f, l) view, strides (l, n, 1): the layout the conv and scan kernels read."""
+    return cols.view(cols.shape[0], b, l).permute(1, 0, 2)
+
+
+def _cols(bdl: torch.Tensor) -> torch.Tensor:
+    """(b, f, l) with strides (l, n, 1) -> (f, n) view (kernel outputs keep their input's layout)."""
+    f = bdl.shape[1]
+    cols = bdl.permute(1, 0, 2)
+    if not cols.is_contiguous():  # a kernel gave a (b, f, l)-contiguous result: one copy
+        cols = cols.contiguous()
+    return cols.view(f, -1)
+
+
+def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None,
+                sorted_tokens: bool = False) -> torch.Tensor:
+    """The mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
+
+    ``kern``: `CudaKernels` (default) or `REFERENCE_KERNELS` (any device; what the CPU tests use).
+    ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routing's sorted order (``Routing.perm``)
+    instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
+    out_proj (four per layer, forward and backward) when they route (`sorted_stream`).
+    """
+    kern = kern or cuda_kernels()
+    b, l, _ = hidden.shape
+    found = _fused_inputs(mixer)
+    if found is None:
+        raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
+                         "ZeRO-3-partitioned ones take the module path")
+    experts, params, (conv_weight, conv_bias, A_log, D) = found
+    layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
+                     tuple((e[0].out_features, e[0].in_features) for e in experts),
+                     tuple(e[0]._parameters["bias"] is not None for e in experts), routing.bounds, sorted_tokens, kern)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(dtype),
+                             routing.expert_ids, conv_weight, conv_bias, A_log, D.float(), layout, *params)

@@ -1,0 +1,4 @@
+"""Triton kernels of the fast path (layout gathers, the flat weight cast) and their low-overhead launcher.
+
+Every kernel has a PyTorch twin used off CUDA. May import ``mom.ops`` and ``mom.utils`` only.
+"""

@@ -1,0 +1,186 @@
+"""Process group, device / precision choice and the DeepSpeed engine, built from a recipe.
+
+DeepSpeed stays here: model code never imports it. One ``setup()`` covers every way of starting:
+
+* one process, no launcher (``mom-train --config ...``): a world of size 1 is made up (gloo on CPU);
+* ``deepspeed`` / ``torchrun`` launchers: they set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...;
+* ``srun python -m mom.train`` under SLURM: ranks are taken from ``SLURM_PROCID`` / ``SLURM_NTASKS`` /
+  ``SLURM_LOCALID`` (``MASTER_ADDR`` / ``MASTER_PORT`` must be exported, see launch/slurm.sbatch).
+
+Precision (``train.dtype``): fp32 on CPU; on GPU DeepSpeed's bf16 mode, which runs forward/backward with bf16
+weights and keeps an fp32 master copy of EVERY parameter (``A_log``, ``D`` and the Δ bias included) that the optimizer
+updates; or "autocast_bf16": fp32 weights throughout, matmuls in bf16 under ``torch.autocast`` (mamba-ssm's own
+recipe), so ``A_log``, ``D`` and the Δ bias are never rounded to bf16. docs/training.md compares them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mom.train.recipe import Recipe, TrainConfig
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process runs: ``rank`` of ``world_size`` (``local_rank`` on its node), device and precision.
+
+    ``precision``: "fp32"; "bf16" (DeepSpeed bf16: bf16 weights in forward/backward, fp32 master weights in the
+    optimizer); "autocast_bf16" (fp32 weights, matmuls in bf16 under ``torch.autocast``).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    precision: str = "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the matmuls (what peak FLOP/s and MFU refer to)."""
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+
+def setup(train: TrainConfig) -> Context:
+    """Initialise the process group (idempotent); device and precision from ``train.device`` / ``train.dtype``."""
+    _fill_env_from_slurm()
+    if "RANK" not in os.environ:  # one process, no launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+    cuda = torch.cuda.is_available()
+    if train.device == "cuda" and not cuda:
+        raise ValueError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    on_gpu = train.device == "cuda" or (train.device == "auto" and cuda)
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is first imported
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        _share_cpu_threads()
+
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines (config dumps...) drown the progress bar
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (minutes with a cold
+        # cache); gloo is all the CPU path (tests, debugging) needs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo", verbose=False)
+    precision = train.dtype if train.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, precision)
+
+
+def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
+    """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last)."""
+    ds, optim = recipe.deepspeed, recipe.optim
+    adamw: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                             "weight_decay": optim.weight_decay}
+    if ds.offload_optimizer == "none":  # torch's AdamW; with offload DeepSpeed picks its CPU Adam
+        adamw["torch_adam"] = True
+        if ctx.device.type == "cuda":
+            adamw["fused"] = True
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    for key, target in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
+        if target != "none":
+            zero[key] = {"device": target, "pin_memory": True}
+            if target == "nvme":
+                zero[key]["nvme_path"] = ds.nvme_path
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets save_16bit_model() gather full weights
+    config = {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": recipe.train.grad_accum,
+        "train_batch_size": recipe.data.batch_size * recipe.train.grad_accum * ctx.world_size,
+        # with the plain fp32 optimizer of stage 0 the trainer clips itself (mom.train.clip_or_drop_grads), so that
+        # it can also drop non-finite gradients, which only DeepSpeed's ZeRO / bf16 optimizers detect
+        "gradient_clipping": 0.0 if trainer_clips(recipe, ctx) else optim.grad_clip,
+        "optimizer": {"type": "AdamW", "params": adamw},
+        "zero_optimization": zero,
+        "bf16": {"enabled": ctx.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # mom.train.metrics logs; keep DeepSpeed's own step printing off
+        "wall_clock_breakdown": False,
+    }
+    if ctx.precision == "autocast_bf16":  # fp32 weights; nn.Linear / Conv1d run in bf16 (DeepSpeed's default list)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return merge(config, ds.extra)
+
+
+def trainer_clips(recipe: Recipe, ctx: Context) -> bool:
+    """True where DeepSpeed's optimizer neither skips non-finite steps nor needs to clip: stage 0, fp32 weights."""
+    return recipe.deepspeed.zero_stage == 0 and ctx.precision != "bf16"
+
+
+def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Recipe, ctx: Context) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over ``param_groups`` (see mom.train.optim.param_groups)."""
+    import deepspeed
+
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(recipe, ctx))
+    return engine
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested mappings merged key by key (new dict; inputs untouched)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op in a world of one) and return it."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _fill_env_from_slurm() -> None:
+    """Under ``srun`` without a launcher, derive the torch.distributed variables from SLURM's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("running under srun with several tasks: export MASTER_ADDR (and MASTER_PORT) first")
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"],
+        WORLD_SIZE=os.environ["SLURM_NTASKS"],
+        LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+    )
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _share_cpu_threads() -> None:
+    """Several CPU ranks on one machine: split the cores instead of oversubscribing them (unless OMP says)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "0")) or 0)
+    if not local_world:
+        local_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,274 @@
+"""`mom-finetune`: LoRA fine-tuning of a pretrained MoM checkpoint with the pretraining trainer.
+
+    mom-finetune --base runs/tiny/hf --config recipes/finetune/image_experts.yaml [train.max_steps=50 lora.r=4 ...]
+
+A fine-tuning recipe is a training recipe (``data`` / ``optim`` / ``train`` / ``deepspeed``, docs/training.md) with
+no ``model:`` section (the base checkpoint defines the model) and a ``lora:`` section (`mom.train.lora.LoraSettings`).
+The base is loaded with ``AutoModelForCausalLM.from_pretrained``, wrapped with ``peft.get_peft_model``, trained by
+``mom.train.train`` (same loop, logging, checkpoints, per-modality losses) and its adapter saved in peft's format
+to ``<train.out_dir>/adapter`` (``PeftModel.from_pretrained(base, dir)`` loads it). See docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from transformers import AutoModelForCausalLM
+
+import mom  # noqa: F401  (registers MoM with the Auto classes)
+from mom.data.loader import build_loader, read_manifest
+from mom.model.modeling import MoMForCausalLM
+from mom.train.checkpoint import atomic_write_text
+from mom.train.loop import losses, model_inputs, train
+from mom.train.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
+from mom.train.recipe import Recipe, apply_override, parse_yaml
+from mom.utils.atomic import atomic_directory
+from mom.utils.configio import read_mapping
+
+ADAPTER_SUBDIR = "adapter"  # default adapter directory inside train.out_dir
+SUMMARY_FILE = "finetune.json"  # inside train.out_dir: parameter counts, paths, losses before / after
+
+
+@dataclass
+class FinetuneRecipe:
+    """A training recipe (no model section) plus the ``lora:`` section."""
+
+    recipe: Recipe
+    lora: LoraSettings
+
+
+def load_finetune_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> FinetuneRecipe:
+    """Read a fine-tuning recipe and apply ``key=value`` overrides (``lora.*`` ones included), validate it all."""
+    raw = read_mapping(path, "recipe", of="sections")
+    if "lora" not in raw:
+        raise ValueError(f"recipe {path}: lora: section required (what to adapt, see docs/finetune.md)")
+    if raw.get("model"):
+        raise ValueError(f"recipe {path}: model: the base checkpoint (--base) defines the model; remove this section")
+    raw.pop("model", None)
+    lora_raw = raw.pop("lora")
+    if not isinstance(lora_raw, dict):
+        raise ValueError(f"recipe {path}: lora: must be a mapping, got {type(lora_raw).__name__}")
+    try:
+        for override in overrides:
+            key = override.partition("=")[0].strip()
+            if key == "lora" or key.startswith("lora."):
+                _apply_lora_override(lora_raw, override)
+            elif key == "model" or key.startswith("model."):
+                raise ValueError(f"override {key}: the base checkpoint defines the model")
+            else:
+                apply_override(raw, override)
+        return FinetuneRecipe(Recipe.from_dict(raw), LoraSettings.from_dict(lora_raw))
+    except ValueError as e:
+        raise ValueError(f"recipe {path}: {e}") from e
+
+
+def _apply_lora_override(lora_raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or len(parts) != 2 or not parts[1]:
+        raise ValueError(f"override {override!r}: expected lora.<key>=value, e.g. lora.r=16")
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
+    known = LoraSettings.__dataclass_fields__
+    if parts[1] not in known:
+        raise ValueError(f"override {key}: unknown key; valid keys of lora are {list(known)}")
+    lora_raw[parts[1]] = value
+
+
+def load_base(base_dir: str | os.PathLike) -> MoMForCausalLM:
+    """The pretrained MoM (``AutoModelForCausalLM.from_pretrained`` of a local Hugging Face directory)."""
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir / 'config.json'} not found: --base must be a Hugging Face model directory "
+                                "(e.g. <train.out_dir>/hf of a pretraining run)")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if not isinstance(model, MoMForCausalLM):
+        raise ValueError(f"{base_dir} holds a {type(model).__name__}, not a MoM model")
+    return model
+
+
+def check_corpus_matches(model: Any, corpus: str | os.PathLike) -> None:
+    """The corpus's modalities and vocabulary must be the base's (else token ids mean other things)."""
+    manifest = read_manifest(corpus)
+    ours = (tuple(model.config.modalities), tuple(model.config.vocab_sizes))
+    if (manifest.modalities, manifest.vocab_sizes) != ours:
+        raise ValueError(
+            f"corpus {corpus}: has modalities {list(manifest.modalities)} with vocab sizes "
+            f"{list(manifest.vocab_sizes)}, the base has {list(ours[0])} with {list(ours[1])}; tokenize the "
+            "fine-tuning data with the base's tokenizers"
+        )
+
+
+def finetune(
+    base_dir: str | os.PathLike,
+    ft: FinetuneRecipe,
+    adapter_dir: str | os.PathLike | None = None,
+    merged_dir: str | os.PathLike | None = None,
+    compare: Sequence[str | os.PathLike] = (),
+) -> dict[str, Any]:
+    """Wrap the base with LoRA, train it, save the adapter (and optionally the merged model).
+
+    ``compare``: corpora whose validation split is evaluated before and after (the fine-tuning corpus is added
+    first), e.g. the base's pretraining corpus to measure forgetting. Returns the trainer's result plus
+    ``adapter_dir``, ``merged_dir`` (None unless written), ``trainable_params``, ``total_params`` and
+    ``comparison`` ({corpus: {"before": losses, "after": losses}}), also written to ``<out_dir>/finetune.json``.
+    A run stopped early (``train.stop_after``) saves no adapter: the same call again resumes it.
+    """
+    recipe = ft.recipe
+    if recipe.deepspeed.zero_stage == 3:
+        raise ValueError("deepspeed.zero_stage: 3 shards the base weights; LoRA fine-tuning supports stages 0-2")
+    adapter_dir = Path(adapter_dir) if adapter_dir else Path(recipe.train.out_dir) / ADAPTER_SUBDIR
+    for out in (adapter_dir, merged_dir):  # refuse before training, not after
+        if out is not None and Path(out).exists():
+            raise FileExistsError(f"{out} already exists; choose another output directory or remove it")
+    corpora = list(dict.fromkeys([recipe.data.path, *map(str, compare)])) if compare else []
+    model = load_base(base_dir)
+    for corpus in [recipe.data.path, *corpora]:
+        check_corpus_matches(model, corpus)
+    torch.manual_seed(recipe.train.seed)  # LoRA's A factors are drawn here, before the trainer seeds anything
+    peft_model = wrap(model, ft.lora)
+    trainable, total = parameter_counts(peft_model)
+    print(f"mom-finetune: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    before = {c: evaluate_corpus(peft_model, recipe, c) for c in corpora}  # LoRA starts at zero: the base's losses
+
+    recipe.train.export_hf = False  # the trainer would export the bare adapter; we save it below
+    result = dict(train(recipe, model=peft_model, trainable_filter=lambda n, p: is_adapter_param(n, ft.lora)))
+    finished = result["step"] >= recipe.train.max_steps
+    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    after = {c: evaluate_corpus(peft_model, recipe, c) for c in corpora} if finished else {}
+    if finished and main_rank:
+        save_adapter(peft_model, adapter_dir, ft.lora)
+        if merged_dir is not None:
+            export_merged(peft_model, merged_dir)
+    summary = {
+        "base": str(base_dir),
+        "lora": asdict(ft.lora),
+        "step": result["step"],
+        "adapter_dir": str(adapter_dir) if finished else None,
+        "merged_dir": str(merged_dir) if finished and merged_dir else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "comparison": {c: {"before": before[c], "after": after.get(c)} for c in corpora},
+    }
+    if main_rank:
+        atomic_write_text(Path(recipe.train.out_dir) / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2))
+    return {**result, **summary}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (no target of a modality) -> null, as JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@torch.no_grad()
+def evaluate_corpus(model: nn.Module, recipe: Recipe, corpus: str | os.PathLike) -> dict[str, float]:
+    """Mean loss overall and per target modality on the first ``train.eval_batches`` validation batches of
+    ``corpus`` (in corpus order; batch shape from ``recipe.data``)."""
+    cfg = replace(recipe.data, path=str(corpus), split="validation", shuffle=False, drop_last=False, num_epochs=1,
+                  mixture=None)
+    modalities = model.config.modalities
+    device = next(model.parameters()).device
+    stats = torch.zeros(2 * len(modalities), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for batch in islice(build_loader(cfg), max(1, recipe.train.eval_batches)):
+        out = model(**model_inputs(batch, device, len(modalities)))
+        stats[: len(modalities)] += out.modality_loss_sums.double().cpu()
+        stats[len(modalities) :] += out.modality_target_counts.double().cpu()
+    model.train(was_training)
+    return losses(stats, modalities)
+
+
+def export_merged(peft_model: Any, out_dir: str | os.PathLike) -> Path:
+    """``merge_and_unload()`` then ``save_pretrained`` to ``out_dir`` (atomically): a plain MoM checkpoint.
+
+    The merge folds the adapter into the base weights in place: the peft model is unusable afterwards.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose another directory or remove it")
+    merged = peft_model.merge_and_unload()
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+    return out_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mom-finetune",
+        description="LoRA fine-tuning of a pretrained MoM checkpoint (peft) with the pretraining trainer. The "
+        "adapter is saved in peft's format (load with PeftModel.from_pretrained(base, dir)).",
+        epilog="example: mom-finetune --base runs/tiny_mom/hf --config recipes/finetune/image_experts.yaml "
+        "--compare data/small train.max_steps=100 lora.r=4   (docs/finetune.md)",
+    )
+    parser.add_argument("--base", required=True, help="pretrained MoM: a Hugging Face model directory")
+    parser.add_argument("--config", required=True, help="fine-tuning recipe (YAML, with a lora: section)")
+    parser.add_argument("--adapter-out", default=None,
+                        help=f"adapter directory (default: <train.out_dir>/{ADAPTER_SUBDIR}); must not exist")
+    parser.add_argument("--merged-out", default=None,
+                        help="also merge the adapter into the base and save the plain MoM model here")
+    parser.add_argument("--compare", action="append", default=[], metavar="CORPUS",
+                        help="evaluate the validation split of this corpus (and of the fine-tuning corpus) before "
+                        "and after fine-tuning, e.g. the base's pretraining corpus to measure forgetting; repeatable")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides, e.g. train.max_steps=20 optim.lr=1e-3 lora.r=16")
+    return parser
+
+
+def format_comparison(comparison: dict[str, dict[str, dict[str, float] | None]]) -> str:
+    """Validation losses before / after fine-tuning: a header line per corpus, a row per loss."""
+    lines = [f"{'validation loss':<32}{'before':>10}{'after':>10}{'change':>10}"]
+    for corpus, result in comparison.items():
+        lines.append(str(corpus))
+        before, after = result["before"], result["after"] or {}
+        for key, value in before.items():
+            new = after.get(key, math.nan)
+            if math.isnan(value) and math.isnan(new):
+                continue  # no target of that modality in this corpus
+            lines.append(f"  {key:<30}{value:>10.4f}{new:>10.4f}{new - value:>+10.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ft = load_finetune_recipe(args.config, args.overrides)
+        result = finetune(args.base, ft, args.adapter_out, args.merged_out, args.compare)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"mom-finetune: error: {e}", file=sys.stderr)
+        return 2
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0
+    counts = f"trainable {result['trainable_params']:,} / total {result['total_params']:,} parameters"
+    if result["adapter_dir"] is None:
+        print(f"mom-finetune: stopped at step {result['step']} of {ft.recipe.train.max_steps} ({counts}); run the "
+              "same command again to resume, the adapter is saved at the end")
+        return 0
+    if result["comparison"]:
+        print(format_comparison(result["comparison"]))
+    print(f"mom-finetune: done, {counts}; adapter: {result['adapter_dir']}"
+          + (f"; merged model: {result['merged_dir']}" if result["merged_dir"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

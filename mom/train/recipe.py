@@ -1,0 +1,317 @@
+"""Training recipes: typed dataclasses loaded from YAML, with ``key=value`` overrides, validated before training.
+
+A recipe has five sections, each mapping one to one onto a dataclass (docs/training.md lists every key)::
+
+    model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes``: "auto", the default, takes them
+                from the corpus manifest)
+    data:       mom.data.loader.DataConfig
+    optim:      OptimConfig
+    train:      TrainConfig
+    deepspeed:  DeepSpeedConfig
+
+    recipe = load_recipe("recipes/tiny_mom.yaml", ["train.max_steps=20", "optim.lr=1e-3"])
+
+Unknown keys and wrong types, in the file or in an override, raise ``ValueError`` naming the dotted key.
+Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mom.data.loader import DataConfig
+from mom.model.config import MoMConfig
+from mom.utils.configio import check_value, from_dict, parse_yaml, read_mapping
+
+AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: taken from the corpus manifest
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``train.max_steps``.
+
+    Args:
+        lr: peak learning rate (reached after ``warmup_steps``).
+        betas, eps: AdamW's.
+        weight_decay: decoupled weight decay of matrices; never applied to norms, biases, ``A_log``, ``D``.
+        decay_embeddings: also decay the (tied) embedding matrix.
+        warmup_steps: linear warmup from 0.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        grad_clip: clip the global gradient norm to this (0 disables clipping).
+    """
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "need 0 <= b < 1",
+                 self.betas)
+        _require(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)", self.grad_clip)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        max_steps: optimizer steps; the learning-rate schedule ends here.
+        stop_after: end this run after this step (checkpoint saved) although ``max_steps`` is not reached, as a
+            job with a time limit does; the next run resumes. ``None``: run to ``max_steps``.
+        grad_accum: micro-batches of ``data.batch_size`` rows per optimizer step and data-parallel rank.
+        seed: seed of the model initialisation and of torch / numpy / python RNGs (the data order has
+            ``data.seed``).
+        log_every: log train metrics every this many steps.
+        eval_every: evaluate on the validation split every this many steps (0: only at the end).
+        eval_batches: validation batches per evaluation and rank (0: no validation).
+        save_every: checkpoint every this many steps (0: only at the end).
+        keep_last: checkpoints kept (the oldest are deleted).
+        out_dir: run directory: checkpoints, metrics.jsonl, tensorboard/, hf/ (the exported model), recipe.yaml.
+        resume: "auto" (the latest checkpoint in ``out_dir`` if any), "none" (start fresh; existing checkpoints
+            are kept until rotated out), or a checkpoint path.
+        max_bad_steps: steps with a non-finite loss or gradient that are skipped (with a warning) before the run
+            stops with an error.
+        device: "auto" (cuda if available, else cpu), "cpu" or "cuda".
+        dtype: "auto" (bf16 on cuda, fp32 on cpu), "fp32", "bf16" (DeepSpeed bf16: bf16 weights, fp32 master
+            weights in the optimizer) or "autocast_bf16" (fp32 weights, bf16 matmuls under torch.autocast).
+        export_hf: write a Hugging Face model (``save_pretrained``, safetensors) to ``out_dir/hf`` at the end.
+        tokenizer_dir: multimodal tokenizer directory copied into the export (``hf/tokenizer``); "auto": the
+            corpus manifest's ``tokenizer_dir``; ``null``: none.
+        progress: show a tqdm progress bar (rank 0).
+        tensorboard: also log to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
+        inject_nan_steps: fault injection for tests: rank 0's loss is made NaN at these steps.
+    """
+
+    max_steps: int = 1000
+    stop_after: int | None = None
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    save_every: int = 0
+    keep_last: int = 2
+    out_dir: str = "runs/default"
+    resume: str = "auto"
+    max_bad_steps: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32", "autocast_bf16"] = "auto"
+    export_hf: bool = True
+    tokenizer_dir: str | None = AUTO
+    progress: bool = True
+    tensorboard: bool = True
+    inject_nan_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every", "keep_last"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1", getattr(self, name))
+        for name in ("seed", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        if self.stop_after is not None:
+            _require(1 <= self.stop_after, "train.stop_after", "must be >= 1", self.stop_after)
+        _require(bool(self.out_dir), "train.out_dir", "must be a non-empty path", self.out_dir)
+        _require(bool(self.resume), "train.resume", "must be 'auto', 'none' or a checkpoint path", self.resume)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed shards and offloads (mom.train.distributed turns this into DeepSpeed's JSON config).
+
+    Args:
+        zero_stage: 0 (plain data parallel), 1 (shard optimizer states), 2 (+ gradients), 3 (+ parameters).
+        offload_optimizer: "none", "cpu" or "nvme" (ZeRO-Offload; stage >= 1; uses DeepSpeedCPUAdam).
+        offload_param: "none", "cpu" or "nvme" (stage 3 only).
+        nvme_path: directory for "nvme" offload.
+        extra: merged last into the generated DeepSpeed config (nested dicts merge key by key), for any
+            DeepSpeed option this recipe does not name, e.g. ``{zero_optimization: {overlap_comm: true}}``.
+    """
+
+    zero_stage: int = 0
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3", self.zero_stage)
+        if self.offload_optimizer != "none":
+            _require(self.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage >= 1",
+                     self.offload_optimizer)
+        if self.offload_param != "none":
+            _require(self.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3", self.offload_param)
+        if "nvme" in (self.offload_optimizer, self.offload_param):
+            _require(bool(self.nvme_path), "deepspeed.nvme_path", "required for nvme offload", self.nvme_path)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "deepspeed": DeepSpeedConfig}
+
+
+@dataclass
+class Recipe:
+    """A validated training recipe. ``model`` holds MoMConfig keyword arguments ("auto" allowed, see module doc)."""
+
+    model: dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def model_config(self, **auto: Any) -> MoMConfig:
+        """The `MoMConfig`; ``auto`` supplies the values of keys the recipe sets to "auto" (e.g. ``vocab_sizes``)."""
+        kwargs = dict(self.model)
+        for key, value in kwargs.items():
+            if value == AUTO and key in ("modalities", "vocab_sizes"):
+                if key not in auto:
+                    raise ValueError(f"model.{key} is 'auto': pass {key}=... (e.g. from the corpus manifest)")
+                kwargs[key] = auto[key]
+        return MoMConfig(**kwargs)
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens per optimizer step over all data-parallel ranks (padding included)."""
+        return world_size * self.data.batch_size * self.train.grad_accum * self.data.seq_len
+
+    def total_tokens(self, world_size: int) -> int:
+        """Tokens of the whole schedule (``train.max_steps`` steps)."""
+        return self.tokens_per_step(world_size) * self.train.max_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able mapping; ``Recipe.from_dict(r.to_dict())`` gives an equal recipe."""
+        out: dict[str, Any] = {"model": _plain(self.model)}
+        for name in SECTIONS:
+            out[name] = _plain(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Recipe:
+        """Validate a parsed recipe mapping (see `load_recipe`)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"recipe: must be a mapping of sections, got {type(raw).__name__}")
+        known = ("model", *SECTIONS)
+        for key in raw:
+            if key not in known:
+                raise ValueError(f"{key}: unknown recipe section; valid sections are {list(known)}")
+        if "data" not in raw:
+            raise ValueError("data: section required (at least data.path)")
+        model = _check_model(raw.get("model") or {})
+        sections = {}
+        for name, cls_ in SECTIONS.items():
+            section = raw.get(name)
+            section = {} if section is None else section
+            if not isinstance(section, dict):
+                raise ValueError(f"{name}: must be a mapping, got {type(section).__name__}")
+            sections[name] = from_dict(cls_, section, name)
+        return cls(model=model, **sections)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted ``key=value`` overrides (values parsed as YAML), validate."""
+    raw = read_mapping(path, "recipe", of="sections")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Recipe.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"recipe {path}: {e}") from e
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``raw[a][b] = value`` for ``"a.b=value"``; the key must exist in the schema (free-form dicts excepted)."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {override!r}: expected key=value, e.g. train.max_steps=20")
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
+    parts = key.split(".")
+    section = parts[0]
+    if section not in ("model", *SECTIONS):
+        raise ValueError(f"override {key}: unknown section {section!r}; valid: {['model', *SECTIONS]}")
+    if len(parts) == 1:
+        raise ValueError(f"override {key}: name a key inside the section, e.g. {section}.<key>=...")
+    schema = _model_schema() if section == "model" else _hints(SECTIONS[section])
+    if parts[1] not in schema:
+        raise ValueError(f"override {key}: unknown key; valid keys of {section} are {sorted(schema)}")
+    if len(parts) > 2 and not _is_free_dict(schema[parts[1]]):
+        raise ValueError(f"override {key}: {section}.{parts[1]} is not a mapping")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"override {key}: {part} is not a mapping in the recipe")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+def _check_model(model: Any) -> dict[str, Any]:
+    if not isinstance(model, dict):
+        raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
+    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # the corpus defines them unless given
+    schema = _model_schema()
+    for key, value in model.items():
+        if key not in schema:
+            raise ValueError(f"model.{key}: unknown key; valid keys are {sorted(schema)}")
+        if key in ("modalities", "vocab_sizes") and value == AUTO:
+            continue
+        check_value(value, schema[key], f"model.{key}")  # checked only: MoMConfig converts
+    trial = dict(model)
+    if AUTO in (model["modalities"], model["vocab_sizes"]):
+        trial.update(modalities=("text",), vocab_sizes=(8,))  # placeholders: the corpus gives the real ones
+    try:  # catch bad values (decouple names, sizes) now rather than after the corpus is opened
+        MoMConfig(**trial)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from e
+    return model
+
+
+def _model_schema() -> dict[str, Any]:
+    hints = typing.get_type_hints(MoMConfig.__init__)
+    params = inspect.signature(MoMConfig.__init__).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: hints.get(name, Any) for name, p in params.items() if name != "self" and p.kind in keyword}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_free_dict(annotation: Any) -> bool:
+    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {what}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

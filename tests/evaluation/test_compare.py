@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from mom.evaluation.compare import Curve, flops_to_reach, main, read_curve, report
+
+
+def write_run(path, steps, flops_per_step, val_losses):
+    """A metrics.jsonl like mom-train writes: train rows every step, validation rows at the given steps."""
+    rows = [{"split": "train", "step": s, "loss": 9.0, "flops": s * flops_per_step} for s in range(1, max(steps) + 1)]
+    for s, (all_loss, text, image) in zip(steps, val_losses):
+        rows.append({"split": "validation", "step": s, "loss": all_loss, "loss/text": text, "loss/image": image})
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_read_curve_pairs_validation_with_training_flops(tmp_path):
+    run = write_run(tmp_path / "a", [2, 4], 10.0, [(3.0, 3.2, 2.8), (2.0, 2.1, 1.9)])
+    curve = read_curve("a", run)
+    assert curve.flops == [20.0, 40.0]
+    assert curve.losses == {"all": [3.0, 2.0], "image": [2.8, 1.9], "text": [3.2, 2.1]}
+
+
+def test_flops_to_reach_interpolates_and_reports_never():
+    curve = Curve("m", [10.0, 20.0, 30.0], {"all": [4.0, 3.0, 2.0]})
+    assert flops_to_reach(curve, "all", 3.5) == pytest.approx(15.0)
+    assert flops_to_reach(curve, "all", 4.5) == 10.0  # already below at the first point
+    assert flops_to_reach(curve, "all", 1.0) is None
+
+
+def test_report_gives_share_of_baseline_flops(tmp_path):
+    dense = read_curve("dense", write_run(tmp_path / "d", [5, 10], 1.0, [(3.0, 3.0, 3.0), (2.0, 2.5, 1.5)]))
+    mom = read_curve("mom", write_run(tmp_path / "m", [5, 10], 1.0, [(2.0, 2.0, 1.0), (1.5, 1.8, 0.9)]))
+    text = report([mom, dense], dense)
+    assert "dense's final loss" in text
+    share_line = [line for line in text.splitlines() if line.startswith("mom ")][-1]
+    # mom reaches dense's final losses (2.0 all, 2.5 text, 1.5 image) by its first point: 5 of dense's 10 FLOPs
+    assert share_line.split()[1:] == ["50.0%", "50.0%", "50.0%"]
+
+
+def test_cli_errors_and_plot(tmp_path, capsys):
+    run = write_run(tmp_path / "a", [1, 2], 1.0, [(3.0, 3.0, 3.0), (2.0, 2.0, 2.0)])
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        main(["--run", f"x={tmp_path / 'missing'}"])
+    with pytest.raises(SystemExit):
+        main(["--run", f"a={run}", "--baseline", "nope"])
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp.png"
+    assert main(["--run", f"a={run}", "--run", f"b={run}", "--baseline", "a", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000 and "plot:" in capsys.readouterr().out
+
+
+def test_corrupt_metrics_line_names_the_file_but_a_torn_last_line_is_ignored(tmp_path):
+    run = write_run(tmp_path / "a", [1], 1.0, [(3.0, 3.0, 3.0)])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "st')  # a crash mid-write
+    assert read_curve("a", run).losses["all"] == [3.0]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('\n{"split": "validation", "step": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:3"):
+        read_curve("a", run)

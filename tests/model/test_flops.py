@@ -1,0 +1,210 @@
+import functools
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import interleaved_ids, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+import mom
+from mom.model import flops
+from mom.model.config import PROJECTIONS
+
+RUNS = [(0, 5), (1, 7), (2, 4), (0, 3), (1, 2)]  # every modality present, interleaved; l = 21
+DECOUPLE_SETS = [PROJECTIONS, (), ("x_proj", "out_proj")]
+ROOT = "MoMForCausalLM"
+
+
+@pytest.fixture(autouse=True)
+def _reference(monkeypatch):
+    monkeypatch.setenv("MOM_FORCE_REFERENCE", "1")  # the pure-PyTorch scan/conv, whose matmuls the counter sees
+
+
+@functools.cache
+def measured(decouple: tuple[str, ...], **variant) -> tuple[mom.MoMConfig, tuple[int, int], FlopCounterMode]:
+    """(config, (b, l), counter) of one reference forward with labels; cached: a forward under the counter is slow."""
+    config = tiny_config(decouple=decouple, **variant)
+    model = mom.MoMForCausalLM(config).eval()
+    ids = interleaved_ids(config, batch=2, runs=RUNS, generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, labels=ids)
+    return config, tuple(ids.shape), counter
+
+
+def op_counts(counter: FlopCounterMode, key: str = "Global") -> dict[str, int]:
+    return {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()[key].items()}
+
+
+@pytest.mark.parametrize("decouple", DECOUPLE_SETS, ids=["mom", "dense", "partial"])
+@pytest.mark.parametrize("variant", [{}, dict(bias=True, tie_word_embeddings=False, conv_bias=False)])
+def test_matmul_flops_equal_flop_counter(decouple, variant):
+    """The counter sees mm/addmm (projections, LM head), convolution and the einsum readout (bmm), nothing else."""
+    config, (b, l), counter = measured(decouple, **variant)
+    tokens = b * l
+    table = flops.flop_table(config)
+    ops = op_counts(counter)
+
+    assert set(ops) <= {"mm", "addmm", "convolution", "bmm"}
+    assert ops.get("mm", 0) + ops.get("addmm", 0) == tokens * table.flops_of("matmul")
+    # The reference conv pads both sides and drops the last d_conv-1 outputs of each sequence.
+    conv = table["layer.conv1d"]
+    assert ops["convolution"] == b * (l + config.d_conv - 1) * conv.total_flops
+    assert ops["bmm"] == tokens * table["layer.scan.readout"].total_flops
+
+    per_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    for i in range(config.n_layer):
+        for p in PROJECTIONS:
+            assert per_module[f"{ROOT}.backbone.layers.{i}.mixer.{p}"] == tokens * table[f"layer.{p}"].flops, (i, p)
+    assert per_module[f"{ROOT}.lm_head"] == tokens * table["lm_head"].flops
+
+    # What the counter cannot see: norms, SiLU/softplus, the elementwise scan ops, residuals, biases, the loss.
+    unseen = table.forward_flops - table.flops_of("matmul", "conv") - table["layer.scan.readout"].total_flops
+    assert unseen == table.flops_of("elementwise") + table.flops_of("scan") - table["layer.scan.readout"].total_flops
+    assert unseen > 0
+
+
+def test_mom_active_flops_equal_dense_flops_at_same_width():
+    mom_cfg, dense_cfg = tiny_config(), tiny_config(decouple=())
+    assert flops.forward_flops_per_token(mom_cfg) == flops.forward_flops_per_token(dense_cfg)
+    assert flops.training_flops_per_token(mom_cfg) == flops.training_flops_per_token(dense_cfg)
+    mom_measured = measured(PROJECTIONS)[2].get_total_flops()
+    dense_measured = measured(())[2].get_total_flops()
+    assert mom_measured == dense_measured > 0
+
+
+@pytest.mark.parametrize("decouple", DECOUPLE_SETS, ids=["mom", "dense", "partial"])
+def test_params_scale_with_decoupled_projections(decouple):
+    config, dense = tiny_config(decouple=decouple), tiny_config(decouple=())
+    table, dense_table = flops.flop_table(config), flops.flop_table(dense)
+    M = config.num_modalities
+    for row, dense_row in zip(table.rows, dense_table.rows):
+        factor = M if row.component.removeprefix("layer.") in decouple else 1
+        assert row.total_params == factor * dense_row.total_params, row.component
+        assert row.total_active_params == dense_row.total_params, row.component
+    total, active = flops.count_params(config)
+    assert active == flops.count_params(dense)[0]
+    if decouple:
+        assert total > active
+    else:
+        assert total == active
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(decouple=()),
+        dict(decouple=("in_proj", "dt_proj")),
+        dict(bias=True, tie_word_embeddings=False, rms_norm=False, conv_bias=False),
+    ],
+    ids=["mom", "dense", "partial", "bias-untied-layernorm"],
+)
+def test_count_params_equals_real_model(overrides):
+    config = tiny_config(**overrides)
+    model = mom.MoMForCausalLM(config)
+    total, active = flops.count_params(config)
+    assert total == sum(p.numel() for p in model.parameters())  # a tied LM head is one Parameter: counted once
+    dense = mom.MoMForCausalLM(tiny_config(**{**overrides, "decouple": ()}))
+    assert active == sum(p.numel() for p in dense.parameters())
+
+
+def test_training_flops():
+    config = tiny_config()
+    table = flops.flop_table(config)
+    fwd = table.forward_flops
+    assert flops.training_flops_per_token(config) == 3 * fwd
+    assert flops.training_flops_per_token(config, hardware=True) == 3 * fwd + table.flops_of("scan")
+    layers = sum(r.total_flops for r in table.rows if r.count == config.n_layer)
+    assert flops.training_flops_per_token(config, hardware=True, gradient_checkpointing=True) == (
+        3 * fwd + table.flops_of("scan") + layers
+    )
+    with pytest.raises(ValueError, match="hardware=True"):
+        flops.training_flops_per_token(config, gradient_checkpointing=True)
+    assert flops.training_flops(config, 1000) == 1000 * 3 * fwd
+    with pytest.raises(ValueError, match="tokens"):
+        flops.training_flops(config, -1)
+
+
+def test_peak_flops_and_mfu():
+    assert flops.peak_flops("cpu") is None
+    assert flops.peak_flops(torch.device("cpu")) is None
+    assert flops.peak_flops("Some Unknown Accelerator") is None
+    h100 = flops.peak_flops("NVIDIA H100 80GB HBM3")
+    assert h100 == pytest.approx(989.4e12)
+    assert flops.peak_flops("NVIDIA H100 PCIe") == pytest.approx(756e12)
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", torch.float32) < flops.peak_flops(
+        "NVIDIA H100 80GB HBM3", torch.float32, tf32=True
+    ) < h100
+    # Substring precedence: longer names must not be caught by their prefixes.
+    assert flops.gpu_peak("NVIDIA A100-SXM4-80GB").name == "A100"
+    assert flops.gpu_peak("NVIDIA A10G").name == "A10G"
+    assert flops.gpu_peak("NVIDIA A10").name == "A10"
+    assert flops.gpu_peak("NVIDIA L40S").name == "L40S"
+    assert flops.gpu_peak("NVIDIA L4").name == "L4"
+    assert flops.gpu_peak("NVIDIA GH200 480GB").name == "GH200"
+    with pytest.raises(ValueError, match="dtype"):
+        flops.peak_flops("NVIDIA H100 80GB HBM3", torch.int8)
+
+    config = tiny_config()
+    per_token = flops.training_flops_per_token(config)
+    assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
+    assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3", num_devices=4) == pytest.approx(0.25)
+    assert flops.mfu(1e6, config, "cpu") is None
+
+
+def test_cli_on_saved_model_config(tmp_path, capsys):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    assert flops.main(["--model-json", str(tmp_path), "--tokens", "1e9", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    table = flops.flop_table(config)
+    for row in table.rows:
+        assert row.component in out
+    assert f"{table.forward_flops:,}" in out
+    assert f"{table.total_params:,}" in out and f"{table.active_params:,}" in out
+    assert f"{flops.training_flops(config, 10**9):.3e}" in out
+    assert "H100 SXM" in out and "on 2 GPU(s) at 40% MFU" in out
+
+    flops.main(["--model-json", str(tmp_path / "config.json"), "d_model=32"])
+    out = capsys.readouterr().out
+    assert f"{flops.forward_flops_per_token(tiny_config(d_model=32)):,}" in out
+    assert "no token budget" in out
+    with pytest.raises(SystemExit):
+        flops.main(["--model-json", str(tmp_path), "d_modle=32"])
+    assert "d_modle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        flops.main(["--model-json", str(tmp_path / "missing")])
+    assert "missing" in capsys.readouterr().err
+
+
+def test_cli_on_recipe_uses_its_budget_world_size_and_corpus_vocab(tmp_path, capsys):
+    from mom.data.loader import MANIFEST_FORMAT, MANIFEST_VERSION
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "modalities": ["text", "image", "speech"],
+                "vocab_sizes": [40, 24, 16], "splits": {"train": {"shards": []}}}  # fmt: skip
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    recipe = {
+        "model": {"modalities": "auto", "vocab_sizes": "auto", "d_model": 16, "n_layer": 2, "d_state": 4, "dt_rank": 3},
+        "data": {"path": str(corpus), "seq_len": 32, "batch_size": 2},
+        "train": {"max_steps": 10, "grad_accum": 3},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    assert flops.main(["--config", str(path), "--world-size", "4", "model.d_model=32"]) == 0
+    out = capsys.readouterr().out
+    config = tiny_config(d_model=32)  # vocab sizes from the manifest, d_model from the override
+    assert f"{flops.forward_flops_per_token(config):,}" in out
+    tokens = 4 * 2 * 3 * 32 * 10  # world size * batch * grad_accum * seq_len * steps
+    assert f"training on {tokens:,} tokens" in out
+    assert f"{flops.training_flops(config, tokens):.3e}" in out
+    assert "on 4 GPU(s)" in out
+    with pytest.raises(SystemExit):
+        flops.main(["--config", str(path), "model.d_modle=32"])
+    assert "d_modle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # "auto" sizes need the corpus
+        flops.main(["--config", str(path), f"data.path={tmp_path / 'unbuilt'}"])
+    assert "model.vocab_sizes" in capsys.readouterr().err

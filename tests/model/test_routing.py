@@ -1,0 +1,112 @@
+import torch
+import torch.nn.functional as F
+
+from mom.model.routing import RoutedLinear, Routing
+
+MODALITIES = ("text", "image", "speech")
+
+
+def per_token_reference(x, modality_ids, layer: RoutedLinear):
+    """Oracle: y[t] = W[m_t] x[t] + b[m_t], one token at a time."""
+    experts = list(layer.values())
+    rows = [
+        F.linear(xt, experts[m].weight, experts[m].bias)
+        for xt, m in zip(x.reshape(-1, x.shape[-1]), modality_ids.reshape(-1).tolist())
+    ]
+    return torch.stack(rows).reshape(*x.shape[:-1], -1)
+
+
+def check_against_reference(modality_ids):
+    layer = RoutedLinear(MODALITIES, 6, 5, bias=True).double()
+    x = torch.randn(*modality_ids.shape, 6, dtype=torch.float64, requires_grad=True)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    y = layer(x, routing)
+    x_ref = x.detach().clone().requires_grad_()
+    ref_layer = RoutedLinear(MODALITIES, 6, 5, bias=True).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    y_ref = per_token_reference(x_ref, modality_ids, ref_layer)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for name in MODALITIES:
+        for p, p_ref in zip(layer[name].parameters(), ref_layer[name].parameters()):
+            if p_ref.grad is None:  # modality absent: the reference never touched it, ours has an exact zero grad
+                assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+            else:
+                torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+def test_uneven_counts():
+    ids = torch.zeros(3, 50, dtype=torch.long)
+    ids[:, 10:13] = 1  # 9 image tokens
+    ids[1, 40:] = 2  # 10 speech tokens in one row only
+    ids[2, 0] = 2
+    check_against_reference(ids)
+
+
+def test_missing_modality_and_single_modality():
+    ids = torch.randint(0, 2, (2, 31))  # no speech at all
+    check_against_reference(ids)
+    check_against_reference(torch.full((2, 7), 2))  # speech only
+
+
+def test_random_interleaving_counts_and_permutation():
+    ids = torch.randint(0, 3, (4, 33))
+    routing = Routing.build(ids, 3)
+    assert list(routing.counts) == torch.bincount(ids.flatten(), minlength=3).tolist()
+    flat = ids.flatten()
+    assert torch.equal(flat[routing.perm], flat.sort(stable=True).values)
+    assert torch.equal(routing.perm[routing.inv_perm], torch.arange(flat.numel()))
+    check_against_reference(ids)
+
+
+def test_every_expert_is_called_even_without_grad():
+    """Under ZeRO-3 every rank must call the same modules, whatever modalities its batch holds."""
+    layer = RoutedLinear(MODALITIES, 4, 3, bias=False)
+    called = []
+    for name, expert in layer.items():
+        expert.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    routing = Routing.build(torch.ones(2, 5, dtype=torch.long), 3)  # image only
+    with torch.no_grad():
+        torch.testing.assert_close(layer(torch.ones(2, 5, 4), routing), layer["image"](torch.ones(2, 5, 4)))
+    assert called[:3] == list(MODALITIES)
+
+
+def test_experts_are_plain_linear_modules_addressable_by_name():
+    layer = RoutedLinear(MODALITIES, 4, 3, bias=False)
+    assert [n for n, _ in layer.named_modules()][1:] == ["text", "image", "speech"]
+    assert all(type(m) is torch.nn.Linear for m in layer.values())
+
+
+def test_counts_given_by_the_caller_are_checked_and_used():
+    ids = torch.randint(0, 3, (2, 17))
+    routing = Routing(ids, 3)
+    try:
+        routing.set_counts((1, 2, 3))  # 6 tokens, not 34
+    except ValueError as err:
+        assert "do not match" in str(err)
+    else:
+        raise AssertionError("counts that do not sum to the token count were accepted")
+    counts = tuple(torch.bincount(ids.flatten(), minlength=3).tolist())
+    routing.set_counts(counts)
+    assert routing.counts == counts and routing.bounds[-1][1] == ids.numel()
+
+
+def test_validate_and_route_derives_the_routing_and_names_bad_ids():
+    from mom import MoMConfig
+    from mom.model.modeling import validate_and_route
+
+    config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
+    ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]])  # text, image, image, text, speech, speech, text
+    routing, _ = validate_and_route(config, ids, None, ids)
+    assert routing.counts == (3, 2, 2) and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
+    bad = ids.clone()
+    bad[0, 3] = 20
+    try:
+        validate_and_route(config, bad, None, None)
+    except ValueError as err:
+        assert "token id 20 is out of range" in str(err)
+    else:
+        raise AssertionError("an out-of-range token id was accepted")

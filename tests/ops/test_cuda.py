@@ -1,0 +1,221 @@
+"""The CUDA backend (mamba-ssm / causal-conv1d kernels) against the pure-PyTorch reference, on a GPU."""
+
+import pytest
+import torch
+from helpers import interleaved_ids, tiny_config
+
+import mom
+from mom.ops import backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernels():
+    if backend.backend_name(torch.device("cuda")) == "reference":
+        pytest.skip("mamba-ssm CUDA kernels not importable")
+
+
+def _config(**overrides):
+    return tiny_config(vocab_sizes=(200, 120, 80), d_model=64, n_layer=2, d_state=16, dt_rank=4, **overrides)
+
+
+def _run(model, ids, reference: bool, monkeypatch, autocast: bool = False):
+    monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "1" if reference else "0")
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+RUN_LAYOUTS = {
+    "uneven": [(0, 64), (1, 256), (2, 128), (0, 17), (1, 3)],
+    "absent": [(0, 100), (1, 60)],
+    "single": [(2, 130)],
+}
+
+
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
+def test_cuda_backend_matches_reference_fp32(layout, monkeypatch):
+    model = mom.MoMForCausalLM(_config()).cuda()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS[layout]).cuda()
+    logits, loss, grads = _run(model, ids, False, monkeypatch)
+    logits_ref, loss_ref, grads_ref = _run(model, ids, True, monkeypatch)
+    torch.testing.assert_close(logits, logits_ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=5e-4, rtol=5e-3, msg=name)
+
+
+def test_cuda_backend_bf16_close_to_fp32_reference(monkeypatch):
+    model = mom.MoMForCausalLM(_config()).cuda()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS["uneven"]).cuda()
+    logits, loss, grads = _run(model, ids, False, monkeypatch, autocast=True)
+    logits_ref, loss_ref, grads_ref = _run(model, ids, True, monkeypatch)
+    torch.testing.assert_close(loss, loss_ref, atol=2e-2, rtol=1e-2)
+    assert (logits - logits_ref).abs().max() < 0.1
+    for name in grads:  # bf16: compare by relative norm of the difference
+        rel = (grads[name] - grads_ref[name]).norm() / grads_ref[name].norm().clamp(min=1e-12)
+        assert rel < 5e-2, (name, rel.item())
+
+
+def test_cuda_generation_matches_full_forward(monkeypatch):
+    monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
+    model = mom.MoMForCausalLM(_config()).cuda().eval()
+    ids = interleaved_ids(model.config, 2, [(0, 9), (1, 12), (2, 5)]).cuda()
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :8], use_cache=True)
+        steps = [out.logits] + [
+            model(ids[:, t : t + 1], cache=out.cache, use_cache=True).logits
+            for t in range(8, ids.shape[1])
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-3, rtol=1e-3)
+    generated = model.generate(ids[:, :8], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (2, 13)
+
+
+
+def _run_path(model, ids, fast: bool, autocast: bool):
+    for layer in model.backbone.layers:
+        layer.mixer.use_fast_path = fast
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("decouple", [("in_proj", "x_proj", "dt_proj", "out_proj"), (), ("x_proj", "out_proj")])
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_fast_path_matches_module_path(decouple, layout, autocast, monkeypatch):
+    from mom.ops import fused
+
+    monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
+    fused._grouped_mm_supported(torch.device("cuda", torch.cuda.current_device()))  # its one probe call, first
+    calls, grouped = [], []
+    monkeypatch.setattr(fused, "fused_mixer",
+                        lambda *a, _f=fused.fused_mixer, **k: calls.append(a[1].dtype) or _f(*a, **k))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, _f=torch._grouped_mm, **k: grouped.append(1) or _f(*a, **k))
+    config = _config(decouple=decouple)
+    model = mom.MoMForCausalLM(config).cuda()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS[layout]).cuda()
+    logits, grads = _run_path(model, ids, True, autocast)
+    assert len(calls) == config.n_layer  # the fast path ran in every layer
+    # bf16: routed in_proj / out_proj each run ONE grouped GEMM forward and one backward (fp32: per-expert GEMMs),
+    # but for in_proj's input gradient of an fp32 input (the first layer's), written in fp32 by per-expert GEMMs
+    per_layer = [2 * ("out_proj" in decouple) + ("in_proj" in decouple) * (1 + (dtype == torch.bfloat16))
+                 for dtype in calls]
+    assert len(grouped) == (sum(per_layer) if autocast else 0)
+    logits_ref, grads_ref = _run_path(model, ids, False, autocast)
+    assert len(calls) == config.n_layer
+    if autocast:  # bf16 GEMMs in a different order: compare by the relative norm of the difference
+        assert (logits - logits_ref).abs().max() < 5e-2
+        for name in grads:
+            rel = (grads[name] - grads_ref[name]).norm() / grads_ref[name].norm().clamp(min=1e-12)
+            assert rel < 2e-2, (name, rel.item())
+    else:
+        torch.testing.assert_close(logits, logits_ref, atol=2e-4, rtol=2e-4)
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], atol=5e-4, rtol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(16384, 4096), (1000, 37), (3, 5)])
+def test_layout_gathers_match_index_select(shape):
+    from mom.ops.triton.gather import gather_cols_t, gather_rows_t
+
+    n, f = shape
+    rows = torch.randn(n, 2 * f, device="cuda", dtype=torch.bfloat16)[:, :f]  # a row stride larger than f
+    cols = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]
+    for index in (torch.randperm(n, device="cuda"), torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)):
+        out = gather_rows_t(rows, index)
+        assert out.is_contiguous() and torch.equal(out, rows.index_select(0, index).t())
+        out = gather_cols_t(cols, index)
+        assert out.is_contiguous() and torch.equal(out, cols.index_select(1, index).t())
+        gate = torch.randn(f, 2 * n, device="cuda", dtype=torch.bfloat16)[:, :n]
+        gated = (cols.float() * torch.nn.functional.silu(gate.float())).to(cols.dtype)  # fp32, rounded once
+        torch.testing.assert_close(gather_cols_t(cols, index, gate=gate), gated.index_select(1, index).t(),
+                                   atol=1e-2, rtol=1e-2)  # Triton's exp vs PyTorch's: a bf16 ulp at most
+        wide = torch.zeros(n, 2 * f, device="cuda", dtype=cols.dtype)  # into the right half of wider rows
+        gather_cols_t(cols, index, out=wide[:, f:])
+        assert torch.equal(wide[:, f:], cols.index_select(1, index).t()) and not wide[:, :f].any()
+
+
+@pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
+def test_grouped_matches_per_expert_gemms_on_cuda(counts):
+    """torch._grouped_mm (one launch) equals one cuBLAS GEMM per expert, for the operand layouts of the fast path
+    (token-major rows, weights as stored or transposed) with uneven and empty blocks; transposed rows (which CUDA's
+    version takes only in blocks of multiples of 8) go through the per-expert GEMMs."""
+    from mom.ops.fused import _grouped, _grouped_mm_applies
+
+    n = sum(counts)
+    ends = torch.tensor(counts).cumsum(0)
+    blocks = tuple((int(e) - c, int(e)) for e, c in zip(ends, counts))
+    offsets = ends.to(torch.int32).cuda()
+    w = torch.randn(3, 64, 48, device="cuda", dtype=torch.bfloat16)
+    for rows in (torch.randn(n, 64, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(64, n + 8, device="cuda", dtype=torch.bfloat16)[:, :n].t()):
+        for weights in (w, torch.randn(3, 48, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)):
+            assert _grouped_mm_applies(rows, weights) == (rows.stride(1) == 1)
+            got = _grouped(rows, weights, None, blocks, offsets)
+            want = torch.cat([rows[lo:hi] @ weights[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():
+    """With modality_counts the checks are read after the forward is enqueued: outputs and gradients equal the
+    default path's, and a bad token id is clamped for the embedding (no device-side assert) and named."""
+    model = mom.MoMForCausalLM(_config()).cuda()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS["uneven"]).cuda()
+    modality = model.config.modality_of(ids.cpu())
+    counts = tuple(torch.bincount(modality.flatten(), minlength=3).tolist())
+    outs = []
+    for given in (None, counts):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, modality_counts=given)  # fp32: bf16 would round the atomics' differences
+        out.loss.backward()
+        outs.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for name, grad in outs[0][1].items():  # the scan's backward accumulates with atomics: not bit-reproducible
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    bad = ids.clone()
+    bad[1, 5] = model.config.vocab_size + 3
+    with pytest.raises(ValueError, match=f"token id {model.config.vocab_size + 3} is out of range"):
+        model(bad, labels=ids, modality_counts=counts)
+    torch.cuda.synchronize()  # the device is still usable: no assert fired
+
+
+def test_flat_cast_matches_cat_and_cast():
+    from mom.ops.triton.flatcast import flat_cast
+
+    tensors = [torch.randn(s, device="cuda") for s in [(3, 5000), (7,), (0,), (4096,), (2, 3, 4)]]
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(flat_cast(tensors, dtype), torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
+    tensors[0] = tensors[0].t()  # not contiguous: the cat + cast fallback, same result
+    assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
+
+
+def test_triton_kernels_launched_directly_after_the_first_call():
+    """`mom.ops.triton.launcher`: the second launch with the same specialisation goes through the compiled kernel's own
+    launcher (this Triton's takes the call) and computes what the JIT launch computes."""
+    from mom.ops.triton import launcher
+    from mom.ops.triton.flatcast import flat_cast
+    from mom.ops.triton.gather import gather_cols_t
+
+    launcher._compiled.clear()
+    index = torch.randperm(1000, device="cuda")
+    for _ in range(3):  # a JIT launch, then direct ones, each on new data
+        cols = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(gather_cols_t(cols, index), cols.index_select(1, index).t())
+        gated = (cols.float() * torch.nn.functional.silu(gate.float())).bfloat16().index_select(1, index).t()
+        torch.testing.assert_close(gather_cols_t(cols, index, gate=gate), gated, atol=1e-2, rtol=1e-2)
+        tensors = [torch.randn(s, device="cuda") for s in [(3, 5000), (7,), (4096,)]]
+        assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
+    assert launcher._direct and len(launcher._compiled) == 3  # gather, gated gather, flat cast: one key each

@@ -1,0 +1,215 @@
+"""The fused mixer (`mom.ops.fused`) against the module path, on CPU with the reference kernels (fp64).
+
+The same Function runs on GPU with mamba-ssm's kernels (tests/test_cuda.py); here its routing, layouts, expanded
+dt_proj GEMM and hand-written backward are checked exactly, for every decouple set and modality layout.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mom
+from mom.model.config import PROJECTIONS
+from mom.model.routing import Routing
+from mom.ops import fused
+from mom.ops.triton.gather import gather_cols_t, gather_rows_t
+
+MODALITIES = ("text", "image", "speech")
+
+
+def make_mixer(decouple, bias=False, seed=0):
+    torch.manual_seed(seed)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4,
+                           decouple=decouple, bias=bias)
+    mixer = mom.MoMForCausalLM(config).backbone.layers[1].mixer.double()
+    with torch.no_grad():  # distinct experts, so that a token sent to the wrong one shows
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mixer
+
+
+def layouts():
+    runs = torch.zeros(2, 23, dtype=torch.long)
+    runs[:, 5:13] = 1
+    runs[1, 17:] = 2
+    return {
+        "uneven runs": runs,
+        "random": torch.randint(0, 3, (3, 17)),
+        "speech absent": torch.randint(0, 2, (2, 19)),
+        "one modality": torch.full((2, 9), 1),
+    }
+
+
+def run(mixer, modality_ids, fast: bool, seed=1):
+    torch.manual_seed(seed)
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS) if fast else mixer(hidden, routing)
+    out.backward(torch.randn_like(out))
+    grads = {name: p.grad.clone() for name, p in mixer.named_parameters()}
+    mixer.zero_grad(set_to_none=True)
+    return out.detach(), hidden.grad, grads
+
+
+@pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("in_proj", "dt_proj"), ("x_proj", "out_proj")])
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_fused_matches_module_path(decouple, layout):
+    modality_ids = layouts()[layout]
+    # biases on in_proj / out_proj: both routed in one case, both shared in another
+    mixer = make_mixer(decouple, bias=decouple in (PROJECTIONS, ()))
+    out_ref, dh_ref, g_ref = run(mixer, modality_ids, fast=False)
+    out, dh, g = run(mixer, modality_ids, fast=True)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dh, dh_ref)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_backward_twice_through_a_retained_graph_names_the_problem():
+    """The backward frees the largest activations as it goes: a second backward through a retained graph stops with
+    an error that says so (and how to avoid it) instead of computing on freed tensors."""
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
+    out = fused.fused_mixer(mixer, hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_KERNELS)
+    out.sum().backward(retain_graph=True)
+    assert hidden.grad is not None
+    with pytest.raises(RuntimeError, match="ran twice.*use_fast_path=False"):
+        out.sum().backward()
+
+
+def test_saved_tensor_hooks_see_every_activation():
+    """Under saved-tensor hooks (activation checkpointing, offloading) xz and the scan's output are saved through
+    them like the rest, not held on ctx, and a retained graph can be differentiated twice."""
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
+    routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS)
+    n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
+    assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
+    out.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    hidden.grad = None
+    out.sum().backward()
+    torch.testing.assert_close(hidden.grad, first)
+
+
+def test_absent_modality_gets_zero_expert_grads():
+    mixer = make_mixer(PROJECTIONS)
+    _, _, g = run(mixer, layouts()["speech absent"], fast=True)
+    speech = [name for name in g if name.endswith(".speech.weight") or name.endswith(".speech.bias")]
+    assert len(speech) == 5  # in, x, dt (weight + bias), out
+    assert all(torch.count_nonzero(g[name]) == 0 for name in speech)
+    assert torch.count_nonzero(g["in_proj.text.weight"]) > 0
+
+
+def test_fast_path_only_for_plain_present_linear_experts_on_cuda():
+    mixer = make_mixer(PROJECTIONS).float()
+    hidden = torch.randn(1, 4, 12)
+    assert not fused.use_fast_path(mixer, hidden)  # CPU tensors: the module path
+    assert fused.supports_fast_path(mixer)
+    with torch.no_grad():  # as ZeRO-3 leaves a module's weights until the module is called
+        mixer.conv1d.weight.data = torch.empty(0)
+    assert not fused.supports_fast_path(mixer)
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8),
+                                                                   d_model=12, n_layer=1)),
+                                  peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
+    mixer = wrapped.base_model.model.backbone.layers[0].mixer
+    assert not fused.supports_fast_path(mixer)  # a LoRA-wrapped expert: defer to module calls
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        fused.fused_mixer(mixer, hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3),
+                          fused.REFERENCE_KERNELS)
+
+
+def test_fused_bf16_weights_close_to_module_path():
+    """bf16 parameters without autocast (DeepSpeed's bf16 mode): same dtypes through the Function."""
+    mixer = make_mixer(PROJECTIONS).to(torch.bfloat16)
+    modality_ids = layouts()["uneven runs"]
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.bfloat16)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    ref = mixer(hidden, routing).float()
+    out = fused.fused_mixer(mixer, hidden.requires_grad_(), routing, fused.REFERENCE_KERNELS)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("counts", [(7, 12, 5), (0, 9, 0)])
+def test_grouped_gemm_matches_per_expert_gemms(counts):
+    """`fused._grouped`: ONE torch._grouped_mm for bf16 aligned row-major rows (what autocast gives on GPU; torch
+    has a CPU version too), else a GEMM per expert (transposed rows, fp64, a bias); each block of rows gets its
+    expert's weight and bias."""
+    torch.manual_seed(0)
+    n = sum(counts)
+    ends = torch.tensor(counts).cumsum(0)
+    blocks = tuple((int(e) - c, int(e)) for e, c in zip(ends, counts))
+    offsets = ends.to(torch.int32)
+    for dtype in (torch.bfloat16, torch.float64):
+        tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}  # bf16 sums in another order
+        w = torch.randn(3, 24, 16, dtype=dtype).transpose(1, 2)  # (k, i, o) views of (k, o, i) weights
+        bias = torch.randn(3, 24, dtype=dtype)
+        for rows in (torch.randn(n, 16, dtype=dtype), torch.randn(16, 64, dtype=dtype)[:, :n].t()):
+            grouped = dtype == torch.bfloat16 and rows.stride(1) == 1 and hasattr(torch, "_grouped_mm")
+            assert fused._grouped_mm_applies(rows, w) == grouped
+            want = torch.cat([rows[lo:hi] @ w[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(fused._grouped(rows, w, None, blocks, offsets), want, **tol)
+            with_bias = torch.cat([rows[lo:hi] @ w[m] + bias[m] for m, (lo, hi) in enumerate(blocks)])
+            torch.testing.assert_close(fused._grouped(rows, w, bias, blocks, offsets), with_bias, **tol)
+
+
+def test_layout_gathers_on_cpu():
+    """`mom.ops.triton.gather` off CUDA: the same results as the Triton kernels' definition
+    (tests/test_cuda.py runs those)."""
+    x = torch.randn(7, 5)
+    index = torch.tensor([3, 0, 6, 1])
+    assert torch.equal(gather_rows_t(x, index), x[index].t()) and gather_rows_t(x, index).is_contiguous()
+    assert torch.equal(gather_cols_t(x.t(), index), x[index]) and gather_cols_t(x.t(), index).is_contiguous()
+    gate = torch.randn(7, 5)
+    torch.testing.assert_close(gather_cols_t(x.t(), index, gate=gate.t()), (x * F.silu(gate))[index])
+    with pytest.raises(ValueError, match="gate"):
+        gather_cols_t(x.t(), index, gate=gate.t().contiguous())  # strides differ from x's
+    wide = torch.zeros(4, 10)  # into the right half of wider rows
+    gather_cols_t(x.t(), index, out=wide[:, 5:])
+    assert torch.equal(wide[:, 5:], x[index]) and not wide[:, :5].any()
+    with pytest.raises(ValueError, match="out"):
+        gather_cols_t(x.t(), index, out=wide)
+
+
+@pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
+def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
+    """When every mixer takes the fast path, the model keeps its residual stream in the routing's sorted order
+    (when in_proj or out_proj routes): loss, logits, hidden states and every gradient equal the module path's."""
+    torch.manual_seed(0)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
+                           decouple=decouple)
+    model = mom.MoMForCausalLM(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    modality_ids = layouts()["uneven runs"]
+    ids = torch.tensor(config.vocab_offsets)[modality_ids] + torch.randint(0, 8, modality_ids.shape)
+
+    def forward():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, output_hidden_states=True)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    ref, g_ref = forward()  # CPU: the module path
+    monkeypatch.setattr(fused, "cuda_kernels", lambda: fused.REFERENCE_KERNELS)
+    monkeypatch.setattr(fused, "use_fast_path", lambda mixer, hidden: fused.supports_fast_path(mixer))
+    calls = []
+    monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(k) or _f(*a, **k))
+    out, g = forward()
+    assert len(calls) == config.n_layer
+    assert all(k.get("sorted_tokens", False) == (decouple != ()) for k in calls)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.logits, ref.logits)
+    for h, h_ref in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(h, h_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
