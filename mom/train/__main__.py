@@ -1,5 +1,7 @@
-"""`python -m mom.train` (and `deepspeed --module mom.train`): the `mom-train` command."""
+"""`python -m mom.train` (and `deepspeed --module mom.train`): the `mom-train` command, `mom.cli.train`."""
 
-from mom.train.loop import main
+import sys
 
-main()
+from mom.cli.train import main
+
+sys.exit(main())

@@ -1,7 +1,5 @@
-"""`mom-train`: pretrain (or fine-tune) a MoM language model with DeepSpeed, from a recipe.
-
-    mom-train --config recipes/tiny_mom.yaml [key=value ...] [--resume auto|none|PATH]
-    deepspeed --num_gpus 8 --module mom.train --config recipes/t2i_760m_mom.yaml
+"""The training loop: pretrain (or fine-tune) a MoM language model with DeepSpeed, from a recipe (`mom-train`,
+`mom.cli.train`, is its command line).
 
 `train()` reads top to bottom: processes -> data -> model -> engine -> resume -> steps (micro-batches: forward,
 backward; skip a non-finite step; optimizer step; log / evaluate / checkpoint) -> final evaluation, checkpoint,
@@ -10,8 +8,6 @@ Hugging Face export, summary. docs/training.md documents every option.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -26,7 +22,7 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-from mom.data.loader import build_loader, read_manifest
+from mom.data.loader import build_loader
 from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
@@ -35,7 +31,8 @@ from mom.train.checkpoint import Checkpointer, atomic_write_text, export_hf
 from mom.train.distributed import Context, all_reduce_sum
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
-from mom.train.recipe import AUTO, Recipe, load_recipe
+from mom.train.recipe import Recipe
+from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 
 MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx")  # batch keys the model consumes
 
@@ -315,68 +312,6 @@ def evaluate(engine: Any, batches: list[dict], ctx: Context, modalities: Sequenc
     return losses(all_reduce_sum(stats).cpu(), modalities)
 
 
-# ---- recipe -> model config, tokenizer -------------------------------------------------------------------------
-def resolve_model_config(recipe: Recipe) -> MoMConfig:
-    """The recipe's MoMConfig, "auto" modalities / vocabulary sizes taken from the corpus manifest.
-
-    The model's modalities may be a leading subset of the corpus's (e.g. ``[text, image]`` of a text / image /
-    speech corpus: the unified ids of those modalities are the same); `check_corpus` then requires the mixture to
-    exclude every document kind that could hold the others.
-    """
-    manifest = read_manifest(recipe.data.path)
-    modalities = manifest.modalities if recipe.model.get("modalities", AUTO) == AUTO else recipe.model["modalities"]
-    sizes = dict(zip(manifest.modalities, manifest.vocab_sizes))
-    missing = [m for m in modalities if m not in sizes]
-    if missing:
-        raise ValueError(f"model.modalities: {missing} not in the corpus {recipe.data.path} ({list(sizes)})")
-    config = recipe.model_config(modalities=tuple(modalities), vocab_sizes=tuple(sizes[m] for m in modalities))
-    check_corpus(config, recipe)
-    return config
-
-
-# Document kinds (mom.data.loader.DOC_KINDS) that may hold tokens of a modality other than text.
-KIND_MODALITIES = {"image_caption": {"image"}, "caption_image": {"image"}, "speech_transcript": {"speech"},
-                   "transcript_speech": {"speech"}, "mixed": None}  # None: any modality
-
-
-def check_corpus(config: MoMConfig, recipe: Recipe) -> None:
-    """The model's vocabulary must be a leading part of the corpus's, and excluded modalities excluded from data."""
-    manifest = read_manifest(recipe.data.path)
-    M = config.num_modalities
-    if tuple(config.modalities) != manifest.modalities[:M] or tuple(config.vocab_sizes) != manifest.vocab_sizes[:M]:
-        raise ValueError(
-            f"model.modalities / model.vocab_sizes {list(config.modalities)} / {list(config.vocab_sizes)} do not "
-            f"match the corpus {recipe.data.path} ({list(manifest.modalities)} / {list(manifest.vocab_sizes)}): "
-            "use auto, or a leading subset of the corpus's modalities"
-        )
-    dropped = set(manifest.modalities[M:])
-    if not dropped:
-        return
-    weights = recipe.data.mixture or {}
-    risky = [k for k, mods in KIND_MODALITIES.items() if (mods is None or mods & dropped) and weights.get(k, 1.0) > 0]
-    if risky:
-        raise ValueError(
-            f"model.modalities {list(config.modalities)} leaves out {sorted(dropped)} of the corpus, so "
-            f"data.mixture must give weight 0 to the document kinds {risky} that may contain them"
-        )
-
-
-def resolve_tokenizer_dir(recipe: Recipe) -> Path | None:
-    """``train.tokenizer_dir``, "auto" meaning the corpus manifest's ``tokenizer_dir`` (None if it has none)."""
-    value = recipe.train.tokenizer_dir
-    if value is None:
-        return None
-    if value != AUTO:
-        path = Path(value)
-        if not path.is_dir():
-            raise FileNotFoundError(f"train.tokenizer_dir: {path} is not a directory")
-        return path
-    corpus = Path(recipe.data.path)
-    rel = json.loads((corpus / "manifest.json").read_text()).get("tokenizer_dir")
-    path = corpus / rel if rel else None
-    return path if path is not None and path.is_dir() else None
-
-
 # ---- output ----------------------------------------------------------------------------------------------------
 def last_record(path: Path, split: str) -> dict[str, Any]:
     """The loss entries of the last ``split`` record of a metrics file ({} if none)."""
@@ -401,65 +336,3 @@ def format_summary(summary: dict[str, Any], modalities: Sequence[str]) -> str:
     if summary["hf_export"]:
         lines.append(f"HF export:  {summary['hf_export']}  (import mom; AutoModelForCausalLM.from_pretrained(...))")
     return "\n".join(lines)
-
-
-def describe(recipe: Recipe, world_size: int) -> str:
-    """What ``--dry-run`` prints: sizes, tokens and FLOPs of the recipe."""
-    config = resolve_model_config(recipe)
-    total, active = flops.count_params(config)
-    tokens = recipe.total_tokens(world_size)
-    per_token = flops.training_flops_per_token(config)
-    return "\n".join([
-        yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
-        "---",
-        f"parameters: {flops.human(total)} total, {flops.human(active)} active per token",
-        f"tokens/step: {recipe.tokens_per_step(world_size):,} (world size {world_size})",
-        f"tokens total: {flops.human(tokens)} over {recipe.train.max_steps:,} steps",
-        f"training FLOPs: {flops.human(per_token)}/token, {flops.human(per_token * tokens)} total",
-    ])
-
-
-# ---- command line ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mom-train",
-        description="Pretrain a MoM / dense Mamba language model with DeepSpeed from a YAML recipe. Runs as one "
-        "process (CPU or one GPU) or under the deepspeed launcher: deepspeed --num_gpus N --module mom.train ...",
-        epilog="Example: mom-train --config recipes/tiny_mom.yaml train.max_steps=50 optim.lr=1e-3. "
-        "See docs/training.md.",
-    )
-    parser.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted recipe overrides, values parsed as YAML (e.g. train.max_steps=20)")
-    parser.add_argument("--resume", metavar="auto|none|PATH",
-                        help="override train.resume: the latest checkpoint of out_dir (auto), a fresh start (none), "
-                        "or a checkpoint directory")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved recipe, parameter count, tokens and FLOPs, then exit")
-    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks assumed by --dry-run")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-        if args.resume:
-            recipe.train.resume = args.resume
-        if args.dry_run:
-            print(describe(recipe, args.world_size))
-            return
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"mom-train: error: {e}\n")
-    try:
-        train(recipe)
-    except (ValueError, FileNotFoundError) as e:  # a recipe / corpus / checkpoint mismatch found before training
-        parser.exit(2, f"mom-train: error: {e}\n")
-    except TrainingError as e:
-        parser.exit(1, f"mom-train: error: {e}\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,8 @@ DRIVER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from mom.train.recipe import load_recipe
-    from mom.train.loop import main, train
+    from mom.cli.train import main
+    from mom.train.loop import train
 
     out, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     main(["--config", overrides[0], *overrides[1:], "deepspeed.zero_stage=2", f"train.out_dir={out}/z2"])
