@@ -1,4 +1,4 @@
-"""Crash-safe DeepSpeed checkpoints (rotation, auto-resume) and the Hugging Face export.
+"""Crash-safe DeepSpeed checkpoints (rotation, auto-resume); the Hugging Face export is `mom.train.export`.
 
 Layout under ``<out_dir>/checkpoints/``::
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mom.train.distributed import Context, barrier
+from mom.utils.atomic import atomic_save, atomic_write_text
 
 LATEST = "latest"
 META = "meta.json"
@@ -69,7 +70,7 @@ class Checkpointer:
             meta = {**meta, "world_size": self.ctx.world_size, "format": 1}
             atomic_write_text(tmp / META, json.dumps(meta, indent=2))
             if final.exists():  # a fresh run (train.resume=none) reaching a step an older run saved
-                _remove_dir(final)
+                remove_dir(final)
             os.rename(tmp, final)
             atomic_write_text(self.root / LATEST, final.name)
             self._rotate()
@@ -79,7 +80,7 @@ class Checkpointer:
     def _rotate(self) -> None:
         complete = sorted(self.complete(), key=lambda p: _step_of(p))
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            _remove_dir(old)
+            remove_dir(old)
 
     # ---- find ----------------------------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -149,37 +150,6 @@ class Checkpointer:
         return meta
 
 
-# ---- Hugging Face export -----------------------------------------------------------------------------------------
-def export_hf(engine: Any, out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, ctx: Context) -> Path:
-    """``save_pretrained`` (safetensors) of the engine's model into ``out``, with the tokenizer in ``out/tokenizer``.
-
-    Works from every ZeRO stage: under ZeRO-3 the full weights are gathered first (``GatheredParameters``; every
-    rank must call this). The weights are the ones the engine computes with (bf16 in a bf16 run). ``out`` is
-    replaced atomically.
-    """
-    out = Path(out)
-    tmp = out.with_name(f".tmp-{out.name}")
-    model = engine.module
-    if ctx.is_main:
-        _remove_dir(tmp)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if ctx.is_main:
-                model.save_pretrained(tmp, safe_serialization=True)
-    elif ctx.is_main:
-        model.save_pretrained(tmp, safe_serialization=True)
-    if ctx.is_main:
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        if out.exists():
-            _remove_dir(out)
-        os.rename(tmp, out)
-    barrier()
-    return out
-
-
 # ---- RNG states --------------------------------------------------------------------------------------------------
 def rng_state(device: torch.device) -> dict[str, Any]:
     """RNG states of torch (CPU and this rank's CUDA device), numpy and python; ``torch.load(weights_only)``-safe."""
@@ -208,23 +178,12 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-# ---- atomic file helpers -----------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# ---- file helpers -----------------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _remove_dir(path: Path) -> None:
+def remove_dir(path: Path) -> None:
     """Delete a directory by first renaming it out of the way, so that no half-deleted checkpoint stays visible."""
     if not path.exists():
         return

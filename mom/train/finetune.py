@@ -30,11 +30,10 @@ from transformers import AutoModelForCausalLM
 import mom  # noqa: F401  (registers MoM with the Auto classes)
 from mom.data.loader import build_loader, read_manifest
 from mom.model.modeling import MoMForCausalLM
-from mom.train.checkpoint import atomic_write_text
 from mom.train.loop import losses, model_inputs, train
 from mom.train.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
 from mom.train.recipe import Recipe, apply_override, parse_yaml
-from mom.utils.atomic import atomic_directory
+from mom.utils.atomic import atomic_directory, atomic_write_text
 from mom.utils.configio import read_mapping
 
 ADAPTER_SUBDIR = "adapter"  # default adapter directory inside train.out_dir

@@ -27,12 +27,14 @@ from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
 from mom.train import distributed
-from mom.train.checkpoint import Checkpointer, atomic_write_text, export_hf
+from mom.train.checkpoint import Checkpointer
 from mom.train.distributed import Context, all_reduce_sum
+from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
 from mom.train.recipe import Recipe
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
+from mom.utils.atomic import atomic_write_text
 
 MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx")  # batch keys the model consumes
 

@@ -1,11 +1,11 @@
-"""Writing a directory so that it appears whole or not at all."""
+"""The one atomic writer: files and directories appear whole or not at all (temp beside the target, then rename)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,3 +34,42 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; on success it is fsynced and renamed onto ``target``.
+
+    On any error the temporary file is removed and ``target`` is left as it was. ``mode`` is the file's permission
+    (temporary files are created private).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(mode)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_save(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp_path)`` (e.g. ``lambda p: torch.save(obj, p)``), then the atomic rename onto ``target``."""
+    with atomic_file(target) as tmp:
+        write(tmp)

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 import mom
 from mom.train import checkpoint as ckpt_module
-from mom.train.checkpoint import LATEST, META, Checkpointer, export_hf, rng_state, set_rng_state
+from mom.train.checkpoint import LATEST, META, Checkpointer, rng_state, set_rng_state
 from mom.train.distributed import Context
+from mom.train.export import export_hf
 
 CTX = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), precision="fp32")
 
