@@ -1,0 +1,166 @@
+"""Benchmark generation: MoM's `generate` against mamba-ssm's `MambaLMHeadModel.generate(cg=True)` (and, with --hf,
+transformers' `MambaForCausalLM.generate`), same process, same prompt, bf16 weights, greedy.
+
+    python benchmarks/bench_generate.py                       # 768x24, prompt 2048, 256 new tokens, batch 1 and 64
+    python benchmarks/bench_generate.py --batch 1 --new 64 --hf
+
+For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only where
+the side supports it), decode tokens/s (batch x new tokens over generate's time minus the prefill's), and the peak
+memory of generate next to the memory after the prefill (the difference should not grow with the new tokens).
+A side that runs out of memory is reported as OOM. Prompts interleave text, image and speech runs (`bench_common`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import interleaved_modalities  # noqa: E402
+
+import mom  # noqa: E402
+
+VOCAB = 50280  # mamba-ssm's GPT-NeoX vocabulary (50277) padded to a multiple of 8
+VOCAB_SPLIT = (VOCAB - 8192 - 4096, 8192, 4096)  # text / image / speech
+
+
+def prompt_ids(config: mom.MoMConfig, batch: int, length: int) -> torch.Tensor:
+    """(batch, length) ids, modalities interleaved in runs, each id drawn from its modality's vocabulary."""
+    modality = interleaved_modalities(batch, length, device="cuda")
+    offsets = torch.tensor(config.vocab_offsets, device="cuda")
+    sizes = torch.tensor(config.vocab_sizes, device="cuda")
+    return offsets[modality] + (torch.rand(batch, length, device="cuda") * sizes[modality]).long()
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(seconds, peak GiB allocated) of one call."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+
+
+def mom_side(d_model: int, n_layer: int):
+    config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+    model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    for name, p in model.named_parameters():  # A_log and D stay fp32, as in training and in from_pretrained
+        if name.endswith(("A_log", "D")):
+            p.data = p.data.float()
+
+    def prefill(ids: torch.Tensor) -> None:
+        model(ids, use_cache=True, logits_to_keep=1)
+
+    def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+
+    return model, prefill, generate
+
+
+def mamba_ssm_side(d_model: int, n_layer: int):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.utils.generation import InferenceParams
+
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba1"},
+                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+
+    def prefill(ids: torch.Tensor) -> None:
+        params = InferenceParams(max_seqlen=ids.shape[1] + 1, max_batch_size=ids.shape[0])
+        model(ids, inference_params=params, num_last_tokens=1)
+
+    def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
+        return model.generate(ids, max_length=ids.shape[1] + new, cg=True, top_k=1)
+
+    return model, prefill, generate
+
+
+def hf_side(d_model: int, n_layer: int):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=d_model, num_hidden_layers=n_layer, state_size=16,
+                      residual_in_fp32=True)
+    model = MambaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+    def prefill(ids: torch.Tensor) -> None:
+        model(ids, use_cache=True, logits_to_keep=1)
+
+    def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+
+    return model, prefill, generate
+
+
+SIDES = {"mom": mom_side, "mamba-ssm": mamba_ssm_side, "transformers": hf_side}
+
+
+@torch.inference_mode()
+def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, new: int, rounds: int) -> dict:
+    torch.cuda.empty_cache()
+    model, prefill, generate = SIDES[name](d_model, n_layer)
+    config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
+    ids = prompt_ids(config, batch, prompt)
+    result: dict = {"side": name}
+    try:
+        prefill(ids)  # warm-up: kernels, autotuning
+        generate(ids, 2)  # warm-up: mamba-ssm captures its CUDA graph here
+        pre = min(timed(lambda: prefill(ids))[0] for _ in range(rounds))
+        result["prefill_ms"] = pre * 1e3
+        runs = [timed(lambda: generate(ids, new)) for _ in range(rounds)]
+        gen_s, peak = min(runs)
+        result["decode_tok_s"] = batch * new / max(gen_s - pre, 1e-9)
+        result["ms_per_step"] = (gen_s - pre) / new * 1e3
+        result["peak_gib"] = peak
+        short_s, short_peak = timed(lambda: generate(ids, max(new // 8, 2)))
+        result["peak_gib_short"] = short_peak  # peak with 8x fewer new tokens: equal if memory is constant
+    except torch.cuda.OutOfMemoryError:
+        result["oom"] = True
+    del model
+    return result
+
+
+def fmt(r: dict) -> str:
+    if r.get("oom"):
+        return f"  {r['side']:<13} OOM"
+    return (f"  {r['side']:<13} prefill {r['prefill_ms']:9.1f} ms   decode {r['decode_tok_s']:10.1f} tok/s "
+            f"({r['ms_per_step']:7.2f} ms/step)   peak {r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="768x24", help="D_MODELxN_LAYER")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1 and 64)")
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=1, help="timed calls per side; the fastest counts")
+    parser.add_argument("--hf", action="store_true", help="also time transformers' MambaForCausalLM")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_generate: needs a CUDA device", file=sys.stderr)
+        return 2
+    d, n = (int(v) for v in args.model.split("x"))
+    print(f"device: {torch.cuda.get_device_name()}  model {d}x{n}  prompt {args.prompt}  new {args.new}")
+    sides = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else [])
+    for batch in args.batch or [1, 64]:
+        print(f"batch {batch}:")
+        results = {s: bench_side(s, d, n, batch, args.prompt, args.new, args.rounds) for s in sides}
+        for r in results.values():
+            print(fmt(r))
+        m, base = results["mom"], results["mamba-ssm"]
+        if not (m.get("oom") or base.get("oom")):
+            print(f"  ratio MoM / mamba-ssm: decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s, "
+                  f"prefill {base['prefill_ms'] / m['prefill_ms']:.3f}x speed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
