@@ -1,7 +1,7 @@
 """The Hugging Face form of a `TextTokenizer`: ``tokenizer.json`` + ``tokenizer_config.json`` that plain
 ``AutoTokenizer.from_pretrained(dir)`` loads (no ``import mom``), giving the same ids as ``TextTokenizer.encode``.
 
-The SentencePiece model (BPE or unigram, identity normaliser, no dummy prefix, byte fallback) becomes a `tokenizers`
+The SentencePiece BPE model (identity normaliser, no dummy prefix, byte fallback) becomes a `tokenizers`
 model over the same pieces and ids. SentencePiece writes a space as ``▁`` inside pieces; here the pieces hold the
 space itself, so that a literal ``▁`` in the input is not in the vocabulary and falls back to its three byte tokens,
 exactly as `TextTokenizer` encodes it. No normaliser, no pre-tokenizer: the whole string is one word, as in
@@ -47,7 +47,9 @@ def _model_proto(text: TextTokenizer):
 
 
 def build_tokenizer(text: TextTokenizer):
-    """A `tokenizers.Tokenizer` with the pieces, ids and encoding of ``text`` (BPE or unigram SentencePiece)."""
+    """A `tokenizers.Tokenizer` with the pieces, ids and encoding of ``text`` (a SentencePiece BPE model).
+
+    ``ValueError`` for a unigram model, or if the result disagrees with ``text`` on any of `PROBES`."""
     from sentencepiece import sentencepiece_model_pb2
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
@@ -59,16 +61,14 @@ def build_tokenizer(text: TextTokenizer):
     pieces = [p.piece if p.type in literal else p.piece.replace(SPACE_META, " ") for p in proto.pieces]
     if len(set(pieces)) != len(pieces):
         raise ValueError("text model: two pieces differ only in '▁' versus ' ' and cannot be told apart")
-    if kind == "BPE":
-        vocab = {piece: i for i, piece in enumerate(pieces)}
-        normal = [p.type == piece_type.NORMAL for p in proto.pieces]
-        merges = _bpe_merges(pieces, [p.score for p in proto.pieces], normal)
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[UNK_ID], byte_fallback=True, fuse_unk=True)
-    elif kind == "UNIGRAM":
-        scores = [(piece, p.score) for piece, p in zip(pieces, proto.pieces)]
-        model = models.Unigram(scores, unk_id=UNK_ID, byte_fallback=True)
-    else:
-        raise ValueError(f"text model: SentencePiece model type {kind} has no Hugging Face conversion (BPE, UNIGRAM)")
+    if kind != "BPE":
+        # A `tokenizers` Unigram model would match control and byte pieces ("<s>", "<0x3C>") in text whose
+        # characters are out of vocabulary, where SentencePiece falls back to bytes: no exact conversion.
+        raise ValueError(f"text model: only SentencePiece BPE models convert exactly to Hugging Face, not {kind}")
+    normal = [p.type == piece_type.NORMAL for p in proto.pieces]
+    merges = _bpe_merges(pieces, [p.score for p in proto.pieces], normal)
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[UNK_ID], byte_fallback=True, fuse_unk=True)
     tokenizer = Tokenizer(model)
     tokenizer.add_special_tokens([AddedToken(t.piece, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
