@@ -191,10 +191,12 @@ def _as_list(items: Any) -> list:
 
 
 def _as_image(item: Any) -> Any:
-    """A PIL image, or a uint8 (h, w, 3) array (PIL images pass through; the image tokenizer takes both)."""
-    if hasattr(item, "convert"):
+    """A PIL image in RGB, from a PIL image or a uint8 (h, w, 3) array (the image tokenizer crops and resizes it)."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
         return item.convert("RGB")
     array = np.asarray(item)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"images: expected PIL images or uint8 (h, w, 3) arrays, got {array.dtype} {array.shape}")
-    return array
+    return Image.fromarray(array)
