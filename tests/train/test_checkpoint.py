@@ -137,5 +137,5 @@ def test_export_hf_loads_with_auto_class_and_copies_tokenizer(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)  # BLAS: ~1e-8
     assert not list(out.parent.glob(".tmp-*"))
