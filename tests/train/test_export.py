@@ -2,6 +2,8 @@
 config, model card), written atomically, refused whole when the tokenizer does not fit the model."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +153,19 @@ def test_tokenizer_loads_without_importing_mom(exported):
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == f"3 {[2] + TextTokenizer.load(SMALL / 'text').encode('a cat')}"
+
+
+def test_the_snippets_of_docs_huggingface_md_run(tmp_path, monkeypatch):
+    """Every ```python block of docs/huggingface.md, in order, in one namespace, against a tiny export placed where
+    the quick start puts its own (runs/tiny_mom/hf), with data/ of the repository beside it."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "huggingface.md").read_text(), re.S)
+    assert len(blocks) >= 10
+    export_hf(StubEngine(tiny_model()), tmp_path / "runs" / "tiny_mom" / "hf", SMALL, CTX)
+    (tmp_path / "data").symlink_to(ROOT / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/huggingface.md python block {i}", "exec"), namespace)
+    assert sorted(p.suffix for p in (tmp_path / "samples" / "hf").iterdir()) == [".png"]
+    assert os.path.isdir(tmp_path / "runs" / "hf_trainer")
