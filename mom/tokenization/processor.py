@@ -142,6 +142,10 @@ class MoMProcessor(ProcessorMixin):
         return parts
 
     # ---- persistence ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``processor_config.json`` as `save_pretrained` writes it (also what ``repr`` shows)."""
+        return processor_config(MEDIA_DIR, self.modalities)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """The text tokenizer, the multimodal tokenizer (in ``tokenizer/``) and ``processor_config.json``."""
         directory = Path(save_directory)

@@ -121,6 +121,12 @@ def test_save_pretrained_then_auto_processor(tmp_path, processor, image):
     assert loaded(**kwargs)["input_ids"] == processor(**kwargs)["input_ids"]
 
 
+def test_repr_and_tokenizer_decode(processor):
+    assert '"modalities": [\n    "text",' in repr(processor)
+    ids = processor(text="hello there")["input_ids"]
+    assert processor.decode(ids, skip_special_tokens=True) == "hello there"
+
+
 def test_missing_processor_config_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="processor_config.json not found"):
         MoMProcessor.from_pretrained(tmp_path)
