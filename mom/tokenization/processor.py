@@ -29,6 +29,7 @@ from mom.utils.atomic import atomic_write_text
 
 PROCESSOR_CONFIG_FILE = "processor_config.json"
 MEDIA_DIR = "tokenizer"  # where save_pretrained puts the multimodal tokenizer (as the export does)
+INPUT_NAMES = {"image": "image", "speech": "audio"}  # modality -> what __call__ calls its inputs
 PLACEHOLDERS = {SPECIAL_TOKENS[SPAN_MARKERS[m][0]].piece: m for m in SPAN_MARKERS}  # "<image>" -> "image", ...
 
 
@@ -117,8 +118,8 @@ class MoMProcessor(ProcessorMixin):
                 raise ValueError(f"{piece} in the text, but the model has no {modality} modality "
                                  f"(modalities: {list(self.modalities)})")
             if not queues[modality]:
-                raise ValueError(f"{piece} placeholder without a matching {'image' if modality == 'image' else 'audio'}"
-                                 " input: pass one per placeholder")
+                raise ValueError(f"{piece} placeholder without a matching {INPUT_NAMES[modality]} input: pass one "
+                                 "per placeholder")
             item = queues[modality].pop(0)
             if modality == "image":
                 ids += self.media.image_span(self.media.encode_images([_as_image(item)])[0])
