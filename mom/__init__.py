@@ -1,17 +1,20 @@
 """Mixture-of-Mamba (MoM): multi-modal Mamba language models with modality-aware sparsity.
 
-``import mom`` registers `MoMConfig` / `MoMModel` / `MoMForCausalLM` with ``transformers``' Auto classes.
+``import mom`` registers `MoMConfig` / `MoMModel` / `MoMForCausalLM` with ``transformers``' Auto classes, and
+`MoMProcessor` with ``AutoProcessor`` (a few ms: the image and speech tokenizers load only when used).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM, MoMModel
 from mom.model.routing import RoutedLinear, Routing
+from mom.tokenization.processor import MoMProcessor
 
 AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
 AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
 AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)
+AutoProcessor.register(MoMConfig, MoMProcessor, exist_ok=True)
 
-__all__ = ["MoMCache", "MoMConfig", "MoMForCausalLM", "MoMModel", "RoutedLinear", "Routing"]
+__all__ = ["MoMCache", "MoMConfig", "MoMForCausalLM", "MoMModel", "MoMProcessor", "RoutedLinear", "Routing"]
