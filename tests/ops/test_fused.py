@@ -1,6 +1,6 @@
 """The fused mixer (`mom.ops.fused`) against the module path, on CPU with the reference kernels (fp64).
 
-The same Function runs on GPU with mamba-ssm's kernels (tests/test_cuda.py); here its routing, layouts, expanded
+The same Function runs on GPU with mamba-ssm's kernels (tests/ops/test_cuda.py); here its routing, layouts, expanded
 dt_proj GEMM and hand-written backward are checked exactly, for every decouple set and modality layout.
 """
 
@@ -44,7 +44,7 @@ def run(mixer, modality_ids, fast: bool, seed=1):
     torch.manual_seed(seed)
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
     routing = Routing.build(modality_ids, len(MODALITIES))
-    out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS) if fast else mixer(hidden, routing)
+    out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS) if fast else mixer(hidden, routing)
     out.backward(torch.randn_like(out))
     grads = {name: p.grad.clone() for name, p in mixer.named_parameters()}
     mixer.zero_grad(set_to_none=True)
@@ -71,7 +71,7 @@ def test_backward_twice_through_a_retained_graph_names_the_problem():
     an error that says so (and how to avoid it) instead of computing on freed tensors."""
     mixer = make_mixer(PROJECTIONS)
     hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
-    out = fused.fused_mixer(mixer, hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_KERNELS)
+    out = mixer.fused_forward(hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_OPS)
     out.sum().backward(retain_graph=True)
     assert hidden.grad is not None
     with pytest.raises(RuntimeError, match="ran twice.*use_fast_path=False"):
@@ -86,7 +86,7 @@ def test_saved_tensor_hooks_see_every_activation():
     routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
-        out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS)
+        out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS)
     n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
     assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
     out.sum().backward(retain_graph=True)
@@ -108,20 +108,19 @@ def test_absent_modality_gets_zero_expert_grads():
 def test_fast_path_only_for_plain_present_linear_experts_on_cuda():
     mixer = make_mixer(PROJECTIONS).float()
     hidden = torch.randn(1, 4, 12)
-    assert not fused.use_fast_path(mixer, hidden)  # CPU tensors: the module path
-    assert fused.supports_fast_path(mixer)
+    assert not mixer.fast_path_applies(hidden)  # CPU tensors: the module path
+    assert mixer.fast_path_weights() is not None
     with torch.no_grad():  # as ZeRO-3 leaves a module's weights until the module is called
         mixer.conv1d.weight.data = torch.empty(0)
-    assert not fused.supports_fast_path(mixer)
+    assert mixer.fast_path_weights() is None
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8),
                                                                    d_model=12, n_layer=1)),
                                   peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
     mixer = wrapped.base_model.model.backbone.layers[0].mixer
-    assert not fused.supports_fast_path(mixer)  # a LoRA-wrapped expert: defer to module calls
+    assert mixer.fast_path_weights() is None  # a LoRA-wrapped expert: defer to module calls
     with pytest.raises(ValueError, match="plain nn.Linear"):
-        fused.fused_mixer(mixer, hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3),
-                          fused.REFERENCE_KERNELS)
+        mixer.fused_forward(hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3), fused.REFERENCE_OPS)
 
 
 def test_fused_bf16_weights_close_to_module_path():
@@ -131,7 +130,7 @@ def test_fused_bf16_weights_close_to_module_path():
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.bfloat16)
     routing = Routing.build(modality_ids, len(MODALITIES))
     ref = mixer(hidden, routing).float()
-    out = fused.fused_mixer(mixer, hidden.requires_grad_(), routing, fused.REFERENCE_KERNELS)
+    out = mixer.fused_forward(hidden.requires_grad_(), routing, fused.REFERENCE_OPS)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
@@ -163,7 +162,7 @@ def test_grouped_gemm_matches_per_expert_gemms(counts):
 
 def test_layout_gathers_on_cpu():
     """`mom.ops.triton.gather` off CUDA: the same results as the Triton kernels' definition
-    (tests/test_cuda.py runs those)."""
+    (tests/ops/test_cuda.py runs those)."""
     x = torch.randn(7, 5)
     index = torch.tensor([3, 0, 6, 1])
     assert torch.equal(gather_rows_t(x, index), x[index].t()) and gather_rows_t(x, index).is_contiguous()
@@ -200,8 +199,8 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
         return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
     ref, g_ref = forward()  # CPU: the module path
-    monkeypatch.setattr(fused, "cuda_kernels", lambda: fused.REFERENCE_KERNELS)
-    monkeypatch.setattr(fused, "use_fast_path", lambda mixer, hidden: fused.supports_fast_path(mixer))
+    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)  # CPU tensors take the fast path, on the reference ops
     calls = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(k) or _f(*a, **k))
     out, g = forward()
