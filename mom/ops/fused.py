@@ -208,11 +208,16 @@ class MixerWeights:
     def routed(self, p: Projection) -> bool:
         return self.experts[p] > 1
 
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor: the projections' `params`, then the conv's weight (and bias), A_log and D."""
+        shared = (self.conv_weight, self.conv_bias, self.A_log, self.D)
+        return (*self.params, *(t for t in shared if t is not None))
+
     def present(self) -> bool:
         """Whether every weight holds its values: ZeRO-3 leaves a module's weights empty until the module itself is
-        called, and the Function reads them without calling any module."""
-        shared = (self.conv_weight, self.conv_bias, self.A_log, self.D)
-        return all(t.numel() > 0 for t in self.params) and all(t.numel() > 0 for t in shared if t is not None)
+        called, and the Function reads them without calling any module. (Read at every forward: one C call each.)"""
+        return min(map(torch.Tensor.numel, self.tensors)) > 0
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,9 @@ import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
 from mom.ops import fused
+from mom.ops.projections import Projection
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t
+from mom.utils.errors import MissingDependencyError
 
 MODALITIES = ("text", "image", "speech")
 
@@ -212,3 +214,58 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
         torch.testing.assert_close(h, h_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_ops_import_nothing_above_them():
+    """`mom.ops` takes tensors: none of its modules imports the model (or anything above ops), only ops and utils."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fused.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] == "mom":
+                    assert name.startswith(("mom.ops", "mom.utils")), f"{path.relative_to(root)} imports {name}"
+
+
+def test_gathered_weights_are_reused_until_a_module_or_parameter_is_assigned():
+    """The mixer gathers its fast-path weights once and reuses them (host time at every forward), but never stale
+    ones: after peft wraps an expert (a first forward already gathered), the fast path defers to the module path;
+    after a parameter is replaced (``load_state_dict(assign=True)``), the new one is read."""
+    peft = pytest.importorskip("peft")
+    model = mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=1))
+    mixer = model.backbone.layers[0].mixer
+    weights = mixer.fast_path_weights()
+    assert weights is mixer.fast_path_weights()  # reused
+    assert weights.weights[Projection.in_proj][1] is mixer.in_proj.image.weight
+    assert weights.routed(Projection.x_proj) and weights.experts == (3, 3, 3, 3)
+    state = {k: v.clone() + 1 for k, v in mixer.state_dict().items()}
+    mixer.load_state_dict(state, assign=True)
+    replaced = mixer.fast_path_weights()
+    assert replaced is not weights and replaced.D is mixer.D and torch.equal(replaced.D, state["D"])
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
+    assert mixer.fast_path_weights() is None
+
+
+def test_fused_mixer_names_bad_inputs():
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64)
+    routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
+    weights, routes = mixer.fast_path_weights(), routing.routes(torch.float64)
+    with pytest.raises(MissingDependencyError, match="REFERENCE_OPS"):  # no CUDA ops on this machine
+        fused.fused_mixer(hidden, weights, routes)
+    with pytest.raises(ValueError, match="2 x 8 tokens but routes for 18"):
+        fused.fused_mixer(hidden[:, :8], weights, routes, fused.REFERENCE_OPS)
+    two = Routing.build(torch.zeros(2, 9, dtype=torch.long), 2).routes(torch.float64)
+    with pytest.raises(ValueError, match=r"experts per projection \(3, 3, 3, 3\) but routes for 2 experts"):
+        fused.fused_mixer(hidden, weights, two, fused.REFERENCE_OPS)
+    with pytest.raises(ValueError, match=r"onehot has shape \(3, 17\), expected \(3, 18\)"):
+        fused.Routes(routes.perm, routes.inv_perm, routes.offsets, routes.bounds, routes.expert_ids,
+                     routes.onehot[:, 1:])
+    with pytest.raises(ValueError, match="dt_proj has 3 weights but 2 biases"):
+        fused.MixerWeights(weights.weights, (*weights.biases[:2], weights.biases[2][:2], weights.biases[3]),
+                           weights.conv_weight, weights.conv_bias, weights.A_log, weights.D)
