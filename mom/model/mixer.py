@@ -177,7 +177,7 @@ class MoMMixer(nn.Module):
         ``sorted_tokens`` as in `forward`."""
         weights = self.fast_path_weights()
         if weights is None:
-            raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
+            raise ValueError("the fused mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
                              "or ZeRO-3-partitioned ones take the module path")
         routes = routing.routes(fused.compute_dtype(hidden))
         return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens)

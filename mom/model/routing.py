@@ -111,7 +111,7 @@ class Routing:
 
 class _PermuteRows(torch.autograd.Function):
     """rows -> rows[perm]. The gradient of a permutation is the inverse permutation: a gather again, instead of
-    the scatter-add that ``index_select``'s backward runs (measured 10x slower on CPU, atomics on GPU)."""
+    the scatter-add that ``index_select``'s backward runs (much slower on CPU, atomics on GPU: docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ path applies and gathers its parameters (`MixerWeights`); the model's routing gi
 
 * The conv and the scan read activations **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in
   sequence order, viewed as ``(b, f, l)`` with strides ``(l, n, 1)``. A shared projection is one GEMM ``W @ X`` on
-  it, so no activation is transposed by a copy (the module path's transposing copies were a third of its GPU time).
+  it, so no activation is transposed by a copy (the module path's transposing copies were a large share of its GPU
+  time: docs/performance.md).
 * Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`Routes.perm`: the permutation
   is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows its weight
   (group ends on the device, `Routes.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per expert
