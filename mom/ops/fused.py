@@ -1,8 +1,9 @@
 """The fast path of `MoMMixer`: one autograd Function over the whole mixer, in the scan's layout.
 
-Same maths as the module path in `mom.model.mixer` (which stays the reference it is tested against), organised the way
-mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba. It takes tensors, never modules: the mixer decides when this
-path applies and gathers its parameters (`MixerWeights`); the model's routing gives where each token goes (`Routes`).
+Same maths as the mixer's module path (`MoMMixer.forward`, which stays the reference it is tested against), organised
+the way mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba. It takes tensors, never modules: the mixer decides
+when this path applies and gathers its parameters (`MixerWeights`); the model's routing gives where each token goes
+(`Routes`).
 
 * The conv and the scan read activations **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in
   sequence order, viewed as ``(b, f, l)`` with strides ``(l, n, 1)``. A shared projection is one GEMM ``W @ X`` on
