@@ -211,6 +211,15 @@ class MixerWeights:
         return self.experts[p] > 1
 
     @cached_property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """(out, in) features per projection (read when the weights are present, so not ZeRO-3's empty ones)."""
+        return tuple(tuple(w[0].shape) for w in self.weights)
+
+    @cached_property
+    def has_bias(self) -> tuple[bool, ...]:
+        return tuple(b is not None for b in self.biases)
+
+    @cached_property
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor: the projections' `params`, then the conv's weight (and bias), A_log and D."""
         shared = (self.conv_weight, self.conv_bias, self.A_log, self.D)
@@ -265,22 +274,14 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     if any(k > 1 and k != len(routes.bounds) for k in weights.experts):
         raise ValueError(f"fused_mixer: experts per projection {weights.experts} but routes for "
                          f"{len(routes.bounds)} experts")
-    layout = _Layout(b, l, weights.conv_weight.shape[0], weights.weights[Projection.dt_proj][0].shape[1],
-                     weights.A_log.shape[1], weights.experts, _shapes(weights), _has_bias(weights), routes.bounds,
-                     sorted_tokens, ops)
+    (_, d_inner), (_, dt_rank) = weights.shapes[Projection.x_proj], weights.shapes[Projection.dt_proj]
+    layout = _Layout(b, l, d_inner, dt_rank, weights.A_log.shape[1], weights.experts, weights.shapes,
+                     weights.has_bias, routes.bounds, sorted_tokens, ops)
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
     return _FusedMixer.apply(hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids,
                              weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout,
                              *weights.params)
-
-
-def _shapes(weights: MixerWeights) -> tuple[tuple[int, int], ...]:
-    return tuple(tuple(w[0].shape) for w in weights.weights)
-
-
-def _has_bias(weights: MixerWeights) -> tuple[bool, ...]:
-    return tuple(b is not None for b in weights.biases)
 
 
 # ---- the Function ---------------------------------------------------------------------------------------------------
