@@ -58,19 +58,19 @@ class MoMMixer(nn.Module):
         self.use_fast_path = config.use_fast_path  # `mom.ops.fused` when its kernels are present
         self.d_inner, self.d_state, self.dt_rank = config.d_inner, config.d_state, config.dt_rank
 
-        def linear(name: str, in_f: int, out_f: int, bias: bool) -> nn.Module:
-            if name in config.decouple:
+        def linear(p: Projection, in_f: int, out_f: int, bias: bool) -> nn.Module:
+            if p.name in config.decouple:
                 return RoutedLinear(config.modalities, in_f, out_f, bias)
             return nn.Linear(in_f, out_f, bias=bias)
 
         di, n, r = self.d_inner, self.d_state, self.dt_rank
-        self.in_proj = linear("in_proj", config.d_model, 2 * di, config.bias)
+        self.in_proj = linear(Projection.in_proj, config.d_model, 2 * di, config.bias)
         self.conv1d = nn.Conv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
-        self.x_proj = linear("x_proj", di, r + 2 * n, False)
-        self.dt_proj = linear("dt_proj", r, di, True)
+        self.x_proj = linear(Projection.x_proj, di, r + 2 * n, False)
+        self.dt_proj = linear(Projection.dt_proj, r, di, True)
         self.A_log = nn.Parameter(torch.empty(di, n))  # A = -exp(A_log), S4D-real init in _init_weights
         self.D = nn.Parameter(torch.empty(di))
-        self.out_proj = linear("out_proj", di, config.d_model, config.bias)
+        self.out_proj = linear(Projection.out_proj, di, config.d_model, config.bias)
         # Excluded from weight decay (mom.train.optim reads `_no_weight_decay`).
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
