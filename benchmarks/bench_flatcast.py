@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import measure, mom_mixer  # noqa: E402
 
 from mom.model.config import PROJECTIONS  # noqa: E402
-from mom.ops.fused import _fused_inputs  # noqa: E402
 from mom.ops.triton.flatcast import flat_cast  # noqa: E402
 
 
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
         return 2
     print("device:", torch.cuda.get_device_name())
     for d in args.d_model or [768, 1024]:
-        _, params, _ = _fused_inputs(mom_mixer(3, d, PROJECTIONS))
+        params = mom_mixer(3, d, PROJECTIONS).fast_path_weights().params  # what the fast path casts per forward
         flat = torch.cat([p.reshape(-1) for p in params])
         assert torch.equal(flat_cast(params, torch.bfloat16), flat.to(torch.bfloat16))
         variants = {

@@ -12,7 +12,7 @@ dense layer (the target). Each step is a training step's fwd+bwd: the gradients 
 micro-batch of gradient accumulation does). The other rows attribute the gap: mamba-ssm without its fused path,
 our mixer with ``decouple=()`` (no routing), and each of ours on the module path (``use_fast_path=False``:
 per-expert module calls, the reference the fast path is tested against).
-"sorted stream" is the fast path as the LM runs it (`mom.ops.fused.sorted_stream`): its input and output rows are in
+"sorted stream" is the fast path as the LM runs it (`mom.model.mixer.sorted_stream`): its input and output rows are in
 the routing's sorted order, so the row gathers around in_proj and out_proj are not needed (the model permutes its
 stream once per forward instead). Routing is built once per model forward and shared by all layers, so its cost is
 printed separately.
@@ -47,9 +47,10 @@ def _step(layer, routing, x, grad, sorted_tokens=False, accumulate=False):
 
 
 def _build_routing(modality_ids, num_modalities):
-    """What one model forward computes of its routing: permutation, inverse, group offsets, one-hot, expert ids."""
+    """What one model forward computes of its routing for the fast path (`Routing.routes`): permutation, inverse,
+    group offsets and bounds, expert ids, one-hot."""
     routing = Routing.build(modality_ids, num_modalities)
-    routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(torch.bfloat16), routing.expert_ids
+    routing.routes(torch.bfloat16)
     return routing
 
 

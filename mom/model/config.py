@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PretrainedConfig
 
-PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+from mom.ops.projections import PROJECTIONS  # re-exported: flops, lora and the benchmarks import it from here
 
 
 class MoMConfig(PretrainedConfig):

@@ -13,11 +13,16 @@ Projections named in ``config.decouple`` are `RoutedLinear` (one ``nn.Linear`` p
 ``nn.Linear``; with ``decouple=()`` this is exactly a dense Mamba mixer.
 
 Training forwards on CUDA take the fast path, `mom.ops.fused` (the same maths as one autograd Function in the scan's
-layout); this module path is the reference it is tested against, and runs everything else: CPU, caches and
-generation, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned weights.
+layout), which takes tensors: the mixer decides when it applies (`MoMMixer.fast_path_applies`) and gathers its
+parameters for it (`MoMMixer.fast_path_weights`). This module path is the reference it is tested against, and runs
+everything else: CPU, caches and generation, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned
+weights.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +31,24 @@ from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.routing import RoutedLinear, Routing, project
 from mom.ops import backend, fused
+from mom.ops.projections import Projection
+
+_generation = object()  # replaced whenever a module or parameter is assigned to any module (`_watch_registrations`)
+
+
+def _new_generation(module: nn.Module, name: str, value) -> None:
+    global _generation
+    _generation = object()
+
+
+@functools.cache
+def _watch_registrations() -> None:
+    """Start a new generation, process-wide, at every module or parameter assigned to a module (torch's global
+    registration hooks: peft wrapping an expert, ``load_state_dict(assign=True)``, a plain assignment). A mixer's
+    gathered `MixerWeights` are valid within the generation they were gathered in; a token object, not a count, so
+    that a copied or unpickled mixer's never matches."""
+    torch.nn.modules.module.register_module_module_registration_hook(_new_generation)
+    torch.nn.modules.module.register_module_parameter_registration_hook(_new_generation)
 
 
 class MoMMixer(nn.Module):
@@ -35,22 +58,23 @@ class MoMMixer(nn.Module):
         self.use_fast_path = config.use_fast_path  # `mom.ops.fused` when its kernels are present
         self.d_inner, self.d_state, self.dt_rank = config.d_inner, config.d_state, config.dt_rank
 
-        def linear(name: str, in_f: int, out_f: int, bias: bool) -> nn.Module:
-            if name in config.decouple:
+        def linear(p: Projection, in_f: int, out_f: int, bias: bool) -> nn.Module:
+            if p.name in config.decouple:
                 return RoutedLinear(config.modalities, in_f, out_f, bias)
             return nn.Linear(in_f, out_f, bias=bias)
 
         di, n, r = self.d_inner, self.d_state, self.dt_rank
-        self.in_proj = linear("in_proj", config.d_model, 2 * di, config.bias)
+        self.in_proj = linear(Projection.in_proj, config.d_model, 2 * di, config.bias)
         self.conv1d = nn.Conv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
-        self.x_proj = linear("x_proj", di, r + 2 * n, False)
-        self.dt_proj = linear("dt_proj", r, di, True)
+        self.x_proj = linear(Projection.x_proj, di, r + 2 * n, False)
+        self.dt_proj = linear(Projection.dt_proj, r, di, True)
         self.A_log = nn.Parameter(torch.empty(di, n))  # A = -exp(A_log), S4D-real init in _init_weights
         self.D = nn.Parameter(torch.empty(di))
-        self.out_proj = linear("out_proj", di, config.d_model, config.bias)
+        self.out_proj = linear(Projection.out_proj, di, config.d_model, config.bias)
         # Excluded from weight decay (mom.train.optim reads `_no_weight_decay`).
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
+        self._fast_path_weights: tuple[object, fused.MixerWeights | None] = (None, None)  # (generation, weights)
 
     def forward(
         self,
@@ -67,14 +91,14 @@ class MoMMixer(nn.Module):
         and after the conv so that they leave no trace in the conv window or the SSM state. ``doc_start`` (b, l)
         bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
         hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
-        the model decides, `mom.ops.fused.sorted_stream`).
+        the model decides, `sorted_stream`).
         """
         if sorted_tokens:
-            return fused.fused_mixer(self, hidden, routing, sorted_tokens=True)
+            return self.fused_forward(hidden, routing, sorted_tokens=True)
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
-        if cache is None and mask is None and doc_start is None and fused.use_fast_path(self, hidden):
-            return fused.fused_mixer(self, hidden, routing)
+        if cache is None and mask is None and doc_start is None and self.fast_path_applies(hidden):
+            return self.fused_forward(hidden, routing)
         l = hidden.shape[1]
         if mask is not None:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
@@ -109,6 +133,55 @@ class MoMMixer(nn.Module):
             y = result
         return project(self.out_proj, y.transpose(1, 2), routing)  # (b, l, d_model)
 
+    def fast_path_weights(self) -> fused.MixerWeights | None:
+        """This mixer's parameters as the fused Function reads them (`mom.ops.fused.MixerWeights`), or None when the
+        Function cannot compute this mixer: an expert that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be
+        called as a module) or a weight that is absent (ZeRO-3 leaves a module's weights empty until the module is
+        called; the Function reads them without calling it).
+
+        It runs at every layer's forward, and each ``nn.Module`` attribute read of a submodule or parameter costs host
+        time (``__getattr__``), which a small model's step can be bound by: the weights are gathered once and reused
+        until a module or parameter is assigned anywhere (`_watch_registrations`); only their presence is read again."""
+        _watch_registrations()
+        generation, weights = self._fast_path_weights
+        if generation is not _generation:
+            weights = self._gather_fast_path_weights()
+            self._fast_path_weights = (_generation, weights)
+        return weights if weights is not None and weights.present() else None
+
+    def _gather_fast_path_weights(self) -> fused.MixerWeights | None:
+        weights, biases = [], []
+        for p in Projection:
+            proj = getattr(self, p.name)
+            experts = tuple(proj.values()) if isinstance(proj, RoutedLinear) else (proj,)
+            if any(type(e) is not nn.Linear for e in experts):
+                return None
+            weights.append(tuple(e.weight for e in experts))
+            bias = tuple(e.bias for e in experts)
+            if any(b is None for b in bias) and any(b is not None for b in bias):
+                return None  # some experts with a bias, some without: the Function stacks them
+            biases.append(None if bias[0] is None else bias)
+        return fused.MixerWeights(tuple(weights), tuple(biases), self.conv1d.weight, self.conv1d.bias, self.A_log,
+                                  self.D)
+
+    def fast_path_applies(self, hidden: torch.Tensor) -> bool:
+        """Whether the fused Function replaces the module path for a forward on ``hidden`` (cache, padding mask and
+        document reset: the caller checks): ``use_fast_path`` is set, the CUDA ops serve ``hidden`` and
+        `fast_path_weights` has this mixer's parameters."""
+        return self.use_fast_path and fused.runs_on(hidden) and self.fast_path_weights() is not None
+
+    def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
+                      sorted_tokens: bool = False) -> torch.Tensor:
+        """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
+        ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
+        ``sorted_tokens`` as in `forward`."""
+        weights = self.fast_path_weights()
+        if weights is None:
+            raise ValueError("the fused mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
+                             "or ZeRO-3-partitioned ones take the module path")
+        routes = routing.routes(fused.compute_dtype(hidden))
+        return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens)
+
     def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""
         x_dbl = project(self.x_proj, x, routing)
@@ -135,3 +208,14 @@ class MoMMixer(nn.Module):
             return self.step(hidden, routing, cache)
         outs = [self.step(hidden[:, t : t + 1], routing.at(t), cache) for t in range(hidden.shape[1])]
         return torch.cat(outs, dim=1)
+
+
+def sorted_stream(mixers: Sequence[MoMMixer], hidden: torch.Tensor) -> bool:
+    """Whether a model keeps its residual stream in the routing's sorted order (``MoMMixer.forward(...,
+    sorted_tokens=True)``): when every mixer takes the fast path (which reads and writes rows in either order) and
+    some route in_proj or out_proj (a shared one reads sequence order as cheaply). ``hidden``: any tensor on the
+    forward's device. Cache, mask and reset: the caller checks."""
+    if not all(m.fast_path_applies(hidden) for m in mixers):
+        return False
+    routed = (Projection.in_proj, Projection.out_proj)
+    return any(m.fast_path_weights().routed(p) for m in mixers for p in routed)

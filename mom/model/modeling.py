@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
-from mom.model.mixer import MoMMixer
+from mom.model.mixer import MoMMixer, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
 
@@ -259,7 +259,7 @@ class MoMModel(MoMPreTrainedModel):
         """Which selective-scan backend this model's forward uses on its current device, and whether its mixers take
         the fused fast path (`mom.ops.fused`) where they can."""
         name = backend.backend_name(self.embeddings.weight.device)
-        if name != "reference" and self.config.use_fast_path and fused.cuda_kernels() is not None:
+        if name != "reference" and self.config.use_fast_path and fused.cuda_ops() is not None:
             name += " (fused mixer)"
         return name
 
@@ -319,7 +319,7 @@ class MoMModel(MoMPreTrainedModel):
         # a training forward whose mixers all take the fast path keeps the stream's b * l rows sorted by modality
         # (`Routing.perm`): the routed in_proj / out_proj then read and write it without row gathers
         in_sorted = (cache is None and mask is None and doc_start is None
-                     and fused.sorted_stream([layer.mixer for layer in self.layers], input_ids))
+                     and sorted_stream([layer.mixer for layer in self.layers], input_ids))
         if in_sorted:
             embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
         out, residual = None, self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out

@@ -15,6 +15,8 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
+from mom.ops.fused import Routes
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -25,7 +27,7 @@ class Routing:
         num_modalities: number of modalities of the model (experts per routed projection).
 
     Everything else is derived on first use and cached, so each path pays only for what it reads: the module path
-    the permutation and counts, the fused path also the one-hot.
+    the permutation and counts, the fused path its `routes` (also the one-hot).
     """
 
     modality_ids: torch.Tensor
@@ -90,15 +92,17 @@ class Routing:
         return tuple((end - c, end) for end, c in zip(ends, self.counts))
 
     @cached_property
-    def _onehots(self) -> dict[torch.dtype, torch.Tensor]:
+    def _routes(self) -> dict[torch.dtype, Routes]:
         return {}
 
-    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """(num_modalities, n) one-hot of each token's modality in ``dtype``, built once per dtype and shared by all
-        layers."""
-        if dtype not in self._onehots:
-            self._onehots[dtype] = self.is_modality.to(dtype)
-        return self._onehots[dtype]
+    def routes(self, dtype: torch.dtype) -> Routes:
+        """The routing as the fused mixer reads it (`mom.ops.fused.Routes`), its one-hot of each token's modality in
+        ``dtype`` (the Function's compute dtype); built once per dtype and shared by all layers."""
+        if dtype not in self._routes:
+            self._routes[dtype] = Routes(perm=self.perm, inv_perm=self.inv_perm, offsets=self.offsets,
+                                         bounds=self.bounds, expert_ids=self.expert_ids,
+                                         onehot=self.is_modality.to(dtype))
+        return self._routes[dtype]
 
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
@@ -107,7 +111,7 @@ class Routing:
 
 class _PermuteRows(torch.autograd.Function):
     """rows -> rows[perm]. The gradient of a permutation is the inverse permutation: a gather again, instead of
-    the scatter-add that ``index_select``'s backward runs (measured 10x slower on CPU, atomics on GPU)."""
+    the scatter-add that ``index_select``'s backward runs (much slower on CPU, atomics on GPU: docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:

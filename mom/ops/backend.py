@@ -72,6 +72,11 @@ def backend_name(device: torch.device) -> str:
     return "cuda+causal-conv1d" if _causal_conv1d() is not None else "cuda"
 
 
+def has_mamba_ssm_and_causal_conv1d() -> bool:
+    """Whether mamba-ssm's scan and causal-conv1d both import (the fused mixer's CUDA ops need both)."""
+    return _mamba_ssm() is not None and _causal_conv1d() is not None
+
+
 def _use_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and not force_reference() and _mamba_ssm() is not None
 

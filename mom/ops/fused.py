@@ -1,71 +1,88 @@
 """The fast path of `MoMMixer`: one autograd Function over the whole mixer, in the scan's layout.
 
-Same maths as the module path in `mom.model.mixer` (which stays the reference it is tested against), organised the way
-mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba:
+Same maths as the mixer's module path (`MoMMixer.forward`, which stays the reference it is tested against), organised
+the way mamba-ssm's ``mamba_inner_fn`` organises a dense Mamba. It takes tensors, never modules: the mixer decides
+when this path applies and gathers its parameters (`MixerWeights`); the model's routing gives where each token goes
+(`Routes`).
 
 * The conv and the scan read activations **feature-major**: a ``(f, n)`` matrix with ``n = b * l`` tokens in
   sequence order, viewed as ``(b, f, l)`` with strides ``(l, n, 1)``. A shared projection is one GEMM ``W @ X`` on
-  it, so no activation is transposed by a copy (the module path's transposing copies were a third of its GPU time).
-* Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`mom.model.routing.Routing`: the
-  permutation is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows
-  its weight (group ends on the device, `Routing.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per
-  expert instead (faster there, measured). One gather that also transposes (`mom.ops.triton.gather.gather_rows_t` /
+  it, so no activation is transposed by a copy (the module path's transposing copies were a large share of its GPU
+  time: docs/performance.md).
+* Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`Routes.perm`: the permutation
+  is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows its weight
+  (group ends on the device, `Routes.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per expert
+  instead (faster there, measured). One gather that also transposes (`mom.ops.triton.gather.gather_rows_t` /
   `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per expert, written in fp32 by
-  cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast: measured 1.2-1.3x); so is the input gradient of
-  an fp32 input (no cast kernel after the Function).
-* x_proj and dt_proj are small (~3% and ~2% of the projections' FLOPs at d_model 1024), so they route without any
-  gather of a (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights
-  stacked; dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj
-  expert) in the block of its modality and a one in the row of its modality's bias, zeros elsewhere, so that ONE
-  GEMM with the experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own
-  expert (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost
-  ``M`` times a small GEMM.
+  cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast, slower: docs/performance.md); so is the input
+  gradient of an fp32 input (no cast kernel after the Function).
+* x_proj and dt_proj are small (a few percent of the projections' FLOPs), so they route without any gather of a
+  (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked;
+  dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj expert) in
+  the block of its modality and a one in the row of its modality's bias, zeros elsewhere, so that ONE GEMM with the
+  experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own expert
+  (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost ``M``
+  times a small GEMM.
 * The scan gates its output only for a shared out_proj; a routed one's gather computes ``out * silu(z)`` on the way
   (the scan then neither reads z nor writes a second (d_inner, n) output).
 * Backward recomputes the conv output and Δ instead of storing them (as ``mamba_inner_fn`` does with
   ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and
   checkpoints, and a routed out_proj's input (the gated output in sorted rows: recomputing it for the weight
-  gradient would cost a gated gather, 65 us per step at 8 x 2048 x 1024 on an H200; it is freed before the scan's
-  backward, the peak, so the layer's peak does not grow, but a model holds one (d_inner, n) matrix more per layer
-  until its backward). A shared out_proj's gated output is recomputed by the scan's backward. xz, the scan's output
-  and the gated rows are freed as soon as the backward is done with them (so a retained graph cannot be
-  differentiated twice through this Function: it says so), except under saved-tensor hooks (activation
-  checkpointing, offloading), which see them as saved tensors. For a routed in_proj, dz and dx are two matrices
-  (each gathered into half of in_proj's sorted gradient rows), so that dx is allocated only after the scan's
-  backward.
+  gradient would cost a gated gather per step; it is freed before the scan's backward, the peak, so the layer's
+  peak does not grow, but a model holds one (d_inner, n) matrix more per layer until its backward). A shared
+  out_proj's gated output is recomputed by the scan's backward. xz, the scan's output and the gated rows are freed
+  as soon as the backward is done with them (so a retained graph cannot be differentiated twice through this
+  Function: it says so), except under saved-tensor hooks (activation checkpointing, offloading), which see them as
+  saved tensors. For a routed in_proj, dz and dx are two matrices (each gathered into half of in_proj's sorted
+  gradient rows), so that dx is allocated only after the scan's backward. The backward runs as named steps
+  (`_FusedMixer._backward`), each freeing what it was the last to read.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
-  (`mom.ops.triton.launcher`), `_fused_inputs` reads the modules' dicts,
-  ``A = -exp(A_log)`` and its gradient are computed inside
-  the Function, every expert weight is cast in one kernel (`_cast_params`, `mom.ops.triton.flatcast`: the experts of a
-  projection become stacked views of the one buffer), each projection's weight gradients are written stacked in the
-  parameters' dtype by cuBLAS, and constants are cached.
+  (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` and
+  its gradient are computed inside the Function, every expert weight is cast in one kernel (`_cast_params`,
+  `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer), each projection's
+  weight gradients are written stacked in the parameters' dtype by cuBLAS, and constants are cached.
 
-Where it runs: `use_fast_path` says when the mixer takes this path (CUDA kernels present, every expert a plain
-``nn.Linear``, no cache / padding mask / document reset). Wrapped experts (LoRA) and ZeRO-3-partitioned weights
-keep the module path, which calls each expert as a module. `REFERENCE_KERNELS` runs the same Function with the
-pure-PyTorch conv and scan, on any device, so that its routing, layouts and backward are tested on CPU.
+The Function runs ops on the conv and the scan (`ScanOps`): mamba-ssm's and causal-conv1d's CUDA kernels
+(`cuda_ops`), or the pure-PyTorch ones (`REFERENCE_OPS`, any device), so that its routing, layouts and backward are
+tested on CPU.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
 
 import torch
-import torch.nn as nn
 
-from mom.model.routing import RoutedLinear, Routing
 from mom.ops import backend
 from mom.ops import reference as ref_scan
+from mom.ops.projections import Projection
 from mom.ops.triton.flatcast import flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
+from mom.utils.errors import MissingDependencyError
 
-PROJ_ORDER = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+# ---- the ops the Function runs on the conv and the scan: mamba-ssm / causal-conv1d, or the reference ---------------
+class ScanOps(Protocol):
+    """The conv and the selective scan, forward and backward, on ``(b, f, l)`` views of feature-major activations."""
+
+    def conv_fwd(self, x, weight, bias):
+        """silu(depthwise causal conv): x (b, di, l), weight (di, w), bias (di,) or None -> (b, di, l)."""
+
+    def conv_bwd(self, x, weight, bias, dout, dx):
+        """Writes the input gradient into ``dx``; -> (dx, dweight, dbias)."""
+
+    def scan_fwd(self, u, delta, A, B, C, D, z):
+        """-> (out, checkpoints, out_z: the gated output, None without z); B, C: (b, 1, n, l)."""
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
+        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
 
 
-# ---- kernels: mamba-ssm / causal-conv1d, or the reference ----------------------------------------------------------
-class CudaKernels:
+class CudaScanOps:
     """causal-conv1d and mamba-ssm's selective scan, called directly (as ``mamba_inner_fn`` does)."""
 
     def __init__(self) -> None:
@@ -83,20 +100,18 @@ class CudaKernels:
         return dx, dweight, dbias
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
-        """-> (out, checkpoints, out_z: the gated output, None without z); B, C: (b, 1, n, l)."""
         out, checkpoints, *out_z = self._scan.fwd(u, delta, A, B, C, D, z, None, True)
         return out, checkpoints, out_z[0] if z is not None else None
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
         du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
             u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, recompute_out_z
         )
         return du, ddelta, dA, dB, dC, dD, out_z[0] if recompute_out_z else None
 
 
-class ReferenceKernels:
-    """The same interface on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
+class ReferenceScanOps:
+    """The same ops on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
 
     def conv_fwd(self, x, weight, bias):
         return backend.reference_causal_conv1d(x, weight, bias)
@@ -127,91 +142,169 @@ class ReferenceKernels:
         return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z else None
 
 
-REFERENCE_KERNELS = ReferenceKernels()
+REFERENCE_OPS = ReferenceScanOps()
 
 
 @functools.cache
-def cuda_kernels() -> CudaKernels | None:
-    """The CUDA kernels when both packages import (the fast path needs causal-conv1d's backward too)."""
-    if backend.mamba_ssm() is None or backend.causal_conv1d() is None:
+def cuda_ops() -> CudaScanOps | None:
+    """The CUDA ops when both packages import (the fast path needs causal-conv1d's backward too), else None."""
+    if not backend.has_mamba_ssm_and_causal_conv1d():
         return None
     try:
-        return CudaKernels()
+        return CudaScanOps()
     except Exception:  # an extension that does not load (missing .so, CUDA mismatch)
         return None
 
 
-# ---- when the fast path applies -------------------------------------------------------------------------------------
-def _plain_linears(proj: nn.Module) -> list[nn.Linear] | None:
-    """The projection's ``nn.Linear`` experts (one if shared), or None if any is wrapped (LoRA, quantised...)."""
-    experts = list(proj._modules.values()) if isinstance(proj, RoutedLinear) else [proj]
-    return experts if all(type(e) is nn.Linear for e in experts) else None
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether the CUDA ops serve tensors like ``t``: on CUDA, both packages load and the reference is not forced
+    (``MOM_FORCE_REFERENCE``). The caller decides the rest (which mixers, which forwards)."""
+    return t.is_cuda and not backend.force_reference() and cuda_ops() is not None
 
 
-def _fused_inputs(mixer: nn.Module) -> tuple[list[list[nn.Linear]], list[torch.Tensor], list] | None:
-    """(experts per projection, the Function's parameters: per projection its experts' weights, then their biases,
-    the shared ones: conv weight, conv bias, A_log, D), or None when `fused_mixer` cannot run this mixer: an expert
-    that is not a plain ``nn.Linear`` (a LoRA-wrapped one must be called as a module) or a weight that is absent.
-    ZeRO-3 leaves a module's weights empty until the module itself is called, and the fused path reads the conv's
-    and the experts' weights without calling them, so a partitioned model takes the module path.
-
-    It runs at every layer's forward, so it reads the modules' own dicts: ``nn.Module.__getattr__`` costs about a
-    microsecond per submodule or parameter, ~40 us per mixer, host time that a small model's step can be bound by."""
-    modules = mixer._modules
-    experts = [_plain_linears(modules[name]) for name in PROJ_ORDER]
-    if any(e is None for e in experts):
-        return None
-    params = []
-    for linears in experts:
-        own = [e._parameters for e in linears]
-        params += [p["weight"] for p in own] + [p["bias"] for p in own if p["bias"] is not None]
-    conv = modules["conv1d"]._parameters
-    shared = [conv["weight"], conv["bias"], mixer._parameters["A_log"], mixer._parameters["D"]]
-    present = all(t.numel() > 0 for t in params + [t for t in shared if t is not None])
-    return (experts, params, shared) if present else None
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the Function's GEMMs run in for this input: autocast's, else the input's."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
 
 
-def supports_fast_path(mixer: nn.Module) -> bool:
-    """Whether `fused_mixer` can compute this mixer (see `_fused_inputs`)."""
-    return _fused_inputs(mixer) is not None
+# ---- what the Function reads: plain data, tensors gathered by the mixer and the model -------------------------------
+@dataclass(frozen=True, eq=False)
+class MixerWeights:
+    """A mixer's parameters as `fused_mixer` reads them; the mixer gathers them from its modules.
+
+    ``weights[p]``, ``biases[p]``: projection ``p``'s (a `Projection`) experts, one if the projection is shared, one
+    per modality (in modality order) if it is routed; weights (out, in), biases (out,), ``biases[p]`` None without.
+    """
+
+    weights: tuple[tuple[torch.Tensor, ...], ...]
+    biases: tuple[tuple[torch.Tensor, ...] | None, ...]
+    conv_weight: torch.Tensor  # (d_inner, 1, d_conv)
+    conv_bias: torch.Tensor | None  # (d_inner,)
+    A_log: torch.Tensor  # (d_inner, d_state)
+    D: torch.Tensor  # (d_inner,)
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(Projection) or len(self.biases) != len(Projection):
+            raise ValueError(f"MixerWeights: one tuple of weights and one of biases (or None) per projection "
+                             f"({len(Projection)}), got {len(self.weights)} and {len(self.biases)}")
+        for p in Projection:
+            if not self.weights[p]:
+                raise ValueError(f"MixerWeights: {p.name} has no weight")
+            if self.biases[p] is not None and len(self.biases[p]) != len(self.weights[p]):
+                raise ValueError(f"MixerWeights: {p.name} has {len(self.weights[p])} weights but "
+                                 f"{len(self.biases[p])} biases")
+
+    @cached_property
+    def params(self) -> list[torch.Tensor]:
+        """Every projection parameter, in the Function's order: per projection its experts' weights, then biases."""
+        out = []
+        for w, b in zip(self.weights, self.biases):
+            out += list(w) + (list(b) if b is not None else [])
+        return out
+
+    @cached_property
+    def experts(self) -> tuple[int, ...]:
+        """Experts per projection (1: shared)."""
+        return tuple(len(w) for w in self.weights)
+
+    def routed(self, p: Projection) -> bool:
+        return self.experts[p] > 1
+
+    @cached_property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """(out, in) features per projection (read when the weights are present, so not ZeRO-3's empty ones)."""
+        return tuple(tuple(w[0].shape) for w in self.weights)
+
+    @cached_property
+    def has_bias(self) -> tuple[bool, ...]:
+        return tuple(b is not None for b in self.biases)
+
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor: the projections' `params`, then the conv's weight (and bias), A_log and D."""
+        shared = (self.conv_weight, self.conv_bias, self.A_log, self.D)
+        return (*self.params, *(t for t in shared if t is not None))
+
+    def present(self) -> bool:
+        """Whether every weight holds its values: ZeRO-3 leaves a module's weights empty until the module itself is
+        called, and the Function reads them without calling any module. (Read at every forward: one C call each.)"""
+        return min(map(torch.Tensor.numel, self.tensors)) > 0
 
 
-def use_fast_path(mixer: nn.Module, hidden: torch.Tensor) -> bool:
-    """True when `fused_mixer` replaces the module path for this call (cache, mask and reset: the caller checks)."""
-    if not (hidden.is_cuda and mixer.use_fast_path) or backend.force_reference() or cuda_kernels() is None:
-        return False
-    return supports_fast_path(mixer)
+@dataclass(frozen=True, eq=False)
+class Routes:
+    """Where each of the ``n = b * l`` tokens goes, as `fused_mixer` reads it: the tokens sorted by expert (stable),
+    each expert's tokens one block. ``M`` experts (modalities) per routed projection."""
+
+    perm: torch.Tensor  # (n,) int64: the token at each sorted position
+    inv_perm: torch.Tensor  # (n,) int64: each token's sorted position
+    offsets: torch.Tensor  # (M,) int32 on the device: where each expert's block ends (torch._grouped_mm's groups)
+    bounds: tuple[tuple[int, int], ...]  # (start, end) of each expert's block, on the host
+    expert_ids: torch.Tensor  # (n,) int64: each token's expert
+    onehot: torch.Tensor  # (M, n): one where token t goes to expert m; in `compute_dtype` it spares a cast per layer
+
+    def __post_init__(self) -> None:
+        n, M = self.perm.numel(), len(self.bounds)
+        shapes = {"inv_perm": (self.inv_perm, (n,)), "offsets": (self.offsets, (M,)),
+                  "expert_ids": (self.expert_ids, (n,)), "onehot": (self.onehot, (M, n))}
+        for name, (t, want) in shapes.items():
+            if tuple(t.shape) != want:
+                raise ValueError(f"Routes: {name} has shape {tuple(t.shape)}, expected {want} for {n} tokens and "
+                                 f"{M} experts")
+        if self.bounds and (self.bounds[0][0] != 0 or self.bounds[-1][1] != n):
+            raise ValueError(f"Routes: the experts' blocks {self.bounds} do not cover the {n} tokens")
 
 
-def sorted_stream(mixers, hidden: torch.Tensor) -> bool:
-    """Whether a model keeps its residual stream in the routing's sorted order (``fused_mixer(sorted_tokens=True)``):
-    when every mixer takes the fast path (which reads and writes rows in either order) and some route in_proj or
-    out_proj (a shared one reads sequence order as cheaply). Cache, mask and reset: the caller checks."""
-    routes = any(isinstance(p, RoutedLinear) for m in mixers for p in (m.in_proj, m.out_proj))
-    return routes and all(use_fast_path(m, hidden) for m in mixers)
+def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
+                sorted_tokens: bool = False) -> torch.Tensor:
+    """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
+
+    ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
+    ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routes' sorted order (``Routes.perm``)
+    instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
+    out_proj (four per layer, forward and backward) when they route.
+    """
+    ops = ops or cuda_ops()
+    if ops is None:
+        raise MissingDependencyError("fused_mixer: mamba-ssm and causal-conv1d do not load (pip install -e '.[cuda]'); "
+                                     "pass ops=REFERENCE_OPS for the pure-PyTorch conv and scan")
+    b, l, _ = hidden.shape
+    if b * l != routes.perm.numel():
+        raise ValueError(f"fused_mixer: {b} x {l} tokens but routes for {routes.perm.numel()}")
+    if any(k > 1 and k != len(routes.bounds) for k in weights.experts):
+        raise ValueError(f"fused_mixer: experts per projection {weights.experts} but routes for "
+                         f"{len(routes.bounds)} experts")
+    (_, d_inner), (_, dt_rank) = weights.shapes[Projection.x_proj], weights.shapes[Projection.dt_proj]
+    layout = _Layout(b, l, d_inner, dt_rank, weights.A_log.shape[1], weights.experts, weights.shapes,
+                     weights.has_bias, routes.bounds, sorted_tokens, ops)
+    dtype = compute_dtype(hidden)
+    onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
+    return _FusedMixer.apply(hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids,
+                             weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout,
+                             *weights.params)
 
 
 # ---- the Function ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
-    """What the Function needs beside tensors: sizes, which projections route, each expert's column block."""
+    """What the Function needs beside tensors: sizes, which projections route, each expert's block of tokens."""
 
     batch: int
     length: int
     d_inner: int
     dt_rank: int
     d_state: int
-    experts: tuple[int, ...]  # experts per projection, in PROJ_ORDER (1 = shared)
-    shapes: tuple[tuple[int, int], ...]  # (out, in) features per projection
-    has_bias: tuple[bool, ...]
+    experts: tuple[int, ...]  # experts per Projection (1 = shared)
+    shapes: tuple[tuple[int, int], ...]  # (out, in) features per Projection
+    has_bias: tuple[bool, ...]  # per Projection
     bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
     sorted_io: bool  # the input and output rows are in the routing's sorted order (a sorted residual stream)
-    kernels: object
+    ops: ScanOps
 
-    def routed(self, p: int) -> bool:
+    def routed(self, p: Projection) -> bool:
         return self.experts[p] > 1
 
-    def blocks(self, p: int) -> tuple[tuple[int, int], ...]:
+    def blocks(self, p: Projection) -> tuple[tuple[int, int], ...]:
         return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
 
 
@@ -259,9 +352,9 @@ def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks
 
 
 # Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
-# (CUTLASS): measured on an H200 in a layer's fwd+bwd, 10.829 vs 10.932 ms at 4 x 4096 x 2048 (whose in_proj and
-# out_proj GEMMs are 2^38 and 2^37 multiply-adds), the same within noise at 8 x 2048 x 1024 (2^36, 2^35), where the
-# grouped GEMM's single launch matters more (a small model's step can be bound by the host's launch rate).
+# (CUTLASS): per-expert GEMMs were faster for d_model 2048's in_proj and out_proj (2^38 and 2^37 multiply-adds at
+# 4 x 4096 tokens) and the same at d_model 1024 (2^36, 2^35), where the grouped GEMM's single launch matters more
+# (a small model's step can be bound by the host's launch rate); the measurements: docs/performance.md.
 PER_EXPERT_MACS = 2**37
 
 
@@ -328,9 +421,8 @@ class _FusedMixer(torch.autograd.Function):
     def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D,
                 layout: _Layout, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
-        dtype the projections run in (autocast's, else hidden's: `fused_mixer` chooses); ids (n,): each token's
-        expert (`Routing.expert_ids`); offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on
-        the device (`Routing.offsets`)."""
+        dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); offsets
+        (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
             return _FusedMixer._forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias,
@@ -339,30 +431,31 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
                  params):
-        dtype, kern = ctx.dtype, layout.kernels
+        dtype, ops = ctx.dtype, layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
+        in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
         A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
-        h_in = _reorder(h, layout.sorted_io, layout.routed(0), perm, inv_perm)  # sorted iff in_proj routes
-        if layout.routed(0):  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+        h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
+        if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
             xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
         else:
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
-        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+        conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
         # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
         # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
-        M_x, M_dt = layout.experts[1], layout.experts[2]
+        M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
         w_x_cat = w_x.view(-1, di)  # (M_x * (r + 2N), di)
         x_all = (w_x_cat @ _cols(conv_out)).view(M_x, r + 2 * N, b, l)
         # dt_proj: one GEMM over the expanded input [Δ-rank features spread to their expert's block; one-hot bias rows;
         # zero padding] (k_pad, n), biases included
         k_pad = _k_pad(layout)
-        dt_sel = select if layout.routed(2) else _const((1, n), 1.0, dtype, select.device)
+        dt_sel = select if layout.routed(Projection.dt_proj) else _const((1, n), 1.0, dtype, select.device)
         dt_in = select.new_empty(k_pad, n)
         _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
         dt_in[M_dt * r : M_dt * (r + 1)].copy_(dt_sel)
@@ -375,21 +468,20 @@ class _FusedMixer(torch.autograd.Function):
         B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
         # the scan gates its output for a shared out_proj; a routed one's gather gates it on the way (the scan then
         # neither reads z nor writes a second (di, n) output)
-        out, checkpoints, out_z = kern.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D,
-                                                None if layout.routed(3) else z)
+        out, checkpoints, out_z = ops.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, None if out_routed else z)
         del conv_out, delta
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
-        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if layout.routed(3) else _cols(out_z).t()
+        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if out_routed else _cols(out_z).t()
         del out_z
-        o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(3), offsets)  # (n, d_model)
-        o = _reorder(o, layout.routed(3), layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
+        o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(Projection.out_proj), offsets)  # (n, d_model)
+        o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         ctx.layout, ctx.param_dtype, ctx.hidden_dtype = layout, params[0].dtype, hidden.dtype
         # The largest activations (xz, the scan's output, a routed out_proj's gated rows, kept for its weight gradient)
         # are held on ctx, so that the backward can free each after its last use (with the input and weight gradients
         # allocated, the end of the backward can be its peak), unless saved-tensor hooks (activation checkpointing,
         # offloading) are active: those must see every saved tensor.
         ctx.hooked = _saved_tensors_hooked()
-        held = (xz, out, y_rows if layout.routed(3) else None)
+        held = (xz, out, y_rows if out_routed else None)
         ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
                               ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *(held if ctx.hooked else ()))
         ctx.held = None if ctx.hooked else held
@@ -403,92 +495,161 @@ class _FusedMixer(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        layout, dtype, kern = ctx.layout, ctx.dtype, ctx.layout.kernels
+        """The forward's steps in reverse, each a function named for what it computes. Weight gradients come out
+        stacked per projection (each projection's experts), in the parameters' dtype; the largest activations are
+        dropped (``del``) right after their last use, so that the next step's allocations can reuse their memory."""
+        layout, dtype, ops = ctx.layout, ctx.dtype, ctx.layout.ops
         (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, dt_in, w_x_cat,
          w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
-        if not ctx.hooked:
-            if ctx.held is None:
-                raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, "
-                                   "so a graph kept with retain_graph=True cannot be differentiated again; set the "
-                                   "model's use_fast_path=False for that")
-            held, ctx.held = ctx.held, None
-        xz, out, y_rows = held
+        xz, out, y_rows = _take_held(ctx, held)
         del held
-        M_x, M_dt = layout.experts[1], layout.experts[2]
-        b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
+        b, l, di = layout.batch, layout.length, layout.d_inner
         n = b * l
-        pdtype = ctx.param_dtype  # weight gradients: each projection's experts stacked, written in this dtype
-        dout = dout.reshape(n, -1).to(dtype)
+        pdtype = ctx.param_dtype
+        in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
         x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-        # out_proj backward: dy (di, n) in sequence order. A routed out_proj's weight gradient comes first, from the
-        # gated rows kept by the forward, which are then freed before the scan's backward (its peak); a shared one's
-        # needs the gated output in sequence order, which the scan's backward recomputes.
-        dout_in = _reorder(dout, layout.sorted_io, layout.routed(3), perm, inv_perm)
+        dout_in = _reorder(dout.reshape(n, -1).to(dtype), layout.sorted_io, out_routed, perm, inv_perm)  # (n, d_model)
         del dout
-        if layout.routed(3):
-            g_out = _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(3), layout.has_bias[3], pdtype)
-            del y_rows
-            dy = gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
-        else:
-            dy = torch.mm(w_out[0].t(), dout_in.t())
-        # scan backward on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through
-        # the gathers that sort them, so they can be two matrices, and dx is allocated after the scan's backward (its
+        # out_proj. A routed one's weight gradient comes first, from the gated rows kept by the forward, which are
+        # then freed before the scan's backward (its peak); a shared one's needs the gated output in sequence order,
+        # which the scan's backward recomputes.
+        g_out = _out_proj_weight_grads(layout, dout_in, y_rows, pdtype) if out_routed else None
+        del y_rows
+        dy = _out_proj_input_grad(layout, dout_in, w_out, inv_perm, offsets)  # (di, n) sequence order
+        # the scan, on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through the
+        # gathers that sort them, so they can be two matrices, and dx is allocated after the scan's backward (its
         # peak); a shared one reads them as one (2di, n) matrix, dxz.
-        dxz = None if layout.routed(0) else torch.empty_like(xz)
+        dxz = None if in_routed else torch.empty_like(xz)
         dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
-        conv_out = kern.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
-        dconv_out, ddelta, dA, dB, dC, dD, out_z = kern.scan_bwd(
-            conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
-            _bdl(dz, b, l), not layout.routed(3)
+        conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z = _scan_backward(
+            layout, x, z, conv_weight, conv_bias, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz
         )
         del dy, out
-        if not layout.routed(3):
-            g_out = _weight_grads(dout_in.t(), _cols(out_z), layout.blocks(3), layout.has_bias[3], pdtype)
+        if not out_routed:
+            g_out = _out_proj_weight_grads(layout, dout_in, _cols(out_z).t(), pdtype)
         del out_z, dout_in
-        # dt_proj backward through the expanded GEMM: dW_dt_cat (di, k_pad) = [dW_0 .. dW_M-1 | db_0 .. db_M-1 | pad]
+        # dt_proj, then x_proj's output gradient: [dΔ-rank; dB; dC] in each token's expert's block
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
-        dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
-        g_dt = (_contiguous(dw_dt_cat[:, : M_dt * r].view(di, M_dt, r).transpose(0, 1), pdtype),
-                _contiguous(dw_dt_cat[:, M_dt * r : M_dt * (r + 1)].t(), pdtype) if layout.has_bias[2] else None)
-        # x_proj's output gradient in its experts' row blocks, each token's in its expert's block (zeros elsewhere):
-        # [dΔ-rank; dB; dC] per expert, each part written in place (with its cast and layout change)
-        dx_all = ddelta.new_empty(M_x, r + 2 * N, b, l)
-        dt_low = (w_dt_cat[:, : M_dt * r].t() @ ddelta).view(M_dt, r, b, l)  # every dt_proj expert's, every token
-        _route(dt_low, select, ids, dx_all[:, :r])
-        _route(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
-        _route(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
-        del ddelta, dt_in, dw_dt_cat, dt_low
-        # x_proj backward: dconv_out += W_x^T dx_all
-        dx_all = dx_all.view(-1, n)  # (M_x * (r + 2N), n)
-        g_x = (_mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None)
+        g_dt = _dt_proj_weight_grads(layout, ddelta, dt_in, pdtype)
+        dx_all = _x_proj_output_grad(layout, ddelta, dB, dC, w_dt_cat, select, ids)  # (M_x * (r + 2N), n)
+        del ddelta, dt_in
+        # x_proj, then the conv
+        g_x = _x_proj_weight_grads(layout, dx_all, conv_out, pdtype)
         del conv_out
-        dconv_cols = _cols(dconv_out).to(dtype)  # (di, n)
-        del dconv_out
-        dconv_cols.addmm_(w_x_cat.t(), dx_all)
-        # conv backward
+        dconv_cols = _conv_output_grad(dconv_out, dx_all, w_x_cat, dtype)  # (di, n)
+        del dconv_out, dx_all
         dx = xz.new_empty(di, n) if dxz is None else dxz[:di]
-        _, dconv_w, dconv_b = kern.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l),
-                                            _bdl(dx, b, l))
+        _, dconv_w, dconv_b = ops.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l), _bdl(dx, b, l))
         del dconv_cols, x, z, xz
-        # in_proj backward
-        if layout.routed(0):  # (n, 2di) sorted rows, each half gathered from its own matrix
-            dxz_rows = dx.new_empty(n, 2 * di)
-            gather_cols_t(dx, perm, out=dxz_rows[:, :di])
-            gather_cols_t(dz, perm, out=dxz_rows[:, di:])
-        else:
-            dxz_rows = dxz.t()
+        # in_proj
+        dxz_rows = _in_proj_output_grad_rows(layout, dx, dz, dxz, perm)  # (n, 2di), sorted iff in_proj routes
         del dxz, dx, dz
-        # in the input's dtype (an fp32 input's gradient is written by the GEMM in fp32: no cast afterwards)
-        dh = _grouped(dxz_rows, w_in, None, layout.blocks(0), offsets, out_dtype=ctx.hidden_dtype)
-        g_in = _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(0), layout.has_bias[0], pdtype)
+        dh, g_in = _in_proj_grads(layout, dxz_rows, h_in, w_in, offsets, ctx.hidden_dtype, pdtype)
         del dxz_rows
-        dh = _reorder(dh, layout.routed(0), layout.sorted_io, perm, inv_perm)
+        dh = _reorder(dh, in_routed, layout.sorted_io, perm, inv_perm)
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
                 *param_grads)
 
 
+# ---- the backward's steps, in the order it runs them ----------------------------------------------------------------
+def _take_held(ctx, saved: list) -> tuple:
+    """(xz, out, y_rows): the activations the forward held on ctx (taken, so that they are freed as the backward
+    goes), or saved through saved-tensor hooks (``saved``)."""
+    if ctx.hooked:
+        return tuple(saved)
+    if ctx.held is None:
+        raise RuntimeError("backward through MoM's fused mixer ran twice: it frees its activations as it goes, so a "
+                           "graph kept with retain_graph=True cannot be differentiated again; set the model's "
+                           "use_fast_path=False for that")
+    held, ctx.held = ctx.held, None
+    return held
+
+
+def _out_proj_weight_grads(layout: _Layout, dout_in: torch.Tensor, y_rows: torch.Tensor, pdtype: torch.dtype):
+    """out_proj's (dW, db) per expert: dout_in (n, d_model) and its input y_rows (n, di), both in out_proj's order."""
+    p = Projection.out_proj
+    return _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(p), layout.has_bias[p], pdtype)
+
+
+def _out_proj_input_grad(layout: _Layout, dout_in: torch.Tensor, w_out: torch.Tensor, inv_perm, offsets):
+    """The gradient of the scan's gated output, dy (di, n) in sequence order: ``W^T dout`` per expert."""
+    if layout.routed(Projection.out_proj):  # on the sorted rows, then rows -> sequence-order columns
+        return gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
+    return torch.mm(w_out[0].t(), dout_in.t())
+
+
+def _scan_backward(layout: _Layout, x, z, conv_weight, conv_bias, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out,
+                   dz):
+    """The scan's backward on the recomputed conv output and Δ; writes dz (the gate's gradient) in place.
+    -> (conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z): the recomputed conv output (x_proj's weight gradient
+    reads it), the gradients, and the gated output, recomputed for a shared out_proj's weight gradient (else None)."""
+    b, l = layout.batch, layout.length
+    conv_out = layout.ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+    dconv_out, ddelta, dA, dB, dC, dD, out_z = layout.ops.scan_bwd(
+        conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dz, b, l),
+        not layout.routed(Projection.out_proj),
+    )
+    return conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z
+
+
+def _dt_proj_weight_grads(layout: _Layout, ddelta: torch.Tensor, dt_in: torch.Tensor, pdtype: torch.dtype):
+    """dt_proj's (dW (M, di, r), db (M, di) or None), from the expanded GEMM's weight gradient (di, k_pad) =
+    [dW_0 .. dW_M-1 | db_0 .. db_M-1 | padding]. ddelta (di, n), dt_in (k_pad, n)."""
+    M, r, di = layout.experts[Projection.dt_proj], layout.dt_rank, layout.d_inner
+    dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
+    dw = _contiguous(dw_dt_cat[:, : M * r].view(di, M, r).transpose(0, 1), pdtype)
+    db = _contiguous(dw_dt_cat[:, M * r : M * (r + 1)].t(), pdtype) if layout.has_bias[Projection.dt_proj] else None
+    return dw, db
+
+
+def _x_proj_output_grad(layout: _Layout, ddelta: torch.Tensor, dB, dC, w_dt_cat: torch.Tensor, select, ids):
+    """x_proj's output gradient in its experts' row blocks (M_x * (r + 2N), n): [dΔ-rank; dB; dC] per expert, each
+    token's in its expert's block (zeros elsewhere), each part written in place (with its cast and layout change).
+    The Δ-rank part is every dt_proj expert's ``W^T dΔ`` on every token, routed."""
+    b, l, r, N = layout.batch, layout.length, layout.dt_rank, layout.d_state
+    M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
+    dx_all = ddelta.new_empty(M_x, r + 2 * N, b, l)
+    dt_low = (w_dt_cat[:, : M_dt * r].t() @ ddelta).view(M_dt, r, b, l)
+    _route(dt_low, select, ids, dx_all[:, :r])
+    _route(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
+    _route(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
+    return dx_all.view(-1, b * l)
+
+
+def _x_proj_weight_grads(layout: _Layout, dx_all: torch.Tensor, conv_out: torch.Tensor, pdtype: torch.dtype):
+    """x_proj's (dW (M_x, r + 2N, di), None): every expert on every token, one GEMM. conv_out (b, di, l)."""
+    M_x, di = layout.experts[Projection.x_proj], layout.d_inner
+    return _mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None
+
+
+def _conv_output_grad(dconv_out: torch.Tensor, dx_all: torch.Tensor, w_x_cat: torch.Tensor, dtype: torch.dtype):
+    """The conv output's whole gradient (di, n): the scan's (through its input u) plus x_proj's, ``W_x^T dx_all``."""
+    dconv_cols = _cols(dconv_out).to(dtype)
+    return dconv_cols.addmm_(w_x_cat.t(), dx_all)
+
+
+def _in_proj_output_grad_rows(layout: _Layout, dx: torch.Tensor, dz: torch.Tensor, dxz, perm) -> torch.Tensor:
+    """in_proj's output gradient as rows (n, 2di): for a routed in_proj, sorted rows, each half gathered from its own
+    (di, n) matrix; for a shared one, a view of the one (2di, n) matrix dxz."""
+    if not layout.routed(Projection.in_proj):
+        return dxz.t()
+    dxz_rows = dx.new_empty(dx.shape[1], 2 * layout.d_inner)
+    gather_cols_t(dx, perm, out=dxz_rows[:, : layout.d_inner])
+    gather_cols_t(dz, perm, out=dxz_rows[:, layout.d_inner :])
+    return dxz_rows
+
+
+def _in_proj_grads(layout: _Layout, dxz_rows, h_in, w_in, offsets, hidden_dtype: torch.dtype, pdtype: torch.dtype):
+    """-> (dh (n, d_model) in in_proj's row order and the input's dtype (an fp32 input's gradient is written by the
+    GEMM in fp32: no cast afterwards), in_proj's (dW, db) per expert)."""
+    p = Projection.in_proj
+    dh = _grouped(dxz_rows, w_in, None, layout.blocks(p), offsets, out_dtype=hidden_dtype)
+    return dh, _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(p), layout.has_bias[p], pdtype)
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------------------
 def _saved_tensors_hooked() -> bool:
     """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``: non-reentrant activation
     checkpointing, CPU offloading), which tensors held on ctx would escape. True when this torch cannot tell."""
@@ -547,7 +708,7 @@ def _split_params(stacked) -> list[torch.Tensor]:
 
 def _k_pad(layout: _Layout) -> int:
     """Rows of the expanded dt_proj input, M * r + M rounded up to 8 (bf16 tensor-core alignment)."""
-    k = layout.experts[2] * (layout.dt_rank + 1)
+    k = layout.experts[Projection.dt_proj] * (layout.dt_rank + 1)
     return -(-k // 8) * 8
 
 
@@ -565,25 +726,3 @@ def _cols(bdl: torch.Tensor) -> torch.Tensor:
     return cols.view(f, -1)
 
 
-def fused_mixer(mixer: nn.Module, hidden: torch.Tensor, routing: Routing, kern=None,
-                sorted_tokens: bool = False) -> torch.Tensor:
-    """The mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
-
-    ``kern``: `CudaKernels` (default) or `REFERENCE_KERNELS` (any device; what the CPU tests use).
-    ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routing's sorted order (``Routing.perm``)
-    instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
-    out_proj (four per layer, forward and backward) when they route (`sorted_stream`).
-    """
-    kern = kern or cuda_kernels()
-    b, l, _ = hidden.shape
-    found = _fused_inputs(mixer)
-    if found is None:
-        raise ValueError("fused_mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) or "
-                         "ZeRO-3-partitioned ones take the module path")
-    experts, params, (conv_weight, conv_bias, A_log, D) = found
-    layout = _Layout(b, l, mixer.d_inner, mixer.dt_rank, mixer.d_state, tuple(len(e) for e in experts),
-                     tuple((e[0].out_features, e[0].in_features) for e in experts),
-                     tuple(e[0]._parameters["bias"] is not None for e in experts), routing.bounds, sorted_tokens, kern)
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-    return _FusedMixer.apply(hidden, routing.perm, routing.inv_perm, routing.offsets, routing.onehot_as(dtype),
-                             routing.expert_ids, conv_weight, conv_bias, A_log, D.float(), layout, *params)

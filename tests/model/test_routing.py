@@ -110,3 +110,17 @@ def test_validate_and_route_derives_the_routing_and_names_bad_ids():
         assert "token id 20 is out of range" in str(err)
     else:
         raise AssertionError("an out-of-range token id was accepted")
+
+
+def test_routes_for_the_fused_mixer_once_per_dtype():
+    """`Routing.routes`: what the fused Function reads, built once per dtype for all layers: the permutation and its
+    inverse, each expert's block (ends on the device, bounds on the host), each token's expert and the one-hot."""
+    ids = torch.tensor([[2, 0, 1, 0, 2], [1, 1, 0, 2, 0]])
+    routing = Routing.build(ids, 3)
+    routes = routing.routes(torch.bfloat16)
+    assert routes is routing.routes(torch.bfloat16) and routes is not routing.routes(torch.float32)
+    assert routes.perm is routing.perm and routes.inv_perm is routing.inv_perm
+    assert routes.bounds == ((0, 4), (4, 7), (7, 10)) and routes.offsets.tolist() == [4, 7, 10]
+    assert routes.expert_ids.tolist() == ids.flatten().tolist()
+    assert routes.onehot.dtype == torch.bfloat16
+    assert torch.equal(routes.onehot.argmax(0), ids.flatten()) and routes.onehot.sum().item() == ids.numel()

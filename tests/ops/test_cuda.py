@@ -100,8 +100,8 @@ def test_fast_path_matches_module_path(decouple, layout, autocast, monkeypatch):
     monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
     fused._grouped_mm_supported(torch.device("cuda", torch.cuda.current_device()))  # its one probe call, first
     calls, grouped = [], []
-    monkeypatch.setattr(fused, "fused_mixer",
-                        lambda *a, _f=fused.fused_mixer, **k: calls.append(a[1].dtype) or _f(*a, **k))
+    monkeypatch.setattr(fused, "fused_mixer",  # fused_mixer(hidden, weights, routes, ...): the input's dtype
+                        lambda *a, _f=fused.fused_mixer, **k: calls.append(a[0].dtype) or _f(*a, **k))
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, _f=torch._grouped_mm, **k: grouped.append(1) or _f(*a, **k))
     config = _config(decouple=decouple)
     model = mom.MoMForCausalLM(config).cuda()

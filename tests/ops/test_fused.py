@@ -1,6 +1,6 @@
 """The fused mixer (`mom.ops.fused`) against the module path, on CPU with the reference kernels (fp64).
 
-The same Function runs on GPU with mamba-ssm's kernels (tests/test_cuda.py); here its routing, layouts, expanded
+The same Function runs on GPU with mamba-ssm's kernels (tests/ops/test_cuda.py); here its routing, layouts, expanded
 dt_proj GEMM and hand-written backward are checked exactly, for every decouple set and modality layout.
 """
 
@@ -12,7 +12,9 @@ import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
 from mom.ops import fused
+from mom.ops.projections import Projection
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t
+from mom.utils.errors import MissingDependencyError
 
 MODALITIES = ("text", "image", "speech")
 
@@ -44,7 +46,7 @@ def run(mixer, modality_ids, fast: bool, seed=1):
     torch.manual_seed(seed)
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
     routing = Routing.build(modality_ids, len(MODALITIES))
-    out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS) if fast else mixer(hidden, routing)
+    out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS) if fast else mixer(hidden, routing)
     out.backward(torch.randn_like(out))
     grads = {name: p.grad.clone() for name, p in mixer.named_parameters()}
     mixer.zero_grad(set_to_none=True)
@@ -71,7 +73,7 @@ def test_backward_twice_through_a_retained_graph_names_the_problem():
     an error that says so (and how to avoid it) instead of computing on freed tensors."""
     mixer = make_mixer(PROJECTIONS)
     hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
-    out = fused.fused_mixer(mixer, hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_KERNELS)
+    out = mixer.fused_forward(hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_OPS)
     out.sum().backward(retain_graph=True)
     assert hidden.grad is not None
     with pytest.raises(RuntimeError, match="ran twice.*use_fast_path=False"):
@@ -86,7 +88,7 @@ def test_saved_tensor_hooks_see_every_activation():
     routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
-        out = fused.fused_mixer(mixer, hidden, routing, fused.REFERENCE_KERNELS)
+        out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS)
     n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
     assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
     out.sum().backward(retain_graph=True)
@@ -108,20 +110,19 @@ def test_absent_modality_gets_zero_expert_grads():
 def test_fast_path_only_for_plain_present_linear_experts_on_cuda():
     mixer = make_mixer(PROJECTIONS).float()
     hidden = torch.randn(1, 4, 12)
-    assert not fused.use_fast_path(mixer, hidden)  # CPU tensors: the module path
-    assert fused.supports_fast_path(mixer)
+    assert not mixer.fast_path_applies(hidden)  # CPU tensors: the module path
+    assert mixer.fast_path_weights() is not None
     with torch.no_grad():  # as ZeRO-3 leaves a module's weights until the module is called
         mixer.conv1d.weight.data = torch.empty(0)
-    assert not fused.supports_fast_path(mixer)
+    assert mixer.fast_path_weights() is None
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8),
                                                                    d_model=12, n_layer=1)),
                                   peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
     mixer = wrapped.base_model.model.backbone.layers[0].mixer
-    assert not fused.supports_fast_path(mixer)  # a LoRA-wrapped expert: defer to module calls
+    assert mixer.fast_path_weights() is None  # a LoRA-wrapped expert: defer to module calls
     with pytest.raises(ValueError, match="plain nn.Linear"):
-        fused.fused_mixer(mixer, hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3),
-                          fused.REFERENCE_KERNELS)
+        mixer.fused_forward(hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3), fused.REFERENCE_OPS)
 
 
 def test_fused_bf16_weights_close_to_module_path():
@@ -131,7 +132,7 @@ def test_fused_bf16_weights_close_to_module_path():
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.bfloat16)
     routing = Routing.build(modality_ids, len(MODALITIES))
     ref = mixer(hidden, routing).float()
-    out = fused.fused_mixer(mixer, hidden.requires_grad_(), routing, fused.REFERENCE_KERNELS)
+    out = mixer.fused_forward(hidden.requires_grad_(), routing, fused.REFERENCE_OPS)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
@@ -163,7 +164,7 @@ def test_grouped_gemm_matches_per_expert_gemms(counts):
 
 def test_layout_gathers_on_cpu():
     """`mom.ops.triton.gather` off CUDA: the same results as the Triton kernels' definition
-    (tests/test_cuda.py runs those)."""
+    (tests/ops/test_cuda.py runs those)."""
     x = torch.randn(7, 5)
     index = torch.tensor([3, 0, 6, 1])
     assert torch.equal(gather_rows_t(x, index), x[index].t()) and gather_rows_t(x, index).is_contiguous()
@@ -200,8 +201,8 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
         return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
     ref, g_ref = forward()  # CPU: the module path
-    monkeypatch.setattr(fused, "cuda_kernels", lambda: fused.REFERENCE_KERNELS)
-    monkeypatch.setattr(fused, "use_fast_path", lambda mixer, hidden: fused.supports_fast_path(mixer))
+    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)  # CPU tensors take the fast path, on the reference ops
     calls = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(k) or _f(*a, **k))
     out, g = forward()
@@ -213,3 +214,58 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
         torch.testing.assert_close(h, h_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_ops_import_nothing_above_them():
+    """`mom.ops` takes tensors: none of its modules imports the model (or anything above ops), only ops and utils."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fused.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] == "mom":
+                    assert name.startswith(("mom.ops", "mom.utils")), f"{path.relative_to(root)} imports {name}"
+
+
+def test_gathered_weights_are_reused_until_a_module_or_parameter_is_assigned():
+    """The mixer gathers its fast-path weights once and reuses them (host time at every forward), but never stale
+    ones: after peft wraps an expert (a first forward already gathered), the fast path defers to the module path;
+    after a parameter is replaced (``load_state_dict(assign=True)``), the new one is read."""
+    peft = pytest.importorskip("peft")
+    model = mom.MoMForCausalLM(mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=1))
+    mixer = model.backbone.layers[0].mixer
+    weights = mixer.fast_path_weights()
+    assert weights is mixer.fast_path_weights()  # reused
+    assert weights.weights[Projection.in_proj][1] is mixer.in_proj.image.weight
+    assert weights.routed(Projection.x_proj) and weights.experts == (3, 3, 3, 3)
+    state = {k: v.clone() + 1 for k, v in mixer.state_dict().items()}
+    mixer.load_state_dict(state, assign=True)
+    replaced = mixer.fast_path_weights()
+    assert replaced is not weights and replaced.D is mixer.D and torch.equal(replaced.D, state["D"])
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["in_proj.image"]))
+    assert mixer.fast_path_weights() is None
+
+
+def test_fused_mixer_names_bad_inputs():
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64)
+    routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
+    weights, routes = mixer.fast_path_weights(), routing.routes(torch.float64)
+    with pytest.raises(MissingDependencyError, match="REFERENCE_OPS"):  # no CUDA ops on this machine
+        fused.fused_mixer(hidden, weights, routes)
+    with pytest.raises(ValueError, match="2 x 8 tokens but routes for 18"):
+        fused.fused_mixer(hidden[:, :8], weights, routes, fused.REFERENCE_OPS)
+    two = Routing.build(torch.zeros(2, 9, dtype=torch.long), 2).routes(torch.float64)
+    with pytest.raises(ValueError, match=r"experts per projection \(3, 3, 3, 3\) but routes for 2 experts"):
+        fused.fused_mixer(hidden, weights, two, fused.REFERENCE_OPS)
+    with pytest.raises(ValueError, match=r"onehot has shape \(3, 17\), expected \(3, 18\)"):
+        fused.Routes(routes.perm, routes.inv_perm, routes.offsets, routes.bounds, routes.expert_ids,
+                     routes.onehot[:, 1:])
+    with pytest.raises(ValueError, match="dt_proj has 3 weights but 2 biases"):
+        fused.MixerWeights(weights.weights, (*weights.biases[:2], weights.biases[2][:2], weights.biases[3]),
+                           weights.conv_weight, weights.conv_bias, weights.A_log, weights.D)

@@ -3,10 +3,8 @@
 The fast path casts all of a mixer's expert weights to the compute dtype at every forward (`mom.ops.fused`). With
 PyTorch ops that is a concatenation in the parameters' dtype and then a cast: for fp32 weights cast to bf16, 14 bytes
 moved per weight (read 4 + write 4, read 4 + write 2). This Triton kernel reads each tensor where it lives and writes
-the cast result into the flat buffer: 6 bytes. `python benchmarks/bench_flatcast.py` on an H200, one mixer's 15 expert
-weights: 27.2 us against 63.5 us for cat + cast (d_model 768, 11.2M weights; the cast of an already flat buffer,
-the floor, 17.8 us) and 34.2 against 90.6 us (1024, 19.9M). Elsewhere (CPU, no Triton, mixed dtypes or
-non-contiguous tensors) it is cat + cast.
+the cast result into the flat buffer: 6 bytes, and one launch (`python benchmarks/bench_flatcast.py`; the figures:
+docs/performance.md). Elsewhere (CPU, no Triton, mixed dtypes or non-contiguous tensors) it is cat + cast.
 
 The kernel reads the tensors through their addresses, kept on the device in a small table that is built once per set
 of addresses (copying it there waits for the device, once; the parameters of a model keep their addresses).

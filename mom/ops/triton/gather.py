@@ -11,10 +11,9 @@ gather with a transpose:
 
 One Triton kernel does both: a program copies a tile of 64 tokens x 64 features, loading along the source's
 contiguous dimension and storing along the output's (Triton transposes the tile through shared memory); a routing
-permutation is mostly long runs, so the column side stays mostly contiguous too. Measured on an H200 for a
-(16384, 4096) bf16 matrix: 72.8 us (rows -> columns) and 81-83 us (columns -> rows), against 83.2 us for a plain
-column gather of the same bytes without the transpose; tiles of 32-128 x 64-128 with 4 or 8 warps were within 3%.
-Elsewhere (CPU, no Triton) both are ``index_select`` and a copy.
+permutation is mostly long runs, so the column side stays mostly contiguous too. With the transpose it is as fast
+as a plain column gather of the same bytes, and other tile shapes were no faster (`python benchmarks/bench_gather.py`;
+the figures: docs/performance.md). Elsewhere (CPU, no Triton) both are ``index_select`` and a copy.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A small LM's training step can be bound by the host's kernel-launch rate (docs/performance.md), and Triton's JIT
 launch does per call what only matters once: it binds the arguments, computes their specialisation (each integer's
 divisibility by 16 and whether it is 1, each pointer's 16-byte alignment, the dtypes), hashes that into a cache
-key and checks the kernel's globals. Measured on the lent H200's host: 26 us per JIT launch against 14 us for the
-compiled kernel's own launcher, and 11 us for a PyTorch ``add``.
+key and checks the kernel's globals: a JIT launch costs about twice the host time of the compiled kernel's own
+launcher (the figures: docs/performance.md).
 
 `launch` calls the JIT once per distinct key, keeps the compiled kernel it returns, and launches that directly
 afterwards. The key holds every integer argument's value and every tensor's dtype and alignment, so every
