@@ -257,6 +257,14 @@ def _resized_text_rows(weight: torch.Tensor, text: int, new_text: int, mean_resi
     return torch.cat([head, new.to(weight.dtype), rest])
 
 
+def keep_ssm_params_fp32(module: nn.Module) -> None:
+    """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype."""
+    for m in module.modules():
+        if isinstance(m, MoMMixer):
+            for p in (m.A_log, m.D):
+                p.data = p.data.float()
+
+
 def _linears(proj: nn.Module) -> list[nn.Linear]:
     """The expert ``nn.Linear``s of a projection (one if shared)."""
     return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
@@ -424,6 +432,7 @@ class MoMModel(MoMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([MoMBlock(config, i) for i in range(config.n_layer)])
         self.norm_f = make_norm(config)
+        keep_ssm_params_fp32(self)  # also under from_config(dtype=...), which sets torch's default dtype
         self.gradient_checkpointing = False
         self._logged_backend: str | None = None
         self.post_init()
