@@ -355,9 +355,10 @@ def validate_and_route(
                                                   f"valid: [0, {M}) {config.modalities}")
         if derived is not None:
             checks["routing"] = (modality_ids != derived, lambda bad: (
-                f"modality_ids contradict the token ids: token id {first(input_ids, bad)} is a "
-                f"{config.modalities[first(derived, bad)]} id but its modality id is {first(modality_ids, bad)}; "
-                f"modality ids must follow the vocabulary ranges (offsets {config.vocab_offsets} {config.modalities})"))
+                f"modality_ids contradict the token ids: token id {first(input_ids, bad)} belongs to "
+                f"{config.modalities[first(derived, bad)]!r} but its modality id is {first(modality_ids, bad)} "
+                f"({config.modalities[first(modality_ids, bad)]!r}); modality ids must follow the vocabulary ranges "
+                f"(first ids {config.vocab_offsets} of {config.modalities})"))
     for name, t in (("label", labels), ("shift label", shift_labels)):
         if t is not None:
             bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= V)
@@ -697,15 +698,18 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state[:, keep]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, kept, V)
-        result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        losses = {}
         if has_targets:
             # position t predicts labels[t + 1]: shift the labels, not the (b, l, V) logits (no copy of them)
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if shift_labels is None else shift_labels
-            self._add_losses(result, logits, targets.long())
+            losses = self._losses(logits, targets.long())
+        # every field given at once: to_tuple() keeps the fields' order
+        result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states, **losses)
         return result if return_dict else result.to_tuple()
 
-    def _add_losses(self, result: MoMCausalLMOutput, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Mean loss over all targets (b, l), and per modality of the target token (no host sync)."""
+    def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, object]:
+        """The loss fields of `MoMCausalLMOutput`: mean loss over all targets (b, l), and per modality of the target
+        token (no host sync)."""
         M = self.config.num_modalities
         targets = targets.reshape(-1)  # (b * l,)
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
@@ -715,10 +719,13 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         target_modality = torch.bucketize(targets, bounds, right=True)  # -100 lands in 0, with weight 0
         sums = per_token.new_zeros(M).scatter_add_(0, target_modality, per_token * valid)
         counts = valid.new_zeros(M).scatter_add_(0, target_modality, valid)
-        result.loss = sums.sum() / counts.sum().clamp(min=1)  # 0 without targets (see MoMCausalLMOutput)
-        result.modality_loss_sums, result.modality_target_counts = sums, counts
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
-        result.modality_losses = dict(zip(self.config.modalities, means.unbind()))
+        return {
+            "loss": sums.sum() / counts.sum().clamp(min=1),  # 0 without targets (see MoMCausalLMOutput)
+            "modality_losses": dict(zip(self.config.modalities, means.unbind())),
+            "modality_loss_sums": sums,
+            "modality_target_counts": counts,
+        }
 
     @classmethod
     def from_dense_mamba(cls, model_or_path, config: MoMConfig) -> MoMForCausalLM:
