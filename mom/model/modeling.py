@@ -258,7 +258,10 @@ def _resized_text_rows(weight: torch.Tensor, text: int, new_text: int, mean_resi
 
 
 def keep_ssm_params_fp32(module: nn.Module) -> None:
-    """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype."""
+    """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
+    Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies ``_keep_in_fp32_modules_strict``)."""
+    if is_deepspeed_zero3_enabled():
+        return
     for m in module.modules():
         if isinstance(m, MoMMixer):
             for p in (m.A_log, m.D):
