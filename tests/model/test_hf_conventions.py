@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import interleaved_ids, tiny_config
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 import mom
 from mom.model.modeling import MoMBlock
@@ -38,6 +38,17 @@ def test_a_log_and_d_stay_fp32_under_every_load_dtype(tmp_path, dtype):
         ids = interleaved_ids(loaded.config, 1, RUNS)
         with torch.no_grad():
             assert torch.isfinite(loaded.eval()(ids).logits).all()
+
+
+def test_dense_warm_start_keeps_a_log_and_d_fp32():
+    config = tiny_config()
+    dense_config = MambaConfig(vocab_size=config.vocab_size, hidden_size=16, num_hidden_layers=2, state_size=4,
+                               conv_kernel=4, expand=2, time_step_rank=3)
+    dense = MambaForCausalLM(dense_config).to(torch.bfloat16)
+    model = mom.MoMForCausalLM.from_dense_mamba(dense, config)
+    assert _ssm_param_dtypes(model) == {torch.float32} and model.lm_head.weight.dtype == torch.bfloat16
+    mixer, dense_mixer = model.backbone.layers[0].mixer, dense.backbone.layers[0].mixer
+    assert torch.equal(mixer.A_log, dense_mixer.A_log.float())
 
 
 def test_config_round_trips_the_special_ids(tmp_path):
