@@ -1,45 +1,156 @@
-"""`MoMCache`: the recurrent state of every layer, for O(1)-memory-per-token generation."""
+"""`MoMCache`: the recurrent state of every layer, for O(1)-memory-per-token generation.
+
+A ``transformers`` `Cache`, so that ``generate()`` can start from it, reorder it for beam search and roll it back
+for assisted decoding, as it does with the cache of its own Mamba.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from transformers import Cache
 
 from mom.model.config import MoMConfig
 
 
-class MoMCache:
+class MoMCache(Cache):
     """Per layer: the last ``d_conv`` conv inputs (b, d_inner, d_conv) and the SSM state (b, d_inner, d_state).
 
-    ``seqlen_offset`` counts the tokens already consumed; 0 means the next forward is a prefill.
-    """
+    ``seqlen_offset`` counts the tokens already consumed; 0 means the next forward is a prefill. Built with a
+    ``batch_size`` the states are allocated at once; without one, by the model's first forward (as ``generate()``
+    builds it, before beam search sets the batch).
 
-    is_compileable = False  # read by transformers' generate()
+    After `activate_past_recording` the model saves the states before each of the last ``recurrent_states_to_keep``
+    tokens of a forward (every token if ``None``), and `crop` rolls the cache back to one of them.
+    """
 
     def __init__(
         self,
         config: MoMConfig,
-        batch_size: int,
+        batch_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape_conv = (batch_size, config.d_inner, config.d_conv)
-        shape_ssm = (batch_size, config.d_inner, config.d_state)
-        self.conv_states = [torch.zeros(shape_conv, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        # The SSM state is accumulated in fp32 by every backend.
-        self.ssm_states = [torch.zeros(shape_ssm, device=device, dtype=torch.float32) for _ in range(config.n_layer)]
+        super().__init__(layers=[])  # states are held here, not in transformers' per-layer objects
+        self.n_layer, self.d_inner = config.n_layer, config.d_inner
+        self.d_conv, self.d_state = config.d_conv, config.d_state
+        self.conv_states: list[torch.Tensor] = []
+        self.ssm_states: list[torch.Tensor] = []
         self.seqlen_offset = 0
+        self.recording = False
+        self.states_to_keep: int | None = None
+        self.history: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # states before each recorded token
+        if batch_size is not None:
+            self.allocate(batch_size, device, dtype)
+
+    def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
+        accumulates it in fp32)."""
+        shape_conv = (batch_size, self.d_inner, self.d_conv)
+        shape_ssm = (batch_size, self.d_inner, self.d_state)
+        self.conv_states = [torch.zeros(shape_conv, device=device, dtype=dtype) for _ in range(self.n_layer)]
+        self.ssm_states = [torch.zeros(shape_ssm, device=device, dtype=torch.float32) for _ in range(self.n_layer)]
+
+    def __len__(self) -> int:
+        return self.n_layer
+
+    def __repr__(self) -> str:
+        return f"MoMCache(n_layer={self.n_layer}, batch_size={self.batch_size}, seqlen_offset={self.seqlen_offset})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.conv_states)
 
     @property
     def batch_size(self) -> int:
-        return self.conv_states[0].shape[0]
+        """Rows of the states; -1 before they are allocated (as transformers' caches)."""
+        return self.conv_states[0].shape[0] if self.conv_states else -1
 
-    def reorder(self, beam_idx: torch.LongTensor) -> None:
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * self.n_layer
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.n_layer
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.recording
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seqlen_offset
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # a recurrent state has no length limit
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.seqlen_offset > 0
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every state tensor (and every recorded one) by ``fn(state)``."""
+        self.conv_states = [fn(s) for s in self.conv_states]
+        self.ssm_states = [fn(s) for s in self.ssm_states]
+        self.history = [([fn(s) for s in conv], [fn(s) for s in ssm]) for conv, ssm in self.history]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
-        for states in (self.conv_states, self.ssm_states):
-            for i, s in enumerate(states):
-                states[i] = s.index_select(0, beam_idx.to(s.device))
+        self._map(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda s: s.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         for s in self.conv_states + self.ssm_states:
             s.zero_()
         self.seqlen_offset = 0
+        self.history = []
+
+    # ---- rolling back (assisted decoding) ---------------------------------------------------------------------
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        self.recording = True
+        self.states_to_keep = recurrent_states_to_keep
+        self.history = []
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        return self.recording
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return (self.states_to_keep or 0) if self.recording else 0
+
+    def tokens_to_record(self, length: int) -> int:
+        """How many of a forward's last ``length`` tokens the model runs one by one to record the states before them."""
+        if not self.recording:
+            return 0
+        return length if self.states_to_keep is None else min(self.states_to_keep, length)
+
+    def record(self) -> None:
+        """Save a copy of the current states (called by the model before a recorded token)."""
+        self.history.append(([s.clone() for s in self.conv_states], [s.clone() for s in self.ssm_states]))
+        if self.states_to_keep is not None:
+            del self.history[: -max(self.states_to_keep, 1)]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``crop(-n)``: forget the last ``n`` tokens, restoring the states recorded before them; ``crop(0)`` only
+        drops the record. Needs `activate_past_recording` first, and ``n`` at most the tokens recorded since the
+        last crop."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"MoMCache.crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n and not self.recording:
+            raise RuntimeError("MoMCache.crop: call activate_past_recording() before the forwards to roll back")
+        if n > len(self.history):
+            raise ValueError(f"MoMCache.crop: cannot remove {n} tokens, only {len(self.history)} were recorded")
+        if n:
+            conv, ssm = self.history[-n]
+            self.conv_states, self.ssm_states = conv, ssm
+            self.seqlen_offset -= n
+        self.history = []

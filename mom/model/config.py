@@ -38,6 +38,8 @@ class MoMConfig(PretrainedConfig):
         residual_in_fp32: keep the residual stream in fp32.
         rescale_prenorm_residual: scale ``out_proj`` init by ``1/sqrt(n_layer)`` (GPT-2 scheme).
         initializer_range: std of the embedding init.
+        bos_token_id, eos_token_id, pad_token_id: the special ids (``PretrainedConfig`` fields, saved with the config);
+            ``generate()`` stops a row at ``eos_token_id`` and pads finished rows with ``pad_token_id``.
         reset_at_document_boundaries: with a packed batch's ``seq_idx`` given to ``forward``, start every document
             from a zero conv window and SSM state, as if it were alone in its row (runs the reference scan: the
             mamba-ssm Mamba-1 kernel has no per-document reset).
@@ -109,6 +111,7 @@ class MoMConfig(PretrainedConfig):
             pad_token_id=pad_token_id,
             **kwargs,
         )
+        self._validate_special_ids()
 
     def _validate(self, decouple: tuple[str, ...]) -> None:
         if len(self.modalities) == 0:
@@ -139,6 +142,17 @@ class MoMConfig(PretrainedConfig):
         if self.norm_epsilon <= 0:
             raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
 
+    def _validate_special_ids(self) -> None:
+        """bos / eos / pad ids (``generate()`` stops at eos): each None, or ids in the unified vocabulary."""
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            ids = list(value) if isinstance(value, (list, tuple)) else [value]
+            valid = [isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids]
+            if not ids or not all(valid):
+                raise ValueError(f"{name}: must be None or ids in [0, {self.vocab_size}), got {value!r}")
+
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def d_inner(self) -> int:
@@ -148,6 +162,16 @@ class MoMConfig(PretrainedConfig):
     def vocab_size(self) -> int:
         """Size of the unified vocabulary (sum over modalities)."""
         return sum(self.vocab_sizes)
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        """Accepts only the current size (a config file may state it); the layout is set by ``vocab_sizes``, and
+        `MoMForCausalLM.resize_token_embeddings` grows the text vocabulary."""
+        if value != self.vocab_size:
+            raise ValueError(
+                f"vocab_size: the unified vocabulary is the sum of vocab_sizes {self.vocab_sizes} = {self.vocab_size}; "
+                f"got {value}. Set vocab_sizes, or call resize_token_embeddings on the model"
+            )
 
     @property
     def num_hidden_layers(self) -> int:

@@ -1,7 +1,8 @@
 """MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head.
 
 Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
-`MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` for ``generate()``.
+`MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` (a transformers ``Cache``)
+for ``generate()``: greedy, sampling, beam search, assisted decoding, continuing from a returned cache.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.utils import ALL_CACHE_NAMES
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from mom.model.cache import MoMCache
@@ -28,6 +32,11 @@ from mom.ops import backend, fused
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value excluded from the loss (Hugging Face convention)
+
+# transformers >= 5.24 hands generate()'s cache to the model, and reorders it for beam search, under the name
+# ``cache``; older versions look for ``past_key_values`` / ``cache_params`` only and would neither carry nor reorder a
+# MoMCache, so generate() then runs every step over the whole sequence without one.
+GENERATE_CARRIES_CACHE = "cache" in ALL_CACHE_NAMES
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +75,13 @@ def add_norm(
     return norm(residual.to(norm.weight.dtype)), residual
 
 
-class MoMBlock(nn.Module):
+class MoMBlock(GradientCheckpointingLayer):
     """Pre-norm residual block. With h the residual stream: h += out_prev; out = mixer(norm(h)). The addition of
     a block's output is done by the next block (or the final norm), fused with its norm as mamba-ssm does; the
-    stream itself is ``residual + out``. Norms are shared across modalities."""
+    stream itself is ``residual + out``. Norms are shared across modalities.
+
+    A transformers ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable()`` recomputes it in backward
+    (the positional arguments are the checkpointed inputs)."""
 
     def __init__(self, config: MoMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -95,7 +107,11 @@ class MoMOutput(ModelOutput):
 
 @dataclass
 class MoMCausalLMOutput(ModelOutput):
-    """``modality_losses``: {modality: mean next-token loss over targets of that modality} (NaN if none).
+    """``loss``: the mean next-token loss over all targets (labels other than -100); with no target at all (labels
+    all -100) it is 0, a zero that keeps the graph, so that such a micro-batch adds nothing to accumulated gradients.
+
+    ``modality_losses``: {modality: mean next-token loss over targets of that modality, the modality of the target
+    token's id}; NaN for a modality without targets (no mean is defined).
 
     ``modality_loss_sums`` / ``modality_target_counts`` (num_modalities,) let a trainer aggregate exactly over
     micro-batches and ranks.
@@ -116,7 +132,8 @@ class MoMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     _no_split_modules = ["MoMBlock"]
     supports_gradient_checkpointing = True
-    _is_stateful = True
+    # A_log and D stay fp32 under every load dtype, as mamba-ssm keeps them (regexes on parameter names)
+    _keep_in_fp32_modules_strict = [r"mixer\.A_log$", r"mixer\.D$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -166,24 +183,153 @@ class MoMPreTrainedModel(PreTrainedModel):
             init.zeros_(linear.bias)
 
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resize the unified vocabulary to ``new_num_tokens`` (rounded up to ``pad_to_multiple_of``) by growing or
+        shrinking the TEXT vocabulary, the common case (new special or text tokens).
+
+        The layout is [text | image | speech ...] in modality order: new ids go at the end of the text range and the
+        ids of every later modality shift up by the change (``config.vocab_sizes[0]`` changes; a tokenizer whose text
+        vocabulary grew numbers them so); their rows move with them, unchanged. New rows are transformers'
+        ``mean_resizing`` (sampled tightly around the mean of the existing text rows), or the init normal. Everything
+        is checked before anything changes; the output embedding is resized alike (or stays tied).
+        """
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        cfg = self.config
+        target = cfg.vocab_size if new_num_tokens is None else new_num_tokens
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise ValueError(f"resize_token_embeddings: new_num_tokens must be an int, got {target!r}")
+        if pad_to_multiple_of is not None:
+            multiple = pad_to_multiple_of
+            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+                raise ValueError(f"resize_token_embeddings: pad_to_multiple_of must be a positive int, got "
+                                 f"{pad_to_multiple_of!r}")
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        text, others = cfg.vocab_sizes[0], cfg.vocab_size - cfg.vocab_sizes[0]
+        new_text = target - others
+        if new_text < 1:
+            raise ValueError(f"resize_token_embeddings: {target} ids leave no text vocabulary: the text modality is "
+                             f"resized, and the other modalities {cfg.modalities[1:]} hold {others} ids")
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("resize_token_embeddings: resize before DeepSpeed ZeRO-3 partitions the weights")
+        if target == cfg.vocab_size:
+            return embeddings
+        with torch.no_grad():
+            weight = embeddings.weight
+            new_embeddings = nn.Embedding(target, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            std = cfg.initializer_range
+            new_embeddings.weight.copy_(_resized_text_rows(weight, text, new_text, mean_resizing, std))
+            new_embeddings.weight.requires_grad_(weight.requires_grad)
+            head = self.get_output_embeddings()
+            if head is not None:
+                new_head = nn.Linear(head.in_features, target, bias=False, device=head.weight.device,
+                                     dtype=head.weight.dtype)
+                new_head.weight.copy_(_resized_text_rows(head.weight, text, new_text, mean_resizing, std))
+                new_head.weight.requires_grad_(head.weight.requires_grad)
+        self.set_input_embeddings(new_embeddings)
+        if head is not None:
+            self.set_output_embeddings(new_head)
+        cfg.vocab_sizes = (new_text, *cfg.vocab_sizes[1:])
+        self.tie_weights()
+        return new_embeddings
+
+
+def _resized_text_rows(weight: torch.Tensor, text: int, new_text: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """(V, d) rows -> (V + new_text - text, d): the text block cut or extended at its end, the rows of the other
+    modalities after it unchanged."""
+    head, rest = weight[:text], weight[text:]
+    if new_text <= text:
+        return torch.cat([head[:new_text], rest])
+    added = new_text - text
+    rows = head.float()
+    if mean_resizing:  # transformers' scheme: a normal with the rows' mean and 1e-9 times their covariance
+        mean = rows.mean(0)
+        covariance = 1e-9 * (rows - mean).T @ (rows - mean) / text
+        if bool(torch.distributions.constraints.positive_definite.check(covariance)):
+            new = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((added,))
+        else:
+            new = mean.expand(added, -1)
+    else:
+        new = torch.randn(added, rows.shape[1], device=rows.device) * std
+    return torch.cat([head, new.to(weight.dtype), rest])
+
+
+def keep_ssm_params_fp32(module: nn.Module) -> None:
+    """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
+    Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies ``_keep_in_fp32_modules_strict``)."""
+    if is_deepspeed_zero3_enabled():
+        return
+    for m in module.modules():
+        if isinstance(m, MoMMixer):
+            for p in (m.A_log, m.D):
+                p.data = p.data.float()
+
+
 def _linears(proj: nn.Module) -> list[nn.Linear]:
     """The expert ``nn.Linear``s of a projection (one if shared)."""
     return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
 
 
+def check_shapes(
+    config: MoMConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None = None,
+    **same_shape: torch.Tensor | None,
+) -> tuple[int, int]:
+    """Check what host metadata tells (no device read): exactly one of ``input_ids`` (b, l) integer ids and
+    ``inputs_embeds`` (b, l, d_model) floats, at least one token, and every tensor of ``same_shape`` (modality ids,
+    labels...) integer of shape (b, l). -> (b, l)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids (int64 or int32), got dtype {input_ids.dtype}")
+        shape, what = tuple(input_ids.shape), "input_ids"
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.d_model:
+            raise ValueError(f"inputs_embeds must have shape (batch, length, d_model={config.d_model}), got "
+                             f"{tuple(inputs_embeds.shape)}")
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
+        if same_shape.get("modality_ids") is None:
+            raise ValueError("inputs_embeds needs modality_ids (batch, length): a MoM routes every position to the "
+                             "experts of its modality, which token ids would otherwise tell")
+        shape, what = tuple(inputs_embeds.shape[:2]), "inputs_embeds"
+    if 0 in shape:
+        raise ValueError(f"{what} is empty (batch, length) = {shape}: every row needs at least one token (to "
+                         f"generate() from nothing, start the prompt with the BOS id)")
+    for name, t in same_shape.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {what} has (batch, length) = {shape}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return shape
+
+
 def validate_and_route(
     config: MoMConfig,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     modality_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
     modality_counts: Sequence[int] | torch.Tensor | None = None,
     defer: bool = True,
+    shift_labels: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> tuple[Routing, Callable[[], object]]:
-    """Check shapes and ranges and build the batch's `Routing` (modality ids derived from the token ids if not
-    given). -> (routing, finish): call ``finish()`` once the forward's work is enqueued.
+    """Check shapes (`check_shapes`) and values, and build the batch's `Routing` (modality ids derived from the token
+    ids if not given; given ones must agree with them). -> (routing, finish): call ``finish()`` once the forward's
+    work is enqueued.
 
-    The routing's expert blocks are host integers, and reading anything from the device waits for all the work
-    queued before it: at the start of a training forward, the previous step's backward. So:
+    The value checks (ids in range, modality ids that agree with the ids' vocabulary ranges) are read from the
+    device, and reading anything from the device waits for all the work queued before it: at the start of a training
+    forward, the previous step's backward. So:
 
     - without ``modality_counts``: ONE host sync, now, reads the checks and the per-modality token counts together
       (``finish`` does nothing);
@@ -193,32 +339,44 @@ def validate_and_route(
       nothing may index with an unchecked id: the forward clamps token ids for the embedding, and the loss comes
       after. (Not ``defer``: the given counts are checked now, with the rest.)
     """
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)}")
-    for name, t in (("modality_ids", modality_ids), ("labels", labels)):
-        if t is not None and t.shape != input_ids.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
+    check_shapes(config, input_ids, inputs_embeds, modality_ids=modality_ids, labels=labels, shift_labels=shift_labels)
     V, M = config.vocab_size, config.num_modalities
-    checks = {"token id": (input_ids, (input_ids < 0) | (input_ids >= V), f"[0, {V})")}
+    checks: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], str]]] = {}  # name -> (bad (b, l), message)
+
+    def first(t: torch.Tensor, bad: torch.Tensor) -> int:
+        return int(t[bad][0])
+
+    derived = None
+    if input_ids is not None:
+        bad = (input_ids < 0) | (input_ids >= V)
+        checks["token id"] = (bad, lambda bad: f"token id {first(input_ids, bad)} is out of range; valid: [0, {V})")
+        bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
+        derived = torch.bucketize(input_ids.contiguous(), bounds, right=True)  # (b, l) modality of each id
     if modality_ids is not None:
         bad = (modality_ids < 0) | (modality_ids >= M)
-        checks["modality id"] = (modality_ids, bad, f"[0, {M}) {config.modalities}")
-    if labels is not None:
-        bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= V)
-        checks["label"] = (labels, bad, f"[0, {V}) or {IGNORE_INDEX}")
-    if modality_ids is None:
-        bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
-        modality_ids = torch.bucketize(input_ids.contiguous(), bounds, right=True)
-    routing = Routing(modality_ids.long(), M)
-    flags_and_counts = torch.cat([torch.stack([bad.any() for _, bad, _ in checks.values()]).long(),
-                                  routing.device_counts])
+        checks["modality id"] = (bad, lambda bad: f"modality id {first(modality_ids, bad)} is out of range; "
+                                                  f"valid: [0, {M}) {config.modalities}")
+        if derived is not None:
+            checks["routing"] = (modality_ids != derived, lambda bad: (
+                f"modality_ids contradict the token ids: token id {first(input_ids, bad)} belongs to "
+                f"{config.modalities[first(derived, bad)]!r} but its modality id is {first(modality_ids, bad)} "
+                f"({config.modalities[first(modality_ids, bad)]!r}); modality ids must follow the vocabulary ranges "
+                f"(first ids {config.vocab_offsets} of {config.modalities})"))
+    for name, t in (("label", labels), ("shift label", shift_labels)):
+        if t is not None:
+            bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= V)
+            checks[name] = (bad, lambda bad, t=t, name=name: f"{name} {first(t, bad)} is out of range; "
+                                                             f"valid: [0, {V}) or {IGNORE_INDEX}")
+    routing = Routing((derived if modality_ids is None else modality_ids).long(), M)
+    flags = [bad.any() for bad, _ in checks.values()]
+    flags_and_counts = torch.cat([torch.stack(flags).long(), routing.device_counts]) if flags else routing.device_counts
 
     def read() -> tuple[int, ...]:
         """The one host sync: raise for the first failed check, else return the device's counts."""
         values = flags_and_counts.tolist()
-        for (what, (ids, bad, valid)), flag in zip(checks.items(), values):
+        for (bad, message), flag in zip(checks.values(), values):
             if flag:
-                raise ValueError(f"{what} {int(ids[bad][0])} is out of range; valid: {valid}")
+                raise ValueError(message(bad))
         return tuple(values[len(checks) :])
 
     given = None if modality_counts is None else tuple(int(c) for c in modality_counts)
@@ -244,12 +402,41 @@ def _vocab_bounds(offsets: tuple[int, ...], device: torch.device, dtype: torch.d
     return torch.tensor(offsets, device=device, dtype=dtype)
 
 
+def padding_mask(attention_mask: torch.Tensor | None, b: int, l: int, past: int) -> torch.Tensor | None:
+    """The (b, l) mask of the forward's tokens, or None where no position is padding. ``past``: tokens already in the
+    cache; the mask may then also cover them (b, past + l), as transformers passes it, and goes unused: tokens after
+    a cached prefix are never padding."""
+    if attention_mask is None:
+        return None
+    allowed = [(b, l)] + ([(b, past + l)] if past else [])
+    if tuple(attention_mask.shape) not in allowed:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {(b, l)}"
+                         + (f" (or {(b, past + l)} with the {past} cached tokens)" if past else ""))
+    if past or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
+    """transformers' ``logits_to_keep``: an int k keeps the last k positions (0 keeps all), a 1-D tensor the positions
+    it indexes."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point():
+            raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got shape "
+                             f"{tuple(logits_to_keep.shape)} dtype {logits_to_keep.dtype}")
+        return logits_to_keep
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be a non-negative int or an index tensor, got {logits_to_keep!r}")
+    return slice(-logits_to_keep, None) if logits_to_keep else slice(0, None)
+
+
 class MoMModel(MoMPreTrainedModel):
     def __init__(self, config: MoMConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([MoMBlock(config, i) for i in range(config.n_layer)])
         self.norm_f = make_norm(config)
+        keep_ssm_params_fp32(self)  # also under from_config(dtype=...), which sets torch's default dtype
         self.gradient_checkpointing = False
         self._logged_backend: str | None = None
         self.post_init()
@@ -271,7 +458,7 @@ class MoMModel(MoMPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         modality_ids: torch.LongTensor | None = None,
         cache: MoMCache | None = None,
         use_cache: bool | None = None,
@@ -281,64 +468,120 @@ class MoMModel(MoMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         seq_idx: torch.Tensor | None = None,
         modality_counts: Sequence[int] | torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> MoMOutput:
-        """input_ids, modality_ids, attention_mask, seq_idx: (b, l). ``labels`` is only validated here.
+    ) -> MoMOutput | tuple:
+        """input_ids, modality_ids, attention_mask, seq_idx: (b, l); or ``inputs_embeds`` (b, l, d_model) in place of
+        input_ids, with modality_ids. ``labels`` / ``shift_labels`` are only validated here.
 
         ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
         ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller; a forward
         without cache then starts without waiting for the device (see `validate_and_route`).
+        ``attention_mask``: 1 for real tokens, 0 for left padding, (b, l); continuing from a cache it may also cover
+        the cached tokens, (b, past + l), and is then unused (new tokens are never padding).
+        ``output_hidden_states`` / ``return_dict`` default to the config's, as in transformers.
         """
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # checkpointed blocks run without a cache, as transformers' do
         # deferred checks only without a cache: a forward that writes the recurrent cache is checked before it runs
         defer = modality_counts is not None and not use_cache
         routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts,
-                                                    defer)
+                                                    defer, shift_labels=shift_labels, inputs_embeds=inputs_embeds)
+        b, l = routing.modality_ids.shape
         doc_start = None
         if self.config.reset_at_document_boundaries and seq_idx is not None:
-            if seq_idx.shape != input_ids.shape:
-                raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but input_ids has {tuple(input_ids.shape)}")
-            doc_start = torch.zeros_like(input_ids, dtype=torch.bool)
+            if tuple(seq_idx.shape) != (b, l):
+                raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)} but input_ids has {(b, l)}")
+            doc_start = torch.zeros((b, l), dtype=torch.bool, device=seq_idx.device)
             doc_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
         if self._logged_backend != self.backend:
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
-        if use_cache and cache is None:
-            cache = MoMCache(self.config, input_ids.shape[0], input_ids.device, self.embeddings.weight.dtype)
-        cache = cache if use_cache else None
-        mask = None
-        if attention_mask is not None and cache is not None and cache.seqlen_offset > 0:
-            attention_mask = None  # steps after the prefill are never padding
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask
+        cache = self._ready_cache(cache if use_cache else None, use_cache, b)
+        mask = padding_mask(attention_mask, b, l, cache.seqlen_offset if cache is not None else 0)
 
-        # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
-        embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
-        b, l = input_ids.shape
+        if inputs_embeds is not None:
+            residual = inputs_embeds.to(self.embeddings.weight.dtype)
+        else:
+            # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
+            embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
         # a training forward whose mixers all take the fast path keeps the stream's b * l rows sorted by modality
         # (`Routing.perm`): the routed in_proj / out_proj then read and write it without row gathers
-        in_sorted = (cache is None and mask is None and doc_start is None
+        in_sorted = (cache is None and mask is None and doc_start is None and inputs_embeds is None
                      and sorted_stream([layer.mixer for layer in self.layers], input_ids))
         if in_sorted:
             embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
-        out, residual = None, self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
+        if inputs_embeds is None:
+            residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
+
+        recorded = cache.tokens_to_record(l) if cache is not None else 0
+        if recorded and mask is not None:
+            raise ValueError("a cache that records its states for rollback (assisted decoding) takes no padding")
+        if recorded:
+            hidden, all_hidden = self._run_recorded(residual, routing, cache, doc_start, output_hidden_states, recorded)
+        else:
+            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states)
+            if cache is not None:
+                cache.seqlen_offset += l
+        finish_checks()  # raises for bad input before anything (loss, backward) uses the forward
+        out = MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
+        return out if return_dict else out.to_tuple()
+
+    def _ready_cache(self, cache: MoMCache | None, use_cache: bool, batch: int) -> MoMCache | None:
+        """The cache this forward writes: the given one (its states allocated here if generate() built it empty), or
+        a new one."""
+        if not use_cache:
+            return None
+        if cache is None:
+            cache = MoMCache(self.config)
+        if not isinstance(cache, MoMCache):
+            raise ValueError(f"cache must be a MoMCache, got {type(cache).__name__}")
+        if not cache.is_initialized:
+            cache.allocate(batch, self.embeddings.weight.device, self.embeddings.weight.dtype)
+        elif cache.batch_size != batch:
+            raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {batch}")
+        return cache
+
+    def _run(self, residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states):
+        """Embedded tokens (b, l, d) through every block and the final norm -> (hidden (b, l, d), the residual stream
+        after the embedding and after each block, or None)."""
         in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
+        out = None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                out, residual = self._gradient_checkpointing_func(layer.__call__, out, residual, routing, None, mask,
-                                                                  doc_start, in_sorted)
-            else:
-                out, residual = layer(out, residual, routing, cache, mask, doc_start, in_sorted)
+            out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
+                                  sorted_tokens=in_sorted)
             if output_hidden_states:
                 all_hidden += (in_order(residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
-        hidden = in_order(hidden)
-        finish_checks()  # raises for bad input before anything (loss, backward, cache) uses the forward
-        if cache is not None:
-            cache.seqlen_offset += input_ids.shape[1]
-        return MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
+        return in_order(hidden), all_hidden
+
+    def _run_recorded(self, residual, routing, cache, doc_start, output_hidden_states, recorded):
+        """`_run` for a cache that records its states (`MoMCache.activate_past_recording`): the first tokens at once,
+        the last ``recorded`` one by one, the states saved before each, so that ``cache.crop`` can roll back to it."""
+        l = residual.shape[1]
+        chunks = []
+        if l > recorded:
+            head = l - recorded
+            chunks.append(self._run(residual[:, :head], Routing(routing.modality_ids[:, :head], routing.num_modalities),
+                                    cache, None, None if doc_start is None else doc_start[:, :head], False,
+                                    output_hidden_states))
+            cache.seqlen_offset += head
+        for t in range(l - recorded, l):
+            cache.record()
+            chunks.append(self._run(residual[:, t : t + 1], routing.at(t), cache, None, None, False,
+                                    output_hidden_states))
+            cache.seqlen_offset += 1
+        hidden = torch.cat([h for h, _ in chunks], dim=1)
+        if not output_hidden_states:
+            return hidden, None
+        return hidden, tuple(torch.cat(states, dim=1) for states in zip(*(s for _, s in chunks)))
 
     @staticmethod
     def _sequence_order(routing: Routing, stream: torch.Tensor) -> torch.Tensor:
@@ -374,29 +617,50 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not build a key/value cache: prepare_inputs_for_generation makes a MoMCache
+        return False  # generate() must not build its key/value cache: _prepare_cache_for_generation builds a MoMCache
+
+    def _prepare_cache_for_generation(self, generation_config: GenerationConfig, model_kwargs: dict, *args,
+                                      **kwargs) -> None:
+        """Where transformers builds its own cache for generate(): an empty `MoMCache` (the prefill allocates it, once
+        beam search has set the batch). An assistant's cache records its states, to be rolled back to the accepted
+        draft, as transformers does with its own."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)  # checks a given one
+        if GENERATE_CARRIES_CACHE and generation_config.use_cache and model_kwargs.get("cache") is None:
+            model_kwargs["cache"] = MoMCache(self.config)
+            if getattr(generation_config, "is_assistant", False):
+                model_kwargs["cache"].activate_past_recording(generation_config.num_assistant_tokens)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
         cache: MoMCache | None = None,
-        use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        use_cache: bool | None = None,
+        modality_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> dict:
-        if use_cache is not False and cache is not None and cache.seqlen_offset > 0:
-            input_ids = input_ids[:, -1:]  # the prefix lives in the recurrent state
-            attention_mask = None
-        return {
-            "input_ids": input_ids,
-            "cache": cache,
-            "use_cache": use_cache,
-            "attention_mask": attention_mask,
-        }
+        """transformers' inputs (every keyword argument goes on to ``forward``), as for its Mamba: the tokens the cache
+        has not consumed, no attention mask after the prefill. ``modality_ids`` go with the prompt's ``inputs_embeds``
+        only: token ids say their modality."""
+        if not GENERATE_CARRIES_CACHE:
+            cache, next_sequence_length, use_cache = None, None, False
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, use_cache=use_cache, **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        embeds = model_inputs.get("inputs_embeds")
+        if embeds is not None and modality_ids is not None:
+            model_inputs["modality_ids"] = modality_ids[:, -embeds.shape[1] :]
+        return model_inputs
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         modality_ids: torch.LongTensor | None = None,
         cache: MoMCache | None = None,
@@ -404,13 +668,23 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         seq_idx: torch.Tensor | None = None,
         modality_counts: Sequence[int] | torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> MoMCausalLMOutput:
+    ) -> MoMCausalLMOutput | tuple:
         """Next-token LM. input_ids, labels, modality_ids, seq_idx: (b, l); labels are shifted inside (HF
-        convention). ``seq_idx``, ``modality_counts``: see `MoMModel.forward`."""
+        convention), or ``shift_labels`` (b, l) give position t's target directly (context-parallel shards).
+        ``logits_to_keep``: an int k computes the logits of the last k positions only (0: all), an index tensor
+        those positions; ``generate()`` passes 1. ``inputs_embeds``, ``seq_idx``, ``modality_counts``: see
+        `MoMModel.forward`. ``return_dict=False`` returns ``to_tuple()`` of the output."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        has_targets = labels is not None or shift_labels is not None
+        keep = kept_positions(logits_to_keep)
+        if has_targets and not (isinstance(keep, slice) and keep == slice(0, None)):
+            raise ValueError("labels cannot be combined with logits_to_keep: the loss needs every position's logits")
         out = self.backbone(
             input_ids,
             modality_ids=modality_ids,
@@ -421,33 +695,40 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
             labels=labels,
+            shift_labels=shift_labels,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
         )
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V)
-        result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states)
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels cannot be combined with logits_to_keep")
-            self._add_losses(result, logits, labels, out.modality_ids)
-        return result
+        hidden = out.last_hidden_state[:, keep]
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, kept, V)
+        losses = {}
+        if has_targets:
+            # position t predicts labels[t + 1]: shift the labels, not the (b, l, V) logits (no copy of them)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if shift_labels is None else shift_labels
+            losses = self._losses(logits, targets.long())
+        # every field given at once: to_tuple() keeps the fields' order
+        result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states, **losses)
+        return result if return_dict else result.to_tuple()
 
-    def _add_losses(self, result, logits, labels, modality_ids) -> None:
-        """Mean loss over all targets, and per modality of the target token (no host sync)."""
+    def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, object]:
+        """The loss fields of `MoMCausalLMOutput`: mean loss over all targets (b, l), and per modality of the target
+        token (no host sync)."""
         M = self.config.num_modalities
-        # position t predicts labels[t + 1]: shift the labels, not the (b, l, V) logits (no copy of them)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (b * l,)
+        targets = targets.reshape(-1)  # (b * l,)
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
                                     reduction="none")
         valid = (targets != IGNORE_INDEX).float()
-        target_modality = F.pad(modality_ids[:, 1:], (0, 1)).reshape(-1).long()
+        bounds = _vocab_bounds(tuple(self.config.vocab_offsets[1:]), targets.device, targets.dtype)
+        target_modality = torch.bucketize(targets, bounds, right=True)  # -100 lands in 0, with weight 0
         sums = per_token.new_zeros(M).scatter_add_(0, target_modality, per_token * valid)
         counts = valid.new_zeros(M).scatter_add_(0, target_modality, valid)
-        result.loss = sums.sum() / counts.sum().clamp(min=1)
-        result.modality_loss_sums, result.modality_target_counts = sums, counts
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
-        result.modality_losses = dict(zip(self.config.modalities, means.unbind()))
+        return {
+            "loss": sums.sum() / counts.sum().clamp(min=1),  # 0 without targets (see MoMCausalLMOutput)
+            "modality_losses": dict(zip(self.config.modalities, means.unbind())),
+            "modality_loss_sums": sums,
+            "modality_target_counts": counts,
+        }
 
     @classmethod
     def from_dense_mamba(cls, model_or_path, config: MoMConfig) -> MoMForCausalLM:

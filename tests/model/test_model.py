@@ -138,14 +138,17 @@ def test_modality_losses_are_means_over_targets_of_each_modality():
     assert math.isnan(out.modality_losses["image"].item()) and not math.isnan(out.modality_losses["text"].item())
 
 
-def test_explicit_modality_ids_override_routing():
+def test_explicit_modality_ids_must_agree_with_the_vocabulary_ranges():
     model = mom.MoMForCausalLM(tiny_config()).eval()
-    ids = interleaved_ids(model.config, 1, [(0, 10)])
+    ids = interleaved_ids(model.config, 1, [(0, 4), (1, 3), (2, 3)])
     with torch.no_grad():
         derived = model(ids).logits
-        forced = model(ids, modality_ids=torch.ones_like(ids)).logits
-        same = model(ids, modality_ids=torch.zeros_like(ids)).logits
-    assert torch.equal(derived, same) and not torch.allclose(derived, forced)
+        same = model(ids, modality_ids=model.config.modality_of(ids)).logits
+        assert torch.equal(derived, same)
+        forced = model.config.modality_of(ids)
+        forced[0, 5] = 2  # an image id sent to the speech experts
+        with pytest.raises(ValueError, match=r"token id \d+ belongs to 'image' but its modality id is 2 \('speech'\)"):
+            model(ids, modality_ids=forced)
 
 
 def test_gradients_reach_every_parameter_and_absent_experts_get_zero():
@@ -179,6 +182,12 @@ def test_left_padding_with_attention_mask_equals_unpadded():
         (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]])), "labels has shape"),
         (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[1, 99]])), "label 99"),
         (dict(input_ids=torch.tensor([1, 2])), "shape \\(batch, length\\)"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), "dtype torch.float32"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+        (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), "empty"),
+        (dict(input_ids=torch.tensor([[1, 2]]), modality_ids=torch.tensor([[0, 1]])), "modality_ids contradict"),
+        (dict(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3)), "attention_mask has shape"),
+        (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[1.0, 2.0]])), "labels must be an integer"),
     ],
 )
 def test_bad_inputs_raise_value_error_with_the_offending_value(kwargs, message):
