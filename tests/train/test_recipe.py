@@ -87,15 +87,25 @@ def test_bad_recipe_files_name_the_key(tmp_path, text, message):
         ("trian.max_steps=3", r"unknown section 'trian'"),
         ("train=3", r"name a key inside the section"),
         ("train.max_steps.x=3", r"train\.max_steps is not a mapping"),
-        ("train.max_steps=3.5", r"train\.max_steps: expected int, got float 3\.5"),
-        ("train.export_hf=maybe", r"train\.export_hf: expected bool"),
+        ("train.max_steps=3.5", r"^override train\.max_steps=3\.5: expected int, got float 3\.5$"),
+        ("train.export_hf=maybe", r"^override train\.export_hf=maybe: expected bool"),
         ("model.d_modl=64", r"override model\.d_modl: unknown key"),
-        ("data.mixture.speach=0", r"data\.mixture\.speach: unknown document kind"),
+        ("model.d_model=wide", r"^override model\.d_model=wide: expected int, got str 'wide'$"),
+        ("data.mixture.speach=0", r"^override data\.mixture\.speach=0: unknown document kind"),
+        ("data.mixture.text=lots", r"^override data\.mixture\.text=lots: expected float"),
+        ("optim.lr=-1", r"^override optim\.lr=-1: must be > 0, got -1"),  # __post_init__'s check, same blame
     ],
 )
-def test_bad_overrides_name_the_key(tmp_path, override, message):
+def test_bad_overrides_name_the_override_not_the_file(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(write(tmp_path, MINIMAL), [override])
+
+
+def test_a_bad_file_value_blames_the_file_even_with_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim: {lr: -1}\n")
+    with pytest.raises(ValueError, match=r"^recipe .*recipe\.yaml: optim\.lr: must be > 0"):
+        load_recipe(path, ["train.max_steps=3"])
+    assert load_recipe(path, ["optim.lr=0.1"]).optim.lr == 0.1  # the override repairs it
 
 
 def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
@@ -117,7 +127,7 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
 def test_cli_rejects_a_bad_recipe_before_training(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["--config", str(TINY), f"train.out_dir={out}", "train.max_steps=-5"]) == 2
-    assert "train.max_steps: must be >= 1, got -5" in capsys.readouterr().err
+    assert capsys.readouterr().err == "mom-train: error: override train.max_steps=-5: must be >= 1, got -5\n"
     assert not out.exists()
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml not found" in capsys.readouterr().err
