@@ -1,9 +1,7 @@
 import functools
-import json
 
 import pytest
 import torch
-import yaml
 from helpers import interleaved_ids, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -151,60 +149,3 @@ def test_peak_flops_and_mfu():
     assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
     assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3", num_devices=4) == pytest.approx(0.25)
     assert flops.mfu(1e6, config, "cpu") is None
-
-
-def test_cli_on_saved_model_config(tmp_path, capsys):
-    config = tiny_config()
-    config.save_pretrained(tmp_path)
-    assert flops.main(["--model-json", str(tmp_path), "--tokens", "1e9", "--world-size", "2"]) == 0
-    out = capsys.readouterr().out
-    table = flops.flop_table(config)
-    for row in table.rows:
-        assert row.component in out
-    assert f"{table.forward_flops:,}" in out
-    assert f"{table.total_params:,}" in out and f"{table.active_params:,}" in out
-    assert f"{flops.training_flops(config, 10**9):.3e}" in out
-    assert "H100 SXM" in out and "on 2 GPU(s) at 40% MFU" in out
-
-    flops.main(["--model-json", str(tmp_path / "config.json"), "d_model=32"])
-    out = capsys.readouterr().out
-    assert f"{flops.forward_flops_per_token(tiny_config(d_model=32)):,}" in out
-    assert "no token budget" in out
-    with pytest.raises(SystemExit):
-        flops.main(["--model-json", str(tmp_path), "d_modle=32"])
-    assert "d_modle" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        flops.main(["--model-json", str(tmp_path / "missing")])
-    assert "missing" in capsys.readouterr().err
-
-
-def test_cli_on_recipe_uses_its_budget_world_size_and_corpus_vocab(tmp_path, capsys):
-    from mom.data.loader import MANIFEST_FORMAT, MANIFEST_VERSION
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "modalities": ["text", "image", "speech"],
-                "vocab_sizes": [40, 24, 16], "splits": {"train": {"shards": []}}}  # fmt: skip
-    (corpus / "manifest.json").write_text(json.dumps(manifest))
-    recipe = {
-        "model": {"modalities": "auto", "vocab_sizes": "auto", "d_model": 16, "n_layer": 2, "d_state": 4, "dt_rank": 3},
-        "data": {"path": str(corpus), "seq_len": 32, "batch_size": 2},
-        "train": {"max_steps": 10, "grad_accum": 3},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-
-    assert flops.main(["--config", str(path), "--world-size", "4", "model.d_model=32"]) == 0
-    out = capsys.readouterr().out
-    config = tiny_config(d_model=32)  # vocab sizes from the manifest, d_model from the override
-    assert f"{flops.forward_flops_per_token(config):,}" in out
-    tokens = 4 * 2 * 3 * 32 * 10  # world size * batch * grad_accum * seq_len * steps
-    assert f"training on {tokens:,} tokens" in out
-    assert f"{flops.training_flops(config, tokens):.3e}" in out
-    assert "on 4 GPU(s)" in out
-    with pytest.raises(SystemExit):
-        flops.main(["--config", str(path), "model.d_modle=32"])
-    assert "d_modle" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # "auto" sizes need the corpus
-        flops.main(["--config", str(path), f"data.path={tmp_path / 'unbuilt'}"])
-    assert "model.vocab_sizes" in capsys.readouterr().err

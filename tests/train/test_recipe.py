@@ -1,5 +1,6 @@
 """Recipes: loading, overrides, validation errors naming the key, the bundled recipes and their dense twins."""
 
+import json
 import re
 from pathlib import Path
 
@@ -17,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "recipes" / "tiny_mom.yaml"
 ALL_PROJECTIONS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
-# Vocabulary assumed for sizing (the bundled tokenizers: text 2048, image 512, speech 256); the recipes say "auto".
-ASSUMED_VOCAB = {"text": 2048, "image": 512, "speech": 256}
+# The tokenizers data/large is built with (recipes/data/large.yaml): the sized recipes state their vocabulary.
+LARGE_TOKENIZER = ROOT / yaml.safe_load((ROOT / "recipes" / "data" / "large.yaml").read_text())["tokenizer"]["dir"]
 TARGETS = {"60m": 60e6, "160m": 160e6, "760m": 760e6, "1b4": 1.4e9}
 
 
@@ -150,8 +151,11 @@ def test_every_bundled_recipe_loads_and_each_mom_has_its_dense_twin():
 def test_sized_recipes_hit_their_parameter_targets(size):
     for setting, modalities in (("t2i", ("text", "image")), ("tis", ("text", "image", "speech"))):
         r = load_recipe(ROOT / "recipes" / f"{setting}_{size}_mom.yaml")
-        config = r.model_config(modalities=modalities, vocab_sizes=tuple(ASSUMED_VOCAB[m] for m in modalities))
+        config = r.model_config()  # the recipe states its vocabulary: no corpus needed
         assert config.modalities == modalities
+        tokenizer = json.loads((LARGE_TOKENIZER / "config.json").read_text())
+        sizes = dict(zip(tokenizer["modalities"], tokenizer["vocab_sizes"]))
+        assert config.vocab_sizes == tuple(sizes[m] for m in modalities)  # those of the corpus's tokenizers
         total, active = count_params(config)
         assert abs(active / TARGETS[size] - 1) < 0.1, (setting, size, active)  # dense-equivalent size
         assert total > 1.9 * active  # every projection has one expert per modality
@@ -163,3 +167,15 @@ def test_tiny_recipe_is_tiny():
     assert r.model["d_model"] <= 128 and r.model["n_layer"] <= 4 and r.data.seq_len <= 256
     assert r.data.path == "data/small" and re.fullmatch(r"runs/tiny_mom", r.train.out_dir)
     assert yaml.safe_load(TINY.read_text())["model"]["vocab_sizes"] == "auto"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_dry_runs_without_data_large(path, tmp_path, monkeypatch, capsys):
+    """Issue 18.2: --dry-run needs the corpus only for a recipe saying "auto" (the tiny ones: data/small, bundled)."""
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(path)
+    stated = "auto" not in (recipe.model["modalities"], recipe.model["vocab_sizes"])
+    assert stated or recipe.data.path == "data/small", path.name
+    overrides = [] if recipe.data.path == "data/small" else [f"data.path={tmp_path / 'absent'}"]
+    assert main(["--config", str(path), "--dry-run", *overrides]) == 0, capsys.readouterr().err
+    assert "active per token" in capsys.readouterr().out
