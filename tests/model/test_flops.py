@@ -149,3 +149,63 @@ def test_peak_flops_and_mfu():
     assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
     assert flops.mfu(h100 / per_token, config, "NVIDIA H100 80GB HBM3", num_devices=4) == pytest.approx(0.25)
     assert flops.mfu(1e6, config, "cpu") is None
+
+
+# Hand counts per token of every row for tiny_config(): d=16, d_inner=32, d_state=4, dt_rank=3, d_conv=4, V=80,
+# n_layer=2, RMSNorm, conv bias, no projection bias. Each number is worked out by hand from docs/flops.md's
+# conventions, not from mom.model.flops, so that changing a formula there (e.g. the scan's) fails here.
+HAND_COUNT = {
+    "embedding": 0,
+    "layer.norm": 64,  # 4 * 16 (square, sum, rsqrt scale, weight)
+    "layer.in_proj": 2048,  # 2 * 16 * 64
+    "layer.conv1d": 256,  # 2 * 32 * 4
+    "layer.conv_silu": 128,  # 4 * 32
+    "layer.x_proj": 704,  # 2 * 32 * (3 + 2 * 4)
+    "layer.dt_proj": 192,  # 2 * 3 * 32
+    "layer.biases": 64,  # dt bias 32 + conv bias 32
+    "layer.dt_softplus": 96,  # 3 * 32
+    "layer.scan.discretize": 416,  # 32 * 4 * 3 (dt*A, exp, dt*x*B) + 32 (dt*x)
+    "layer.scan.update": 256,  # 32 * 4 * 2 (dA*h, + dBx)
+    "layer.scan.readout": 256,  # 32 * 4 * 2 (C*h, sum)
+    "layer.scan.skip_D": 64,  # 2 * 32
+    "layer.scan.gate_z": 160,  # (4 + 1) * 32
+    "layer.out_proj": 1024,  # 2 * 32 * 16
+    "layer.residual": 16,
+    "norm_f": 64,
+    "lm_head": 2560,  # 2 * 16 * 80
+    "loss": 320,  # 4 * 80
+}
+# The biased / LayerNorm variant differs in these rows only.
+HAND_COUNT_VARIANT = {
+    **HAND_COUNT,
+    "layer.norm": 112,  # 7 * 16 (mean, subtract, square, sum, scale, weight, bias)
+    "norm_f": 112,
+    "layer.biases": 112,  # dt bias 32 + in_proj bias 64 + out_proj bias 16, no conv bias
+}
+# Forward FLOPs per token summed by hand: per layer 64 + 2048 + 256 + 128 + 704 + 192 + 64 + 96 + 416 + 256 + 256
+# + 64 + 160 + 1024 + 16 = 5744, two layers 11488, plus norm_f 64, lm_head 2560 and loss 320.
+HAND_TOTAL = 14432
+HAND_KINDS = {"matmul": 2 * (2048 + 704 + 192 + 1024) + 2560, "conv": 2 * 256,
+              "scan": 2 * (96 + 416 + 256 + 256 + 64 + 160), "elementwise": 2 * (64 + 128 + 64 + 16) + 64 + 320}
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [({}, HAND_COUNT), (dict(bias=True, conv_bias=False, rms_norm=False), HAND_COUNT_VARIANT)],
+    ids=["rmsnorm", "bias-layernorm"],
+)
+def test_every_row_equals_a_hand_count(variant, expected):
+    """Issue 18.10: the elementwise and scan rows, which no counter sees, against hand counts; and the totals."""
+    config = tiny_config(**variant)
+    assert (config.d_inner, config.dt_rank, config.vocab_size) == (32, 3, 80)  # what the hand counts assume
+    table = flops.flop_table(config)
+    assert {r.component: r.flops for r in table.rows} == expected
+    assert {r.component: r.count for r in table.rows if r.count != 1} == {
+        k: config.n_layer for k in expected if k.startswith("layer.")}  # fmt: skip
+    delta = 0 if not variant else 2 * (112 - 64) + (112 - 64) + 2 * (112 - 64)  # 2 layer norms, norm_f, 2x biases
+    assert table.forward_flops == HAND_TOTAL + delta
+    if not variant:
+        assert {k: table.flops_of(k) for k in HAND_KINDS} == HAND_KINDS
+        assert sum(HAND_KINDS.values()) == HAND_TOTAL  # the two hand sums agree
+        assert flops.training_flops_per_token(config) == 3 * HAND_TOTAL
+        assert flops.training_flops_per_token(config, hardware=True) == 3 * HAND_TOTAL + HAND_KINDS["scan"]
