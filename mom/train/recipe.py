@@ -256,7 +256,7 @@ def model_schema() -> dict[str, Any]:
 def _check_model(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
-    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # the corpus defines them unless given
+    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # mom.train.resolve resolves them unless given
     schema = model_schema()
     for key, value in model.items():
         if key not in schema:
