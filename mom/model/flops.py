@@ -12,6 +12,8 @@ not depend on the sequence length. Conventions (docs/flops.md gives the derivati
   forward. These are *model* FLOPs (PaLM's MFU definition): recomputation is not counted. ``hardware=True`` adds
   what an implementation recomputes: mamba-ssm's selective-scan backward kernel re-runs the forward scan (+1x on the
   scan rows), and gradient checkpointing re-runs every block's forward (+1x on every per-layer row).
+
+The command line is `mom.cli.flops` (``mom-flops``).
 """
 
 from __future__ import annotations
