@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,6 +30,9 @@ def run(prog: str, body: Callable[[], int | None], debug: bool = False) -> int:
     """Run a command's body; turn an input error into one line on stderr and an exit code."""
     try:
         return body() or 0
+    except BrokenPipeError:  # the reader of our output went away (`mom-flops ... | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush does not fail again
+        return 0
     except CommandFailed as e:
         if debug:
             raise

@@ -1,27 +1,33 @@
-"""`mom-generate`: sample an interleaved document from a trained MoM and decode it to text, PNG and WAV.
+"""Sample an interleaved document from a trained MoM and decode it to text, PNG and WAV.
 
-    mom-generate --model runs/tiny_mom/hf --prompt "a handwritten digit seven" --then image --out samples/
+    ids = generate_document(model, tokenizer, "a handwritten digit seven", then="image")
+    paths = write_document(tokenizer.decode_document(ids), Path("samples"), tokenizer.speech_sample_rate)
 
 Decoding is constrained to well-formed documents (`SpanConstraint`): outside media spans only text ids, span
 openers and EOS may follow; inside an image span exactly ``tokens_per_image`` image codes, then the closing marker;
 inside a speech span speech units until the closing marker (or ``--max-speech-units``). The prompt is
-``<s> text`` followed by the opener of ``--then`` (``image`` / ``speech``), or nothing for ``--then text``.
+``<s> text`` followed by the opener of ``--then`` (``image`` / ``speech``), or nothing for ``--then text``. The
+command line is `mom.cli.generate` (``mom-generate``).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor
+from transformers import LogitsProcessor
 
-import mom  # noqa: F401  (registers the Auto classes)
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, BOS_ID, BOSP_ID, EOI_ID, EOS_ID, EOSP_ID, PAD_ID
+
+THEN = ("text", "image", "speech")  # what may follow the prompt
+# Below this RMS level a decoded clip is near-silent: speech is recorded around -30 to -20 dBFS RMS, and 16-bit audio's
+# dither noise floor is about -96 dBFS; -50 dBFS sits well between the two.
+QUIET_DBFS = -50.0
+OUTPUT_FILE = re.compile(r"text\.txt|image_\d+\.png|speech_\d+\.wav")  # what `write_document` writes
 
 
 class SpanConstraint(LogitsProcessor):
@@ -81,7 +87,8 @@ def generate_document(
     """Unified ids of one sampled document: the prompt, then what the model adds until EOS or ``max_new_tokens``."""
     opener = {"text": [], "image": [BOI_ID], "speech": [BOSP_ID]}
     if then not in opener or (then != "text" and then not in tokenizer.modalities):
-        raise ValueError(f"--then: expected one of {['text', *tokenizer.modalities[1:]]}, got {then!r}")
+        raise ValueError(f"then: expected one of {['text', *tokenizer.modalities[1:]]} (the tokenizer's "
+                         f"modalities), got {then!r}")
     ids = [BOS_ID] + tokenizer.encode_text(prompt) + opener[then]
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -104,13 +111,23 @@ def close_open_span(ids: list[int], constraint: SpanConstraint) -> list[int]:
     return ids if span == "text" else ids[: len(ids) - emitted - 1]
 
 
+def level_dbfs(samples: np.ndarray) -> float:
+    """RMS level of a clip in dB relative to full scale (1.0); -inf for an empty or all-zero clip."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
 def write_document(parts, out_dir: Path, sample_rate: int | None) -> list[Path]:
-    """text.txt, image_<i>.png, speech_<i>.wav for the decoded parts."""
+    """text.txt, image_<i>.png, speech_<i>.wav for the decoded parts; those of an earlier document in ``out_dir``
+    are removed first (other files are left alone)."""
     from PIL import Image
 
     from mom.data.speech import write_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():
+        if OUTPUT_FILE.fullmatch(old.name) and old.is_file():
+            old.unlink()
     written, text, counts = [], [], {"image": 0, "speech": 0}
     for kind, value in parts:
         if kind == "text":
@@ -126,38 +143,3 @@ def write_document(parts, out_dir: Path, sample_rate: int | None) -> list[Path]:
         written.append(path)
     (out_dir / "text.txt").write_text("".join(text) + "\n")
     return [out_dir / "text.txt", *written]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mom-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a Hugging Face MoM directory (e.g. runs/tiny_mom/hf)")
-    parser.add_argument("--tokenizer", help="multimodal tokenizer directory (default: MODEL/tokenizer)")
-    parser.add_argument("--prompt", default="", help="text the document starts with")
-    parser.add_argument("--then", default="text", help="what follows the prompt: text, image or speech")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--max-speech-units", type=int, default=500, help="longest speech span (50 units = 1 s)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples", help="directory for text.txt, image_*.png, speech_*.wav")
-    args = parser.parse_args(argv)
-    tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
-    if not (tokenizer_dir / "config.json").is_file():
-        parser.error(f"no multimodal tokenizer at {tokenizer_dir} (pass --tokenizer DIR)")
-    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    if tuple(model.config.vocab_sizes) != tuple(tokenizer.vocab_sizes):
-        parser.error(f"model vocabulary {model.config.vocab_sizes} does not match tokenizer {tokenizer.vocab_sizes}")
-    ids = generate_document(model, tokenizer, args.prompt, args.then, args.max_new_tokens, args.temperature,
-                            args.top_k, args.max_speech_units, args.seed)
-    ids = close_open_span(ids, SpanConstraint(tokenizer, args.max_speech_units))
-    parts = tokenizer.decode_document(ids)
-    for path in write_document(parts, Path(args.out), tokenizer.speech_sample_rate):
-        print(f"wrote {path}")
-    print(f"{len(ids)} tokens: " + ", ".join(f"{k}" for k, _ in parts))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

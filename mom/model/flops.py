@@ -12,20 +12,17 @@ not depend on the sequence length. Conventions (docs/flops.md gives the derivati
   forward. These are *model* FLOPs (PaLM's MFU definition): recomputation is not counted. ``hardware=True`` adds
   what an implementation recomputes: mamba-ssm's selective-scan backward kernel re-runs the forward scan (+1x on the
   scan rows), and gradient checkpointing re-runs every block's forward (+1x on every per-layer row).
+
+The command line is `mom.cli.flops` (``mom-flops``).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mom.model.config import PROJECTIONS, MoMConfig
-from mom.utils.configio import parse_yaml, read_mapping
 
 # ---- per-element operation counts (see the module docstring) ---------------------------------------------------
 SILU_FLOPS = 4  # z * sigmoid(z) = z / (1 + exp(-z)): exp, add, reciprocal, multiply
@@ -348,100 +345,3 @@ def human_duration(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
-
-
-# ---- command line ----------------------------------------------------------------------------------------------
-REFERENCE_GPUS = ("H100 SXM", "H200 SXM", "A100", "L40S", "A10G", "L4", "RTX 4090")
-
-
-def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConfig:
-    """A `MoMConfig` from a saved model's ``config.json`` (file or model directory), with ``key=value`` overrides."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(f"--model-json: no such file {path}")
-    data = read_mapping(path, "--model-json")
-    known = set(MoMConfig().to_dict())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected key=value")
-        key = key.removeprefix("model.")
-        if key not in known:
-            raise ValueError(f"override {key!r}: not a MoMConfig field")
-        data[key] = parse_yaml(value)  # "64" -> 64, "[in_proj]" -> list, "true" -> True, "1e-5" -> 1e-05
-    return MoMConfig.from_dict(data)
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mom-flops",
-        description="FLOPs per token and parameters of a MoM / dense Mamba model by component, training FLOPs of "
-        "a recipe's token budget and the time it takes on reference GPUs at a given MFU.",
-    )
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="training recipe YAML (recipes/<name>.yaml)")
-    src.add_argument("--model-json", help="config.json of a saved model (or its directory)")
-    parser.add_argument("--world-size", type=int, default=1, help="number of GPUs (sets the recipe's token budget "
-                        "and divides the time estimates); default 1")  # fmt: skip
-    parser.add_argument("--tokens", type=float, default=None, help="training tokens (overrides the recipe's budget)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimates; default 0.4")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe (or config.json) overrides")
-    return parser
-
-
-def _load(args: argparse.Namespace) -> tuple[MoMConfig, int | None]:
-    """(model config, token budget or None) from the recipe or the config.json."""
-    if args.model_json is not None:
-        return config_from_json(args.model_json, args.overrides), None
-    from mom.train.recipe import AUTO, load_recipe
-
-    recipe = load_recipe(args.config, args.overrides)
-    auto = {}
-    if AUTO in (recipe.model.get("modalities"), recipe.model.get("vocab_sizes")):
-        from mom.data.loader import read_manifest  # "auto" sizes come from the corpus, as in training
-
-        try:
-            manifest = read_manifest(recipe.data.path)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(
-                f"model.modalities / model.vocab_sizes are 'auto' and the corpus gives none ({err}); build the "
-                "corpus or override them, e.g. model.modalities=[text,image,speech] model.vocab_sizes=[8192,8192,1024]"
-            ) from err
-        auto = {"modalities": manifest.modalities, "vocab_sizes": manifest.vocab_sizes}
-    return recipe.model_config(**auto), int(recipe.total_tokens(args.world_size))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mom-flops`` (and ``python -m mom.model.flops``)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.world_size < 1:
-        parser.error(f"--world-size: must be >= 1, got {args.world_size}")
-    if not 0 < args.mfu <= 1:
-        parser.error(f"--mfu: must be in (0, 1], got {args.mfu}")
-    if args.tokens is not None and args.tokens < 0:
-        parser.error(f"--tokens: must be non-negative, got {args.tokens}")
-    try:
-        config, budget = _load(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    tokens = int(args.tokens) if args.tokens is not None else budget
-    table = flop_table(config)
-    print(table.format())
-    if tokens is None:
-        print("no token budget: pass --tokens (or --config) for training FLOPs and time estimates")
-        return 0
-    total = training_flops(config, tokens)
-    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs (model FLOPs, {TRAIN_FACTOR}x forward)")
-    print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} MFU (dense bf16 peak):")
-    for name in REFERENCE_GPUS:
-        peak = next(g for g in GPU_PEAKS if g.name == name)
-        seconds = total / (args.mfu * peak.bf16 * args.world_size)
-        print(f"  {name:<10}{peak.bf16 / _T:>9.1f} TFLOP/s  {human_duration(seconds):>12}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

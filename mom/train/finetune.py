@@ -1,6 +1,9 @@
-"""`mom-finetune`: LoRA fine-tuning of a pretrained MoM checkpoint with the pretraining trainer.
+"""LoRA fine-tuning of a pretrained MoM checkpoint with the pretraining trainer.
 
-    mom-finetune --base runs/tiny/hf --config recipes/finetune/image_experts.yaml [train.max_steps=50 lora.r=4 ...]
+    ft = load_finetune_recipe("recipes/finetune/image_experts.yaml", ["train.max_steps=50", "lora.r=4"])
+    result = finetune("runs/tiny_mom/hf", ft)
+
+The command line is `mom.cli.finetune` (``mom-finetune``).
 
 A fine-tuning recipe is a training recipe (``data`` / ``optim`` / ``train`` / ``deepspeed``, docs/training.md) with
 no ``model:`` section (the base checkpoint defines the model) and a ``lora:`` section (`mom.train.lora.LoraSettings`).
@@ -11,11 +14,9 @@ to ``<train.out_dir>/adapter`` (``PeftModel.from_pretrained(base, dir)`` loads i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
@@ -24,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
@@ -32,9 +32,9 @@ from mom.data.loader import build_loader, read_manifest
 from mom.model.modeling import MoMForCausalLM
 from mom.train.loop import losses, model_inputs, train
 from mom.train.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
-from mom.train.recipe import Recipe, apply_override, parse_yaml
+from mom.train.recipe import SECTIONS, Recipe
 from mom.utils.atomic import atomic_directory, atomic_write_text
-from mom.utils.configio import read_mapping
+from mom.utils.configio import apply_overrides, blame, read_mapping
 
 ADAPTER_SUBDIR = "adapter"  # default adapter directory inside train.out_dir
 SUMMARY_FILE = "finetune.json"  # inside train.out_dir: parameter counts, paths, losses before / after
@@ -49,44 +49,22 @@ class FinetuneRecipe:
 
 
 def load_finetune_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> FinetuneRecipe:
-    """Read a fine-tuning recipe and apply ``key=value`` overrides (``lora.*`` ones included), validate it all."""
+    """Read a fine-tuning recipe, apply ``key=value`` overrides (``lora.*`` ones included), validate it all."""
     raw = read_mapping(path, "recipe", of="sections")
-    if "lora" not in raw:
-        raise ValueError(f"recipe {path}: lora: section required (what to adapt, see docs/finetune.md)")
-    if raw.get("model"):
-        raise ValueError(f"recipe {path}: model: the base checkpoint (--base) defines the model; remove this section")
-    raw.pop("model", None)
-    lora_raw = raw.pop("lora")
-    if not isinstance(lora_raw, dict):
-        raise ValueError(f"recipe {path}: lora: must be a mapping, got {type(lora_raw).__name__}")
+    schema = {"lora": LoraSettings, **SECTIONS}
+    applied = apply_overrides(raw, overrides, schema, refused={"model": "the base checkpoint defines the model"})
     try:
-        for override in overrides:
-            key = override.partition("=")[0].strip()
-            if key == "lora" or key.startswith("lora."):
-                _apply_lora_override(lora_raw, override)
-            elif key == "model" or key.startswith("model."):
-                raise ValueError(f"override {key}: the base checkpoint defines the model")
-            else:
-                apply_override(raw, override)
-        return FinetuneRecipe(Recipe.from_dict(raw), LoraSettings.from_dict(lora_raw))
+        if "lora" not in raw:
+            raise ValueError("lora: section required (what to adapt, see docs/finetune.md)")
+        if raw.get("model"):
+            raise ValueError("model: the base checkpoint (--base) defines the model; remove this section")
+        sections = {k: v for k, v in raw.items() if k not in ("model", "lora")}
+        lora_raw = raw["lora"]
+        if not isinstance(lora_raw, dict):
+            raise ValueError(f"lora: must be a mapping, got {type(lora_raw).__name__}")
+        return FinetuneRecipe(Recipe.from_dict(sections), LoraSettings.from_dict(lora_raw))
     except ValueError as e:
-        raise ValueError(f"recipe {path}: {e}") from e
-
-
-def _apply_lora_override(lora_raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not sep or len(parts) != 2 or not parts[1]:
-        raise ValueError(f"override {override!r}: expected lora.<key>=value, e.g. lora.r=16")
-    try:
-        value = parse_yaml(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
-    known = LoraSettings.__dataclass_fields__
-    if parts[1] not in known:
-        raise ValueError(f"override {key}: unknown key; valid keys of lora are {list(known)}")
-    lora_raw[parts[1]] = value
+        raise blame(e, applied, f"recipe {path}") from e
 
 
 def load_base(base_dir: str | os.PathLike) -> MoMForCausalLM:
@@ -142,7 +120,6 @@ def finetune(
     torch.manual_seed(recipe.train.seed)  # LoRA's A factors are drawn here, before the trainer seeds anything
     peft_model = wrap(model, ft.lora)
     trainable, total = parameter_counts(peft_model)
-    print(f"mom-finetune: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     before = {c: evaluate_corpus(peft_model, recipe, c) for c in corpora}  # LoRA starts at zero: the base's losses
 
     recipe.train.export_hf = False  # the trainer would export the bare adapter; we save it below
@@ -209,65 +186,3 @@ def export_merged(peft_model: Any, out_dir: str | os.PathLike) -> Path:
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp)
     return out_dir
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mom-finetune",
-        description="LoRA fine-tuning of a pretrained MoM checkpoint (peft) with the pretraining trainer. The "
-        "adapter is saved in peft's format (load with PeftModel.from_pretrained(base, dir)).",
-        epilog="example: mom-finetune --base runs/tiny_mom/hf --config recipes/finetune/image_experts.yaml "
-        "--compare data/small train.max_steps=100 lora.r=4   (docs/finetune.md)",
-    )
-    parser.add_argument("--base", required=True, help="pretrained MoM: a Hugging Face model directory")
-    parser.add_argument("--config", required=True, help="fine-tuning recipe (YAML, with a lora: section)")
-    parser.add_argument("--adapter-out", default=None,
-                        help=f"adapter directory (default: <train.out_dir>/{ADAPTER_SUBDIR}); must not exist")
-    parser.add_argument("--merged-out", default=None,
-                        help="also merge the adapter into the base and save the plain MoM model here")
-    parser.add_argument("--compare", action="append", default=[], metavar="CORPUS",
-                        help="evaluate the validation split of this corpus (and of the fine-tuning corpus) before "
-                        "and after fine-tuning, e.g. the base's pretraining corpus to measure forgetting; repeatable")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="recipe overrides, e.g. train.max_steps=20 optim.lr=1e-3 lora.r=16")
-    return parser
-
-
-def format_comparison(comparison: dict[str, dict[str, dict[str, float] | None]]) -> str:
-    """Validation losses before / after fine-tuning: a header line per corpus, a row per loss."""
-    lines = [f"{'validation loss':<32}{'before':>10}{'after':>10}{'change':>10}"]
-    for corpus, result in comparison.items():
-        lines.append(str(corpus))
-        before, after = result["before"], result["after"] or {}
-        for key, value in before.items():
-            new = after.get(key, math.nan)
-            if math.isnan(value) and math.isnan(new):
-                continue  # no target of that modality in this corpus
-            lines.append(f"  {key:<30}{value:>10.4f}{new:>10.4f}{new - value:>+10.4f}")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        ft = load_finetune_recipe(args.config, args.overrides)
-        result = finetune(args.base, ft, args.adapter_out, args.merged_out, args.compare)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"mom-finetune: error: {e}", file=sys.stderr)
-        return 2
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return 0
-    counts = f"trainable {result['trainable_params']:,} / total {result['total_params']:,} parameters"
-    if result["adapter_dir"] is None:
-        print(f"mom-finetune: stopped at step {result['step']} of {ft.recipe.train.max_steps} ({counts}); run the "
-              "same command again to resume, the adapter is saved at the end")
-        return 0
-    if result["comparison"]:
-        print(format_comparison(result["comparison"]))
-    print(f"mom-finetune: done, {counts}; adapter: {result['adapter_dir']}"
-          + (f"; merged model: {result['merged_dir']}" if result["merged_dir"] else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

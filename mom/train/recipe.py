@@ -2,8 +2,8 @@
 
 A recipe has five sections, each mapping one to one onto a dataclass (docs/training.md lists every key)::
 
-    model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes``: "auto", the default, takes them
-                from the corpus manifest)
+    model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes``: "auto", the default, is resolved
+                from the corpus manifest or the tokenizers by mom.train.resolve)
     data:       mom.data.loader.DataConfig
     optim:      OptimConfig
     train:      TrainConfig
@@ -11,7 +11,8 @@ A recipe has five sections, each mapping one to one onto a dataclass (docs/train
 
     recipe = load_recipe("recipes/tiny_mom.yaml", ["train.max_steps=20", "optim.lr=1e-3"])
 
-Unknown keys and wrong types, in the file or in an override, raise ``ValueError`` naming the dotted key.
+Unknown keys and wrong types, in the file or in an override, raise ``ValueError`` naming the dotted key (and the
+override, when one set it).
 Relative paths are relative to the current directory.
 """
 
@@ -25,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from mom.data.loader import DataConfig
 from mom.model.config import MoMConfig
-from mom.utils.configio import check_value, from_dict, parse_yaml, read_mapping
+from mom.utils.configio import apply_overrides, blame, check_value, from_dict, read_mapping
 
-AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: taken from the corpus manifest
+AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: resolved by mom.train.resolve
+AUTO_MODEL_KEYS = ("modalities", "vocab_sizes")
 
 
 @dataclass
@@ -179,9 +179,9 @@ class Recipe:
         """The `MoMConfig`; ``auto`` supplies the values of keys the recipe sets to "auto" (e.g. ``vocab_sizes``)."""
         kwargs = dict(self.model)
         for key, value in kwargs.items():
-            if value == AUTO and key in ("modalities", "vocab_sizes"):
+            if value == AUTO and key in AUTO_MODEL_KEYS:
                 if key not in auto:
-                    raise ValueError(f"model.{key} is 'auto': pass {key}=... (e.g. from the corpus manifest)")
+                    raise ValueError(f"model.{key} is 'auto': pass {key}=... (see mom.train.resolve)")
                 kwargs[key] = auto[key]
         return MoMConfig(**kwargs)
 
@@ -224,59 +224,43 @@ class Recipe:
 
 # ---- loading -----------------------------------------------------------------------------------------------------
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply dotted ``key=value`` overrides (values parsed as YAML), validate."""
+    """Read a YAML recipe, apply dotted ``key=value`` overrides (`mom.utils.configio.apply_overrides`), validate.
+
+    An error is blamed on the override that set the key it names, else on the recipe file.
+    """
     raw = read_mapping(path, "recipe", of="sections")
-    for override in overrides:
-        apply_override(raw, override)
+    applied = apply_overrides(raw, overrides, recipe_schema())
     try:
         return Recipe.from_dict(raw)
     except ValueError as e:
-        raise ValueError(f"recipe {path}: {e}") from e
+        raise blame(e, applied, f"recipe {path}") from e
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set ``raw[a][b] = value`` for ``"a.b=value"``; the key must exist in the schema (free-form dicts excepted)."""
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"override {override!r}: expected key=value, e.g. train.max_steps=20")
-    try:
-        value = parse_yaml(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
-    parts = key.split(".")
-    section = parts[0]
-    if section not in ("model", *SECTIONS):
-        raise ValueError(f"override {key}: unknown section {section!r}; valid: {['model', *SECTIONS]}")
-    if len(parts) == 1:
-        raise ValueError(f"override {key}: name a key inside the section, e.g. {section}.<key>=...")
-    schema = _model_schema() if section == "model" else _hints(SECTIONS[section])
-    if parts[1] not in schema:
-        raise ValueError(f"override {key}: unknown key; valid keys of {section} are {sorted(schema)}")
-    if len(parts) > 2 and not _is_free_dict(schema[parts[1]]):
-        raise ValueError(f"override {key}: {section}.{parts[1]} is not a mapping")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ValueError(f"override {key}: {part} is not a mapping in the recipe")
-        node = child
-    node[parts[-1]] = value
+def recipe_schema() -> dict[str, Any]:
+    """What an override may set: {section: dataclass or {key: annotation}} (``model``: MoMConfig's arguments)."""
+    return {"model": model_schema(), **SECTIONS}
+
+
+def model_schema() -> dict[str, Any]:
+    """{key: annotation} of the ``model:`` section: MoMConfig's keyword arguments, "auto" allowed where it may be."""
+    hints = typing.get_type_hints(MoMConfig.__init__)
+    params = inspect.signature(MoMConfig.__init__).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    schema = {name: hints.get(name, Any) for name, p in params.items() if name != "self" and p.kind in keyword}
+    for key in AUTO_MODEL_KEYS:
+        schema[key] = Literal["auto"] | schema[key]
+    return schema
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
 def _check_model(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
-    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # the corpus defines them unless given
-    schema = _model_schema()
+    model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # mom.train.resolve resolves them unless given
+    schema = model_schema()
     for key, value in model.items():
         if key not in schema:
             raise ValueError(f"model.{key}: unknown key; valid keys are {sorted(schema)}")
-        if key in ("modalities", "vocab_sizes") and value == AUTO:
-            continue
         check_value(value, schema[key], f"model.{key}")  # checked only: MoMConfig converts
     trial = dict(model)
     if AUTO in (model["modalities"], model["vocab_sizes"]):
@@ -286,22 +270,6 @@ def _check_model(model: Any) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"model.{e}") from e
     return model
-
-
-def _model_schema() -> dict[str, Any]:
-    hints = typing.get_type_hints(MoMConfig.__init__)
-    params = inspect.signature(MoMConfig.__init__).parameters
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name: hints.get(name, Any) for name, p in params.items() if name != "self" and p.kind in keyword}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _is_free_dict(annotation: Any) -> bool:
-    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

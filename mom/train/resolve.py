@@ -1,6 +1,8 @@
 """The one resolver of a recipe's ``auto`` values: model modalities and vocabulary sizes, and the tokenizer directory.
 
-`mom-train`, ``--dry-run`` and `mom-flops` all size a model through `resolve_model_config`.
+`mom-train`, its ``--dry-run`` and `mom-flops` all size a model through `resolve_model_config`. Sizing a model needs
+no corpus when the recipe states its vocabulary (the sized recipes under recipes/ do); ``auto`` is resolved from
+the corpus manifest, else from the multimodal tokenizer of ``train.tokenizer_dir``.
 """
 
 from __future__ import annotations
@@ -10,25 +12,59 @@ from pathlib import Path
 
 from mom.data.loader import read_manifest
 from mom.model.config import MoMConfig
-from mom.train.recipe import AUTO, Recipe
+from mom.tokenization.multimodal import MultimodalTokenizer
+from mom.train.recipe import AUTO, AUTO_MODEL_KEYS, Recipe
 
 
 def resolve_model_config(recipe: Recipe) -> MoMConfig:
-    """The recipe's MoMConfig, "auto" modalities / vocabulary sizes taken from the corpus manifest.
+    """The recipe's MoMConfig, "auto" modalities / vocabulary sizes resolved; checked against the corpus if built.
 
-    The model's modalities may be a leading subset of the corpus's (e.g. ``[text, image]`` of a text / image /
+    "auto" comes from the first source that exists: the corpus manifest (``data.path``), then the multimodal
+    tokenizer of ``train.tokenizer_dir`` (a directory, not "auto"). A recipe stating both reads neither to size the
+    model. The model's modalities may be a leading subset of the corpus's (e.g. ``[text, image]`` of a text / image /
     speech corpus: the unified ids of those modalities are the same); `check_corpus` then requires the mixture to
     exclude every document kind that could hold the others.
     """
-    manifest = read_manifest(recipe.data.path)
-    modalities = manifest.modalities if recipe.model.get("modalities", AUTO) == AUTO else recipe.model["modalities"]
-    sizes = dict(zip(manifest.modalities, manifest.vocab_sizes))
-    missing = [m for m in modalities if m not in sizes]
-    if missing:
-        raise ValueError(f"model.modalities: {missing} not in the corpus {recipe.data.path} ({list(sizes)})")
-    config = recipe.model_config(modalities=tuple(modalities), vocab_sizes=tuple(sizes[m] for m in modalities))
-    check_corpus(config, recipe)
+    auto = [k for k in AUTO_MODEL_KEYS if recipe.model.get(k, AUTO) == AUTO]
+    if auto:
+        source, modalities, vocab_sizes = vocabulary_source(recipe, auto)
+        sizes = dict(zip(modalities, vocab_sizes))
+        if "modalities" not in auto:
+            modalities = tuple(recipe.model["modalities"])
+            missing = [m for m in modalities if m not in sizes]
+            if missing:
+                raise ValueError(f"model.modalities: {missing} not in {source} ({list(sizes)})")
+        values = {"modalities": tuple(modalities), "vocab_sizes": tuple(sizes[m] for m in modalities)}
+        config = recipe.model_config(**{k: values[k] for k in auto})
+    else:
+        config = recipe.model_config()
+    if corpus_built(recipe):
+        check_corpus(config, recipe)
     return config
+
+
+def corpus_built(recipe: Recipe) -> bool:
+    """Whether ``data.path`` holds a corpus (its manifest: `mom.data.loader.read_manifest` checks the rest)."""
+    return (Path(recipe.data.path) / "manifest.json").is_file()
+
+
+def vocabulary_source(recipe: Recipe, auto: list[str]) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
+    """(what it is, modalities, vocabulary sizes) that resolve the ``auto`` keys: the corpus, else the tokenizer."""
+    if corpus_built(recipe):
+        manifest = read_manifest(recipe.data.path)
+        return f"the corpus {recipe.data.path}", tuple(manifest.modalities), tuple(manifest.vocab_sizes)
+    tokenizer_dir = recipe.train.tokenizer_dir
+    if tokenizer_dir not in (None, AUTO):
+        tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+        return f"the tokenizer {tokenizer_dir}", tuple(tokenizer.modalities), tuple(tokenizer.vocab_sizes)
+    keys = " / ".join(f"model.{k}" for k in auto)
+    modalities = recipe.model.get("modalities", AUTO)
+    example = "[text, image, ...]" if modalities == AUTO else f"[{', '.join(modalities)}]"
+    raise ValueError(
+        f"{keys} {'is' if len(auto) == 1 else 'are'} 'auto' and there is no corpus at {recipe.data.path} to take "
+        f"them from: state them in the recipe (model.modalities={example} model.vocab_sizes=[...], the sizes in "
+        "the tokenizer's config.json), or set train.tokenizer_dir=DIR (a multimodal tokenizer), or build the corpus"
+    )
 
 
 # Document kinds (mom.data.loader.DOC_KINDS) that may hold tokens of a modality other than text.

@@ -2,11 +2,16 @@
 
     settings = from_dict(MySettings, {"lr": 1e-3, "steps": 10}, where="optim")
     raw = read_mapping("recipes/tiny_mom.yaml", "recipe")
+    applied = apply_overrides(raw, ["optim.lr=1e-3"], {"optim": OptimConfig})  # checked against the schema
 
 Every error is a ``ValueError`` naming the dotted key (``optim.steps: expected int, got str 'ten'``). Supported
 annotations: ``int`` (not ``bool``), ``float`` (finite; an ``int`` is accepted and converted), ``bool``, ``str``,
 ``X | None`` / unions, ``list[X]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``Sequence[X]``, ``dict[K, V]``,
 ``Literal[...]``, ``Any`` and nested dataclasses.
+
+`apply_overrides` is the one parser of command-line ``key=value`` overrides (recipes, fine-tuning recipes, a saved
+model's ``config.json``): an override with an unknown key or a value of the wrong type is reported as the override's
+fault, and `blame` words a later validation error about an overridden key the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["check_value", "from_dict", "parse_yaml", "read_mapping", "type_name"]
+__all__ = ["apply_overrides", "blame", "check_value", "from_dict", "parse_yaml", "read_mapping", "type_name"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -159,6 +164,83 @@ def check_value(value: Any, tp: Any, key: str, **options: bool) -> Any:
             return value
         raise _mismatch(key, tp, value)
     raise ValueError(f"{key}: unsupported field type {tp}")  # a programming error, not a user one
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: Sequence[str], schema: dict[str, Any], refused: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML) to ``raw`` in place; return {key: override}.
+
+    ``schema`` maps each top-level section to a dataclass or to a mapping {key: annotation}; the key must exist
+    (below a free-form ``dict`` annotation any key may be added) and the value must fit its annotation, else a
+    ``ValueError`` names the override. ``refused``: {section: why it cannot be overridden}.
+    """
+    applied: dict[str, str] = {}
+    for override in overrides:
+        key, value = _parse_override(override, schema, refused or {})
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {key}: {part} is not a mapping in the file")
+            node = child
+        node[parts[-1]] = value
+        applied[key] = override
+    return applied
+
+
+def blame(error: ValueError, applied: dict[str, str], source: str) -> ValueError:
+    """The validation ``error`` ("dotted.key: problem") blamed on the override that set that key, else on ``source``
+    (e.g. ``"recipe recipes/tiny_mom.yaml"``)."""
+    msg = str(error)
+    named = re.split(r"[:\[ ]", msg, maxsplit=1)[0]
+    for key, override in applied.items():
+        if named == key or named.startswith(key + ".") or key.startswith(named + "."):
+            return ValueError(f"override {override}: {msg.removeprefix(named).lstrip(': ')}")
+    return ValueError(f"{source}: {msg}")
+
+
+def _parse_override(override: str, schema: dict[str, Any], refused: dict[str, str]) -> tuple[str, Any]:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {override!r}: expected key=value, e.g. train.max_steps=20")
+    parts = key.split(".")
+    if parts[0] in refused:
+        raise ValueError(f"override {key}: {refused[parts[0]]}")
+    if parts[0] not in schema:
+        raise ValueError(f"override {key}: unknown section {parts[0]!r}; valid: {list(schema)}")
+    if len(parts) == 1:
+        raise ValueError(f"override {key}: name a key inside the section, e.g. {parts[0]}.<key>=...")
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {key}: cannot parse value {text!r}: {e}") from e
+    fields = _fields(schema[parts[0]])
+    if parts[1] not in fields:
+        raise ValueError(f"override {key}: unknown key; valid keys of {parts[0]} are {sorted(fields)}")
+    annotation = fields[parts[1]]
+    if len(parts) > 2:
+        free = next((a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is dict), None)
+        if free is None:
+            raise ValueError(f"override {key}: {parts[0]}.{parts[1]} is not a mapping")
+        annotation = typing.get_args(free)[1] if len(parts) == 3 and typing.get_args(free) else Any
+    try:
+        check_value(value, annotation, key)
+    except ValueError as e:
+        raise ValueError(f"override {override}: {str(e).removeprefix(key).lstrip(': ')}") from None
+    return key, value
+
+
+def _fields(section: Any) -> dict[str, Any]:
+    """{key: annotation} of a schema section (a dataclass, or already such a mapping)."""
+    if dataclasses.is_dataclass(section):
+        hints = typing.get_type_hints(section)
+        return {f.name: hints[f.name] for f in dataclasses.fields(section) if f.init}
+    return dict(section)
 
 
 def type_name(tp: Any) -> str:

@@ -1,8 +1,9 @@
 import json
+import math
 
 import pytest
 
-from mom.evaluation.compare import Curve, flops_to_reach, main, read_curve, report
+from mom.evaluation.compare import Curve, flops_to_reach, read_curve, report
 
 
 def write_run(path, steps, flops_per_step, val_losses):
@@ -39,18 +40,6 @@ def test_report_gives_share_of_baseline_flops(tmp_path):
     assert share_line.split()[1:] == ["50.0%", "50.0%", "50.0%"]
 
 
-def test_cli_errors_and_plot(tmp_path, capsys):
-    run = write_run(tmp_path / "a", [1, 2], 1.0, [(3.0, 3.0, 3.0), (2.0, 2.0, 2.0)])
-    with pytest.raises(FileNotFoundError, match="no metrics file"):
-        main(["--run", f"x={tmp_path / 'missing'}"])
-    with pytest.raises(SystemExit):
-        main(["--run", f"a={run}", "--baseline", "nope"])
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "cmp.png"
-    assert main(["--run", f"a={run}", "--run", f"b={run}", "--baseline", "a", "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000 and "plot:" in capsys.readouterr().out
-
-
 def test_corrupt_metrics_line_names_the_file_but_a_torn_last_line_is_ignored(tmp_path):
     run = write_run(tmp_path / "a", [1], 1.0, [(3.0, 3.0, 3.0)])
     with open(run / "metrics.jsonl", "a") as f:
@@ -60,3 +49,22 @@ def test_corrupt_metrics_line_names_the_file_but_a_torn_last_line_is_ignored(tmp
         f.write('\n{"split": "validation", "step": 1, "loss": 2.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:3"):
         read_curve("a", run)
+
+
+def test_a_window_without_a_modality_is_a_gap_not_a_crash(tmp_path):
+    """Issue 18.3: a training-log window with no speech token logs "loss/speech": null."""
+    rows = [
+        {"split": "train", "step": 1, "flops": 1.0, "loss": 4.0, "loss/text": 4.0, "loss/speech": 3.0},
+        {"split": "train", "step": 2, "flops": 2.0, "loss": 3.0, "loss/text": 3.0, "loss/speech": 2.0},
+        {"split": "train", "step": 3, "flops": 3.0, "loss": 2.5, "loss/text": 2.5, "loss/speech": None},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curve = read_curve("a", tmp_path, split="train")
+    assert curve.losses["speech"][:2] == [3.0, 2.0] and math.isnan(curve.losses["speech"][2])
+    assert curve.final("speech") == 2.0 and curve.final("text") == 2.5  # the last measured value
+    assert flops_to_reach(curve, "speech", 2.5) == pytest.approx(1.5)  # between the measured points
+    assert flops_to_reach(curve, "speech", 1.0) is None and flops_to_reach(curve, "speech", math.nan) is None
+    twin = read_curve("b", tmp_path, split="train")
+    share_line = report([twin, curve], curve).splitlines()[-1].split()
+    # all and text reach their final loss at the last point (3 of 3 FLOPs), speech its last measured one at 2 of 3
+    assert share_line == ["b", "100.0%", "66.7%", "100.0%"]

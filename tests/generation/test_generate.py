@@ -1,12 +1,10 @@
-import shutil
-import wave
+import math
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import mom
-from mom.generation.document import SpanConstraint, main
+from mom.generation.document import SpanConstraint, level_dbfs, write_document
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, BOS_ID, BOSP_ID, EOI_ID, EOSP_ID, PAD_ID
 
@@ -39,22 +37,17 @@ def test_span_constraint_keeps_documents_well_formed(tokenizer):
     assert allowed(c, [BOS_ID, BOSP_ID] + [speech_lo] * 3, V) == [EOSP_ID]
 
 
-def test_cli_writes_a_decoded_document(tmp_path, tokenizer, capsys):
-    config = mom.MoMConfig(**tokenizer.to_config_kwargs(), d_model=32, n_layer=2)
-    model_dir = tmp_path / "hf"
-    mom.MoMForCausalLM(config).save_pretrained(model_dir)
-    shutil.copytree(TOKENIZERS, model_dir / "tokenizer")
-    out = tmp_path / "img"
-    assert main(["--model", str(model_dir), "--prompt", "a grinning face", "--then", "image", "--out", str(out),
-                 "--max-new-tokens", "70"]) == 0
-    assert Image.open(out / "image_0.png").size == (32, 32)
-    assert (out / "text.txt").read_text().startswith("a grinning face[image_0.png]")
-    out = tmp_path / "speech"
-    assert main(["--model", str(model_dir), "--then", "speech", "--max-speech-units", "25", "--max-new-tokens", "30",
-                 "--out", str(out)]) == 0
-    with wave.open(str(out / "speech_0.wav")) as w:
-        seconds = w.getnframes() / w.getframerate()
-    assert 0.02 <= seconds <= 25 / 50 + 0.05  # at most 25 units at 50 units/s
-    assert "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--model", str(model_dir), "--tokenizer", str(tmp_path / "none")])
+def test_level_dbfs():
+    assert level_dbfs(np.ones(100, dtype=np.float32)) == pytest.approx(0.0)
+    assert level_dbfs(np.full(100, 0.01, dtype=np.float32)) == pytest.approx(-40.0)
+    assert level_dbfs(np.zeros(10, dtype=np.float32)) == -math.inf and level_dbfs(np.zeros(0)) == -math.inf
+
+
+def test_write_document_replaces_an_earlier_document_only(tmp_path):
+    for name in ("image_0.png", "speech_3.wav", "text.txt", "notes.md", "image_x.png"):
+        (tmp_path / name).write_text("old")
+    parts = [("text", "hello "), ("image", np.zeros((4, 4, 3), dtype=np.uint8))]
+    written = write_document(parts, tmp_path, sample_rate=16000)
+    assert [p.name for p in written] == ["text.txt", "image_0.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image_0.png", "image_x.png", "notes.md", "text.txt"]
+    assert (tmp_path / "text.txt").read_text() == "hello [image_0.png]\n"

@@ -15,7 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import mom
-from mom.train.finetune import SUMMARY_FILE, load_finetune_recipe, main
+from mom.cli.finetune import main
+from mom.train.finetune import SUMMARY_FILE, load_finetune_recipe
 from mom.train.loop import train
 from mom.train.recipe import Recipe
 
@@ -133,8 +134,10 @@ def test_recipe_sections_and_overrides(tmp_path):
         load_finetune_recipe(HELDOUT_RECIPE, ["lora.rank=4"])
     with pytest.raises(ValueError, match="override model.d_model: the base checkpoint defines the model"):
         load_finetune_recipe(HELDOUT_RECIPE, ["model.d_model=8"])
-    with pytest.raises(ValueError, match="lora.alpha: must be a number"):
+    with pytest.raises(ValueError, match=r"^override lora\.alpha=big: expected float, got str 'big'$"):
         load_finetune_recipe(HELDOUT_RECIPE, ["lora.alpha=big"])
+    with pytest.raises(ValueError, match=r"^override lora\.r=0: must be an integer >= 1, got 0$"):
+        load_finetune_recipe(HELDOUT_RECIPE, ["lora.r=0"])  # LoraSettings' own check, blamed on the override
     raw = yaml.safe_load(HELDOUT_RECIPE.read_text())
     (tmp_path / "no_lora.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "lora"}))
     with pytest.raises(ValueError, match="lora: section required"):

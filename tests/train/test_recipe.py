@@ -1,5 +1,6 @@
 """Recipes: loading, overrides, validation errors naming the key, the bundled recipes and their dense twins."""
 
+import json
 import re
 from pathlib import Path
 
@@ -17,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "recipes" / "tiny_mom.yaml"
 ALL_PROJECTIONS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
-# Vocabulary assumed for sizing (the bundled tokenizers: text 2048, image 512, speech 256); the recipes say "auto".
-ASSUMED_VOCAB = {"text": 2048, "image": 512, "speech": 256}
+# The tokenizers data/large is built with (recipes/data/large.yaml): the sized recipes state their vocabulary.
+LARGE_TOKENIZER = ROOT / yaml.safe_load((ROOT / "recipes" / "data" / "large.yaml").read_text())["tokenizer"]["dir"]
 TARGETS = {"60m": 60e6, "160m": 160e6, "760m": 760e6, "1b4": 1.4e9}
 
 
@@ -87,15 +88,25 @@ def test_bad_recipe_files_name_the_key(tmp_path, text, message):
         ("trian.max_steps=3", r"unknown section 'trian'"),
         ("train=3", r"name a key inside the section"),
         ("train.max_steps.x=3", r"train\.max_steps is not a mapping"),
-        ("train.max_steps=3.5", r"train\.max_steps: expected int, got float 3\.5"),
-        ("train.export_hf=maybe", r"train\.export_hf: expected bool"),
+        ("train.max_steps=3.5", r"^override train\.max_steps=3\.5: expected int, got float 3\.5$"),
+        ("train.export_hf=maybe", r"^override train\.export_hf=maybe: expected bool"),
         ("model.d_modl=64", r"override model\.d_modl: unknown key"),
-        ("data.mixture.speach=0", r"data\.mixture\.speach: unknown document kind"),
+        ("model.d_model=wide", r"^override model\.d_model=wide: expected int, got str 'wide'$"),
+        ("data.mixture.speach=0", r"^override data\.mixture\.speach=0: unknown document kind"),
+        ("data.mixture.text=lots", r"^override data\.mixture\.text=lots: expected float"),
+        ("optim.lr=-1", r"^override optim\.lr=-1: must be > 0, got -1"),  # __post_init__'s check, same blame
     ],
 )
-def test_bad_overrides_name_the_key(tmp_path, override, message):
+def test_bad_overrides_name_the_override_not_the_file(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(write(tmp_path, MINIMAL), [override])
+
+
+def test_a_bad_file_value_blames_the_file_even_with_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL + "optim: {lr: -1}\n")
+    with pytest.raises(ValueError, match=r"^recipe .*recipe\.yaml: optim\.lr: must be > 0"):
+        load_recipe(path, ["train.max_steps=3"])
+    assert load_recipe(path, ["optim.lr=0.1"]).optim.lr == 0.1  # the override repairs it
 
 
 def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
@@ -117,7 +128,7 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
 def test_cli_rejects_a_bad_recipe_before_training(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["--config", str(TINY), f"train.out_dir={out}", "train.max_steps=-5"]) == 2
-    assert "train.max_steps: must be >= 1, got -5" in capsys.readouterr().err
+    assert capsys.readouterr().err == "mom-train: error: override train.max_steps=-5: must be >= 1, got -5\n"
     assert not out.exists()
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml not found" in capsys.readouterr().err
@@ -140,8 +151,11 @@ def test_every_bundled_recipe_loads_and_each_mom_has_its_dense_twin():
 def test_sized_recipes_hit_their_parameter_targets(size):
     for setting, modalities in (("t2i", ("text", "image")), ("tis", ("text", "image", "speech"))):
         r = load_recipe(ROOT / "recipes" / f"{setting}_{size}_mom.yaml")
-        config = r.model_config(modalities=modalities, vocab_sizes=tuple(ASSUMED_VOCAB[m] for m in modalities))
+        config = r.model_config()  # the recipe states its vocabulary: no corpus needed
         assert config.modalities == modalities
+        tokenizer = json.loads((LARGE_TOKENIZER / "config.json").read_text())
+        sizes = dict(zip(tokenizer["modalities"], tokenizer["vocab_sizes"]))
+        assert config.vocab_sizes == tuple(sizes[m] for m in modalities)  # those of the corpus's tokenizers
         total, active = count_params(config)
         assert abs(active / TARGETS[size] - 1) < 0.1, (setting, size, active)  # dense-equivalent size
         assert total > 1.9 * active  # every projection has one expert per modality
@@ -153,3 +167,15 @@ def test_tiny_recipe_is_tiny():
     assert r.model["d_model"] <= 128 and r.model["n_layer"] <= 4 and r.data.seq_len <= 256
     assert r.data.path == "data/small" and re.fullmatch(r"runs/tiny_mom", r.train.out_dir)
     assert yaml.safe_load(TINY.read_text())["model"]["vocab_sizes"] == "auto"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_dry_runs_without_data_large(path, tmp_path, monkeypatch, capsys):
+    """Issue 18.2: --dry-run needs the corpus only for a recipe saying "auto" (the tiny ones: data/small, bundled)."""
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(path)
+    stated = "auto" not in (recipe.model["modalities"], recipe.model["vocab_sizes"])
+    assert stated or recipe.data.path == "data/small", path.name
+    overrides = [] if recipe.data.path == "data/small" else [f"data.path={tmp_path / 'absent'}"]
+    assert main(["--config", str(path), "--dry-run", *overrides]) == 0, capsys.readouterr().err
+    assert "active per token" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 import pytest
 
-from mom.utils.configio import from_dict, read_mapping
+from mom.utils.configio import apply_overrides, blame, from_dict, read_mapping
 
 
 @dataclass
@@ -88,3 +88,53 @@ def test_read_mapping(tmp_path):
         read_mapping(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError, match=r"recipe .*missing\.yaml not found"):
         read_mapping(tmp_path / "missing.yaml", "recipe")
+
+
+@dataclass
+class Section:
+    steps: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, float] | None = None
+
+
+SCHEMA = {"run": Section, "model": {"width": int, "names": list[str] | Literal["auto"]}}
+
+
+def test_apply_overrides_sets_parsed_values_and_reports_what_it_set():
+    raw = {"run": {"steps": 3}}
+    applied = apply_overrides(raw, ["run.steps=5", "run.extra.a.b=1e-3", "model.names=[x, y]", "run.weights.t=2",
+                                    "model.names=auto"], SCHEMA)  # fmt: skip
+    assert raw == {"run": {"steps": 5, "extra": {"a": {"b": 0.001}}, "weights": {"t": 2}}, "model": {"names": "auto"}}
+    assert applied == {"run.steps": "run.steps=5", "run.extra.a.b": "run.extra.a.b=1e-3",
+                       "model.names": "model.names=auto", "run.weights.t": "run.weights.t=2"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("run.steps", r"^override 'run\.steps': expected key=value"),
+        ("run.stepz=1", r"^override run\.stepz: unknown key; valid keys of run are \['extra', 'steps', 'weights'\]"),
+        ("rnu.steps=1", r"^override rnu\.steps: unknown section 'rnu'; valid: \['run', 'model'\]"),
+        ("run=1", r"^override run: name a key inside the section"),
+        ("run.steps.x=1", r"^override run\.steps\.x: run\.steps is not a mapping"),
+        ("run.steps=ten", r"^override run\.steps=ten: expected int, got str 'ten'$"),
+        ("run.weights.t=heavy", r"^override run\.weights\.t=heavy: expected float, got str 'heavy'$"),
+        ("model.width=[1", r"^override model\.width: cannot parse value"),
+        ("model.names=x", r"^override model\.names=x: expected list of str or one of 'auto'"),
+        ("frozen.a=1", r"^override frozen\.a: not yours to set$"),
+    ],
+)
+def test_a_bad_override_names_the_override(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides({}, [override], SCHEMA, refused={"frozen": "not yours to set"})
+
+
+def test_blame_points_at_the_override_that_set_the_key_else_the_file():
+    applied = {"run.steps": "run.steps=0", "run.extra.a": "run.extra.a=1"}
+    assert str(blame(ValueError("run.steps: must be >= 1, got 0"), applied, "recipe r.yaml")) == (
+        "override run.steps=0: must be >= 1, got 0")
+    assert str(blame(ValueError("run.extra: bad mapping"), applied, "recipe r.yaml")) == (
+        "override run.extra.a=1: bad mapping")  # the override set part of the mapping the error names
+    assert str(blame(ValueError("run.lr: must be > 0"), applied, "recipe r.yaml")) == (
+        "recipe r.yaml: run.lr: must be > 0")
+    assert str(blame(ValueError("run.stepsize: x"), applied, "f")) == "f: run.stepsize: x"  # not a key prefix

@@ -1,0 +1,112 @@
+"""`mom-generate`: sample an interleaved document from a trained MoM and write it as text, PNG and WAV files.
+
+    mom-generate --model runs/tiny_mom/hf --prompt "a handwritten digit seven" --then image --out samples/
+
+`mom.generation.document` samples (constrained to well-formed documents) and writes; docs/generation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+import mom  # noqa: F401  (registers MoM with the Auto classes)
+from mom.cli.common import add_debug_flag, run
+from mom.generation.document import (
+    QUIET_DBFS,
+    THEN,
+    SpanConstraint,
+    close_open_span,
+    generate_document,
+    level_dbfs,
+    write_document,
+)
+from mom.tokenization.multimodal import MultimodalTokenizer
+
+EXPORT_SUBDIR = "hf"  # where mom-train exports the model inside its out_dir (train.export_hf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mom-generate",
+        description="Sample one interleaved document from a trained MoM and decode it to text.txt, image_*.png "
+        "and speech_*.wav.",
+        epilog='example: mom-generate --model runs/tiny_mom --prompt "a handwritten digit seven" --then image '
+        "(docs/generation.md)",
+    )
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face MoM directory, or a mom-train run directory holding one in hf/")
+    parser.add_argument("--tokenizer", help="multimodal tokenizer directory (default: MODEL/tokenizer)")
+    parser.add_argument("--prompt", default="", help="text the document starts with")
+    parser.add_argument("--then", default="text", choices=THEN, help="what follows the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-speech-units", type=int, default=500, help="longest speech span (50 units = 1 s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples",
+                        help="directory for text.txt, image_*.png, speech_*.wav (those of an earlier run are removed)")
+    add_debug_flag(parser)
+    return parser
+
+
+def model_dir(path: str | Path) -> Path:
+    """The Hugging Face directory ``path`` names: itself, or the ``hf/`` export of a mom-train run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / EXPORT_SUBDIR / "config.json").is_file():
+        return path / EXPORT_SUBDIR
+    hint = "; the run has no hf/ export yet (train.export_hf writes it at the end)" if path.is_dir() else ""
+    raise FileNotFoundError(f"--model {path}: no config.json there or in {path / EXPORT_SUBDIR}: pass a Hugging Face "
+                            f"model directory such as runs/tiny_mom/hf{hint}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_new_tokens", "max_speech_units"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.temperature < 0 or args.top_k < 0:
+        parser.error("--temperature and --top-k: must be >= 0")
+    return run("mom-generate", lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
+    directory = model_dir(args.model)
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else directory / "tokenizer"
+    if not (tokenizer_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no multimodal tokenizer at {tokenizer_dir}: pass --tokenizer DIR")
+    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    if args.then != "text" and args.then not in tokenizer.modalities:
+        raise ValueError(f"--then {args.then}: the tokenizer at {tokenizer_dir} has no {args.then} "
+                         f"(it has {list(tokenizer.modalities)})")
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    if tuple(model.config.vocab_sizes) != tuple(tokenizer.vocab_sizes):
+        raise ValueError(f"model vocabulary {list(model.config.vocab_sizes)} does not match the tokenizer's "
+                         f"{list(tokenizer.vocab_sizes)} at {tokenizer_dir}: pass the model's --tokenizer")
+    ids = generate_document(model, tokenizer, args.prompt, args.then, args.max_new_tokens, args.temperature,
+                            args.top_k, args.max_speech_units, args.seed)
+    ids = close_open_span(ids, SpanConstraint(tokenizer, args.max_speech_units))
+    parts = tokenizer.decode_document(ids)
+    for path in write_document(parts, Path(args.out), tokenizer.speech_sample_rate):
+        print(f"wrote {path}")
+    print(f"{len(ids)} tokens: " + ", ".join(f"{k}" for k, _ in parts))
+    clips = [samples for kind, samples in parts if kind == "speech"]
+    for i, samples in enumerate(clips):
+        level = level_dbfs(samples)
+        if level < QUIET_DBFS:
+            seconds = len(samples) / tokenizer.speech_sample_rate
+            print(f"mom-generate: warning: speech_{i}.wav is near-silent ({level:.0f} dBFS RMS, {seconds:.2f} s; "
+                  f"audible speech is above {QUIET_DBFS:.0f} dBFS): the model produced few or silent units; try "
+                  "another --seed, a --temperature below 1 or a longer-trained model", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
