@@ -407,7 +407,7 @@ def encode_source(
 
 # ---- writing shards ----------------------------------------------------------------------------------------------
 
-SHARD_SCHEMA_DOC = "input_ids list<int32>, modality list<int8>, doc_id int64, kind, source, meta (JSON) strings"
+SHARD_SCHEMA_DOC = "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) strings"
 
 
 def _shard_table(rows: list[dict]) -> Any:
@@ -447,8 +447,10 @@ def write_split(
         chunk = docs[shard * recipe.shard_size : (shard + 1) * recipe.shard_size]
         rows = None
         if path.is_file():  # complete from an earlier run: read its statistics back
-            table = pq.read_table(path, columns=["modality", "kind"]).to_pydict()
-            modalities = [np.asarray(m, dtype=np.int8) for m in table["modality"]]
+            if "modality_ids" not in pq.read_schema(path).names:  # written before the column was renamed
+                raise ValueError(f"{path}: shard of an older build (no modality_ids column); pass --restart")
+            table = pq.read_table(path, columns=["modality_ids", "kind"]).to_pydict()
+            modalities = [np.asarray(m, dtype=np.int8) for m in table["modality_ids"]]
             kinds = table["kind"]
         else:
             rows = []
@@ -457,7 +459,7 @@ def write_split(
                 rows.append(
                     {
                         "input_ids": ids,
-                        "modality": tokenizer.modality_of(ids).tolist(),
+                        "modality_ids": tokenizer.modality_of(ids).tolist(),
                         "doc_id": first_doc_id + shard * recipe.shard_size + offset,
                         "kind": doc.kind,
                         "source": doc.source,
@@ -465,7 +467,7 @@ def write_split(
                     }
                 )
             _write_parquet(_shard_table(rows), path, row_group_size=recipe.row_group_size)
-            modalities = [np.asarray(r["modality"], dtype=np.int8) for r in rows]
+            modalities = [np.asarray(r["modality_ids"], dtype=np.int8) for r in rows]
             kinds = [r["kind"] for r in rows]
         for m, kind in zip(modalities, kinds):
             stats.documents += 1

@@ -29,7 +29,7 @@ from mom.utils.errors import BadInputError
 SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` writes them
     [
         ("input_ids", pa.list_(pa.int32())),
-        ("modality", pa.list_(pa.int8())),
+        ("modality_ids", pa.list_(pa.int8())),  # per token, as the model's ``modality_ids`` argument
         ("doc_id", pa.int64()),
         ("kind", pa.string()),
         ("source", pa.string()),
@@ -185,8 +185,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 def read_row_group(path: str | os.PathLike, index: int, manifest: Manifest) -> RowGroup:
     """Read one row group of a shard; token ids must lie in the manifest's unified vocabulary.
 
-    Modality ids are derived from the vocabulary layout (the contract makes the ``modality`` column equal to
-    it), so that column is not read.
+    Modality ids are derived from the vocabulary layout (the contract makes the ``modality_ids`` column equal to
+    it), so that column is not read (nor is its name checked: corpora built before the column was renamed from
+    ``modality`` load unchanged).
     """
     with pq.ParquetFile(path) as f:
         missing = [c for c in COLUMNS if c not in f.schema_arrow.names]

@@ -89,9 +89,9 @@ def _check_corpus(root: Path) -> tuple[dict, dict[str, list[dict]]]:
         for doc in docs:
             ids = torch.tensor(doc["input_ids"])
             assert doc["input_ids"][0] == BOS_ID and doc["input_ids"][-1] == EOS_ID
-            assert doc["modality"] == config.modality_of(ids).tolist()
+            assert doc["modality_ids"] == config.modality_of(ids).tolist()
             for i, m in enumerate(manifest["modalities"]):
-                tokens[m] += doc["modality"].count(i)
+                tokens[m] += doc["modality_ids"].count(i)
             json.loads(doc["meta"])
         assert tokens == entry["tokens_per_modality"] and sum(tokens.values()) == entry["tokens"]
         doc_ids[split] = {d["doc_id"] for d in docs}

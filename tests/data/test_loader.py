@@ -32,7 +32,7 @@ def make_docs(n, seed=0, max_len=30, first_id=0):
         docs.append(
             {
                 "input_ids": ids,
-                "modality": [0] + mods.tolist() + [0],
+                "modality_ids": [0] + mods.tolist() + [0],
                 "doc_id": first_id + i,
                 "kind": DOC_KINDS[i % len(DOC_KINDS)],
                 "source": "synthetic",
@@ -121,7 +121,7 @@ def test_epoch_covers_every_document_once_and_packs_exactly(corpus):
     by_id = {d["doc_id"]: d for d in docs}
     for d in order:  # contents are the corpus's
         assert d.input_ids.tolist() == by_id[d.doc_id]["input_ids"]
-        assert d.modality.tolist() == by_id[d.doc_id]["modality"]
+        assert d.modality.tolist() == by_id[d.doc_id]["modality_ids"]
     out = list(loader)  # stops after one epoch
     labels = torch.cat([b["labels"].flatten() for b in out])
     real = labels != IGNORE_INDEX
