@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mom.data.documents import KINDS, SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
+from mom.data.documents import SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
+from mom.data.kinds import KINDS
 from mom.tokenization.special import SPECIAL_TOKENS
 from mom.utils.configio import from_file
 from mom.utils.errors import BadInputError, MissingDependencyError

@@ -25,7 +25,6 @@ from mom.data.text import chunk_text
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOS_ID, EOS_ID
 
-KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mom.data.kinds import KINDS
 from mom.data.packing import Packer
 from mom.data.sampler import DocumentSampler, RowGroup
 from mom.utils.configio import from_dict, read_mapping
@@ -37,8 +38,6 @@ SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` 
     ]
 )
 
-# Document kinds of the corpus contract (column ``kind``); mixture weights are keyed by these.
-DOC_KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")
 COLUMNS = ("input_ids", "doc_id", "kind")  # the columns the loader reads
 BUILD_HINT = "corpus incomplete or not built: run `mom-data build ...` to (re)build it"
@@ -99,8 +98,8 @@ class DataConfig:
             if not isinstance(self.mixture, dict):
                 raise ValueError(f"mixture: must be a mapping of document kind to weight, got {self.mixture!r}")
             for kind, weight in self.mixture.items():
-                if kind not in DOC_KINDS:
-                    raise ValueError(f"mixture.{kind}: unknown document kind; valid kinds are {list(DOC_KINDS)}")
+                if kind not in KINDS:
+                    raise ValueError(f"mixture.{kind}: unknown document kind; valid kinds are {list(KINDS)}")
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                     raise ValueError(f"mixture.{kind}: weight must be a number, got {weight!r}")
                 if weight < 0:

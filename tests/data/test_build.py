@@ -16,6 +16,7 @@ import yaml
 from mom import MoMConfig
 from mom.data import build as build_module
 from mom.data.build import BuildRecipe, build, main, missing_requirements
+from mom.data.kinds import KIND_MODALITIES
 from mom.tokenization.special import BOS_ID, EOS_ID
 from mom.utils.errors import BadInputError, MissingDependencyError
 
@@ -92,6 +93,9 @@ def _check_corpus(root: Path) -> tuple[dict, dict[str, list[dict]]]:
             assert doc["modality_ids"] == config.modality_of(ids).tolist()
             for i, m in enumerate(manifest["modalities"]):
                 tokens[m] += doc["modality_ids"].count(i)
+            held = {manifest["modalities"][i] for i in doc["modality_ids"]}
+            allowed = KIND_MODALITIES[doc["kind"]]
+            assert allowed is None or held <= allowed, (doc["kind"], held)
             json.loads(doc["meta"])
         assert tokens == entry["tokens_per_modality"] and sum(tokens.values()) == entry["tokens"]
         doc_ids[split] = {d["doc_id"] for d in docs}

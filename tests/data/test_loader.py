@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mom.data import loader as loader_module
-from mom.data.loader import DOC_KINDS, SHARD_SCHEMA, DataConfig, build_loader
+from mom.data.kinds import KINDS
+from mom.data.loader import SHARD_SCHEMA, DataConfig, build_loader
 from mom.data.packing import IGNORE_INDEX
 
 MODALITIES = ["text", "image", "speech"]
@@ -34,7 +35,7 @@ def make_docs(n, seed=0, max_len=30, first_id=0):
                 "input_ids": ids,
                 "modality_ids": [0] + mods.tolist() + [0],
                 "doc_id": first_id + i,
-                "kind": DOC_KINDS[i % len(DOC_KINDS)],
+                "kind": KINDS[i % len(KINDS)],
                 "source": "synthetic",
                 "meta": "{}",
             }
@@ -203,7 +204,7 @@ def test_mixture_weights_set_kind_frequencies(tmp_path):
 def test_mixture_excluding_everything_is_an_error(corpus):
     root, _ = corpus
     with pytest.raises(ValueError, match="no documents"):
-        next(build_loader(cfg(root, mixture={k: 0.0 for k in DOC_KINDS})))
+        next(build_loader(cfg(root, mixture={k: 0.0 for k in KINDS})))
 
 
 # ---- resume ------------------------------------------------------------------------------------
