@@ -108,7 +108,7 @@ def write_document(parts, out_dir: Path, sample_rate: int | None) -> list[Path]:
     """text.txt, image_<i>.png, speech_<i>.wav for the decoded parts."""
     from PIL import Image
 
-    from mom.data.speech import write_audio
+    from mom.utils.audio import write_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, text, counts = [], [], {"image": 0, "speech": 0}

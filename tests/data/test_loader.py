@@ -299,3 +299,20 @@ def test_small_corpus(split):
     batch = next(loader)
     assert batch["input_ids"].shape == (2, 256)
     assert int(batch["input_ids"].max()) < sum(loader.vocab_sizes)
+
+
+def test_corpus_with_the_old_modality_column_loads_the_same_batches(corpus, tmp_path):
+    """Corpora built before the column was renamed to ``modality_ids`` are read unchanged (the column is unused)."""
+    root, _ = corpus
+    old = tmp_path / "old"
+    for path in root.rglob("*.parquet"):
+        names = ["modality" if c == "modality_ids" else c for c in SHARD_SCHEMA.names]
+        table = pq.read_table(path).rename_columns(names)
+        (old / path.parent.name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, old / path.parent.name / path.name, row_group_size=8)
+    (old / "manifest.json").write_text((root / "manifest.json").read_text())
+    new_batches = list(build_loader(cfg(root, num_epochs=1)))
+    old_batches = list(build_loader(cfg(old, num_epochs=1)))
+    assert len(new_batches) == len(old_batches) > 0
+    for a, b in zip(new_batches, old_batches):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
