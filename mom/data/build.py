@@ -1,6 +1,6 @@
-"""`mom-data build`: build a tokenized, interleaved multi-modal corpus (Parquet shards + manifest) from a recipe.
+"""Build a tokenized, interleaved multi-modal corpus (Parquet shards + manifest) from a recipe.
 
-    mom-data build --recipe recipes/data/small.yaml [--out DIR]      # or: python -m mom.data.build --recipe ...
+    mom-data build --recipe recipes/data/small.yaml [--out DIR]      # the command line, in mom.cli.data
 
 Stages (each resumable after a kill; everything is deterministic given the recipe's seed):
 
@@ -8,30 +8,30 @@ Stages (each resumable after a kill; everything is deterministic given the recip
 2. load the tokenizers (training the text tokenizer first if the recipe says so);
 3. read and encode every source into ``<out>/.build/`` chunk files (``on_error``: ``skip`` or ``stop`` on bad items);
 4. assign source items to train/validation by group, draw the documents of each kind, write
-   ``<out>/<split>/shard-NNNNN.parquet`` (temp name, then renamed), skipping shards that already exist;
+   ``<out>/<split>/shard-NNNNN.parquet`` (each written whole or not at all), skipping shards that already exist;
 5. write ``<out>/manifest.json`` last (its presence means the corpus is complete) and remove ``.build/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mom.data.documents import KINDS, SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
+from mom.data.documents import SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
+from mom.data.kinds import KINDS
 from mom.tokenization.special import SPECIAL_TOKENS
+from mom.utils.atomic import atomic_save, atomic_write_text
 from mom.utils.configio import from_file
 from mom.utils.errors import BadInputError, MissingDependencyError
 
@@ -322,12 +322,10 @@ def _encode_chunk(modality: str, records: list, tokenizer: Any, batch_size: int,
 
 
 def _write_parquet(table: Any, path: Path, row_group_size: int | None = None) -> None:
-    """Write ``table`` to ``path`` via a temp name + rename, so a file that exists is complete."""
+    """Write ``table`` to ``path`` whole or not at all (``mom.utils.atomic``), so a file that exists is complete."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))
 
 
 def _chunk_table(items: list[Item]) -> Any:
@@ -407,7 +405,7 @@ def encode_source(
 
 # ---- writing shards ----------------------------------------------------------------------------------------------
 
-SHARD_SCHEMA_DOC = "input_ids list<int32>, modality list<int8>, doc_id int64, kind, source, meta (JSON) strings"
+SHARD_SCHEMA_DOC = "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) strings"
 
 
 def _shard_table(rows: list[dict]) -> Any:
@@ -447,8 +445,10 @@ def write_split(
         chunk = docs[shard * recipe.shard_size : (shard + 1) * recipe.shard_size]
         rows = None
         if path.is_file():  # complete from an earlier run: read its statistics back
-            table = pq.read_table(path, columns=["modality", "kind"]).to_pydict()
-            modalities = [np.asarray(m, dtype=np.int8) for m in table["modality"]]
+            if "modality_ids" not in pq.read_schema(path).names:  # written before the column was renamed
+                raise ValueError(f"{path}: shard of an older build (no modality_ids column); pass --restart")
+            table = pq.read_table(path, columns=["modality_ids", "kind"]).to_pydict()
+            modalities = [np.asarray(m, dtype=np.int8) for m in table["modality_ids"]]
             kinds = table["kind"]
         else:
             rows = []
@@ -457,7 +457,7 @@ def write_split(
                 rows.append(
                     {
                         "input_ids": ids,
-                        "modality": tokenizer.modality_of(ids).tolist(),
+                        "modality_ids": tokenizer.modality_of(ids).tolist(),
                         "doc_id": first_doc_id + shard * recipe.shard_size + offset,
                         "kind": doc.kind,
                         "source": doc.source,
@@ -465,7 +465,7 @@ def write_split(
                     }
                 )
             _write_parquet(_shard_table(rows), path, row_group_size=recipe.row_group_size)
-            modalities = [np.asarray(r["modality"], dtype=np.int8) for r in rows]
+            modalities = [np.asarray(r["modality_ids"], dtype=np.int8) for r in rows]
             kinds = [r["kind"] for r in rows]
         for m, kind in zip(modalities, kinds):
             stats.documents += 1
@@ -491,8 +491,9 @@ def _fingerprint(recipe: BuildRecipe, tokenizer_dir: Path) -> str:
 
 def prepare_tokenizer(recipe: BuildRecipe) -> Any:
     """Load the recipe's multimodal tokenizer, training the text tokenizer first if the recipe asks for it."""
+    from mom.data.tokenizer_training import TextTokenizerRecipe, recipe_texts
     from mom.tokenization.multimodal import MultimodalTokenizer, write_config
-    from mom.tokenization.text import TextTokenizer, TextTokenizerRecipe, recipe_texts
+    from mom.tokenization.text import TextTokenizer
 
     root = Path(recipe.tokenizer.dir)
     if recipe.tokenizer.train_text and not (root / "text" / "config.json").is_file():
@@ -553,9 +554,7 @@ def build(recipe: BuildRecipe, out: str | os.PathLike | None = None, restart: bo
         splits[split] = write_split(split, documents[split], first, tokenizer, recipe, out)
         first += len(documents[split])
     manifest = _manifest(recipe, tokenizer, tokenizer_dir, out, splits, log)
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work)
     manifest["build_seconds"] = round(time.time() - start, 1)
     return manifest
@@ -623,49 +622,3 @@ def format_summary(manifest: dict) -> str:
     for reason, entry in skipped["by_reason"].items():
         lines.append(f"  {entry['count']:>6} x {reason}: {', '.join(entry['examples'])}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "build":  # `mom-data build ...` and `python -m mom.data.build ...` are the same
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(
-        prog="mom-data build",
-        description="Build a tokenized interleaved text/image/speech corpus (Parquet shards + manifest.json) from a "
-        "recipe. Rerunning after an interruption resumes from the completed work.",
-    )
-    parser.add_argument("--recipe", required=True, help="corpus recipe YAML, e.g. recipes/data/small.yaml")
-    parser.add_argument("--out", help="output directory (default: the recipe's `out`)")
-    parser.add_argument("--restart", action="store_true", help="discard earlier (partial or complete) output first")
-    parser.add_argument("--check", action="store_true", help="only check the recipe and its requirements")
-    args = parser.parse_args(argv)
-    try:
-        recipe = BuildRecipe.from_yaml(args.recipe)
-        if args.check:
-            missing = missing_requirements(recipe)
-            if missing:
-                raise MissingDependencyError("the recipe needs, missing here:\n  " + "\n  ".join(missing))
-            print(f"{args.recipe}: OK, every requirement is installed")
-            return 0
-        manifest = build(recipe, args.out, restart=args.restart)
-    except MissingDependencyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BadInputError as e:
-        print(f"error: bad input {e} (on_error: skip in the recipe skips such items)", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the completed work", file=sys.stderr)
-        return 130
-    out = args.out or recipe.out
-    total = sum(s["documents"] for s in manifest["splits"].values())
-    print(f"built {out}: {total:,} documents in {manifest['build_seconds']} s")
-    print(format_summary(manifest))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

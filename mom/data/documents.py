@@ -25,7 +25,6 @@ from mom.data.text import chunk_text
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOS_ID, EOS_ID
 
-KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")
 
 
@@ -193,7 +192,7 @@ def document_ids(doc: Document, tokenizer: MultimodalTokenizer, plan: DocumentPl
     return ids
 
 
-def count_tokens(modality: np.ndarray, names: Sequence[str]) -> dict[str, int]:
-    """Tokens per modality name of one document's ``modality`` column."""
-    counts = np.bincount(modality.astype(np.int64), minlength=len(names))
+def count_tokens(modality_ids: np.ndarray, names: Sequence[str]) -> dict[str, int]:
+    """Tokens per modality name of one document's ``modality_ids`` column."""
+    counts = np.bincount(modality_ids.astype(np.int64), minlength=len(names))
     return {name: int(c) for name, c in zip(names, counts)}

@@ -14,13 +14,12 @@ many source images), ``seed`` (shuffle the source order deterministically before
 extra augmented variants per image, so the image side grows ``k + 1`` times) and ``augment_seed``.
 
 Transparent pixels are composited onto white. An unusable item (corrupt file, empty caption) is passed to
-``on_error`` as a :class:`BadInputError` and skipped; the callback may raise to stop. CLI: ``python -m
-mom.data.images export --help`` writes a sample of sources to a folder (the committed small raw image set).
+``on_error`` as a :class:`BadInputError` and skipped; the callback may raise to stop. :func:`export_images`
+(command line: ``mom-data images export``) writes a sample of sources to a folder (the committed small raw image set).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -475,7 +474,7 @@ _SOURCE_FACTORIES: dict[str, tuple[Callable[..., list[_Item]], tuple[str, ...]]]
 }
 
 
-# ---- export CLI --------------------------------------------------------------------------------------------------
+# ---- export ------------------------------------------------------------------------------------------------------
 def export_images(
     out: str | os.PathLike,
     sources: Sequence[tuple[str, int | None, dict]],
@@ -532,68 +531,3 @@ def export_images(
         "per_source_split": {f"{s}/{p}": n for (s, p), n in sorted(counts.items())},
         "skipped": dict(skipped),
     }
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mom.data.images export ...``: write a sample of image sources to a folder."""
-    parser = argparse.ArgumentParser(prog="python -m mom.data.images", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser(
-        "export",
-        help="sample images from sources into a folder of PNGs + captions.jsonl",
-        description="Sample captioned images from sources into OUT/ (one PNG per image + captions.jsonl with "
-        "file, caption, source, split, id, metadata). Example: --source openmoji:250 --source digits:150 "
-        "--opt openmoji.path=./package",
-    )
-    ex.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    ex.add_argument(
-        "--source",
-        action="append",
-        required=True,
-        metavar="NAME[:COUNT]",
-        help=f"a source ({', '.join(SOURCES)}) and how many images to take (all if no count)",
-    )
-    ex.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="NAME.KEY=VALUE",
-        help="a source option, e.g. openmoji.path=./package (VALUE is parsed as JSON if it can be)",
-    )
-    ex.add_argument("--size", type=int, default=32, help="square side in pixels (default 32)")
-    ex.add_argument("--held-out", type=float, default=0.1, help="fraction of each source marked validation")
-    ex.add_argument("--seed", type=int, default=0, help="seed of the random sample and the held-out split")
-    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    args = parser.parse_args(argv)
-
-    options: dict[str, dict] = {}
-    for opt in args.opt:
-        key, sep, value = opt.partition("=")
-        name, dot, k = key.partition(".")
-        if not sep or not dot:
-            parser.error(f"--opt {opt!r}: expected NAME.KEY=VALUE")
-        options.setdefault(name, {})[k] = _parse_value(value)
-    sources = []
-    for spec in args.source:
-        name, _, count = spec.partition(":")
-        sources.append((name, int(count) if count else None, options.get(name, {})))
-    try:
-        summary = export_images(
-            args.out, sources, size=args.size, held_out=args.held_out, seed=args.seed, overwrite=args.overwrite
-        )
-    except (MissingDependencyError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mom.data.kinds import KINDS
 from mom.data.packing import Packer
 from mom.data.sampler import DocumentSampler, RowGroup
 from mom.utils.configio import from_dict, read_mapping
@@ -29,7 +30,7 @@ from mom.utils.errors import BadInputError
 SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` writes them
     [
         ("input_ids", pa.list_(pa.int32())),
-        ("modality", pa.list_(pa.int8())),
+        ("modality_ids", pa.list_(pa.int8())),  # per token, as the model's ``modality_ids`` argument
         ("doc_id", pa.int64()),
         ("kind", pa.string()),
         ("source", pa.string()),
@@ -37,8 +38,6 @@ SHARD_SCHEMA = pa.schema(  # the columns of a corpus shard, as `mom-data build` 
     ]
 )
 
-# Document kinds of the corpus contract (column ``kind``); mixture weights are keyed by these.
-DOC_KINDS = ("text", "image_caption", "caption_image", "speech_transcript", "transcript_speech", "mixed")
 SPLITS = ("train", "validation")
 COLUMNS = ("input_ids", "doc_id", "kind")  # the columns the loader reads
 BUILD_HINT = "corpus incomplete or not built: run `mom-data build ...` to (re)build it"
@@ -99,8 +98,8 @@ class DataConfig:
             if not isinstance(self.mixture, dict):
                 raise ValueError(f"mixture: must be a mapping of document kind to weight, got {self.mixture!r}")
             for kind, weight in self.mixture.items():
-                if kind not in DOC_KINDS:
-                    raise ValueError(f"mixture.{kind}: unknown document kind; valid kinds are {list(DOC_KINDS)}")
+                if kind not in KINDS:
+                    raise ValueError(f"mixture.{kind}: unknown document kind; valid kinds are {list(KINDS)}")
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                     raise ValueError(f"mixture.{kind}: weight must be a number, got {weight!r}")
                 if weight < 0:
@@ -185,8 +184,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 def read_row_group(path: str | os.PathLike, index: int, manifest: Manifest) -> RowGroup:
     """Read one row group of a shard; token ids must lie in the manifest's unified vocabulary.
 
-    Modality ids are derived from the vocabulary layout (the contract makes the ``modality`` column equal to
-    it), so that column is not read.
+    Modality ids are derived from the vocabulary layout (the contract makes the ``modality_ids`` column equal to
+    it), so that column is not read (nor is its name checked: corpora built before the column was renamed from
+    ``modality`` load unchanged).
     """
     with pq.ParquetFile(path) as f:
         missing = [c for c in COLUMNS if c not in f.schema_arrow.names]

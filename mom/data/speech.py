@@ -4,25 +4,19 @@
 rate, transcript, source name, per-clip metadata). Unusable items (corrupt audio, unsupported sample rate, empty
 transcript) go to ``on_error(BadInputError(path, reason))`` and iteration continues; the callback may re-raise.
 
-Command line (``python -m mom.data.speech --help``):
-
-* ``synth --texts FILE --out DIR``: synthesise one clip per line of FILE into a folder readable by the "folder" source.
-* ``voices [--language en]``: list the espeak-ng voices installed here.
+Command line: ``mom-data speech synth`` (one clip per line of a text file into a folder readable by the "folder"
+source) and ``mom-data speech voices`` (the espeak-ng voices installed here), in :mod:`mom.cli.data`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
-import wave
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,27 +24,31 @@ from pathlib import Path
 import numpy as np
 
 from mom.utils.atomic import atomic_directory
-from mom.utils.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, resample
+from mom.utils.audio import (
+    AUDIO_SUFFIXES,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    decode_audio_bytes,
+    read_audio,
+    resample,
+    to_mono_float32,
+    write_audio,
+)
 from mom.utils.errors import BadInputError, MissingDependencyError
 
 __all__ = [
     "DEFAULT_VOICES",
     "ESPEAK_PITCH_RANGE",
     "ESPEAK_SPEED_RANGE",
-    "MAX_SAMPLE_RATE",
-    "MIN_SAMPLE_RATE",
     "SpeechRecord",
+    "assign_split",
     "check_sample_rate",
     "iter_speech_records",
     "list_voices",
-    "read_audio",
-    "resample",
     "synthesize",
-    "write_audio",
     "write_speech_folder",
 ]
 
-AUDIO_SUFFIXES = (".wav", ".flac")
 TRANSCRIPTS_FILE = "transcripts.jsonl"
 
 ESPEAK_APT_HINT = "install it with `apt-get update && apt-get install -y espeak-ng` (Debian/Ubuntu)"
@@ -80,115 +78,6 @@ class SpeechRecord:
     def duration(self) -> float:
         """Length in seconds."""
         return len(self.waveform) / self.sample_rate
-
-
-# ---- audio files ------------------------------------------------------------------------------------------------
-
-
-def _soundfile():
-    try:
-        import soundfile
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError("reading/writing FLAC needs the `soundfile` package: pip install soundfile") from e
-    return soundfile
-
-
-def _to_mono_float32(samples: np.ndarray) -> np.ndarray:
-    """``(n,)`` or ``(n, channels)`` -> mono float32 ``(n,)`` (channels averaged)."""
-    samples = np.asarray(samples, dtype=np.float32)
-    return samples.mean(axis=1) if samples.ndim == 2 else samples
-
-
-def _read_wav_stdlib(source: str | io.BytesIO) -> tuple[np.ndarray, int]:
-    """PCM WAV (8/16/24/32-bit integer) with the standard library."""
-    with wave.open(source, "rb") as w:
-        width, channels, sr = w.getsampwidth(), w.getnchannels(), w.getframerate()
-        raw = w.readframes(w.getnframes())
-    if width == 1:  # 8-bit WAV is unsigned
-        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 3:  # 24-bit little endian: widen to int32 by hand
-        b = np.frombuffer(raw[: len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
-    elif width in (2, 4):
-        dtype = np.int16 if width == 2 else np.int32
-        x = np.frombuffer(raw[: len(raw) // width * width], dtype=dtype).astype(np.float32) / 2 ** (8 * width - 1)
-    else:
-        raise ValueError(f"unsupported WAV sample width {width} bytes")
-    return _to_mono_float32(x[: len(x) // channels * channels].reshape(-1, channels)), sr
-
-
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read a WAV or FLAC file as ``(waveform (n,) float32 mono in [-1, 1], sample_rate)``; channels are averaged.
-
-    Raises ``FileNotFoundError`` for a missing file, :class:`BadInputError` for an unreadable, corrupt or empty one,
-    and :class:`MissingDependencyError` for FLAC without the ``soundfile`` package. WAV needs only the standard
-    library (integer PCM); ``soundfile``, when installed, also reads float WAV.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such audio file")
-    suffix = path.suffix.lower()
-    if suffix not in AUDIO_SUFFIXES:
-        raise BadInputError(str(path), f"unsupported audio format {suffix!r}; supported: {', '.join(AUDIO_SUFFIXES)}")
-    try:
-        if suffix == ".wav":
-            try:
-                x, sr = _read_wav_stdlib(str(path))
-            except (wave.Error, ValueError, EOFError) as stdlib_error:
-                try:
-                    import soundfile
-                except ImportError:
-                    raise stdlib_error from None
-                x, sr = soundfile.read(str(path), dtype="float32", always_2d=False)
-        else:
-            x, sr = _soundfile().read(str(path), dtype="float32", always_2d=False)
-    except MissingDependencyError:
-        raise
-    except Exception as e:  # every decoder error means the same thing to the caller: this file is unusable
-        raise BadInputError(str(path), f"cannot decode audio ({type(e).__name__}: {e})") from e
-    x = _to_mono_float32(x)
-    if x.size == 0:
-        raise BadInputError(str(path), "audio file holds no samples")
-    return x, int(sr)
-
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; audio is meant to be shared
-    return fd, tmp
-
-
-def write_audio(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int, bits: int = 16) -> None:
-    """Write mono float audio to ``.wav`` (16-bit PCM, standard library) or ``.flac`` (``soundfile``), atomically.
-
-    ``bits`` < 16 rounds samples to that many significant bits (still stored as 16-bit): FLAC then detects the unused
-    low bits and the file shrinks by about a third at 12 bits, at ~72 dB signal-to-quantisation-noise ratio.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in AUDIO_SUFFIXES:
-        raise ValueError(f"{path}: unsupported audio format {suffix!r}; use one of {', '.join(AUDIO_SUFFIXES)}")
-    if not 8 <= bits <= 16:
-        raise ValueError(f"bits: must be in [8, 16], got {bits}")
-    step = 2 ** (16 - bits)
-    pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32767 / step) * step, -32768, 32767)
-    pcm = pcm.astype(np.int16)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == ".wav":
-                with wave.open(f, "wb") as w:
-                    w.setnchannels(1)
-                    w.setsampwidth(2)
-                    w.setframerate(int(sample_rate))
-                    w.writeframes(pcm.tobytes())
-            else:
-                _soundfile().write(f, pcm, int(sample_rate), format="FLAC", subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_sample_rate(sample_rate: int, path: str) -> None:
@@ -247,7 +136,7 @@ def synthesize(text: str, voice: str = "en-us", speed: int = 175, pitch: int = 5
         if proc.returncode != 0 or not os.path.exists(out):
             message = proc.stderr.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"
             raise BadInputError(f"espeak-ng voice {voice!r}", message)
-        x, sr = _read_wav_stdlib(out)
+        x, sr = read_audio(out)
     return resample(x, sr, sample_rate) if sr != sample_rate else x
 
 
@@ -369,16 +258,10 @@ def _decode_dataset_audio(value: object, where: str) -> tuple[np.ndarray, int]:
     if isinstance(value, dict) and value.get("array") is not None:
         if value.get("sampling_rate") is None:
             raise BadInputError(where, "audio cell has an array but no sampling_rate")
-        return _to_mono_float32(np.asarray(value["array"])), int(value["sampling_rate"])
+        return to_mono_float32(np.asarray(value["array"])), int(value["sampling_rate"])
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         if value.get("bytes"):
-            try:
-                x, sr = _soundfile().read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=False)
-            except MissingDependencyError:
-                raise
-            except Exception as e:
-                raise BadInputError(where, f"cannot decode audio bytes ({type(e).__name__}: {e})") from e
-            return _to_mono_float32(x), int(sr)
+            return decode_audio_bytes(value["bytes"], where)
         return read_audio(value["path"])
     raise BadInputError(where, f"unrecognised audio cell of type {type(value).__name__}")
 
@@ -488,73 +371,3 @@ def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathL
             lines.append(json.dumps(entry, ensure_ascii=False))
         (tmp / TRANSCRIPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)
-
-
-# ---- command line --------------------------------------------------------------------------------------------------
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    texts = [t for t in Path(args.texts).read_text(encoding="utf-8").splitlines() if t.strip()]
-    skipped: list[BadInputError] = []
-    records = iter_speech_records("espeak", on_error=skipped.append, texts=texts, voices=args.voices,
-                                  speed_range=args.speed_range, pitch_range=args.pitch_range, seed=args.seed,
-                                  sample_rate=args.sample_rate)
-    kept: list[SpeechRecord] = []
-
-    def progress() -> Iterator[SpeechRecord]:
-        for r in tqdm(records, total=len(texts), desc="synthesising", unit="clip"):
-            kept.append(r)
-            yield r
-
-    n = write_speech_folder(progress(), args.out, audio_format=args.format, bits=args.bits,
-                            validation_fraction=args.validation_fraction, overwrite=args.overwrite)
-    seconds = sum(r.duration for r in kept)
-    n_val = sum(assign_split(r.transcript, args.validation_fraction) == "validation" for r in kept)
-    size = sum(f.stat().st_size for f in Path(args.out).iterdir())
-    print(f"wrote {n} clips ({n - n_val} train, {n_val} validation), {seconds:.1f} s of audio, "
-          f"{size / 1e6:.2f} MB, to {args.out}; skipped {len(skipped)}")
-    for e in skipped:
-        print(f"  skipped {e}", file=sys.stderr)
-    return 0
-
-
-def _cmd_voices(args: argparse.Namespace) -> int:
-    for name in list_voices(args.language):
-        print(name)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mom.data.speech``."""
-    parser = argparse.ArgumentParser(prog="python -m mom.data.speech", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="synthesise one espeak-ng clip per line of a text file into a folder",
-                       description="Synthesise one clip per non-empty line of --texts with espeak-ng (voice, speed "
-                                   "and pitch drawn per clip from --seed) and write NNNNN.flac + transcripts.jsonl.")
-    p.add_argument("--texts", required=True, help="UTF-8 text file, one utterance per line")
-    p.add_argument("--out", required=True, help="output folder (readable with the 'folder' source)")
-    p.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), help="espeak-ng voices[+variant] to draw from")
-    p.add_argument("--speed-range", nargs=2, type=int, default=[140, 200], metavar=("LOW", "HIGH"),
-                   help="words per minute (default: 140 200)")
-    p.add_argument("--pitch-range", nargs=2, type=int, default=[30, 70], metavar=("LOW", "HIGH"),
-                   help="espeak-ng pitch 0-99 (default: 30 70)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the voice/speed/pitch draws (default: 0)")
-    p.add_argument("--sample-rate", type=int, default=16_000, help="output sample rate in Hz (default: 16000)")
-    p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio file format (default: flac)")
-    p.add_argument("--bits", type=int, default=16, help="significant bits per sample, 8-16 (default: 16)")
-    p.add_argument("--validation-fraction", type=float, default=0.1,
-                   help="fraction of transcripts marked split=validation (default: 0.1)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=_cmd_synth)
-    p = sub.add_parser("voices", help="list installed espeak-ng voices",
-                       description="List installed espeak-ng voices (MBROLA voices excluded).")
-    p.add_argument("--language", default=None, help="language filter, e.g. 'en'; 'variant' lists voice variants")
-    p.set_defaults(func=_cmd_voices)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -122,7 +122,7 @@ def write_document(parts, out_dir: Path, sample_rate: int | None) -> list[Path]:
     are removed first (other files are left alone)."""
     from PIL import Image
 
-    from mom.data.speech import write_audio
+    from mom.utils.audio import write_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.iterdir():

@@ -5,7 +5,7 @@ An image of ``image_size``² RGB pixels is encoded to a ``(image_size / downsamp
 averages of the encoder outputs assigned to each code (VQ-VAE-2), and a code used less than
 ``dead_code_threshold`` times per batch (EMA) is restarted on a random encoder output of the batch.
 
-CLI (``python -m mom.tokenization.image --help``):
+Command line (``mom-tokenizer image --help``, in :mod:`mom.cli.tokenizer`):
 
 * ``train --recipe tokenizers/recipes/image_small.yaml --out tokenizers/small/image``
 * ``eval --tokenizer tokenizers/small/image --images data/small/raw/images [--split validation]``
@@ -18,15 +18,13 @@ A tokenizer directory holds ``config.json`` (``"kind": "vq-image"``) and ``model
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union
 
@@ -38,7 +36,6 @@ from torch import nn
 
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
-from mom.utils.errors import MissingDependencyError
 
 KIND = "vq-image"
 CHAMELEON_KIND = "chameleon-vqvae"
@@ -599,183 +596,3 @@ def train_image_tokenizer(
         perplexity=metrics["perplexity"],
     )
     return tokenizer.to("cpu"), report
-
-
-# ---- recipe ------------------------------------------------------------------------------------------------------
-@dataclass
-class SourceSpec:
-    """One image source of :func:`mom.data.images.iter_image_records` with its options (e.g. path, augment)."""
-
-    source: str
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class ImageTokenizerRecipe:
-    """A YAML recipe: where the images come from, the architecture and the training run.
-
-    Held-out images, per source: the records whose ``meta["split"]`` is ``"validation"`` (as written by ``python -m
-    mom.data.images export``), or, when none has that mark, a seeded ``held_out_fraction`` of the source's items.
-    Augmented variants (``options.augment``) of held-out items are never trained on nor evaluated.
-    """
-
-    sources: tuple[SourceSpec, ...]
-    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    held_out_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ValueError("sources: list at least one image source")
-        if not 0 <= self.held_out_fraction < 1:
-            raise ValueError(f"held_out_fraction: must be in [0, 1), got {self.held_out_fraction}")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> ImageTokenizerRecipe:
-        data = read_mapping(path, "image tokenizer recipe")
-        try:
-            return from_dict(cls, data)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-
-    def load_images(self, on_error: Any = None) -> tuple[list[Image.Image], list[Image.Image]]:
-        """(train images, held-out images) from the sources, each resized to the tokenizer's image_size."""
-        import random
-
-        from mom.data.images import iter_image_records
-
-        records, held_keys = [], set()
-        for index, spec in enumerate(self.sources):
-            options = {"size": self.tokenizer.image_size, **spec.options}
-            recs = list(iter_image_records(spec.source, on_error=on_error or _warn, **options))
-            keys = sorted({(r.source, r.meta["id"]) for r in recs})
-            marked = {(r.source, r.meta["id"]) for r in recs if r.meta.get("split") == "validation"}
-            if not marked:  # no split in the source: hold out a seeded sample of its items
-                rng = random.Random(f"{self.training.seed}:{index}")
-                marked = set(rng.sample(keys, round(self.held_out_fraction * len(keys))))
-            records += recs
-            held_keys |= marked
-        train = [r.image for r in records if (r.source, r.meta["id"]) not in held_keys]
-        held: dict = {}  # one original per held-out item, even if two sources yield it
-        for r in records:
-            key = (r.source, r.meta["id"])
-            if key in held_keys and r.meta.get("variant", 0) == 0:
-                held.setdefault(key, r.image)
-        return train, list(held.values())
-
-
-def _warn(err: Exception) -> None:
-    print(f"skipped {err}", file=sys.stderr)
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------------
-def _save_grid(path: str, originals: torch.Tensor, recons: torch.Tensor, columns: int = 16) -> None:
-    """Save originals (top) over reconstructions (bottom), ``columns`` images per row pair, as a PNG."""
-    n, s = len(originals), originals.shape[1]
-    rows = math.ceil(n / columns)
-    sheet = np.full((rows * 2 * s, columns * s, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        sheet[2 * r * s : (2 * r + 1) * s, c * s : (c + 1) * s] = originals[i].numpy()
-        sheet[(2 * r + 1) * s : (2 * r + 2) * s, c * s : (c + 1) * s] = recons[i].numpy()
-    Image.fromarray(sheet).save(path)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    recipe = ImageTokenizerRecipe.from_yaml(args.recipe)
-    for opt in args.opt:
-        key, sep, value = opt.partition("=")
-        name, dot, k = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--opt {opt!r}: expected SOURCE.KEY=VALUE")
-        specs = [s for s in recipe.sources if s.source == name]
-        if not specs:
-            raise ValueError(f"--opt {opt!r}: the recipe has no source {name!r}")
-        for spec in specs:
-            spec.options[k] = yaml_value(value)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    t = recipe.training
-    device = args.device or t.device
-    train, held = recipe.load_images()
-    print(f"{len(train)} training images, {len(held)} held-out images", file=sys.stderr)
-    tokenizer, report = train_image_tokenizer(
-        train, recipe.tokenizer, t.steps, t.batch_size, t.lr, t.seed, held or None,
-        device=device, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-    )  # fmt: skip
-    tokenizer.save(out)
-    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__,
-              **dataclasses.asdict(report)}  # fmt: skip
-    (out / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    print(report.summary())
-    print(f"saved to {out}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from mom.data.images import iter_image_records
-
-    tokenizer = load_image_tokenizer(args.tokenizer, args.device)
-    records = [
-        r
-        for r in iter_image_records("folder", on_error=_warn, path=args.images, size=tokenizer.image_size)
-        if args.split is None or r.meta.get("split") == args.split
-    ]
-    if not records:
-        raise ValueError(f"{args.images}: no images" + (f" with split {args.split!r}" if args.split else ""))
-    metrics = evaluate_image_tokenizer(tokenizer, [r.image for r in records])
-    print(json.dumps(metrics, indent=2))
-    if args.save_grid:
-        pixels = images_to_uint8([r.image for r in records[: args.grid_images]], tokenizer.image_size)
-        _save_grid(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
-        print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
-    return 0
-
-
-def yaml_value(text: str) -> Any:
-    """Parse a command-line VALUE as YAML (numbers, booleans, lists), falling back to the string itself."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mom.tokenization.image``."""
-    parser = argparse.ArgumentParser(prog="python -m mom.tokenization.image", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a VQ image tokenizer from a YAML recipe",
-                        description="Train a VQ-VAE image tokenizer from a recipe (sources, tokenizer, training); "
-                        "prints held-out PSNR and codebook usage and saves config.json, model.safetensors and "
-                        f"{REPORT_FILE} to --out.")  # fmt: skip
-    tr.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/image_small.yaml")
-    tr.add_argument("--out", required=True, help="output tokenizer directory")
-    tr.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
-    tr.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
-                    help="override a source option, e.g. openmoji.path=./package")  # fmt: skip
-    tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    ev = sub.add_parser("eval", help="reconstruction PSNR and codebook usage on a folder of images",
-                        description="Encode and decode a folder of images (captions.jsonl or <name>.txt sidecars, "
-                        "as read by the 'folder' image source) and print PSNR and codebook usage.")  # fmt: skip
-    ev.add_argument("--tokenizer", required=True, help="tokenizer directory (vq-image or chameleon-vqvae)")
-    ev.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
-    ev.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
-    ev.add_argument("--device", default="cpu", help="device to run on (default cpu)")
-    ev.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
-    ev.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
-    args = parser.parse_args(argv)
-    try:
-        return _cmd_train(args) if args.command == "train" else _cmd_eval(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ImportError, MissingDependencyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

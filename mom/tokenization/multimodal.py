@@ -24,6 +24,7 @@ import numpy as np
 
 from mom.tokenization.special import BOI_ID, BOS_ID, BOSP_ID, EOI_ID, EOS_ID, EOSP_ID, PAD_ID, SPECIAL_TOKENS
 from mom.tokenization.text import TextTokenizer
+from mom.utils.atomic import atomic_write_text
 
 KIND = "multimodal"
 CONFIG_FILE = "config.json"
@@ -305,9 +306,7 @@ def write_config(directory: str | os.PathLike, subdirs: dict[str, str], vocab_si
     if vocab_sizes is not None:
         config["vocab_sizes"] = [int(v) for v in vocab_sizes]
     config["special_tokens"] = {t.piece: t.id for t in SPECIAL_TOKENS}
-    tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / CONFIG_FILE)
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def _to_numpy(x: Any) -> np.ndarray:

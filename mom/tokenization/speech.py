@@ -7,21 +7,17 @@ centroid. Decoding maps units back to centroid log-mels, inverts the mel filterb
 recovers a waveform with Griffin-Lim, so one can listen to what the units keep (coarse spectral envelope; no pitch
 detail, so the voice sounds robotic).
 
-Command line (``python -m mom.tokenization.speech --help``): ``train --recipe R --out DIR``, ``eval --tokenizer DIR``,
-``decode --tokenizer DIR --audio in.wav --out out.wav``.
+Command line (``mom-tokenizer speech --help``, in :mod:`mom.cli.tokenizer`): ``train --recipe R --out DIR``,
+``eval --tokenizer DIR``, ``decode --tokenizer DIR --audio in.wav --out out.wav``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
-import sys
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mom.utils.atomic import atomic_save, atomic_write_text
 from mom.utils.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
@@ -39,7 +36,7 @@ from mom.utils.audio import (
     resample,
     stft,
 )
-from mom.utils.configio import from_dict, read_mapping
+from mom.utils.configio import from_dict
 
 KIND = "mel-kmeans-speech"
 FORMAT_VERSION = 1
@@ -48,7 +45,6 @@ WEIGHTS_FILE = "model.safetensors"
 # Added to mel power before the log: ~-80 dB below a loud 16 kHz speech frame with this window, so silence and
 # quantisation noise land on one floor instead of spreading over log(0) = -inf.
 LOG_MEL_FLOOR = 1e-4
-_FILE_MODE = 0o644  # mkstemp creates 0600 files; saved tokenizers are meant to be shared
 _CHUNK = 65536  # frames per distance computation; bounds memory at chunk * num_units floats
 
 
@@ -121,34 +117,6 @@ class KMeansConfig:
         _positive_int(self, "iters", "max_frames")
         if not isinstance(self.tolerance, (int, float)) or isinstance(self.tolerance, bool) or self.tolerance < 0:
             raise ValueError(f"tolerance: must be a number >= 0, got {self.tolerance!r}")
-
-
-@dataclass(frozen=True)
-class SpeechDataSpec:
-    """A speech source for ``mom.data.speech.iter_speech_records``: its name and options (paths relative to cwd)."""
-
-    source: str
-    options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SpeechTokenizerRecipe:
-    """A training recipe (``tokenizers/recipes/speech_*.yaml``); ``eval_data`` is measured after training."""
-
-    tokenizer: SpeechTokenizerConfig
-    train_data: SpeechDataSpec
-    eval_data: SpeechDataSpec | None = None
-    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
-    seed: int = 0
-
-
-def load_recipe(path: str | os.PathLike) -> SpeechTokenizerRecipe:
-    """Read a YAML recipe into :class:`SpeechTokenizerRecipe` (ValueError naming any bad key)."""
-    data = read_mapping(path, "speech tokenizer recipe")
-    try:
-        return from_dict(SpeechTokenizerRecipe, data, list_unknown=True)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------------------------
@@ -244,29 +212,13 @@ class SpeechTokenizer:
 
     # ---- persistence -----------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``model.safetensors`` then ``config.json`` (each via a temp file and atomic rename)."""
+        """Write ``model.safetensors`` then ``config.json`` (each written whole or not at all, ``mom.utils.atomic``)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {"centroids": self.centroids, "feature_mean": self.feature_mean, "feature_std": self.feature_std}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"kind": KIND})
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, directory / WEIGHTS_FILE)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_save(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"kind": KIND}))
         payload = {"kind": KIND, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE,
                    "config": asdict(self.config), "info": self.info}
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", dir=directory)
-        os.chmod(tmp, _FILE_MODE)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, directory / CONFIG_FILE)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SpeechTokenizer:
@@ -437,9 +389,10 @@ def train_speech_tokenizer(records_or_waveforms: Iterable[object], config: Speec
                            progress: bool = True) -> tuple[SpeechTokenizer, SpeechTokenizerReport]:
     """Fit normalisation statistics and a k-means codebook on log-mel frames of the given clips.
 
-    ``records_or_waveforms``: :class:`~mom.data.speech.SpeechRecord` objects, ``(waveform, sample_rate)`` pairs or
-    bare waveforms at ``config.sample_rate``. All frames are held in memory (``n_frames * n_mels * 4`` bytes); k-means
-    runs on at most ``kmeans_config.max_frames`` of them. Prints and returns a report on the training clips.
+    ``records_or_waveforms``: records with ``waveform`` and ``sample_rate`` attributes (e.g. ``SpeechRecord``),
+    ``(waveform, sample_rate)`` pairs or bare waveforms at ``config.sample_rate``. All frames are held in memory
+    (``n_frames * n_mels * 4`` bytes); k-means runs on at most ``kmeans_config.max_frames`` of them. Prints and
+    returns a report on the training clips.
     """
     kc = kmeans_config or KMeansConfig()
     probe = SpeechTokenizer(config, torch.zeros(config.num_units, config.n_mels), torch.zeros(config.n_mels),
@@ -467,97 +420,3 @@ def train_speech_tokenizer(records_or_waveforms: Iterable[object], config: Speec
                       "train_frames": int(x.shape[0]), "kmeans_frames": int(subset.shape[0])}
     print(f"train: {report.summary()}")
     return tokenizer, report
-
-
-# ---- command line --------------------------------------------------------------------------------------------------
-
-
-def _records(spec: SpeechDataSpec, skipped: list) -> Iterable[object]:
-    from mom.data.speech import iter_speech_records
-
-    return iter_speech_records(spec.source, on_error=skipped.append, **spec.options)
-
-
-def _report_skipped(skipped: list) -> None:
-    if skipped:
-        print(f"skipped {len(skipped)} unusable clip(s), e.g.:", file=sys.stderr)
-        for e in skipped[:5]:
-            print(f"  {e}", file=sys.stderr)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    out = Path(args.out)
-    if (out / CONFIG_FILE).exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} already holds a tokenizer; pass --overwrite to replace it")
-    kc = recipe.kmeans if args.device is None else dataclasses.replace(recipe.kmeans, device=args.device)
-    skipped: list = []
-    tokenizer, _ = train_speech_tokenizer(_records(recipe.train_data, skipped), recipe.tokenizer, recipe.seed, kc)
-    if recipe.eval_data is not None:
-        report = evaluate(tokenizer, _records(recipe.eval_data, skipped))
-        tokenizer.info["eval_report"] = asdict(report)
-        print(f"eval:  {report.summary()}")
-    tokenizer.info["recipe"] = str(args.recipe)
-    tokenizer.save(out)
-    _report_skipped(skipped)
-    print(f"saved {KIND} tokenizer ({tokenizer.vocab_size} units, {tokenizer.units_per_second:g} units/s) to {out}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    tokenizer = SpeechTokenizer.load(args.tokenizer)
-    skipped: list = []
-    options = {"path": args.data, "split": None if args.split == "all" else args.split}
-    report = evaluate(tokenizer, _records(SpeechDataSpec("folder", options), skipped))
-    _report_skipped(skipped)
-    if report.clips == 0:
-        raise SystemExit(f"error: no clips found in {args.data} (split {args.split!r})")
-    print(f"eval: {report.summary()}")
-    return 0
-
-
-def _cmd_decode(args: argparse.Namespace) -> int:
-    from mom.data.speech import read_audio, write_audio
-
-    tokenizer = SpeechTokenizer.load(args.tokenizer)
-    waveform, sr = read_audio(args.audio)
-    units = tokenizer.encode(waveform, sr)
-    audio, out_sr = tokenizer.decode(units)
-    write_audio(args.out, audio, out_sr)
-    print(f"{args.audio}: {len(waveform) / sr:.2f} s -> {units.numel()} units "
-          f"({units.numel() * sr / len(waveform):.1f} units/s, {int(units.unique().numel())} distinct) -> {args.out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mom.tokenization.speech``."""
-    parser = argparse.ArgumentParser(prog="python -m mom.tokenization.speech",
-                                     description="Train, evaluate and listen to the log-mel k-means speech tokenizer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a tokenizer from a YAML recipe",
-                       description="Fit per-mel normalisation and a k-means codebook on the recipe's train_data, "
-                                   "report units/s and codebook usage (also on eval_data), save to --out.")
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/speech_small.yaml")
-    p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--device", default=None, help="override kmeans.device (cpu, cuda)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
-    p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("eval", help="units per second and codebook usage on a folder of clips",
-                       description="Encode the clips of a folder (see mom.data.speech 'folder' source) and print "
-                                   "units/s, codebook usage (used/total) and perplexity.")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    p.add_argument("--data", default="data/small/raw/speech/clips", help="folder of clips (default: %(default)s)")
-    p.add_argument("--split", default="validation", help="split field to keep, or 'all' (default: %(default)s)")
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("decode", help="encode an audio file and decode it back to WAV, to listen to the units",
-                       description="Round trip: audio -> units -> Griffin-Lim waveform written as 16-bit WAV.")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    p.add_argument("--audio", required=True, help="input WAV or FLAC file")
-    p.add_argument("--out", required=True, help="output WAV file")
-    p.set_defaults(func=_cmd_decode)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

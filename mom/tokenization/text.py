@@ -8,19 +8,16 @@ in the input is encoded as its three byte tokens to survive decoding.
 The media markers (``<image>`` ...) are *control* symbols: the text ``"<image>"`` is encoded as ordinary
 characters, never as the marker id, and decoding a marker id yields ``""``.
 
-Train with ``python -m mom.tokenization.text train --recipe tokenizers/recipes/text_small.yaml --out DIR``.
+Train with ``mom-tokenizer text train --recipe tokenizers/recipes/text_small.yaml --out DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mom.tokenization.special import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS
@@ -33,22 +30,17 @@ SPACE_META = "\u2581"  # SentencePiece's visible space
 
 
 @dataclass
-class TextTokenizerRecipe:
-    """How to train a text tokenizer (``tokenizers/recipes/*.yaml`` maps onto this one to one).
-
-    ``sources`` are text sources of :mod:`mom.data.text` (``{source: python-docs, max_chars: 2000}``, ...);
-    ``max_documents`` caps the documents read per source (``null``: all); ``max_sentences`` is SentencePiece's
-    ``input_sentence_size`` (documents sampled for training, 0 = all).
-    """
+class TextTrainingConfig:
+    """SentencePiece training settings (the corpus-side recipe, :class:`mom.data.tokenizer_training.
+    TextTokenizerRecipe`, adds the sources). ``max_sentences`` is SentencePiece's ``input_sentence_size`` (documents
+    sampled for training, 0 = all)."""
 
     vocab_size: int = 2048
     model_type: str = "bpe"  # "bpe" | "unigram"
     character_coverage: float = 0.9995  # rarer characters are left to byte fallback
     split_digits: bool = True
     max_sentences: int = 0
-    max_documents: int | None = None
     seed: int = 0
-    sources: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.model_type not in ("bpe", "unigram"):
@@ -58,15 +50,6 @@ class TextTokenizerRecipe:
             raise ValueError(f"vocab_size: must be at least {min_vocab} (specials + 256 bytes), got {self.vocab_size}")
         if not 0 < self.character_coverage <= 1:
             raise ValueError(f"character_coverage: must be in (0, 1], got {self.character_coverage}")
-        for i, spec in enumerate(self.sources):
-            if not isinstance(spec, dict) or not isinstance(spec.get("source"), str):
-                raise ValueError(f"sources[{i}]: must be a mapping with a 'source' name, got {spec!r}")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> TextTokenizerRecipe:
-        from mom.utils.configio import from_file
-
-        return from_file(cls, path, list_unknown=True)
 
 
 class TextTokenizer:
@@ -148,8 +131,9 @@ class TextTokenizer:
 
     # ---- training ------------------------------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], recipe: TextTokenizerRecipe) -> TextTokenizer:
-        """Train on ``texts`` (each one a SentencePiece "sentence", i.e. a document) following ``recipe``."""
+    def train(cls, texts: Iterable[str], recipe: TextTrainingConfig) -> TextTokenizer:
+        """Train on ``texts`` (each one a SentencePiece "sentence", i.e. a document) following ``recipe``; the saved
+        config records ``asdict(recipe)``."""
         import sentencepiece as spm
 
         spm.set_random_generator_seed(recipe.seed)
@@ -180,68 +164,3 @@ class TextTokenizer:
             minloglevel=2,
         )
         return cls(model.getvalue(), recipe=asdict(recipe))
-
-
-def recipe_texts(recipe: TextTokenizerRecipe, on_error: str = "skip") -> Iterable[str]:
-    """The training documents of ``recipe``'s sources, in order (``max_documents`` per source)."""
-    from mom.data.text import iter_text_records
-
-    for spec in recipe.sources:
-        options = {k: v for k, v in spec.items() if k != "source"}
-        for n, record in enumerate(iter_text_records(spec["source"], on_error=on_error, **options)):
-            if recipe.max_documents is not None and n >= recipe.max_documents:
-                break
-            yield record.text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mom.tokenization.text",
-        description="Train a SentencePiece text tokenizer whose ids 0..7 are the MoM special tokens.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train on the text sources of a recipe and save to --out")
-    train.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/text_small.yaml")
-    train.add_argument("--out", required=True, help="output directory (config.json + text.model)")
-    train.add_argument("--on-error", choices=("skip", "stop"), default="skip", help="unreadable input files")
-    encode = sub.add_parser("encode", help="print the pieces of a text (to inspect a trained tokenizer)")
-    encode.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    encode.add_argument("text", help="text to encode")
-    args = parser.parse_args(argv)
-
-    if args.command == "encode":
-        tok = TextTokenizer.load(args.tokenizer)
-        ids = tok.encode(args.text)
-        print(" ".join(f"{tok.id_to_piece(i)}:{i}" for i in ids))
-        return 0
-
-    from tqdm import tqdm
-
-    from mom.utils.errors import MissingDependencyError
-
-    recipe = TextTokenizerRecipe.from_yaml(args.recipe)
-    start = time.time()
-    try:
-        texts = list(tqdm(recipe_texts(recipe, args.on_error), desc="reading text", unit="doc"))
-    except MissingDependencyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not texts:
-        print("error: the recipe's sources yielded no text", file=sys.stderr)
-        return 2
-    chars = sum(len(t) for t in texts)
-    print(f"training {recipe.model_type} vocab {recipe.vocab_size} on {len(texts)} documents ({chars:,} chars) ...")
-    tok = TextTokenizer.train(texts, recipe)
-    tok.save(args.out)
-    sample = texts[: min(len(texts), 2000)]
-    n_tokens = sum(len(tok.encode(t)) for t in sample)
-    n_chars = sum(len(t) for t in sample)
-    print(
-        f"saved {args.out} (vocab {tok.vocab_size}) in {time.time() - start:.1f} s; "
-        f"{n_chars / max(n_tokens, 1):.2f} chars/token on {len(sample)} training documents"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mom.data.kinds import kinds_that_may_hold
 from mom.data.loader import read_manifest
 from mom.model.config import MoMConfig
 from mom.tokenization.multimodal import MultimodalTokenizer
@@ -67,11 +68,6 @@ def vocabulary_source(recipe: Recipe, auto: list[str]) -> tuple[str, tuple[str, 
     )
 
 
-# Document kinds (mom.data.loader.DOC_KINDS) that may hold tokens of a modality other than text.
-KIND_MODALITIES = {"image_caption": {"image"}, "caption_image": {"image"}, "speech_transcript": {"speech"},
-                   "transcript_speech": {"speech"}, "mixed": None}  # None: any modality
-
-
 def check_corpus(config: MoMConfig, recipe: Recipe) -> None:
     """The model's vocabulary must be a leading part of the corpus's, and excluded modalities excluded from data."""
     manifest = read_manifest(recipe.data.path)
@@ -86,7 +82,7 @@ def check_corpus(config: MoMConfig, recipe: Recipe) -> None:
     if not dropped:
         return
     weights = recipe.data.mixture or {}
-    risky = [k for k, mods in KIND_MODALITIES.items() if (mods is None or mods & dropped) and weights.get(k, 1.0) > 0]
+    risky = [k for k in kinds_that_may_hold(dropped) if weights.get(k, 1.0) > 0]
     if risky:
         raise ValueError(
             f"model.modalities {list(config.modalities)} leaves out {sorted(dropped)} of the corpus, so "

@@ -60,13 +60,15 @@ def atomic_file(target: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``target`` whole or not at all."""
     with atomic_file(target) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``target`` whole or not at all."""
     with atomic_file(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_save(target: str | os.PathLike, write: Callable[[Path], None]) -> None:

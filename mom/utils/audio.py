@@ -1,15 +1,24 @@
-"""Audio DSP in torch: band-limited resampling, STFT / log-mel features, mel inversion and Griffin-Lim.
+"""Audio files and DSP: WAV / FLAC reading and writing, band-limited resampling, STFT / log-mel features, mel
+inversion and Griffin-Lim.
 
-Everything here is deterministic, runs on CPU or GPU and has no dependency beyond torch and numpy (torchaudio is not
-installable beside our torch build, so the few pieces we need are written out here).
+The DSP is deterministic, runs on CPU or GPU and has no dependency beyond torch and numpy (torchaudio is not
+installable beside our torch build, so the few pieces we need are written out here). WAV files need only the standard
+library; FLAC needs ``soundfile``.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import wave
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from mom.utils.atomic import atomic_file
+from mom.utils.errors import BadInputError, MissingDependencyError
 
 # Telephone band (8 kHz) up to studio rate (48 kHz): the range of sample rates speech tools here accept.
 MIN_SAMPLE_RATE = 8_000
@@ -19,6 +28,118 @@ MAX_SAMPLE_RATE = 48_000
 RESAMPLE_ZERO_CROSSINGS = 16
 RESAMPLE_ROLLOFF = 0.945
 _RESAMPLE_CHUNK = 16384  # output samples per gather, bounds memory at ~chunk * taps floats
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+# ---- audio files -------------------------------------------------------------------------------------------------
+
+
+def _soundfile():
+    try:
+        import soundfile
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("reading/writing FLAC needs the `soundfile` package: pip install soundfile") from e
+    return soundfile
+
+
+def to_mono_float32(samples: np.ndarray) -> np.ndarray:
+    """``(n,)`` or ``(n, channels)`` -> mono float32 ``(n,)`` (channels averaged)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def _read_wav_stdlib(source: str) -> tuple[np.ndarray, int]:
+    """PCM WAV (8/16/24/32-bit integer) with the standard library."""
+    with wave.open(source, "rb") as w:
+        width, channels, sr = w.getsampwidth(), w.getnchannels(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # 24-bit little endian: widen to int32 by hand
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
+    elif width in (2, 4):
+        dtype = np.int16 if width == 2 else np.int32
+        x = np.frombuffer(raw[: len(raw) // width * width], dtype=dtype).astype(np.float32) / 2 ** (8 * width - 1)
+    else:
+        raise ValueError(f"unsupported WAV sample width {width} bytes")
+    return to_mono_float32(x[: len(x) // channels * channels].reshape(-1, channels)), sr
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read a WAV or FLAC file as ``(waveform (n,) float32 mono in [-1, 1], sample_rate)``; channels are averaged.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`BadInputError` for an unreadable, corrupt or empty one,
+    and :class:`MissingDependencyError` for FLAC without the ``soundfile`` package. WAV needs only the standard
+    library (integer PCM); ``soundfile``, when installed, also reads float WAV.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such audio file")
+    suffix = path.suffix.lower()
+    if suffix not in AUDIO_SUFFIXES:
+        raise BadInputError(str(path), f"unsupported audio format {suffix!r}; supported: {', '.join(AUDIO_SUFFIXES)}")
+    try:
+        if suffix == ".wav":
+            try:
+                x, sr = _read_wav_stdlib(str(path))
+            except (wave.Error, ValueError, EOFError) as stdlib_error:
+                try:
+                    import soundfile
+                except ImportError:
+                    raise stdlib_error from None
+                x, sr = soundfile.read(str(path), dtype="float32", always_2d=False)
+        else:
+            x, sr = _soundfile().read(str(path), dtype="float32", always_2d=False)
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # every decoder error means the same thing to the caller: this file is unusable
+        raise BadInputError(str(path), f"cannot decode audio ({type(e).__name__}: {e})") from e
+    x = to_mono_float32(x)
+    if x.size == 0:
+        raise BadInputError(str(path), "audio file holds no samples")
+    return x, int(sr)
+
+
+def decode_audio_bytes(data: bytes, where: str) -> tuple[np.ndarray, int]:
+    """Decode an encoded audio file held in memory (any format ``soundfile`` reads) to ``(waveform, sample_rate)``;
+    :class:`BadInputError` naming ``where`` if it does not decode."""
+    soundfile = _soundfile()
+    try:
+        x, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except Exception as e:  # every decoder error means the same thing to the caller: these bytes are unusable
+        raise BadInputError(where, f"cannot decode audio bytes ({type(e).__name__}: {e})") from e
+    return to_mono_float32(x), int(sr)
+
+
+def write_audio(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int, bits: int = 16) -> None:
+    """Write mono float audio to ``.wav`` (16-bit PCM, standard library) or ``.flac`` (``soundfile``), atomically.
+
+    ``bits`` < 16 rounds samples to that many significant bits (still stored as 16-bit): FLAC then detects the unused
+    low bits and the file shrinks by about a third at 12 bits, at ~72 dB signal-to-quantisation-noise ratio.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in AUDIO_SUFFIXES:
+        raise ValueError(f"{path}: unsupported audio format {suffix!r}; use one of {', '.join(AUDIO_SUFFIXES)}")
+    if not 8 <= bits <= 16:
+        raise ValueError(f"bits: must be in [8, 16], got {bits}")
+    step = 2 ** (16 - bits)
+    pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32767 / step) * step, -32768, 32767)
+    pcm = pcm.astype(np.int16)
+    soundfile = _soundfile() if suffix == ".flac" else None  # a missing package fails before any file is made
+    with atomic_file(path) as tmp:
+        if soundfile is None:
+            with wave.open(str(tmp), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(int(sample_rate))
+                w.writeframes(pcm.tobytes())
+        else:
+            soundfile.write(str(tmp), pcm, int(sample_rate), format="FLAC", subtype="PCM_16")
+
+
+# ---- DSP ---------------------------------------------------------------------------------------------------------
 
 
 def as_mono_tensor(waveform: np.ndarray | torch.Tensor, name: str = "waveform") -> torch.Tensor:

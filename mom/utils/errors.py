@@ -1,4 +1,4 @@
-"""Errors shared by the data pipeline."""
+"""Errors shared by the data pipeline, the tokenizers and the command lines (which report them in one line)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,7 +17,8 @@ import yaml
 
 from mom import MoMConfig
 from mom.data import build as build_module
-from mom.data.build import BuildRecipe, build, main, missing_requirements
+from mom.data.build import BuildRecipe, build, format_summary, missing_requirements, write_split
+from mom.data.kinds import KIND_MODALITIES
 from mom.tokenization.special import BOS_ID, EOS_ID
 from mom.utils.errors import BadInputError, MissingDependencyError
 
@@ -89,9 +92,12 @@ def _check_corpus(root: Path) -> tuple[dict, dict[str, list[dict]]]:
         for doc in docs:
             ids = torch.tensor(doc["input_ids"])
             assert doc["input_ids"][0] == BOS_ID and doc["input_ids"][-1] == EOS_ID
-            assert doc["modality"] == config.modality_of(ids).tolist()
+            assert doc["modality_ids"] == config.modality_of(ids).tolist()
             for i, m in enumerate(manifest["modalities"]):
-                tokens[m] += doc["modality"].count(i)
+                tokens[m] += doc["modality_ids"].count(i)
+            held = {manifest["modalities"][i] for i in doc["modality_ids"]}
+            allowed = KIND_MODALITIES[doc["kind"]]
+            assert allowed is None or held <= allowed, (doc["kind"], held)
             json.loads(doc["meta"])
         assert tokens == entry["tokens_per_modality"] and sum(tokens.values()) == entry["tokens"]
         doc_ids[split] = {d["doc_id"] for d in docs}
@@ -100,10 +106,11 @@ def _check_corpus(root: Path) -> tuple[dict, dict[str, list[dict]]]:
     return manifest, rows
 
 
-def test_tiny_build_matches_manifest_and_skips_bad_inputs(raw: Path, capsys) -> None:
-    assert main(["build", "--recipe", str(_recipe(raw, raw / "corpus"))]) == 0
-    printed = capsys.readouterr().out
+def test_tiny_build_matches_manifest_and_skips_bad_inputs(raw: Path) -> None:
+    built = build(BuildRecipe.from_yaml(_recipe(raw, raw / "corpus")))
+    printed = format_summary(built)
     manifest, rows = _check_corpus(raw / "corpus")
+    assert manifest["splits"] == built["splits"]
     kinds = {d["kind"] for split in rows.values() for d in split}
     assert {"text", "mixed"} <= kinds and kinds & {"image_caption", "caption_image"}
     assert kinds & {"speech_transcript", "transcript_speech"}
@@ -125,13 +132,11 @@ def test_tiny_build_matches_manifest_and_skips_bad_inputs(raw: Path, capsys) -> 
     assert not (groups["train"] & groups["validation"]) - {None}
 
 
-def test_on_error_stop_names_the_file(raw: Path, capsys) -> None:
+def test_on_error_stop_names_the_file(raw: Path) -> None:
     recipe = BuildRecipe.from_yaml(_recipe(raw, raw / "stopped", on_error="stop"))
     with pytest.raises(BadInputError, match="corrupt.png"):
         build(recipe)
     assert not (raw / "stopped" / "manifest.json").exists()
-    assert main(["build", "--recipe", str(_recipe(raw, raw / "stopped2", on_error="stop"))]) == 1
-    assert "corrupt.png" in capsys.readouterr().err
 
 
 def test_resume_after_interruption_gives_identical_shards(raw: Path, monkeypatch) -> None:
@@ -162,7 +167,17 @@ def test_resume_after_interruption_gives_identical_shards(raw: Path, monkeypatch
         build(recipe, raw / "resumed")
 
 
-def test_missing_requirements_are_listed_together(raw: Path, monkeypatch, capsys) -> None:
+def test_shards_of_a_build_before_the_modality_ids_rename_ask_for_restart(raw: Path) -> None:
+    recipe = BuildRecipe.from_yaml(_recipe(raw, raw / "old"))
+    (raw / "old" / "train").mkdir(parents=True)
+    old = {"input_ids": [[BOS_ID, EOS_ID]], "modality": [[0, 0]], "doc_id": [0], "kind": ["text"], "source": ["x"],
+           "meta": ["{}"]}  # fmt: skip
+    pq.write_table(pa.table(old), raw / "old" / "train" / "shard-00000.parquet")
+    with pytest.raises(ValueError, match="no modality_ids column.*--restart"):
+        write_split("train", [None], 0, SimpleNamespace(modalities=("text",)), recipe, raw / "old")
+
+
+def test_missing_requirements_are_listed_together(raw: Path, monkeypatch) -> None:
     monkeypatch.setattr(build_module.shutil, "which", lambda name: None)
     recipe = _recipe(
         raw,
@@ -173,12 +188,9 @@ def test_missing_requirements_are_listed_together(raw: Path, monkeypatch, capsys
     hints = missing_requirements(BuildRecipe.from_yaml(recipe))
     assert any("python3.11-doc" in h for h in hints) and any("espeak-ng" in h for h in hints)
     assert any("fortunes" in h for h in hints)
-    assert main(["build", "--recipe", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert "apt-get install python3.11-doc" in err and "apt-get install espeak-ng" in err
-    assert not (raw / "never").exists()
-    with pytest.raises(MissingDependencyError):
+    with pytest.raises(MissingDependencyError, match="(?s)apt-get install python3.11-doc.*apt-get install espeak-ng"):
         build(BuildRecipe.from_yaml(recipe))
+    assert not (raw / "never").exists()
 
 
 def test_recipe_errors_name_the_key(raw: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mom.data import loader as loader_module
-from mom.data.loader import DOC_KINDS, SHARD_SCHEMA, DataConfig, build_loader
+from mom.data.kinds import KINDS
+from mom.data.loader import SHARD_SCHEMA, DataConfig, build_loader
 from mom.data.packing import IGNORE_INDEX
 
 MODALITIES = ["text", "image", "speech"]
@@ -32,9 +33,9 @@ def make_docs(n, seed=0, max_len=30, first_id=0):
         docs.append(
             {
                 "input_ids": ids,
-                "modality": [0] + mods.tolist() + [0],
+                "modality_ids": [0] + mods.tolist() + [0],
                 "doc_id": first_id + i,
-                "kind": DOC_KINDS[i % len(DOC_KINDS)],
+                "kind": KINDS[i % len(KINDS)],
                 "source": "synthetic",
                 "meta": "{}",
             }
@@ -121,7 +122,7 @@ def test_epoch_covers_every_document_once_and_packs_exactly(corpus):
     by_id = {d["doc_id"]: d for d in docs}
     for d in order:  # contents are the corpus's
         assert d.input_ids.tolist() == by_id[d.doc_id]["input_ids"]
-        assert d.modality.tolist() == by_id[d.doc_id]["modality"]
+        assert d.modality.tolist() == by_id[d.doc_id]["modality_ids"]
     out = list(loader)  # stops after one epoch
     labels = torch.cat([b["labels"].flatten() for b in out])
     real = labels != IGNORE_INDEX
@@ -203,7 +204,7 @@ def test_mixture_weights_set_kind_frequencies(tmp_path):
 def test_mixture_excluding_everything_is_an_error(corpus):
     root, _ = corpus
     with pytest.raises(ValueError, match="no documents"):
-        next(build_loader(cfg(root, mixture={k: 0.0 for k in DOC_KINDS})))
+        next(build_loader(cfg(root, mixture={k: 0.0 for k in KINDS})))
 
 
 # ---- resume ------------------------------------------------------------------------------------
@@ -298,3 +299,20 @@ def test_small_corpus(split):
     batch = next(loader)
     assert batch["input_ids"].shape == (2, 256)
     assert int(batch["input_ids"].max()) < sum(loader.vocab_sizes)
+
+
+def test_corpus_with_the_old_modality_column_loads_the_same_batches(corpus, tmp_path):
+    """Corpora built before the column was renamed to ``modality_ids`` are read unchanged (the column is unused)."""
+    root, _ = corpus
+    old = tmp_path / "old"
+    for path in root.rglob("*.parquet"):
+        names = ["modality" if c == "modality_ids" else c for c in SHARD_SCHEMA.names]
+        table = pq.read_table(path).rename_columns(names)
+        (old / path.parent.name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, old / path.parent.name / path.name, row_group_size=8)
+    (old / "manifest.json").write_text((root / "manifest.json").read_text())
+    new_batches = list(build_loader(cfg(root, num_epochs=1)))
+    old_batches = list(build_loader(cfg(old, num_epochs=1)))
+    assert len(new_batches) == len(old_batches) > 0
+    for a, b in zip(new_batches, old_batches):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 
 from mom.data import speech
-from mom.data.speech import (
-    SpeechRecord,
-    iter_speech_records,
-    read_audio,
-    resample,
-    write_audio,
-    write_speech_folder,
-)
+from mom.data.speech import SpeechRecord, iter_speech_records, write_speech_folder
+from mom.utils.audio import read_audio, resample, write_audio
 from mom.utils.errors import BadInputError, MissingDependencyError
 
 CLIPS = Path(__file__).resolve().parents[2] / "data" / "small" / "raw" / "speech" / "clips"

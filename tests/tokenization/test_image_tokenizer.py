@@ -16,11 +16,8 @@ from mom.tokenization.image import (
     ChameleonImageTokenizer,
     ImageTokenizer,
     ImageTokenizerConfig,
-    ImageTokenizerRecipe,
-    SourceSpec,
     evaluate_image_tokenizer,
     load_image_tokenizer,
-    main,
     train_image_tokenizer,
 )
 
@@ -174,58 +171,6 @@ def test_committed_small_tokenizer_matches_its_report(held_out: list[Image.Image
     metrics = evaluate_image_tokenizer(tokenizer, held_out)
     assert metrics["psnr"] == pytest.approx(report["held_out_psnr"], abs=0.05)
     assert metrics["codes_used"] == report["codes_used"]
-
-
-def test_recipes_load_and_reject_unknown_keys(tmp_path: Path) -> None:
-    small = ImageTokenizerRecipe.from_yaml(REPO / "tokenizers" / "recipes" / "image_small.yaml")
-    assert small.tokenizer.tokens_per_image == 64 and small.training.device == "cpu"
-    large = ImageTokenizerRecipe.from_yaml(REPO / "tokenizers" / "recipes" / "image_large.yaml")
-    assert large.tokenizer.tokens_per_image == 256 and {s.source for s in large.sources} >= {"openmoji", "digits"}
-    text = (REPO / "tokenizers" / "recipes" / "image_small.yaml").read_text()
-    for bad, key in [("  seed: 0\n", "  seeds: 0\n"), ("  code_dim: 16\n", "  code_dims: 16\n")]:
-        (tmp_path / "r.yaml").write_text(text.replace(bad, key))
-        with pytest.raises(ValueError, match=key.strip().split(":")[0]):
-            ImageTokenizerRecipe.from_yaml(tmp_path / "r.yaml")
-    (tmp_path / "r.yaml").write_text(text.replace("steps: 1500", "steps: many"))
-    with pytest.raises(ValueError, match="training.steps"):
-        ImageTokenizerRecipe.from_yaml(tmp_path / "r.yaml")
-
-
-def test_recipe_holds_out_unmarked_sources_without_leaking_variants() -> None:
-    pytest.importorskip("sklearn", reason="scikit-learn not installed (pip install scikit-learn)")
-    recipe = ImageTokenizerRecipe(
-        sources=(SourceSpec("digits", {"limit": 20, "augment": 1}), SourceSpec("folder", {"path": str(RAW_IMAGES)})),
-        held_out_fraction=0.25,
-    )
-    train, held = recipe.load_images()
-    assert len(held) == 5 + 70  # 25% of the 20 digits + the folder's images marked "validation"
-    assert len(train) == 15 * 2 + 630  # the other digits with one augmented variant each + the folder's train split
-    held_pixels = {np.asarray(im).tobytes() for im in held}
-    assert not any(np.asarray(im).tobytes() in held_pixels for im in train)
-
-
-def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    recipe = {
-        "sources": [{"source": "folder", "options": {"path": str(RAW_IMAGES), "limit": 60, "seed": 0}}],
-        "tokenizer": {"codebook_size": 32, "code_dim": 8, "channels": [8, 16]},
-        "training": {"steps": 5, "batch_size": 8, "warmup_steps": 1},
-        "held_out_fraction": 0.2,
-    }
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
-    out = tmp_path / "tok"
-    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
-    report = json.loads((out / "training_report.json").read_text())
-    assert report["steps"] == 5 and report["held_out_images"] + report["train_images"] == 60
-    assert "PSNR" in capsys.readouterr().out
-    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]) == 2  # exists: refused
-    assert "--overwrite" in capsys.readouterr().err
-    assert main(["eval", "--tokenizer", str(out), "--images", str(RAW_IMAGES), "--split", "validation",
-                 "--save-grid", str(tmp_path / "grid.png"), "--grid-images", "8"]) == 0  # fmt: skip
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics["images"] == 70 and 0 < metrics["codes_used"] <= 32 and metrics["psnr"] > 5
-    assert Image.open(tmp_path / "grid.png").size == (16 * 32, 2 * 32)
-    with pytest.raises(SystemExit):
-        main(["--help"])
 
 
 def _tiny_chameleon(tmp_path: Path, kind: str | None) -> tuple[Path, object]:

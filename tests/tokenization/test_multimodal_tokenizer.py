@@ -155,7 +155,7 @@ def test_text_only_tokenizer(text: TextTokenizer) -> None:
 def test_committed_small_trio_round_trip() -> None:
     from PIL import Image
 
-    from mom.data.speech import read_audio
+    from mom.utils.audio import read_audio
 
     tok = MultimodalTokenizer.load(SMALL)
     config = json.loads((SMALL / "config.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 
 from mom.data.text import chunk_text, clean_rst, iter_text_records, parse_fortunes
 from mom.tokenization import special
-from mom.tokenization.text import TextTokenizer, TextTokenizerRecipe, main
+from mom.tokenization.text import TextTokenizer, TextTrainingConfig
 from mom.utils.errors import BadInputError, MissingDependencyError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,27 +83,13 @@ def test_save_load_and_bad_directories(tok: TextTokenizer, tmp_path: Path) -> No
         TextTokenizer.load(tmp_path / "u")
 
 
-def test_train_cli_on_a_folder(tmp_path: Path) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"vocab_size: 400\nmodel_type: unigram\nsources:\n  - {{source: folder, path: {RAW_TEXT}}}\n")
-    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "tok")]) == 0
-    trained = TextTokenizer.load(tmp_path / "tok")
-    assert trained.vocab_size == 400
-    assert [trained.id_to_piece(i) for i in range(8)] == [t.piece for t in special.SPECIAL_TOKENS]
-    for text in ROUND_TRIP:
-        assert trained.decode(trained.encode(text)) == text
-
-
-def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path: Path) -> None:
-    path = tmp_path / "r.yaml"
-    path.write_text("vocab_size: 400\nvocab: 3\n")
-    with pytest.raises(ValueError, match="vocab"):
-        TextTokenizerRecipe.from_yaml(path)
-    path.write_text("vocab_size: many\n")
+def test_training_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
-        TextTokenizerRecipe.from_yaml(path)
-    with pytest.raises(ValueError, match="vocab_size"):
-        TextTokenizerRecipe(vocab_size=100)
+        TextTrainingConfig(vocab_size=100)
+    with pytest.raises(ValueError, match="model_type"):
+        TextTrainingConfig(model_type="wordpiece")
+    with pytest.raises(ValueError, match="character_coverage"):
+        TextTrainingConfig(character_coverage=0)
 
 
 # ---- text sources ----------------------------------------------------------------------------------------------

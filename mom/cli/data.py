@@ -1,0 +1,212 @@
+"""`mom-data`: build a tokenized corpus, and prepare its raw image and speech sources.
+
+    mom-data build [--recipe recipes/data/small.yaml] [--out DIR] [--restart] [--check]
+    mom-data images export --out DIR --source openmoji:300 --source digits:150 [--opt openmoji.path=./package]
+    mom-data speech synth --texts sentences.txt --out DIR
+    mom-data speech voices [--language en]
+
+See docs/data.md, docs/image.md and docs/speech.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mom.cli.common import add_debug_flag, run
+from mom.utils.configio import parse_yaml
+from mom.utils.errors import BadInputError, MissingDependencyError
+
+DEFAULT_RECIPE = "recipes/data/small.yaml"  # the recipe of the bundled corpus data/small
+
+
+def source_options(opts: Sequence[str]) -> dict[str, dict]:
+    """``["openmoji.path=./package", ...]`` -> ``{"openmoji": {"path": "./package"}}``.
+
+    Values are parsed as YAML (numbers, booleans, lists), falling back to the text itself."""
+    options: dict[str, dict] = {}
+    for opt in opts:
+        key, sep, text = opt.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or not name or not option:
+            raise ValueError(f"--opt {opt!r}: expected SOURCE.KEY=VALUE, e.g. openmoji.path=./package")
+        try:
+            value = parse_yaml(text)
+        except yaml.YAMLError:  # not YAML (e.g. "a: b: c"): the text itself
+            value = text
+        options.setdefault(name, {})[option] = value
+    return options
+
+
+def command(sub: Any, body: Callable[[argparse.Namespace], int], name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """Add to ``sub`` (``add_subparsers()``) the leaf command ``name``, with ``--debug``, that runs ``body(args)``."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(body=body)
+    add_debug_flag(parser)
+    return parser
+
+
+# ---- build -------------------------------------------------------------------------------------------------------
+def _build(args: argparse.Namespace) -> int:
+    from mom.data.build import BuildRecipe, build, format_summary, missing_requirements
+
+    if args.recipe == DEFAULT_RECIPE and not Path(DEFAULT_RECIPE).is_file():
+        raise FileNotFoundError(f"{DEFAULT_RECIPE} not found: run from the repository root or pass --recipe")
+    recipe = BuildRecipe.from_yaml(args.recipe)
+    if args.check:
+        missing = missing_requirements(recipe)
+        if missing:
+            raise MissingDependencyError("the recipe needs, missing here:\n  " + "\n  ".join(missing))
+        print(f"{args.recipe}: OK, every requirement is installed")
+        return 0
+    try:
+        manifest = build(recipe, args.out, restart=args.restart)
+    except BadInputError as e:
+        raise BadInputError(e.path, f"{e.reason} (on_error: skip in the recipe skips such items)") from e
+    except KeyboardInterrupt:
+        print("\nrerun the same command to resume from the completed work", file=sys.stderr)
+        raise
+    total = sum(s["documents"] for s in manifest["splits"].values())
+    print(f"built {args.out or recipe.out}: {total:,} documents in {manifest['build_seconds']} s")
+    print(format_summary(manifest))
+    return 0
+
+
+# ---- images ------------------------------------------------------------------------------------------------------
+def _images_export(args: argparse.Namespace) -> int:
+    from mom.data.images import export_images
+
+    options = source_options(args.opt)
+    sources = []
+    for spec in args.source:
+        name, _, count = spec.partition(":")
+        if count and not count.isdigit():
+            raise ValueError(f"--source {spec!r}: expected NAME[:COUNT] with a whole number of images")
+        sources.append((name, int(count) if count else None, options.pop(name, {})))
+    if options:
+        raise ValueError(f"--opt names sources not given with --source: {sorted(options)}")
+    summary = export_images(
+        args.out, sources, size=args.size, held_out=args.held_out, seed=args.seed, overwrite=args.overwrite
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---- speech ------------------------------------------------------------------------------------------------------
+def _speech_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mom.data.speech import SpeechRecord, assign_split, iter_speech_records, write_speech_folder
+
+    texts = [t for t in Path(args.texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+    skipped: list[BadInputError] = []
+    records = iter_speech_records("espeak", on_error=skipped.append, texts=texts, voices=args.voices,
+                                  speed_range=args.speed_range, pitch_range=args.pitch_range, seed=args.seed,
+                                  sample_rate=args.sample_rate)  # fmt: skip
+    kept: list[SpeechRecord] = []
+
+    def progress() -> Iterator[SpeechRecord]:
+        for r in tqdm(records, total=len(texts), desc="synthesising", unit="clip"):
+            kept.append(r)
+            yield r
+
+    n = write_speech_folder(progress(), args.out, audio_format=args.format, bits=args.bits,
+                            validation_fraction=args.validation_fraction, overwrite=args.overwrite)  # fmt: skip
+    seconds = sum(r.duration for r in kept)
+    n_val = sum(assign_split(r.transcript, args.validation_fraction) == "validation" for r in kept)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir())
+    print(f"wrote {n} clips ({n - n_val} train, {n_val} validation), {seconds:.1f} s of audio, "
+          f"{size / 1e6:.2f} MB, to {args.out}; skipped {len(skipped)}")  # fmt: skip
+    for e in skipped:
+        print(f"  skipped {e}", file=sys.stderr)
+    return 0
+
+
+def _speech_voices(args: argparse.Namespace) -> int:
+    from mom.data.speech import list_voices
+
+    for name in list_voices(args.language):
+        print(name)
+    return 0
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from mom.data.images import SOURCES
+    from mom.data.speech import DEFAULT_VOICES
+
+    parser = argparse.ArgumentParser(
+        prog="mom-data",
+        description="Build a tokenized interleaved text/image/speech corpus, and prepare its raw image and speech "
+        "sources. See docs/data.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,images,speech}")
+
+    p = command(sub, _build, "build",
+        help="build a corpus (Parquet shards + manifest.json) from a recipe",
+        description="Build a tokenized interleaved text/image/speech corpus (Parquet shards + manifest.json) from a "
+        "recipe. Rerunning after an interruption resumes from the completed work.",
+    )
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="corpus recipe YAML (default: %(default)s)")
+    p.add_argument("--out", help="output directory (default: the recipe's `out`)")
+    p.add_argument("--restart", action="store_true", help="discard earlier (partial or complete) output first")
+    p.add_argument("--check", action="store_true", help="only check the recipe and list what it needs but is missing")
+
+    images = sub.add_parser("images", help="image sources: export a sample to a folder")
+    images_sub = images.add_subparsers(dest="images_command", required=True, metavar="{export}")
+    p = command(images_sub, _images_export, "export",
+        help="sample images from sources into a folder of PNGs + captions.jsonl",
+        description="Sample captioned images from sources into OUT/ (one PNG per image + captions.jsonl with "
+        "file, caption, source, split, id, metadata). Example: --source openmoji:250 --source digits:150 "
+        "--opt openmoji.path=./package",
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--source", action="append", required=True, metavar="NAME[:COUNT]",
+                   help=f"a source ({', '.join(SOURCES)}) and how many images to take (all if no count)")
+    p.add_argument("--opt", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
+    p.add_argument("--size", type=int, default=32, help="square side in pixels (default 32)")
+    p.add_argument("--held-out", type=float, default=0.1, help="fraction of each source marked validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample and the held-out split")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    speech = sub.add_parser("speech", help="speech sources: synthesise clips with espeak-ng, list voices")
+    speech_sub = speech.add_subparsers(dest="speech_command", required=True, metavar="{synth,voices}")
+    p = command(speech_sub, _speech_synth, "synth",
+        help="synthesise one espeak-ng clip per line of a text file into a folder",
+        description="Synthesise one clip per non-empty line of --texts with espeak-ng (voice, speed and pitch drawn "
+        "per clip from --seed) and write NNNNN.flac + transcripts.jsonl.",
+    )
+    p.add_argument("--texts", required=True, help="UTF-8 text file, one utterance per line")
+    p.add_argument("--out", required=True, help="output folder (readable with the 'folder' source)")
+    p.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), help="espeak-ng voices[+variant] to draw from")
+    p.add_argument("--speed-range", nargs=2, type=int, default=[140, 200], metavar=("LOW", "HIGH"),
+                   help="words per minute (default: 140 200)")
+    p.add_argument("--pitch-range", nargs=2, type=int, default=[30, 70], metavar=("LOW", "HIGH"),
+                   help="espeak-ng pitch 0-99 (default: 30 70)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the voice/speed/pitch draws (default: 0)")
+    p.add_argument("--sample-rate", type=int, default=16_000, help="output sample rate in Hz (default: 16000)")
+    p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio file format (default: flac)")
+    p.add_argument("--bits", type=int, default=16, help="significant bits per sample, 8-16 (default: 16)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="fraction of transcripts marked split=validation (default: 0.1)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p = command(speech_sub, _speech_voices, "voices", help="list installed espeak-ng voices",
+                description="List installed espeak-ng voices (MBROLA voices excluded).")
+    p.add_argument("--language", default=None, help="language filter, e.g. 'en'; 'variant' lists voice variants")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run("mom-data", lambda: args.body(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

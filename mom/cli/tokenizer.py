@@ -1,0 +1,269 @@
+"""`mom-tokenizer`: train, inspect and evaluate the text, image and speech tokenizers.
+
+    mom-tokenizer text train --recipe tokenizers/recipes/text_small.yaml --out tokenizers/small/text
+    mom-tokenizer text encode --tokenizer tokenizers/small/text "Hello, world"
+    mom-tokenizer image train --recipe tokenizers/recipes/image_small.yaml --out tokenizers/small/image
+    mom-tokenizer image eval --tokenizer tokenizers/small/image --images data/small/raw/images --split validation
+    mom-tokenizer speech train --recipe tokenizers/recipes/speech_small.yaml --out tokenizers/small/speech
+    mom-tokenizer speech eval --tokenizer tokenizers/small/speech
+    mom-tokenizer speech decode --tokenizer tokenizers/small/speech --audio in.wav --out out.wav
+
+See docs/data.md, docs/image.md and docs/speech.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mom.cli.common import run
+from mom.cli.data import command, source_options
+from mom.utils.errors import BadInputError
+
+SAMPLE_DOCUMENTS = 2000  # training documents on which `text train` reports characters per token
+
+
+# ---- text --------------------------------------------------------------------------------------------------------
+def _text_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mom.data.tokenizer_training import TextTokenizerRecipe, recipe_texts
+    from mom.tokenization.text import TextTokenizer
+
+    recipe = TextTokenizerRecipe.from_yaml(args.recipe)
+    start = time.time()
+    texts = list(tqdm(recipe_texts(recipe, args.on_error), desc="reading text", unit="doc"))
+    if not texts:
+        raise ValueError(f"{args.recipe}: the recipe's sources yielded no text")
+    chars = sum(len(t) for t in texts)
+    print(f"training {recipe.model_type} vocab {recipe.vocab_size} on {len(texts)} documents ({chars:,} chars) ...")
+    tok = TextTokenizer.train(texts, recipe)
+    tok.save(args.out)
+    sample = texts[:SAMPLE_DOCUMENTS]
+    n_tokens = sum(len(tok.encode(t)) for t in sample)
+    n_chars = sum(len(t) for t in sample)
+    print(f"saved {args.out} (vocab {tok.vocab_size}) in {time.time() - start:.1f} s; "
+          f"{n_chars / max(n_tokens, 1):.2f} chars/token on {len(sample)} training documents")  # fmt: skip
+    return 0
+
+
+def _text_encode(args: argparse.Namespace) -> int:
+    from mom.tokenization.text import TextTokenizer
+
+    tok = TextTokenizer.load(args.tokenizer)
+    print(" ".join(f"{tok.id_to_piece(i)}:{i}" for i in tok.encode(args.text)))
+    return 0
+
+
+# ---- image -------------------------------------------------------------------------------------------------------
+def save_grid(path: str | Path, originals, reconstructions, columns: int = 16) -> None:
+    """Save uint8 images ``(n, s, s, 3)``: originals (top) over reconstructions (bottom), ``columns`` per row pair."""
+    import numpy as np
+    from PIL import Image
+
+    n, s = len(originals), originals.shape[1]
+    rows = math.ceil(n / columns)
+    sheet = np.full((rows * 2 * s, columns * s, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        sheet[2 * r * s : (2 * r + 1) * s, c * s : (c + 1) * s] = originals[i].numpy()
+        sheet[(2 * r + 1) * s : (2 * r + 2) * s, c * s : (c + 1) * s] = reconstructions[i].numpy()
+    Image.fromarray(sheet).save(path)
+
+
+def _image_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mom.data.tokenizer_training import ImageTokenizerRecipe
+    from mom.tokenization.image import REPORT_FILE, train_image_tokenizer
+    from mom.utils.atomic import atomic_write_text
+
+    recipe = ImageTokenizerRecipe.from_yaml(args.recipe)
+    for name, options in source_options(args.opt).items():
+        specs = [s for s in recipe.sources if s.source == name]
+        if not specs:
+            raise ValueError(f"--opt {name}.*: the recipe has no source {name!r}")
+        for spec in specs:
+            spec.options.update(options)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    t = recipe.training
+    device = args.device or t.device
+    train, held = recipe.load_images()
+    print(f"{len(train)} training images, {len(held)} held-out images", file=sys.stderr)
+    tokenizer, report = train_image_tokenizer(
+        train, recipe.tokenizer, t.steps, t.batch_size, t.lr, t.seed, held or None,
+        device=device, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+    )  # fmt: skip
+    tokenizer.save(out)
+    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__,
+              **dataclasses.asdict(report)}  # fmt: skip
+    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2) + "\n")
+    print(report.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+def _image_eval(args: argparse.Namespace) -> int:
+    from mom.data.images import iter_image_records
+    from mom.data.tokenizer_training import warn_skipped
+    from mom.tokenization.image import evaluate_image_tokenizer, images_to_uint8, load_image_tokenizer
+
+    tokenizer = load_image_tokenizer(args.tokenizer, args.device)
+    records = [
+        r
+        for r in iter_image_records("folder", on_error=warn_skipped, path=args.images, size=tokenizer.image_size)
+        if args.split is None or r.meta.get("split") == args.split
+    ]
+    if not records:
+        raise ValueError(f"{args.images}: no images" + (f" with split {args.split!r}" if args.split else ""))
+    metrics = evaluate_image_tokenizer(tokenizer, [r.image for r in records])
+    print(json.dumps(metrics, indent=2))
+    if args.save_grid:
+        pixels = images_to_uint8([r.image for r in records[: args.grid_images]], tokenizer.image_size)
+        save_grid(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
+        print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
+    return 0
+
+
+# ---- speech ------------------------------------------------------------------------------------------------------
+def _report_skipped(skipped: list[BadInputError]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} unusable clip(s), e.g.:", file=sys.stderr)
+        for e in skipped[:5]:
+            print(f"  {e}", file=sys.stderr)
+
+
+def _speech_train(args: argparse.Namespace) -> int:
+    from mom.data.tokenizer_training import SpeechTokenizerRecipe
+    from mom.tokenization.speech import CONFIG_FILE, KIND, evaluate, train_speech_tokenizer
+
+    recipe = SpeechTokenizerRecipe.from_yaml(args.recipe)
+    out = Path(args.out)
+    if (out / CONFIG_FILE).exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a tokenizer; pass --overwrite to replace it")
+    kc = recipe.kmeans if args.device is None else dataclasses.replace(recipe.kmeans, device=args.device)
+    skipped: list[BadInputError] = []
+    tokenizer, _ = train_speech_tokenizer(recipe.train_data.records(skipped.append), recipe.tokenizer, recipe.seed,
+                                          kc)  # fmt: skip
+    if recipe.eval_data is not None:
+        report = evaluate(tokenizer, recipe.eval_data.records(skipped.append))
+        tokenizer.info["eval_report"] = dataclasses.asdict(report)
+        print(f"eval:  {report.summary()}")
+    tokenizer.info["recipe"] = str(args.recipe)
+    tokenizer.save(out)
+    _report_skipped(skipped)
+    print(f"saved {KIND} tokenizer ({tokenizer.vocab_size} units, {tokenizer.units_per_second:g} units/s) to {out}")
+    return 0
+
+
+def _speech_eval(args: argparse.Namespace) -> int:
+    from mom.data.tokenizer_training import SpeechDataSpec
+    from mom.tokenization.speech import SpeechTokenizer, evaluate
+
+    tokenizer = SpeechTokenizer.load(args.tokenizer)
+    skipped: list[BadInputError] = []
+    data = SpeechDataSpec("folder", {"path": args.data, "split": None if args.split == "all" else args.split})
+    report = evaluate(tokenizer, data.records(skipped.append))
+    _report_skipped(skipped)
+    if report.clips == 0:
+        raise ValueError(f"no clips found in {args.data} (split {args.split!r})")
+    print(f"eval: {report.summary()}")
+    return 0
+
+
+def _speech_decode(args: argparse.Namespace) -> int:
+    from mom.tokenization.speech import SpeechTokenizer
+    from mom.utils.audio import read_audio, write_audio
+
+    tokenizer = SpeechTokenizer.load(args.tokenizer)
+    waveform, sr = read_audio(args.audio)
+    units = tokenizer.encode(waveform, sr)
+    audio, out_sr = tokenizer.decode(units)
+    write_audio(args.out, audio, out_sr)
+    print(f"{args.audio}: {len(waveform) / sr:.2f} s -> {units.numel()} units "
+          f"({units.numel() * sr / len(waveform):.1f} units/s, {int(units.unique().numel())} distinct) -> {args.out}")
+    return 0
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mom-tokenizer",
+        description="Train, inspect and evaluate the text, image and speech tokenizers. See docs/data.md, "
+        "docs/image.md, docs/speech.md.",
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{text,image,speech}")
+
+    text = kinds.add_parser("text", help="SentencePiece text tokenizer whose ids 0..7 are the MoM special tokens")
+    sub = text.add_subparsers(dest="command", required=True, metavar="{train,encode}")
+    p = command(sub, _text_train, "train", help="train on the text sources of a recipe and save to --out",
+                       description="Train a SentencePiece text tokenizer on the text sources of a recipe.")
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/text_small.yaml")
+    p.add_argument("--out", required=True, help="output directory (config.json + text.model)")
+    p.add_argument("--on-error", choices=("skip", "stop"), default="skip", help="unreadable input files")
+    p = command(sub, _text_encode, "encode", help="print the pieces of a text (to inspect a trained tokenizer)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("text", help="text to encode")
+
+    image = kinds.add_parser("image", help="VQ-VAE image tokenizer")
+    sub = image.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+    p = command(sub, _image_train, "train", help="train a VQ image tokenizer from a YAML recipe",
+                       description="Train a VQ-VAE image tokenizer from a recipe (sources, tokenizer, training); "
+                       "prints held-out PSNR and codebook usage and saves config.json, model.safetensors and "
+                       "training_report.json to --out.")  # fmt: skip
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/image_small.yaml")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
+                   help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p = command(sub, _image_eval, "eval", help="reconstruction PSNR and codebook usage on a folder of images",
+                       description="Encode and decode a folder of images (captions.jsonl or <name>.txt sidecars, "
+                       "as read by the 'folder' image source) and print PSNR and codebook usage.")  # fmt: skip
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (vq-image or chameleon-vqvae)")
+    p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
+    p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
+    p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
+
+    speech = kinds.add_parser("speech", help="log-mel k-means speech tokenizer")
+    sub = speech.add_subparsers(dest="command", required=True, metavar="{train,eval,decode}")
+    p = command(sub, _speech_train, "train", help="train a tokenizer from a YAML recipe",
+                       description="Fit per-mel normalisation and a k-means codebook on the recipe's train_data, "
+                       "report units/s and codebook usage (also on eval_data), save to --out.")  # fmt: skip
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/speech_small.yaml")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--device", default=None, help="override kmeans.device (cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
+    p = command(sub, _speech_eval, "eval", help="units per second and codebook usage on a folder of clips",
+                       description="Encode the clips of a folder (as read by the speech 'folder' source) and print "
+                       "units/s, codebook usage (used/total) and perplexity.")  # fmt: skip
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--data", default="data/small/raw/speech/clips", help="folder of clips (default: %(default)s)")
+    p.add_argument("--split", default="validation", help="split field to keep, or 'all' (default: %(default)s)")
+    p = command(sub, _speech_decode, "decode",
+                help="encode an audio file and decode it back to WAV, to listen to the units",
+                       description="Round trip: audio -> units -> Griffin-Lim waveform written as 16-bit WAV.")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--audio", required=True, help="input WAV or FLAC file")
+    p.add_argument("--out", required=True, help="output WAV file")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run("mom-tokenizer", lambda: args.body(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
