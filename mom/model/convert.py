@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from mom.model.config import MoMConfig
-from mom.model.modeling import keep_ssm_params_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def mom_from_dense_mamba(model_or_path, config: MoMConfig, cls):
         raise ValueError(f"from_dense_mamba: only silu activations are supported, got {dcfg.hidden_act}")
     model = cls(config)
     model.to(dense.dtype)
-    keep_ssm_params_fp32(model)  # A_log and D stay fp32 whatever the dense model's dtype
+    model.keep_ssm_params_fp32()  # A_log and D stay fp32 whatever the dense model's dtype
     rows = min(dcfg.vocab_size, config.vocab_size)
     if rows < config.vocab_size:
         logger.warning(

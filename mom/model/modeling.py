@@ -135,6 +135,17 @@ class MoMPreTrainedModel(PreTrainedModel):
     # A_log and D stay fp32 under every load dtype, as mamba-ssm keeps them (regexes on parameter names)
     _keep_in_fp32_modules_strict = [r"mixer\.A_log$", r"mixer\.D$"]
 
+    def keep_ssm_params_fp32(self) -> None:
+        """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
+        Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies
+        ``_keep_in_fp32_modules_strict``)."""
+        if is_deepspeed_zero3_enabled():
+            return
+        for m in self.modules():
+            if isinstance(m, MoMMixer):
+                for p in (m.A_log, m.D):
+                    p.data = p.data.float()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Mamba's initialisation (mamba-ssm ``mamba_simple.py`` / ``_init_weights``), applied to every expert."""
@@ -255,17 +266,6 @@ def _resized_text_rows(weight: torch.Tensor, text: int, new_text: int, mean_resi
     else:
         new = torch.randn(added, rows.shape[1], device=rows.device) * std
     return torch.cat([head, new.to(weight.dtype), rest])
-
-
-def keep_ssm_params_fp32(module: nn.Module) -> None:
-    """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
-    Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies ``_keep_in_fp32_modules_strict``)."""
-    if is_deepspeed_zero3_enabled():
-        return
-    for m in module.modules():
-        if isinstance(m, MoMMixer):
-            for p in (m.A_log, m.D):
-                p.data = p.data.float()
 
 
 def _linears(proj: nn.Module) -> list[nn.Linear]:
@@ -436,7 +436,7 @@ class MoMModel(MoMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([MoMBlock(config, i) for i in range(config.n_layer)])
         self.norm_f = make_norm(config)
-        keep_ssm_params_fp32(self)  # also under from_config(dtype=...), which sets torch's default dtype
+        self.keep_ssm_params_fp32()  # also under from_config(dtype=...), which sets torch's default dtype
         self.gradient_checkpointing = False
         self._logged_backend: str | None = None
         self.post_init()

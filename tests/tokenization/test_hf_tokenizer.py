@@ -20,7 +20,7 @@ from mom.tokenization.hf_tokenizer import (
     tokenizer_config,
 )
 from mom.tokenization.special import SPECIAL_TOKENS
-from mom.tokenization.text import TextTokenizer, TextTokenizerRecipe
+from mom.tokenization.text import TextTokenizer, TextTrainingConfig
 
 ROOT = Path(__file__).parents[2]
 SMALL = ROOT / "tokenizers" / "small"
@@ -38,8 +38,8 @@ def corpus_texts():
     text = TextTokenizer.load(SMALL / "text")
     texts = []
     for shard in sorted(glob.glob(str(ROOT / "data" / "small" / "*" / "shard-*.parquet"))):
-        table = pq.read_table(shard, columns=["input_ids", "modality"]).to_pydict()
-        for ids, modality in zip(table["input_ids"], table["modality"]):
+        table = pq.read_table(shard, columns=["input_ids", "modality_ids"]).to_pydict()
+        for ids, modality in zip(table["input_ids"], table["modality_ids"]):
             ids, modality = np.asarray(ids), np.asarray(modality)
             texts.append(text.decode(ids[(modality == 0) & (ids >= len(SPECIAL_TOKENS))].tolist()))
     texts += [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob(str(ROOT / "data/small/raw/text/*")))]
@@ -100,7 +100,7 @@ def raw_documents():
 
 
 def test_conversion_of_a_freshly_trained_model(tmp_path, raw_documents):
-    trained = TextTokenizer.train(raw_documents, TextTokenizerRecipe(vocab_size=400))
+    trained = TextTokenizer.train(raw_documents, TextTrainingConfig(vocab_size=400))
     save_hf_tokenizer(trained, tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     for text in raw_documents + EDGE_CASES:  # "<" is out of this vocabulary: byte fallback, never "<s>"
@@ -108,14 +108,14 @@ def test_conversion_of_a_freshly_trained_model(tmp_path, raw_documents):
 
 
 def test_unigram_models_are_refused(tmp_path, raw_documents):
-    trained = TextTokenizer.train(raw_documents, TextTokenizerRecipe(vocab_size=400, model_type="unigram"))
+    trained = TextTokenizer.train(raw_documents, TextTrainingConfig(vocab_size=400, model_type="unigram"))
     with pytest.raises(ValueError, match="only SentencePiece BPE models convert exactly"):
         save_hf_tokenizer(trained, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
 def test_check_same_ids_names_the_disagreeing_text(mom_text):
-    other = TextTokenizer.train(["aaaa bbbb cccc dddd"] * 50, TextTokenizerRecipe(vocab_size=270))
+    other = TextTokenizer.train(["aaaa bbbb cccc dddd"] * 50, TextTrainingConfig(vocab_size=270))
     with pytest.raises(ValueError, match="disagrees with mom's on 'abcd'"):
         check_same_ids(build_tokenizer(other), mom_text, ["abcd"])
 

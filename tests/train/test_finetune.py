@@ -29,7 +29,7 @@ HELDOUT_RECIPE = REPO / "recipes" / "finetune" / "heldout_class.yaml"
 MODALITIES, VOCAB_SIZES = ["text", "image", "speech"], [48, 32, 8]
 IMAGE_OFFSET, IMAGE_LEN, CLASSES, HELD_OUT = 48, 16, 10, 9
 BOS, EOS, BOI, EOI, FIRST_WORD = 2, 3, 4, 5, 8
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("modality", pa.list_(pa.int8())), ("doc_id", pa.int64()),
+SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("modality_ids", pa.list_(pa.int8())), ("doc_id", pa.int64()),
                     ("kind", pa.string()), ("source", pa.string()), ("meta", pa.string())])
 
 
@@ -59,7 +59,7 @@ def write_corpus(root: Path, splits: dict[str, list]) -> Path:
         rows = []
         for kind, meta, ids in docs:
             modality = [1 if IMAGE_OFFSET <= i < IMAGE_OFFSET + 32 else 0 for i in ids]
-            rows.append({"input_ids": ids, "modality": modality, "doc_id": doc_id, "kind": kind,
+            rows.append({"input_ids": ids, "modality_ids": modality, "doc_id": doc_id, "kind": kind,
                          "source": "synthetic", "meta": json.dumps(meta)})
             doc_id += 1
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / split / "shard-00000.parquet",

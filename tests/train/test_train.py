@@ -43,10 +43,10 @@ def synthetic_corpus(root: Path, n_train: int = 300, n_val: int = 30) -> Path:
             low = 8 if m == 0 else 0  # text ids 0..7 are special tokens
             ids += [offsets[m] + low + (start + k) % (vocab[m] - low) for k in range(n)]
             mods += [m] * n
-        return {"input_ids": ids + [3], "modality": mods + [0], "doc_id": i, "kind": kinds[i % 4],
+        return {"input_ids": ids + [3], "modality_ids": mods + [0], "doc_id": i, "kind": kinds[i % 4],
                 "source": "synthetic", "meta": "{}"}
 
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("modality", pa.list_(pa.int8())),
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("modality_ids", pa.list_(pa.int8())),
                         ("doc_id", pa.int64()), ("kind", pa.string()), ("source", pa.string()), ("meta", pa.string())])
     manifest = {"format": "mom-corpus", "version": 1, "modalities": modalities, "vocab_sizes": vocab, "splits": {}}
     first = 0
