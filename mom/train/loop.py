@@ -31,12 +31,12 @@ from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
 from mom.train import distributed
-from mom.train.checkpoint import Checkpointer, read_meta
+from mom.train.checkpoint import SUPERSEDED, Checkpointer, read_meta
 from mom.train.distributed import Context, all_reduce_sum, decided_on_main
 from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
-from mom.train.recipe import Recipe
+from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
@@ -313,7 +313,7 @@ def claim_out_dir(out_dir: Path, checkpointer: Checkpointer, resume: str, resume
             raise ValueError(f"train.overwrite moves {out_dir} aside, but the checkpoint to resume from "
                              f"({resume_from}) is inside it: resume without --overwrite, or copy it elsewhere")
         step = read_meta(resume_from)["step"]
-        return [f"WARNING: {p.name[: -len('.superseded')]} is after step {step}, which this run continues: set "
+        return [f"WARNING: {p.name.removesuffix(SUPERSEDED)} is after step {step}, which this run continues: set "
                 f"aside as {p}" for p in checkpointer.set_aside_after(step)]
     entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if not entries or (resume == "auto" and set(entries) <= UNSAVED_START):
@@ -451,7 +451,7 @@ def last_record(path: Path, split: str) -> dict[str, Any]:
 def describe_start(model: nn.Module, config: MoMConfig, recipe: Recipe, ctx: Context, total: int,
                    trainable: int) -> str:
     """The start-up line: parameters, ranks, device, dtype, ZeRO stage, scan backend and whether the fused path is
-    on (from the model's public ``backend``, e.g. "mamba-ssm (fused mixer)")."""
+    on (from the model's public ``backend``, e.g. "cuda+causal-conv1d (fused mixer)")."""
     backend = str(getattr(model, "backend", "unknown"))
     fused = "on" if "fused mixer" in backend else "off"
     return (f"start: {flops.human(total)} parameters ({flops.human(trainable)} trained), {ctx.world_size} "
@@ -460,7 +460,7 @@ def describe_start(model: nn.Module, config: MoMConfig, recipe: Recipe, ctx: Con
             f"(use_fast_path={str(config.use_fast_path).lower()})")
 
 
-def format_done(summary: dict[str, Any], cfg: Any) -> str:
+def format_done(summary: dict[str, Any], cfg: TrainConfig) -> str:
     """What a rerun of a run that already reached its last step prints instead of the summary."""
     if summary["step"] >= cfg.max_steps:
         what = f"is already complete (step {summary['step']} of train.max_steps={cfg.max_steps})"
