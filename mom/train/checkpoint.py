@@ -88,13 +88,15 @@ class Checkpointer:
                 remove_dir(final)
             os.rename(tmp, final)
             atomic_write_text(self.root / LATEST, final.name)
-            self._rotate()
+            self._rotate(final)
         barrier()
         return final
 
-    def _rotate(self) -> None:
-        complete = sorted(self.complete(), key=lambda p: _step_of(p))
-        for old in complete[: max(0, len(complete) - self.keep_last)]:
+    def _rotate(self, newest: Path) -> None:
+        """Keep ``newest`` and the ``keep_last - 1`` highest checkpoints before it; never touch a later one (there is
+        none unless put there by hand: a run sets them aside when it starts)."""
+        older = sorted((p for p in self.complete() if _step_of(p) < _step_of(newest)), key=_step_of)
+        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
             remove_dir(old)
 
     # ---- find ----------------------------------------------------------------------------------------------------

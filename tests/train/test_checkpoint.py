@@ -180,6 +180,15 @@ def test_set_aside_after_keeps_one_history(tmp_path):
     assert ckpt.latest().name == "step-00000003" and (tmp_path / "step-00000006.superseded" / META).is_file()
 
 
+def test_rotation_never_removes_the_checkpoint_just_saved(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1, ctx=CTX)
+    save(ckpt, 9, 9.0)  # a later checkpoint put there by hand (a run would have set it aside)
+    save(ckpt, 1, 1.0)
+    save(ckpt, 2, 2.0)
+    assert sorted(p.name for p in ckpt.complete()) == ["step-00000002", "step-00000009"]
+    assert (tmp_path / LATEST).read_text() == "step-00000002"
+
+
 def test_rng_state_roundtrip():
     state = rng_state(torch.device("cpu"))
     expected = (torch.rand(3), np.random.rand(3), random.random())
