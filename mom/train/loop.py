@@ -125,7 +125,9 @@ def train(
             print(f"resumed from {resume_from} (step {state['step']})", flush=True)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        saved = recipe.to_dict()
+        saved["train"]["overwrite"] = False  # done: the saved recipe continues this run rather than moving it aside
+        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(saved, sort_keys=False))
     metrics = MetricsLogger(out_dir, ctx.is_main, cfg.tensorboard, resume_step=state["step"])
     last_step = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
     val_batches = None  # validation batches, loaded once
@@ -464,7 +466,7 @@ def format_done(summary: dict[str, Any], cfg: TrainConfig) -> str:
     """What a rerun of a run that already reached its last step prints instead of the summary."""
     if summary["step"] >= cfg.max_steps:
         what = f"is already complete (step {summary['step']} of train.max_steps={cfg.max_steps})"
-        hint = "raise train.max_steps to train further, or pass --overwrite to start over"
+        hint = "raise train.max_steps to train further, or start over with --overwrite (train.overwrite=true)"
     else:
         what = f"already stopped at train.stop_after={cfg.stop_after} (step {summary['step']} of {cfg.max_steps})"
         hint = "raise or remove train.stop_after to continue"

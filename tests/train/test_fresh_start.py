@@ -61,6 +61,7 @@ def test_fresh_start_into_an_earlier_runs_directory(corpus, tmp_path, capsys):
     size = flops.human(sum(p.numel() for p in model.parameters()))
     assert (f"start: {size} parameters ({size} trained), 1 rank on cpu, dtype fp32, ZeRO stage 0, backend reference, "
             "fused path off (use_fast_path=true)") in captured.out
+    assert "overwrite: false" in (out / "recipe.yaml").read_text()  # the saved recipe resumes this run
     metrics = (out / "metrics.jsonl").read_text()
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"] == [3]
 
