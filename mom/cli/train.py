@@ -1,6 +1,6 @@
 """`mom-train`: pretrain (or fine-tune) a MoM language model with DeepSpeed, from a recipe.
 
-    mom-train --config recipes/tiny_mom.yaml [key=value ...] [--resume auto|none|PATH]
+    mom-train --config recipes/tiny_mom.yaml [key=value ...] [--resume auto|none|PATH] [--overwrite]
     deepspeed --num_gpus 8 --module mom.train --config recipes/t2i_760m_mom.yaml
 
 The loop itself is `mom.train.loop.train`; docs/training.md documents every option.
@@ -9,13 +9,14 @@ The loop itself is `mom.train.loop.train`; docs/training.md documents every opti
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import yaml
 
 from mom.cli.common import CommandFailed, add_debug_flag, run
 from mom.model import flops
-from mom.train.loop import TrainingError, train
+from mom.train.loop import TrainingError, TrainingInterrupted, train
 from mom.train.recipe import Recipe, load_recipe
 from mom.train.resolve import resolve_model_config
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="auto|none|PATH",
                         help="override train.resume: the latest checkpoint of out_dir (auto), a fresh start (none), "
                         "or a checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh although train.out_dir holds a run: it is first renamed to "
+                        "<out_dir>.old-<time> (sets train.overwrite; --resume then defaults to none)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe, parameter count, tokens and FLOPs, then exit")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks assumed by --dry-run")
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options and key=value overrides in any order
     return run("mom-train", lambda: _main(args), args.debug)
 
 
@@ -68,6 +72,8 @@ def _main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     if args.resume:
         recipe.train.resume = args.resume
+    if args.overwrite:
+        recipe.train.overwrite = True
     if args.dry_run:
         print(describe(recipe, args.world_size))
         return 0
@@ -75,4 +81,11 @@ def _main(args: argparse.Namespace) -> int:
         train(recipe)
     except TrainingError as e:
         raise CommandFailed(str(e)) from e
+    except TrainingInterrupted as e:
+        if e.is_main:
+            fresh = recipe.train.overwrite or recipe.train.resume != "auto"
+            again = "the same command without --resume / --overwrite" if fresh else "the same command"
+            print(f"mom-train: interrupted ({e.signal_name}) at step {e.step}: checkpoint {e.checkpoint}; "
+                  f"run {again} to resume", file=sys.stderr, flush=True)
+        return 128 + e.signum  # the shell's code for death by that signal: 130 (SIGINT), 143 (SIGTERM)
     return 0

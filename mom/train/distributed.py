@@ -19,13 +19,15 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from mom.train.recipe import Recipe, TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,25 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def decided_on_main(decide: Callable[[], T]) -> T:
+    """Run ``decide()`` on rank 0 only and give every rank its result, or raise the exception it raised on every
+    rank: a decision about shared files (which checkpoint, may out_dir be used) is then the same everywhere by
+    construction, and no rank goes on alone into a collective the others never reach."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return decide()
+    box: list[Any] = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box = [(True, decide())]
+        except Exception as e:  # sent to the other ranks, raised on all
+            box = [(False, e)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

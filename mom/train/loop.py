@@ -1,15 +1,19 @@
 """The training loop: pretrain (or fine-tune) a MoM language model with DeepSpeed, from a recipe (`mom-train`,
 `mom.cli.train`, is its command line).
 
-`train()` reads top to bottom: processes -> data -> model -> engine -> resume -> steps (micro-batches: forward,
-backward; skip a non-finite step; optimizer step; log / evaluate / checkpoint) -> final evaluation, checkpoint,
-Hugging Face export, summary. docs/training.md documents every option.
+`train()` reads top to bottom: processes -> run directory (resume, or a fresh start that never mixes with an earlier
+run) -> data -> model -> engine -> resume -> steps (micro-batches: forward, backward; skip a non-finite step;
+optimizer step; log / evaluate / checkpoint; stop on SIGINT / SIGTERM) -> final evaluation, checkpoint, Hugging Face
+export, summary. docs/training.md documents every option.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,20 +31,35 @@ from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
 from mom.train import distributed
-from mom.train.checkpoint import Checkpointer
-from mom.train.distributed import Context, all_reduce_sum
+from mom.train.checkpoint import SUPERSEDED, Checkpointer, read_meta
+from mom.train.distributed import Context, all_reduce_sum, decided_on_main
 from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
-from mom.train.recipe import Recipe
+from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
 MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx")  # batch keys the model consumes
+# What a start that saved no checkpoint leaves in out_dir: ``resume: auto`` may start afresh over it.
+UNSAVED_START = {"recipe.yaml", "metrics.jsonl", "tensorboard", "checkpoints"}
 
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. too many non-finite steps); the last checkpoint is intact."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the run after a step; ``checkpoint`` (of ``step``) was saved by every rank.
+    ``is_main``: raised on rank 0 (the rank that reports it)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, is_main: bool) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint, self.is_main = signum, step, checkpoint, is_main
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 def train(
@@ -54,12 +73,25 @@ def train(
     ``trainable_filter(name, param)`` restricts the optimised parameters (the others are frozen), e.g. to LoRA
     adapters of a PEFT-wrapped model. Every rank must call this. Returns the final step, tokens, FLOPs, train and
     validation metrics, the paths written (``checkpoint``, ``hf_export``, ``metrics``) and the ``engine``.
+
+    Raises `ValueError` before anything is written if ``out_dir`` holds another run this one would mix with (see
+    `claim_out_dir`), `mom.train.checkpoint.CheckpointError` if no checkpoint to resume verifies, `TrainingError`
+    after too many non-finite steps, and `TrainingInterrupted` after SIGINT / SIGTERM once the checkpoint of the
+    step in progress is saved.
     """
     cfg = recipe.train
     ctx = distributed.setup(cfg)
     torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
     out_dir = Path(cfg.out_dir)
     tokenizer_dir = resolve_tokenizer_dir(recipe)  # checked now rather than at export time
+
+    # ---- run directory: continue its run, or start afresh in a directory no other run holds -------------------
+    checkpointer = Checkpointer(out_dir / "checkpoints", cfg.keep_last, ctx)
+    resume = "none" if cfg.overwrite and cfg.resume == "auto" else cfg.resume
+    resume_from = checkpointer.resolve(resume)  # verified; the same on every rank
+    for line in decided_on_main(lambda: claim_out_dir(out_dir, checkpointer, resume, resume_from, cfg.overwrite)):
+        if ctx.is_main:
+            print(line, file=sys.stderr, flush=True)
 
     # ---- data and model -------------------------------------------------------------------------------------------
     loader = build_loader(recipe.data, ctx.rank, ctx.world_size)
@@ -75,16 +107,17 @@ def train(
         for name, param in model.named_parameters():
             param.requires_grad_(bool(trainable_filter(name, param)))
     groups = param_groups(model, recipe.optim)
+    sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
     engine = distributed.initialize(model, groups, recipe, ctx)
+    if ctx.is_main:
+        print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
 
     # ---- bookkeeping and resume -----------------------------------------------------------------------------------
     flops_per_token = flops.training_flops_per_token(config)
     peak = flops.peak_flops(ctx.device, ctx.compute_dtype)  # None on CPU: MFU is null
     tokens_per_step = recipe.tokens_per_step(ctx.world_size)
-    checkpointer = Checkpointer(out_dir / "checkpoints", cfg.keep_last, ctx)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}
     shape = model_shape(config)  # saved with each checkpoint: resuming into another architecture is refused
-    resume_from = checkpointer.resolve(cfg.resume)
     if resume_from is not None:
         meta = checkpointer.load(engine, loader, resume_from, expect={"model": shape})
         state.update({k: meta[k] for k in state})
@@ -92,7 +125,9 @@ def train(
             print(f"resumed from {resume_from} (step {state['step']})", flush=True)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        saved = recipe.to_dict()
+        saved["train"]["overwrite"] = False  # done: the saved recipe continues this run rather than moving it aside
+        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(saved, sort_keys=False))
     metrics = MetricsLogger(out_dir, ctx.is_main, cfg.tensorboard, resume_step=state["step"])
     last_step = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
     val_batches = None  # validation batches, loaded once
@@ -100,68 +135,82 @@ def train(
     train_metrics: dict[str, Any] = {}
     first_step = state["step"]  # 0, or where this run resumed
     saved_step = first_step if resume_from is not None else None
+    already_done = resume_from is not None and first_step >= last_step  # rerun of a finished (or stopped) recipe
+    stop = StopSignals(announce=ctx.is_main)  # SIGINT / SIGTERM: finish the step, checkpoint, raise
     bar = tqdm(total=last_step, initial=state["step"], disable=not (ctx.is_main and cfg.progress),
                desc="train", unit="step", dynamic_ncols=True)
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    for step in range(state["step"] + 1, last_step + 1):
-        set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
-        start = time.perf_counter()
-        result = train_step(engine, loader, ctx, recipe, config.num_modalities, step in cfg.inject_nan_steps)
-        seconds = time.perf_counter() - start
-        state["step"] = step
-        state["tokens"] += tokens_per_step
-        state["flops"] += flops_per_token * tokens_per_step
-        if result["bad"]:
-            state["bad_steps"] += 1
-            message = (f"step {step}: non-finite loss or gradient, update skipped "
-                       f"({state['bad_steps']} of train.max_bad_steps={cfg.max_bad_steps})")
-            if ctx.is_main:
-                tqdm.write(f"WARNING: {message}", file=sys.stderr)
-            if state["bad_steps"] > cfg.max_bad_steps:
+    with stop:
+        for step in range(state["step"] + 1, last_step + 1):
+            set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
+            start = time.perf_counter()
+            result = train_step(engine, loader, ctx, recipe, config.num_modalities, step in cfg.inject_nan_steps,
+                                stop.requested)
+            seconds = time.perf_counter() - start
+            state["step"] = step
+            state["tokens"] += tokens_per_step
+            state["flops"] += flops_per_token * tokens_per_step
+            if result["bad"]:
+                state["bad_steps"] += 1
+                message = (f"step {step}: non-finite loss or gradient, update skipped "
+                           f"({state['bad_steps']} of train.max_bad_steps={cfg.max_bad_steps})")
+                if ctx.is_main:
+                    tqdm.write(f"WARNING: {message}", file=sys.stderr)
+                if state["bad_steps"] > cfg.max_bad_steps:
+                    bar.close()
+                    metrics.close()
+                    last = checkpointer.latest()
+                    raise TrainingError(f"{message}: too many bad steps, stopping. Last checkpoint (intact): {last}")
+            else:
+                window.add(result["stats"], tokens_per_step, seconds)
+            if step % cfg.log_every == 0 or step == last_step:
+                train_metrics = window.summary()
+                tokens_per_s = train_metrics.pop("tokens_per_s")
+                record = {
+                    **train_metrics,
+                    "lr": engine.optimizer.param_groups[0]["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "tokens_per_s": tokens_per_s,
+                    "tokens": state["tokens"],
+                    "flops": state["flops"],
+                    "mfu": None if peak is None else tokens_per_s * flops_per_token / (peak * ctx.world_size),
+                    "skipped_steps": state["bad_steps"],
+                }
+                metrics.log(step, "train", record)
+                bar.set_postfix(loss=f"{train_metrics.get('loss', float('nan')):.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window = Window(config.modalities)
+            bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step and cfg.eval_batches:
+                val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
+                metrics.log(step, "validation", evaluate(engine, val_batches, ctx, config.modalities))
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpointer.save(engine, loader, {**state, "model": shape})
+                saved_step = step
+            if result["stop"] and step < last_step:  # all ranks agree: the flag was summed over them
+                if saved_step != step:
+                    checkpointer.save(engine, loader, {**state, "model": shape})
                 bar.close()
                 metrics.close()
-                last = checkpointer.latest()
-                raise TrainingError(f"{message}: too many bad steps, stopping. Last checkpoint (intact): {last}")
-        else:
-            window.add(result["stats"], tokens_per_step, seconds)
-        if step % cfg.log_every == 0 or step == last_step:
-            train_metrics = window.summary()
-            tokens_per_s = train_metrics.pop("tokens_per_s")
-            record = {
-                **train_metrics,
-                "lr": engine.optimizer.param_groups[0]["lr"],
-                "grad_norm": result["grad_norm"],
-                "tokens_per_s": tokens_per_s,
-                "tokens": state["tokens"],
-                "flops": state["flops"],
-                "mfu": None if peak is None else tokens_per_s * flops_per_token / (peak * ctx.world_size),
-                "skipped_steps": state["bad_steps"],
-            }
-            metrics.log(step, "train", record)
-            bar.set_postfix(loss=f"{train_metrics.get('loss', float('nan')):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            window = Window(config.modalities)
-        bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step and cfg.eval_batches:
-            val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
-            metrics.log(step, "validation", evaluate(engine, val_batches, ctx, config.modalities))
-        if cfg.save_every and step % cfg.save_every == 0:
-            checkpointer.save(engine, loader, {**state, "model": shape})
-            saved_step = step
-    bar.close()
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, step, checkpointer.latest(), ctx.is_main)
+        bar.close()
 
-    # ---- end of run: evaluate, checkpoint, export -----------------------------------------------------------------
-    validation: dict[str, Any] = {}
-    if cfg.eval_batches and state["step"] > first_step:
-        val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
-        validation = evaluate(engine, val_batches, ctx, config.modalities)
-        metrics.log(state["step"], "validation", validation)
-    if saved_step != state["step"]:
-        checkpointer.save(engine, loader, {**state, "model": shape})
+        # ---- end of run: evaluate, checkpoint, export -------------------------------------------------------------
+        validation: dict[str, Any] = {}
+        if cfg.eval_batches and state["step"] > first_step:
+            val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
+            validation = evaluate(engine, val_batches, ctx, config.modalities)
+            metrics.log(state["step"], "validation", validation)
+        if saved_step != state["step"]:
+            checkpointer.save(engine, loader, {**state, "model": shape})
     checkpoint = checkpointer.latest()
     hf_dir = None
     if cfg.export_hf and state["step"] >= cfg.max_steps:
-        hf_dir = export_hf(engine, out_dir / "hf", tokenizer_dir, ctx)
+        exported = out_dir / "hf"
+        if already_done and decided_on_main(exported.is_dir):  # exported when the run finished
+            hf_dir = exported
+        else:
+            hf_dir = export_hf(engine, exported, tokenizer_dir, ctx)
     metrics.close()
     if ctx.is_main and state["step"] == first_step:  # nothing trained (resumed at the end): the last logged
         train_metrics, validation = last_record(metrics.path, "train"), last_record(metrics.path, "validation")
@@ -178,7 +227,7 @@ def train(
         "hf_export": str(hf_dir) if hf_dir else None,
     }
     if ctx.is_main:
-        print(format_summary(summary, config.modalities), flush=True)
+        print(format_done(summary, cfg) if already_done else format_summary(summary, config.modalities), flush=True)
     return {**summary, "engine": engine}
 
 
@@ -195,15 +244,18 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modal
 
 # ---- one optimizer step ----------------------------------------------------------------------------------------
 def train_step(
-    engine: Any, loader: Any, ctx: Context, recipe: Recipe, num_modalities: int, inject_nan: bool
+    engine: Any, loader: Any, ctx: Context, recipe: Recipe, num_modalities: int, inject_nan: bool,
+    stop_requested: Callable[[], bool],
 ) -> dict[str, Any]:
     """``train.grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite.
 
     Returns ``stats`` ((2M,) summed loss and target count per modality, over micro-batches and ranks), ``bad``
-    (the update was skipped) and ``grad_norm`` (before clipping).
+    (the update was skipped), ``grad_norm`` (before clipping) and ``stop`` (``stop_requested()`` on any rank at the
+    end of the step: the same on every rank, as it travels in the all-reduce of the step's statistics).
     """
     M = num_modalities
-    stats = torch.zeros(2 * M + 1, dtype=torch.float64, device=ctx.device)  # sums (M), counts (M), non-finite
+    # sums (M), counts (M), non-finite micro-batches, ranks asked to stop
+    stats = torch.zeros(2 * M + 2, dtype=torch.float64, device=ctx.device)
     grad_norm, grads_finite = None, True
     grad_accum = recipe.train.grad_accum
     own_clip = distributed.trainer_clips(recipe, ctx)
@@ -217,6 +269,7 @@ def train_step(
         stats[:M] += out.modality_loss_sums.detach().double()
         stats[M : 2 * M] += out.modality_target_counts.detach().double()
         stats[2 * M] += float(not torch.isfinite(loss.detach()))
+    stats[2 * M + 1] = float(stop_requested())
     all_reduce_sum(stats)
     stats = stats.cpu()
     # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves; the
@@ -225,7 +278,7 @@ def train_step(
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm)
-    return {"stats": stats[: 2 * M], "bad": bad, "grad_norm": grad_norm}
+    return {"stats": stats[: 2 * M], "bad": bad, "grad_norm": grad_norm, "stop": bool(stats[2 * M + 1] > 0)}
 
 
 def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
@@ -245,6 +298,82 @@ def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))  # torch's clip_grad_norm_ epsilon
     return norm, True
+
+
+# ---- run directory and signals -----------------------------------------------------------------------------------
+def claim_out_dir(out_dir: Path, checkpointer: Checkpointer, resume: str, resume_from: Path | None,
+                  overwrite: bool) -> list[str]:
+    """Make ``out_dir`` hold this run's history only (rank 0; returns the lines to print).
+
+    Continuing ``out_dir``'s own checkpoint of step S: its checkpoints after S are set aside (a rollback with
+    ``--resume PATH``). Any other start (fresh, or from another directory's checkpoint) needs an empty ``out_dir``
+    (or, with ``resume: auto``, the leftovers of a start that saved nothing); ``overwrite`` first renames a
+    non-empty one to ``<out_dir>.old-<UTC time>``. Otherwise `ValueError` saying what to do.
+    """
+    if resume_from is not None and resume_from.parent.resolve() == checkpointer.root.resolve():
+        if overwrite:
+            raise ValueError(f"train.overwrite moves {out_dir} aside, but the checkpoint to resume from "
+                             f"({resume_from}) is inside it: resume without --overwrite, or copy it elsewhere")
+        step = read_meta(resume_from)["step"]
+        return [f"WARNING: {p.name.removesuffix(SUPERSEDED)} is after step {step}, which this run continues: set "
+                f"aside as {p}" for p in checkpointer.set_aside_after(step)]
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries or (resume == "auto" and set(entries) <= UNSAVED_START):
+        return []
+    if overwrite:
+        cwd = Path.cwd().resolve()
+        if cwd == out_dir.resolve() or out_dir.resolve() in cwd.parents:
+            raise ValueError(f"train.overwrite: will not move {out_dir} aside, it holds the current directory")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{n}"), n + 1
+        os.rename(out_dir, aside)  # atomic: the new run starts in an empty directory, the old one is kept whole
+        return [f"moved the previous contents of {out_dir} to {aside} (train.overwrite)"]
+    newest = checkpointer.latest()
+    held = f"a run with checkpoints up to {newest.name}" if newest else ", ".join(entries[:4]) + (
+        ", ..." if len(entries) > 4 else "")
+    how = "starting afresh" if resume in ("none", "auto") else f"starting from {resume}"
+    raise ValueError(f"train.out_dir {out_dir} already holds {held}; {how} there would mix two runs. Continue it "
+                     "with train.resume=auto (the default), start over with --overwrite (train.overwrite=true: moves "
+                     "it aside first), or choose another train.out_dir")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``); a second
+    Ctrl-C abandons the step (KeyboardInterrupt). Only in the main thread (elsewhere signals cannot be caught)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.announce = announce
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # e.g. the deepspeed launcher's SIGTERM after the terminal's SIGINT
+        self.signum = signum
+        if self.announce:
+            name = signal.Signals(signum).name
+            os.write(2, f"\n{name}: stopping after this step to save a checkpoint (Ctrl-C again abandons it)\n"
+                     .encode())
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 def model_shape(config: MoMConfig) -> dict[str, Any]:
@@ -319,6 +448,30 @@ def last_record(path: Path, split: str) -> dict[str, Any]:
     """The loss entries of the last ``split`` record of a metrics file ({} if none)."""
     records = [r for r in read_jsonl(path) if r.get("split") == split] if path.exists() else []
     return {k: v for k, v in records[-1].items() if k.startswith("loss")} if records else {}
+
+
+def describe_start(model: nn.Module, config: MoMConfig, recipe: Recipe, ctx: Context, total: int,
+                   trainable: int) -> str:
+    """The start-up line: parameters, ranks, device, dtype, ZeRO stage, scan backend and whether the fused path is
+    on (from the model's public ``backend``, e.g. "cuda+causal-conv1d (fused mixer)")."""
+    backend = str(getattr(model, "backend", "unknown"))
+    fused = "on" if "fused mixer" in backend else "off"
+    return (f"start: {flops.human(total)} parameters ({flops.human(trainable)} trained), {ctx.world_size} "
+            f"rank{'s' if ctx.world_size > 1 else ''} on {ctx.device.type}, dtype {ctx.precision}, ZeRO stage "
+            f"{recipe.deepspeed.zero_stage}, backend {backend}, fused path {fused} "
+            f"(use_fast_path={str(config.use_fast_path).lower()})")
+
+
+def format_done(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    """What a rerun of a run that already reached its last step prints instead of the summary."""
+    if summary["step"] >= cfg.max_steps:
+        what = f"is already complete (step {summary['step']} of train.max_steps={cfg.max_steps})"
+        hint = "raise train.max_steps to train further, or start over with --overwrite (train.overwrite=true)"
+    else:
+        what = f"already stopped at train.stop_after={cfg.stop_after} (step {summary['step']} of {cfg.max_steps})"
+        hint = "raise or remove train.stop_after to continue"
+    export = f", HF export {summary['hf_export']}" if summary["hf_export"] else ""
+    return f"{summary['out_dir']} {what}: nothing to do (checkpoint {summary['checkpoint']}{export}); {hint}"
 
 
 def format_summary(summary: dict[str, Any], modalities: Sequence[str]) -> str:

@@ -86,8 +86,10 @@ class TrainConfig:
         save_every: checkpoint every this many steps (0: only at the end).
         keep_last: checkpoints kept (the oldest are deleted).
         out_dir: run directory: checkpoints, metrics.jsonl, tensorboard/, hf/ (the exported model), recipe.yaml.
-        resume: "auto" (the latest checkpoint in ``out_dir`` if any), "none" (start fresh; existing checkpoints
-            are kept until rotated out), or a checkpoint path.
+        resume: "auto" (the latest checkpoint in ``out_dir`` if any), "none" (start fresh: ``out_dir`` must be
+            empty, see ``overwrite``), or a checkpoint path.
+        overwrite: start fresh although ``out_dir`` holds a run: it is first moved aside (renamed to
+            ``<out_dir>.old-<time>``); ``resume: auto`` then means none.
         max_bad_steps: steps with a non-finite loss or gradient that are skipped (with a warning) before the run
             stops with an error.
         device: "auto" (cuda if available, else cpu), "cpu" or "cuda".
@@ -112,6 +114,7 @@ class TrainConfig:
     keep_last: int = 2
     out_dir: str = "runs/default"
     resume: str = "auto"
+    overwrite: bool = False
     max_bad_steps: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bf16", "fp32", "autocast_bf16"] = "auto"

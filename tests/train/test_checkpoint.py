@@ -1,4 +1,5 @@
-"""Checkpointer: atomic saves (a crash mid-save keeps the previous one loadable), rotation, resolving, RNG; export."""
+"""Checkpointer: atomic saves (a crash mid-save keeps the previous one loadable), rotation, resolving, verification
+and fallback past damaged checkpoints, setting aside later ones, RNG; export."""
 
 import json
 import random
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import mom
 from mom.train import checkpoint as ckpt_module
-from mom.train.checkpoint import LATEST, META, Checkpointer, rng_state, set_rng_state
+from mom.train.checkpoint import LATEST, META, Checkpointer, CheckpointError, rng_state, set_rng_state, verify
 from mom.train.distributed import Context
 from mom.train.export import export_hf
 
@@ -105,6 +106,87 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     (path / META).write_text(json.dumps({**meta, "world_size": 4}))
     with pytest.raises(ValueError, match="4 data-parallel ranks"):
         ckpt.load(FakeEngine(), FakeLoader(), path)
+
+
+def test_meta_records_every_file_size(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1, ctx=CTX)
+    path = save(ckpt, 1, 1.0)
+    files = json.loads((path / META).read_text())["files"]
+    assert files == {"rank-00000.pt": (path / "rank-00000.pt").stat().st_size,
+                     "weights.pt": (path / "weights.pt").stat().st_size}
+    assert verify(path) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "torn meta.json", "missing rank file"])
+def test_auto_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep_last=3, ctx=CTX)
+    for step in (2, 4):
+        newest = save(ckpt, step, float(step))
+    if damage == "truncated weights":
+        data = (newest / "weights.pt").read_bytes()
+        (newest / "weights.pt").write_bytes(data[: len(data) // 2])
+        named = f"{newest / 'weights.pt'} has {len(data) // 2:,} bytes, {len(data):,} were written"
+    elif damage == "torn meta.json":
+        text = (newest / META).read_text()
+        (newest / META).write_text(text[: len(text) // 2])
+        named = f"{newest / META} is unreadable (JSONDecodeError"
+    else:
+        (newest / "rank-00000.pt").unlink()
+        named = f"{newest / 'rank-00000.pt'} is missing"
+    assert ckpt.resolve("auto").name == "step-00000002"
+    err = capsys.readouterr().err
+    assert f"WARNING: checkpoint {newest} is damaged ({named}" in err and "set aside as step-00000004.rejected" in err
+    assert not newest.exists() and (newest.parent / "step-00000004.rejected").is_dir()  # kept for inspection
+    engine, loader = FakeEngine(), FakeLoader()
+    assert ckpt.load(engine, loader, ckpt.resolve("auto"))["step"] == 2 and engine.weights.item() == 2.0
+    save(ckpt, 3, 3.0)  # the resumed run's next save is the newest: rotation and latest agree
+    assert ckpt.latest().name == "step-00000003"
+    assert sorted(p.name for p in ckpt.complete()) == ["step-00000002", "step-00000003"]
+
+
+def test_no_intact_checkpoint_fails_naming_each_damage(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2, ctx=CTX)
+    for step in (1, 2):
+        path = save(ckpt, step, float(step))
+        (path / "weights.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies: step-00000002: .*weights.pt has 0 bytes.*"
+                       r"; step-00000001: .*weights.pt has 0 bytes"):
+        ckpt.resolve("auto")
+    other = Checkpointer(tmp_path / "elsewhere", keep_last=2, ctx=CTX)
+    path = save(other, 5, 5.0)
+    (path / META).write_text("{")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step-00000005 is damaged: .*meta.json is unreadable"):
+        ckpt.resolve(str(path))  # an explicit checkpoint: no fallback
+
+
+def test_a_damaged_checkpoint_of_another_directory_is_not_moved(tmp_path, capsys):
+    source = Checkpointer(tmp_path / "source", keep_last=2, ctx=CTX)
+    save(source, 1, 1.0)
+    bad = save(source, 2, 2.0)
+    (bad / "weights.pt").write_bytes(b"x")
+    mine = Checkpointer(tmp_path / "mine", keep_last=2, ctx=CTX)
+    assert mine.resolve(str(source.root)).name == "step-00000001"
+    assert bad.is_dir() and "ignored" in capsys.readouterr().err
+
+
+def test_set_aside_after_keeps_one_history(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=5, ctx=CTX)
+    for step in (2, 4, 6):
+        save(ckpt, step, float(step))
+    moved = ckpt.set_aside_after(2)
+    assert [p.name for p in moved] == ["step-00000004.superseded", "step-00000006.superseded"]
+    assert [p.name for p in ckpt.complete()] == ["step-00000002"] and ckpt.latest().name == "step-00000002"
+    save(ckpt, 3, 3.0)
+    assert ckpt.latest().name == "step-00000003" and (tmp_path / "step-00000006.superseded" / META).is_file()
+
+
+def test_rotation_never_removes_the_checkpoint_just_saved(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1, ctx=CTX)
+    save(ckpt, 9, 9.0)  # a later checkpoint put there by hand (a run would have set it aside)
+    save(ckpt, 1, 1.0)
+    save(ckpt, 2, 2.0)
+    assert sorted(p.name for p in ckpt.complete()) == ["step-00000002", "step-00000009"]
+    assert (tmp_path / LATEST).read_text() == "step-00000002"
 
 
 def test_rng_state_roundtrip():

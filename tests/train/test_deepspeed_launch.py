@@ -2,12 +2,16 @@
 
 Both runs inject one NaN step. Checked afterwards: loss decreases, the NaN step was skipped, the checkpoints hold
 every rank's shard, and the Hugging Face export loads with AutoModelForCausalLM and reproduces the trained model
-(ZeRO-2: the weights consolidated from the DeepSpeed checkpoint; ZeRO-3: the live engine's logits).
+(ZeRO-2: the weights consolidated from the DeepSpeed checkpoint; ZeRO-3: the live engine's logits). And a Ctrl-C to
+the launcher's process group: both ranks stop after the same step and save one checkpoint together.
+
+Slow tier (``-m slow``): each launch takes about a minute on two busy CPU cores.
 """
 
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,13 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_interrupt import wait_for_steps
 from test_train import FAST, TINY, corpus_for_tests
 from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
+from mom.train.checkpoint import read_meta, verify
 from mom.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # not those of an in-process run
 
 DRIVER = textwrap.dedent(
     """
@@ -55,8 +63,8 @@ def launched(tmp_path_factory):
     (tmp / "driver.py").write_text(DRIVER)
     overrides = [str(TINY), f"data.path={corpus}", *FAST, "train.max_steps=8", "train.log_every=1",
                  "train.save_every=4", "train.inject_nan_steps=[3]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     port = str(29500 + os.getpid() % 1000)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(tmp / "driver.py"), str(tmp), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -102,6 +110,37 @@ def test_zero3_export_reproduces_the_engine_logits(launched):
     exported = AutoModelForCausalLM.from_pretrained(launched[0] / "z3" / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(saved["input_ids"]).logits, saved["logits"], rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_to_the_launcher_checkpoints_every_rank_once(corpus_dir, tmp_path):
+    """As a terminal's Ctrl-C: SIGINT to the whole process group (launcher and ranks; the launcher also sends
+    SIGTERM to the ranks)."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not installed")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(30500 + os.getpid() % 1000), "--module", "mom.train",
+           "--config", str(TINY), f"data.path={corpus_dir}", f"train.out_dir={out}", *FAST, "train.max_steps=100000",
+           "train.log_every=1", "train.eval_batches=0", "train.export_hf=false", "deepspeed.zero_stage=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_steps(proc, out / "metrics.jsonl", 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=180)  # returns once every rank closed its output
+    lines = [x for x in log.splitlines() if "mom-train: interrupted (SIGINT) at step" in x]
+    assert len(lines) == 1, log[-3000:]  # rank 0 reports
+    step = int(lines[0].split(" at step ")[1].split(":")[0])
+    checkpoint = out / "checkpoints" / f"step-{step:08d}"
+    assert verify(checkpoint) is None and read_meta(checkpoint)["step"] == step
+    assert {p.name for p in checkpoint.glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
+    assert len(list(checkpoint.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert "mom/train" not in log  # no traceback through the trainer (the launcher prints its own KeyboardInterrupt)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return corpus_for_tests(tmp_path_factory)
 
 
 if __name__ == "__main__":

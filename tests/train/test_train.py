@@ -118,6 +118,7 @@ def test_reference_run_logs_metrics_checkpoints_and_exports(reference, corpus):
         torch.testing.assert_close(loaded(ids).logits, engine(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # three more runs (about 20 s on 2 busy cores)
 def test_resume_matches_uninterrupted_including_after_a_crash_mid_save(reference, corpus, tmp_path, monkeypatch):
     """6 steps in one go == 3 steps, stop, resume, killed while saving step 6, resume again; step for step."""
     out = tmp_path / "run"
