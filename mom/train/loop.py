@@ -210,7 +210,8 @@ def train(
         if already_done and decided_on_main(exported.is_dir):  # exported when the run finished
             hf_dir = exported
         else:
-            hf_dir = export_hf(engine, exported, tokenizer_dir, ctx)
+            results = {"step": state["step"], "tokens": state["tokens"], "validation": validation}
+            hf_dir = export_hf(engine, exported, tokenizer_dir, ctx, recipe, results)  # results: the model card
     metrics.close()
     if ctx.is_main and state["step"] == first_step:  # nothing trained (resumed at the end): the last logged
         train_metrics, validation = last_record(metrics.path, "train"), last_record(metrics.path, "validation")
