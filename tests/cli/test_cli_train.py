@@ -30,4 +30,4 @@ def test_overwrite_and_resume_reach_the_recipe(capsys):
 def test_a_bad_override_is_one_line_and_exit_2(capsys):
     assert main(["--config", str(TINY), "--resume", "none", "train.max_steps=ten"]) == 2
     err = capsys.readouterr().err
-    assert err == f"mom-train: error: recipe {TINY}: train.max_steps: expected int, got str 'ten'\n"
+    assert err == "mom-train: error: override train.max_steps=ten: expected int, got str 'ten'\n"
