@@ -157,3 +157,19 @@ def project(proj: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return proj(x, routing)
     return proj(x)
 
+
+def project_rows(proj: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """A decode step's projection, one token per row: x (b, in) -> (b, out), row i through expert ``expert_ids[i]``
+    (b,) of a `RoutedLinear` (a shared ``nn.Linear`` ignores them).
+
+    Every expert runs on every row and each row keeps its own expert's output, picked on the device: no host sync,
+    the same shapes whatever the rows' modalities (so a CUDA graph replays it), and each weight read once, as a
+    one-token step's GEMM reads it anyway. Experts are called as modules, so LoRA adapters (merged or not) are
+    honoured; a row's output is its own expert's, the others' (even non-finite ones) are discarded.
+    """
+    if not isinstance(proj, RoutedLinear):
+        return proj(x)
+    ys = torch.stack([expert(x) for expert in proj.values()], dim=1)  # (b, M, out)
+    pick = expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])  # (b, 1, out)
+    return ys.gather(1, pick).squeeze(1)
+
