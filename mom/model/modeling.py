@@ -540,7 +540,7 @@ class MoMModel(MoMPreTrainedModel):
         The cache's states advance in place, its ``seqlen_offset`` does not (the caller counts). Each row's experts
         are picked on the device, so a CUDA graph can capture this (`mom.model.graph`)."""
         bounds = _vocab_bounds(tuple(self.config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
-        routing = Routing(torch.bucketize(input_ids, bounds, right=True), self.config.num_modalities)
+        routing = Routing(torch.bucketize(input_ids.contiguous(), bounds, right=True), self.config.num_modalities)
         residual = self.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))  # (b, 1, d)
         out = None
         for layer in self.layers:
