@@ -93,6 +93,10 @@ class DecodeGraph:
     def bound_to(self, cache: MoMCache) -> bool:
         return cache.holds_states(self.cache.conv_states, self.cache.ssm_states)
 
+    def owned_by(self, cache: MoMCache) -> bool:
+        """Whether ``cache`` was the last to bind (it may hold other tensors since: beam search reorders them)."""
+        return self.owner is not None and self.owner() is cache
+
     def bind(self, cache: MoMCache) -> None:
         """Make ``cache`` hold this graph's states (its own copied in); the previous holder gets private copies."""
         self.release()
@@ -144,11 +148,12 @@ class DecodeGraphs:
 
     def step(self, model: nn.Module, step_fn: StepFn, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
         """One token per row through the graph of this batch (captured now if new): ids (b, 1) -> logits (b, V);
-        ``cache``'s states advance (it holds the graph's buffers from now on). The weights are checked when a cache
-        is bound and after any module or parameter assignment."""
+        ``cache``'s states advance (it holds the graph's buffers from now on). The weights are checked when a new
+        cache binds and after any module or parameter assignment; a cache whose states were replaced since it bound
+        (beam search's reorder) is copied in again."""
         key = (input_ids.shape[0], cache.conv_states[0].dtype, input_ids.device)
         graph = self.graphs.get(key)
-        if self._registrations is not _registrations or graph is None or not graph.bound_to(cache):
+        if self._registrations is not _registrations or graph is None or not graph.owned_by(cache):
             self._registrations = _registrations
             self._plain = is_plain(model)
             current = fingerprint(model)

@@ -185,3 +185,13 @@ def test_cache_adopts_and_releases_states():
     assert not cache.holds_states(target.conv_states, target.ssm_states)
     target.conv_states[0].fill_(-1)
     assert int(cache.conv_states[0][0, 0, 0]) == 0
+
+
+def test_beam_search_with_graphs_equals_beam_search_without():
+    model = _model()
+    prompt = _mixed_rows(model, batch=2)[:, :6]
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
+    without = model.generate(prompt, use_cache=False, **kwargs)
+    model.decode_graphs = graphs = _eager_graphs()
+    assert torch.equal(model.generate(prompt, **kwargs), without)  # the reordered cache is copied in every step
+    assert graphs.captures == 1
