@@ -134,8 +134,8 @@ class DecodeGraphs:
     def __deepcopy__(self, memo: dict) -> DecodeGraphs:
         return DecodeGraphs(self.capture, self.device_type)  # a copied model captures its own graphs
 
-    def __getstate__(self) -> dict:
-        raise TypeError("DecodeGraphs hold CUDA graphs and are not pickled")
+    def __reduce__(self) -> tuple:
+        return DecodeGraphs, ()  # a pickled model is unpickled without graphs (it captures its own)
 
     def applies(self, model: nn.Module, input_ids: torch.Tensor, cache: MoMCache) -> bool:
         """Whether a step on ``input_ids`` (b, 1) after ``cache`` can replay a graph (model of plain modules, tensors

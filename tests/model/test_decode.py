@@ -195,3 +195,14 @@ def test_beam_search_with_graphs_equals_beam_search_without():
     model.decode_graphs = graphs = _eager_graphs()
     assert torch.equal(model.generate(prompt, **kwargs), without)  # the reordered cache is copied in every step
     assert graphs.captures == 1
+
+
+def test_copied_and_pickled_models_capture_their_own_graphs():
+    import copy
+    import pickle
+
+    model = _model()
+    model.decode_graphs = _eager_graphs()
+    model.generate(_mixed_rows(model)[:, :6], max_new_tokens=3, do_sample=False)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.decode_graphs is not model.decode_graphs and not other.decode_graphs.graphs
