@@ -762,7 +762,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
                 and isinstance(cache, MoMCache) and cache.seqlen_offset > 0 and use_cache is not False
                 and cache.batch_size == input_ids.shape[0] and not cache.recording and not has_targets
                 and not (output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states))
-                and isinstance(keep, slice) and not self.training)
+                and isinstance(keep, slice))
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, object]:
         """The loss fields of `MoMCausalLMOutput`: mean loss over all targets (b, l), and per modality of the target
