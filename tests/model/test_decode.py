@@ -4,12 +4,15 @@
 buffers, cache binding and invalidation are the ones the CUDA graph path uses; tests/ops/test_cuda.py replays real
 CUDA graphs."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 from helpers import interleaved_ids, tiny_config
 
 import mom
+from mom.model import mixer as mixer_module
 from mom.model.graph import DecodeGraphs, is_plain
 from mom.model.routing import RoutedLinear, Routing, project, project_rows
 
@@ -28,32 +31,41 @@ def _mixed_rows(model, batch: int = 4) -> torch.Tensor:
     return torch.stack([row.roll(3 * i) for i, row in enumerate(ids)])
 
 
+@pytest.fixture(params=["pick on device", "cpu routed path"])
+def pick(request, monkeypatch):
+    """Run a test with both strategies of `project_rows`: the device pick (CUDA's) and the CPU's routed path."""
+    if request.param == "pick on device":
+        monkeypatch.setattr(mixer_module, "project_rows", functools.partial(project_rows, pick_on_device=True))
+    return request.param
+
+
 def _eager_graphs() -> DecodeGraphs:
     return DecodeGraphs(capture=lambda fn, pool: fn, device_type="cpu")
 
 
+@pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_project_rows_equals_the_routed_module_path(bias):
+def test_project_rows_equals_the_routed_module_path(bias, on_device):
     layer = RoutedLinear(MODALITIES, 6, 5, bias=bias)
     x = torch.randn(7, 6)
-    modality = torch.tensor([2, 0, 1, 1, 2, 0, 0])
-    expected = project(layer, x.unsqueeze(1), Routing.build(modality.view(-1, 1), 3))[:, 0]
-    torch.testing.assert_close(project_rows(layer, x, modality), expected)
+    routing = Routing.build(torch.tensor([2, 0, 1, 1, 2, 0, 0]).view(-1, 1), 3)
+    expected = project(layer, x.unsqueeze(1), routing)[:, 0]
+    torch.testing.assert_close(project_rows(layer, x, routing, on_device), expected)
     shared = nn.Linear(6, 5, bias=bias)
-    torch.testing.assert_close(project_rows(shared, x, modality), shared(x))
+    torch.testing.assert_close(project_rows(shared, x, routing, on_device), shared(x))
 
 
 def test_project_rows_keeps_each_rows_expert_when_another_is_not_finite():
     layer = RoutedLinear(MODALITIES, 4, 3, bias=True)
     with torch.no_grad():
         layer["image"].bias.fill_(float("inf"))
-    y = project_rows(layer, torch.randn(2, 4), torch.tensor([0, 2]))
-    assert torch.isfinite(y).all()
+    routing = Routing.build(torch.tensor([[0], [2]]), 3)
+    assert torch.isfinite(project_rows(layer, torch.randn(2, 4), routing, pick_on_device=True)).all()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"decouple": ()}, {"decouple": ("x_proj", "out_proj")}],
                          ids=["routed", "bias", "dense", "some-routed"])
-def test_mixed_modality_steps_equal_the_full_forward(overrides):
+def test_mixed_modality_steps_equal_the_full_forward(overrides, pick):
     model = _model(**overrides)
     ids = _mixed_rows(model)
     with torch.no_grad():
@@ -76,7 +88,7 @@ def test_generate_decodes_through_the_sync_free_step(monkeypatch):
     assert len(calls) == 4 and torch.equal(fast, slow)
 
 
-def test_lora_wrapped_experts_step_as_the_full_forward():
+def test_lora_wrapped_experts_step_as_the_full_forward(pick):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["in_proj.image", "out_proj.speech"],
                                                           init_lora_weights=False)).eval()
@@ -89,7 +101,7 @@ def test_lora_wrapped_experts_step_as_the_full_forward():
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
-def test_graphs_replay_the_eager_tokens_and_are_reused_per_batch():
+def test_graphs_replay_the_eager_tokens_and_are_reused_per_batch(pick):
     model = _model()
     prompt = _mixed_rows(model)[:, :6]
     eager = model.generate(prompt, max_new_tokens=6, do_sample=False, cuda_graph=False)
@@ -157,7 +169,7 @@ def test_graphs_apply_to_plain_models_only():
         assert merged is model and graphs.applies(model, ids, mom.MoMCache(model.config, batch_size=2))
 
 
-def test_lora_generate_with_graphs_equals_eager_merged_or_not():
+def test_lora_generate_with_graphs_equals_eager_merged_or_not(pick):
     peft = pytest.importorskip("peft")
     model = _model()
     model.decode_graphs = graphs = _eager_graphs()
@@ -187,7 +199,7 @@ def test_cache_adopts_and_releases_states():
     assert int(cache.conv_states[0][0, 0, 0]) == 0
 
 
-def test_beam_search_with_graphs_equals_beam_search_without():
+def test_beam_search_with_graphs_equals_beam_search_without(pick):
     model = _model()
     prompt = _mixed_rows(model, batch=2)[:, :6]
     kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
