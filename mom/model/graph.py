@@ -129,7 +129,8 @@ class DecodeGraphs:
         self._pool: object = None
         self._fingerprint: tuple | None = None
         self._registrations: object = None
-        self._plain = False
+        self._plain = False  # `is_plain(model)`, as of the registration token ``_plain_checked``
+        self._plain_checked: object = None
 
     def __deepcopy__(self, memo: dict) -> DecodeGraphs:
         return DecodeGraphs(self.capture, self.device_type)  # a copied model captures its own graphs
@@ -142,8 +143,8 @@ class DecodeGraphs:
         of ``device_type``, no gradient, a cache that is not recording states for rollback)."""
         if input_ids.device.type != self.device_type or torch.is_grad_enabled() or cache.recording:
             return False
-        if self._registrations is not _registrations:
-            self._plain = is_plain(model)
+        if self._plain_checked is not _registrations:
+            self._plain, self._plain_checked = is_plain(model), _registrations
         return self._plain
 
     def step(self, model: nn.Module, step_fn: StepFn, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
@@ -155,7 +156,6 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if self._registrations is not _registrations or graph is None or not graph.owned_by(cache):
             self._registrations = _registrations
-            self._plain = is_plain(model)
             current = fingerprint(model)
             if current != self._fingerprint:
                 self.clear()
