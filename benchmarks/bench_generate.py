@@ -3,6 +3,12 @@ transformers' `MambaForCausalLM.generate`), same process, same prompt, bf16 weig
 
     python benchmarks/bench_generate.py                       # 768x24, prompt 2048, 256 new tokens, batch 1 and 64
     python benchmarks/bench_generate.py --batch 1 --new 64 --hf
+    python benchmarks/bench_generate.py --mixed             # MoM only: rows decoding different modalities vs one
+    python benchmarks/bench_generate.py --eager             # MoM's decode steps without its CUDA graph
+
+--mixed times MoM twice with a logits processor that keeps every generated token of row i in one modality's
+vocabulary: "mom uniform" all rows text, "mom mixed" row i in modality i mod M (so each step mixes modalities across
+rows); the same processor runs on both, so the ratio isolates the mixed-modality step.
 
 For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only where
 the side supports it), decode tokens/s (batch x new tokens over generate's time minus the prefill's), and the peak
@@ -13,6 +19,7 @@ A side that runs out of memory is reported as OOM. Prompts interleave text, imag
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -47,7 +54,29 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 
 
-def mom_side(d_model: int, n_layer: int):
+class RowModality:
+    """A logits processor: row i may only write ids of modality ``modality_of_row(i)`` (an additive -inf mask)."""
+
+    def __init__(self, config: mom.MoMConfig, mixed: bool) -> None:
+        self.config, self.mixed = config, mixed
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.bias is None or self.bias.shape != scores.shape:
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            modality = rows % self.config.num_modalities if self.mixed else torch.zeros_like(rows)
+            offsets = torch.tensor(self.config.vocab_offsets, device=scores.device)[modality, None]
+            sizes = torch.tensor(self.config.vocab_sizes, device=scores.device)[modality, None]
+            ids = torch.arange(scores.shape[1], device=scores.device)
+            inside = (ids >= offsets) & (ids < offsets + sizes)
+            self.bias = torch.where(inside, 0.0, float("-inf")).to(scores.dtype)
+        return scores + self.bias
+
+
+def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bool = True):
+    """``rows``: None, or "uniform" / "mixed" (`RowModality`); ``cuda_graph``: generate()'s graph decode."""
+    from transformers import LogitsProcessorList
+
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
     for name, p in model.named_parameters():  # A_log and D stay fp32, as in training and in from_pretrained
@@ -57,9 +86,11 @@ def mom_side(d_model: int, n_layer: int):
     def prefill(ids: torch.Tensor) -> None:
         model(ids, use_cache=True, logits_to_keep=1)
 
+    processors = LogitsProcessorList([RowModality(config, rows == "mixed")] if rows else [])
+
     def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)
+                              eos_token_id=None, logits_processor=processors, cuda_graph=cuda_graph)
 
     return model, prefill, generate
 
@@ -100,13 +131,19 @@ def hf_side(d_model: int, n_layer: int):
     return model, prefill, generate
 
 
-SIDES = {"mom": mom_side, "mamba-ssm": mamba_ssm_side, "transformers": hf_side}
+SIDES = {"mom": mom_side, "mamba-ssm": mamba_ssm_side, "transformers": hf_side,
+         "mom uniform": functools.partial(mom_side, rows="uniform"),
+         "mom mixed": functools.partial(mom_side, rows="mixed")}
 
 
 @torch.inference_mode()
-def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, new: int, rounds: int) -> dict:
+def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, new: int, rounds: int,
+               eager: bool = False) -> dict:
     torch.cuda.empty_cache()
-    model, prefill, generate = SIDES[name](d_model, n_layer)
+    side = SIDES[name]
+    if eager and name.startswith("mom"):
+        side = functools.partial(side, cuda_graph=False)
+    model, prefill, generate = side(d_model, n_layer)
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = prompt_ids(config, batch, prompt)
     result: dict = {"side": name}
@@ -143,21 +180,27 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=1, help="timed calls per side; the fastest counts")
     parser.add_argument("--hf", action="store_true", help="also time transformers' MambaForCausalLM")
+    parser.add_argument("--mixed", action="store_true", help="MoM only: rows in different modalities vs one")
+    parser.add_argument("--eager", action="store_true", help="MoM decodes without its CUDA graph")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)
         return 2
     d, n = (int(v) for v in args.model.split("x"))
-    print(f"device: {torch.cuda.get_device_name()}  model {d}x{n}  prompt {args.prompt}  new {args.new}")
-    sides = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else [])
+    print(f"device: {torch.cuda.get_device_name()}  model {d}x{n}  prompt {args.prompt}  new {args.new}  "
+          f"MoM decode {'eager' if args.eager else 'CUDA graph'}")
+    if args.mixed:
+        sides, pair = ["mom uniform", "mom mixed"], ("mom mixed", "mom uniform")
+    else:
+        sides, pair = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else []), ("mom", "mamba-ssm")
     for batch in args.batch or [1, 64]:
         print(f"batch {batch}:")
-        results = {s: bench_side(s, d, n, batch, args.prompt, args.new, args.rounds) for s in sides}
+        results = {s: bench_side(s, d, n, batch, args.prompt, args.new, args.rounds, args.eager) for s in sides}
         for r in results.values():
             print(fmt(r))
-        m, base = results["mom"], results["mamba-ssm"]
+        m, base = results[pair[0]], results[pair[1]]
         if not (m.get("oom") or base.get("oom")):
-            print(f"  ratio MoM / mamba-ssm: decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s, "
+            print(f"  ratio {pair[0]} / {pair[1]}: decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s, "
                   f"prefill {base['prefill_ms'] / m['prefill_ms']:.3f}x speed")
     return 0
 

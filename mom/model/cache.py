@@ -33,6 +33,7 @@ class MoMCache(Cache):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(layers=[])  # states are held here, not in transformers' per-layer objects
+        self.config = config
         self.n_layer, self.d_inner = config.n_layer, config.d_inner
         self.d_conv, self.d_state = config.d_conv, config.d_state
         self.conv_states: list[torch.Tensor] = []
@@ -51,6 +52,11 @@ class MoMCache(Cache):
         shape_ssm = (batch_size, self.d_inner, self.d_state)
         self.conv_states = [torch.zeros(shape_conv, device=device, dtype=dtype) for _ in range(self.n_layer)]
         self.ssm_states = [torch.zeros(shape_ssm, device=device, dtype=torch.float32) for _ in range(self.n_layer)]
+
+    def zeros_like(self) -> MoMCache:
+        """A new cache of the same batch, dtype and device, its states zero."""
+        state = self.conv_states[0]
+        return MoMCache(self.config, self.batch_size, state.device, state.dtype)
 
     def __len__(self) -> int:
         return self.n_layer
@@ -107,6 +113,23 @@ class MoMCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def holds_states(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor]) -> bool:
+        """Whether this cache's states are exactly these tensors (the same objects, e.g. a CUDA graph's buffers)."""
+        return (len(conv_states) == len(self.conv_states) and len(ssm_states) == len(self.ssm_states)
+                and all(a is b for a, b in zip(self.conv_states + self.ssm_states, conv_states + ssm_states)))
+
+    def adopt_states(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor]) -> None:
+        """Copy the states into these tensors (same shapes) and hold them from now on: whoever writes them in place
+        (a CUDA graph's replay, `mom.model.graph`) advances this cache."""
+        for dst, src in zip(conv_states + ssm_states, self.conv_states + self.ssm_states, strict=True):
+            dst.copy_(src)
+        self.conv_states, self.ssm_states = list(conv_states), list(ssm_states)
+
+    def release_states(self) -> None:
+        """Hold private copies of the states again (after `adopt_states`, before the tensors are given to another)."""
+        self.conv_states = [s.clone() for s in self.conv_states]
+        self.ssm_states = [s.clone() for s in self.ssm_states]
 
     def reset(self) -> None:
         for s in self.conv_states + self.ssm_states:

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
-from mom.model.routing import RoutedLinear, Routing, project
+from mom.model.routing import RoutedLinear, Routing, project, project_rows
 from mom.ops import backend, fused
 from mom.ops.projections import Projection
 
@@ -189,18 +189,22 @@ class MoMMixer(nn.Module):
         return project(self.dt_proj, dt, routing), B, C
 
     def step(self, hidden: torch.Tensor, routing: Routing, cache: MoMCache) -> torch.Tensor:
-        """One recurrent step. hidden: (b, 1, d_model) -> (b, 1, d_model); updates ``cache`` in place."""
-        xz = project(self.in_proj, hidden, routing)[:, 0]  # (b, 2*di)
+        """One recurrent step. hidden: (b, 1, d_model) -> (b, 1, d_model); updates ``cache`` in place. Off the CPU
+        each row's experts are picked on the device (`project_rows`): no host sync, the same work for any mix of
+        modalities, so that the step can be captured in a CUDA graph (`mom.model.graph`)."""
+        xz = project_rows(self.in_proj, hidden[:, 0], routing)  # (b, 2*di)
         x, z = xz.chunk(2, dim=-1)
         x = backend.causal_conv1d_update(
             x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1), self.conv1d.bias
-        )
-        dt, B, C = self._ssm_params(x.unsqueeze(1), routing)
-        A = -torch.exp(self.A_log.float())
+        )  # (b, di)
+        x_dbl = project_rows(self.x_proj, x, routing)  # (b, r + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = project_rows(self.dt_proj, dt, routing)  # (b, di), Δ pre-activation
+        A = -torch.exp(self.A_log.float())  # (di, n)
         y = backend.selective_state_update(
-            cache.ssm_states[self.layer_idx], x, dt[:, 0], A, B[:, 0], C[:, 0], self.D.float(), z, dt_softplus=True
-        )
-        return project(self.out_proj, y.unsqueeze(1), routing)
+            cache.ssm_states[self.layer_idx], x, dt, A, B, C, self.D.float(), z, dt_softplus=True
+        )  # (b, di)
+        return project_rows(self.out_proj, y, routing).unsqueeze(1)
 
     def _continue(self, hidden: torch.Tensor, routing: Routing, cache: MoMCache) -> torch.Tensor:
         """Several new tokens after a cached prefix: run them through the recurrent step one by one."""

@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
+from mom.model.graph import DecodeGraphs
 from mom.model.mixer import MoMMixer, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
@@ -533,6 +534,21 @@ class MoMModel(MoMPreTrainedModel):
         out = MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
         return out if return_dict else out.to_tuple()
 
+    def decode_step(self, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
+        """One token per row after a cached prefix, with no host sync and no input check (the ids come from the
+        caller's own sampling, e.g. generate(); out-of-range ids are clamped): ids (b, 1) -> final hidden (b, 1, d).
+        The cache's states advance in place, its ``seqlen_offset`` does not (the caller counts). Each row's experts
+        are picked on the device, so a CUDA graph can capture this (`mom.model.graph`)."""
+        bounds = _vocab_bounds(tuple(self.config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
+        routing = Routing(torch.bucketize(input_ids.contiguous(), bounds, right=True), self.config.num_modalities)
+        residual = self.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))  # (b, 1, d)
+        out = None
+        for layer in self.layers:
+            hidden, residual = add_norm(layer.norm, out, residual, self.config.residual_in_fp32)
+            out = layer.mixer.step(hidden, routing, cache)
+        hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
+        return hidden
+
     def _ready_cache(self, cache: MoMCache | None, use_cache: bool, batch: int) -> MoMCache | None:
         """The cache this forward writes: the given one (its states allocated here if generate() built it empty), or
         a new one."""
@@ -597,6 +613,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = MoMModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.decode_graphs = DecodeGraphs()  # generate()'s CUDA-graph decode steps (`mom.model.graph`)
         self.post_init()
 
     @property
@@ -640,11 +657,13 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         is_first_iteration: bool | None = False,
         use_cache: bool | None = None,
         modality_ids: torch.LongTensor | None = None,
+        cuda_graph: bool = True,
         **kwargs,
     ) -> dict:
         """transformers' inputs (every keyword argument goes on to ``forward``), as for its Mamba: the tokens the cache
         has not consumed, no attention mask after the prefill. ``modality_ids`` go with the prompt's ``inputs_embeds``
-        only: token ids say their modality."""
+        only: token ids say their modality. ``cuda_graph`` (a generate() keyword, default True): decode steps replay
+        a CUDA graph where one applies (`decode_logits`)."""
         if not GENERATE_CARRIES_CACHE:
             cache, next_sequence_length, use_cache = None, None, False
         model_inputs = super().prepare_inputs_for_generation(
@@ -653,6 +672,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         )
         if use_cache and not is_first_iteration:
             model_inputs["attention_mask"] = None
+            model_inputs["cuda_graph"] = cuda_graph
         embeds = model_inputs.get("inputs_embeds")
         if embeds is not None and modality_ids is not None:
             model_inputs["modality_ids"] = modality_ids[:, -embeds.shape[1] :]
@@ -673,16 +693,24 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         modality_counts: Sequence[int] | torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
+        cuda_graph: bool = False,
         **kwargs,
     ) -> MoMCausalLMOutput | tuple:
         """Next-token LM. input_ids, labels, modality_ids, seq_idx: (b, l); labels are shifted inside (HF
         convention), or ``shift_labels`` (b, l) give position t's target directly (context-parallel shards).
         ``logits_to_keep``: an int k computes the logits of the last k positions only (0: all), an index tensor
         those positions; ``generate()`` passes 1. ``inputs_embeds``, ``seq_idx``, ``modality_counts``: see
-        `MoMModel.forward`. ``return_dict=False`` returns ``to_tuple()`` of the output."""
+        `MoMModel.forward`. ``return_dict=False`` returns ``to_tuple()`` of the output. ``cuda_graph``: a one-token
+        step after a cached prefix replays a CUDA graph where one applies (`decode_logits`); its ids are not checked
+        (generate() sets it for the ids it sampled)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         has_targets = labels is not None or shift_labels is not None
         keep = kept_positions(logits_to_keep)
+        if cuda_graph and self._graph_step_applies(input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
+                                                   output_hidden_states):
+            logits = self.decode_logits(input_ids, cache).unsqueeze(1)  # (b, 1, V)
+            result = MoMCausalLMOutput(logits=logits, cache=cache)
+            return result if return_dict else result.to_tuple()
         if has_targets and not (isinstance(keep, slice) and keep == slice(0, None)):
             raise ValueError("labels cannot be combined with logits_to_keep: the loss needs every position's logits")
         out = self.backbone(
@@ -709,6 +737,32 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         # every field given at once: to_tuple() keeps the fields' order
         result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states, **losses)
         return result if return_dict else result.to_tuple()
+
+    def decode_logits(self, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
+        """One token per row after ``cache``'s prefix, no host sync, ids unchecked (`MoMModel.decode_step`): ids (b, 1)
+        -> next-token logits (b, V) fp32; the cache advances by one token. Replays the model's CUDA graph of this
+        batch where one applies (`mom.model.graph.DecodeGraphs`), else runs eagerly: the same step either way."""
+        if self.decode_graphs.applies(self, input_ids, cache):
+            logits = self.decode_graphs.step(self, self._decode_step_logits, input_ids, cache)
+        else:
+            logits = self._decode_step_logits(input_ids, cache)
+        cache.seqlen_offset += 1
+        return logits
+
+    def _decode_step_logits(self, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
+        """(b, 1) ids -> (b, V) fp32 logits, the states of ``cache`` advanced (what a decode graph captures)."""
+        hidden = self.backbone.decode_step(input_ids, cache)[:, -1]  # (b, d)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def _graph_step_applies(self, input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
+                            output_hidden_states) -> bool:
+        """Whether a forward is a plain decode step that `decode_logits` computes: one token id per row after a
+        cached prefix, its logits wanted, nothing else asked for."""
+        return (input_ids is not None and inputs_embeds is None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+                and isinstance(cache, MoMCache) and cache.seqlen_offset > 0 and use_cache is not False
+                and cache.batch_size == input_ids.shape[0] and not cache.recording and not has_targets
+                and not (output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states))
+                and isinstance(keep, slice))
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, object]:
         """The loss fields of `MoMCausalLMOutput`: mean loss over all targets (b, l), and per modality of the target

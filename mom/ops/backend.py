@@ -104,9 +104,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if _use_cuda(x):
         fn = _mamba_ssm()[1]
         if dt_bias is None:  # mamba-ssm 2.3's Triton kernel dereferences dt_bias unconditionally
-            dt_bias = torch.zeros(x.shape[-1], device=x.device, dtype=torch.float32)
+            dt_bias = _zeros(x.shape[-1], x.device)
         return fn(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@cache
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """(n,) fp32 zeros, made once per size and device (a decode step would otherwise allocate and fill one per
+    layer); never written."""
+    return torch.zeros(n, device=device, dtype=torch.float32)
 
 
 def causal_conv1d(

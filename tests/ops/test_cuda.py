@@ -219,3 +219,89 @@ def test_triton_kernels_launched_directly_after_the_first_call():
         tensors = [torch.randn(s, device="cuda") for s in [(3, 5000), (7,), (4096,)]]
         assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
     assert launcher._direct and len(launcher._compiled) == 3  # gather, gated gather, flat cast: one key each
+
+
+def _graph_model(**overrides):
+    torch.manual_seed(0)
+    return mom.MoMForCausalLM(_config(**overrides)).cuda().eval()
+
+
+def _mixed_prompt(model, batch: int = 4):
+    """Rows in different modalities at the same positions, so that decode steps mix modalities across rows."""
+    ids = interleaved_ids(model.config, batch, [(0, 9), (1, 7), (2, 8), (0, 5)],
+                          generator=torch.Generator().manual_seed(3))
+    return torch.stack([row.roll(6 * i) for i, row in enumerate(ids)]).cuda()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"decouple": ()}], ids=["routed", "bias", "dense"])
+def test_cuda_graph_decode_gives_the_eager_tokens(overrides):
+    """fp32, greedy: generate() replaying the CUDA graph writes the tokens of the eager step, and the graph is
+    captured once per batch size and reused by the next generate()."""
+    model = _graph_model(**overrides)
+    prompt = _mixed_prompt(model)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    eager = model.generate(prompt, cuda_graph=False, **kwargs)
+    assert torch.equal(model.generate(prompt, **kwargs), eager)
+    assert model.decode_graphs.captures == 1
+    assert torch.equal(model.generate(prompt, **kwargs), eager)
+    assert model.decode_graphs.captures == 1
+    with torch.no_grad():  # the logits, not only their argmax
+        cache = model(prompt, use_cache=True).cache
+        ref_cache = model(prompt, use_cache=True).cache
+        tok = prompt[:, -1:]
+        for _ in range(4):
+            graph_logits = model(tok, cache=cache, use_cache=True, cuda_graph=True).logits
+            eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
+            torch.testing.assert_close(graph_logits, eager_logits, atol=1e-4, rtol=1e-4)
+            tok = eager_logits.argmax(-1)
+
+
+def test_cuda_graph_decode_follows_weight_changes():
+    model = _graph_model()
+    prompt = _mixed_prompt(model)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(prompt, **kwargs)
+    other = _graph_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.25)
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors: the graph must be captured again
+    assert torch.equal(model.generate(prompt, **kwargs), other.generate(prompt, cuda_graph=False, **kwargs))
+    with torch.no_grad():
+        for p in model.parameters():  # in place: the same graph sees them
+            p.mul_(0.9)
+    captures = model.decode_graphs.captures
+    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, cuda_graph=False, **kwargs))
+    assert model.decode_graphs.captures == captures
+
+
+def test_cuda_graph_decode_with_lora_merged_or_not():
+    peft = pytest.importorskip("peft")
+    model = _graph_model()
+    prompt = _mixed_prompt(model)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["in_proj.image", "out_proj.speech"],
+                                                         init_lora_weights=False)).eval()
+    eager = wrapped.generate(input_ids=prompt, cuda_graph=False, **kwargs)
+    assert torch.equal(wrapped.generate(input_ids=prompt, **kwargs), eager)  # wrapped experts: the eager step
+    assert model.decode_graphs.captures == 0
+    merged = wrapped.merge_and_unload()
+    assert torch.equal(merged.generate(prompt, **kwargs), eager)  # plain experts again: the graph
+    assert merged.decode_graphs.captures == 1
+
+
+def test_cuda_graph_decode_in_bf16_close_to_eager():
+    model = _graph_model().to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if name.endswith(("A_log", "D")):
+            p.data = p.data.float()
+    prompt = _mixed_prompt(model, batch=3)
+    with torch.inference_mode():
+        cache = model(prompt, use_cache=True).cache
+        ref_cache = model(prompt, use_cache=True).cache
+        tok = prompt[:, -1:]
+        for _ in range(4):
+            graph_logits = model(tok, cache=cache, use_cache=True, cuda_graph=True).logits
+            eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
+            torch.testing.assert_close(graph_logits, eager_logits, atol=2e-2, rtol=2e-2)
+            tok = eager_logits.argmax(-1)
