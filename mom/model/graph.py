@@ -21,7 +21,6 @@ decodes eagerly, through the same sync-free step.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mom.model import registrations
 from mom.model.cache import MoMCache
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture (allocator and Triton autotuning settle), as mamba-ssm
@@ -37,20 +37,6 @@ PLAIN_MODULE_PREFIXES = ("torch.nn.", "mom.", "transformers.")  # module types a
 StepFn = Callable[[torch.Tensor, MoMCache], torch.Tensor]  # (ids (b, 1), cache) -> logits (b, V), no host sync
 Replay = Callable[[], None]
 Capture = Callable[[Callable[[], None], object], Replay]  # (fn writing the static outputs, memory pool) -> replay
-
-_registrations = object()  # replaced whenever a module or parameter is assigned to any module
-
-
-def _new_registration(module: nn.Module, name: str, value) -> None:
-    global _registrations
-    _registrations = object()
-
-
-@functools.cache
-def _watch_registrations() -> None:
-    torch.nn.modules.module.register_module_module_registration_hook(_new_registration)
-    torch.nn.modules.module.register_module_parameter_registration_hook(_new_registration)
-
 
 def capture_cuda_graph(fn: Callable[[], None], pool: object) -> Replay:
     """Warm ``fn`` up on a side stream, capture it into a ``torch.cuda.CUDAGraph`` in ``pool``; -> its replay."""
@@ -122,7 +108,6 @@ class DecodeGraphs:
     tests pass an eager capture to run the buffer management on CPU."""
 
     def __init__(self, capture: Capture = capture_cuda_graph, device_type: str = "cuda") -> None:
-        _watch_registrations()
         self.capture, self.device_type = capture, device_type
         self.graphs: dict[tuple, DecodeGraph] = {}
         self.captures = 0  # graphs captured so far (the tests read it)
@@ -143,8 +128,8 @@ class DecodeGraphs:
         of ``device_type``, no gradient, a cache that is not recording states for rollback)."""
         if input_ids.device.type != self.device_type or torch.is_grad_enabled() or cache.recording:
             return False
-        if self._plain_checked is not _registrations:
-            self._plain, self._plain_checked = is_plain(model), _registrations
+        if self._plain_checked is not registrations.current():
+            self._plain, self._plain_checked = is_plain(model), registrations.current()
         return self._plain
 
     def step(self, model: nn.Module, step_fn: StepFn, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
@@ -154,8 +139,8 @@ class DecodeGraphs:
         (beam search's reorder) is copied in again."""
         key = (input_ids.shape[0], cache.conv_states[0].dtype, input_ids.device)
         graph = self.graphs.get(key)
-        if self._registrations is not _registrations or graph is None or not graph.owned_by(cache):
-            self._registrations = _registrations
+        if self._registrations is not registrations.current() or graph is None or not graph.owned_by(cache):
+            self._registrations = registrations.current()
             current = fingerprint(model)
             if current != self._fingerprint:
                 self.clear()

@@ -21,34 +21,17 @@ weights.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from mom.model import registrations
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.routing import RoutedLinear, Routing, project, project_rows
 from mom.ops import backend, fused
 from mom.ops.projections import Projection
-
-_generation = object()  # replaced whenever a module or parameter is assigned to any module (`_watch_registrations`)
-
-
-def _new_generation(module: nn.Module, name: str, value) -> None:
-    global _generation
-    _generation = object()
-
-
-@functools.cache
-def _watch_registrations() -> None:
-    """Start a new generation, process-wide, at every module or parameter assigned to a module (torch's global
-    registration hooks: peft wrapping an expert, ``load_state_dict(assign=True)``, a plain assignment). A mixer's
-    gathered `MixerWeights` are valid within the generation they were gathered in; a token object, not a count, so
-    that a copied or unpickled mixer's never matches."""
-    torch.nn.modules.module.register_module_module_registration_hook(_new_generation)
-    torch.nn.modules.module.register_module_parameter_registration_hook(_new_generation)
 
 
 class MoMMixer(nn.Module):
@@ -141,12 +124,12 @@ class MoMMixer(nn.Module):
 
         It runs at every layer's forward, and each ``nn.Module`` attribute read of a submodule or parameter costs host
         time (``__getattr__``), which a small model's step can be bound by: the weights are gathered once and reused
-        until a module or parameter is assigned anywhere (`_watch_registrations`); only their presence is read again."""
-        _watch_registrations()
-        generation, weights = self._fast_path_weights
-        if generation is not _generation:
+        until a module or parameter is assigned anywhere (`mom.model.registrations`); only their presence is read
+        again."""
+        token, weights = self._fast_path_weights
+        if token is not registrations.current():
             weights = self._gather_fast_path_weights()
-            self._fast_path_weights = (_generation, weights)
+            self._fast_path_weights = (registrations.current(), weights)
         return weights if weights is not None and weights.present() else None
 
     def _gather_fast_path_weights(self) -> fused.MixerWeights | None:
