@@ -34,6 +34,16 @@ from mom.ops import backend, fused
 from mom.ops.projections import Projection
 
 
+class CausalConv1d(nn.Conv1d):
+    """The depthwise causal conv, silu included (``weight`` (di, 1, w), as mamba-ssm's ``conv1d``). Called as a
+    module, so that whatever places a module's weights at its call (accelerate's offload hooks under
+    ``device_map``, ZeRO-3) sees its weights used."""
+
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, di, l) -> silu(causal conv(x)) (b, di, l); the window restarts where ``doc_start`` (b, l) is set."""
+        return backend.causal_conv1d(x, self.weight.squeeze(1), self.bias, doc_start)
+
+
 class MoMMixer(nn.Module):
     def __init__(self, config: MoMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -48,7 +58,7 @@ class MoMMixer(nn.Module):
 
         di, n, r = self.d_inner, self.d_state, self.dt_rank
         self.in_proj = linear(Projection.in_proj, config.d_model, 2 * di, config.bias)
-        self.conv1d = nn.Conv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
+        self.conv1d = CausalConv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
         self.x_proj = linear(Projection.x_proj, di, r + 2 * n, False)
         self.dt_proj = linear(Projection.dt_proj, r, di, True)
         self.A_log = nn.Parameter(torch.empty(di, n))  # A = -exp(A_log), S4D-real init in _init_weights
@@ -87,11 +97,10 @@ class MoMMixer(nn.Module):
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         xz = project(self.in_proj, hidden, routing)  # (b, l, 2*di)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each
-        weight = self.conv1d.weight.squeeze(1)  # (di, w)
         if cache is not None:  # keep the last w inputs for the recurrent conv
-            w = weight.shape[-1]
+            w = self.conv1d.kernel_size[0]
             cache.conv_states[self.layer_idx].copy_(nn.functional.pad(x, (w - l, 0)) if l < w else x[..., -w:])
-        x = backend.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, doc_start)  # (b, di, l)
+        x = self.conv1d(x.contiguous(), doc_start)  # (b, di, l)
         if mask is not None:
             x = x * mask.unsqueeze(1).to(x.dtype)
         dt, B, C = self._ssm_params(x.transpose(1, 2), routing)

@@ -4,6 +4,11 @@ DeepSpeed stays here: model code never imports it. One ``setup()`` covers every 
 
 * one process, no launcher (``mom-train --config ...``): a world of size 1 is made up (gloo on CPU);
 * ``deepspeed`` / ``torchrun`` launchers: they set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...;
+* ``accelerate launch --config_file launch/accelerate_*.yaml -m mom.train``: accelerate starts the processes through
+  torchrun (a ``MULTI_GPU`` or ``DEEPSPEED`` config), which sets the same variables, plus ``ACCELERATE_*`` ones. The
+  engine stays mom's own and the recipe decides the DeepSpeed config: an accelerate ``deepspeed_config`` (plugin)
+  that disagrees with the recipe is refused (`check_accelerate`), one that agrees changes nothing. A ``use_cpu:
+  true`` config starts a single process (accelerate's CPU launcher needs mpirun for more): a world of one, warned;
 * ``srun python -m mom.train`` under SLURM: ranks are taken from ``SLURM_PROCID`` / ``SLURM_NTASKS`` /
   ``SLURM_LOCALID`` (``MASTER_ADDR`` / ``MASTER_PORT`` must be exported, see launch/slurm.sbatch).
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,9 +63,11 @@ class Context:
 def setup(train: TrainConfig) -> Context:
     """Initialise the process group (idempotent); device and precision from ``train.device`` / ``train.dtype``."""
     _fill_env_from_slurm()
-    if "RANK" not in os.environ:  # one process, no launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "RANK" not in os.environ:  # one process, no launcher: a world of one (nobody joins it: any free port)
+        if (note := _accelerate_single_process_note()) is not None:
+            print(f"WARNING: {note}", file=sys.stderr, flush=True)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
 
     cuda = torch.cuda.is_available()
@@ -134,9 +142,63 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``param_groups`` (see mom.train.optim.param_groups)."""
     import deepspeed
 
+    check_accelerate(recipe, ctx)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(recipe, ctx))
     return engine
+
+
+# What `accelerate launch` exports from its config's ``deepspeed_config`` section (and the launch flags of the same
+# names), and the recipe key that decides the same thing in mom.
+ACCELERATE_DEEPSPEED_ENV = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("zero_stage", "deepspeed.zero_stage", lambda r: r.deepspeed.zero_stage, int),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("offload_optimizer_device", "deepspeed.offload_optimizer",
+                                                      lambda r: r.deepspeed.offload_optimizer, str.lower),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("offload_param_device", "deepspeed.offload_param",
+                                                  lambda r: r.deepspeed.offload_param, str.lower),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("gradient_accumulation_steps", "train.grad_accum",
+                                               lambda r: r.train.grad_accum, int),
+    "ACCELERATE_GRADIENT_CLIPPING": ("gradient_clipping", "optim.grad_clip", lambda r: r.optim.grad_clip, float),
+}
+
+
+def check_accelerate(recipe: Recipe, ctx: Context, env: dict[str, str] | None = None) -> None:
+    """Under ``accelerate launch``: refuse an accelerate config that asks for another DeepSpeed setup than the recipe.
+
+    mom builds its DeepSpeed engine from the recipe alone (`deepspeed_config`); the accelerate config only starts
+    the processes. Its ``deepspeed_config`` fields (``zero_stage``, ``offload_*_device``,
+    ``gradient_accumulation_steps``, ``gradient_clipping``) must therefore equal the recipe's keys, a
+    ``deepspeed_config_file`` is refused (put DeepSpeed options in the recipe's ``deepspeed.extra``), and
+    ``mixed_precision`` must be ``no`` or match the run's precision (``bf16``; mom has no fp16 / fp8 training).
+    Other plugin fields (``zero3_init_flag``, ``zero3_save_16bit_model``...) are not used. `ValueError` naming every
+    disagreement; nothing happens outside ``accelerate launch``.
+    """
+    env = dict(os.environ) if env is None else env
+    problems = []
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            problems.append(f"deepspeed_config_file {env['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is not read (mom "
+                            "builds the DeepSpeed config from the recipe: put other DeepSpeed options in "
+                            "deepspeed.extra)")
+        for var, (field, key, ours, parse) in ACCELERATE_DEEPSPEED_ENV.items():
+            if var not in env:
+                continue
+            try:
+                theirs = parse(env[var])
+            except ValueError:
+                problems.append(f"{field}: {env[var]!r} is not a valid value")
+                continue
+            if theirs != ours(recipe):
+                problems.append(f"{field}: {env[var]} but the recipe's {key}: {ours(recipe)}")
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("no", "bf16"):
+        problems.append(f"mixed_precision: {mixed} (mom trains in fp32 or bf16: train.dtype)")
+    elif mixed == "bf16" and ctx.precision == "fp32":
+        problems.append("mixed_precision: bf16 but this run's train.dtype resolves to fp32")
+    if problems:
+        raise ValueError("accelerate config disagrees with the recipe, which decides mom's DeepSpeed engine: "
+                         + "; ".join(problems) + ". Make them agree (e.g. override the recipe key as key=value) or "
+                         "drop the deepspeed_config section (launch/accelerate_multi_gpu.yaml); see docs/training.md")
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +252,17 @@ def _fill_env_from_slurm() -> None:
         LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
     )
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _accelerate_single_process_note() -> str | None:
+    """What to say when ``accelerate launch`` with ``use_cpu: true`` started this lone process (its CPU launcher
+    starts one process per machine, several only through mpirun): the run is a world of one."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "MASTER_ADDR" not in os.environ:
+        return None
+    return ("accelerate launch with use_cpu: true started one process (accelerate's CPU launcher starts one per "
+            "machine; more only through mpirun), so this run is a world of one. For several processes on one "
+            "machine use distributed_type: MULTI_GPU, use_cpu: false (launch/accelerate_multi_gpu.yaml): torchrun "
+            "then starts them, on CPU where there is no GPU")
 
 
 def _share_cpu_threads() -> None:

@@ -25,13 +25,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
 from mom.data.loader import build_loader, read_manifest
 from mom.model.modeling import MoMForCausalLM
+from mom.tokenization.processor import MEDIA_DIR
+from mom.train.export import complete_export, load_tokenizer
 from mom.train.loop import losses, model_inputs, train
 from mom.train.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
+from mom.train.model_card import CARD_FILE, RECIPE_FILE
 from mom.train.recipe import SECTIONS, Recipe
 from mom.utils.atomic import atomic_directory, atomic_write_text
 from mom.utils.configio import apply_overrides, blame, read_mapping
@@ -117,6 +121,8 @@ def finetune(
     model = load_base(base_dir)
     for corpus in [recipe.data.path, *corpora]:
         check_corpus_matches(model, corpus)
+    if merged_dir is not None and (tokenizer_dir := base_tokenizer_dir(base_dir)) is not None:
+        load_tokenizer(tokenizer_dir, model.config)  # the merged export copies it: checked before training
     torch.manual_seed(recipe.train.seed)  # LoRA's A factors are drawn here, before the trainer seeds anything
     peft_model = wrap(model, ft.lora)
     trainable, total = parameter_counts(peft_model)
@@ -130,7 +136,8 @@ def finetune(
     if finished and main_rank:
         save_adapter(peft_model, adapter_dir, ft.lora)
         if merged_dir is not None:
-            export_merged(peft_model, merged_dir)
+            export_merged(peft_model, merged_dir, base_dir, ft,
+                          {"step": result["step"], "tokens": result["tokens"], "validation": result["validation"]})
     summary = {
         "base": str(base_dir),
         "lora": asdict(ft.lora),
@@ -174,15 +181,47 @@ def evaluate_corpus(model: nn.Module, recipe: Recipe, corpus: str | os.PathLike)
     return losses(stats, modalities)
 
 
-def export_merged(peft_model: Any, out_dir: str | os.PathLike) -> Path:
-    """``merge_and_unload()`` then ``save_pretrained`` to ``out_dir`` (atomically): a plain MoM checkpoint.
+def base_tokenizer_dir(base_dir: str | os.PathLike) -> Path | None:
+    """The multimodal tokenizer a Hugging Face export carries (``<base>/tokenizer``), or None without one."""
+    path = Path(base_dir) / MEDIA_DIR
+    return path if path.is_dir() else None
+
+
+def export_merged(
+    peft_model: Any,
+    out_dir: str | os.PathLike,
+    base_dir: str | os.PathLike | None = None,
+    ft: FinetuneRecipe | None = None,
+    results: dict[str, Any] | None = None,
+) -> Path:
+    """``merge_and_unload()``, then a Hugging Face export to ``out_dir`` (atomically) laid out as the trainer's
+    (`mom.train.export`): the weights, special ids in ``config.json``, ``generation_config.json``, the base's
+    tokenizers (``tokenizer.json``, ``processor_config.json``, ``tokenizer/``; when ``base_dir`` has them, so that
+    AutoTokenizer / AutoProcessor load the merged model as any export), the model card and, with ``ft``,
+    ``recipe.yaml`` = the fine-tuning recipe (``lora:`` included). ``results``: ``step`` / ``tokens`` /
+    ``validation`` for the card.
 
     The merge folds the adapter into the base weights in place: the peft model is unusable afterwards.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose another directory or remove it")
+    config = peft_model.get_base_model().config
+    tokenizer_dir = base_tokenizer_dir(base_dir) if base_dir is not None else None
+    media = load_tokenizer(tokenizer_dir, config) if tokenizer_dir is not None else None  # before the merge
     merged = peft_model.merge_and_unload()
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp)
+        complete_export(tmp, merged.config, tokenizer_dir, media, ft.recipe if ft else None, results)
+        if ft is not None:
+            sections = {k: v for k, v in ft.recipe.to_dict().items() if k != "model"}  # the base defines the model
+            atomic_write_text(Path(tmp) / RECIPE_FILE,
+                              yaml.safe_dump({"lora": asdict(ft.lora), **sections}, sort_keys=False))
+            card = Path(tmp) / CARD_FILE
+            targets = ", ".join(ft.lora.projections or []) + (f" of {', '.join(ft.lora.modalities)}"
+                                                              if ft.lora.modalities else "")
+            atomic_write_text(card, card.read_text(encoding="utf-8") + "\n## Fine-tuning\n\n"
+                              f"LoRA (r {ft.lora.r}, alpha {ft.lora.alpha}; {targets or 'see recipe.yaml'}) on "
+                              f"`{base_dir}`, merged into the weights with `mom-finetune --merged-out`: a plain "
+                              f"MoM checkpoint. The fine-tuning recipe (`lora:` included): `{RECIPE_FILE}`.\n")
     return out_dir

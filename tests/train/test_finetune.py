@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 import mom
 from mom.cli.finetune import main
+from mom.train.export import complete_export, load_tokenizer
 from mom.train.finetune import SUMMARY_FILE, load_finetune_recipe
 from mom.train.loop import train
 from mom.train.recipe import Recipe
@@ -231,6 +232,42 @@ def test_only_adapters_train_and_outputs_round_trip(tmp_path, corpora, random_ba
     # A second run into the same directories is refused before training.
     assert main(["--base", str(random_base), "--config", str(HELDOUT_RECIPE),
                  *ft_args(tmp_path, corpora["heldout"], "train.max_steps=4")]) == 2
+
+
+def test_merged_export_is_a_complete_hf_export(tmp_path, one_thread):
+    """--merged-out writes what the trainer's export writes: tokenizer files (AutoTokenizer), processor config
+    (AutoProcessor), special ids, generation config, model card and the fine-tuning recipe."""
+    small_tokenizer, small_corpus = REPO / "tokenizers" / "small", REPO / "data" / "small"
+    if not (small_corpus / "manifest.json").is_file():
+        pytest.skip("data/small is not built")
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=[2048, 512, 256], d_model=16, n_layer=1, d_state=4)
+    base_dir = tmp_path / "base"
+    mom.MoMForCausalLM(config).save_pretrained(base_dir)
+    complete_export(base_dir, config, small_tokenizer, load_tokenizer(small_tokenizer, config))  # as mom-train's
+    merged_dir = tmp_path / "merged"
+    code = main(["--base", str(base_dir), "--config", str(HELDOUT_RECIPE), "--merged-out", str(merged_dir),
+                 *ft_args(tmp_path, small_corpus, "train.max_steps=2", "train.eval_batches=1", "data.seq_len=64",
+                          "data.batch_size=2")])
+    assert code == 0
+    base_files = {p.name for p in base_dir.iterdir()}
+    assert {p.name for p in merged_dir.iterdir()} == base_files | {"recipe.yaml"}
+    assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json", "tokenizer", "README.md",
+            "generation_config.json"} <= base_files
+    saved = json.loads((merged_dir / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (2, 3, 0)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer("the cat").input_ids == AutoTokenizer.from_pretrained(base_dir)("the cat").input_ids
+    assert tokenizer("the cat").input_ids[0] == 2  # <s>
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    ids = processor(text="the cat")["input_ids"]
+    assert ids == AutoProcessor.from_pretrained(base_dir)(text="the cat")["input_ids"] and len(ids) > 2
+    card = (merged_dir / "README.md").read_text()
+    assert "## Fine-tuning" in card and "LoRA (r 8, alpha 16.0; in_proj, out_proj of image)" in card
+    assert "AutoTokenizer.from_pretrained" in card and "2 steps of 2 x 64 tokens" in card
+    reloaded = load_finetune_recipe(merged_dir / "recipe.yaml")  # the fine-tuning recipe, lora: included
+    assert reloaded.lora.modalities == ["image"] and reloaded.recipe.train.max_steps == 2
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert type(model) is mom.MoMForCausalLM and tuple(model.config.vocab_sizes) == (2048, 512, 256)
 
 
 def test_stopped_run_saves_no_adapter_and_resumes(tmp_path, capsys, corpora, random_base, one_thread):
