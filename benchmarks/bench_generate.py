@@ -28,9 +28,11 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import transformers  # noqa: E402
 from bench_common import interleaved_modalities  # noqa: E402
 
 import mom  # noqa: E402
+from mom.model.modeling import GENERATE_CARRIES_CACHE  # noqa: E402
 
 VOCAB = 50280  # mamba-ssm's GPT-NeoX vocabulary (50277) padded to a multiple of 8
 VOCAB_SPLIT = (VOCAB - 8192 - 4096, 8192, 4096)  # text / image / speech
@@ -185,6 +187,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)
+        return 2
+    if not GENERATE_CARRIES_CACHE:  # MoM's generate would re-run the whole sequence at every step: no decode to time
+        print(f"bench_generate: transformers {transformers.__version__} does not pass MoM's recurrent cache through "
+              "generate(); install transformers>=5.24 (the project's floor)", file=sys.stderr)
         return 2
     d, n = (int(v) for v in args.model.split("x"))
     print(f"device: {torch.cuda.get_device_name()}  model {d}x{n}  prompt {args.prompt}  new {args.new}  "

@@ -1,8 +1,16 @@
 """Shared builders for the tests: a tiny MoM config and interleaved token ids (imported as ``helpers``)."""
 
+import pytest
 import torch
 
 import mom
+from mom.model.modeling import GENERATE_CARRIES_CACHE
+
+# generate() carries MoM's recurrent cache only in transformers >= 5.24 (older ones pass caches under other names
+# and the model re-runs the whole sequence each step): tests of the decode path through generate() need it.
+needs_generate_cache = pytest.mark.skipif(
+    not GENERATE_CARRIES_CACHE, reason="this transformers does not pass MoM's cache through generate() (needs >= 5.24)"
+)
 
 
 def tiny_config(**overrides) -> mom.MoMConfig:

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from helpers import interleaved_ids, tiny_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config
 
 import mom
 from mom.model import mixer as mixer_module
@@ -76,6 +76,7 @@ def test_mixed_modality_steps_equal_the_full_forward(overrides, pick):
     assert cache.seqlen_offset == ids.shape[1]
 
 
+@needs_generate_cache
 def test_generate_decodes_through_the_sync_free_step(monkeypatch):
     model = _model()
     prompt = _mixed_rows(model)[:, :6]
@@ -101,6 +102,7 @@ def test_lora_wrapped_experts_step_as_the_full_forward(pick):
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
+@needs_generate_cache
 def test_graphs_replay_the_eager_tokens_and_are_reused_per_batch(pick):
     model = _model()
     prompt = _mixed_rows(model)[:, :6]
@@ -114,6 +116,7 @@ def test_graphs_replay_the_eager_tokens_and_are_reused_per_batch(pick):
     assert graphs.captures == 2 and len(graphs.graphs) == 2
 
 
+@needs_generate_cache
 def test_a_cache_keeps_its_states_when_another_takes_the_graph():
     model = _model()
     model.decode_graphs = _eager_graphs()
@@ -125,6 +128,7 @@ def test_a_cache_keeps_its_states_when_another_takes_the_graph():
     assert torch.equal(continued, expected)
 
 
+@needs_generate_cache
 def test_replaced_weights_drop_the_graphs():
     model = _model()
     model.decode_graphs = graphs = _eager_graphs()
@@ -137,6 +141,7 @@ def test_replaced_weights_drop_the_graphs():
     assert graphs.captures == 2
 
 
+@needs_generate_cache
 def test_in_place_weight_changes_are_replayed():
     model = _model()
     model.decode_graphs = graphs = _eager_graphs()
@@ -169,6 +174,7 @@ def test_graphs_apply_to_plain_models_only():
         assert merged is model and graphs.applies(model, ids, mom.MoMCache(model.config, batch_size=2))
 
 
+@needs_generate_cache
 def test_lora_generate_with_graphs_equals_eager_merged_or_not(pick):
     peft = pytest.importorskip("peft")
     model = _model()
@@ -199,6 +205,7 @@ def test_cache_adopts_and_releases_states():
     assert int(cache.conv_states[0][0, 0, 0]) == 0
 
 
+@needs_generate_cache
 def test_beam_search_with_graphs_equals_beam_search_without(pick):
     model = _model()
     prompt = _mixed_rows(model, batch=2)[:, :6]

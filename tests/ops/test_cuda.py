@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config
 
 import mom
 from mom.ops import backend
@@ -233,6 +233,7 @@ def _mixed_prompt(model, batch: int = 4):
     return torch.stack([row.roll(6 * i) for i, row in enumerate(ids)]).cuda()
 
 
+@needs_generate_cache
 @pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"decouple": ()}], ids=["routed", "bias", "dense"])
 def test_cuda_graph_decode_gives_the_eager_tokens(overrides):
     """fp32, greedy: generate() replaying the CUDA graph writes the tokens of the eager step, and the graph is
@@ -275,6 +276,7 @@ def test_cuda_graph_decode_follows_weight_changes():
     assert model.decode_graphs.captures == captures
 
 
+@needs_generate_cache
 def test_cuda_graph_decode_with_lora_merged_or_not():
     peft = pytest.importorskip("peft")
     model = _graph_model()
