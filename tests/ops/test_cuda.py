@@ -247,14 +247,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(overrides):
     assert torch.equal(model.generate(prompt, **kwargs), eager)
     assert model.decode_graphs.captures == 1
     with torch.no_grad():  # the logits, not only their argmax
-        cache = model(prompt, use_cache=True).cache
-        ref_cache = model(prompt, use_cache=True).cache
-        tok = prompt[:, -1:]
-        for _ in range(4):
-            graph_logits = model(tok, cache=cache, use_cache=True, cuda_graph=True).logits
-            eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
-            torch.testing.assert_close(graph_logits, eager_logits, atol=1e-4, rtol=1e-4)
-            tok = eager_logits.argmax(-1)
+        _assert_graph_steps_match_eager(model, prompt, tol=1e-4)
 
 
 def test_cuda_graph_decode_follows_weight_changes():
@@ -299,11 +292,16 @@ def test_cuda_graph_decode_in_bf16_close_to_eager():
             p.data = p.data.float()
     prompt = _mixed_prompt(model, batch=3)
     with torch.inference_mode():
-        cache = model(prompt, use_cache=True).cache
-        ref_cache = model(prompt, use_cache=True).cache
-        tok = prompt[:, -1:]
-        for _ in range(4):
-            graph_logits = model(tok, cache=cache, use_cache=True, cuda_graph=True).logits
-            eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
-            torch.testing.assert_close(graph_logits, eager_logits, atol=2e-2, rtol=2e-2)
-            tok = eager_logits.argmax(-1)
+        _assert_graph_steps_match_eager(model, prompt, tol=2e-2)
+
+
+def _assert_graph_steps_match_eager(model, prompt: torch.Tensor, tol: float, steps: int = 4) -> None:
+    """Greedy decode steps after ``prompt``: the graph's logits equal the eager step's (two caches, same tokens)."""
+    cache = model(prompt, use_cache=True).cache
+    ref_cache = model(prompt, use_cache=True).cache
+    tok = prompt[:, -1:]
+    for _ in range(steps):
+        graph_logits = model(tok, cache=cache, use_cache=True, cuda_graph=True).logits
+        eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
+        torch.testing.assert_close(graph_logits, eager_logits, atol=tol, rtol=tol)
+        tok = eager_logits.argmax(-1)
