@@ -39,8 +39,12 @@ class CausalConv1d(nn.Conv1d):
     module, so that whatever places a module's weights at its call (accelerate's offload hooks under
     ``device_map``, ZeRO-3) sees its weights used."""
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (b, di, l) -> silu(causal conv(x)) (b, di, l); the window restarts where ``doc_start`` (b, l) is set."""
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, di, l) -> silu(causal conv(x)) (b, di, l); the window restarts where ``doc_start`` (b, l) is set.
+        With ``conv_state`` (b, di, w), one recurrent step instead: x (b, di) -> (b, di), the state updated in place."""
+        if conv_state is not None:
+            return backend.causal_conv1d_update(x, conv_state, self.weight.squeeze(1), self.bias)
         return backend.causal_conv1d(x, self.weight.squeeze(1), self.bias, doc_start)
 
 
@@ -186,9 +190,7 @@ class MoMMixer(nn.Module):
         modalities, so that the step can be captured in a CUDA graph (`mom.model.graph`)."""
         xz = project_rows(self.in_proj, hidden[:, 0], routing)  # (b, 2*di)
         x, z = xz.chunk(2, dim=-1)
-        x = backend.causal_conv1d_update(
-            x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1), self.conv1d.bias
-        )  # (b, di)
+        x = self.conv1d(x, conv_state=cache.conv_states[self.layer_idx])  # (b, di)
         x_dbl = project_rows(self.x_proj, x, routing)  # (b, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = project_rows(self.dt_proj, dt, routing)  # (b, di), Δ pre-activation

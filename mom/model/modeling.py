@@ -762,7 +762,14 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
                 and isinstance(cache, MoMCache) and cache.seqlen_offset > 0 and use_cache is not False
                 and cache.batch_size == input_ids.shape[0] and not cache.recording and not has_targets
                 and not (output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states))
-                and isinstance(keep, slice))
+                and isinstance(keep, slice) and not self._weights_offloaded())
+
+    def _weights_offloaded(self) -> bool:
+        """Whether accelerate places some weights at each module call (a ``device_map`` with blocks on disk, or on the
+        CPU beside a GPU): `decode_logits` reads weights without calling every module, so the forward's module path
+        decodes then."""
+        placement = set((getattr(self, "hf_device_map", None) or {}).values())
+        return "disk" in placement or ("cpu" in placement and len(placement) > 1)
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, object]:
         """The loss fields of `MoMCausalLMOutput`: mean loss over all targets (b, l), and per modality of the target

@@ -97,3 +97,13 @@ def test_an_automatic_map_never_splits_a_block(export):
     assert "disk" in device_map.values()  # the budget forced a split somewhere
     for name in device_map:
         assert ".mixer" not in name and ".norm." not in name, device_map  # whole blocks (or larger) only
+
+
+def test_generate_with_an_offloaded_block_equals_the_plain_model(export, reference, tmp_path):
+    """Decoding calls the offloaded block's modules (accelerate places their weights at each call), so it gives the
+    plainly loaded model's tokens."""
+    ids = reference[0][:, :10]
+    plain = AutoModelForCausalLM.from_pretrained(export).eval()
+    split = AutoModelForCausalLM.from_pretrained(export, device_map=SPLIT, offload_folder=tmp_path / "offload").eval()
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(split.generate(ids, **kwargs), plain.generate(ids, **kwargs))
