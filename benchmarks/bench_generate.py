@@ -81,9 +81,7 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
 
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    for name, p in model.named_parameters():  # A_log and D stay fp32, as in training and in from_pretrained
-        if name.endswith(("A_log", "D")):
-            p.data = p.data.float()
+    model.keep_ssm_params_fp32()  # A_log and D stay fp32, as in training and in from_pretrained
 
     def prefill(ids: torch.Tensor) -> None:
         model(ids, use_cache=True, logits_to_keep=1)

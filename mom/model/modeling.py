@@ -351,8 +351,7 @@ def validate_and_route(
     if input_ids is not None:
         bad = (input_ids < 0) | (input_ids >= V)
         checks["token id"] = (bad, lambda bad: f"token id {first(input_ids, bad)} is out of range; valid: [0, {V})")
-        bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
-        derived = torch.bucketize(input_ids.contiguous(), bounds, right=True)  # (b, l) modality of each id
+        derived = modality_of_ids(config, input_ids)  # (b, l)
     if modality_ids is not None:
         bad = (modality_ids < 0) | (modality_ids >= M)
         checks["modality id"] = (bad, lambda bad: f"modality id {first(modality_ids, bad)} is out of range; "
@@ -401,6 +400,13 @@ def _vocab_bounds(offsets: tuple[int, ...], device: torch.device, dtype: torch.d
     """The first id of every modality but the first, on the device: copied there once, not at every forward (a copy
     from host memory waits for the device)."""
     return torch.tensor(offsets, device=device, dtype=dtype)
+
+
+def modality_of_ids(config: MoMConfig, ids: torch.Tensor) -> torch.Tensor:
+    """The modality of each unified id (same shape), on the device, unchecked and without a host sync (ids out of
+    range land in the first or last modality; `MoMConfig.modality_of` is the checked host-side twin)."""
+    bounds = _vocab_bounds(tuple(config.vocab_offsets[1:]), ids.device, ids.dtype)
+    return torch.bucketize(ids.contiguous(), bounds, right=True)
 
 
 def padding_mask(attention_mask: torch.Tensor | None, b: int, l: int, past: int) -> torch.Tensor | None:
@@ -539,8 +545,7 @@ class MoMModel(MoMPreTrainedModel):
         caller's own sampling, e.g. generate(); out-of-range ids are clamped): ids (b, 1) -> final hidden (b, 1, d).
         The cache's states advance in place, its ``seqlen_offset`` does not (the caller counts). Each row's experts
         are picked on the device, so a CUDA graph can capture this (`mom.model.graph`)."""
-        bounds = _vocab_bounds(tuple(self.config.vocab_offsets[1:]), input_ids.device, input_ids.dtype)
-        routing = Routing(torch.bucketize(input_ids.contiguous(), bounds, right=True), self.config.num_modalities)
+        routing = Routing(modality_of_ids(self.config, input_ids), self.config.num_modalities)
         residual = self.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))  # (b, 1, d)
         out = None
         for layer in self.layers:
@@ -779,8 +784,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
                                     reduction="none")
         valid = (targets != IGNORE_INDEX).float()
-        bounds = _vocab_bounds(tuple(self.config.vocab_offsets[1:]), targets.device, targets.dtype)
-        target_modality = torch.bucketize(targets, bounds, right=True)  # -100 lands in 0, with weight 0
+        target_modality = modality_of_ids(self.config, targets)  # -100 lands in 0, with weight 0
         sums = per_token.new_zeros(M).scatter_add_(0, target_modality, per_token * valid)
         counts = valid.new_zeros(M).scatter_add_(0, target_modality, valid)
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))

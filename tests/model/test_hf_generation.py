@@ -3,15 +3,12 @@ decoding, extra outputs, eos, the prefill's logits_to_keep."""
 
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config
 from transformers import Cache
 
 import mom
 from mom.model.modeling import GENERATE_CARRIES_CACHE
 
-needs_cache_api = pytest.mark.skipif(
-    not GENERATE_CARRIES_CACHE, reason="this transformers passes generate()'s cache under other names"
-)
 PROMPT_RUNS = [(0, 3), (1, 4)]
 
 
@@ -44,7 +41,7 @@ def test_cache_reorder_selects_rows():
         assert s[:, 0, 0].tolist() == [2 + 10 * i, 2 + 10 * i, 10 * i]
 
 
-@needs_cache_api
+@needs_generate_cache
 def test_generate_continues_from_the_cache_it_returned():
     model = _model()
     prompt = _prompt(model)
@@ -56,7 +53,7 @@ def test_generate_continues_from_the_cache_it_returned():
     assert torch.equal(continued, model.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
-@needs_cache_api
+@needs_generate_cache
 def test_assisted_decoding_equals_greedy_and_rolls_the_cache_back(monkeypatch):
     model, assistant = _model(0), _model(1)  # a different assistant: its drafts get rejected, the cache rolled back
     prompt = _prompt(model, batch=1)
@@ -130,7 +127,7 @@ def test_empty_prompt_is_a_value_error():
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
 
 
-@needs_cache_api
+@needs_generate_cache
 def test_generate_from_inputs_embeds_equals_generate_from_ids():
     model = _model()
     prompt = _prompt(model)
