@@ -837,3 +837,11 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         from mom.model.convert import mom_from_dense_mamba
 
         return mom_from_dense_mamba(model_or_path, config, cls)
+
+    @classmethod
+    def from_dense_mamba2(cls, model_or_path, config: MoMConfig) -> MoMForCausalLM:
+        """Warm-start a ``mixer: mamba2`` MoM from a dense ``transformers.Mamba2ForCausalLM`` (object or local
+        directory): every dense projection copied into every expert, so the logits equal the dense model's."""
+        from mom.model.convert import mom_from_dense_mamba2
+
+        return mom_from_dense_mamba2(model_or_path, config, cls)
