@@ -226,7 +226,7 @@ def test_loss_goes_down():
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
