@@ -1,4 +1,5 @@
-"""MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head.
+"""MoM language model: embeddings, a stack of (norm -> mixer -> residual) blocks (`make_mixer`: the Mamba-1 `MoMMixer`
+or the Mamba-2 `Mamba2Mixer`), final norm, LM head.
 
 Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
 `MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` (a transformers ``Cache``)
