@@ -282,7 +282,7 @@ def test_cuda_kernel_path_equals_the_reference(reset, monkeypatch):
     def run(reference: bool):
         monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "1" if reference else "0")
         model.zero_grad(set_to_none=True)
-        out = model(ids, labels=ids, seq_idx=seq_idx)
+        out = model(ids, labels=ids, seq_idx=seq_idx, use_cache=False)  # no cache: the fused kernel's path
         out.loss.backward()
         return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
