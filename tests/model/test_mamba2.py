@@ -14,7 +14,7 @@ from mom.model.graph import DecodeGraphs
 from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import sorted_stream
 from mom.model.routing import RoutedLinear
-from mom.ops import backend
+from mom.ops import backend, ssd
 from mom.train.lora import LoraSettings, wrap
 
 RUNS = [(0, 5), (1, 7), (2, 4), (0, 3), (1, 2)]  # every modality, interleaved; l = 21 (chunks of 8 and a tail)
@@ -99,6 +99,42 @@ def test_experts_route_by_modality():
     first_image = 5
     torch.testing.assert_close(after[:, :first_image], before[:, :first_image])
     assert not torch.allclose(after[:, first_image:], before[:, first_image:])
+
+
+def _split_conv1d_scan_oracle(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None,
+                              activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                              outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
+    """mamba-ssm's ``mamba_split_conv1d_scan_combined`` (its signature and ``mamba_split_conv1d_scan_ref``'s maths,
+    plus ``seq_idx``) written here over the sequential SSD loop: checks what the mixer's fused path passes."""
+    assert activation == "silu" and outproj_weight is None and outproj_bias is None and not norm_before_gate
+    h = D.shape[0]
+    dim = h * headdim
+    n = (zxbcdt.shape[-1] - 2 * dim - h) // ngroups // 2
+    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * n, h], dim=-1)
+    reset = None if seq_idx is None else torch.nn.functional.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+    xBC = backend.causal_conv1d(xBC.transpose(1, 2).contiguous(), conv1d_weight, conv1d_bias, reset).transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * n, ngroups * n], dim=-1)
+    y, _ = ssd.ssd_sequential(x.unflatten(-1, (h, headdim)), dt, A, B.unflatten(-1, (ngroups, n)),
+                              C.unflatten(-1, (ngroups, n)), D, dt_bias, True, reset)
+    gated = y.flatten(-2) * torch.nn.functional.silu(z)
+    groups = gated.unflatten(-1, (ngroups, -1))
+    normed = groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + rmsnorm_eps)
+    return normed.flatten(-2) * rmsnorm_weight
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["flow", "reset"])
+def test_fused_path_passes_the_kernel_what_the_module_path_computes(reset, monkeypatch):
+    """The CUDA fast path's call of mamba-ssm's fused function, on CPU with an oracle of that function."""
+    model = model_of(reset_at_document_boundaries=reset)
+    ids = ids_of(model.config)
+    seq_idx = (torch.arange(ids.shape[1]) // 6).expand_as(ids)
+    with torch.no_grad():
+        module_path = model(ids, seq_idx=seq_idx, use_cache=False).logits
+        fake = backend.Mamba2Kernels(chunk_scan=None, split_conv1d_scan=_split_conv1d_scan_oracle)
+        monkeypatch.setattr(backend, "mamba2_kernels", lambda t: fake)
+        assert model.backbone.layers[0].mixer.fused_applies(ids)
+        fused = model(ids, seq_idx=seq_idx, use_cache=False).logits
+    torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
 
 
 def test_mixers_never_sort_the_stream():
