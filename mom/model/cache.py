@@ -14,8 +14,19 @@ from transformers import Cache
 from mom.model.config import MoMConfig
 
 
+def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(conv state, SSM state) shapes of layer ``layer_idx``, by its mixer kind: Mamba-1 (b, d_inner, d_conv) and
+    (b, d_inner, d_state); Mamba-2 (b, d_inner + 2 ngroups d_state, d_conv) (x, B and C go through its conv) and
+    (b, nheads, headdim, d_state)."""
+    if config.mixer == "mamba2":
+        conv_dim = config.d_inner + 2 * config.ngroups * config.d_state
+        return (batch_size, conv_dim, config.d_conv), (batch_size, config.nheads, config.headdim, config.d_state)
+    return (batch_size, config.d_inner, config.d_conv), (batch_size, config.d_inner, config.d_state)
+
+
 class MoMCache(Cache):
-    """Per layer: the last ``d_conv`` conv inputs (b, d_inner, d_conv) and the SSM state (b, d_inner, d_state).
+    """Per layer: the last ``d_conv`` conv inputs and the SSM state (`state_shapes`: Mamba-1 (b, d_inner, d_conv)
+    and (b, d_inner, d_state)).
 
     ``seqlen_offset`` counts the tokens already consumed; 0 means the next forward is a prefill. Built with a
     ``batch_size`` the states are allocated at once; without one, by the model's first forward (as ``generate()``
@@ -48,10 +59,9 @@ class MoMCache(Cache):
     def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
         """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
         accumulates it in fp32)."""
-        shape_conv = (batch_size, self.d_inner, self.d_conv)
-        shape_ssm = (batch_size, self.d_inner, self.d_state)
-        self.conv_states = [torch.zeros(shape_conv, device=device, dtype=dtype) for _ in range(self.n_layer)]
-        self.ssm_states = [torch.zeros(shape_ssm, device=device, dtype=torch.float32) for _ in range(self.n_layer)]
+        shapes = [state_shapes(self.config, i, batch_size) for i in range(self.n_layer)]
+        self.conv_states = [torch.zeros(conv, device=device, dtype=dtype) for conv, _ in shapes]
+        self.ssm_states = [torch.zeros(ssm, device=device, dtype=torch.float32) for _, ssm in shapes]
 
     def zeros_like(self) -> MoMCache:
         """A new cache of the same batch, dtype and device, its states zero."""

@@ -127,7 +127,9 @@ class FlopTable:
         )
         lines = [
             f"d_model={c.d_model} n_layer={c.n_layer} d_inner={c.d_inner} d_state={c.d_state} d_conv={c.d_conv} "
-            f"dt_rank={c.dt_rank} vocab={c.vocab_size} modalities={','.join(c.modalities)} "
+            + (f"mixer=mamba2 headdim={c.headdim} ngroups={c.ngroups} chunk_size={c.chunk_size} " if c.mixer == "mamba2"
+               else f"dt_rank={c.dt_rank} ")
+            + f"vocab={c.vocab_size} modalities={','.join(c.modalities)} "
             f"decouple={','.join(c.decouple) or '() (dense)'}",
             header,
             "-" * len(header),
@@ -157,6 +159,8 @@ class FlopTable:
 
 def flop_table(config: MoMConfig) -> FlopTable:
     """Analytic forward FLOPs per token and parameters of every component of ``config``'s model."""
+    if config.mixer == "mamba2":
+        return _mamba2_table(config)
     d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     V, L, M = config.vocab_size, config.n_layer, config.num_modalities
     experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
@@ -195,6 +199,70 @@ def flop_table(config: MoMConfig) -> FlopTable:
                 "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
         FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
     ]  # fmt: skip
+    return FlopTable(config, tuple(rows))
+
+
+def _outer_rows(config: MoMConfig) -> tuple[list[FlopRow], list[FlopRow]]:
+    """The rows around the mixers (embedding and block norm; final norm, LM head and loss), any mixer kind."""
+    d, V, L = config.d_model, config.vocab_size, config.n_layer
+    norm_params = d if config.rms_norm else 2 * d
+    per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
+    norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
+    head_params = 0 if config.tie_word_embeddings else V * d
+    before = [
+        FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
+        FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
+    ]
+    after = [
+        FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
+        FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
+        FlopRow("lm_head", 2 * d * V, head_params, head_params, "matmul", 1,
+                "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
+        FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
+    ]
+    return before, after
+
+
+def _mamba2_table(config: MoMConfig) -> FlopTable:
+    """The rows of a Mamba-2 (SSD) model (`mom.model.mamba2`). The scan is counted as its chunked algorithm runs it
+    (mamba-ssm's kernels and `mom.ops.ssd.ssd_chunked`), per token for chunks of Q = ``chunk_size``: C.B within
+    the chunk per group, those scores times Δx per head, each chunk's state, the state passed between chunks (once
+    per chunk: /Q) and read out by C; the FLOPs per token depend on Q, not on the sequence length."""
+    d, di, n, w, L, M = config.d_model, config.d_inner, config.d_state, config.d_conv, config.n_layer, \
+        config.num_modalities
+    h, g, Q = config.nheads, config.ngroups, config.chunk_size
+    c = di + 2 * g * n  # conv channels: x, B, C
+    experts = {p: (M if p in config.decouple else 1) for p in ("in_proj", "out_proj")}
+
+    def proj(name: str, in_f: int, out_f: int, note: str) -> FlopRow:
+        one = in_f * out_f + (out_f if config.bias else 0)  # parameters of one expert
+        return FlopRow(f"layer.{name}", 2 * in_f * out_f, experts[name] * one, one, "matmul", L,
+                       f"{note}; {experts[name]} expert(s)")
+
+    conv_params = c * w + (c if config.conv_bias else 0)
+    bias_flops = (c if config.conv_bias else 0) + ((di + c + h) + d if config.bias else 0)
+    before, after = _outer_rows(config)
+    rows = [
+        *before,
+        proj("in_proj", d, di + c + h, "2*d*(2*d_inner+2*ngroups*d_state+nheads): z, x, B, C, dt"),
+        FlopRow("layer.conv1d", 2 * c * w, conv_params, conv_params, "conv", L,
+                "2*(d_inner+2*ngroups*d_state)*d_conv, depthwise causal over x, B, C"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * c, 0, 0, "elementwise", L, f"{SILU_FLOPS}*(d_inner+2*ngroups*d_state)"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (conv, projections)"),
+        FlopRow("layer.ssd.dt", (SOFTPLUS_FLOPS + 3) * h, h, h, "scan", L,
+                f"({SOFTPLUS_FLOPS}+3)*nheads: +dt_bias, softplus, *A, cumsum; dt_bias params"),
+        FlopRow("layer.ssd.intra_chunk", 2 * Q * g * n + 2 * Q * h + di + 2 * Q * di, h, h, "scan", L,
+                "2*Q*ngroups*d_state (C.B) + 2*Q*nheads (decays) + d_inner (dt*x) + 2*Q*d_inner; A_log params"),
+        FlopRow("layer.ssd.chunk_state", 2 * di * n + h, 0, 0, "scan", L, "2*d_inner*d_state + nheads: B.(decay*dt*x)"),
+        FlopRow("layer.ssd.state_passing", 2 * di * n // Q, 0, 0, "scan", L, "2*d_inner*d_state per chunk, /Q"),
+        FlopRow("layer.ssd.inter_chunk", 2 * di * n + 2 * di, 0, 0, "scan", L,
+                "2*d_inner*d_state (C.state) + 2*d_inner (decay, add)"),
+        FlopRow("layer.ssd.skip_D", 2 * di, h, h, "scan", L, "2*d_inner: y += D*x; D params"),
+        FlopRow("layer.gated_norm", (SILU_FLOPS + 1 + RMSNORM_FLOPS) * di, di, di, "elementwise", L,
+                f"({SILU_FLOPS}+1+{RMSNORM_FLOPS})*d_inner: rmsnorm(y*silu(z))"),
+        proj("out_proj", di, d, "2*d_inner*d"),
+        *after,
+    ]
     return FlopTable(config, tuple(rows))
 
 

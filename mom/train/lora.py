@@ -27,7 +27,7 @@ import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from mom.model.config import PROJECTIONS
+from mom.model.config import MIXER_PROJECTIONS, PROJECTIONS
 from mom.model.routing import RoutedLinear
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict
@@ -147,6 +147,11 @@ def preset_targets(config: Any, projections: Iterable[str], modalities: list[str
             raise ValueError(
                 f"lora.modalities: unknown modality(ies) {unknown}; this base has {list(config.modalities)}"
             )
+    mixer = getattr(config, "mixer", "mamba1")
+    absent = [p for p in projections if p not in MIXER_PROJECTIONS[mixer]]
+    if absent:
+        raise ValueError(f"lora.projections: this base's mixer {mixer} has no {absent}; its projections are "
+                         f"{list(MIXER_PROJECTIONS[mixer])}")
     targets = []
     for proj in projections:
         if proj in config.decouple:
