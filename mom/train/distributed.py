@@ -130,7 +130,55 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     }
     if ctx.precision == "autocast_bf16":  # fp32 weights; nn.Linear / Conv1d run in bf16 (DeepSpeed's default list)
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return merge(config, ds.extra)
+    config = merge(config, ds.extra)
+    if skips_on_device(config):
+        # DeepSpeed's bf16 overflow check reads every gradient (a few kernels each) and then the device, twice per
+        # step; instead the step is skipped on the device (`SkippedSteps`) unless the recipe's extra says otherwise
+        config["bf16"].setdefault("check_grad_overflow", False)
+    return config
+
+
+def skips_on_device(config: dict[str, Any]) -> bool:
+    """True where a non-finite step can be skipped on the device: bf16 ZeRO-1/2 with torch's fused AdamW on the
+    device (its ``found_inf`` input), no optimizer offload, DeepSpeed computing the gradient norm."""
+    zero, optimizer = config.get("zero_optimization", {}), config.get("optimizer", {})
+    return (config.get("bf16", {}).get("enabled", False) and zero.get("stage") in (1, 2)
+            and zero.get("offload_optimizer", {}).get("device", "none") == "none"
+            and zero.get("compute_grad_norm", True) and optimizer.get("type") == "AdamW"
+            and bool(optimizer.get("params", {}).get("torch_adam")) and bool(optimizer.get("params", {}).get("fused")))
+
+
+class SkippedSteps:
+    """Whether the last ``engine.step()`` skipped its update because a gradient was not finite.
+
+    Where DeepSpeed's own bf16 overflow check is off (`deepspeed_config`, `skips_on_device`), the skip happens on
+    the device, with no host sync: before each fused AdamW step, torch's ``found_inf`` input is set from the global
+    gradient norm DeepSpeed has just computed for this step (+inf when any gradient is not finite; the same on every
+    rank, as it is all-reduced); fused AdamW then leaves parameters, moments and step count as they were, and the
+    bf16 weights are recopied unchanged from them. ``last()`` is then a 0-dim device tensor (1.0: skipped), read
+    only when the trainer logs. Otherwise DeepSpeed decides on the host (``engine.was_step_applied()``, read after
+    its own device read) and ``last()`` is a bool.
+    """
+
+    def __init__(self, engine: Any, config: dict[str, Any]) -> None:
+        self.engine = engine
+        self.on_device = skips_on_device(config) and config["bf16"].get("check_grad_overflow") is False
+        self._norm: Any = None  # the gradient norm the flag was computed from (one per step, several groups)
+        self._flag: torch.Tensor | None = None
+        if self.on_device:
+            self.engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        norm = self.engine.optimizer._global_grad_norm  # set by DeepSpeed's ZeRO step before the optimizer runs
+        if norm is not self._norm:
+            self._norm = norm
+            self._flag = (~torch.isfinite(norm)).float().reshape(())  # (), 1.0: skip
+        optimizer.found_inf = self._flag
+
+    def last(self) -> torch.Tensor | bool:
+        if self.on_device:
+            return self._flag if self._flag is not None else False
+        return not self.engine.was_step_applied()
 
 
 def trainer_clips(recipe: Recipe, ctx: Context) -> bool:
