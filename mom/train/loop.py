@@ -41,7 +41,7 @@ from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
 from mom.train import distributed
 from mom.train.checkpoint import SUPERSEDED, Checkpointer, read_meta
-from mom.train.distributed import Context, SkippedSteps, all_reduce_sum, decided_on_main
+from mom.train.distributed import ClipAndSkip, Context, all_reduce_sum, decided_on_main
 from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
@@ -120,7 +120,7 @@ def train(
     batches = Prefetcher(loader, functools.partial(host_inputs, num_modalities=config.num_modalities),
                          recipe.data.prefetch, pin_memory=ctx.device.type == "cuda", device=ctx.device)
     engine = distributed.initialize(model, groups, recipe, ctx)
-    skipped = SkippedSteps(engine, distributed.deepspeed_config(recipe, ctx))
+    clip_and_skip = ClipAndSkip(engine, recipe, ctx)  # on the device where DeepSpeed allows it
     if ctx.is_main:
         print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
 
@@ -159,7 +159,7 @@ def train(
         for step in range(state["step"] + 1, last_step + 1):
             set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
             window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, own_clip, recipe.optim.grad_clip,
-                                        step in cfg.inject_nan_steps, skipped), tokens_per_step)
+                                        step in cfg.inject_nan_steps, clip_and_skip), tokens_per_step)
             state["step"] = step
             state["tokens"] += tokens_per_step
             state["flops"] += flops_per_token * tokens_per_step
@@ -285,7 +285,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modal
 # ---- one optimizer step ----------------------------------------------------------------------------------------
 def train_step(
     engine: Any, batches: Any, ctx: Context, grad_accum: int, own_clip: bool, grad_clip: float, inject_nan: bool,
-    skipped: SkippedSteps,
+    clip_and_skip: ClipAndSkip,
 ) -> dict[str, Any]:
     """``grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite. Reads nothing
     from the device (except where the trainer clips itself: `clip_or_drop_grads`).
@@ -306,11 +306,11 @@ def train_step(
         micro_stats = torch.cat([out.modality_loss_sums.detach().double(), out.modality_target_counts.detach().double(),
                                  (~torch.isfinite(loss.detach())).double().reshape(1)])  # (2M + 1,)
         stats = micro_stats if stats is None else stats + micro_stats
-    # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves, or on the
-    # device (SkippedSteps); the plain fp32 stage-0 optimizer does not, so clip_or_drop_grads cleared the gradients.
+    # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves, or
+    # ClipAndSkip does on the device; the plain fp32 stage-0 optimizer does not: clip_or_drop_grads cleared them.
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
-    return {"stats": stats, "skipped": own_skip or skipped.last(), "grad_norm": grad_norm}
+    return {"stats": stats, "skipped": own_skip or clip_and_skip.last(), "grad_norm": grad_norm}
 
 
 def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
