@@ -140,6 +140,8 @@ def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "bf16": {"enabled": ctx.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # mom.train.metrics logs; keep DeepSpeed's own step printing off
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and step
+        "timers": {"throughput": {"enabled": False}},
     }
     if ctx.precision == "autocast_bf16":  # fp32 weights; nn.Linear / Conv1d run in bf16 (DeepSpeed's default list)
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
@@ -170,7 +172,7 @@ class ClipAndSkip:
     all-reduced): with ``found_inf`` fused AdamW leaves parameters, moments and step count as they were, and the bf16
     weights are recopied unchanged from them. No host sync: ``last()`` (was the last step skipped) is a 0-dim device
     tensor, 1.0 when skipped, read when the trainer logs. Elsewhere DeepSpeed clips and skips on the host and
-    ``last()`` is ``not engine.was_step_applied()``.
+    ``last()`` is ``not engine.was_step_applied()``. Build it after loading a checkpoint.
     """
 
     def __init__(self, engine: Any, recipe: Recipe, ctx: Context) -> None:
@@ -180,12 +182,11 @@ class ClipAndSkip:
         self._scale: torch.Tensor | None = None
         self._flag: torch.Tensor | None = None
         if self.clip is not None:
+            engine.optimizer.clip_grad = 0.0  # a checkpoint saved while DeepSpeed clipped restores its clip_grad
             engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        zero = self.engine.optimizer
-        zero.clip_grad = 0.0  # a checkpoint saved while DeepSpeed clipped restores its clip_grad: clipping is here
-        norm = zero._global_grad_norm  # DeepSpeed's ZeRO step sets it before the optimizer runs
+        norm = self.engine.optimizer._global_grad_norm  # DeepSpeed's ZeRO step sets it before the optimizer runs
         if norm is not self._norm:  # the step's first parameter group
             self._norm = norm
             self._flag = (~torch.isfinite(norm)).float().reshape(())  # (), 1.0: skip

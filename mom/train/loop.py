@@ -120,7 +120,6 @@ def train(
     batches = Prefetcher(loader, functools.partial(host_inputs, num_modalities=config.num_modalities),
                          recipe.data.prefetch, pin_memory=ctx.device.type == "cuda", device=ctx.device)
     engine = distributed.initialize(model, groups, recipe, ctx)
-    clip_and_skip = ClipAndSkip(engine, recipe, ctx)  # on the device where DeepSpeed allows it
     if ctx.is_main:
         print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
 
@@ -135,6 +134,7 @@ def train(
         state.update({k: meta[k] for k in state})
         if ctx.is_main:
             print(f"resumed from {resume_from} (step {state['step']})", flush=True)
+    clip_and_skip = ClipAndSkip(engine, recipe, ctx)  # on the device where DeepSpeed allows it; after the load
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         saved = recipe.to_dict()

@@ -2,7 +2,8 @@
 path skips a non-finite step on the device (fused AdamW ``found_inf``) and leaves the weights as they were.
 
 On CPU a "device read" cannot be seen as a sync, so it is counted where it is made: every call, in the main thread,
-of the tensor methods that hand a value to Python (``item``, ``tolist``, ``__bool__``, ``__float__``, ...); the
+of the tensor methods that hand a value to Python (``item``, ``tolist``, ``__bool__``, ``__float__``, ...) and of
+DeepSpeed's accelerator ``synchronize`` (its throughput timer's, for one, before it was configured off); the
 prefetch worker's host-side reads are not on the step's path and are not counted. The GPU configuration (bf16,
 ZeRO-1, torch's fused AdamW) is run on CPU: DeepSpeed takes the same code path there.
 """
@@ -30,19 +31,23 @@ def corpus(tmp_path_factory):
 
 
 class ReadCounter:
-    """Counts main-thread calls of the tensor methods in READS while ``active``."""
+    """Counts main-thread calls of the tensor methods in READS, and of DeepSpeed's device-wide synchronize, while
+    ``active``."""
 
     def __init__(self, monkeypatch):
+        from deepspeed.accelerator import get_accelerator
+
         self.active, self.count = False, 0
         for name in READS:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(original))
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+        accelerator = get_accelerator()  # the one instance DeepSpeed calls
+        monkeypatch.setattr(accelerator, "synchronize", self._counted(accelerator.synchronize))
 
-    def _wrap(self, original):
-        def counted(tensor, *args, **kwargs):
+    def _counted(self, function):
+        def counted(*args, **kwargs):
             if self.active and threading.current_thread() is threading.main_thread():
                 self.count += 1
-            return original(tensor, *args, **kwargs)
+            return function(*args, **kwargs)
 
         return counted
 
@@ -138,13 +143,18 @@ def test_clipping_moves_to_the_device_only_where_deepspeed_would_not_check_itsel
     assert guard.clip is None and guard.last() is True  # DeepSpeed's own host flag
 
 
+@pytest.mark.slow  # four short runs
 def test_clipping_on_the_device_equals_deepspeeds(corpus, tmp_path):
-    """The same 3 steps with DeepSpeed clipping (and checking) on the host, and with ClipAndSkip: same numbers."""
+    """The same 3 steps with DeepSpeed clipping (and checking) on the host, with ClipAndSkip, and with ClipAndSkip
+    resuming a checkpoint DeepSpeed clipped for (which restores DeepSpeed's clip_grad): the same numbers."""
+    host = "deepspeed.extra.bf16.check_grad_overflow=true"
     runs = {}
-    for name, extra in (("deepspeed", ["deepspeed.extra.bf16.check_grad_overflow=true"]), ("device", [])):
+    for name, first in (("deepspeed", [host]), ("device", []), ("resumed", [host, "train.stop_after=2"])):
         out = tmp_path / name
-        loop.train(recipe(corpus, out, "train.max_steps=3", "train.log_every=1", "train.save_every=0",
-                          "optim.grad_clip=0.3", *extra))  # the gradient norms are about 1: clipping is active
+        args = ["train.max_steps=3", "train.log_every=1", "train.save_every=0", "optim.grad_clip=0.3"]
+        loop.train(recipe(corpus, out, *args, *first))  # the gradient norms are about 1: clipping is active
+        if name == "resumed":
+            loop.train(recipe(corpus, out, *args))
         runs[name] = [(r["loss"], r["grad_norm"]) for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    assert runs["device"] == runs["deepspeed"]
+    assert runs["device"] == runs["deepspeed"] == runs["resumed"]
     assert all(norm > 0.3 for _, norm in runs["device"])
