@@ -97,7 +97,7 @@ class Prefetcher:
         self._state, self._finished = self.loader.state_dict(), False
 
     def close(self) -> None:
-        """Stop the worker (it is restarted by the next ``next()``)."""
+        """Stop the worker (it is restarted by the next ``next()``); also on leaving a ``with`` block."""
         if self._thread is None:
             return
         self._stop.set()
@@ -108,6 +108,12 @@ class Prefetcher:
                 pass
         self._thread.join()
         self._thread, self._queue = None, None
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __del__(self) -> None:
         try:

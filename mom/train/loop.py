@@ -155,7 +155,7 @@ def train(
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     own_clip = distributed.trainer_clips(recipe, ctx)
-    with stop:
+    with stop, batches:  # leaving: the data worker stops
         for step in range(state["step"] + 1, last_step + 1):
             set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
             window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, own_clip, recipe.optim.grad_clip,
@@ -182,7 +182,6 @@ def train(
                     bar.close()
                     metrics.close()
                     last = checkpointer.latest()
-                    batches.close()
                     raise TrainingError(f"{message}: too many bad steps, stopping. Last checkpoint (intact): {last}")
             if log_now:
                 train_metrics = window.summary()
@@ -214,11 +213,10 @@ def train(
                     checkpointer.save(engine, batches, {**state, "model": shape})
                 bar.close()
                 metrics.close()
-                batches.close()
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, step, checkpointer.latest(), ctx.is_main)
             window.restart_clock()  # evaluation and saving are not training time
         bar.close()
-        batches.close()
+        batches.close()  # no more training batches
 
         # ---- end of run: evaluate, checkpoint, export -------------------------------------------------------------
         validation: dict[str, Any] = {}
