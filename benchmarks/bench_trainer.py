@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import measure  # noqa: E402
-from bench_lm import host_counts, make_batch, mom_forward, train_step_fn  # noqa: E402
+from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: E402
+from bench_lm import host_counts, mom_forward, train_step_fn  # noqa: E402
 
 import mom  # noqa: E402
 from mom.data.kinds import KINDS  # noqa: E402
@@ -147,11 +147,20 @@ def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace)
     return tps, windows, wall
 
 
+def raw_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cuda") -> torch.Tensor:
+    """(batch, length) token ids in runs of each of the config's modalities (bench_lm's layout, as many modalities
+    as the model has), each id drawn from its modality's vocabulary."""
+    modality_ids = interleaved_modalities(batch, length, DEFAULT_RUNS[: config.num_modalities], device)
+    offsets = torch.tensor(config.vocab_offsets, device=device)
+    sizes = torch.tensor(config.vocab_sizes, device=device)
+    return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
+
+
 def raw_step(recipe: Path, corpus: Path, args: argparse.Namespace) -> tuple[float, mom.MoMConfig]:
     """bench_lm's training step on the trainer's model config: best of --rounds rounds, tokens/s."""
     r = load_recipe(recipe, [f"data.path={corpus}", *args.override])
     config = resolve_model_config(r)
-    ids = make_batch(config, args.batch, args.length)
+    ids = raw_batch(config, args.batch, args.length)
     counts = host_counts(config, ids)
     best = 0.0
     for _ in range(args.rounds):
