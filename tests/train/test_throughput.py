@@ -82,30 +82,28 @@ def test_steps_between_sync_points_read_only_what_the_forward_reads(corpus, tmp_
 
     monkeypatch.setattr(loop, "train_step", counted_step)
     out = tmp_path / "run"
-    result = loop.train(recipe(corpus, out, "train.max_steps=4", "train.grad_accum=2", "train.log_every=2",
+    result = loop.train(recipe(corpus, out, "train.max_steps=3", "train.grad_accum=2", "train.log_every=3",
                                "train.save_every=0"))
-    assert result["step"] == 4
-    assert per_step == [2 * per_forward] * 4  # two micro-batches a step, nothing else read
+    monkeypatch.undo()  # the counters and the step wrapper: the second run goes at full speed
+    assert result["step"] == 3
+    assert per_step == [2 * per_forward] * 3  # two micro-batches a step, nothing else read
 
     # the numbers read at the log steps are the same as when every step is read (a run logging each step)
     every = tmp_path / "every"
-    loop.train(recipe(corpus, every, "train.max_steps=4", "train.grad_accum=2", "train.log_every=1",
+    loop.train(recipe(corpus, every, "train.max_steps=3", "train.grad_accum=2", "train.log_every=1",
                       "train.save_every=0"))
-    by_two = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    (record,) = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
     by_one = [r for r in read_jsonl(every / "metrics.jsonl") if r["split"] == "train"]
-    assert [r["step"] for r in by_two] == [2, 4] and len(by_one) == 4
-    for record in by_two:
-        same_step = by_one[record["step"] - 1]
-        assert record["grad_norm"] == same_step["grad_norm"] and record["tokens"] == same_step["tokens"]
-        window = by_one[record["step"] - 2 : record["step"]]
-        assert min(r["loss"] for r in window) <= record["loss"] <= max(r["loss"] for r in window)
-        assert record["tokens_per_s"] > 0
+    assert record["step"] == 3 and len(by_one) == 3
+    assert record["grad_norm"] == by_one[-1]["grad_norm"] and record["tokens"] == by_one[-1]["tokens"]
+    assert min(r["loss"] for r in by_one) <= record["loss"] <= max(r["loss"] for r in by_one)
+    assert len({r["loss"] for r in by_one}) == 3 and record["tokens_per_s"] > 0
 
 
 def test_bf16_zero1_skips_a_non_finite_step_on_the_device(corpus, tmp_path):
     out = tmp_path / "nan"
-    result = loop.train(recipe(corpus, out, "train.max_steps=4", "train.log_every=4", "train.save_every=1",
-                               "train.keep_last=4", "train.inject_nan_steps=[3]"))
+    result = loop.train(recipe(corpus, out, "train.max_steps=3", "train.log_every=3", "train.save_every=1",
+                               "train.keep_last=3", "train.inject_nan_steps=[2]"))
     assert result["skipped_steps"] == 1
     engine = result["engine"]
     assert engine.basic_optimizer.param_groups[0]["fused"]
@@ -116,13 +114,13 @@ def test_bf16_zero1_skips_a_non_finite_step_on_the_device(corpus, tmp_path):
         optim = torch.load(next(ckpt.glob("*optim_states.pt")), weights_only=False)["optimizer_state_dict"]
         return module, optim["single_partition_of_fp32_groups"]
 
-    (w2, fp32_2), (w3, fp32_3), (w4, _) = weights(2), weights(3), weights(4)
-    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step changed no bf16 weight
-    assert all(torch.equal(a, b) for a, b in zip(fp32_2, fp32_3))  # nor an fp32 master weight
-    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # the next step trains again
-    assert all(torch.isfinite(v.float()).all() for v in w4.values())
+    (w1, fp32_1), (w2, fp32_2), (w3, _) = weights(1), weights(2), weights(3)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step changed no bf16 weight
+    assert all(torch.equal(a, b) for a, b in zip(fp32_1, fp32_2))  # nor an fp32 master weight
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # the next step trains again
+    assert all(torch.isfinite(v.float()).all() for v in w3.values())
     record = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"][-1]
-    assert record["step"] == 4 and record["skipped_steps"] == 1 and record["loss"] is not None
+    assert record["step"] == 3 and record["skipped_steps"] == 1 and record["loss"] is not None
 
 
 def test_clipping_moves_to_the_device_only_where_deepspeed_would_not_check_itself(corpus, tmp_path):
