@@ -371,8 +371,9 @@ def claim_out_dir(out_dir: Path, checkpointer: Checkpointer, resume: str, resume
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``); a second
-    Ctrl-C abandons the step (KeyboardInterrupt). Only in the main thread (elsewhere signals cannot be caught)."""
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``; with several
+    ranks at the next sync point, where the ranks agree); a second Ctrl-C abandons the step (KeyboardInterrupt). Only
+    in the main thread (elsewhere signals cannot be caught)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
