@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mom.model.config import PROJECTIONS, MoMConfig
+from mom.model.transfusion import TIME_FREQUENCIES, MoMTransfusionConfig
 
 # ---- per-element operation counts (see the module docstring) ---------------------------------------------------
 SILU_FLOPS = 4  # z * sigmoid(z) = z / (1 + exp(-z)): exp, add, reciprocal, multiply
@@ -195,7 +196,26 @@ def flop_table(config: MoMConfig) -> FlopTable:
                 "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
         FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
     ]  # fmt: skip
+    if isinstance(config, MoMTransfusionConfig):
+        rows += transfusion_rows(config)
     return FlopTable(config, tuple(rows))
+
+
+def transfusion_rows(config: MoMTransfusionConfig) -> list[FlopRow]:
+    """The image side of the Transfusion setting (`mom.model.transfusion`): patch projection, timestep MLP, noise
+    head and diffusion loss. They run at image positions only but are counted at every token (an upper bound that is
+    the same for MoM and its dense twin, so FLOP ratios between them are unaffected)."""
+    d, D, F = config.d_model, config.patch_dim, TIME_FREQUENCIES
+    where = "image positions only, counted per token"
+    return [
+        FlopRow("image_in", 2 * D * d, D * d + d, D * d + d, "matmul", 1, f"2*patch_dim*d; {where}"),
+        FlopRow("time_embed", 2 * (F * d + d * d), F * d + d + d * d + d, F * d + d + d * d + d, "matmul", 1,
+                f"2*({F}*d + d*d): sinusoids -> Linear -> SiLU -> Linear; {where}"),
+        FlopRow("image_elementwise", (SILU_FLOPS + 4) * d + D, 0, 0, "elementwise", 1,
+                f"({SILU_FLOPS}+4)*d + patch_dim: SiLU, biases, time add, head bias; {where}"),
+        FlopRow("noise_head", 2 * d * D, d * D + D, d * D + D, "matmul", 1, f"2*d*patch_dim; {where}"),
+        FlopRow("diffusion_loss", 3 * D, 0, 0, "elementwise", 1, f"3*patch_dim: subtract, square, sum; {where}"),
+    ]
 
 
 def forward_flops_per_token(config: MoMConfig) -> int:
