@@ -84,6 +84,20 @@ def latent_spec(root: str | Path) -> LatentSpec | None:
         raise ValueError(f"{root}/manifest.json: bad 'latent' entry {entry!r} ({e}); {BUILD_HINT}") from e
 
 
+def check_latent_model(config: Any, root: str | Path) -> None:
+    """A Transfusion model config (`mom.model.transfusion.MoMTransfusionConfig`) must take the corpus's latents: the
+    same channels, latent size and patch size (``ValueError`` naming the fields otherwise)."""
+    spec = latent_spec(root)
+    if spec is None:
+        raise ValueError(f"model.setting is transfusion but {root} holds discrete tokens, not image latents: build a "
+                         "latent corpus (mom-data latents) or train another setting")
+    model = (config.latent_channels, config.latent_size, config.patch_size)
+    corpus = (spec.channels, spec.latent_size, spec.patch_size)
+    if model != corpus:
+        raise ValueError(f"model.latent_channels / latent_size / patch_size {list(model)} do not match the corpus "
+                         f"{root} ({list(corpus)}, its manifest's 'latent' entry)")
+
+
 # ---- documents -------------------------------------------------------------------------------------------------------
 @dataclass
 class LatentDocument(Document):
@@ -233,9 +247,9 @@ class LatentPacker:
 
     def state_dict(self) -> dict:
         def pack(doc: LatentDocument) -> dict:
-            return {"input_ids": torch.from_numpy(np.asarray(doc.input_ids, dtype=np.int64)),
-                    "modality": torch.from_numpy(np.asarray(doc.modality, dtype=np.int64)),
-                    "latents": torch.from_numpy(np.asarray(doc.latents, dtype=np.float16)),
+            return {"input_ids": torch.from_numpy(np.array(doc.input_ids, dtype=np.int64)),
+                    "modality": torch.from_numpy(np.array(doc.modality, dtype=np.int64)),
+                    "latents": torch.from_numpy(np.array(doc.latents, dtype=np.float16)),
                     "doc_id": int(doc.doc_id), "image_id": int(doc.image_id)}
 
         return {"rows": [[pack(d) for d in row] for row in self.rows], "current": [pack(d) for d in self.current]}
