@@ -15,6 +15,7 @@ the corpus's ``image_caption`` documents put the image first, so the model learn
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,3 +129,12 @@ def generate_transfusion(
     latent = unpatchify(patches.float().cpu(), cfg.patch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     image = np.asarray(vae.decode(latent))[0]  # (H, W, 3) uint8
     return [("text", prompt), ("image", image), ("text", tokenizer.text.decode(new) if new else "")]
+
+
+def load_vae(path: str | Path) -> Any:
+    """The image VAE saved at ``path`` (`mom.tokenization.vae.ImageVAE.from_pretrained`)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no image VAE at {path}: pass --vae DIR (a VAE trained with mom-tokenizer vae)")
+    from mom.tokenization.vae import ImageVAE
+
+    return ImageVAE.from_pretrained(path)

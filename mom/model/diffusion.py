@@ -15,6 +15,7 @@ Conventions (docs/transfusion.md):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,20 +49,22 @@ class NoiseSchedule:
         return ab.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
 
 
+@functools.cache
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000) -> NoiseSchedule:
-    """The noise schedule ``name`` (one of `SCHEDULES`) over ``num_timesteps`` steps."""
+    """The noise schedule ``name`` (one of `SCHEDULES`) over ``num_timesteps`` steps (on the CPU, whatever the default
+    device: models built on the meta device, as ``from_pretrained`` does, keep a usable one)."""
     if name not in SCHEDULES:
         raise ValueError(f"noise_schedule: must be one of {list(SCHEDULES)}, got {name!r}")
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
         raise ValueError(f"num_timesteps: must be an integer >= 2, got {num_timesteps!r}")
     T = num_timesteps
     if name == "linear":
-        betas = torch.linspace(*LINEAR_BETAS, T, dtype=torch.float64)
+        betas = torch.linspace(*LINEAR_BETAS, T, dtype=torch.float64, device="cpu")
     else:
         def f(u: torch.Tensor) -> torch.Tensor:
             return torch.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
 
-        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        steps = torch.arange(T + 1, dtype=torch.float64, device="cpu") / T
         betas = (1 - f(steps[1:]) / f(steps[:-1])).clamp(max=MAX_BETA)
     return NoiseSchedule(torch.cumprod(1 - betas, dim=0), name)
 

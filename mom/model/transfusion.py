@@ -165,12 +165,16 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
         self.image_in = nn.Linear(config.patch_dim, config.d_model)  # noisy latent patch -> residual stream
         self.time_embed = TimestepEmbedding(config.d_model)
         self.noise_head = nn.Linear(config.d_model, config.patch_dim)  # final hidden -> predicted noise
-        self.schedule: NoiseSchedule = make_schedule(config.noise_schedule, config.num_timesteps)
         self.post_init()
 
     @property
     def backend(self) -> str:
         return self.backbone.backend
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The config's noise schedule (`mom.model.diffusion.make_schedule`, computed once per schedule)."""
+        return make_schedule(self.config.noise_schedule, self.config.num_timesteps)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings
