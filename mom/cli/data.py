@@ -4,7 +4,7 @@
     mom-data images export --out DIR --source openmoji:300 --source digits:150 [--opt openmoji.path=./package]
     mom-data speech synth --texts sentences.txt --out DIR
     mom-data speech voices [--language en]
-    mom-data latents --vae DIR --tokenizer tokenizers/small --images data/small/raw/images --out data/small_latent
+    mom-data latents --vae DIR --images data/small/raw/images --text-from data/small --out data/small_latent
 
 See docs/data.md, docs/image.md, docs/speech.md and (latents: the Transfusion setting) docs/transfusion.md.
 """
@@ -150,7 +150,7 @@ def _latents(args: argparse.Namespace) -> int:
                                  on_error=_raise_bad)
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
                                    caption_first=args.caption_first, validation_fraction=args.validation_fraction,
-                                   seed=args.seed, name=Path(args.out).name)
+                                   seed=args.seed, name=Path(args.out).name, text_from=args.text_from)
     counts = ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens"
                        for split, s in manifest["splits"].items())
     print(f"built {args.out}: {counts}; latent {manifest['latent']}")
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-first", type=float, default=0.5, help="share of documents with the caption first")
     p.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
+                   "documents are added, e.g. data/small")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -360,6 +360,26 @@ def document_layout(caption_ids: Sequence[int], n_patches: int, image_id: int, c
     return [BOS_ID, *body, EOS_ID]
 
 
+def text_documents(corpus: str | Path, text_vocab: int) -> dict[str, list[dict]]:
+    """The ``text`` documents of a discrete-token corpus, per split, as rows of a latent shard (no latents)."""
+    manifest = read_manifest(corpus)
+    if manifest.vocab_sizes[0] != text_vocab:
+        raise ValueError(f"--text-from {corpus}: its text vocabulary has {manifest.vocab_sizes[0]} ids, the captions' "
+                         f"tokenizer {text_vocab}: use a corpus built with the same text tokenizer")
+    out: dict[str, list[dict]] = {}
+    for split, shards in manifest.shards.items():
+        docs = out.setdefault(split, [])
+        for shard in shards:
+            table = pq.read_table(manifest.root / shard, columns=["input_ids", "kind", "source", "meta"])
+            for row in table.to_pylist():
+                if row["kind"] == "text":
+                    ids = np.asarray(row["input_ids"], dtype=np.int32)
+                    docs.append({"input_ids": ids, "modality_ids": np.zeros(len(ids), dtype=np.int8), "doc_id": 0,
+                                 "kind": "text", "source": row["source"], "meta": row["meta"],
+                                 "latents": np.zeros(0, dtype=np.float16)})
+    return out
+
+
 def build_latent_corpus(
     records: Iterable[Any],
     vae: Any,
@@ -373,11 +393,13 @@ def build_latent_corpus(
     batch_size: int = 32,
     row_group_size: int = 128,
     name: str = "latent",
+    text_from: str | Path | None = None,
 ) -> dict:
     """Encode captioned images (`mom.data.images.ImageRecord`s: ``image``, ``caption``, ``source``, ``meta``) with
     ``vae`` (`mom.tokenization.vae.ImageVAE`'s interface), their captions with ``tokenizer`` (``encode_text``,
     ``vocab_sizes``: a `MultimodalTokenizer`), and write the corpus to ``out`` (atomically; an existing ``out`` is an
-    error). Returns the manifest."""
+    error). ``text_from``: a corpus of discrete tokens (`mom-data build`, the same text tokenizer) whose ``text``
+    documents are copied into the same splits. Returns the manifest."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
@@ -410,6 +432,9 @@ def build_latent_corpus(
                                 "source": record.source, "meta": json.dumps(record.meta, default=str),
                                 "latents": latent.reshape(-1)})
 
+    if text_from is not None:
+        for split, docs in text_documents(text_from, text_vocab).items():
+            rows[split] += docs
     chunk: list[Any] = []
     for record in records:
         chunk.append(record)
