@@ -203,10 +203,10 @@ def flop_table(config: MoMConfig) -> FlopTable:
 
 def transfusion_rows(config: MoMTransfusionConfig) -> list[FlopRow]:
     """The image side of the Transfusion setting (`mom.model.transfusion`): patch projection, timestep MLP, noise
-    head and diffusion loss. They run at image positions only but are counted at every token (an upper bound that is
-    the same for MoM and its dense twin, so FLOP ratios between them are unaffected)."""
+    head and diffusion loss. The model runs them at every position and keeps their output at image positions (no
+    host sync for a variable-size gather), so they count per token, as for MoM and its dense twin alike."""
     d, D, F = config.d_model, config.patch_dim, TIME_FREQUENCIES
-    where = "image positions only, counted per token"
+    where = "every position, kept at image positions"
     return [
         FlopRow("image_in", 2 * D * d, D * d + d, D * d + d, "matmul", 1, f"2*patch_dim*d; {where}"),
         FlopRow("time_embed", 2 * (F * d + d * d), F * d + d + d * d + d, F * d + d + d * d + d, "matmul", 1,

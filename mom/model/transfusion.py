@@ -199,50 +199,57 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
 
     # ---- checks ----------------------------------------------------------------------------------------------------
     def check_image_inputs(self, input_ids: torch.Tensor, latents: torch.Tensor | None,
-                           image_mask: torch.Tensor | None) -> torch.Tensor:
-        """Check the image side of a batch against its ids; return the (b, l) bool mask of image positions."""
+                           image_mask: torch.Tensor | None, modality_ids: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the image side of a batch against its ids (shapes now, values in ONE host sync) -> ((b, l) bool mask
+        of image positions, (b, l) modality ids derived from the ids)."""
         cfg = self.config
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("the Transfusion model takes input_ids (batch, length); image positions carry "
                              f"id {cfg.image_token_id}")
         mask = input_ids == cfg.image_token_id  # (b, l)
+        derived = modality_of_ids(cfg, input_ids)
+        checks: list[tuple[torch.Tensor, str]] = []  # (bad, message)
+        for name, t in (("image_mask", image_mask), ("modality_ids", modality_ids)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
         if image_mask is not None:
-            if tuple(image_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(f"image_mask has shape {tuple(image_mask.shape)} but input_ids has "
-                                 f"{tuple(input_ids.shape)}")
-            if not torch.equal(image_mask.bool(), mask):
-                raise ValueError(f"image_mask disagrees with the image positions of input_ids (id "
-                                 f"{cfg.image_token_id}): the image span and its latents do not line up")
+            checks.append(((image_mask.bool() != mask).any(), f"image_mask disagrees with the image positions of "
+                           f"input_ids (id {cfg.image_token_id}): the image span and its latents do not line up"))
+        if modality_ids is not None:
+            checks.append(((modality_ids.long() != derived).any(), "modality_ids contradict the token ids' "
+                           f"vocabulary ranges (image positions carry id {cfg.image_token_id})"))
         if latents is None:
-            if bool(mask.any()):
-                raise ValueError(f"input_ids hold image positions (id {cfg.image_token_id}) but no latents were given")
-            return mask
-        want = (*input_ids.shape, cfg.patch_dim)
-        if latents.dim() != 3 or latents.shape[-1] != cfg.patch_dim:
-            raise ValueError(f"latents must have shape (batch, length, latent_channels * patch_size**2 = "
-                             f"{cfg.patch_dim}), got {tuple(latents.shape)}: wrong latent dimension for "
-                             f"latent_channels={cfg.latent_channels}, patch_size={cfg.patch_size}")
-        if tuple(latents.shape) != want:
-            raise ValueError(f"latents have shape {tuple(latents.shape)} but input_ids need {want}")
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got dtype {latents.dtype}")
-        return mask
+            checks.append((mask.any(), f"input_ids hold image positions (id {cfg.image_token_id}) but no latents "
+                                       "were given"))
+        else:
+            want = (*input_ids.shape, cfg.patch_dim)
+            if latents.dim() != 3 or latents.shape[-1] != cfg.patch_dim:
+                raise ValueError(f"latents must have shape (batch, length, latent_channels * patch_size**2 = "
+                                 f"{cfg.patch_dim}), got {tuple(latents.shape)}: wrong latent dimension for "
+                                 f"latent_channels={cfg.latent_channels}, patch_size={cfg.patch_size}")
+            if tuple(latents.shape) != want:
+                raise ValueError(f"latents have shape {tuple(latents.shape)} but input_ids need {want}")
+            if not latents.is_floating_point():
+                raise ValueError(f"latents must be floating point, got dtype {latents.dtype}")
+        if checks:
+            for flag, (_, message) in zip(torch.stack([bad for bad, _ in checks]).tolist(), checks):
+                if flag:
+                    raise ValueError(message)
+        return mask, derived
 
     # ---- the model -------------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, noisy: torch.Tensor | None,
               timesteps: torch.Tensor | None) -> torch.Tensor:
         """(b, l) ids, (b, l) mask, (b, l, patch_dim) noisy latents, (b, l) timesteps -> residual stream (b, l, d):
-        token embeddings at text positions, ``image_in(noisy) + time_embed(t)`` at image positions."""
-        ids = input_ids.clamp(0, self.config.vocab_size - 1)
-        embeds = self.backbone.embeddings(ids)  # (b, l, d)
+        token embeddings at text positions, ``image_in(noisy) + time_embed(t)`` at image positions. The image side
+        runs at every position and is selected by the mask: no host sync, and its FLOPs are what `mom.model.flops`
+        counts per token."""
+        embeds = self.backbone.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))  # (b, l, d)
         if noisy is None:
             return embeds
-        flat = image_mask.reshape(-1)
-        idx = flat.nonzero().squeeze(1)  # (n_img,)
-        patches = noisy.reshape(-1, noisy.shape[-1]).index_select(0, idx).to(self.image_in.weight.dtype)
-        image = self.image_in(patches) + self.time_embed(timesteps.reshape(-1).index_select(0, idx))  # (n_img, d)
-        out = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, idx, image.to(embeds.dtype))
-        return out.view_as(embeds)
+        image = self.image_in(noisy.to(self.image_in.weight.dtype)) + self.time_embed(timesteps)  # (b, l, d)
+        return torch.where(image_mask[..., None], image.to(embeds.dtype), embeds)
 
     def forward(
         self,
@@ -271,34 +278,29 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
         noise is predicted. ``noisy=True`` (sampling): ``latents`` are already noisy and ``timesteps`` (b, l) give
         each position's timestep; no noise is added and there is no diffusion loss.
 
-        Output: `MoMCausalLMOutput` (``logits`` (b, l, V) fp32, the losses with labels) plus ``predicted_noise``
-        (b, l, patch_dim) fp32, zero at text positions.
+        Output: `TransfusionOutput` (``logits`` (b, l, V) fp32, the losses with labels, ``predicted_noise``).
         """
         cfg = self.config
         return_dict = return_dict if return_dict is not None else cfg.return_dict
-        mask = self.check_image_inputs(input_ids, latents, image_mask)
-        derived = modality_of_ids(cfg, input_ids)
-        if modality_ids is not None and tuple(modality_ids.shape) == tuple(input_ids.shape):
-            if not torch.equal(modality_ids.long(), derived):
-                raise ValueError("modality_ids contradict the token ids' vocabulary ranges (image positions carry id "
-                                 f"{cfg.image_token_id})")
+        mask, derived = self.check_image_inputs(input_ids, latents, image_mask, modality_ids)
         x_t, t_pos, eps = None, None, None
         if latents is not None:
             if noisy:
                 if timesteps is None or tuple(timesteps.shape) != tuple(input_ids.shape):
                     raise ValueError("noisy latents need timesteps of shape (batch, length): each position's timestep")
                 check_timesteps(timesteps[mask], cfg.num_timesteps)
-                x_t, t_pos = latents, timesteps.long()
+                x_t, t_pos = latents, torch.where(mask, timesteps.long(), 0)
             else:
                 numbers = image_numbers(mask)  # (b, l)
-                n_images = int(numbers.max()) + 1 if bool(mask.any()) else 0
-                if timesteps is None:
-                    timesteps = torch.randint(0, cfg.num_timesteps, (n_images,), device=latents.device)
-                if timesteps.shape != (n_images,):
-                    raise ValueError(f"timesteps must give one timestep per image ({n_images}), got shape "
-                                     f"{tuple(timesteps.shape)}")
-                check_timesteps(timesteps, cfg.num_timesteps)
-                t_pos = torch.where(mask, timesteps.to(latents.device)[numbers.clamp(min=0)], 0)  # (b, l)
+                if timesteps is None:  # one draw per possible image (b * l of them): no host sync for the count
+                    timesteps = torch.randint(0, cfg.num_timesteps, (mask.numel(),), device=latents.device)
+                else:
+                    n_images = int(numbers.max()) + 1 if bool(mask.any()) else 0
+                    if tuple(timesteps.shape) != (n_images,):
+                        raise ValueError(f"timesteps must give one timestep per image ({n_images}), got shape "
+                                         f"{tuple(timesteps.shape)}")
+                    check_timesteps(timesteps, cfg.num_timesteps)
+                t_pos = torch.where(mask, timesteps.to(latents.device).long()[numbers.clamp(min=0)], 0)  # (b, l)
                 eps = torch.randn_like(latents, dtype=torch.float32) if noise is None else noise.float()
                 if eps.shape != latents.shape:
                     raise ValueError(f"noise has shape {tuple(eps.shape)} but latents have {tuple(latents.shape)}")
@@ -310,22 +312,16 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
                             return_dict=True)
         hidden = out.last_hidden_state  # (b, l, d)
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V)
-        flat_mask = mask.reshape(-1)
-        idx = flat_mask.nonzero().squeeze(1)
-        predicted = self.noise_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)).float()  # (n, D)
-        predicted_full = predicted.new_zeros(flat_mask.numel(), cfg.patch_dim).index_copy(0, idx, predicted)
-        losses = {}
-        if labels is not None:
-            losses = self._losses(logits, labels, predicted, None if eps is None else
-                                  eps.reshape(-1, cfg.patch_dim).index_select(0, idx))
+        predicted = self.noise_head(hidden.to(self.noise_head.weight.dtype)).float() * mask[..., None]  # (b, l, D)
+        losses = self._losses(logits, labels, predicted, eps, mask) if labels is not None else {}
         result = TransfusionOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states, **losses,
-                                   predicted_noise=predicted_full.view(*input_ids.shape, cfg.patch_dim))
+                                   predicted_noise=predicted)
         return result if return_dict else result.to_tuple()
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
-                noise: torch.Tensor | None) -> dict[str, object]:
+                noise: torch.Tensor | None, mask: torch.Tensor) -> dict[str, object]:
         """Text next-token loss (targets that are image positions ignored) + lambda * diffusion loss, and their sums /
-        counts per modality (text: next-token targets; image: image positions)."""
+        counts per modality (text: next-token targets; image: image positions). No host sync."""
         cfg = self.config
         M = cfg.num_modalities
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).long()  # (b * l,)
@@ -336,14 +332,15 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
         text_modality = modality_of_ids(cfg, targets)  # -100 lands in 0, with weight 0
         sums = per_token.new_zeros(M).scatter_add_(0, text_modality, per_token * valid)
         counts = valid.new_zeros(M).scatter_add_(0, text_modality, valid)
-        image = cfg.modalities.index(IMAGE_MODALITY)
         text_mean = sums.sum() / counts.sum().clamp(min=1)
         if noise is not None:
-            mse = noise_prediction_loss(predicted, noise)  # (n_img,)
-            sums = sums.index_add(0, torch.tensor([image], device=sums.device), mse.sum().reshape(1))
-            counts = counts.index_add(0, torch.tensor([image], device=counts.device),
-                                      torch.full((1,), float(mse.numel()), device=counts.device))
-            diffusion_mean = mse.sum() / max(mse.numel(), 1)
+            weight = mask.float()  # (b, l)
+            mse = noise_prediction_loss(predicted, noise * mask[..., None])  # (b, l), 0 off images
+            image = torch.zeros(M, device=sums.device)
+            image[cfg.modalities.index(IMAGE_MODALITY)] = 1.0
+            sums = sums + image * (mse * weight).sum()
+            counts = counts + image * weight.sum()
+            diffusion_mean = (mse * weight).sum() / weight.sum().clamp(min=1)
         else:
             diffusion_mean = predicted.sum() * 0.0  # no diffusion target (sampling): keeps the graph
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
