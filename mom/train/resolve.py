@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from mom.data.kinds import kinds_that_may_hold
-from mom.data.latent_corpus import check_latent_model
+from mom.data.latent_corpus import check_latent_model, latent_spec
 from mom.data.loader import read_manifest
 from mom.model.config import MoMConfig
 from mom.model.transfusion import MoMTransfusionConfig
@@ -75,6 +75,9 @@ def check_corpus(config: MoMConfig, recipe: Recipe) -> None:
     manifest = read_manifest(recipe.data.path)
     if isinstance(config, MoMTransfusionConfig):
         check_latent_model(config, recipe.data.path)
+    elif latent_spec(recipe.data.path) is not None:
+        raise ValueError(f"{recipe.data.path} is a corpus of image latents (the Transfusion setting): set "
+                         "model.setting: transfusion (docs/transfusion.md)")
     M = config.num_modalities
     if tuple(config.modalities) != manifest.modalities[:M] or tuple(config.vocab_sizes) != manifest.vocab_sizes[:M]:
         raise ValueError(

@@ -96,3 +96,13 @@ def test_lora_preset_reaches_the_image_experts_and_modules():
     assert torch.isfinite(out.modality_losses["image"])
     with pytest.raises(ValueError, match="image_in"):  # a discrete base has no image modules
         wrap(mom.MoMForCausalLM(mom.MoMConfig(vocab_sizes=(40, 8, 8), d_model=16, n_layer=1)), settings)
+
+
+def test_flops_of_a_saved_model_and_a_discrete_recipe_on_a_latent_corpus(corpus, tmp_path, capsys):
+    from helpers import tiny_transfusion_config
+
+    tiny_transfusion_config().save_pretrained(tmp_path)
+    assert flops_main(["--model-json", str(tmp_path)]) == 0
+    assert "noise_head" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="set model.setting: transfusion"):
+        resolve_model_config(load_recipe(ROOT / "recipes" / "tiny_mom.yaml", [f"data.path={corpus}"]))
