@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mom.model.cache import MoMCache
 from mom.model.diffusion import ddim_sample
@@ -74,15 +75,19 @@ def sample_image(model: MoMTransfusionForCausalLM, cache: MoMCache, steps: int =
                     cache=copy_cache(state), use_cache=True)
         return out.predicted_noise  # (1, L, D)
 
+    bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress, dynamic_ncols=True)
+
     def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
         eps = eps_after(cache, x, t)
         if uncond is not None:
             eps_u = eps_after(uncond, x, t)
             eps = eps_u + guidance_scale * (eps - eps_u)
+        bar.update(1)
         return eps
 
     x_T = torch.randn((1, L, cfg.patch_dim), generator=generator, device="cpu").to(device)
-    return ddim_sample(predict_noise, x_T, model.schedule, steps, progress)
+    with bar:
+        return ddim_sample(predict_noise, x_T, model.schedule, steps)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 SCHEDULES = ("cosine", "linear")
 COSINE_OFFSET = 0.008  # s of Nichol & Dhariwal's cosine schedule (keeps beta_0 from being tiny)
@@ -115,13 +114,12 @@ def ddim_sample(
     x_T: torch.Tensor,
     schedule: NoiseSchedule,
     steps: int = 50,
-    progress: bool = False,
 ) -> torch.Tensor:
     """Denoise ``x_T`` (pure noise) with ``steps`` DDIM steps; ``predict_noise(x_t, t)`` gives the model's noise
     prediction at timestep ``t``. Returns the sample ``x_0``, same shape as ``x_T``."""
     ts = ddim_timesteps(schedule.num_timesteps, steps)
     x = x_T
-    for i, t in enumerate(tqdm(ts, desc="denoise", unit="step", disable=not progress, dynamic_ncols=True)):
+    for i, t in enumerate(ts):
         eps = predict_noise(x, t)
         if eps.shape != x.shape:
             raise ValueError(f"predict_noise returned shape {tuple(eps.shape)} for x_t of shape {tuple(x.shape)}")

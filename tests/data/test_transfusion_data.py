@@ -16,6 +16,7 @@ from mom.data.latent_corpus import (
     LatentDocument,
     LatentPacker,
     TransfusionLoader,
+    _patchify,
     build_latent_corpus,
     check_latent_model,
 )
@@ -88,6 +89,11 @@ def test_latents_are_the_vae_patches(corpus):
     want = patchify(vae.encode(np.asarray(rec.image)[None]), 2)[0].half().float()
     got = torch.tensor(by_id[rec.meta["id"]]["latents"], dtype=torch.float32).view(4, 16)
     assert torch.equal(got, want)
+
+
+def test_the_corpus_patch_layout_is_the_models():
+    x = torch.randn(2, 4, 6, 8)
+    assert torch.equal(_patchify(x, 2), patchify(x, 2))
 
 
 def test_resume_gives_the_same_next_batch(corpus):
