@@ -334,5 +334,11 @@ class PackedLoader:
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> PackedLoader:
-    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``."""
+    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``: for a corpus of image latents (the
+    Transfusion setting, `mom.data.latent_corpus`) its `TransfusionLoader`, which adds ``latents`` / ``image_mask``."""
+    manifest = Path(cfg.path) / "manifest.json"
+    if manifest.is_file() and "latent" in read_mapping(manifest, "manifest"):
+        from mom.data.latent_corpus import TransfusionLoader  # imports this module
+
+        return TransfusionLoader(cfg, rank, world_size)
     return PackedLoader(cfg, rank, world_size)

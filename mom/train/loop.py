@@ -39,6 +39,7 @@ from mom.data.prefetch import Prefetcher
 from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
+from mom.model.transfusion import MoMTransfusionConfig, MoMTransfusionForCausalLM
 from mom.train import distributed
 from mom.train.checkpoint import SUPERSEDED, Checkpointer, read_meta
 from mom.train.distributed import ClipAndSkip, Context, all_reduce_sum, decided_on_main
@@ -49,7 +50,8 @@ from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
-MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx")  # batch keys the model consumes
+MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx",  # batch keys the model consumes
+                "latents", "image_mask")  # (the Transfusion setting's: mom.data.latent_corpus)
 # What a start that saved no checkpoint leaves in out_dir: ``resume: auto`` may start afresh over it.
 UNSAVED_START = {"recipe.yaml", "metrics.jsonl", "tensorboard", "checkpoints"}
 
@@ -106,7 +108,7 @@ def train(
     loader = build_loader(recipe.data, ctx.rank, ctx.world_size)
     if model is None:
         config = resolve_model_config(recipe)
-        model = MoMForCausalLM(config)
+        model = (MoMTransfusionForCausalLM if isinstance(config, MoMTransfusionConfig) else MoMForCausalLM)(config)
     elif isinstance(getattr(model, "config", None), MoMConfig):  # a given (e.g. PEFT-wrapped) model: its config
         config = model.config
         check_corpus(config, recipe)
@@ -411,6 +413,8 @@ def model_shape(config: MoMConfig) -> dict[str, Any]:
     """The config fields that fix the parameter shapes (a checkpoint only loads into the same ones)."""
     keys = ("modalities", "vocab_sizes", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple",
             "bias", "conv_bias", "rms_norm", "tie_word_embeddings")
+    if isinstance(config, MoMTransfusionConfig):
+        keys += ("patch_size", "latent_channels")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
 
 
