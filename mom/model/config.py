@@ -16,6 +16,8 @@ from transformers import PretrainedConfig
 
 from mom.ops.projections import PROJECTIONS  # re-exported: flops, lora and the benchmarks import it from here
 
+CHANNEL_MIXERS = (None, "einfft", "selective")  # config.channel_mixer (`mom.model.channel_mixers`)
+
 
 class MoMConfig(PretrainedConfig):
     """Configuration of a MoM (or, with ``decouple=()``, a dense Mamba) causal LM.
@@ -46,6 +48,16 @@ class MoMConfig(PretrainedConfig):
         use_fast_path: on CUDA with mamba-ssm and causal-conv1d, run each mixer through `mom.ops.fused` (one autograd
             Function in the scan's layout) when no cache, padding mask or document reset is involved and every
             expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
+        channel_mixer: an optional token-wise channel-mixing sublayer after every block's sequence mixer (pre-norm,
+            residual; `mom.model.channel_mixers`): None, ``"einfft"`` (SiMBA's EinFFT) or ``"selective"``
+            (MambaMixer's selective channel mixer). Its weights are per modality whenever ``decouple`` is non-empty.
+        einfft_blocks: EinFFT's block-diagonal weights have this many blocks (must divide ``d_model``).
+        einfft_shrink: EinFFT's soft-shrinkage threshold on the spectral output (SiMBA's sparsity threshold).
+        channel_groups: the selective channel mixer scans each token's channels as this many positions of
+            ``d_model / channel_groups`` channels (must divide ``d_model``).
+        channel_d_state: state size of the selective channel mixer's scan.
+        layer_averaging: MambaMixer's weighted averaging of earlier features: the input of every block (and of the
+            final norm) is a learned, input-independent weighted sum of the embedding and all earlier blocks' outputs.
     """
 
     model_type = "mom"
@@ -80,6 +92,13 @@ class MoMConfig(PretrainedConfig):
         use_cache: bool = True,
         reset_at_document_boundaries: bool = False,
         use_fast_path: bool = True,
+        # channel mixing
+        channel_mixer: str | None = None,
+        einfft_blocks: int = 4,
+        einfft_shrink: float = 0.01,
+        channel_groups: int = 8,
+        channel_d_state: int = 8,
+        layer_averaging: bool = False,
         **kwargs,
     ) -> None:
         self.modalities = tuple(modalities) if not isinstance(modalities, str) else (modalities,)
@@ -103,7 +122,13 @@ class MoMConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.reset_at_document_boundaries = reset_at_document_boundaries
         self.use_fast_path = bool(use_fast_path)
+        # channel mixing
+        self.channel_mixer = channel_mixer
+        self.einfft_blocks, self.einfft_shrink = einfft_blocks, einfft_shrink
+        self.channel_groups, self.channel_d_state = channel_groups, channel_d_state
+        self.layer_averaging = layer_averaging
         self._validate(decouple)
+        self._validate_channel_mixing()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -141,6 +166,22 @@ class MoMConfig(PretrainedConfig):
             raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.norm_epsilon <= 0:
             raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
+
+    def _validate_channel_mixing(self) -> None:
+        if self.channel_mixer not in CHANNEL_MIXERS:
+            raise ValueError(f"channel_mixer: must be one of {list(CHANNEL_MIXERS)}, got {self.channel_mixer!r}")
+        for name in ("einfft_blocks", "channel_groups", "channel_d_state"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("einfft_blocks", "channel_groups"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"{name}: must divide d_model={self.d_model}, got {getattr(self, name)}")
+        shrink = self.einfft_shrink
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not shrink >= 0:
+            raise ValueError(f"einfft_shrink: must be a number >= 0, got {shrink!r}")
+        if not isinstance(self.layer_averaging, bool):
+            raise ValueError(f"layer_averaging: must be true or false, got {self.layer_averaging!r}")
 
     def _validate_special_ids(self) -> None:
         """bos / eos / pad ids (``generate()`` stops at eos): each None, or ids in the unified vocabulary."""
