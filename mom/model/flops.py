@@ -21,9 +21,8 @@ The command line is `mom.cli.flops` (``mom-flops``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
