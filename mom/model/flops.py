@@ -135,7 +135,9 @@ class FlopTable:
         lines = [
             f"d_model={c.d_model} n_layer={c.n_layer} d_inner={c.d_inner} d_state={c.d_state} d_conv={c.d_conv} "
             f"dt_rank={c.dt_rank} vocab={c.vocab_size} modalities={','.join(c.modalities)} "
-            f"decouple={','.join(c.decouple) or '() (dense)'}",
+            f"decouple={','.join(c.decouple) or '() (dense)'}"
+            + (f" channel_mixer={c.channel_mixer}" if c.channel_mixer else "")
+            + (" layer_averaging" if c.layer_averaging else ""),
             header,
             "-" * len(header),
         ]
