@@ -93,7 +93,8 @@ class MoMBlock(GradientCheckpointingLayer):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = make_norm(config)
         self.mixer = MoMMixer(config, layer_idx)
-        if config.channel_mixer is not None:
+        self.has_channel_mixer = config.channel_mixer is not None  # a plain bool: read at every forward
+        if self.has_channel_mixer:
             self.norm2 = make_norm(config)
             self.channel_mixer = make_channel_mixer(config)
 
@@ -101,7 +102,7 @@ class MoMBlock(GradientCheckpointingLayer):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
         out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
-        if hasattr(self, "channel_mixer"):
+        if self.has_channel_mixer:
             hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
             out = self.channel_mixer(hidden, routing)
         return out, residual
@@ -110,7 +111,7 @@ class MoMBlock(GradientCheckpointingLayer):
         """`forward` for one token per row after a cached prefix, with no host sync (`MoMModel.decode_step`)."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
         out = self.mixer.step(hidden, routing, cache)
-        if hasattr(self, "channel_mixer"):
+        if self.has_channel_mixer:
             hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
             out = self.channel_mixer.step(hidden, routing)
         return out, residual
@@ -637,11 +638,12 @@ class MoMModel(MoMPreTrainedModel):
         and the earlier blocks' outputs, each (b, l, d)); -> (no pending output, the weighted sum of all of them:
         the next block's residual stream)."""
         streams.append(residual + out)
-        weights = self.layer_weights[i, : i + 2]
-        dtype = torch.float32 if self.config.residual_in_fp32 else streams[-1].dtype
-        mixed = weights[0].to(dtype) * streams[0].to(dtype)
+        # on the newest stream's device and dtype: accelerate's device_map may place blocks on several devices
+        device, dtype = streams[-1].device, torch.float32 if self.config.residual_in_fp32 else streams[-1].dtype
+        weights = self.layer_weights[i, : i + 2].to(device, dtype)
+        mixed = weights[0] * streams[0].to(device, dtype)
         for w, stream in zip(weights[1:], streams[1:]):
-            mixed = mixed + w.to(dtype) * stream.to(dtype)
+            mixed = mixed + w * stream.to(device, dtype)
         return None, mixed
 
     def _run_recorded(self, residual, routing, cache, doc_start, output_hidden_states, recorded):
