@@ -363,3 +363,48 @@ def test_a_tiny_model_learns(variant):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", ["einfft", "mambamixer"])
+def test_cuda_forward_and_gradients_equal_the_cpu_reference(variant, monkeypatch):
+    """fp32 on the GPU (mamba-ssm's scan kernel for the channel scan when installed, cuFFT for EinFFT) against the
+    pure-PyTorch model on the CPU: loss, logits and every gradient."""
+    monkeypatch.setenv("MOM_FORCE_REFERENCE", "0")
+    cpu = model_of(**VARIANTS[variant]).train()
+    perturb(cpu)
+    gpu_model = model_of(**VARIANTS[variant]).train().cuda()
+    gpu_model.load_state_dict(cpu.state_dict())
+    ids = ids_of(cpu.config, batch=4)
+    monkeypatch.setenv("MOM_FORCE_REFERENCE", "1")
+    ref = cpu(ids, labels=ids)
+    ref.loss.backward()
+    monkeypatch.setenv("MOM_FORCE_REFERENCE", "0")
+    out = gpu_model(ids.cuda(), labels=ids.cuda())
+    out.loss.backward()
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, atol=1e-4, rtol=1e-4)
+    grads = dict(gpu_model.named_parameters())
+    for name, p in cpu.named_parameters():
+        torch.testing.assert_close(grads[name].grad.cpu(), p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_generate_cache
+@pytest.mark.parametrize("variant", ["einfft", "mambamixer"])
+def test_cuda_graph_decode_gives_the_eager_tokens(variant, monkeypatch):
+    """generate() replaying a CUDA graph of the decode step (channel mixers' `step`, layer averaging) writes the
+    eager step's tokens."""
+    monkeypatch.setenv("MOM_FORCE_REFERENCE", "0")
+    model = model_of(**VARIANTS[variant]).cuda()
+    perturb(model)
+    prompt = torch.stack([row.roll(3 * i) for i, row in enumerate(ids_of(model.config, batch=4))]).cuda()
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    eager = model.generate(prompt, cuda_graph=False, **kwargs)
+    assert torch.equal(model.generate(prompt, **kwargs), eager)
+    assert model.decode_graphs.captures == 1
