@@ -51,10 +51,11 @@ class MoMConfig(PretrainedConfig):
         channel_mixer: an optional token-wise channel-mixing sublayer after every block's sequence mixer (pre-norm,
             residual; `mom.model.channel_mixers`): None, ``"einfft"`` (SiMBA's EinFFT) or ``"selective"``
             (MambaMixer's selective channel mixer). Its weights are per modality whenever ``decouple`` is non-empty.
-        einfft_blocks: EinFFT's block-diagonal weights have this many blocks (must divide ``d_model``).
+        einfft_blocks: EinFFT's block-diagonal weights have this many blocks (must divide ``d_model`` with
+            ``channel_mixer: einfft``).
         einfft_shrink: EinFFT's soft-shrinkage threshold on the spectral output (SiMBA's sparsity threshold).
         channel_groups: the selective channel mixer scans each token's channels as this many positions of
-            ``d_model / channel_groups`` channels (must divide ``d_model``).
+            ``d_model / channel_groups`` channels (must divide ``d_model`` with ``channel_mixer: selective``).
         channel_d_state: state size of the selective channel mixer's scan.
         layer_averaging: MambaMixer's weighted averaging of earlier features: the input of every block (and of the
             final norm) is a learned, input-independent weighted sum of the embedding and all earlier blocks' outputs.
@@ -174,9 +175,10 @@ class MoMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        for name in ("einfft_blocks", "channel_groups"):
-            if self.d_model % getattr(self, name):
-                raise ValueError(f"{name}: must divide d_model={self.d_model}, got {getattr(self, name)}")
+        for name, mixer in (("einfft_blocks", "einfft"), ("channel_groups", "selective")):
+            if self.channel_mixer == mixer and self.d_model % getattr(self, name):
+                raise ValueError(f"{name}: must divide d_model={self.d_model} (channel_mixer: {mixer}), got "
+                                 f"{getattr(self, name)}")
         shrink = self.einfft_shrink
         if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not shrink >= 0:
             raise ValueError(f"einfft_shrink: must be a number >= 0, got {shrink!r}")

@@ -335,9 +335,9 @@ def test_channel_mixer_matmul_flops_equal_flop_counter(variant):
 # ---- config ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (dict(channel_mixer="mlp"), r"channel_mixer: must be one of \[None, 'einfft', 'selective'\], got 'mlp'"),
-    (dict(channel_mixer="einfft", einfft_blocks=5), "einfft_blocks: must divide d_model=16, got 5"),
+    (dict(channel_mixer="einfft", einfft_blocks=5), r"einfft_blocks: must divide d_model=16 \(channel_mixer: einfft"),
     (dict(channel_groups=0), "channel_groups: must be a positive integer, got 0"),
-    (dict(channel_groups=3), "channel_groups: must divide d_model=16, got 3"),
+    (dict(channel_mixer="selective", channel_groups=3), "channel_groups: must divide d_model=16"),
     (dict(channel_d_state=1.5), "channel_d_state: must be a positive integer"),
     (dict(einfft_shrink=-0.1), "einfft_shrink: must be a number >= 0"),
     (dict(layer_averaging="yes"), "layer_averaging: must be true or false"),
@@ -345,6 +345,11 @@ def test_channel_mixer_matmul_flops_equal_flop_counter(variant):
 def test_bad_channel_mixing_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_sizes_of_an_unused_channel_mixer_need_not_divide_d_model():
+    config = tiny_config(d_model=12, channel_groups=8, einfft_blocks=5)  # no channel mixer: the sizes are unused
+    assert config.channel_mixer is None and "layer.norm2" not in {r.component for r in flops.flop_table(config).rows}
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
