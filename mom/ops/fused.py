@@ -40,7 +40,9 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   ``states_out`` receive the conv's last ``d_conv`` inputs (copied from in_proj's output, in sequence order whatever
   the rows' layout) and the scan's final state (from the scan's own checkpoints, as mamba-ssm's ``selective_scan_fn``
   returns it): no extra pass. Without gradients to compute (generation runs under ``no_grad``) the forward runs
-  outside autograd, saving nothing for a backward.
+  outside autograd, saving nothing for a backward; when in_proj and out_proj both route it also leaves z in
+  in_proj's sorted rows, which are the order of out_proj's input, and the gated gather reads it there
+  (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): only x is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
   (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` and
@@ -488,11 +490,19 @@ class _FusedMixer(torch.autograd.Function):
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
+        z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
-            xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
+            xz_rows = _grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets)  # (n, 2di)
+            if ctx is None and out_routed:  # no backward: only x goes to sequence order; the gated gather before
+                # out_proj reads z in these rows, the order of its output (half of in_proj's gather spared)
+                xz, z_rows = gather_rows_t(xz_rows[:, :di], inv_perm), xz_rows[:, di:]  # (di, n), (n, di)
+            else:
+                xz = gather_rows_t(xz_rows, inv_perm)
+            del xz_rows
         else:
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
-        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
+        x = _bdl(xz[:di], b, l)  # (b, di, l) views
+        z = _bdl(xz[di:], b, l) if z_rows is None else None
         if states_out is not None:
             _write_conv_window(states_out[0], x)
         conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
@@ -523,10 +533,15 @@ class _FusedMixer(torch.autograd.Function):
             states_out[1].copy_(last_state)
         del conv_out, delta, last_state
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
-        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if out_routed else _cols(out_z).t()
+        if not out_routed:
+            y_rows = _cols(out_z).t()
+        elif z_rows is not None:
+            y_rows = gather_cols_t(_cols(out), perm, gate_rows=z_rows)
+        else:
+            y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:])
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
-            del x, z, xz, out, h, h_in, B, C, BC, dt_in, checkpoints
+            del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
         o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(Projection.out_proj), offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         if ctx is None:

@@ -366,3 +366,39 @@ def test_fused_prefill_names_bad_states():
     cache.seqlen_offset = 3
     with pytest.raises(ValueError, match="from a fresh state.*holds 3 tokens"):
         mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, cache=cache)
+
+
+def test_gated_gather_with_the_gate_in_the_outputs_rows():
+    """`gather_cols_t(..., gate_rows=)`: the gate read in the output's row order (any strides), as the prefill leaves
+    z in in_proj's sorted rows; equal to gating after the gather, and to the gate in x's layout gathered alike."""
+    x, gate = torch.randn(5, 7), torch.randn(5, 7)
+    index = torch.tensor([3, 0, 6, 1])
+    rows = torch.randn(4, 10)[:, 5:]  # the right half of wider rows
+    rows.copy_(gate[:, index].t())
+    torch.testing.assert_close(gather_cols_t(x, index, gate_rows=rows), (x * F.silu(gate))[:, index].t())
+    torch.testing.assert_close(gather_cols_t(x, index, gate_rows=rows), gather_cols_t(x, index, gate=gate))
+    with pytest.raises(ValueError, match="not both"):
+        gather_cols_t(x, index, gate=gate, gate_rows=rows)
+    with pytest.raises(ValueError, match=r"gate_rows \(3, 5\) must be \(4, 5\)"):
+        gather_cols_t(x, index, gate_rows=rows[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gated_gather_with_the_gate_in_the_outputs_rows(dtype):
+    from mom.ops.triton import gather
+
+    if gather._kernel() is None:
+        pytest.skip("triton not importable")
+    f, n = 300, 5000
+    x = torch.randn(f, n, device="cuda", dtype=dtype)
+    index = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)
+    wide = torch.randn(n, 2 * f, device="cuda", dtype=dtype)
+    rows = wide[:, f:]  # z's half of in_proj's sorted rows
+    out = gather_cols_t(x, index, gate_rows=rows)
+    want = F.silu(rows.float()).mul(x.float()[:, index].t()).to(dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # one rounding of the fp32 product
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    gate = torch.randn(f, n, device="cuda", dtype=dtype)  # the gate in x's layout, gathered alike: the same values
+    assert torch.equal(gather_cols_t(x, index, gate=gate), gather_cols_t(x, index, gate_rows=gate[:, index].t()))
