@@ -402,3 +402,50 @@ def test_triton_gated_gather_with_the_gate_in_the_outputs_rows(dtype):
     torch.testing.assert_close(out, want, atol=tol, rtol=tol)
     gate = torch.randn(f, n, device="cuda", dtype=dtype)  # the gate in x's layout, gathered alike: the same values
     assert torch.equal(gather_cols_t(x, index, gate=gate), gather_cols_t(x, index, gate_rows=gate[:, index].t()))
+
+
+def test_gather_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
+    """The gather kernel (`mom.ops.triton.gather`), run by Triton's CPU interpreter (a subprocess: the interpreter is
+    chosen when the kernel is compiled) where Triton is installed: plain, gated in x's layout, gated in the output's
+    rows (strided: z's half of in_proj's rows), and rows -> columns from strided rows."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from mom.ops.triton import gather
+        from mom.ops.triton.gather import TILE, silu_gated
+
+        def run(src_rows, index, out_rows, gate_rows=None, gate_at_out=False):  # as gather._gather_t launches it
+            m, f = out_rows.shape
+            gate = src_rows if gate_rows is None else gate_rows
+            gather._kernel()[(-(-m // TILE), -(-f // TILE), 1)](
+                src_rows, gate, index, out_rows, m, f, *src_rows.stride(), *out_rows.stride(), *gate.stride(),
+                BN=TILE, BF=TILE, GATED=gate_rows is not None, GATE_AT_OUT=gate_at_out)
+
+        g = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            f, n, m = 70, 150, 130
+            x = torch.randn(f, n, generator=g).to(dtype)
+            index = torch.randperm(n, generator=g)[:m]
+            out = torch.empty(m, f, dtype=dtype)
+            run(x.t(), index, out)
+            assert torch.equal(out, x[:, index].t())
+            gate = torch.randn(f, n, generator=g).to(dtype)
+            run(x.t(), index, out, gate.t())
+            torch.testing.assert_close(out, silu_gated(x, gate)[:, index].t())
+            rows = torch.randn(m, 2 * f, generator=g).to(dtype)[:, f:]
+            run(x.t(), index, out, rows, gate_at_out=True)
+            torch.testing.assert_close(out, silu_gated(x[:, index].t(), rows))
+            src = torch.randn(n, 2 * f, generator=g).to(dtype)[:, :f]
+            cols = torch.empty(f, m, dtype=dtype)
+            run(src, index, cols.t())
+            assert torch.equal(cols, src[index].t())
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
