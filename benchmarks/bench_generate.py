@@ -152,6 +152,8 @@ def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, n
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = prompt_ids(config, batch, prompt)
     result: dict = {"side": name}
+    if isinstance(model, mom.MoMForCausalLM):
+        result["backend"] = model.backend  # "... (fused mixer)" when the prefill can take the fused path
     try:
         prefill(ids)  # warm-up: kernels, autotuning
         pre, pre_peak = min(timed(lambda: prefill(ids)) for _ in range(prefill_reps))
@@ -180,7 +182,7 @@ def fmt(r: dict) -> str:
     if "decode_tok_s" in r:
         line += (f"   decode {r['decode_tok_s']:10.1f} tok/s ({r['ms_per_step']:7.2f} ms/step)   peak "
                  f"{r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
-    return line
+    return line + (f"   [{r['backend']}]" if "backend" in r else "")
 
 
 def ratios(results: dict[str, dict], mixed_rows: bool) -> list[str]:
