@@ -105,13 +105,14 @@ def _double_model(decouple, seed: int = 0) -> mom.MoMForCausalLM:
 @pytest.mark.parametrize("length", [3, 4, 13], ids=["l<d_conv", "l=d_conv", "l>d_conv"])
 def test_fused_prefill_cache_and_tokens_equal_the_module_paths(decouple, length, monkeypatch):
     """A prefill whose mixers take the fused path (the residual stream sorted by modality when in_proj or out_proj
-    routes) writes the module path's cache and gives its logits; generate() from it gives the module path's tokens."""
+    routes) writes the module path's cache and gives its logits; generate() from it gives the module path's tokens
+    (checked for the longest prompt: the states are checked for all)."""
     model = _double_model(decouple)
     prompt = interleaved_ids(model.config, 3, RUNS)[:, :length]
     prompt[1] = prompt[1].roll(5)  # rows in different modalities at the same position
     with torch.no_grad():
         ref = model(prompt, use_cache=True, logits_to_keep=1)
-    ref_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    ref_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False) if length > 4 else None
     calls = _fast_path_on_cpu(monkeypatch)
     with torch.no_grad():
         out = model(prompt, use_cache=True, logits_to_keep=1)
@@ -121,6 +122,8 @@ def test_fused_prefill_cache_and_tokens_equal_the_module_paths(decouple, length,
         for state, state_ref in zip(getattr(out.cache, name), getattr(ref.cache, name), strict=True):
             torch.testing.assert_close(state, state_ref, msg=lambda m, name=name: f"{name}: {m}")
     assert out.cache.seqlen_offset == length
+    if ref_tokens is None:
+        return
     tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert calls == 2 * calls[: model.config.n_layer]  # generate()'s prefill took the fused path too
     assert torch.equal(tokens, ref_tokens)
