@@ -591,10 +591,13 @@ class MoMModel(MoMPreTrainedModel):
         else:
             # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
             embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
-        # a training forward whose mixers all take the fast path keeps the stream's b * l rows sorted by modality
-        # (`Routing.perm`): the routed in_proj / out_proj then read and write it without row gathers. Not with a
-        # channel mixer (its experts read the routing in sequence order) or layer averaging: the module path there.
-        in_sorted = (cache is None and mask is None and doc_start is None and inputs_embeds is None
+        recorded = cache.tokens_to_record(l) if cache is not None else 0
+        # a forward over whole rows (training, or a prefill from a fresh cache) whose mixers all take the fast path
+        # keeps the stream's b * l rows sorted by modality (`Routing.perm`): the routed in_proj / out_proj then read
+        # and write it without row gathers. Not with a channel mixer (its experts read the routing in sequence order)
+        # or layer averaging: the module path there.
+        fresh = cache is None or (cache.seqlen_offset == 0 and not recorded)
+        in_sorted = (fresh and mask is None and doc_start is None and inputs_embeds is None
                      and self.config.channel_mixer is None and not self.config.layer_averaging
                      and sorted_stream([layer.mixer for layer in self.layers], input_ids))
         if in_sorted:
@@ -602,7 +605,6 @@ class MoMModel(MoMPreTrainedModel):
         if inputs_embeds is None:
             residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
 
-        recorded = cache.tokens_to_record(l) if cache is not None else 0
         if recorded and mask is not None:
             raise ValueError("a cache that records its states for rollback (assisted decoding) takes no padding")
         if recorded:
