@@ -296,7 +296,7 @@ def _vae_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_png(path: str) -> Image.Image:
+def _read_image(path: str) -> Image.Image:
     from PIL import UnidentifiedImageError
 
     try:
@@ -317,7 +317,7 @@ def _vae_encode(args: argparse.Namespace) -> int:
     from mom.utils.atomic import atomic_save
 
     vae = ImageVAE.from_pretrained(args.vae, args.device)
-    images = [_read_png(p) for p in args.images]
+    images = [_read_image(p) for p in args.images]
     s = vae.config.image_size
     resized = [p for p, im in zip(args.images, images) if im.size != (s, s)]
     if resized:
@@ -348,9 +348,11 @@ def _vae_decode(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.latents}: no such latents file") from err
     except (ValueError, OSError, EOFError) as err:
         raise BadInputError(args.latents, f"not a .npy array ({err})") from err
+    if not isinstance(latents, np.ndarray):
+        raise BadInputError(args.latents, "holds several arrays (.npz); expected one .npy array of latents")
     if latents.ndim == 3:  # one image's latents
         latents = latents[None]
-    images = vae.decode(latents.astype(np.float32, copy=False))
+    images = vae.decode(latents)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")

@@ -62,6 +62,8 @@ def test_committed_vae_was_built_from_its_recipe() -> None:
     assert {k: v for k, v in saved.to_dict().items() if k not in measured} == {
         k: v for k, v in recipe.vae.to_dict().items() if k not in measured
     }
+    report = json.loads((SMALL_VAE / vae_module.REPORT_FILE).read_text())
+    assert (report["recipe"], report["steps"]) == ("tokenizers/recipes/vae_small.yaml", recipe.training.steps)
     large = VAERecipe.from_yaml(REPO / "tokenizers" / "recipes" / "vae_large.yaml")
     assert (large.vae.image_size, large.training.device) == (64, "cuda")
 
