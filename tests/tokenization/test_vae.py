@@ -84,6 +84,7 @@ def test_patchify_and_unpatchify_are_exact_inverses(p: int, c: int, h: int, w: i
 
 
 def test_patch_shape_errors() -> None:
+    assert (vae_module.patchify, vae_module.unpatchify) == (patchify, unpatchify)  # also importable beside the VAE
     with pytest.raises(ValueError, match="not divisible into 3x3"):
         patchify(torch.zeros(1, 4, 8, 8), 3)
     with pytest.raises(ValueError, match=r"expected a tensor \(n, c, h, w\)"):
