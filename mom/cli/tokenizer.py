@@ -7,8 +7,12 @@
     mom-tokenizer speech train --recipe tokenizers/recipes/speech_small.yaml --out tokenizers/small/speech
     mom-tokenizer speech eval --tokenizer tokenizers/small/speech
     mom-tokenizer speech decode --tokenizer tokenizers/small/speech --audio in.wav --out out.wav
+    mom-tokenizer vae train --recipe tokenizers/recipes/vae_small.yaml --out tokenizers/small/vae
+    mom-tokenizer vae eval --vae tokenizers/small/vae --images data/small/raw/images --split validation
+    mom-tokenizer vae encode --vae tokenizers/small/vae --out latents.npy a.png b.png
+    mom-tokenizer vae decode --vae tokenizers/small/vae --latents latents.npy --out decoded/
 
-See docs/data.md, docs/image.md and docs/speech.md.
+See docs/data.md, docs/image.md, docs/speech.md and docs/transfusion.md.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from mom.cli.common import run
 from mom.cli.data import command, source_options
+from mom.data.tokenizer_training import ImageSourceSpec
+from mom.tokenization.vae import ImageVAEConfig, VAETrainingConfig
+from mom.utils.configio import from_file
 from mom.utils.errors import BadInputError
 
 SAMPLE_DOCUMENTS = 2000  # training documents on which `text train` reports characters per token
@@ -77,6 +87,16 @@ def save_grid(path: str | Path, originals, reconstructions, columns: int = 16) -
     Image.fromarray(sheet).save(path)
 
 
+def _override_sources(sources: Sequence[ImageSourceSpec], opts: Sequence[str]) -> None:
+    """Apply ``--opt SOURCE.KEY=VALUE`` overrides to a recipe's image sources, in place."""
+    for name, options in source_options(opts).items():
+        specs = [s for s in sources if s.source == name]
+        if not specs:
+            raise ValueError(f"--opt {name}.*: the recipe has no source {name!r}")
+        for spec in specs:
+            spec.options.update(options)
+
+
 def _image_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,12 +105,7 @@ def _image_train(args: argparse.Namespace) -> int:
     from mom.utils.atomic import atomic_write_text
 
     recipe = ImageTokenizerRecipe.from_yaml(args.recipe)
-    for name, options in source_options(args.opt).items():
-        specs = [s for s in recipe.sources if s.source == name]
-        if not specs:
-            raise ValueError(f"--opt {name}.*: the recipe has no source {name!r}")
-        for spec in specs:
-            spec.options.update(options)
+    _override_sources(recipe.sources, args.opt)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -193,14 +208,169 @@ def _speech_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- continuous image VAE ----------------------------------------------------------------------------------------
+@dataclass
+class VAERecipe:
+    """A VAE recipe (``tokenizers/recipes/vae_*.yaml``): image ``sources`` (as in the VQ image recipes), the ``vae``
+    architecture (:class:`ImageVAEConfig`), the ``training`` run (:class:`VAETrainingConfig`) and
+    ``held_out_fraction``. Held-out images follow the VQ recipes' rule (:meth:`load_images`)."""
+
+    sources: tuple[ImageSourceSpec, ...]
+    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
+    training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
+    held_out_fraction: float = 0.1
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> VAERecipe:
+        return from_file(cls, path, "VAE recipe")
+
+    def load_images(self) -> tuple[list[Image.Image], list[Image.Image]]:
+        """(train, held-out) images at the VAE's size, split as ``ImageTokenizerRecipe.load_images`` splits them:
+        the records marked ``"split": "validation"``, else a seeded ``held_out_fraction`` of each source's items."""
+        from mom.data.tokenizer_training import ImageTokenizerRecipe
+        from mom.tokenization.image import ImageTokenizerConfig, TrainingConfig
+
+        # Only the image size and the seed of the VQ recipe take part in reading and splitting the images.
+        size = ImageTokenizerConfig(image_size=self.vae.image_size, downsample=2, channels=(1,))
+        split = ImageTokenizerRecipe(self.sources, size, TrainingConfig(seed=self.training.seed),
+                                     self.held_out_fraction)  # fmt: skip
+        return split.load_images()
+
+
+def _vae_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mom.tokenization.vae import REPORT_FILE, train_vae
+    from mom.utils.atomic import atomic_write_text
+
+    recipe = VAERecipe.from_yaml(args.recipe)
+    _override_sources(recipe.sources, args.opt)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    t = recipe.training
+    device = args.device or t.device
+    train, held = recipe.load_images()
+    if not train or not held:
+        raise ValueError(f"{args.recipe}: {len(train)} training and {len(held)} held-out images; need both")
+    print(f"{len(train)} training images, {len(held)} held-out images", file=sys.stderr)
+    vae, report = train_vae(
+        train, recipe.vae, t.steps, t.batch_size, t.lr, t.seed, device, held_out=held,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, recon_loss=t.recon_loss,
+    )  # fmt: skip
+    vae.save_pretrained(out)
+    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), **dataclasses.asdict(report)}  # fmt: skip
+    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2) + "\n")
+    print(report.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+def _vae_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from mom.data.images import iter_image_records
+    from mom.data.tokenizer_training import warn_skipped
+    from mom.tokenization.vae import ImageVAE, evaluate_vae
+
+    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    size = vae.config.image_size
+    records = [
+        r
+        for r in iter_image_records("folder", on_error=warn_skipped, path=args.images, size=size)
+        if args.split is None or r.meta.get("split") == args.split
+    ]
+    if not records:
+        raise ValueError(f"{args.images}: no images" + (f" with split {args.split!r}" if args.split else ""))
+    metrics = evaluate_vae(vae, [r.image for r in records])
+    print(json.dumps(metrics, indent=2))
+    if args.save_grid:
+        c, shown = vae.config.channels, [r.image for r in records[: args.grid_images]]
+        originals = np.stack([np.asarray(im.convert("L" if c == 1 else "RGB")).reshape(size, size, c) for im in shown])
+        reconstructions = vae.decode(vae.encode(originals))
+        rgb = [torch.from_numpy(np.repeat(x, 3 // c, axis=-1)) for x in (originals, reconstructions)]
+        save_grid(args.save_grid, *rgb)
+        print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
+    return 0
+
+
+def _read_image(path: str) -> Image.Image:
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no such image") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise BadInputError(path, f"not a readable image ({err})") from err
+
+
+def _vae_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from mom.tokenization.vae import ImageVAE
+    from mom.utils.atomic import atomic_save
+
+    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    images = [_read_image(p) for p in args.images]
+    s = vae.config.image_size
+    resized = [p for p, im in zip(args.images, images) if im.size != (s, s)]
+    if resized:
+        print(f"{len(resized)} image(s) centre-cropped and resized to {s}x{s}, e.g. {resized[0]}", file=sys.stderr)
+    generator = torch.Generator(vae.device).manual_seed(args.seed)
+    latents = vae.encode(images, sample=args.sample, generator=generator).cpu().numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, latents)
+
+    atomic_save(args.out, write)
+    print(f"{len(images)} image(s) -> latents {tuple(latents.shape)} float32 (mean {latents.mean():.3f}, std "
+          f"{latents.std():.3f}) -> {args.out}")  # fmt: skip
+    return 0
+
+
+def _vae_decode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mom.tokenization.vae import ImageVAE
+    from mom.utils.atomic import atomic_directory
+
+    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    try:
+        latents = np.load(args.latents, allow_pickle=False)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{args.latents}: no such latents file") from err
+    except (ValueError, OSError, EOFError) as err:
+        raise BadInputError(args.latents, f"not a .npy array ({err})") from err
+    if not isinstance(latents, np.ndarray):
+        raise BadInputError(args.latents, "holds several arrays (.npz); expected one .npy array of latents")
+    if latents.ndim == 3:  # one image's latents
+        latents = latents[None]
+    images = vae.decode(latents)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    with atomic_directory(out) as tmp:
+        for i, pixels in enumerate(images):
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp / f"{i:04d}.png")
+    print(f"latents {tuple(latents.shape)} -> {len(images)} PNG(s) of {images.shape[1]}x{images.shape[2]} in {out}")
+    return 0
+
+
 # ---- command line ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mom-tokenizer",
-        description="Train, inspect and evaluate the text, image and speech tokenizers. See docs/data.md, "
-        "docs/image.md, docs/speech.md.",
+        description="Train, inspect and evaluate the text, image and speech tokenizers and the image VAE. See "
+        "docs/data.md, docs/image.md, docs/speech.md, docs/transfusion.md.",
     )
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{text,image,speech}")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{text,image,speech,vae}")
 
     text = kinds.add_parser("text", help="SentencePiece text tokenizer whose ids 0..7 are the MoM special tokens")
     sub = text.add_subparsers(dest="command", required=True, metavar="{train,encode}")
@@ -256,6 +426,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--audio", required=True, help="input WAV or FLAC file")
     p.add_argument("--out", required=True, help="output WAV file")
+
+    vae = kinds.add_parser("vae", help="continuous image autoencoder (KL VAE) of the Transfusion setting")
+    sub = vae.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,decode}")
+    p = command(sub, _vae_train, "train", help="train an image VAE from a YAML recipe",
+                description="Train a KL-regularised convolutional image VAE from a recipe (sources, vae, training, "
+                "held_out_fraction); prints held-out PSNR and the latent scaling and saves config.json, "
+                "model.safetensors and training_report.json to --out.")  # fmt: skip
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/vae_small.yaml")
+    p.add_argument("--out", required=True, help="output VAE directory")
+    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
+                   help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p = command(sub, _vae_eval, "eval", help="reconstruction PSNR and latent statistics on a folder of images",
+                description="Encode (posterior mean) and decode a folder of images (captions.jsonl or <name>.txt "
+                "sidecars, as read by the 'folder' image source); print PSNR and the scaled latents' mean and "
+                "std.")  # fmt: skip
+    p.add_argument("--vae", required=True, help="VAE directory, e.g. tokenizers/small/vae")
+    p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
+    p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
+    p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
+    p = command(sub, _vae_encode, "encode", help="encode image files to a .npy of scaled latents",
+                description="Encode image files (centre-cropped and resized to the VAE's size if needed) to "
+                "scaled latents float32 (n, latent_channels, latent_size, latent_size), saved with numpy.save.")
+    p.add_argument("--vae", required=True, help="VAE directory")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--sample", action="store_true", help="draw from the posterior instead of taking its mean")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p = command(sub, _vae_decode, "decode", help="decode a .npy of scaled latents to PNG files",
+                description="Decode latents (n, latent_channels, latent_size, latent_size), or one image's "
+                "(latent_channels, latent_size, latent_size), from a .npy file to --out/0000.png, 0001.png, ...")
+    p.add_argument("--vae", required=True, help="VAE directory")
+    p.add_argument("--latents", required=True, help="input .npy file (as written by `vae encode`)")
+    p.add_argument("--out", required=True, help="output folder of PNGs (written whole or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
 
     return parser
 

@@ -113,3 +113,66 @@ kmeans: {{iters: 5}}
     back, sr = read_audio(tmp_path / "back.wav")
     original, _ = read_audio(tmp_path / "clips" / "0.wav")
     assert sr == 16000 and abs(len(back) - len(original)) <= 320
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions on a busy 2-core machine run far faster on one thread (see test_image_tokenizer)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_vae_train_eval_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    recipe = {
+        "sources": [{"source": "folder", "options": {"path": "unused", "limit": 40, "seed": 0}}],
+        "vae": {"base_width": 8, "width_mult": [1, 1, 2]},
+        "training": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
+        "held_out_fraction": 0.2,
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    out = tmp_path / "vae"
+    train = ["vae", "train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]
+    assert main([*train, "--opt", f"folder.path={RAW_IMAGES}"]) == 0  # --opt overrides a source option
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["steps"] == 3 and report["held_out_images"] + report["train_images"] == 40
+    assert "PSNR" in capsys.readouterr().out
+    assert main([*train, "--opt", f"folder.path={RAW_IMAGES}"]) == 2  # exists: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["vae", "eval", "--vae", str(out), "--images", str(RAW_IMAGES), "--split", "validation",
+                 "--save-grid", str(tmp_path / "grid.png"), "--grid-images", "8"]) == 0  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 70 and metrics["psnr"] > 5
+    assert Image.open(tmp_path / "grid.png").size == (16 * 32, 2 * 32)
+
+    pngs = sorted(RAW_IMAGES.glob("digits-*.png"))[:2]
+    Image.open(pngs[1]).resize((48, 48)).save(tmp_path / "big.png")  # resized to 32x32 on encoding
+    latents = tmp_path / "z.npy"
+    encode = ["vae", "encode", "--vae", str(out), "--out"]
+    assert main([*encode, str(latents), str(pngs[0]), str(tmp_path / "big.png")]) == 0
+    captured = capsys.readouterr()
+    assert "(2, 4, 8, 8)" in captured.out and "resized to 32x32" in captured.err
+    z = np.load(latents)
+    assert z.shape == (2, 4, 8, 8) and z.dtype == np.float32
+    assert main(["vae", "decode", "--vae", str(out), "--latents", str(latents), "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["0000.png", "0001.png"]
+    decoded = Image.open(tmp_path / "png" / "0000.png")
+    assert decoded.size == (32, 32) and decoded.mode == "RGB"
+
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), np.float32))  # 3 latent channels, the VAE has 4
+    assert main(["vae", "decode", "--vae", str(out), "--latents", str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latents: expected shape (n, 4, 8, 8)" in err and not (tmp_path / "bad").exists()
+    (tmp_path / "text.png").write_text("not an image")
+    assert main([*encode, str(tmp_path / "t.npy"), str(tmp_path / "text.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "text.png: not a readable image" in err and not (tmp_path / "t.npy").exists()
+    assert main(["vae", "eval", "--vae", str(tmp_path / "absent"), "--images", str(RAW_IMAGES)]) == 2
+    assert "absent/config.json" in capsys.readouterr().err
