@@ -48,6 +48,7 @@ from mom.data.sampler import DocumentSampler, RowGroup
 from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from mom.utils.atomic import atomic_directory
 from mom.utils.errors import BadInputError
+from mom.utils.patches import patchify
 
 LATENT_SCHEMA = SHARD_SCHEMA.append(pa.field("latents", pa.list_(pa.float16())))
 STATE_FORMAT = 1  # version of TransfusionLoader.state_dict()
@@ -352,17 +353,6 @@ class TransfusionLoader:
 
 
 # ---- building --------------------------------------------------------------------------------------------------------
-def _patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
-    """(n, c, h, w) -> (n, (h/p) * (w/p), c * p * p), row-major patches flattened in (c, p, p) order: the layout of
-    ``mom.tokenization.vae.patchify`` (the VAE module's; this package may not import the model's copy,
-    `mom.model.transfusion.patchify`, and a test checks the two agree)."""
-    n, c, h, w = latents.shape
-    if h % p or w % p:
-        raise ValueError(f"latent of size {h}x{w} is not divisible into {p}x{p} patches")
-    x = latents.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (n, h/p, w/p, c, p, p)
-    return x.reshape(n, (h // p) * (w // p), c * p * p)
-
-
 def document_layout(caption_ids: Sequence[int], n_patches: int, image_id: int, caption_first: bool) -> list[int]:
     """``<s> <image> IMG*n </image> caption </s>``, or the caption first."""
     image = [BOI_ID, *([image_id] * n_patches), EOI_ID]
@@ -430,7 +420,7 @@ def build_latent_corpus(
         if images.shape[1:3] != (size, size):
             raise BadInputError(chunk[0].source, f"images must be {size}x{size} (the VAE's image_size), got "
                                 f"{images.shape[1]}x{images.shape[2]}")
-        patches = _patchify(vae.encode(images).float(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
+        patches = patchify(vae.encode(images).float(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
         for record, latent in zip(chunk, patches):
             caption = tokenizer.encode_text(record.caption)
             first = rng.random() < caption_first

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from mom.model.cache import MoMCache
 from mom.model.diffusion import ddim_sample
-from mom.model.transfusion import MoMTransfusionForCausalLM, unpatchify
+from mom.model.transfusion import MoMTransfusionForCausalLM
 from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+from mom.utils.patches import unpatchify
 
 DEFAULT_STEPS = 50  # DDIM steps (Song et al. 2021 report sample quality close to 1000 DDPM steps at 50)
 

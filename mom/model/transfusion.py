@@ -353,22 +353,3 @@ class MoMTransfusionForCausalLM(MoMPreTrainedModel):
 
 
 # ---- latent patches ------------------------------------------------------------------------------------------------
-def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
-    """(n, c, h, w) -> (n, (h/p) * (w/p), c * p * p): row-major patches, each flattened in (c, p, p) order.
-    (The VAE module's ``mom.tokenization.vae.patchify`` is the shared one; this is the model-layer copy that the data
-    and generation code of the Transfusion setting use until the two are merged.)"""
-    n, c, h, w = latents.shape
-    if h % p or w % p:
-        raise ValueError(f"latent of size {h}x{w} is not divisible into {p}x{p} patches")
-    x = latents.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (n, h/p, w/p, c, p, p)
-    return x.reshape(n, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(patches: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
-    """The inverse of `patchify`: (n, (h/p) * (w/p), c * p * p) -> (n, c, h, w)."""
-    n, L, D = patches.shape
-    if L != (h // p) * (w // p) or D != c * p * p or h % p or w % p:
-        raise ValueError(f"patches of shape {tuple(patches.shape)} do not make a {c}x{h}x{w} latent with {p}x{p} "
-                         f"patches (need ({(h // p) * (w // p)}, {c * p * p}))")
-    x = patches.reshape(n, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (n, c, h/p, p, w/p, p)
-    return x.reshape(n, c, h, w)

@@ -37,11 +37,11 @@ from PIL import Image
 from torch import nn
 
 from mom.tokenization.image import images_to_uint8, psnr
-from mom.tokenization.patches import patchify, unpatchify
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
+from mom.utils.patches import patchify, unpatchify
 
-# psnr (of mom.tokenization.image) and the latent patches (of mom.tokenization.patches) are re-exported for the
+# psnr (of mom.tokenization.image) and the latent patches (of mom.utils.patches) are re-exported for the
 # Transfusion setting's users, who need them beside the VAE.
 __all__ = ["ImageVAE", "ImageVAEConfig", "TrainReport", "VAETrainingConfig", "evaluate_vae", "patchify", "psnr",
            "train_vae", "unpatchify"]  # fmt: skip

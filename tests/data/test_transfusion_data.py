@@ -16,15 +16,14 @@ from mom.data.latent_corpus import (
     LatentDocument,
     LatentPacker,
     TransfusionLoader,
-    _patchify,
     build_latent_corpus,
     check_latent_model,
 )
 from mom.data.loader import DataConfig, PackedLoader, build_loader
-from mom.model.transfusion import patchify
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, EOI_ID
 from mom.utils.errors import BadInputError
+from mom.utils.patches import patchify
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "data" / "small" / "raw" / "images"
@@ -90,10 +89,6 @@ def test_latents_are_the_vae_patches(corpus):
     got = torch.tensor(by_id[rec.meta["id"]]["latents"], dtype=torch.float32).view(4, 16)
     assert torch.equal(got, want)
 
-
-def test_the_corpus_patch_layout_is_the_models():
-    x = torch.randn(2, 4, 6, 8)
-    assert torch.equal(_patchify(x, 2), patchify(x, 2))
 
 
 def test_resume_gives_the_same_next_batch(corpus):

@@ -13,8 +13,6 @@ from mom.model.transfusion import (
     MoMTransfusionConfig,
     MoMTransfusionForCausalLM,
     image_numbers,
-    patchify,
-    unpatchify,
 )
 
 BOS, BOI, EOI, EOS = 2, 4, 5, 3
@@ -29,16 +27,6 @@ def document(config, caption, n_images=1):
 def test_image_numbers_one_per_run():
     mask = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
     assert image_numbers(mask).tolist() == [[-1, 0, 0, -1, 1, -1], [2, 2, -1, -1, -1, 3]]
-
-
-def test_patchify_is_exactly_inverted():
-    x = torch.randn(2, 4, 6, 8)
-    p = patchify(x, 2)
-    assert p.shape == (2, 12, 16)
-    assert torch.equal(p[0, 1], x[0, :, 0:2, 2:4].reshape(-1))  # row-major patches, (c, p, p) inside
-    assert torch.equal(unpatchify(p, 2, 4, 6, 8), x)
-    with pytest.raises(ValueError, match="not divisible"):
-        patchify(torch.zeros(1, 4, 5, 4), 2)
 
 
 def test_losses_by_hand():

@@ -1,4 +1,4 @@
-"""Tests of mom.tokenization.vae (the continuous image VAE) and mom.tokenization.patches (latent patches)."""
+"""Tests of mom.tokenization.vae (the continuous image VAE) and mom.utils.patches (latent patches)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 from mom.cli.tokenizer import VAERecipe
 from mom.data.images import iter_image_records
 from mom.tokenization import vae as vae_module
-from mom.tokenization.patches import patchify, unpatchify
 from mom.tokenization.vae import ImageVAE, ImageVAEConfig, evaluate_vae, psnr, train_vae
+from mom.utils.patches import patchify, unpatchify
 
 REPO = Path(__file__).resolve().parents[2]
 RAW_IMAGES = REPO / "data" / "small" / "raw" / "images"
