@@ -1,4 +1,5 @@
-"""MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head.
+"""MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head. A hybrid
+model's ``config.attention_layers`` hold an `AttentionMixer` instead (`make_mixer`).
 
 Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
 `MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` (a transformers ``Cache``)
@@ -23,6 +24,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, AttentionMixer
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
@@ -76,6 +78,13 @@ def add_norm(
     return norm(residual.to(norm.weight.dtype)), residual
 
 
+def make_mixer(config: MoMConfig, layer_idx: int) -> nn.Module:
+    """The sequence mixer of block ``layer_idx``: causal self-attention in ``config.attention_layers``, else Mamba."""
+    if layer_idx in config.attention_layers:
+        return AttentionMixer(config, layer_idx)
+    return MoMMixer(config, layer_idx)
+
+
 class MoMBlock(GradientCheckpointingLayer):
     """Pre-norm residual block. With h the residual stream: h += out_prev; out = mixer(norm(h)). The addition of
     a block's output is done by the next block (or the final norm), fused with its norm as mamba-ssm does; the
@@ -88,7 +97,7 @@ class MoMBlock(GradientCheckpointingLayer):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = make_norm(config)
-        self.mixer = MoMMixer(config, layer_idx)
+        self.mixer = make_mixer(config, layer_idx)
 
     def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
@@ -163,6 +172,10 @@ class MoMPreTrainedModel(PreTrainedModel):
             for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
                 for linear in _linears(getattr(module, name)):
                     self._init_linear(name, linear)
+        elif isinstance(module, AttentionMixer):  # q, k, v as in_proj (nn.Linear's init), o as out_proj (rescaled)
+            for name in ATTENTION_PROJECTIONS:
+                for linear in _linears(getattr(module, name)):
+                    self._init_linear(DECOUPLED_WITH[name], linear)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=cfg.initializer_range)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
