@@ -50,6 +50,9 @@ def _copy_projection(target: nn.Module, source: nn.Linear) -> None:
 @torch.no_grad()
 def mom_from_dense_mamba(model_or_path, config: MoMConfig, cls):
     """See `MoMForCausalLM.from_dense_mamba`."""
+    if config.attention_layers:
+        raise ValueError(f"from_dense_mamba: config.attention_layers={list(config.attention_layers)}; a dense Mamba "
+                         "has no attention weights to start them from: warm-start a pure Mamba config")
     dense = _load_dense(model_or_path)
     dcfg = dense.config
     for ours, theirs in _MATCHING_FIELDS:

@@ -113,7 +113,7 @@ def train(
         print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
 
     # ---- bookkeeping and resume -----------------------------------------------------------------------------------
-    flops_per_token = flops.training_flops_per_token(config)
+    flops_per_token = flops.training_flops_per_token(config, seq_len=recipe.data.seq_len)  # attention layers' context
     peak = flops.peak_flops(ctx.device, ctx.compute_dtype)  # None on CPU: MFU is null
     tokens_per_step = recipe.tokens_per_step(ctx.world_size)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}
