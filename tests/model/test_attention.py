@@ -2,6 +2,7 @@
 key/value cache through every generate() path, save / load, LoRA, FLOPs, and the config's checks."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,10 +189,8 @@ def test_cache_reorder_repeat_crop_and_reset():
         model(ids[:, :10], cache=cache, use_cache=True)  # the last 4 recorded
         cache.crop(-3)
     assert cache.get_seq_length() == 7
-    for layer in (cache.attention_keys, cache.attention_values, cache.attention_valid):
-        torch.testing.assert_close(layer[1], (reference.attention_keys if layer is cache.attention_keys else
-                                              reference.attention_values if layer is cache.attention_values else
-                                              reference.attention_valid)[1], atol=1e-6, rtol=1e-6)
+    for name in ("attention_keys", "attention_values", "attention_valid"):
+        torch.testing.assert_close(getattr(cache, name)[1], getattr(reference, name)[1], atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         after = model(ids[:, 7:9], cache=cache, use_cache=True).logits
         expected = model(ids[:, :9]).logits[:, 7:9]
@@ -327,7 +326,7 @@ def test_tiny_hybrid_loss_decreases():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(attention_layers=(3,)), r"attention_layers: \[3\] out of range; layer indices must lie in \[0, n_layer=3\)"),
+        (dict(attention_layers=(3,)), r"attention_layers: \[3\] out of range; .* must lie in \[0, n_layer=3\)"),
         (dict(attention_layers=(-1,)), r"attention_layers: \[-1\] out of range"),
         (dict(attention_layers=(1, 1)), r"attention_layers: duplicate layer indices in \[1, 1\]"),
         (dict(attention_layers=("1",)), r"attention_layers: must be a list of layer indices"),
@@ -382,3 +381,42 @@ def test_flops_need_the_context_length_for_attention():
     assert long - short == 16 * (4 * config.d_model + 5 * config.attention_heads)  # scores + values + softmax
     assert flops.count_params(config)[0] == sum(p.numel() for p in _model().parameters())
     assert flops.forward_flops_per_token(tiny_config(), 16) == flops.forward_flops_per_token(tiny_config())
+
+
+def test_mom_flops_counts_attention_at_the_context_length(tmp_path, capsys):
+    from mom.cli.flops import main
+
+    config = hybrid_config()
+    config.save_pretrained(tmp_path)
+    assert main(["--model-json", str(tmp_path)]) == 2
+    assert "--seq-len: the model has attention layers [1]" in capsys.readouterr().err
+    assert main(["--model-json", str(tmp_path), "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"{flops.forward_flops_per_token(config, 64):,}" in out and "seq_len=64" in out
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "t2i_160m_hybrid_mom.yaml"
+    assert main(["--config", str(recipe), "--seq-len", "1024"]) == 0
+    assert "attention_layers=[18, 21] attention_heads=16 seq_len=1024" in capsys.readouterr().out
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decouple", [("in_proj", "x_proj", "dt_proj", "out_proj"), ()], ids=["mom", "dense"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hybrid_equals_cpu_and_trains_under_autocast(decouple):
+    """The CUDA model (fused Mamba blocks, SDPA's kernels) against the CPU reference; a bf16 autocast training step
+    (FlashAttention) with finite gradients; generate() with the key/value cache equals it without."""
+    model = _model(decouple=decouple, d_model=64, attention_heads=2)
+    ids = _ids(model.config, batch=4)
+    with torch.no_grad():
+        cpu = model(ids).logits
+        gpu = model.cuda()(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=2e-3)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids.cuda(), labels=ids.cuda()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    prompt = ids[:, :6].cuda()
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
+                       model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
