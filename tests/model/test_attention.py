@@ -201,8 +201,8 @@ def test_cache_reorder_repeat_crop_and_reset():
 def test_assisted_decoding_equals_greedy():
     model, assistant = _model(0), _model(1)  # drafts get rejected: the cache is cropped
     prompt = _ids(model.config, batch=1)[:, :5]
-    greedy = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, assistant_model=assistant), greedy)
+    greedy = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, assistant_model=assistant), greedy)
 
 
 def test_models_with_attention_decode_eagerly():
@@ -310,16 +310,16 @@ def test_sorted_stream_is_off_with_an_attention_layer(monkeypatch):
 
 def test_tiny_hybrid_loss_decreases():
     model = _model().train()
-    ids = _ids(model.config, batch=4)
+    ids = _ids(model.config, batch=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(5):
         loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
