@@ -381,7 +381,10 @@ def model_shape(config: MoMConfig) -> dict[str, Any]:
     """The config fields that fix the parameter shapes (a checkpoint only loads into the same ones)."""
     keys = ("modalities", "vocab_sizes", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple",
             "bias", "conv_bias", "rms_norm", "tie_word_embeddings")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
+    shape = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
+    if config.attention_layers:  # a hybrid's; a pure Mamba's record stays as before (its old checkpoints resume)
+        shape.update(attention_layers=list(config.attention_layers), attention_heads=config.attention_heads)
+    return shape
 
 
 def set_lr(engine: Any, lr: float) -> None:

@@ -420,3 +420,11 @@ def test_cuda_hybrid_equals_cpu_and_trains_under_autocast(decouple):
     prompt = ids[:, :6].cuda()
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
                        model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_checkpoint_shape_records_attention_layers_of_hybrids_only():
+    from mom.train.loop import model_shape
+
+    assert model_shape(hybrid_config())["attention_layers"] == [1]
+    assert model_shape(hybrid_config())["attention_heads"] == 2
+    assert "attention_layers" not in model_shape(tiny_config())  # pure Mamba runs resume as before
