@@ -20,11 +20,24 @@ from transformers import Cache
 from mom.model.config import MoMConfig
 
 
+def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(conv state, SSM state) shapes of layer ``layer_idx``, by its mixer kind: Mamba-1 (b, d_inner, d_conv) and
+    (b, d_inner, d_state); Mamba-2 (b, d_inner + 2 ngroups d_state, d_conv) (x, B and C go through its conv) and
+    (b, nheads, headdim, d_state); an attention layer (``config.attention_layers``) keeps keys and values instead:
+    states of no channels (b, 0, d_conv) and (b, 0, d_state)."""
+    if layer_idx in config.attention_layers:
+        return (batch_size, 0, config.d_conv), (batch_size, 0, config.d_state)
+    if config.mixer == "mamba2":
+        conv_dim = config.d_inner + 2 * config.ngroups * config.d_state
+        return (batch_size, conv_dim, config.d_conv), (batch_size, config.nheads, config.headdim, config.d_state)
+    return (batch_size, config.d_inner, config.d_conv), (batch_size, config.d_inner, config.d_state)
+
+
 class MoMCache(Cache):
-    """Per Mamba layer: the last ``d_conv`` conv inputs (b, d_inner, d_conv) and the SSM state (b, d_inner, d_state).
-Per attention layer (``config.attention_layers``): its keys and values (b, heads, t, d_head) after the rotary
-embedding, and which of them later tokens may see (b, t) (not padding, not an earlier packed document); its conv and
-SSM states have no channels (b, 0, ...), so that every layer has one.
+    """Per Mamba layer: the last ``d_conv`` conv inputs and the SSM state (`state_shapes`: Mamba-1 (b, d_inner,
+    d_conv) and (b, d_inner, d_state)). Per attention layer (``config.attention_layers``): its keys and values (b,
+    heads, t, d_head) after the rotary embedding, and which of them later tokens may see (b, t) (not padding, not an
+    earlier packed document); its conv and SSM states have no channels (b, 0, ...), so that every layer has one.
 
     ``seqlen_offset`` counts the tokens already consumed; 0 means the next forward is a prefill. Built with a
     ``batch_size`` the states are allocated at once; without one, by the model's first forward (as ``generate()``
@@ -61,13 +74,9 @@ SSM states have no channels (b, 0, ...), so that every layer has one.
     def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
         """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
         accumulates it in fp32); attention layers: no key yet, keys and values in ``dtype``."""
-        def channels(i: int) -> int:
-            return 0 if i in self.attention_layers else self.d_inner
-
-        self.conv_states = [torch.zeros((batch_size, channels(i), self.d_conv), device=device, dtype=dtype)
-                            for i in range(self.n_layer)]
-        self.ssm_states = [torch.zeros((batch_size, channels(i), self.d_state), device=device, dtype=torch.float32)
-                           for i in range(self.n_layer)]
+        shapes = [state_shapes(self.config, i, batch_size) for i in range(self.n_layer)]
+        self.conv_states = [torch.zeros(conv, device=device, dtype=dtype) for conv, _ in shapes]
+        self.ssm_states = [torch.zeros(ssm, device=device, dtype=torch.float32) for _, ssm in shapes]
         d_head = self.config.d_model // self.attention_heads
         empty = (batch_size, self.attention_heads, 0, d_head)
         self.attention_keys = {i: torch.zeros(empty, device=device, dtype=dtype) for i in self.attention_layers}

@@ -16,6 +16,13 @@ from transformers import PretrainedConfig
 
 from mom.ops.projections import PROJECTIONS  # re-exported: flops, lora and the benchmarks import it from here
 
+# mixer kind: the sequence mixer of every block, and the token-wise projections it has (what ``decouple`` may name)
+MIXERS: tuple[str, ...] = ("mamba1", "mamba2")
+MIXER_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "mamba1": PROJECTIONS,
+    "mamba2": ("in_proj", "out_proj"),  # Mamba-2's in_proj produces z, x, B, C and dt: no x_proj / dt_proj
+}
+
 
 class MoMConfig(PretrainedConfig):
     """Configuration of a MoM (or, with ``decouple=()``, a dense Mamba) causal LM.
@@ -46,6 +53,11 @@ class MoMConfig(PretrainedConfig):
         use_fast_path: on CUDA with mamba-ssm and causal-conv1d, run each mixer through `mom.ops.fused` (one autograd
             Function in the scan's layout) when no cache, padding mask or document reset is involved and every
             expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
+        mixer: the sequence mixer of every block: ``mamba1`` (`mom.model.mixer.MoMMixer`) or ``mamba2`` (the SSD
+            mixer, `mom.model.mamba2.Mamba2Mixer`, whose projections are ``in_proj`` and ``out_proj``; the default
+            ``decouple`` then means both). ``dt_rank`` and the ``dt_*`` init of ``dt_proj`` are Mamba-1's only.
+        headdim, ngroups, chunk_size: Mamba-2's head size (``d_inner / headdim`` heads, one scalar decay each),
+            groups of heads sharing B and C, and the SSD scan's chunk length.
         attention_layers: indices of the blocks whose mixer is causal self-attention (`mom.model.attention`) instead of
             Mamba (a hybrid, MambaVision / Jamba style, e.g. ``(18, 21)`` of 24); ``()`` is a pure Mamba stack.
         attention_heads: heads of those attention mixers; ``"auto"`` is ``d_model // 64`` (head size 64, as GPT-2 and
@@ -85,6 +97,11 @@ class MoMConfig(PretrainedConfig):
         use_cache: bool = True,
         reset_at_document_boundaries: bool = False,
         use_fast_path: bool = True,
+        # mixer kind
+        mixer: str = "mamba1",
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
         # hybrid attention
         attention_layers: Sequence[int] = (),
         attention_heads: int | str = "auto",
@@ -98,6 +115,8 @@ class MoMConfig(PretrainedConfig):
         self.d_conv = d_conv
         self.expand = expand
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        if mixer in MIXER_PROJECTIONS and decouple is PROJECTIONS:  # the default: every projection of this mixer
+            decouple = MIXER_PROJECTIONS[mixer]
         decouple = (decouple,) if isinstance(decouple, str) else tuple(decouple)
         self.decouple = tuple(p for p in PROJECTIONS if p in decouple)  # canonical order
         self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
@@ -111,10 +130,14 @@ class MoMConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.reset_at_document_boundaries = reset_at_document_boundaries
         self.use_fast_path = bool(use_fast_path)
+        # mixer kind
+        self.mixer = mixer
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
         # hybrid attention
         self.attention_layers = _attention_layers(attention_layers, n_layer)
         self.attention_heads = _attention_heads(attention_heads, d_model, bool(self.attention_layers))
         self._validate(decouple)
+        self._validate_mixer(decouple)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -153,6 +176,26 @@ class MoMConfig(PretrainedConfig):
         if self.norm_epsilon <= 0:
             raise ValueError(f"norm_epsilon: must be positive, got {self.norm_epsilon}")
 
+    def _validate_mixer(self, decouple: tuple[str, ...]) -> None:
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer: must be one of {list(MIXERS)}, got {self.mixer!r}")
+        for name in ("headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.mixer != "mamba2":
+            return
+        absent = [p for p in decouple if p not in MIXER_PROJECTIONS["mamba2"]]
+        if absent:
+            raise ValueError(f"decouple: mixer mamba2 has no {absent} (its in_proj produces z, x, B, C and dt); "
+                             f"valid names are {list(MIXER_PROJECTIONS['mamba2'])}")
+        if self.d_inner % self.headdim:
+            raise ValueError(f"headdim: d_inner = expand * d_model = {self.d_inner} must be a multiple of headdim "
+                             f"{self.headdim}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"ngroups: the {self.nheads} heads (d_inner / headdim) must split evenly into ngroups "
+                             f"{self.ngroups}")
+
     def _validate_special_ids(self) -> None:
         """bos / eos / pad ids (``generate()`` stops at eos): each None, or ids in the unified vocabulary."""
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -168,6 +211,11 @@ class MoMConfig(PretrainedConfig):
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """Mamba-2's heads, ``d_inner / headdim``."""
+        return self.d_inner // self.headdim
 
     @property
     def vocab_size(self) -> int:

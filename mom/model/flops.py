@@ -24,7 +24,7 @@ The command line is `mom.cli.flops` (``mom-flops``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,7 @@ CROSS_ENTROPY_FLOPS = 4  # per logit: max, subtract, exp, sum (log and target pi
 ROPE_FLOPS = 3  # per rotated element of q and k: x1*cos - x2*sin is 2 multiplies + 1 add per output element
 ATTN_SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the 1/sqrt(d_head) scale is on q: d per token)
 FLASH_RECOMPUTED = ("layer.attn.scores", "layer.attn.softmax")  # what FlashAttention's backward recomputes
+EVERY_BLOCK = ("layer.norm", "layer.residual")  # per-layer rows of every block, whatever its mixer
 
 TRAIN_FACTOR = 3  # forward (1) + backward (2: one matmul for dL/dX, one for dL/dW, each the forward's size)
 RECOMPUTE_FACTOR = 1  # one extra forward for rows an implementation recomputes in the backward (hardware FLOPs)
@@ -53,7 +54,7 @@ class FlopRow:
 
     Attributes:
         component: name, ``layer.*`` for components present once in every block (``layer.attn.*`` in every attention
-            block of a hybrid, whose Mamba rows then count only its Mamba blocks).
+            block of a hybrid, whose mixer rows then count only its Mamba blocks).
         flops: forward FLOPs per token of ONE instance (one layer for ``layer.*`` rows).
         params: parameters stored by one instance (every modality's expert).
         active_params: parameters one token goes through (its modality's expert only).
@@ -90,7 +91,7 @@ class FlopTable:
 
     config: MoMConfig
     rows: tuple[FlopRow, ...]
-    seq_len: int | None = None  # the context length of the attention rows (None: a pure Mamba, no attention)
+    seq_len: int | None = None  # the context length of the attention rows (None: no attention)
 
     def __getitem__(self, component: str) -> FlopRow:
         for row in self.rows:
@@ -140,7 +141,9 @@ class FlopTable:
         )
         lines = [
             f"d_model={c.d_model} n_layer={c.n_layer} d_inner={c.d_inner} d_state={c.d_state} d_conv={c.d_conv} "
-            f"dt_rank={c.dt_rank} vocab={c.vocab_size} modalities={','.join(c.modalities)} "
+            + (f"mixer=mamba2 headdim={c.headdim} ngroups={c.ngroups} chunk_size={c.chunk_size} " if c.mixer == "mamba2"
+               else f"dt_rank={c.dt_rank} ")
+            + f"vocab={c.vocab_size} modalities={','.join(c.modalities)} "
             f"decouple={','.join(c.decouple) or '() (dense)'}"
             + (f" attention_layers={list(c.attention_layers)} attention_heads={c.attention_heads} "
                f"seq_len={self.seq_len}" if c.attention_layers else ""),
@@ -176,51 +179,17 @@ def flop_table(config: MoMConfig, seq_len: int | None = None) -> FlopTable:
     context length, required by a hybrid with attention layers (its attention FLOPs per token grow with it), unused
     otherwise."""
     A = len(config.attention_layers)
-    if A and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+    if not A:
+        return _mixer_table(config)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len: attention layers {list(config.attention_layers)} make FLOPs per token depend on "
                          f"the context length; give it as a positive int, got {seq_len!r}")
-    d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
-    V, M = config.vocab_size, config.num_modalities
-    L = config.n_layer - A  # Mamba blocks; norms and residuals are in every block
-    experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
-    norm_params = d if config.rms_norm else 2 * d
-    per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
-    norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
-
-    def proj(name: str, in_f: int, out_f: int, bias: bool, note: str) -> FlopRow:
-        one = in_f * out_f + (out_f if bias else 0)  # parameters of one expert
-        return FlopRow(f"layer.{name}", 2 * in_f * out_f, experts[name] * one, one, "matmul", L,
-                       f"{note}; {experts[name]} expert(s)")  # fmt: skip
-
-    bias_flops = di + (2 * di if config.bias else 0) + (d if config.bias else 0) + (di if config.conv_bias else 0)
-    rows = [
-        FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
-        FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", config.n_layer, norm_note),
-        proj("in_proj", d, 2 * di, config.bias, "2*d*2*d_inner"),
-        FlopRow("layer.conv1d", 2 * di * w, di * w + (di if config.conv_bias else 0),
-                di * w + (di if config.conv_bias else 0), "conv", L, "2*d_inner*d_conv, depthwise causal"),
-        FlopRow("layer.conv_silu", SILU_FLOPS * di, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d_inner"),
-        proj("x_proj", di, r + 2 * n, False, "2*d_inner*(dt_rank+2*d_state)"),
-        proj("dt_proj", r, di, True, "2*dt_rank*d_inner"),
-        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (dt, conv, ...)"),
-        FlopRow("layer.dt_softplus", SOFTPLUS_FLOPS * di, 0, 0, "scan", L, f"{SOFTPLUS_FLOPS}*d_inner"),
-        FlopRow("layer.scan.discretize", 3 * di * n + di, di * n, di * n, "scan", L,
-                "d_inner*(3*d_state+1): dt*A, exp, (dt*x)*B; A_log params"),
-        FlopRow("layer.scan.update", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: h = dA*h + dBx"),
-        FlopRow("layer.scan.readout", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: y = C.h"),
-        FlopRow("layer.scan.skip_D", 2 * di, di, di, "scan", L, "2*d_inner: y += D*x"),
-        FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)"),
-        proj("out_proj", di, d, config.bias, "2*d_inner*d"),
-        FlopRow("layer.residual", d, 0, 0, "elementwise", config.n_layer, "d"),
-        *(attention_rows(config, seq_len) if A else ()),
-        FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
-        FlopRow("lm_head", 2 * d * V, 0 if config.tie_word_embeddings else V * d,
-                0 if config.tie_word_embeddings else V * d, "matmul", 1,
-                "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
-        FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
-    ]  # fmt: skip
-    rows = [row for row in rows if row.count]  # every block attention: no Mamba row
-    return FlopTable(config, tuple(rows), seq_len if A else None)
+    mamba = config.n_layer - A  # the mixer rows count the Mamba blocks only
+    rows = [replace(r, count=mamba) if r.component.startswith("layer.") and r.component not in EVERY_BLOCK else r
+            for r in _mixer_table(config).rows]
+    at = next(i for i, r in enumerate(rows) if r.component == "norm_f")
+    rows[at:at] = attention_rows(config, seq_len)
+    return FlopTable(config, tuple(r for r in rows if r.count), seq_len)  # every block attention: no mixer row
 
 
 def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
@@ -241,6 +210,115 @@ def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
         FlopRow("layer.attn.values", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: A V, full matrix"),
         FlopRow("layer.attn.biases", 4 * d if config.bias else 0, 0, 0, "elementwise", A, "q, k, v, o biases"),
     ]  # fmt: skip
+
+
+def _mixer_table(config: MoMConfig) -> FlopTable:
+    """The rows of a model whose every block has ``config.mixer``'s mixer."""
+    if config.mixer == "mamba2":
+        return _mamba2_table(config)
+    d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    V, L, M = config.vocab_size, config.n_layer, config.num_modalities
+    experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
+    norm_params = d if config.rms_norm else 2 * d
+    per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
+    norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
+
+    def proj(name: str, in_f: int, out_f: int, bias: bool, note: str) -> FlopRow:
+        one = in_f * out_f + (out_f if bias else 0)  # parameters of one expert
+        return FlopRow(f"layer.{name}", 2 * in_f * out_f, experts[name] * one, one, "matmul", L,
+                       f"{note}; {experts[name]} expert(s)")  # fmt: skip
+
+    bias_flops = di + (2 * di if config.bias else 0) + (d if config.bias else 0) + (di if config.conv_bias else 0)
+    rows = [
+        FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
+        FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
+        proj("in_proj", d, 2 * di, config.bias, "2*d*2*d_inner"),
+        FlopRow("layer.conv1d", 2 * di * w, di * w + (di if config.conv_bias else 0),
+                di * w + (di if config.conv_bias else 0), "conv", L, "2*d_inner*d_conv, depthwise causal"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * di, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d_inner"),
+        proj("x_proj", di, r + 2 * n, False, "2*d_inner*(dt_rank+2*d_state)"),
+        proj("dt_proj", r, di, True, "2*dt_rank*d_inner"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (dt, conv, ...)"),
+        FlopRow("layer.dt_softplus", SOFTPLUS_FLOPS * di, 0, 0, "scan", L, f"{SOFTPLUS_FLOPS}*d_inner"),
+        FlopRow("layer.scan.discretize", 3 * di * n + di, di * n, di * n, "scan", L,
+                "d_inner*(3*d_state+1): dt*A, exp, (dt*x)*B; A_log params"),
+        FlopRow("layer.scan.update", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: h = dA*h + dBx"),
+        FlopRow("layer.scan.readout", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: y = C.h"),
+        FlopRow("layer.scan.skip_D", 2 * di, di, di, "scan", L, "2*d_inner: y += D*x"),
+        FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)"),
+        proj("out_proj", di, d, config.bias, "2*d_inner*d"),
+        FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
+        FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
+        FlopRow("lm_head", 2 * d * V, 0 if config.tie_word_embeddings else V * d,
+                0 if config.tie_word_embeddings else V * d, "matmul", 1,
+                "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
+        FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
+    ]  # fmt: skip
+    return FlopTable(config, tuple(rows))
+
+
+def _outer_rows(config: MoMConfig) -> tuple[list[FlopRow], list[FlopRow]]:
+    """The rows around the mixers (embedding and block norm; final norm, LM head and loss), any mixer kind."""
+    d, V, L = config.d_model, config.vocab_size, config.n_layer
+    norm_params = d if config.rms_norm else 2 * d
+    per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
+    norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
+    head_params = 0 if config.tie_word_embeddings else V * d
+    before = [
+        FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
+        FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
+    ]
+    after = [
+        FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
+        FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
+        FlopRow("lm_head", 2 * d * V, head_params, head_params, "matmul", 1,
+                "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
+        FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
+    ]
+    return before, after
+
+
+def _mamba2_table(config: MoMConfig) -> FlopTable:
+    """The rows of a Mamba-2 (SSD) model (`mom.model.mamba2`). The scan is counted as its chunked algorithm runs it
+    (mamba-ssm's kernels and `mom.ops.ssd.ssd_chunked`), per token for chunks of Q = ``chunk_size``: C.B within
+    the chunk per group, those scores times Δx per head, each chunk's state, the state passed between chunks (once
+    per chunk: /Q) and read out by C; the FLOPs per token depend on Q, not on the sequence length."""
+    d, di, n, w, L, M = config.d_model, config.d_inner, config.d_state, config.d_conv, config.n_layer, \
+        config.num_modalities
+    h, g, Q = config.nheads, config.ngroups, config.chunk_size
+    c = di + 2 * g * n  # conv channels: x, B, C
+    experts = {p: (M if p in config.decouple else 1) for p in ("in_proj", "out_proj")}
+
+    def proj(name: str, in_f: int, out_f: int, note: str) -> FlopRow:
+        one = in_f * out_f + (out_f if config.bias else 0)  # parameters of one expert
+        return FlopRow(f"layer.{name}", 2 * in_f * out_f, experts[name] * one, one, "matmul", L,
+                       f"{note}; {experts[name]} expert(s)")
+
+    conv_params = c * w + (c if config.conv_bias else 0)
+    bias_flops = (c if config.conv_bias else 0) + ((di + c + h) + d if config.bias else 0)
+    before, after = _outer_rows(config)
+    rows = [
+        *before,
+        proj("in_proj", d, di + c + h, "2*d*(2*d_inner+2*ngroups*d_state+nheads): z, x, B, C, dt"),
+        FlopRow("layer.conv1d", 2 * c * w, conv_params, conv_params, "conv", L,
+                "2*(d_inner+2*ngroups*d_state)*d_conv, depthwise causal over x, B, C"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * c, 0, 0, "elementwise", L, f"{SILU_FLOPS}*(d_inner+2*ngroups*d_state)"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (conv, projections)"),
+        FlopRow("layer.ssd.dt", (SOFTPLUS_FLOPS + 3) * h, h, h, "scan", L,
+                f"({SOFTPLUS_FLOPS}+3)*nheads: +dt_bias, softplus, *A, cumsum; dt_bias params"),
+        FlopRow("layer.ssd.intra_chunk", 2 * Q * g * n + 2 * Q * h + di + 2 * Q * di, h, h, "scan", L,
+                "2*Q*ngroups*d_state (C.B) + 2*Q*nheads (decays) + d_inner (dt*x) + 2*Q*d_inner; A_log params"),
+        FlopRow("layer.ssd.chunk_state", 2 * di * n + h, 0, 0, "scan", L, "2*d_inner*d_state + nheads: B.(decay*dt*x)"),
+        FlopRow("layer.ssd.state_passing", 2 * di * n // Q, 0, 0, "scan", L, "2*d_inner*d_state per chunk, /Q"),
+        FlopRow("layer.ssd.inter_chunk", 2 * di * n + 2 * di, 0, 0, "scan", L,
+                "2*d_inner*d_state (C.state) + 2*d_inner (decay, add)"),
+        FlopRow("layer.ssd.skip_D", 2 * di, h, h, "scan", L, "2*d_inner: y += D*x; D params"),
+        FlopRow("layer.gated_norm", (SILU_FLOPS + 1 + RMSNORM_FLOPS) * di, di, di, "elementwise", L,
+                f"({SILU_FLOPS}+1+{RMSNORM_FLOPS})*d_inner: rmsnorm(y*silu(z))"),
+        proj("out_proj", di, d, "2*d_inner*d"),
+        *after,
+    ]
+    return FlopTable(config, tuple(rows))
 
 
 def forward_flops_per_token(config: MoMConfig, seq_len: int | None = None) -> int:

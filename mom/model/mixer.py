@@ -210,10 +210,10 @@ class MoMMixer(nn.Module):
 
 def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
     """Whether a model keeps its residual stream in the routing's sorted order (``MoMMixer.forward(...,
-    sorted_tokens=True)``): when every mixer takes the fast path (which reads and writes rows in either order) and
-    some route in_proj or out_proj (a shared one reads sequence order as cheaply). ``hidden``: any tensor on the
-    forward's device. Cache, mask and reset: the caller checks. False when any mixer is not a Mamba-1 `MoMMixer` (a
-    hybrid's attention layers read rows in sequence order)."""
+    sorted_tokens=True)``): when every mixer is a Mamba-1 `MoMMixer` (other mixer kinds read sequence order) that
+    takes the fast path (which reads and writes rows in either order) and some route in_proj or out_proj (a shared
+    one reads sequence order as cheaply). ``hidden``: any tensor on the forward's device. Cache, mask and reset: the
+    caller checks."""
     if not all(isinstance(m, MoMMixer) for m in mixers):
         return False
     if not all(m.fast_path_applies(hidden) for m in mixers):

@@ -1,5 +1,5 @@
-"""MoM language model: embeddings, a stack of (norm -> `MoMMixer` -> residual) blocks, final norm, LM head. A hybrid
-model's ``config.attention_layers`` hold an `AttentionMixer` instead (`make_mixer`).
+"""MoM language model: embeddings, a stack of (norm -> mixer -> residual) blocks (`make_mixer`: the Mamba-1 `MoMMixer`
+or the Mamba-2 `Mamba2Mixer`, and in a hybrid's ``config.attention_layers`` an `AttentionMixer`), final norm, LM head.
 
 Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
 `MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` (a transformers ``Cache``)
@@ -28,6 +28,7 @@ from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, Attention
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
+from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
@@ -35,6 +36,7 @@ from mom.ops import backend, fused
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value excluded from the loss (Hugging Face convention)
+MAMBA2_A_INIT_RANGE = (1.0, 16.0)  # Mamba-2's A per head, uniform in this range (mamba-ssm Mamba2's A_init_range)
 
 # transformers >= 5.24 hands generate()'s cache to the model, and reorders it for beam search, under the name
 # ``cache``; older versions look for ``past_key_values`` / ``cache_params`` only and would neither carry nor reorder a
@@ -79,9 +81,12 @@ def add_norm(
 
 
 def make_mixer(config: MoMConfig, layer_idx: int) -> nn.Module:
-    """The sequence mixer of block ``layer_idx``: causal self-attention in ``config.attention_layers``, else Mamba."""
+    """The sequence mixer of block ``layer_idx``: causal self-attention in ``config.attention_layers``, else by
+    ``config.mixer`` (as mamba-ssm's ``create_block``)."""
     if layer_idx in config.attention_layers:
         return AttentionMixer(config, layer_idx)
+    if config.mixer == "mamba2":
+        return Mamba2Mixer(config, layer_idx)
     return MoMMixer(config, layer_idx)
 
 
@@ -142,18 +147,20 @@ class MoMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     _no_split_modules = ["MoMBlock"]
     supports_gradient_checkpointing = True
-    # A_log and D stay fp32 under every load dtype, as mamba-ssm keeps them (regexes on parameter names)
-    _keep_in_fp32_modules_strict = [r"mixer\.A_log$", r"mixer\.D$"]
+    # A_log and D (and Mamba-2's dt_bias) stay fp32 under every load dtype, as mamba-ssm keeps them (regexes on
+    # parameter names)
+    _keep_in_fp32_modules_strict = [r"mixer\.A_log$", r"mixer\.D$", r"mixer\.dt_bias$"]
 
     def keep_ssm_params_fp32(self) -> None:
-        """Cast every mixer's ``A_log`` and ``D`` (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
+        """Cast every mixer's ``A_log`` and ``D`` (and Mamba-2's ``dt_bias``) (back) to fp32, as mamba-ssm keeps them;
+        the rest keeps its dtype.
         Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies
         ``_keep_in_fp32_modules_strict``)."""
         if is_deepspeed_zero3_enabled():
             return
         for m in self.modules():
-            if isinstance(m, MoMMixer):
-                for p in (m.A_log, m.D):
+            if isinstance(m, (MoMMixer, Mamba2Mixer)):
+                for p in (m.A_log, m.D, *((m.dt_bias,) if isinstance(m, Mamba2Mixer) else ())):
                     p.data = p.data.float()
 
     @torch.no_grad()
@@ -176,6 +183,8 @@ class MoMPreTrainedModel(PreTrainedModel):
             for name in ATTENTION_PROJECTIONS:
                 for linear in _linears(getattr(module, name)):
                     self._init_linear(DECOUPLED_WITH[name], linear)
+        elif isinstance(module, Mamba2Mixer):
+            self._init_mamba2(module)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=cfg.initializer_range)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
@@ -185,6 +194,25 @@ class MoMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
             if not cfg.tie_word_embeddings:
                 init.normal_(module.weight, std=cfg.initializer_range)
+
+    def _init_mamba2(self, module: Mamba2Mixer) -> None:
+        """mamba-ssm ``modules/mamba2.py``'s initialisation: A uniform in `MAMBA2_A_INIT_RANGE` per head, D = 1,
+        softplus(dt_bias) log-uniform in [dt_min, dt_max], PyTorch's default conv and linear init (out_proj scaled
+        as for Mamba-1), norm weight 1."""
+        cfg = self.config
+        init.copy_(module.A_log, torch.log(torch.empty(module.nheads).uniform_(*MAMBA2_A_INIT_RANGE)))
+        init.ones_(module.D)
+        dt = torch.exp(torch.rand(module.nheads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+        if module.conv1d.bias is not None:
+            bound = 1 / math.sqrt(cfg.d_conv)  # PyTorch's Conv1d default (fan_in = d_conv for depthwise)
+            init.uniform_(module.conv1d.bias, -bound, bound)
+        init.ones_(module.norm.weight)
+        for name in ("in_proj", "out_proj"):
+            for linear in _linears(getattr(module, name)):
+                self._init_linear(name, linear)
 
     def _init_linear(self, name: str, linear: nn.Linear) -> None:
         cfg = self.config
@@ -818,3 +846,11 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         from mom.model.convert import mom_from_dense_mamba
 
         return mom_from_dense_mamba(model_or_path, config, cls)
+
+    @classmethod
+    def from_dense_mamba2(cls, model_or_path, config: MoMConfig) -> MoMForCausalLM:
+        """Warm-start a ``mixer: mamba2`` MoM from a dense ``transformers.Mamba2ForCausalLM`` (object or local
+        directory): every dense projection copied into every expert, so the logits equal the dense model's."""
+        from mom.model.convert import mom_from_dense_mamba2
+
+        return mom_from_dense_mamba2(model_or_path, config, cls)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from mom.ops.fused import Routes
+from mom.ops.triton import routed_rows
 
 
 @dataclass(frozen=True)
@@ -166,10 +167,12 @@ def project_rows(
 
     ``pick_on_device`` (default: on any device but the CPU): every expert runs on every row and each row keeps its own
     expert's output, picked on the device: no host sync and the same shapes whatever the rows' modalities (so a CUDA
-    graph replays it); each weight is read once, as a memory-bound one-token GEMM reads it anyway. On the CPU, where
-    reading the per-modality counts costs no wait, the routed module path runs each expert on its rows only (M times
-    fewer FLOPs: faster there, measured). Experts are called as modules either way, so LoRA adapters (merged or not)
-    are honoured; a row's output is its own expert's, the others' (even non-finite ones) are discarded.
+    graph replays it); each weight is read once, as a memory-bound one-token GEMM reads it anyway. Plain ``nn.Linear``
+    experts whose weights are in place on a CUDA device take one Triton kernel for all experts
+    (`mom.ops.triton.routed_rows`); other experts (LoRA-wrapped, offloaded, partitioned) are called as modules, so
+    adapters (merged or not) and offload hooks are honoured. On the CPU, where reading the per-modality counts costs
+    no wait, the routed module path runs each expert on its rows only (M times fewer FLOPs: faster there, measured).
+    A row's output is its own expert's, the others' (even non-finite ones) are discarded.
     """
     if not isinstance(proj, RoutedLinear):
         return proj(x)
@@ -177,6 +180,13 @@ def project_rows(
         pick_on_device = x.device.type != "cpu"
     if not pick_on_device:
         return proj(x.unsqueeze(1), routing)[:, 0]
-    ys = torch.stack([expert(x) for expert in proj.values()], dim=1)  # (b, M, out)
+    experts = list(proj.values())
+    if all(type(e) is nn.Linear for e in experts):  # plain experts: one kernel on CUDA (`mom.ops.triton.routed_rows`)
+        weights, biases = [e.weight for e in experts], [e.bias for e in experts]
+        uniform_bias = all(b is None for b in biases) or all(b is not None for b in biases)
+        if uniform_bias and routed_rows.kernel_applies(x, weights):
+            return routed_rows.routed_rows_linear(x, weights, None if biases[0] is None else biases,
+                                                  routing.expert_ids, use_kernel=True)
+    ys = torch.stack([expert(x) for expert in experts], dim=1)  # (b, M, out)
     pick = routing.expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])  # (b, 1, out)
     return ys.gather(1, pick).squeeze(1)

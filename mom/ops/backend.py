@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,33 @@ def _mamba_ssm():
         logger.debug("mamba-ssm unavailable: %s", err)
         return None
     return selective_scan_fn, selective_state_update
+
+
+class Mamba2Kernels(NamedTuple):
+    """mamba-ssm's SSD Triton kernels (`mom.ops.ssd` calls them): ``mamba_chunk_scan_combined`` and
+    ``mamba_split_conv1d_scan_combined`` (None without causal-conv1d, whose conv it runs)."""
+
+    chunk_scan: object
+    split_conv1d_scan: object | None
+
+
+@cache
+def _mamba2_ssm() -> Mamba2Kernels | None:
+    """mamba-ssm's SSD kernels, or None (as `_mamba_ssm`)."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    except Exception as err:
+        logger.debug("mamba-ssm SSD kernels unavailable: %s", err)
+        return None
+    fused = mamba_split_conv1d_scan_combined if _causal_conv1d() is not None else None
+    return Mamba2Kernels(mamba_chunk_scan_combined, fused)
+
+
+def mamba2_kernels(t: torch.Tensor) -> Mamba2Kernels | None:
+    """mamba-ssm's SSD kernels for CUDA tensors, or None (run `mom.ops.ssd`'s references)."""
+    if not t.is_cuda or force_reference():
+        return None
+    return _mamba2_ssm()
 
 
 @cache

@@ -30,7 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
-from mom.model.config import PROJECTIONS
+from mom.model.config import MIXER_PROJECTIONS, PROJECTIONS
 from mom.model.routing import RoutedLinear
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict
@@ -153,6 +153,13 @@ def preset_targets(config: Any, projections: Iterable[str], modalities: list[str
             raise ValueError(
                 f"lora.modalities: unknown modality(ies) {unknown}; this base has {list(config.modalities)}"
             )
+    mixer = getattr(config, "mixer", "mamba1")
+    present = MIXER_PROJECTIONS[mixer] + (ATTENTION_PROJECTIONS if getattr(config, "attention_layers", ()) else ())
+    absent = [p for p in projections if p not in present]
+    if absent:
+        raise ValueError(f"lora.projections: this base's mixer {mixer}"
+                         f"{' with attention layers' if present != MIXER_PROJECTIONS[mixer] else ''} has no {absent}; "
+                         f"its projections are {list(present)}")
     targets = []
     for proj in projections:
         if DECOUPLED_WITH.get(proj, proj) in config.decouple:

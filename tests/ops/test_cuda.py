@@ -303,3 +303,21 @@ def _assert_graph_steps_match_eager(model, prompt: torch.Tensor, tol: float, ste
         eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
         torch.testing.assert_close(graph_logits, eager_logits, atol=tol, rtol=tol)
         tok = eager_logits.argmax(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100])
+def test_routed_rows_kernel_equals_the_pytorch_ops(dtype, rows):
+    from mom.ops.triton.routed_rows import kernel_applies, routed_rows_linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n_in, n_out, experts, bias in [(768, 3072, 3, False), (1536, 80, 3, False), (48, 1536, 3, True),
+                                       (1536, 768, 2, True)]:
+        x = torch.randn(rows, 2 * n_in, device="cuda", generator=g).to(dtype)[:, :n_in]
+        ws = [torch.randn(n_out, n_in, device="cuda", generator=g).to(dtype) / n_in**0.5 for _ in range(experts)]
+        bs = [torch.randn(n_out, device="cuda", generator=g).to(dtype) for _ in range(experts)] if bias else None
+        ids = torch.randint(0, experts, (rows,), device="cuda", generator=g)
+        assert kernel_applies(x, ws)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(routed_rows_linear(x, ws, bs, ids, use_kernel=True),
+                                   routed_rows_linear(x, ws, bs, ids, use_kernel=False), **tol)

@@ -1,0 +1,113 @@
+"""Benchmark the MoM Mamba-2 (SSD) mixer layer against mamba-ssm's dense `Mamba2` layer (bf16 autocast, fwd+bwd).
+
+    python benchmarks/bench_mamba2.py                                  # (8, 2048, 1024), the issue's shape
+    python benchmarks/bench_mamba2.py --shape 4x4096x2048 --rounds 5
+
+Every variant runs in the same process on the same inputs, in alternating rounds (``--rounds``, best time kept), as
+benchmarks/bench_layer.py does for Mamba-1; prints time and peak memory with their ratio to mamba-ssm's ``Mamba2``
+(``use_mem_eff_path=True``: in_proj, then its fused conv + SSD scan + gated norm + out_proj Function). The goal for
+"MoM" is at most 1.10x. "MoM" is `mom.model.mamba2.Mamba2Mixer` with in_proj and out_proj routed per modality (the
+routed in_proj, mamba-ssm's ``mamba_split_conv1d_scan_combined`` without its out_proj, the routed out_proj); "mom
+dense" the same mixer with ``decouple=()``; "module path" runs the conv, the chunk-scan kernel and the gated norm as
+separate calls (``use_fast_path=False``, the path caches and padding take). Routing is built once per model forward
+and shared by all layers (not timed here; benchmarks/bench_layer.py prints its cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: E402
+
+import mom  # noqa: E402
+from mom.model.routing import Routing  # noqa: E402
+
+D_STATE, HEADDIM, NGROUPS, CHUNK_SIZE, D_CONV, EXPAND = 128, 64, 1, 256, 4, 2  # mamba-ssm Mamba2's defaults
+
+
+def mom_mamba2(num_modalities: int, d_model: int, decouple, fast: bool = True, device: str = "cuda"):
+    """One MoM Mamba-2 mixer with mamba-ssm Mamba2's initialisation (built through the LM, which initialises it)."""
+    config = mom.MoMConfig(modalities=("text", "image", "speech")[:num_modalities], vocab_sizes=(16,) * num_modalities,
+                           d_model=d_model, n_layer=1, decouple=decouple, use_fast_path=fast, mixer="mamba2",
+                           d_state=D_STATE, headdim=HEADDIM, ngroups=NGROUPS, chunk_size=CHUNK_SIZE, d_conv=D_CONV,
+                           expand=EXPAND)
+    return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)
+
+
+def _step(layer, routing, x, grad):
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x) if routing is None else layer(x, routing)
+        y.backward(grad)
+        layer.zero_grad(set_to_none=True)  # a training step: the optimizer consumes the gradients
+        x.grad = None
+
+    return step
+
+
+def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int, rounds: int) -> None:
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    device = "cuda"
+    modality_ids = interleaved_modalities(batch, length, runs, device)
+    routing = Routing.build(modality_ids, len(runs))
+    x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+    grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
+
+    def dense_mamba2():
+        return Mamba2(d_model, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, headdim=HEADDIM, ngroups=NGROUPS,
+                      chunk_size=CHUNK_SIZE, use_mem_eff_path=True).to(device)
+
+    variants = {  # name: (layer factory, routing or None)
+        "mamba-ssm Mamba2 (dense)": (dense_mamba2, None),
+        "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing),
+        "MoM": (lambda: mom_mamba2(len(runs), d_model, ("in_proj", "out_proj")), routing),
+        "MoM, module path": (lambda: mom_mamba2(len(runs), d_model, ("in_proj", "out_proj"), fast=False), routing),
+    }
+    print(f"shape b={batch} l={length} d_model={d_model} d_state={D_STATE} headdim={HEADDIM} runs={runs} "
+          f"rounds={rounds} (best time of each)")
+    times = {name: [] for name in variants}
+    memory = {}
+    for _ in range(rounds):  # alternating rounds: a slow spell of the GPU hits every variant, not one
+        for name, (factory, r) in variants.items():
+            ms, gib, _ = measure(_step(factory(), r, x, grad), iters=iters)
+            times[name].append(ms)
+            memory[name] = gib
+            torch.cuda.empty_cache()
+    base_ms, base_gib = min(times["mamba-ssm Mamba2 (dense)"]), memory["mamba-ssm Mamba2 (dense)"]
+    for name in variants:
+        ms, gib = min(times[name]), memory[name]
+        print(f"  {name:<26} {ms:8.3f} ms ({ms / base_ms:5.3f}x)   peak {gib:6.3f} GiB ({gib / base_gib:5.3f}x)"
+              f"   rounds: {' '.join(f'{t:.3f}' for t in times[name])}")
+    ratio = min(times["MoM"]) / base_ms
+    print(f"  MoM / mamba-ssm Mamba2: time {ratio:.3f}x (goal <= 1.10x), peak memory {memory['MoM'] / base_gib:.3f}x")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", help="BATCHxLENGTHxD_MODEL (repeatable); default 8x2048x1024")
+    parser.add_argument("--runs", default=",".join(map(str, DEFAULT_RUNS)), help="modality run lengths")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants; best time kept")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_mamba2: needs a CUDA device", file=sys.stderr)
+        return 2
+    if mom.ops.backend.mamba2_kernels(torch.empty(1, device="cuda")) is None:
+        print("bench_mamba2: needs mamba-ssm's SSD kernels (pip install -e '.[cuda]')", file=sys.stderr)
+        return 2
+    print("device:", torch.cuda.get_device_name())
+    for s in args.shape or ["8x2048x1024"]:
+        b, l, d = (int(v) for v in s.split("x"))
+        bench_shape(b, l, d, tuple(int(v) for v in args.runs.split(",")), args.iters, args.rounds)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""A decode step's routed projection in one kernel: ``y[i] = x[i] @ W[e_i].T + b[e_i]``, each row through its own
+expert's weights, the experts picked on the device.
+
+A decode step has one token per row, and each row's modality picks its expert. Done with PyTorch ops that is one GEMM
+per expert over all rows, a stack and a gather (five launches for three experts); a captured decode step is a few
+hundred such small launches, and their count, not the bytes they move, sets its time (docs/performance.md). Here one
+program per (tile of output features, expert) loads that expert's weight tile once and multiplies it with the rows,
+keeping only the rows routed to it: every weight is read once, whatever the mix of modalities across rows (the other
+rows' products are computed and dropped: a decode step's FLOPs are not what it waits for). No host sync, fixed shapes:
+a CUDA graph replays it for any routing.
+
+The weights are read where they are (the experts' own ``nn.Linear`` parameters, no stacked copy), so in-place
+changes are seen; the caller decides that the experts are plain linears (a wrapped one, e.g. LoRA, is called as a
+module instead). Off CUDA, or without Triton, `routed_rows_linear` is the same maths in PyTorch ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+
+from mom.ops.triton.launcher import launch
+
+MAX_EXPERTS = 4  # the kernel takes one weight (and bias) pointer per expert; more experts take the PyTorch ops
+ROWS = 16  # rows per block: tl.dot's smallest tile side
+
+
+@cache
+def _kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, B, OUT, s_x, s_y, IN: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr,
+                           BK: tl.constexpr):
+        """y[i, o] = sum_k x[i, k] w_e[o, k] (+ b_e[o]) for the rows i with expert[i] == e, e = program_id(1), i in
+        the block of rows program_id(2); x (B, IN) and y (B, OUT) with row strides s_x / s_y, unit column stride; each
+        w (OUT, IN) contiguous."""
+        e = tl.program_id(1)
+        w, b = w0, b0
+        if e == 1:
+            w, b = w1, b1
+        if e == 2:
+            w, b = w2, b2
+        if e == 3:
+            w, b = w3, b3
+        outs = tl.program_id(0) * BO + tl.arange(0, BO)
+        out_ok = outs < OUT
+        rows = tl.program_id(2) * BB + tl.arange(0, BB)
+        mine = (rows < B) & (tl.load(expert + rows, mask=rows < B, other=-1) == e)
+        acc = tl.zeros((BB, BO), dtype=tl.float32)
+        for k0 in range(0, IN, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < IN
+            xt = tl.load(x + rows.to(tl.int64)[:, None] * s_x + ks[None, :], mask=mine[:, None] & k_ok[None, :],
+                         other=0.0)  # (BB, BK); other rows read as zeros
+            wt = tl.load(w + outs.to(tl.int64)[:, None] * IN + ks[None, :], mask=out_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # (BO, BK)
+            if IEEE:  # fp32 operands: full-precision products, as torch's fp32 GEMM (not TF32)
+                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(wt))
+        if HAS_BIAS:
+            acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + rows.to(tl.int64)[:, None] * s_y + outs[None, :], acc.to(y.dtype.element_ty),
+                 mask=mine[:, None] & out_ok[None, :])
+
+    return routed_rows_kernel
+
+
+def kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether `routed_rows_linear` runs the Triton kernel for ``x`` (b, in) and these experts' weights: CUDA, Triton,
+    at most `MAX_EXPERTS` experts, every weight (out, in) contiguous on x's device in x's dtype (not offloaded to
+    another device, nor left empty by a partitioning), x's columns contiguous."""
+    if not (x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and 0 < len(weights) <= MAX_EXPERTS):
+        return False
+    shape = (weights[0].shape[0], x.shape[1])
+    return (all(w.device == x.device and w.dtype == x.dtype and w.shape == shape and w.is_contiguous() for w in weights)
+            and _kernel() is not None)
+
+
+def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                       expert_ids: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+    """x (b, in), ``weights[e]`` (out, in), ``biases[e]`` (out,) or None, ``expert_ids`` (b,) int -> (b, out): row i
+    through expert ``expert_ids[i]``. ``use_kernel`` defaults to `kernel_applies`; False runs the PyTorch ops (every
+    expert over every row, each row keeping its own expert's output)."""
+    if use_kernel is None:
+        use_kernel = kernel_applies(x, weights)
+    if not use_kernel:
+        ys = torch.stack([torch.nn.functional.linear(x, w, None if biases is None else biases[e])
+                          for e, w in enumerate(weights)], dim=1)  # (b, M, out)
+        return ys.gather(1, expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])).squeeze(1)
+    b, n_in = x.shape
+    n_out = weights[0].shape[0]
+    y = x.new_empty(b, n_out)
+    if b == 0:
+        return y
+    ws = (*weights, *(weights[:1] * (MAX_EXPERTS - len(weights))))  # unused slots: never selected
+    bs = ws if biases is None else (*biases, *(biases[:1] * (MAX_EXPERTS - len(biases))))
+    block_out = 64 if n_out >= 2048 else 32  # more programs for the narrower projections
+    block_rows = min(64, max(ROWS, 1 << (b - 1).bit_length()))  # a decode batch of up to 64 rows: one block
+    grid = (-(-n_out // block_out), len(weights), -(-b // block_rows))
+    args = (x, expert_ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0))
+    constexprs = dict(IN=n_in, HAS_BIAS=biases is not None, IEEE=x.dtype == torch.float32, BB=block_rows,
+                      BO=block_out, BK=64)
+    if x.is_cuda:
+        launch(_kernel(), grid, args, **constexprs)
+    else:  # Triton's interpreter (TRITON_INTERPRET=1): the tests' way to run the kernel on a CPU
+        _kernel()[grid](*args, **constexprs)
+    return y
