@@ -13,7 +13,8 @@ is (the input projection of the token), o when ``out_proj`` is; ``decouple=()`` 
 dense attention layer. Norms and the attention itself are shared by all modalities, as the scan is in Mamba layers.
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention on CUDA for a plain causal
-forward in fp16 / bf16; a mask, from left padding, document resets or a cache, takes its memory-efficient kernel).
+forward in fp16 / bf16; a mask, from left padding, document resets or a cache, takes one of its kernels that accept
+one: memory-efficient or cuDNN, the math path on CPU).
 Positions are rotary (RoFormer, Su et al. 2021, in the GPT-NeoX / LLaMA half-split layout): the Mamba layers carry no
 position of their own to the attention layers. A position counts the real tokens of its document before it, so a left-
 padded row, or a packed document after a reset, sees the same positions as alone in its row.

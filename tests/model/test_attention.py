@@ -428,3 +428,17 @@ def test_checkpoint_shape_records_attention_layers_of_hybrids_only():
     assert model_shape(hybrid_config())["attention_layers"] == [1]
     assert model_shape(hybrid_config())["attention_heads"] == 2
     assert "attention_layers" not in model_shape(tiny_config())  # pure Mamba runs resume as before
+
+
+def test_attention_layers_among_mamba2_blocks():
+    model = _model(mixer="mamba2", headdim=8, chunk_size=4)
+    assert [type(layer.mixer).__name__ for layer in model.backbone.layers] == ["Mamba2Mixer", "AttentionMixer",
+                                                                               "Mamba2Mixer"]
+    assert isinstance(model.backbone.layers[1].mixer.q_proj, RoutedLinear)  # mamba2's default decouple: in/out_proj
+    ids = _ids(model.config)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :5], use_cache=True).cache
+        steps = [model.decode_logits(ids[:, t : t + 1], cache) for t in range(5, ids.shape[1])]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert flops.count_params(model.config)[0] == sum(p.numel() for p in model.parameters())
