@@ -27,3 +27,36 @@ def interleaved_ids(config: mom.MoMConfig, batch: int, runs: list[tuple[int, int
         lo = config.vocab_offsets[m]
         parts.append(torch.randint(lo, lo + config.vocab_sizes[m], (batch, n), generator=generator))
     return torch.cat(parts, dim=1)
+
+
+class TinyVAE:
+    """A test double of `mom.tokenization.vae.ImageVAE`'s interface (``config.latent_channels`` / ``image_size``,
+    ``latent_size``, ``encode``, ``decode``): a fixed 4x average-pool "encoder" to RGB + grey channels scaled to
+    [-1, 1], and a nearest-neighbour "decoder" of the RGB channels. Deterministic, so models can learn its latents."""
+
+    factor = 4
+
+    def __init__(self, image_size: int = 16) -> None:
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(latent_channels=4, image_size=image_size)
+        self.latent_size = image_size // self.factor
+
+    def encode(self, images) -> torch.Tensor:
+        import numpy as np
+
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 127.5 - 1  # (n, 3, h, w)
+        x = torch.nn.functional.avg_pool2d(x, self.factor)
+        return torch.cat([x, x.mean(1, keepdim=True)], dim=1)  # (n, 4, h/4, w/4)
+
+    def decode(self, latents: torch.Tensor):
+        x = torch.nn.functional.interpolate(latents[:, :3].float(), scale_factor=self.factor, mode="nearest")
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def tiny_transfusion_config(**overrides) -> "mom.MoMTransfusionConfig":
+    """A 2-layer Transfusion MoM (text vocabulary 40, 4-channel 4x4 latents in 2x2 patches: 4 positions of 16)."""
+    kwargs = dict(vocab_sizes=(40, 1), d_model=16, n_layer=2, d_state=4, d_conv=4, expand=2, dt_rank=3,
+                  latent_channels=4, latent_size=4, patch_size=2, num_timesteps=100)
+    kwargs.update(overrides)
+    return mom.MoMTransfusionConfig(**kwargs)

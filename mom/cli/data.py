@@ -4,8 +4,9 @@
     mom-data images export --out DIR --source openmoji:300 --source digits:150 [--opt openmoji.path=./package]
     mom-data speech synth --texts sentences.txt --out DIR
     mom-data speech voices [--language en]
+    mom-data latents --vae DIR --images data/small/raw/images --text-from data/small --out data/small_latent
 
-See docs/data.md, docs/image.md and docs/speech.md.
+See docs/data.md, docs/image.md, docs/speech.md and (latents: the Transfusion setting) docs/transfusion.md.
 """
 
 from __future__ import annotations
@@ -137,6 +138,29 @@ def _speech_voices(args: argparse.Namespace) -> int:
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
+def _latents(args: argparse.Namespace) -> int:
+    from mom.data.images import iter_image_records
+    from mom.data.latent_corpus import build_latent_corpus
+    from mom.generation.image_diffusion import load_vae
+    from mom.tokenization.multimodal import MultimodalTokenizer
+
+    vae = load_vae(args.vae)
+    tokenizer = MultimodalTokenizer.load(args.tokenizer)
+    records = iter_image_records("folder", path=args.images, size=int(vae.config.image_size), limit=args.limit,
+                                 on_error=_raise_bad)
+    manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
+                                   caption_first=args.caption_first, validation_fraction=args.validation_fraction,
+                                   seed=args.seed, name=Path(args.out).name, text_from=args.text_from)
+    counts = ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens"
+                       for split, s in manifest["splits"].items())
+    print(f"built {args.out}: {counts}; latent {manifest['latent']}")
+    return 0
+
+
+def _raise_bad(error: BadInputError) -> None:
+    raise error
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mom.data.images import SOURCES
     from mom.data.speech import DEFAULT_VOICES
@@ -146,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tokenized interleaved text/image/speech corpus, and prepare its raw image and speech "
         "sources. See docs/data.md.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,images,speech}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,images,speech,latents}")
 
     p = command(sub, _build, "build",
         help="build a corpus (Parquet shards + manifest.json) from a recipe",
@@ -200,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(speech_sub, _speech_voices, "voices", help="list installed espeak-ng voices",
                 description="List installed espeak-ng voices (MBROLA voices excluded).")
     p.add_argument("--language", default=None, help="language filter, e.g. 'en'; 'variant' lists voice variants")
+
+    p = command(sub, _latents, "latents",
+        help="build a Transfusion corpus: captioned images as VAE latents beside the caption tokens",
+        description="Encode a folder of captioned images (captions.jsonl, as data/small/raw/images) with an image VAE "
+        "and write a corpus of <s> caption <image> latent patches </image> </s> documents (and image-first ones) for "
+        "the Transfusion setting (docs/transfusion.md).",
+    )
+    p.add_argument("--vae", required=True, help="image VAE directory (mom.tokenization.vae)")
+    p.add_argument("--tokenizer", default="tokenizers/small", help="multimodal tokenizer whose text part encodes "
+                   "the captions (default: %(default)s)")
+    p.add_argument("--images", default="data/small/raw/images", help="folder of images + captions.jsonl "
+                   "(default: %(default)s)")
+    p.add_argument("--out", required=True, help="output corpus directory (must not exist)")
+    p.add_argument("--patch-size", type=int, default=2, help="latent patch side: one position per p x p patch")
+    p.add_argument("--caption-first", type=float, default=0.5, help="share of documents with the caption first")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
+                   "documents are added, e.g. data/small")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 

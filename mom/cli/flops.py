@@ -18,7 +18,7 @@ from pathlib import Path
 from mom.cli.common import add_debug_flag, run
 from mom.model.config import MoMConfig
 from mom.model.flops import GPU_PEAKS, TRAIN_FACTOR, flop_table, human_duration, training_flops
-from mom.train.recipe import load_recipe, model_schema
+from mom.train.recipe import SETTINGS, load_recipe, model_schema
 from mom.train.resolve import resolve_model_config
 from mom.utils.configio import apply_overrides, blame, read_mapping
 
@@ -34,8 +34,10 @@ def config_from_json(path: str | Path, overrides: Sequence[str] = ()) -> MoMConf
         path = path / "config.json"
     raw = {"model": read_mapping(path, "--model-json")}
     applied = apply_overrides(raw, overrides, {"model": model_schema()})
+    by_type = {cls.model_type: cls for cls in SETTINGS.values()}  # a Transfusion model's config.json: its class
+    config_class = by_type.get(raw["model"].get("model_type"), MoMConfig)
     try:
-        return MoMConfig.from_dict(raw["model"])
+        return config_class.from_dict(raw["model"])
     except ValueError as e:
         raise blame(ValueError(f"model.{e}"), applied, f"--model-json {path}") from e
 

@@ -2,7 +2,9 @@
 
     mom-generate --model runs/tiny_mom/hf --prompt "a handwritten digit seven" --then image --out samples/
 
-`mom.generation.document` samples (constrained to well-formed documents) and writes; docs/generation.md.
+`mom.generation.document` samples (constrained to well-formed documents) and writes; docs/generation.md. A
+Transfusion model (`mom.model.transfusion`) continues the prompt with an image denoised by DDIM over its latent
+patches and decoded by ``--vae`` (`mom.generation.image_diffusion`), then text; docs/transfusion.md.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
 from mom.cli.common import add_debug_flag, run
@@ -25,6 +27,8 @@ from mom.generation.document import (
     level_dbfs,
     write_document,
 )
+from mom.generation.image_diffusion import DEFAULT_STEPS, generate_transfusion, load_vae
+from mom.model.transfusion import MoMTransfusionConfig
 from mom.tokenization.multimodal import MultimodalTokenizer
 
 EXPORT_SUBDIR = "hf"  # where mom-train exports the model inside its out_dir (train.export_hf)
@@ -48,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae", help="Transfusion models: the image VAE directory (default: MODEL/vae)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"Transfusion models: DDIM denoising steps of the image (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="Transfusion models: classifier-free guidance scale (1: none)")
     parser.add_argument("--out", default="samples",
                         help="directory for text.txt, image_*.png, speech_*.wav (those of an earlier run are removed)")
     add_debug_flag(parser)
@@ -74,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0 or args.top_k < 0:
         parser.error("--temperature and --top-k: must be >= 0")
+    if args.steps < 1:
+        parser.error(f"--steps: must be >= 1, got {args.steps}")
     return run("mom-generate", lambda: _main(args), args.debug)
 
 
@@ -83,6 +94,8 @@ def _main(args: argparse.Namespace) -> int:
     if not (tokenizer_dir / "config.json").is_file():
         raise FileNotFoundError(f"no multimodal tokenizer at {tokenizer_dir}: pass --tokenizer DIR")
     tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    if isinstance(AutoConfig.from_pretrained(directory), MoMTransfusionConfig):
+        return _transfusion(args, directory, tokenizer, tokenizer_dir)
     if args.then != "text" and args.then not in tokenizer.modalities:
         raise ValueError(f"--then {args.then}: the tokenizer at {tokenizer_dir} has no {args.then} "
                          f"(it has {list(tokenizer.modalities)})")
@@ -105,6 +118,26 @@ def _main(args: argparse.Namespace) -> int:
             print(f"mom-generate: warning: speech_{i}.wav is near-silent ({level:.0f} dBFS RMS, {seconds:.2f} s; "
                   f"audible speech is above {QUIET_DBFS:.0f} dBFS): the model produced few or silent units; try "
                   "another --seed, a --temperature below 1 or a longer-trained model", file=sys.stderr)
+    return 0
+
+
+def _transfusion(args: argparse.Namespace, directory: Path, tokenizer: MultimodalTokenizer, tokenizer_dir: Path) -> int:
+    """A Transfusion model: the prompt, an image denoised with ``--steps`` DDIM steps, then up to ``--max-new-tokens``
+    text tokens (`mom.generation.image_diffusion`)."""
+    if args.then != "image":
+        raise ValueError(f"--then {args.then}: a Transfusion model continues the prompt with an image: use --then "
+                         "image")
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    if tokenizer.vocab_sizes[0] != model.config.vocab_sizes[0]:
+        raise ValueError(f"the model's text vocabulary ({model.config.vocab_sizes[0]}) does not match the tokenizer's "
+                         f"({tokenizer.vocab_sizes[0]}) at {tokenizer_dir}: pass the model's --tokenizer")
+    vae = load_vae(Path(args.vae) if args.vae else directory / "vae")
+    parts = generate_transfusion(model, vae, tokenizer, args.prompt, args.steps, args.guidance, args.max_new_tokens,
+                                 args.temperature, args.seed, progress=True)
+    for path in write_document(parts, Path(args.out), None):
+        print(f"wrote {path}")
+    height, width = parts[1][1].shape[:2]
+    print(f"image {width}x{height} from {args.steps} DDIM steps; text after it: {parts[2][1]!r}")
     return 0
 
 

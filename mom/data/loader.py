@@ -5,7 +5,8 @@
     state = loader.state_dict()   # save with the checkpoint; load_state_dict() resumes exactly here
 
 Document order (epochs, shuffling, mixture weights, data-parallel ranks) is defined in ``mom.data.sampler``;
-packing into rows in ``mom.data.packing``. See docs/loading.md.
+packing into rows in ``mom.data.packing``; reading ahead in a background thread in ``mom.data.prefetch``. See
+docs/loading.md.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class DataConfig:
             as one last batch padded to full shape (``labels == -100`` at padding).
         num_epochs: stop after this many epochs (``None``: repeat forever, each epoch in a new order).
         return_doc_ids: add a ``doc_ids`` (b, l) int64 tensor to each batch (-1 at padding).
+        prefetch: batches the trainer prepares ahead in a background thread (``mom.data.prefetch``; 0: read in
+            the training loop's thread). Changes neither the batches nor the resume state.
     """
 
     path: str
@@ -78,6 +81,7 @@ class DataConfig:
     drop_last: bool = True
     num_epochs: int | None = None
     return_doc_ids: bool = False
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -89,6 +93,7 @@ class DataConfig:
         for name in ("seq_len", "batch_size", "open_row_groups"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        _check_int("prefetch", self.prefetch, minimum=0)
         if self.num_epochs is not None:
             _check_int("num_epochs", self.num_epochs, minimum=1)
         for name in ("shuffle", "drop_last", "return_doc_ids"):
@@ -298,7 +303,7 @@ class PackedLoader:
     def _fingerprint(self) -> dict:
         """What must match for a saved position to mean the same thing."""
         cfg = asdict(self.cfg)
-        for key in ("path", "num_epochs", "return_doc_ids"):  # these may change between runs
+        for key in ("path", "num_epochs", "return_doc_ids", "prefetch"):  # these may change between runs
             cfg.pop(key)
         shards = [str(s) for s in self.manifest.shards[self.cfg.split]]
         return {**cfg, "rank": self.rank, "world_size": self.world_size, "shards": shards}
@@ -329,5 +334,11 @@ class PackedLoader:
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> PackedLoader:
-    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``."""
+    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``: for a corpus of image latents (the
+    Transfusion setting, `mom.data.latent_corpus`) its `TransfusionLoader`, which adds ``latents`` / ``image_mask``."""
+    manifest = Path(cfg.path) / "manifest.json"
+    if manifest.is_file() and "latent" in read_mapping(manifest, "manifest"):
+        from mom.data.latent_corpus import TransfusionLoader  # imports this module
+
+        return TransfusionLoader(cfg, rank, world_size)
     return PackedLoader(cfg, rank, world_size)

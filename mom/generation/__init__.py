@@ -1,5 +1,5 @@
 """Sampling multi-modal documents from a trained model: span constraints for generate() and writing text, PNG and
-WAV parts.
+WAV parts (``document``); images denoised by a Transfusion-setting model (``image_diffusion``).
 
 May import ``mom.model``, ``mom.tokenization`` and ``mom.utils``.
 """

@@ -30,6 +30,7 @@ import torch
 
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
 from mom.model.config import PROJECTIONS, MoMConfig
+from mom.model.transfusion import TIME_FREQUENCIES, MoMTransfusionConfig
 
 # ---- per-element operation counts (see the module docstring) ---------------------------------------------------
 SILU_FLOPS = 4  # z * sigmoid(z) = z / (1 + exp(-z)): exp, add, reciprocal, multiply
@@ -215,7 +216,9 @@ def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
 def _mixer_table(config: MoMConfig) -> FlopTable:
     """The rows of a model whose every block has ``config.mixer``'s mixer."""
     if config.mixer == "mamba2":
-        return _mamba2_table(config)
+        table = _mamba2_table(config)
+        extra = transfusion_rows(config) if isinstance(config, MoMTransfusionConfig) else []
+        return FlopTable(config, table.rows + tuple(extra))
     d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     V, L, M = config.vocab_size, config.n_layer, config.num_modalities
     experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
@@ -254,6 +257,8 @@ def _mixer_table(config: MoMConfig) -> FlopTable:
                 "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
         FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
     ]  # fmt: skip
+    if isinstance(config, MoMTransfusionConfig):
+        rows += transfusion_rows(config)
     return FlopTable(config, tuple(rows))
 
 
@@ -319,6 +324,23 @@ def _mamba2_table(config: MoMConfig) -> FlopTable:
         *after,
     ]
     return FlopTable(config, tuple(rows))
+
+
+def transfusion_rows(config: MoMTransfusionConfig) -> list[FlopRow]:
+    """The image side of the Transfusion setting (`mom.model.transfusion`): patch projection, timestep MLP, noise
+    head and diffusion loss. The model runs them at every position and keeps their output at image positions (no
+    host sync for a variable-size gather), so they count per token, as for MoM and its dense twin alike."""
+    d, D, F = config.d_model, config.patch_dim, TIME_FREQUENCIES
+    where = "every position, kept at image positions"
+    return [
+        FlopRow("image_in", 2 * D * d, D * d + d, D * d + d, "matmul", 1, f"2*patch_dim*d; {where}"),
+        FlopRow("time_embed", 2 * (F * d + d * d), F * d + d + d * d + d, F * d + d + d * d + d, "matmul", 1,
+                f"2*({F}*d + d*d): sinusoids -> Linear -> SiLU -> Linear; {where}"),
+        FlopRow("image_elementwise", (SILU_FLOPS + 4) * d + D, 0, 0, "elementwise", 1,
+                f"({SILU_FLOPS}+4)*d + patch_dim: SiLU, biases, time add, head bias; {where}"),
+        FlopRow("noise_head", 2 * d * D, d * D + D, d * D + D, "matmul", 1, f"2*d*patch_dim; {where}"),
+        FlopRow("diffusion_loss", 3 * D, 0, 0, "elementwise", 1, f"3*patch_dim: subtract, square, sum; {where}"),
+    ]
 
 
 def forward_flops_per_token(config: MoMConfig, seq_len: int | None = None) -> int:

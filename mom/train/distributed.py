@@ -99,7 +99,20 @@ def setup(train: TrainConfig) -> Context:
 
 
 def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
-    """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last)."""
+    """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last; where `device_clip` allows it,
+    clipping and the overflow check are left to `ClipAndSkip`)."""
+    config = requested_config(recipe, ctx)
+    if device_clip(config) is not None:
+        # DeepSpeed's bf16 overflow check reads every gradient (a few kernels each) and then the device, and its
+        # clipping reads the norm on the host: both move to the device (`ClipAndSkip`)
+        config["bf16"]["check_grad_overflow"] = False
+        config["gradient_clipping"] = 0.0
+    return config
+
+
+def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
+    """What the recipe asks of DeepSpeed (``deepspeed.extra`` merged in last), before `deepspeed_config` moves
+    clipping and the overflow check to the device."""
     ds, optim = recipe.deepspeed, recipe.optim
     adamw: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                              "weight_decay": optim.weight_decay}
@@ -127,10 +140,67 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "bf16": {"enabled": ctx.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # mom.train.metrics logs; keep DeepSpeed's own step printing off
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and step
+        "timers": {"throughput": {"enabled": False}},
     }
     if ctx.precision == "autocast_bf16":  # fp32 weights; nn.Linear / Conv1d run in bf16 (DeepSpeed's default list)
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return merge(config, ds.extra)
+
+
+def device_clip(config: dict[str, Any]) -> float | None:
+    """The clipping norm `ClipAndSkip` applies on the device (0: none) where ``config`` (`requested_config`) allows
+    it, else None: bf16 ZeRO-1/2, torch's fused AdamW
+    (its ``found_inf`` input), no optimizer offload, DeepSpeed computing the gradient norm, and no
+    ``bf16.check_grad_overflow: true`` in the recipe's ``deepspeed.extra``."""
+    zero, optimizer = config.get("zero_optimization", {}), config.get("optimizer", {})
+    params, bf16 = optimizer.get("params", {}), config.get("bf16", {})
+    if (bf16.get("enabled", False) and bf16.get("check_grad_overflow") is not True and zero.get("stage") in (1, 2)
+            and zero.get("offload_optimizer", {}).get("device", "none") == "none"
+            and zero.get("compute_grad_norm", True) and optimizer.get("type") == "AdamW"
+            and params.get("torch_adam") and params.get("fused")):
+        return float(config.get("gradient_clipping", 0.0))
+    return None
+
+
+class ClipAndSkip:
+    """Gradient clipping and the skip of a non-finite step, on the device where `device_clip` allows it.
+
+    There, before each fused AdamW step (one per parameter group), the gradients are scaled down to norm ``clip``
+    (DeepSpeed's formula) and torch's ``found_inf`` input is set, both from the global gradient norm DeepSpeed has
+    just computed for this step (+inf when any gradient is not finite; the same on every rank, as it is
+    all-reduced): with ``found_inf`` fused AdamW leaves parameters, moments and step count as they were, and the bf16
+    weights are recopied unchanged from them. No host sync: ``last()`` (was the last step skipped) is a 0-dim device
+    tensor, 1.0 when skipped, read when the trainer logs. Elsewhere DeepSpeed clips and skips on the host and
+    ``last()`` is ``not engine.was_step_applied()``. Build it after loading a checkpoint.
+    """
+
+    def __init__(self, engine: Any, recipe: Recipe, ctx: Context) -> None:
+        self.engine = engine
+        self.clip = device_clip(requested_config(recipe, ctx))
+        self._norm: Any = None  # the gradient norm the step's scale and flag were computed from
+        self._scale: torch.Tensor | None = None
+        self._flag: torch.Tensor | None = None
+        if self.clip is not None:
+            engine.optimizer.clip_grad = 0.0  # a checkpoint saved while DeepSpeed clipped restores its clip_grad
+            engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        norm = self.engine.optimizer._global_grad_norm  # DeepSpeed's ZeRO step sets it before the optimizer runs
+        if norm is not self._norm:  # the step's first parameter group
+            self._norm = norm
+            self._flag = (~torch.isfinite(norm)).float().reshape(())  # (), 1.0: skip
+            if self.clip > 0:  # as DeepSpeed's unscale_and_clip_grads: divide by max(1, (norm + 1e-6) / clip)
+                self._scale = 1.0 / torch.clamp((norm + 1e-6) / self.clip, min=1.0)
+        if self.clip > 0:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, self._scale)
+        optimizer.found_inf = self._flag
+
+    def last(self) -> torch.Tensor | bool:
+        if self.clip is not None:
+            return self._flag if self._flag is not None else False
+        return not self.engine.was_step_applied()
 
 
 def trainer_clips(recipe: Recipe, ctx: Context) -> bool:

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 import mom  # noqa: F401  (registers MoM with the Auto classes)
 from mom.data.loader import build_loader, read_manifest
 from mom.model.modeling import MoMForCausalLM
+from mom.model.transfusion import MoMTransfusionForCausalLM
 from mom.tokenization.processor import MEDIA_DIR
 from mom.train.export import complete_export, load_tokenizer
 from mom.train.loop import losses, model_inputs, train
@@ -78,7 +79,7 @@ def load_base(base_dir: str | os.PathLike) -> MoMForCausalLM:
         raise FileNotFoundError(f"{base_dir / 'config.json'} not found: --base must be a Hugging Face model directory "
                                 "(e.g. <train.out_dir>/hf of a pretraining run)")
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    if not isinstance(model, MoMForCausalLM):
+    if not isinstance(model, (MoMForCausalLM, MoMTransfusionForCausalLM)):
         raise ValueError(f"{base_dir} holds a {type(model).__name__}, not a MoM model")
     return model
 

@@ -2,13 +2,21 @@
 `mom.cli.train`, is its command line).
 
 `train()` reads top to bottom: processes -> run directory (resume, or a fresh start that never mixes with an earlier
-run) -> data -> model -> engine -> resume -> steps (micro-batches: forward, backward; skip a non-finite step;
-optimizer step; log / evaluate / checkpoint; stop on SIGINT / SIGTERM) -> final evaluation, checkpoint, Hugging Face
-export, summary. docs/training.md documents every option.
+run) -> data (read ahead in a background thread) -> model -> engine -> resume -> steps (micro-batches: forward,
+backward; skip a non-finite step; optimizer step) -> at each sync point (log, evaluation and save steps, the last
+step, a stop): read what the steps since the last one left on the device, report, evaluate, checkpoint, stop on
+SIGINT / SIGTERM -> final evaluation, checkpoint, Hugging Face export, summary. docs/training.md documents every
+option.
+
+Between sync points a step reads nothing from the device: losses, target counts and the skip flags stay there
+(`Window`) and are read in one transfer at the next sync point; batches arrive prepared and pinned
+(`mom.data.prefetch`), their tokens per modality counted on the host. The one host sync per forward left is the
+model's own input check (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -27,12 +35,14 @@ import yaml
 from tqdm import tqdm
 
 from mom.data.loader import build_loader
+from mom.data.prefetch import Prefetcher
 from mom.model import flops
 from mom.model.config import MoMConfig
 from mom.model.modeling import MoMForCausalLM
+from mom.model.transfusion import MoMTransfusionConfig, MoMTransfusionForCausalLM
 from mom.train import distributed
 from mom.train.checkpoint import SUPERSEDED, Checkpointer, read_meta
-from mom.train.distributed import Context, all_reduce_sum, decided_on_main
+from mom.train.distributed import ClipAndSkip, Context, all_reduce_sum, decided_on_main
 from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
@@ -40,7 +50,8 @@ from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
-MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx")  # batch keys the model consumes
+MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx",  # batch keys the model consumes
+                "latents", "image_mask")  # (the Transfusion setting's: mom.data.latent_corpus)
 # What a start that saved no checkpoint leaves in out_dir: ``resume: auto`` may start afresh over it.
 UNSAVED_START = {"recipe.yaml", "metrics.jsonl", "tensorboard", "checkpoints"}
 
@@ -97,7 +108,7 @@ def train(
     loader = build_loader(recipe.data, ctx.rank, ctx.world_size)
     if model is None:
         config = resolve_model_config(recipe)
-        model = MoMForCausalLM(config)
+        model = (MoMTransfusionForCausalLM if isinstance(config, MoMTransfusionConfig) else MoMForCausalLM)(config)
     elif isinstance(getattr(model, "config", None), MoMConfig):  # a given (e.g. PEFT-wrapped) model: its config
         config = model.config
         check_corpus(config, recipe)
@@ -108,6 +119,8 @@ def train(
             param.requires_grad_(bool(trainable_filter(name, param)))
     groups = param_groups(model, recipe.optim)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
+    batches = Prefetcher(loader, functools.partial(host_inputs, num_modalities=config.num_modalities),
+                         recipe.data.prefetch, pin_memory=ctx.device.type == "cuda", device=ctx.device)
     engine = distributed.initialize(model, groups, recipe, ctx)
     if ctx.is_main:
         print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
@@ -119,10 +132,11 @@ def train(
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}
     shape = model_shape(config)  # saved with each checkpoint: resuming into another architecture is refused
     if resume_from is not None:
-        meta = checkpointer.load(engine, loader, resume_from, expect={"model": shape})
+        meta = checkpointer.load(engine, batches, resume_from, expect={"model": shape})
         state.update({k: meta[k] for k in state})
         if ctx.is_main:
             print(f"resumed from {resume_from} (step {state['step']})", flush=True)
+    clip_and_skip = ClipAndSkip(engine, recipe, ctx)  # on the device where DeepSpeed allows it; after the load
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         saved = recipe.to_dict()
@@ -131,7 +145,8 @@ def train(
     metrics = MetricsLogger(out_dir, ctx.is_main, cfg.tensorboard, resume_step=state["step"])
     last_step = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
     val_batches = None  # validation batches, loaded once
-    window = Window(config.modalities)
+    window = Window(config.modalities, ctx)
+    run_tokens, run_seconds = 0, 0.0  # this run's training steps (evaluation and saves excluded)
     train_metrics: dict[str, Any] = {}
     first_step = state["step"]  # 0, or where this run resumed
     saved_step = first_step if resume_from is not None else None
@@ -141,19 +156,27 @@ def train(
                desc="train", unit="step", dynamic_ncols=True)
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    with stop:
+    own_clip = distributed.trainer_clips(recipe, ctx)
+    with stop, batches:  # leaving: the data worker stops
         for step in range(state["step"] + 1, last_step + 1):
             set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
-            start = time.perf_counter()
-            result = train_step(engine, loader, ctx, recipe, config.num_modalities, step in cfg.inject_nan_steps,
-                                stop.requested)
-            seconds = time.perf_counter() - start
+            window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, own_clip, recipe.optim.grad_clip,
+                                        step in cfg.inject_nan_steps, clip_and_skip), tokens_per_step)
             state["step"] = step
             state["tokens"] += tokens_per_step
             state["flops"] += flops_per_token * tokens_per_step
-            if result["bad"]:
+            bar.update(1)
+            log_now = step % cfg.log_every == 0 or step == last_step
+            eval_now = bool(cfg.eval_every and step % cfg.eval_every == 0 and step != last_step and cfg.eval_batches)
+            save_now = bool(cfg.save_every and step % cfg.save_every == 0)
+            if not (log_now or eval_now or save_now or (ctx.world_size == 1 and stop.requested())):
+                continue  # nothing read from the device: the next step is queued behind this one
+
+            # ---- a sync point: one read of the steps since the last one; report, evaluate, checkpoint --------
+            read = window.read(stop.requested())  # all-reduced over ranks: the same everywhere
+            for bad in read["skipped"]:
                 state["bad_steps"] += 1
-                message = (f"step {step}: non-finite loss or gradient, update skipped "
+                message = (f"step {bad}: non-finite loss or gradient, update skipped "
                            f"({state['bad_steps']} of train.max_bad_steps={cfg.max_bad_steps})")
                 if ctx.is_main:
                     tqdm.write(f"WARNING: {message}", file=sys.stderr)
@@ -162,38 +185,40 @@ def train(
                     metrics.close()
                     last = checkpointer.latest()
                     raise TrainingError(f"{message}: too many bad steps, stopping. Last checkpoint (intact): {last}")
-            else:
-                window.add(result["stats"], tokens_per_step, seconds)
-            if step % cfg.log_every == 0 or step == last_step:
+            if log_now:
                 train_metrics = window.summary()
                 tokens_per_s = train_metrics.pop("tokens_per_s")
+                run_tokens, run_seconds = run_tokens + window.tokens, run_seconds + window.seconds
+                mfu = None if peak is None else tokens_per_s * flops_per_token / (peak * ctx.world_size)
                 record = {
                     **train_metrics,
                     "lr": engine.optimizer.param_groups[0]["lr"],
-                    "grad_norm": result["grad_norm"],
+                    "grad_norm": read["grad_norm"],
                     "tokens_per_s": tokens_per_s,
                     "tokens": state["tokens"],
                     "flops": state["flops"],
-                    "mfu": None if peak is None else tokens_per_s * flops_per_token / (peak * ctx.world_size),
+                    "mfu": mfu,
                     "skipped_steps": state["bad_steps"],
                 }
                 metrics.log(step, "train", record)
-                bar.set_postfix(loss=f"{train_metrics.get('loss', float('nan')):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window = Window(config.modalities)
-            bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step and cfg.eval_batches:
+                postfix = {"loss": f"{train_metrics.get('loss', float('nan')):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+                bar.set_postfix(postfix | ({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
+                window = Window(config.modalities, ctx)
+            if eval_now:
                 val_batches = val_batches if val_batches is not None else load_val_batches(recipe, ctx)
                 metrics.log(step, "validation", evaluate(engine, val_batches, ctx, config.modalities))
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpointer.save(engine, loader, {**state, "model": shape})
+            if save_now:
+                checkpointer.save(engine, batches, {**state, "model": shape})
                 saved_step = step
-            if result["stop"] and step < last_step:  # all ranks agree: the flag was summed over them
+            if read["stop"] and step < last_step:  # all ranks agree: the flag was summed over them
                 if saved_step != step:
-                    checkpointer.save(engine, loader, {**state, "model": shape})
+                    checkpointer.save(engine, batches, {**state, "model": shape})
                 bar.close()
                 metrics.close()
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, step, checkpointer.latest(), ctx.is_main)
+            window.restart_clock()  # evaluation and saving are not training time
         bar.close()
+        batches.close()  # no more training batches
 
         # ---- end of run: evaluate, checkpoint, export -------------------------------------------------------------
         validation: dict[str, Any] = {}
@@ -202,7 +227,7 @@ def train(
             validation = evaluate(engine, val_batches, ctx, config.modalities)
             metrics.log(state["step"], "validation", validation)
         if saved_step != state["step"]:
-            checkpointer.save(engine, loader, {**state, "model": shape})
+            checkpointer.save(engine, batches, {**state, "model": shape})
     checkpoint = checkpointer.latest()
     hf_dir = None
     if cfg.export_hf and state["step"] >= cfg.max_steps:
@@ -215,11 +240,15 @@ def train(
     metrics.close()
     if ctx.is_main and state["step"] == first_step:  # nothing trained (resumed at the end): the last logged
         train_metrics, validation = last_record(metrics.path, "train"), last_record(metrics.path, "validation")
+    tokens_per_s = run_tokens / run_seconds if run_seconds > 0 else None  # this run's logged windows
     summary = {
         "step": state["step"],
         "tokens": state["tokens"],
         "flops": state["flops"],
         "skipped_steps": state["bad_steps"],
+        "tokens_per_s": tokens_per_s,
+        "mfu": None if peak is None or tokens_per_s is None else tokens_per_s * flops_per_token / (
+            peak * ctx.world_size),
         "train": train_metrics,
         "validation": validation,
         "out_dir": str(out_dir),
@@ -232,54 +261,56 @@ def train(
     return {**summary, "engine": engine}
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modalities: int,
-                 non_blocking: bool = False) -> dict[str, Any]:
-    """The model's inputs from a CPU batch, on ``device``, with the batch's tokens per modality counted here on the
-    host (``modality_counts``): the model's forward then need not wait for the device to read them."""
-    inputs: dict[str, Any] = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k in MODEL_INPUTS}
+def host_inputs(batch: dict[str, torch.Tensor], num_modalities: int) -> dict[str, Any]:
+    """The model's inputs of a CPU batch, still on the host, with its tokens per modality counted here
+    (``modality_counts``, a tuple of ints): the model's forward then need not wait for the device to read them.
+    Runs in the data worker thread (`mom.data.prefetch`)."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if "modality_ids" in batch:  # out-of-range ids are clamped here and named by the model's own check
         ids = batch["modality_ids"].reshape(-1).clamp(0, num_modalities - 1)
         inputs["modality_counts"] = tuple(torch.bincount(ids, minlength=num_modalities).tolist())
     return inputs
 
 
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``inputs`` with its tensors on ``device``; copies from pinned memory do not wait for the device."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modalities: int) -> dict[str, Any]:
+    """The model's inputs from a CPU batch, on ``device``, with the batch's tokens per modality (`host_inputs`)."""
+    return to_device(host_inputs(batch, num_modalities), device)
+
+
 # ---- one optimizer step ----------------------------------------------------------------------------------------
 def train_step(
-    engine: Any, loader: Any, ctx: Context, recipe: Recipe, num_modalities: int, inject_nan: bool,
-    stop_requested: Callable[[], bool],
+    engine: Any, batches: Any, ctx: Context, grad_accum: int, own_clip: bool, grad_clip: float, inject_nan: bool,
+    clip_and_skip: ClipAndSkip,
 ) -> dict[str, Any]:
-    """``train.grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite.
+    """``grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite. Reads nothing
+    from the device (except where the trainer clips itself: `clip_or_drop_grads`).
 
-    Returns ``stats`` ((2M,) summed loss and target count per modality, over micro-batches and ranks), ``bad``
-    (the update was skipped), ``grad_norm`` (before clipping) and ``stop`` (``stop_requested()`` on any rank at the
-    end of the step: the same on every rank, as it travels in the all-reduce of the step's statistics).
+    Returns ``stats`` ((2M + 1,) on the device: loss sums and target counts per modality over the micro-batches, then
+    the number of non-finite losses), ``skipped`` (the update was skipped: a 0-dim device tensor or a bool) and
+    ``grad_norm`` (before clipping: a device tensor, a float or None).
     """
-    M = num_modalities
-    # sums (M), counts (M), non-finite micro-batches, ranks asked to stop
-    stats = torch.zeros(2 * M + 2, dtype=torch.float64, device=ctx.device)
-    grad_norm, grads_finite = None, True
-    grad_accum = recipe.train.grad_accum
-    own_clip = distributed.trainer_clips(recipe, ctx)
+    stats, grad_norm, own_skip = None, None, False
     for micro in range(grad_accum):
-        out = engine(**model_inputs(next(loader), ctx.device, M, non_blocking=True))
+        out = engine(**to_device(next(batches), ctx.device))
         loss = out.loss * float("nan") if inject_nan and ctx.is_main else out.loss  # fault injection (tests)
         engine.backward(loss)
         if own_clip and micro == grad_accum - 1:  # gradients are all-reduced: check and clip before the step
-            grad_norm, grads_finite = clip_or_drop_grads(engine.module, recipe.optim.grad_clip)
+            grad_norm, finite = clip_or_drop_grads(engine.module, grad_clip)
+            own_skip = not finite
         engine.step()
-        stats[:M] += out.modality_loss_sums.detach().double()
-        stats[M : 2 * M] += out.modality_target_counts.detach().double()
-        stats[2 * M] += float(not torch.isfinite(loss.detach()))
-    stats[2 * M + 1] = float(stop_requested())
-    all_reduce_sum(stats)
-    stats = stats.cpu()
-    # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves; the
-    # plain fp32 stage-0 optimizer does not, so clip_or_drop_grads cleared the gradients before its step.
-    bad = bool(stats[2 * M] > 0) or not grads_finite or not engine.was_step_applied()
+        micro_stats = torch.cat([out.modality_loss_sums.detach().double(), out.modality_target_counts.detach().double(),
+                                 (~torch.isfinite(loss.detach())).double().reshape(1)])  # (2M + 1,)
+        stats = micro_stats if stats is None else stats + micro_stats
+    # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves, or
+    # ClipAndSkip does on the device; the plain fp32 stage-0 optimizer does not: clip_or_drop_grads cleared them.
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
-    grad_norm = None if grad_norm is None else float(grad_norm)
-    return {"stats": stats[: 2 * M], "bad": bad, "grad_norm": grad_norm, "stop": bool(stats[2 * M + 1] > 0)}
+    return {"stats": stats, "skipped": own_skip or clip_and_skip.last(), "grad_norm": grad_norm}
 
 
 def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
@@ -342,8 +373,9 @@ def claim_out_dir(out_dir: Path, checkpointer: Checkpointer, resume: str, resume
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``); a second
-    Ctrl-C abandons the step (KeyboardInterrupt). Only in the main thread (elsewhere signals cannot be caught)."""
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``; with several
+    ranks at the next sync point, where the ranks agree); a second Ctrl-C abandons the step (KeyboardInterrupt). Only
+    in the main thread (elsewhere signals cannot be caught)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -381,6 +413,8 @@ def model_shape(config: MoMConfig) -> dict[str, Any]:
     """The config fields that fix the parameter shapes (a checkpoint only loads into the same ones)."""
     keys = ("modalities", "vocab_sizes", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple",
             "bias", "conv_bias", "rms_norm", "tie_word_embeddings")
+    if isinstance(config, MoMTransfusionConfig):
+        keys += ("patch_size", "latent_channels")
     shape = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
     if config.attention_layers:  # a hybrid's; a pure Mamba's record stays as before (its old checkpoints resume)
         shape.update(attention_layers=list(config.attention_layers), attention_heads=config.attention_heads)
@@ -393,17 +427,60 @@ def set_lr(engine: Any, lr: float) -> None:
 
 
 class Window:
-    """Losses and throughput accumulated between two log lines (non-finite steps excluded)."""
+    """The steps since the last log line: what they leave on the device is kept there until a sync point reads it
+    (`read`: one all-reduce and one device-to-host copy); losses exclude skipped steps, throughput counts every step.
 
-    def __init__(self, modalities: Sequence[str]) -> None:
-        self.modalities = tuple(modalities)
-        self.stats = torch.zeros(2 * len(modalities), dtype=torch.float64)
+    ``seconds``: training time of the window, from its start (or the last `restart_clock`) to each read, which waits
+    for the device: evaluation and saves between a read and `restart_clock` are not counted.
+    """
+
+    def __init__(self, modalities: Sequence[str], ctx: Context) -> None:
+        self.modalities, self.ctx = tuple(modalities), ctx
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor | bool]] = []  # (step, stats, skipped), unread
+        self.grad_norm: Any = None  # the last step's, unread
+        self.stats = torch.zeros(2 * len(modalities), dtype=torch.float64)  # read: sums and counts of good steps
         self.tokens, self.seconds = 0, 0.0
+        self.since = time.perf_counter()
 
-    def add(self, stats: torch.Tensor, tokens: int, seconds: float) -> None:
-        self.stats += stats
+    def add(self, step: int, result: dict[str, Any], tokens: int) -> None:
+        self.pending.append((step, result["stats"], result["skipped"]))
+        self.grad_norm = result["grad_norm"]
         self.tokens += tokens
-        self.seconds += seconds
+
+    def read(self, stop_requested: bool) -> dict[str, Any]:
+        """Read the pending steps (one host sync). Returns ``skipped`` (steps whose update was skipped or whose loss
+        was not finite on any rank), ``grad_norm`` of the last step (None if it was skipped) and ``stop`` (a stop
+        was requested on any rank)."""
+        device = self.ctx.device
+        rows = [torch.cat([stats, flag.double().reshape(1) if isinstance(flag, torch.Tensor)
+                           else torch.full((1,), float(flag), dtype=torch.float64, device=device)])
+                for _, stats, flag in self.pending]  # (2M + 2,) each: sums, counts, non-finite losses, skipped
+        flat = torch.cat([*rows, torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)])
+        all_reduce_sum(flat)
+        norm = self.grad_norm
+        if isinstance(norm, torch.Tensor):  # the same on every rank: appended after the sum
+            flat = torch.cat([flat, norm.detach().to(device=device, dtype=torch.float64).reshape(1)])
+        host = flat.cpu()  # the one read of the device since the last sync point
+        self.seconds += time.perf_counter() - self.since
+        M2 = 2 * len(self.modalities)
+        skipped = []
+        for i, (step, _, _) in enumerate(self.pending):
+            row = host[i * (M2 + 2) : (i + 1) * (M2 + 2)]
+            if row[M2] > 0 or row[M2 + 1] > 0:
+                skipped.append(step)
+            else:
+                self.stats += row[:M2]
+        n = len(self.pending) * (M2 + 2)
+        stop = bool(host[n] > 0)
+        if isinstance(norm, torch.Tensor):
+            norm = float(host[n + 1])
+        last_skipped = bool(self.pending) and self.pending[-1][0] in skipped
+        self.pending = []
+        return {"skipped": skipped, "stop": stop,
+                "grad_norm": None if norm is None or last_skipped else float(norm)}
+
+    def restart_clock(self) -> None:
+        self.since = time.perf_counter()
 
     def summary(self) -> dict[str, float]:
         out = losses(self.stats, self.modalities)
@@ -486,8 +563,11 @@ def format_summary(summary: dict[str, Any], modalities: Sequence[str]) -> str:
     lines = [
         f"done: step {summary['step']}, {flops.human(summary['tokens'])} tokens, "
         f"{flops.human(summary['flops'])}FLOPs, {summary['skipped_steps']} skipped steps",
-        f"{'loss':<10}{'train':>10}{'validation':>12}",
     ]
+    if summary["tokens_per_s"] is not None:  # training time only: evaluation and saves excluded
+        mfu = "" if summary["mfu"] is None else f", MFU {summary['mfu']:.1%}"
+        lines.append(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s{mfu}")
+    lines.append(f"{'loss':<10}{'train':>10}{'validation':>12}")
     for key, name in [("loss", "all"), *((f"loss/{m}", m) for m in modalities)]:
         lines.append(f"{name:<10}{fmt(train_m.get(key)):>10}{fmt(val_m.get(key)):>12}")
     lines.append(f"checkpoint: {summary['checkpoint']}")

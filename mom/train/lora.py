@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
 from mom.model.config import MIXER_PROJECTIONS, PROJECTIONS
 from mom.model.routing import RoutedLinear
+from mom.model.transfusion import IMAGE_MODULES, MoMTransfusionForCausalLM
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict
 
@@ -61,6 +62,9 @@ class LoraSettings:
         modules_to_save: modules trained in full and saved with the adapter (peft ``modules_to_save``).
         train_conv: train the depthwise ``conv1d`` of every layer in full (adds it to ``modules_to_save``).
         train_A_D: train ``A_log`` and ``D`` of every layer in full (saved in `EXTRA_PARAMS_FILE`).
+        train_image_modules: a Transfusion-setting base (`mom.model.transfusion`): train its image-only modules
+            (patch projection ``image_in``, timestep MLP ``time_embed``, ``noise_head``) in full (adds them to
+            ``modules_to_save``); with ``projections`` and ``modalities: [image]`` the whole image path adapts.
     """
 
     r: int = 8
@@ -72,6 +76,7 @@ class LoraSettings:
     modules_to_save: list[str] = field(default_factory=list)
     train_conv: bool = False
     train_A_D: bool = False
+    train_image_modules: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -101,7 +106,7 @@ class LoraSettings:
         else:
             _check_names("target_modules", self.target_modules)
         _check_names("modules_to_save", self.modules_to_save)
-        for name in ("train_conv", "train_A_D"):
+        for name in ("train_conv", "train_A_D", "train_image_modules"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lora.{name}: must be true or false, got {getattr(self, name)!r}")
         unknown = [p for p in self.projections if p not in PROJECTIONS + ATTENTION_PROJECTIONS]
@@ -110,7 +115,8 @@ class LoraSettings:
                              f"{list(PROJECTIONS + ATTENTION_PROJECTIONS)}")
         if self.modalities is not None and not self.projections:
             raise ValueError("lora.modalities: only used with projections (the preset); set projections too")
-        if not self.projections and not self.target_modules and not self.modules_to_save and not self.train_conv:
+        if (not self.projections and not self.target_modules and not self.modules_to_save and not self.train_conv
+                and not self.train_image_modules):
             if self.train_A_D:
                 raise ValueError("lora: train_A_D alone trains no adapter; add projections or target_modules")
             raise ValueError("lora: nothing to adapt; set projections (preset) or target_modules")
@@ -122,7 +128,8 @@ class LoraSettings:
 
     @property
     def all_modules_to_save(self) -> list[str]:
-        return list(dict.fromkeys(self.modules_to_save + (["conv1d"] if self.train_conv else [])))
+        extra = (["conv1d"] if self.train_conv else []) + (list(IMAGE_MODULES) if self.train_image_modules else [])
+        return list(dict.fromkeys(self.modules_to_save + extra))
 
 
 def _check_names(key: str, value: Any) -> None:
@@ -232,7 +239,8 @@ def lora_config(model: nn.Module, settings: LoraSettings) -> LoraConfig:
         target_modules=resolve_targets(model, settings),
         modules_to_save=settings.all_modules_to_save or None,
         bias="none",
-        task_type="CAUSAL_LM",
+        # a Transfusion model samples with mom.generation.image_diffusion, not generate(): peft's plain PeftModel
+        task_type=None if isinstance(model, MoMTransfusionForCausalLM) else "CAUSAL_LM",
     )
 
 

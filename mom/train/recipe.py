@@ -3,7 +3,8 @@
 A recipe has five sections, each mapping one to one onto a dataclass (docs/training.md lists every key)::
 
     model:      MoMConfig keyword arguments (``modalities`` / ``vocab_sizes``: "auto", the default, is resolved
-                from the corpus manifest or the tokenizers by mom.train.resolve)
+                from the corpus manifest or the tokenizers by mom.train.resolve); with ``setting: transfusion``
+                MoMTransfusionConfig's (continuous image latents, mom.model.transfusion)
     data:       mom.data.loader.DataConfig
     optim:      OptimConfig
     train:      TrainConfig
@@ -28,10 +29,14 @@ from typing import Any, Literal
 
 from mom.data.loader import DataConfig
 from mom.model.config import MoMConfig
+from mom.model.transfusion import MoMTransfusionConfig
 from mom.utils.configio import apply_overrides, blame, check_value, from_dict, read_mapping
 
 AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: resolved by mom.train.resolve
 AUTO_MODEL_KEYS = ("modalities", "vocab_sizes")
+# model.setting: which model a recipe trains (discrete: MoMForCausalLM over token ids, the Chameleon-like and
+# text+image+speech settings; transfusion: MoMTransfusionForCausalLM over text tokens and image latents)
+SETTINGS: dict[str, type[MoMConfig]] = {"discrete": MoMConfig, "transfusion": MoMTransfusionConfig}
 
 
 @dataclass
@@ -181,12 +186,13 @@ class Recipe:
     def model_config(self, **auto: Any) -> MoMConfig:
         """The `MoMConfig`; ``auto`` supplies the values of keys the recipe sets to "auto" (e.g. ``vocab_sizes``)."""
         kwargs = dict(self.model)
+        config_class = SETTINGS[kwargs.pop("setting", "discrete")]
         for key, value in kwargs.items():
             if value == AUTO and key in AUTO_MODEL_KEYS:
                 if key not in auto:
                     raise ValueError(f"model.{key} is 'auto': pass {key}=... (see mom.train.resolve)")
                 kwargs[key] = auto[key]
-        return MoMConfig(**kwargs)
+        return config_class(**kwargs)
 
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens per optimizer step over all data-parallel ranks (padding included)."""
@@ -244,14 +250,19 @@ def recipe_schema() -> dict[str, Any]:
     return {"model": model_schema(), **SECTIONS}
 
 
-def model_schema() -> dict[str, Any]:
-    """{key: annotation} of the ``model:`` section: MoMConfig's keyword arguments, "auto" allowed where it may be."""
-    hints = typing.get_type_hints(MoMConfig.__init__)
-    params = inspect.signature(MoMConfig.__init__).parameters
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    schema = {name: hints.get(name, Any) for name, p in params.items() if name != "self" and p.kind in keyword}
+def model_schema(setting: str | None = None) -> dict[str, Any]:
+    """{key: annotation} of the ``model:`` section: the config's keyword arguments of ``setting`` (None: of every
+    setting, the keys an override may set), "auto" allowed where it may be, and ``setting`` itself."""
+    classes = list(SETTINGS.values()) if setting is None else [MoMConfig, SETTINGS[setting]]
+    schema: dict[str, Any] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls.__init__)
+        params = inspect.signature(cls.__init__).parameters
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        schema.update({n: hints.get(n, Any) for n, p in params.items() if n != "self" and p.kind in keyword})
     for key in AUTO_MODEL_KEYS:
         schema[key] = Literal["auto"] | schema[key]
+    schema["setting"] = Literal[tuple(SETTINGS)]
     return schema
 
 
@@ -260,16 +271,23 @@ def _check_model(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise ValueError(f"model: must be a mapping of MoMConfig arguments, got {type(model).__name__}")
     model = {"modalities": AUTO, "vocab_sizes": AUTO, **model}  # mom.train.resolve resolves them unless given
-    schema = model_schema()
+    setting = model.get("setting", "discrete")
+    check_value(setting, Literal[tuple(SETTINGS)], "model.setting")
+    schema = model_schema(setting)
     for key, value in model.items():
         if key not in schema:
-            raise ValueError(f"model.{key}: unknown key; valid keys are {sorted(schema)}")
-        check_value(value, schema[key], f"model.{key}")  # checked only: MoMConfig converts
-    trial = dict(model)
-    if AUTO in (model["modalities"], model["vocab_sizes"]):
-        trial.update(modalities=("text",), vocab_sizes=(8,))  # placeholders: the corpus gives the real ones
+            other = [s for s in SETTINGS if key in model_schema(s)]
+            where = f" (a key of model.setting: {other[0]})" if other else ""
+            raise ValueError(f"model.{key}: unknown key{where}; valid keys are {sorted(schema)}")
+        check_value(value, schema[key], f"model.{key}")  # checked only: the config converts
+    trial = {k: v for k, v in model.items() if k != "setting"}
+    if AUTO in (model["modalities"], model["vocab_sizes"]):  # placeholders: the corpus gives the real ones
+        if setting == "transfusion":
+            trial.update(modalities=("text", "image"), vocab_sizes=(8, 1))
+        else:
+            trial.update(modalities=("text",), vocab_sizes=(8,))
     try:  # catch bad values (decouple names, sizes) now rather than after the corpus is opened
-        MoMConfig(**trial)
+        SETTINGS[setting](**trial)
     except ValueError as e:
         raise ValueError(f"model.{e}") from e
     return model

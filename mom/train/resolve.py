@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 from mom.data.kinds import kinds_that_may_hold
+from mom.data.latent_corpus import check_latent_model, latent_spec
 from mom.data.loader import read_manifest
 from mom.model.config import MoMConfig
+from mom.model.transfusion import MoMTransfusionConfig
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.train.recipe import AUTO, AUTO_MODEL_KEYS, Recipe
 
@@ -71,6 +73,11 @@ def vocabulary_source(recipe: Recipe, auto: list[str]) -> tuple[str, tuple[str, 
 def check_corpus(config: MoMConfig, recipe: Recipe) -> None:
     """The model's vocabulary must be a leading part of the corpus's, and excluded modalities excluded from data."""
     manifest = read_manifest(recipe.data.path)
+    if isinstance(config, MoMTransfusionConfig):
+        check_latent_model(config, recipe.data.path)
+    elif latent_spec(recipe.data.path) is not None:
+        raise ValueError(f"{recipe.data.path} is a corpus of image latents (the Transfusion setting): set "
+                         "model.setting: transfusion (docs/transfusion.md)")
     M = config.num_modalities
     if tuple(config.modalities) != manifest.modalities[:M] or tuple(config.vocab_sizes) != manifest.vocab_sizes[:M]:
         raise ValueError(

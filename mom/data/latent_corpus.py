@@ -1,0 +1,479 @@
+"""The Transfusion setting's corpus: captioned images as continuous VAE latents beside the token stream, its builder
+and its loader (docs/transfusion.md).
+
+Documents (kinds ``image_caption`` / ``caption_image`` of `mom.data.kinds`)::
+
+    <s> <image> IMG x n </image> caption </s>        or        <s> caption <image> IMG x n </image> </s>
+
+``IMG`` is the one id of the ``image`` modality (the corpus's vocabulary is ``[text, image]`` with ``vocab_sizes
+[V_text, 1]``); each of the ``n = (h'/p)^2`` image positions is one ``p x p`` patch of the image's latent. A shard has
+the columns of `mom.data.loader.SHARD_SCHEMA` plus ``latents`` (list<float16>: the document's patches, ``n * c * p *
+p`` numbers per image, images in order). The manifest (format ``mom-corpus`` 1, readable by `read_manifest`) has a
+``latent`` entry (channels, patch size, latent size, image size).
+
+The loader (`TransfusionLoader`, chosen by `mom.data.loader.build_loader` for such a corpus) uses the sampler of
+`mom.data.sampler` for the document order and packs rows of ``seq_len`` tokens like `mom.data.packing`, except that a
+row is never cut inside an image span (``<image> .. </image>`` stays whole; the rest of a row that cannot hold the
+next piece is padding). A batch adds to the usual keys ``latents`` (b, l, c * p * p) float32 (zero off images) and
+``image_mask`` (b, l) bool.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mom.data.documents import Item, split_of
+from mom.data.loader import (
+    BUILD_HINT,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SHARD_SCHEMA,
+    DataConfig,
+    Manifest,
+    read_manifest,
+    read_row_group,
+)
+from mom.data.packing import IGNORE_INDEX, PAD_MODALITY, Document
+from mom.data.sampler import DocumentSampler, RowGroup
+from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
+from mom.utils.atomic import atomic_directory
+from mom.utils.errors import BadInputError
+
+LATENT_SCHEMA = SHARD_SCHEMA.append(pa.field("latents", pa.list_(pa.float16())))
+STATE_FORMAT = 1  # version of TransfusionLoader.state_dict()
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """The ``latent`` entry of the manifest: how image positions hold latent patches."""
+
+    channels: int
+    patch_size: int
+    latent_size: int
+    image_size: int
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch_size**2
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+def latent_spec(root: str | Path) -> LatentSpec | None:
+    """The corpus's `LatentSpec`, or None for a corpus of discrete tokens."""
+    raw = json.loads((Path(root) / "manifest.json").read_text())
+    entry = raw.get("latent")
+    if entry is None:
+        return None
+    try:
+        return LatentSpec(**{k: int(entry[k]) for k in ("channels", "patch_size", "latent_size", "image_size")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{root}/manifest.json: bad 'latent' entry {entry!r} ({e}); {BUILD_HINT}") from e
+
+
+def check_latent_model(config: Any, root: str | Path) -> None:
+    """A Transfusion model config (`mom.model.transfusion.MoMTransfusionConfig`) must take the corpus's latents: the
+    same channels, latent size and patch size (``ValueError`` naming the fields otherwise)."""
+    spec = latent_spec(root)
+    if spec is None:
+        raise ValueError(f"model.setting is transfusion but {root} holds discrete tokens, not image latents: build a "
+                         "latent corpus (mom-data latents) or train another setting")
+    model = (config.latent_channels, config.latent_size, config.patch_size)
+    corpus = (spec.channels, spec.latent_size, spec.patch_size)
+    if model != corpus:
+        raise ValueError(f"model.latent_channels / latent_size / patch_size {list(model)} do not match the corpus "
+                         f"{root} ({list(corpus)}, its manifest's 'latent' entry)")
+
+
+# ---- documents -------------------------------------------------------------------------------------------------------
+@dataclass
+class LatentDocument(Document):
+    """A `Document` with the latent patches of its image positions: ``latents`` (n_image_positions, patch_dim)."""
+
+    latents: np.ndarray = None  # type: ignore[assignment]
+    image_id: int = -1
+
+    def cut(self, k: int) -> tuple[LatentDocument, LatentDocument]:
+        """(first ``k`` tokens, the rest), the latents split with them."""
+        n = int((self.input_ids[:k] == self.image_id).sum())
+        head = LatentDocument(self.input_ids[:k], self.modality[:k], self.doc_id, self.latents[:n], self.image_id)
+        tail = LatentDocument(self.input_ids[k:], self.modality[k:], self.doc_id, self.latents[n:], self.image_id)
+        return head, tail
+
+    def last_cut(self, limit: int) -> int:
+        """The largest ``k <= limit`` such that cutting before token ``k`` leaves every image span whole (0: none)."""
+        ids = self.input_ids
+        for k in range(min(limit, len(ids) - 1), 0, -1):
+            if ids[k - 1] != BOI_ID and ids[k - 1] != self.image_id:
+                return k
+        return 0
+
+
+@dataclass
+class LatentRowGroup(RowGroup):
+    """A row group with each document's latents (``latents[i]``: (n_i, patch_dim) float16)."""
+
+    latents: list[np.ndarray] = None  # type: ignore[assignment]
+    image_id: int = -1
+
+    def document(self, i: int) -> LatentDocument:
+        doc = super().document(i)
+        return LatentDocument(doc.input_ids, doc.modality, doc.doc_id, self.latents[i], self.image_id)
+
+
+def read_latent_row_group(path: str | Path, index: int, manifest: Manifest, spec: LatentSpec) -> LatentRowGroup:
+    """One row group of a latent shard; each document's image positions must match its latents."""
+    rows = read_row_group(path, index, manifest)
+    with pq.ParquetFile(path) as f:
+        if "latents" not in f.schema_arrow.names:
+            raise ValueError(f"{path}: missing column 'latents' (not a Transfusion corpus shard); {BUILD_HINT}")
+        column = f.read_row_group(index, columns=["latents"]).column("latents").combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    image_id = manifest.vocab_offsets[manifest.modalities.index("image")]
+    latents = []
+    for i in range(len(rows)):
+        flat = values[offsets[i] : offsets[i + 1]]
+        n = int((rows.input_ids[rows.offsets[i] : rows.offsets[i + 1]] == image_id).sum())
+        if flat.size != n * spec.patch_dim:
+            raise BadInputError(str(path), f"doc_id {int(rows.doc_ids[i])}: {n} image positions need "
+                                f"{n * spec.patch_dim} latent numbers ({spec.patch_dim} each), the shard has "
+                                f"{flat.size}: image span length and latents mismatch")
+        latents.append(flat.reshape(n, spec.patch_dim))
+    return LatentRowGroup(rows.input_ids, rows.modality, rows.offsets, rows.doc_ids, rows.kinds, latents, image_id)
+
+
+# ---- packing ---------------------------------------------------------------------------------------------------------
+class LatentPacker:
+    """Cuts documents into rows of ``seq_len`` tokens, never inside an image span, and emits ``(b, l)`` batches."""
+
+    def __init__(self, seq_len: int, batch_size: int, patch_dim: int, return_doc_ids: bool = False) -> None:
+        self.seq_len, self.batch_size, self.patch_dim = seq_len, batch_size, patch_dim
+        self.return_doc_ids = return_doc_ids
+        self.rows: list[list[LatentDocument]] = []  # full (closed) rows
+        self.current: list[LatentDocument] = []  # the row being filled
+        self.fill = 0
+
+    def add(self, doc: LatentDocument) -> None:
+        while len(doc):
+            space = self.seq_len - self.fill
+            if len(doc) <= space:
+                self.current.append(doc)
+                self.fill += len(doc)
+                if self.fill == self.seq_len:
+                    self._close_row()
+                return
+            k = doc.last_cut(space)
+            if k == 0:
+                if self.fill == 0:
+                    raise ValueError(f"doc_id {doc.doc_id}: an image span of {len(doc)} or more tokens does not fit "
+                                     f"in a row of data.seq_len={self.seq_len}; raise seq_len")
+                self._close_row()
+                continue
+            head, doc = doc.cut(k)
+            self.current.append(head)
+            self._close_row()
+
+    def _close_row(self) -> None:
+        self.rows.append(self.current)
+        self.current, self.fill = [], 0
+
+    def has_batch(self) -> bool:
+        return len(self.rows) >= self.batch_size
+
+    def pop_batch(self) -> dict[str, torch.Tensor]:
+        rows, self.rows = self.rows[: self.batch_size], self.rows[self.batch_size :]
+        return self._emit(rows)
+
+    def pop_padded_batch(self) -> dict[str, torch.Tensor] | None:
+        """Everything buffered as one batch, padded (rows of padding added); None if nothing is buffered."""
+        if self.current:
+            self._close_row()
+        if not self.rows:
+            return None
+        rows, self.rows = self.rows + [[]] * (self.batch_size - len(self.rows)), []
+        return self._emit(rows)
+
+    def clear(self) -> None:
+        self.rows, self.current, self.fill = [], [], 0
+
+    def _emit(self, rows: list[list[LatentDocument]]) -> dict[str, torch.Tensor]:
+        b, l, D = self.batch_size, self.seq_len, self.patch_dim
+        ids = np.full((b, l), PAD_ID, dtype=np.int64)
+        modality = np.full((b, l), PAD_MODALITY, dtype=np.int64)
+        labels = np.full((b, l), IGNORE_INDEX, dtype=np.int64)
+        seq_idx = np.zeros((b, l), dtype=np.int32)
+        doc_ids = np.full((b, l), -1, dtype=np.int64)
+        latents = np.zeros((b, l, D), dtype=np.float32)
+        mask = np.zeros((b, l), dtype=bool)
+        for r, row in enumerate(rows):
+            start = 0
+            for j, doc in enumerate(row):
+                end = start + len(doc)
+                ids[r, start:end] = doc.input_ids
+                labels[r, start:end] = doc.input_ids
+                modality[r, start:end] = doc.modality
+                seq_idx[r, start:end] = j
+                doc_ids[r, start:end] = doc.doc_id
+                image = doc.input_ids == doc.image_id
+                mask[r, start:end] = image
+                latents[r, start:end][image] = doc.latents
+                start = end
+            seq_idx[r, start:] = len(row)  # the padding counts as one more document, as in mom.data.packing
+        batch = {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "modality_ids": torch.from_numpy(modality),
+            "seq_idx": torch.from_numpy(seq_idx),
+            "latents": torch.from_numpy(latents),
+            "image_mask": torch.from_numpy(mask),
+        }
+        if self.return_doc_ids:
+            batch["doc_ids"] = torch.from_numpy(doc_ids)
+        return batch
+
+    def state_dict(self) -> dict:
+        def pack(doc: LatentDocument) -> dict:
+            return {"input_ids": torch.from_numpy(np.array(doc.input_ids, dtype=np.int64)),
+                    "modality": torch.from_numpy(np.array(doc.modality, dtype=np.int64)),
+                    "latents": torch.from_numpy(np.array(doc.latents, dtype=np.float16)),
+                    "doc_id": int(doc.doc_id), "image_id": int(doc.image_id)}
+
+        return {"rows": [[pack(d) for d in row] for row in self.rows], "current": [pack(d) for d in self.current]}
+
+    def load_state_dict(self, state: dict) -> None:
+        def unpack(d: dict) -> LatentDocument:
+            return LatentDocument(d["input_ids"].numpy(), d["modality"].numpy(), int(d["doc_id"]),
+                                  d["latents"].numpy(), int(d["image_id"]))
+
+        self.rows = [[unpack(d) for d in row] for row in state["rows"]]
+        self.current = [unpack(d) for d in state["current"]]
+        self.fill = sum(len(d) for d in self.current)
+
+
+# ---- loader ----------------------------------------------------------------------------------------------------------
+class TransfusionLoader:
+    """`mom.data.loader.PackedLoader`'s interface (iteration, ``state_dict`` / ``load_state_dict``, ``modalities``,
+    ``vocab_sizes``, ``epoch``) over a latent corpus."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.manifest = read_manifest(cfg.path)
+        self.spec = latent_spec(cfg.path)
+        if self.spec is None:
+            raise ValueError(f"{cfg.path} is not a Transfusion (latent) corpus: its manifest has no 'latent' entry")
+        if "image" not in self.manifest.modalities:
+            raise ValueError(f"{cfg.path}/manifest.json: a latent corpus needs an 'image' modality")
+        self.modalities, self.vocab_sizes = self.manifest.modalities, self.manifest.vocab_sizes
+        if cfg.split not in self.manifest.shards:
+            raise ValueError(f"{cfg.path}/manifest.json lists no split {cfg.split!r}; it has "
+                             f"{list(self.manifest.shards)}")
+        self.shard_paths = [self.manifest.root / s for s in self.manifest.shards[cfg.split]]
+        row_groups = []
+        for i, path in enumerate(self.shard_paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in the manifest is missing ({BUILD_HINT})")
+            row_groups += [(i, j) for j in range(pq.read_metadata(path).num_row_groups)]
+        self.sampler = DocumentSampler(
+            row_groups,
+            lambda shard, rg: read_latent_row_group(self.shard_paths[shard], rg, self.manifest, self.spec),
+            seed=cfg.seed, weights=cfg.mixture, shuffle=cfg.shuffle, open_row_groups=cfg.open_row_groups,
+            rank=rank, world_size=world_size,
+        )
+        self.packer = LatentPacker(cfg.seq_len, cfg.batch_size, self.spec.patch_dim, cfg.return_doc_ids)
+        self._epoch_batches = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __iter__(self) -> TransfusionLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while not self.packer.has_batch():
+            if self.cfg.num_epochs is not None and self.sampler.epoch >= self.cfg.num_epochs:
+                raise StopIteration
+            doc = next(self.sampler)
+            if doc is not None:
+                self.packer.add(doc)
+                continue
+            batch = None if self.cfg.drop_last else self.packer.pop_padded_batch()
+            self.packer.clear()
+            if batch is None and self._epoch_batches == 0:
+                raise ValueError(f"split {self.cfg.split!r} of {self.cfg.path} gives rank {self.rank} of "
+                                 f"{self.world_size} no batch of {self.cfg.batch_size}x{self.cfg.seq_len} tokens in "
+                                 "an epoch; use a smaller seq_len or batch_size, drop_last: false, or more data")
+            self._epoch_batches = 0
+            if batch is not None:
+                return batch
+        self._epoch_batches += 1
+        return self.packer.pop_batch()
+
+    def _fingerprint(self) -> dict:
+        cfg = asdict(self.cfg)
+        for key in ("path", "num_epochs", "return_doc_ids"):
+            cfg.pop(key)
+        return {**cfg, "rank": self.rank, "world_size": self.world_size,
+                "shards": [str(s) for s in self.manifest.shards[self.cfg.split]]}
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "kind": "latent", "fingerprint": self._fingerprint(),
+                "sampler": self.sampler.state_dict(), "packer": self.packer.state_dict(),
+                "epoch_batches": self._epoch_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT or state.get("kind") != "latent":
+            raise ValueError("loader state is not a Transfusion loader's state (saved by another loader?)")
+        saved, current = state["fingerprint"], self._fingerprint()
+        for key in current:
+            if saved.get(key) != current[key]:
+                raise ValueError(f"cannot resume the data loader: {key} was {saved.get(key)!r} when saved, now "
+                                 f"{current[key]!r}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.packer.load_state_dict(state["packer"])
+        self._epoch_batches = int(state["epoch_batches"])
+
+
+# ---- building --------------------------------------------------------------------------------------------------------
+def _patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """(n, c, h, w) -> (n, (h/p) * (w/p), c * p * p), row-major patches flattened in (c, p, p) order: the layout of
+    ``mom.tokenization.vae.patchify`` (the VAE module's; this package may not import the model's copy,
+    `mom.model.transfusion.patchify`, and a test checks the two agree)."""
+    n, c, h, w = latents.shape
+    if h % p or w % p:
+        raise ValueError(f"latent of size {h}x{w} is not divisible into {p}x{p} patches")
+    x = latents.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (n, h/p, w/p, c, p, p)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def document_layout(caption_ids: Sequence[int], n_patches: int, image_id: int, caption_first: bool) -> list[int]:
+    """``<s> <image> IMG*n </image> caption </s>``, or the caption first."""
+    image = [BOI_ID, *([image_id] * n_patches), EOI_ID]
+    body = [*caption_ids, *image] if caption_first else [*image, *caption_ids]
+    return [BOS_ID, *body, EOS_ID]
+
+
+def text_documents(corpus: str | Path, text_vocab: int) -> dict[str, list[dict]]:
+    """The ``text`` documents of a discrete-token corpus, per split, as rows of a latent shard (no latents)."""
+    manifest = read_manifest(corpus)
+    if manifest.vocab_sizes[0] != text_vocab:
+        raise ValueError(f"--text-from {corpus}: its text vocabulary has {manifest.vocab_sizes[0]} ids, the captions' "
+                         f"tokenizer {text_vocab}: use a corpus built with the same text tokenizer")
+    out: dict[str, list[dict]] = {}
+    for split, shards in manifest.shards.items():
+        docs = out.setdefault(split, [])
+        for shard in shards:
+            table = pq.read_table(manifest.root / shard, columns=["input_ids", "kind", "source", "meta"])
+            for row in table.to_pylist():
+                if row["kind"] == "text":
+                    ids = np.asarray(row["input_ids"], dtype=np.int32)
+                    docs.append({"input_ids": ids, "modality_ids": np.zeros(len(ids), dtype=np.int8), "doc_id": 0,
+                                 "kind": "text", "source": row["source"], "meta": row["meta"],
+                                 "latents": np.zeros(0, dtype=np.float16)})
+    return out
+
+
+def build_latent_corpus(
+    records: Iterable[Any],
+    vae: Any,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    patch_size: int,
+    caption_first: float = 0.5,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 32,
+    row_group_size: int = 128,
+    name: str = "latent",
+    text_from: str | Path | None = None,
+) -> dict:
+    """Encode captioned images (`mom.data.images.ImageRecord`s: ``image``, ``caption``, ``source``, ``meta``) with
+    ``vae`` (`mom.tokenization.vae.ImageVAE`'s interface), their captions with ``tokenizer`` (``encode_text``,
+    ``vocab_sizes``: a `MultimodalTokenizer`), and write the corpus to ``out`` (atomically; an existing ``out`` is an
+    error). ``text_from``: a corpus of discrete tokens (`mom-data build`, the same text tokenizer) whose ``text``
+    documents are copied into the same splits. Returns the manifest."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
+    if not 0 <= caption_first <= 1 or not 0 <= validation_fraction < 1:
+        raise ValueError(f"caption_first must be in [0, 1] and validation_fraction in [0, 1), got {caption_first}, "
+                         f"{validation_fraction}")
+    size = int(vae.config.image_size)
+    spec = LatentSpec(int(vae.config.latent_channels), int(patch_size), int(vae.latent_size), size)
+    if spec.latent_size % spec.patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the VAE's latent size {spec.latent_size}")
+    text_vocab = int(tokenizer.vocab_sizes[0])
+    image_id = text_vocab  # the image modality's one id follows the text vocabulary
+    rng = random.Random(seed)
+    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+
+    def flush(chunk: list[Any]) -> None:
+        images = np.stack([np.asarray(r.image.convert("RGB"), dtype=np.uint8) for r in chunk])  # (n, h, w, 3)
+        if images.shape[1:3] != (size, size):
+            raise BadInputError(chunk[0].source, f"images must be {size}x{size} (the VAE's image_size), got "
+                                f"{images.shape[1]}x{images.shape[2]}")
+        patches = _patchify(vae.encode(images).float(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
+        for record, latent in zip(chunk, patches):
+            caption = tokenizer.encode_text(record.caption)
+            first = rng.random() < caption_first
+            ids = np.asarray(document_layout(caption, spec.patches_per_image, image_id, first), dtype=np.int32)
+            item = Item("image", record.source, dict(record.meta), record.caption)
+            split = split_of(item, validation_fraction, seed)
+            rows[split].append({"input_ids": ids, "modality_ids": (ids == image_id).astype(np.int8),
+                                "doc_id": 0, "kind": "caption_image" if first else "image_caption",
+                                "source": record.source, "meta": json.dumps(record.meta, default=str),
+                                "latents": latent.reshape(-1)})
+
+    if text_from is not None:
+        for split, docs in text_documents(text_from, text_vocab).items():
+            rows[split] += docs
+    chunk: list[Any] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == batch_size:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    splits = {}
+    doc_id = 0
+    with atomic_directory(out) as tmp:
+        for split, docs in rows.items():
+            if not docs:
+                raise ValueError(f"no {split} documents: give more images or another validation_fraction")
+            for d in docs:
+                d["doc_id"], doc_id = doc_id, doc_id + 1
+            (tmp / split).mkdir()
+            table = pa.Table.from_pylist(docs, schema=LATENT_SCHEMA)
+            pq.write_table(table, tmp / split / "shard-00000.parquet", row_group_size=row_group_size)
+            splits[split] = {"documents": len(docs), "shards": [f"{split}/shard-00000.parquet"],
+                             "tokens": int(sum(len(d["input_ids"]) for d in docs))}
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": name,
+            "modalities": ["text", "image"], "vocab_sizes": [text_vocab, 1], "vocab_offsets": [0, text_vocab],
+            "special_tokens": {t.name: t.id for t in SPECIAL_TOKENS},
+            "columns": "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) "
+                       "strings, latents list<float16> (each image position's latent patch, in order)",
+            "latent": asdict(spec) | {"patch_dim": spec.patch_dim, "patches_per_image": spec.patches_per_image},
+            "splits": splits,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,145 @@
+"""Sampling in the Transfusion setting: continue a text prompt with an image denoised from noise, then more text.
+
+    parts = generate_transfusion(model, vae, tokenizer, "a red handwritten digit seven", steps=50)
+    write_document(parts, Path("samples"), None)       # text.txt and image_0.png (mom.generation.document)
+
+The prompt ``<s> text <image>`` is run once into a recurrent cache (`MoMCache`). A causal SSM's state after the
+prompt is all the image positions can see of it, and in training every patch of an image sees the same noisy
+version of the patches before it (one timestep per image). So each DDIM step (`mom.model.diffusion.ddim_sample`)
+runs the whole image span, all patches at the current noise level and timestep, over a *copy* of the prompt's cache,
+and reads the predicted noise at every patch; the prompt is never re-run. After the last step the clean latent
+(timestep 0) is run over the prompt's own cache, then ``</image>``, and text is sampled after it until ``</s>``.
+Classifier-free guidance (``guidance_scale > 1``) mixes in the noise predicted after an empty prompt ``<s> <image>``:
+the corpus's ``image_caption`` documents put the image first, so the model learns unconditional images from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mom.model.cache import MoMCache
+from mom.model.diffusion import ddim_sample
+from mom.model.transfusion import MoMTransfusionForCausalLM, unpatchify
+from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+
+DEFAULT_STEPS = 50  # DDIM steps (Song et al. 2021 report sample quality close to 1000 DDPM steps at 50)
+
+
+def copy_cache(cache: MoMCache) -> MoMCache:
+    """An independent copy of ``cache`` (states cloned, same offset)."""
+    copy = cache.zeros_like()
+    copy.conv_states = [s.clone() for s in cache.conv_states]
+    copy.ssm_states = [s.clone() for s in cache.ssm_states]
+    copy.seqlen_offset = cache.seqlen_offset
+    return copy
+
+
+def check_vae(model: MoMTransfusionForCausalLM, vae: Any) -> None:
+    """The VAE's latents must be what the model was trained on (channels and size)."""
+    cfg = model.config
+    got = (int(vae.config.latent_channels), int(vae.latent_size))
+    if got != (cfg.latent_channels, cfg.latent_size):
+        raise ValueError(f"the VAE makes {got[0]}-channel {got[1]}x{got[1]} latents but the model takes "
+                         f"{cfg.latent_channels}-channel {cfg.latent_size}x{cfg.latent_size} ones: pass the VAE the "
+                         "model was trained with")
+
+
+@torch.no_grad()
+def prefill(model: MoMTransfusionForCausalLM, ids: list[int]) -> tuple[MoMCache, torch.Tensor]:
+    """Run text ids (one row) into a new cache -> (cache, last position's logits (V,))."""
+    device = next(model.parameters()).device
+    cache = MoMCache(model.config, 1, device, next(model.parameters()).dtype)
+    out = model(torch.tensor([ids], device=device), cache=cache, use_cache=True)
+    return cache, out.logits[0, -1]
+
+
+@torch.no_grad()
+def sample_image(model: MoMTransfusionForCausalLM, cache: MoMCache, steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """Denoise one image's latent patches after ``cache`` (whose prompt ends with ``<image>``) -> (1, L, patch_dim)
+    fp32, the clean patches. ``cache`` itself is left unchanged."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    L = cfg.patches_per_image
+    ids = torch.full((1, L), cfg.image_token_id, device=device)
+    uncond = prefill(model, [BOS_ID, BOI_ID])[0] if guidance_scale != 1.0 else None
+
+    def eps_after(state: MoMCache, x: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(ids, latents=x, timesteps=torch.full((1, L), t, device=device), noisy=True,
+                    cache=copy_cache(state), use_cache=True)
+        return out.predicted_noise  # (1, L, D)
+
+    bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
+        eps = eps_after(cache, x, t)
+        if uncond is not None:
+            eps_u = eps_after(uncond, x, t)
+            eps = eps_u + guidance_scale * (eps - eps_u)
+        bar.update(1)
+        return eps
+
+    x_T = torch.randn((1, L, cfg.patch_dim), generator=generator, device="cpu").to(device)
+    with bar:
+        return ddim_sample(predict_noise, x_T, model.schedule, steps)
+
+
+@torch.no_grad()
+def generate_transfusion(
+    model: MoMTransfusionForCausalLM,
+    vae: Any,
+    tokenizer: Any,
+    prompt: str,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = 1.0,
+    max_new_tokens: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[tuple[str, Any]]:
+    """``<s> prompt <image>``, an image sampled with ``steps`` DDIM steps and decoded by ``vae``, ``</image>``, then up
+    to ``max_new_tokens`` text tokens (until ``</s>``). Returns the document's parts as `mom.generation.document`'s
+    ``write_document`` takes them: ``[("text", prompt), ("image", (H, W, 3) uint8), ("text", continuation)]``."""
+    cfg = model.config
+    check_vae(model, vae)
+    if temperature < 0:
+        raise ValueError(f"temperature: must be >= 0, got {temperature}")
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    cache, _ = prefill(model, [BOS_ID, *tokenizer.encode_text(prompt), BOI_ID])
+    patches = sample_image(model, cache, steps, guidance_scale, generator, progress)  # (1, L, D)
+    # the clean image (timestep 0) into the prompt's cache, then </image>: what the text after it sees
+    device = patches.device
+    ids = torch.full((1, cfg.patches_per_image), cfg.image_token_id, device=device)
+    model(ids, latents=patches, timesteps=torch.zeros_like(ids), noisy=True, cache=cache, use_cache=True)
+    logits = model(torch.tensor([[EOI_ID]], device=device), cache=cache, use_cache=True).logits[0, -1]
+    text_vocab = cfg.vocab_sizes[0]
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        scores = logits[:text_vocab].float()  # text only: the one image id never follows as a token
+        if temperature == 0:
+            token = int(scores.argmax())
+        else:
+            token = int(torch.multinomial(torch.softmax(scores / temperature, -1).cpu(), 1, generator=generator))
+        if token == EOS_ID:
+            break
+        new.append(token)
+        logits = model(torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits[0, -1]
+    latent = unpatchify(patches.float().cpu(), cfg.patch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    image = np.asarray(vae.decode(latent))[0]  # (H, W, 3) uint8
+    return [("text", prompt), ("image", image), ("text", tokenizer.text.decode(new) if new else "")]
+
+
+def load_vae(path: str | Path) -> Any:
+    """The image VAE saved at ``path`` (`mom.tokenization.vae.ImageVAE.from_pretrained`)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no image VAE at {path}: pass --vae DIR (a VAE trained with mom-tokenizer vae)")
+    from mom.tokenization.vae import ImageVAE
+
+    return ImageVAE.from_pretrained(path)

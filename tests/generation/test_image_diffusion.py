@@ -1,0 +1,67 @@
+"""`mom.generation.image_diffusion` and `mom-generate` on a Transfusion model: the denoising over a copy of the
+prompt's cache equals the full-sequence forward, a PNG of the VAE's size, clear errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TinyVAE, tiny_transfusion_config
+from PIL import Image
+
+from mom.cli import generate
+from mom.generation.image_diffusion import copy_cache, prefill
+from mom.model.transfusion import MoMTransfusionForCausalLM
+from mom.tokenization.special import BOI_ID, BOS_ID
+
+TOKENIZERS = Path(__file__).resolve().parents[2] / "tokenizers" / "small"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model = MoMTransfusionForCausalLM(tiny_transfusion_config(vocab_sizes=(2048, 1)))
+    torch.nn.init.normal_(model.noise_head.weight, std=0.1)
+    out = tmp_path_factory.mktemp("tf") / "hf"
+    model.save_pretrained(out)
+    return out
+
+
+def test_the_image_span_over_a_cache_copy_equals_the_whole_sequence():
+    model = MoMTransfusionForCausalLM(tiny_transfusion_config()).eval()
+    torch.nn.init.normal_(model.noise_head.weight)
+    cfg = model.config
+    prompt = [BOS_ID, 10, 11, BOI_ID]
+    L = cfg.patches_per_image
+    x_t = torch.randn(1, L, cfg.patch_dim)
+    cache, _ = prefill(model, prompt)
+    before = [s.clone() for s in cache.ssm_states]
+    ids = torch.full((1, L), cfg.image_token_id)
+    with torch.no_grad():
+        step = model(ids, latents=x_t, timesteps=torch.full((1, L), 32), noisy=True, cache=copy_cache(cache),
+                     use_cache=True).predicted_noise
+        full_ids = torch.cat([torch.tensor([prompt]), ids], dim=1)
+        full_latents = torch.cat([torch.zeros(1, len(prompt), cfg.patch_dim), x_t], dim=1)
+        full = model(full_ids, latents=full_latents, timesteps=torch.full(full_ids.shape, 32), noisy=True,
+                     use_cache=False).predicted_noise[:, len(prompt):]
+    assert torch.allclose(step, full, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.ssm_states))  # the prompt's cache is untouched
+
+
+def test_mom_generate_writes_a_png_of_the_vae_size(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "load_vae", lambda path: TinyVAE(16))
+    out = tmp_path / "samples"
+    argv = ["--model", str(model_dir), "--tokenizer", str(TOKENIZERS), "--prompt", "a red seven", "--then", "image",
+            "--steps", "4", "--max-new-tokens", "3", "--guidance", "2.0", "--out", str(out)]
+    assert generate.main(argv) == 0
+    image = Image.open(out / "image_0.png")
+    assert image.size == (16, 16) and image.mode == "RGB"
+    assert (out / "text.txt").read_text().startswith("a red seven[image_0.png]")
+    assert "from 4 DDIM steps" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--model", str(model_dir), "--tokenizer", str(TOKENIZERS), "--steps", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(generate, "load_vae", lambda path: TinyVAE(32))  # 8x8 latents for a 4x4 model
+    assert generate.main([*argv, "--then", "image"]) == 2
+    assert "the VAE makes 4-channel 8x8 latents" in capsys.readouterr().err
+    assert generate.main([*argv, "--then", "text"]) == 2
+    assert "use --then image" in capsys.readouterr().err
