@@ -5,15 +5,20 @@ transformers' `MambaForCausalLM.generate`), same process, same prompt, bf16 weig
     python benchmarks/bench_generate.py --batch 1 --new 64 --hf
     python benchmarks/bench_generate.py --mixed             # MoM only: rows decoding different modalities vs one
     python benchmarks/bench_generate.py --eager             # MoM's decode steps without its CUDA graph
+    python benchmarks/bench_generate.py --prefill-only      # the prompt's forward only, both sides, no generate()
 
---mixed times MoM twice with a logits processor that keeps every generated token of row i in one modality's
-vocabulary: "mom uniform" all rows text, "mom mixed" row i in modality i mod M (so each step mixes modalities across
-rows); the same processor runs on both, so the ratio isolates the mixed-modality step.
+Per batch size, one line per side, then the ratios: MoM's prefill speed and decode tokens/s over mamba-ssm's; for a
+batch of several rows, also MoM's decode with rows in different modalities over rows in one ("mixed rows").
+The mixed-rows line times MoM twice with a logits processor that keeps every generated token of row i in one
+modality's vocabulary: "mom uniform" all rows text, "mom mixed" row i in modality i mod M (so each step mixes
+modalities across rows); the same processor runs on both, so the ratio isolates the mixed-modality step. --mixed
+runs only that comparison.
 
-For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only where
-the side supports it), decode tokens/s (batch x new tokens over generate's time minus the prefill's), and the peak
-memory of generate next to the memory after the prefill (the difference should not grow with the new tokens).
-A side that runs out of memory is reported as OOM. Prompts interleave text, image and speech runs (`bench_common`).
+For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only: MoM
+and mamba-ssm; the fastest of --prefill-reps calls), decode tokens/s (batch x new tokens over generate's time minus
+the prefill's), and the peak memory of generate next to that of a run with 8x fewer new tokens (equal if memory is
+constant in the tokens generated). A side that runs out of memory is reported as OOM. Prompts interleave text,
+image and speech runs (`bench_common`).
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ SIDES = {"mom": mom_side, "mamba-ssm": mamba_ssm_side, "transformers": hf_side,
 
 @torch.inference_mode()
 def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, new: int, rounds: int,
-               eager: bool = False) -> dict:
+               eager: bool = False, prefill_reps: int = 5, prefill_only: bool = False) -> dict:
     torch.cuda.empty_cache()
     side = SIDES[name]
     if eager and name.startswith("mom"):
@@ -147,11 +152,16 @@ def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, n
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = prompt_ids(config, batch, prompt)
     result: dict = {"side": name}
+    if isinstance(model, mom.MoMForCausalLM):
+        result["backend"] = model.backend  # "... (fused mixer)" when the prefill can take the fused path
     try:
         prefill(ids)  # warm-up: kernels, autotuning
+        pre, pre_peak = min(timed(lambda: prefill(ids)) for _ in range(prefill_reps))
+        result["prefill_ms"], result["prefill_peak_gib"] = pre * 1e3, pre_peak
+        if prefill_only:
+            del model
+            return result
         generate(ids, 2)  # warm-up: mamba-ssm captures its CUDA graph here
-        pre = min(timed(lambda: prefill(ids))[0] for _ in range(rounds))
-        result["prefill_ms"] = pre * 1e3
         runs = [timed(lambda: generate(ids, new)) for _ in range(rounds)]
         gen_s, peak = min(runs)
         result["decode_tok_s"] = batch * new / max(gen_s - pre, 1e-9)
@@ -168,8 +178,30 @@ def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, n
 def fmt(r: dict) -> str:
     if r.get("oom"):
         return f"  {r['side']:<13} OOM"
-    return (f"  {r['side']:<13} prefill {r['prefill_ms']:9.1f} ms   decode {r['decode_tok_s']:10.1f} tok/s "
-            f"({r['ms_per_step']:7.2f} ms/step)   peak {r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
+    line = f"  {r['side']:<13} prefill {r['prefill_ms']:9.2f} ms (peak {r['prefill_peak_gib']:6.2f} GiB)"
+    if "decode_tok_s" in r:
+        line += (f"   decode {r['decode_tok_s']:10.1f} tok/s ({r['ms_per_step']:7.2f} ms/step)   peak "
+                 f"{r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
+    return line + (f"   [{r['backend']}]" if "backend" in r else "")
+
+
+def ratios(results: dict[str, dict], mixed_rows: bool) -> list[str]:
+    """The ratio lines: MoM over mamba-ssm (prefill speed, decode tokens/s) and mixed rows over uniform rows."""
+    lines = []
+    m, base = results.get("mom"), results.get("mamba-ssm")
+    if m and base and not (m.get("oom") or base.get("oom")):
+        line = (f"  ratio mom / mamba-ssm: prefill {base['prefill_ms'] / m['prefill_ms']:.3f}x speed "
+                f"({m['prefill_ms']:.2f} vs {base['prefill_ms']:.2f} ms)")
+        if "decode_tok_s" in m:
+            line += (f", decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s "
+                     f"({m['decode_tok_s']:.1f} vs {base['decode_tok_s']:.1f})")
+        lines.append(line)
+    mixed, uniform = results.get("mom mixed"), results.get("mom uniform")
+    if mixed_rows and mixed and uniform and not (mixed.get("oom") or uniform.get("oom")):
+        lines.append(f"  ratio mixed rows / uniform rows (MoM decode): "
+                     f"{mixed['decode_tok_s'] / uniform['decode_tok_s']:.3f}x tokens/s "
+                     f"({mixed['decode_tok_s']:.1f} vs {uniform['decode_tok_s']:.1f})")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -182,30 +214,39 @@ def main(argv=None) -> int:
     parser.add_argument("--hf", action="store_true", help="also time transformers' MambaForCausalLM")
     parser.add_argument("--mixed", action="store_true", help="MoM only: rows in different modalities vs one")
     parser.add_argument("--eager", action="store_true", help="MoM decodes without its CUDA graph")
+    parser.add_argument("--prefill-reps", type=int, default=5, help="timed prefills per side; the fastest counts")
+    parser.add_argument("--prefill-only", action="store_true", help="time the prefill only (no generate())")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)
         return 2
-    if not GENERATE_CARRIES_CACHE:  # MoM's generate would re-run the whole sequence at every step: no decode to time
+    if not GENERATE_CARRIES_CACHE and not args.prefill_only:  # MoM's generate would re-run the whole sequence at
+        # every step: no decode to time
         print(f"bench_generate: transformers {transformers.__version__} does not pass MoM's recurrent cache through "
-              "generate(); install transformers>=5.24 (the project's floor)", file=sys.stderr)
+              "generate(); install transformers>=5.24 (the project's floor), or time --prefill-only", file=sys.stderr)
+        return 2
+    if args.mixed and args.prefill_only:
+        print("bench_generate: --mixed compares decode steps; it cannot go with --prefill-only", file=sys.stderr)
         return 2
     d, n = (int(v) for v in args.model.split("x"))
     print(f"device: {torch.cuda.get_device_name()}  model {d}x{n}  prompt {args.prompt}  new {args.new}  "
-          f"MoM decode {'eager' if args.eager else 'CUDA graph'}")
-    if args.mixed:
-        sides, pair = ["mom uniform", "mom mixed"], ("mom mixed", "mom uniform")
-    else:
-        sides, pair = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else []), ("mom", "mamba-ssm")
+          f"MoM decode {'eager' if args.eager else 'CUDA graph'}  transformers {transformers.__version__}  "
+          f"torch {torch.__version__}")
     for batch in args.batch or [1, 64]:
+        mixed_rows = batch > 1 and not args.prefill_only
+        if args.mixed:
+            sides = ["mom uniform", "mom mixed"]
+        else:
+            sides = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else [])
+            sides += ["mom uniform", "mom mixed"] if mixed_rows else []
         print(f"batch {batch}:")
-        results = {s: bench_side(s, d, n, batch, args.prompt, args.new, args.rounds, args.eager) for s in sides}
-        for r in results.values():
-            print(fmt(r))
-        m, base = results[pair[0]], results[pair[1]]
-        if not (m.get("oom") or base.get("oom")):
-            print(f"  ratio {pair[0]} / {pair[1]}: decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s, "
-                  f"prefill {base['prefill_ms'] / m['prefill_ms']:.3f}x speed")
+        results = {}
+        for s in sides:
+            results[s] = bench_side(s, d, n, batch, args.prompt, args.new, args.rounds, args.eager,
+                                    args.prefill_reps, args.prefill_only)
+            print(fmt(results[s]), flush=True)
+        for line in ratios(results, mixed_rows):
+            print(line)
     return 0
 
 

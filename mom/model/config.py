@@ -22,6 +22,7 @@ MIXER_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "mamba1": PROJECTIONS,
     "mamba2": ("in_proj", "out_proj"),  # Mamba-2's in_proj produces z, x, B, C and dt: no x_proj / dt_proj
 }
+CHANNEL_MIXERS = (None, "einfft", "selective")  # config.channel_mixer (`mom.model.channel_mixers`)
 
 
 class MoMConfig(PretrainedConfig):
@@ -58,6 +59,17 @@ class MoMConfig(PretrainedConfig):
             ``decouple`` then means both). ``dt_rank`` and the ``dt_*`` init of ``dt_proj`` are Mamba-1's only.
         headdim, ngroups, chunk_size: Mamba-2's head size (``d_inner / headdim`` heads, one scalar decay each),
             groups of heads sharing B and C, and the SSD scan's chunk length.
+        channel_mixer: an optional token-wise channel-mixing sublayer after every block's sequence mixer (pre-norm,
+            residual; `mom.model.channel_mixers`): None, ``"einfft"`` (SiMBA's EinFFT) or ``"selective"``
+            (MambaMixer's selective channel mixer). Its weights are per modality whenever ``decouple`` is non-empty.
+        einfft_blocks: EinFFT's block-diagonal weights have this many blocks (must divide ``d_model`` with
+            ``channel_mixer: einfft``).
+        einfft_shrink: EinFFT's soft-shrinkage threshold on the spectral output (SiMBA's sparsity threshold).
+        channel_groups: the selective channel mixer scans each token's channels as this many positions of
+            ``d_model / channel_groups`` channels (must divide ``d_model`` with ``channel_mixer: selective``).
+        channel_d_state: state size of the selective channel mixer's scan.
+        layer_averaging: MambaMixer's weighted averaging of earlier features: the input of every block (and of the
+            final norm) is a learned, input-independent weighted sum of the embedding and all earlier blocks' outputs.
         attention_layers: indices of the blocks whose mixer is causal self-attention (`mom.model.attention`) instead of
             Mamba (a hybrid, MambaVision / Jamba style, e.g. ``(18, 21)`` of 24); ``()`` is a pure Mamba stack.
         attention_heads: heads of those attention mixers; ``"auto"`` is ``d_model // 64`` (head size 64, as GPT-2 and
@@ -102,6 +114,13 @@ class MoMConfig(PretrainedConfig):
         headdim: int = 64,
         ngroups: int = 1,
         chunk_size: int = 256,
+        # channel mixing
+        channel_mixer: str | None = None,
+        einfft_blocks: int = 4,
+        einfft_shrink: float = 0.01,
+        channel_groups: int = 8,
+        channel_d_state: int = 8,
+        layer_averaging: bool = False,
         # hybrid attention
         attention_layers: Sequence[int] = (),
         attention_heads: int | str = "auto",
@@ -133,11 +152,17 @@ class MoMConfig(PretrainedConfig):
         # mixer kind
         self.mixer = mixer
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        # channel mixing
+        self.channel_mixer = channel_mixer
+        self.einfft_blocks, self.einfft_shrink = einfft_blocks, einfft_shrink
+        self.channel_groups, self.channel_d_state = channel_groups, channel_d_state
+        self.layer_averaging = layer_averaging
         # hybrid attention
         self.attention_layers = _attention_layers(attention_layers, n_layer)
         self.attention_heads = _attention_heads(attention_heads, d_model, bool(self.attention_layers))
         self._validate(decouple)
         self._validate_mixer(decouple)
+        self._validate_channel_mixing()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -195,6 +220,23 @@ class MoMConfig(PretrainedConfig):
         if self.nheads % self.ngroups:
             raise ValueError(f"ngroups: the {self.nheads} heads (d_inner / headdim) must split evenly into ngroups "
                              f"{self.ngroups}")
+
+    def _validate_channel_mixing(self) -> None:
+        if self.channel_mixer not in CHANNEL_MIXERS:
+            raise ValueError(f"channel_mixer: must be one of {list(CHANNEL_MIXERS)}, got {self.channel_mixer!r}")
+        for name in ("einfft_blocks", "channel_groups", "channel_d_state"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name, mixer in (("einfft_blocks", "einfft"), ("channel_groups", "selective")):
+            if self.channel_mixer == mixer and self.d_model % getattr(self, name):
+                raise ValueError(f"{name}: must divide d_model={self.d_model} (channel_mixer: {mixer}), got "
+                                 f"{getattr(self, name)}")
+        shrink = self.einfft_shrink
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not shrink >= 0:
+            raise ValueError(f"einfft_shrink: must be a number >= 0, got {shrink!r}")
+        if not isinstance(self.layer_averaging, bool):
+            raise ValueError(f"layer_averaging: must be true or false, got {self.layer_averaging!r}")
 
     def _validate_special_ids(self) -> None:
         """bos / eos / pad ids (``generate()`` stops at eos): each None, or ids in the unified vocabulary."""

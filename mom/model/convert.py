@@ -112,6 +112,10 @@ def mom_from_dense_mamba(model_or_path, config: MoMConfig, cls):
         raise ValueError("from_dense_mamba: config.rms_norm must be true (transformers' Mamba uses RMSNorm)")
     if dcfg.hidden_act != "silu":
         raise ValueError(f"from_dense_mamba: only silu activations are supported, got {dcfg.hidden_act}")
+    if config.channel_mixer is not None:  # layer averaging starts as the plain stack: it keeps the logits equal
+        raise ValueError(f"from_dense_mamba: config.channel_mixer={config.channel_mixer!r} would add a new, untrained "
+                         "sublayer to every block, so the logits could not equal the dense model's; warm-start "
+                         "without it (channel_mixer: null)")
     model = cls(config)
     model.to(dense.dtype)
     model.keep_ssm_params_fp32()  # A_log and D stay fp32 whatever the dense model's dtype

@@ -1,34 +1,39 @@
 """FLOP and parameter accounting of MoM / dense Mamba-1 language models, and model FLOPs utilisation (MFU).
 
-Everything is analytic, per token and from a `MoMConfig`: a Mamba has no attention, so the FLOPs of a token do not
-depend on the sequence length. A hybrid's attention layers (``config.attention_layers``) do: their rows take the
-context length ``seq_len`` (a training row's length, ``data.seq_len`` of a recipe), which is then required.
-Conventions (docs/flops.md gives the derivations):
+Everything is analytic, per token and from a `MoMConfig` alone: a Mamba has no attention, so the FLOPs of a token do
+not depend on the sequence length. Conventions (docs/flops.md gives the derivations):
 
+* Attention counts the full ``seq_len x seq_len`` score matrix, causal masking not discounted: per token
+  ``2 * d_model * seq_len`` for ``Q K^T`` and as much for ``A V``, as PaLM's MFU (its ``12 * L * H * Q * T`` per
+  token for training) and ``torch.utils.flop_counter``'s count of SDPA do. ``hardware=True`` adds FlashAttention's
+  backward, which recomputes the scores and their softmax (Dao et al. 2022). A hybrid's attention layers
+  (``config.attention_layers``) make FLOPs per token depend on the context length ``seq_len`` (a training row's
+  length, ``data.seq_len`` of a recipe), which is then required.
 * A matmul counts 2 FLOPs per multiply-add (``2 * in * out`` per token for a linear layer).
 * An elementwise add, multiply, divide, exp, log or rsqrt counts 1 FLOP; SiLU ``z * sigmoid(z)`` counts 4
   (exp, add, reciprocal, multiply) and softplus ``log(1 + exp(x))`` counts 3.
 * MoM routes each token through exactly ONE expert per decoupled projection, so its FLOPs per token equal those of
   the dense model of the same width; only the parameter count grows (``total`` vs ``active`` parameters).
+* A complex FFT of length N counts ``5 N log2 N`` real FLOPs (EinFFT, ``fft`` rows): radix-2 Cooley-Tukey does
+  N/2 log2 N butterflies of one complex multiply (6 real FLOPs) and two complex adds (2 each), the convention FFTW
+  uses for its reported FLOP rates. ``torch.utils.flop_counter`` does not see FFTs.
 * Training = forward + backward with backward = 2x forward (gradients w.r.t. inputs and w.r.t. weights), so 3x
   forward. These are *model* FLOPs (PaLM's MFU definition): recomputation is not counted. ``hardware=True`` adds
   what an implementation recomputes: mamba-ssm's selective-scan backward kernel re-runs the forward scan (+1x on the
   scan rows), and gradient checkpointing re-runs every block's forward (+1x on every per-layer row).
-* Attention counts the full ``seq_len x seq_len`` score matrix, causal masking not discounted: per token
-  ``2 * d_model * seq_len`` for ``Q K^T`` and as much for ``A V``, as PaLM's MFU (its ``12 * L * H * Q * T`` per
-  token for training) and ``torch.utils.flop_counter``'s count of SDPA do. ``hardware=True`` adds FlashAttention's
-  backward, which recomputes the scores and their softmax (Dao et al. 2022).
 
 The command line is `mom.cli.flops` (``mom-flops``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
+from mom.model.channel_mixers import channel_dt_rank, channel_mixer_decoupled
 from mom.model.config import PROJECTIONS, MoMConfig
 from mom.model.transfusion import TIME_FREQUENCIES, MoMTransfusionConfig
 
@@ -41,12 +46,14 @@ CROSS_ENTROPY_FLOPS = 4  # per logit: max, subtract, exp, sum (log and target pi
 ROPE_FLOPS = 3  # per rotated element of q and k: x1*cos - x2*sin is 2 multiplies + 1 add per output element
 ATTN_SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the 1/sqrt(d_head) scale is on q: d per token)
 FLASH_RECOMPUTED = ("layer.attn.scores", "layer.attn.softmax")  # what FlashAttention's backward recomputes
-EVERY_BLOCK = ("layer.norm", "layer.residual")  # per-layer rows of every block, whatever its mixer
+EVERY_BLOCK = ("layer.norm", "layer.residual")  # per-layer rows of every block, whatever its sequence mixer
+FFT_FLOPS = 5  # per N log2 N of a complex FFT of length N (see the module docstring)
+SOFTSHRINK_FLOPS = 2  # per element: compare with the threshold, subtract it
 
 TRAIN_FACTOR = 3  # forward (1) + backward (2: one matmul for dL/dX, one for dL/dW, each the forward's size)
 RECOMPUTE_FACTOR = 1  # one extra forward for rows an implementation recomputes in the backward (hardware FLOPs)
 
-KINDS = ("lookup", "matmul", "conv", "scan", "elementwise")
+KINDS = ("lookup", "matmul", "conv", "scan", "elementwise", "fft")
 
 
 @dataclass(frozen=True)
@@ -54,14 +61,14 @@ class FlopRow:
     """One component of the model.
 
     Attributes:
-        component: name, ``layer.*`` for components present once in every block (``layer.attn.*`` in every attention
-            block of a hybrid, whose mixer rows then count only its Mamba blocks).
+        component: name, ``layer.*`` for components present once in every block.
         flops: forward FLOPs per token of ONE instance (one layer for ``layer.*`` rows).
         params: parameters stored by one instance (every modality's expert).
         active_params: parameters one token goes through (its modality's expert only).
         kind: ``matmul`` / ``conv`` (seen by ``torch.utils.flop_counter``), ``scan`` (inside the selective-scan
-            kernel), ``elementwise`` or ``lookup``.
-        count: instances in the model (the blocks holding it for per-layer rows, else 1).
+            kernel), ``elementwise``, ``lookup`` or ``fft`` (EinFFT's transforms).
+        count: instances in the model (the blocks holding it for per-layer rows, else 1; a hybrid's Mamba rows count
+            its Mamba blocks, its ``layer.attn.*`` rows its attention blocks).
         note: where the count comes from.
     """
 
@@ -146,6 +153,8 @@ class FlopTable:
                else f"dt_rank={c.dt_rank} ")
             + f"vocab={c.vocab_size} modalities={','.join(c.modalities)} "
             f"decouple={','.join(c.decouple) or '() (dense)'}"
+            + (f" channel_mixer={c.channel_mixer}" if c.channel_mixer else "")
+            + (" layer_averaging" if c.layer_averaging else "")
             + (f" attention_layers={list(c.attention_layers)} attention_heads={c.attention_heads} "
                f"seq_len={self.seq_len}" if c.attention_layers else ""),
             header,
@@ -185,12 +194,13 @@ def flop_table(config: MoMConfig, seq_len: int | None = None) -> FlopTable:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len: attention layers {list(config.attention_layers)} make FLOPs per token depend on "
                          f"the context length; give it as a positive int, got {seq_len!r}")
-    mamba = config.n_layer - A  # the mixer rows count the Mamba blocks only
-    rows = [replace(r, count=mamba) if r.component.startswith("layer.") and r.component not in EVERY_BLOCK else r
+    every_block = set(EVERY_BLOCK) | {r.component for r in channel_mixer_rows(config, 0, 0, "")}
+    mamba = config.n_layer - A  # the sequence mixer's rows count the Mamba blocks only
+    rows = [replace(r, count=mamba) if r.component.startswith("layer.") and r.component not in every_block else r
             for r in _mixer_table(config).rows]
     at = next(i for i, r in enumerate(rows) if r.component == "norm_f")
     rows[at:at] = attention_rows(config, seq_len)
-    return FlopTable(config, tuple(r for r in rows if r.count), seq_len)  # every block attention: no mixer row
+    return FlopTable(config, tuple(r for r in rows if r.count), seq_len)  # every block attention: no Mamba row
 
 
 def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
@@ -214,17 +224,22 @@ def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
 
 
 def _mixer_table(config: MoMConfig) -> FlopTable:
-    """The rows of a model whose every block has ``config.mixer``'s mixer."""
-    if config.mixer == "mamba2":
-        table = _mamba2_table(config)
-        extra = transfusion_rows(config) if isinstance(config, MoMTransfusionConfig) else []
-        return FlopTable(config, table.rows + tuple(extra))
+    """The rows of a model whose every block has ``config.mixer``'s sequence mixer."""
     d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     V, L, M = config.vocab_size, config.n_layer, config.num_modalities
     experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
     norm_params = d if config.rms_norm else 2 * d
     per_element, kind = (RMSNORM_FLOPS, "RMSNorm") if config.rms_norm else (LAYERNORM_FLOPS, "LayerNorm")
     norm_flops, norm_note = per_element * d, f"{per_element}*d ({kind})"
+    extras = [  # beside any sequence mixer: channel mixing, layer averaging, the Transfusion image side
+        *channel_mixer_rows(config, norm_flops, norm_params, norm_note),
+        *([FlopRow("layer_averaging", d * L * (L + 2), L * (L + 1), L * (L + 1), "elementwise", 1,
+                   "d*n_layer*(n_layer+2): after block i, i+2 multiplies and i+1 adds per channel")]
+          if config.layer_averaging else []),
+        *(transfusion_rows(config) if isinstance(config, MoMTransfusionConfig) else []),
+    ]
+    if config.mixer == "mamba2":
+        return FlopTable(config, _mamba2_table(config).rows + tuple(extras))
 
     def proj(name: str, in_f: int, out_f: int, bias: bool, note: str) -> FlopRow:
         one = in_f * out_f + (out_f if bias else 0)  # parameters of one expert
@@ -251,14 +266,13 @@ def _mixer_table(config: MoMConfig) -> FlopTable:
         FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)"),
         proj("out_proj", di, d, config.bias, "2*d_inner*d"),
         FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
+        *extras,
         FlopRow("norm_f", norm_flops, norm_params, norm_params, "elementwise", 1, norm_note),
         FlopRow("lm_head", 2 * d * V, 0 if config.tie_word_embeddings else V * d,
                 0 if config.tie_word_embeddings else V * d, "matmul", 1,
                 "2*d*V" + (" (weight tied to embedding)" if config.tie_word_embeddings else "")),
         FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
     ]  # fmt: skip
-    if isinstance(config, MoMTransfusionConfig):
-        rows += transfusion_rows(config)
     return FlopTable(config, tuple(rows))
 
 
@@ -341,6 +355,51 @@ def transfusion_rows(config: MoMTransfusionConfig) -> list[FlopRow]:
         FlopRow("noise_head", 2 * d * D, d * D + D, d * D + D, "matmul", 1, f"2*d*patch_dim; {where}"),
         FlopRow("diffusion_loss", 3 * D, 0, 0, "elementwise", 1, f"3*patch_dim: subtract, square, sum; {where}"),
     ]
+
+
+def channel_mixer_rows(config: MoMConfig, norm_flops: int, norm_params: int, norm_note: str) -> list[FlopRow]:
+    """The rows of ``config.channel_mixer`` (none without one): its norm, its residual add and its own components."""
+    if config.channel_mixer is None:
+        return []
+    d, L = config.d_model, config.n_layer
+    experts = config.num_modalities if channel_mixer_decoupled(config) else 1
+    rows = [FlopRow("layer.norm2", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
+            FlopRow("layer.channel_residual", d, 0, 0, "elementwise", L, "d")]
+    if config.channel_mixer == "einfft":
+        s = d // config.einfft_blocks  # block size: the weights are einfft_blocks (s, s) complex blocks
+        one = 2 * (2 * d * s + 2 * d)  # two layers of complex block weights (2*d*s reals) and complex biases (2*d)
+        rows += [
+            FlopRow("layer.einfft.fft", 2 * round(FFT_FLOPS * d * math.log2(d)), 0, 0, "fft", L,
+                    f"2*{FFT_FLOPS}*d*log2(d): FFT and inverse FFT over the channels"),
+            FlopRow("layer.einfft.emm", 2 * 4 * 2 * d * s, experts * one, one, "matmul", L,
+                    f"2 layers * 4 real products * 2*d*(d/einfft_blocks); {experts} expert(s)"),
+            FlopRow("layer.einfft.pointwise", 2 * 4 * d + 2 * d + SOFTSHRINK_FLOPS * 2 * d, 0, 0, "elementwise", L,
+                    "2 layers * (2*d part sums + 2*d biases), 2*d ReLU, softshrink on 2*d parts"),
+        ]
+        return rows
+    G, n, r = config.channel_groups, config.channel_d_state, channel_dt_rank(config)
+    g = d // G
+
+    def proj(name: str, in_f: int, out_f: int, bias: bool) -> FlopRow:
+        one = in_f * out_f + (out_f if bias else 0)
+        return FlopRow(f"layer.{name}", G * 2 * in_f * out_f, experts * one, one, "matmul", L,
+                       f"channel_groups * 2*{in_f}*{out_f}; {experts} expert(s)")
+
+    direction = 3 * g * n + g + 2 * g * n + 2 * g * n + SOFTPLUS_FLOPS * g  # discretize, update, readout, softplus
+    rows += [
+        proj("channel_in_proj", g, 2 * g, config.bias),
+        FlopRow("layer.channel_silu", G * SILU_FLOPS * g, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d"),
+        proj("channel_x_proj", g, r + 2 * n, False),
+        proj("channel_dt_proj", r, g, True),
+        FlopRow("layer.channel_biases", G * (g + (3 * g if config.bias else 0)), 0, 0, "elementwise", L,
+                "one add per biased output (dt, ...)"),
+        FlopRow("layer.channel_scan", G * (2 * direction + g), g * n, g * n, "scan", L,
+                "channel_groups * (2 directions * g*(7*n+1+3) + g to sum them); A_log params"),
+        FlopRow("layer.channel_skip_gate", G * (2 * g + (SILU_FLOPS + 1) * g), g, g, "scan", L,
+                f"d*(2 + {SILU_FLOPS + 1}): y += D*x, y*silu(z)"),
+        proj("channel_out_proj", g, g, config.bias),
+    ]
+    return rows
 
 
 def forward_flops_per_token(config: MoMConfig, seq_len: int | None = None) -> int:

@@ -12,11 +12,12 @@ Per token, exactly as in Mamba (mamba-ssm's ``modules/mamba_simple.py``)::
 Projections named in ``config.decouple`` are `RoutedLinear` (one ``nn.Linear`` per modality), the others plain
 ``nn.Linear``; with ``decouple=()`` this is exactly a dense Mamba mixer.
 
-Training forwards on CUDA take the fast path, `mom.ops.fused` (the same maths as one autograd Function in the scan's
-layout), which takes tensors: the mixer decides when it applies (`MoMMixer.fast_path_applies`) and gathers its
-parameters for it (`MoMMixer.fast_path_weights`). This module path is the reference it is tested against, and runs
-everything else: CPU, caches and generation, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned
-weights.
+Forwards over whole sequences on CUDA take the fast path, `mom.ops.fused` (the same maths as one autograd Function in
+the scan's layout), which takes tensors: the mixer decides when it applies (`MoMMixer.fast_path_applies`) and gathers
+its parameters for it (`MoMMixer.fast_path_weights`). That covers training and generation's prefill (the Function
+writes the recurrent cache's states). This module path is the reference it is tested against, and runs everything
+else: CPU, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned weights; decode steps after a
+cached prefix run `MoMMixer.step`.
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ class MoMMixer(nn.Module):
         the model decides, `sorted_stream`).
         """
         if sorted_tokens:
-            return self.fused_forward(hidden, routing, sorted_tokens=True)
+            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache)
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
-        if cache is None and mask is None and doc_start is None and self.fast_path_applies(hidden):
-            return self.fused_forward(hidden, routing)
+        if mask is None and doc_start is None and self.fast_path_applies(hidden):
+            return self.fused_forward(hidden, routing, cache=cache)  # with a cache: a prefill, which writes it
         l = hidden.shape[1]
         if mask is not None:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
@@ -161,22 +162,29 @@ class MoMMixer(nn.Module):
                                   self.D)
 
     def fast_path_applies(self, hidden: torch.Tensor) -> bool:
-        """Whether the fused Function replaces the module path for a forward on ``hidden`` (cache, padding mask and
-        document reset: the caller checks): ``use_fast_path`` is set, the CUDA ops serve ``hidden`` and
-        `fast_path_weights` has this mixer's parameters."""
+        """Whether the fused Function replaces the module path for a forward on ``hidden`` (a cache that holds tokens
+        already, a padding mask, a document reset: the caller checks): ``use_fast_path`` is set, the CUDA ops serve
+        ``hidden`` and `fast_path_weights` has this mixer's parameters."""
         return self.use_fast_path and fused.runs_on(hidden) and self.fast_path_weights() is not None
 
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
-                      sorted_tokens: bool = False) -> torch.Tensor:
+                      sorted_tokens: bool = False, cache: MoMCache | None = None) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
         ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
-        ``sorted_tokens`` as in `forward`."""
+        ``sorted_tokens`` as in `forward`. ``cache``: a prefill (nothing consumed yet): this layer's conv window and
+        SSM state are written into it, as the module path writes them."""
         weights = self.fast_path_weights()
         if weights is None:
             raise ValueError("the fused mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
                              "or ZeRO-3-partitioned ones take the module path")
+        states = None
+        if cache is not None:
+            if cache.seqlen_offset:
+                raise ValueError(f"the fused mixer writes a cache from a fresh state (a prefill); this one holds "
+                                 f"{cache.seqlen_offset} tokens")
+            states = (cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx])
         routes = routing.routes(fused.compute_dtype(hidden))
-        return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens)
+        return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens, states_out=states)
 
     def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, AttentionMixer
 from mom.model.cache import MoMCache
+from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel_mixer
 from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
 from mom.model.mamba2 import Mamba2Mixer
@@ -95,6 +96,9 @@ class MoMBlock(GradientCheckpointingLayer):
     a block's output is done by the next block (or the final norm), fused with its norm as mamba-ssm does; the
     stream itself is ``residual + out``. Norms are shared across modalities.
 
+    With ``config.channel_mixer``, a second sublayer follows (`mom.model.channel_mixers`): h += out;
+    out = channel_mixer(norm2(h)). Without it the block has no ``norm2`` / ``channel_mixer`` (same state_dict keys).
+
     A transformers ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable()`` recomputes it in backward
     (the positional arguments are the checkpointed inputs)."""
 
@@ -103,11 +107,28 @@ class MoMBlock(GradientCheckpointingLayer):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = make_norm(config)
         self.mixer = make_mixer(config, layer_idx)
+        self.has_channel_mixer = config.channel_mixer is not None  # a plain bool: read at every forward
+        if self.has_channel_mixer:
+            self.norm2 = make_norm(config)
+            self.channel_mixer = make_channel_mixer(config)
 
     def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
-        return self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens), residual
+        out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
+        if self.has_channel_mixer:
+            hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
+            out = self.channel_mixer(hidden, routing)
+        return out, residual
+
+    def step(self, out, residual, routing, cache):
+        """`forward` for one token per row after a cached prefix, with no host sync (`MoMModel.decode_step`)."""
+        hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
+        out = self.mixer.step(hidden, routing, cache)
+        if self.has_channel_mixer:
+            hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
+            out = self.channel_mixer.step(hidden, routing)
+        return out, residual
 
 
 @dataclass
@@ -159,7 +180,7 @@ class MoMPreTrainedModel(PreTrainedModel):
         if is_deepspeed_zero3_enabled():
             return
         for m in self.modules():
-            if isinstance(m, (MoMMixer, Mamba2Mixer)):
+            if isinstance(m, (MoMMixer, Mamba2Mixer, SelectiveChannelMixer)):
                 for p in (m.A_log, m.D, *((m.dt_bias,) if isinstance(m, Mamba2Mixer) else ())):
                     p.data = p.data.float()
 
@@ -185,6 +206,10 @@ class MoMPreTrainedModel(PreTrainedModel):
                     self._init_linear(DECOUPLED_WITH[name], linear)
         elif isinstance(module, Mamba2Mixer):
             self._init_mamba2(module)
+        elif isinstance(module, (EinFFT, SelectiveChannelMixer)):
+            module.init_weights(cfg)
+        elif isinstance(module, MoMModel) and module.layer_weights is not None:
+            init.copy_(module.layer_weights, plain_stack_weights(cfg.n_layer))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=cfg.initializer_range)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
@@ -308,6 +333,15 @@ def _resized_text_rows(weight: torch.Tensor, text: int, new_text: int, mean_resi
     else:
         new = torch.randn(added, rows.shape[1], device=rows.device) * std
     return torch.cat([head, new.to(weight.dtype), rest])
+
+
+def plain_stack_weights(n_layer: int) -> torch.Tensor:
+    """Layer averaging's initial weights (n_layer, n_layer + 1): row i weighs the embedding (column 0) and the
+    outputs of blocks 0..i (columns 1..i+1) into the next block's input; 1 on block i's own output and 0 elsewhere,
+    so that the model starts as the plain residual stack (entries right of column i + 1 are never read)."""
+    weights = torch.zeros(n_layer, n_layer + 1)
+    weights[torch.arange(n_layer), torch.arange(1, n_layer + 1)] = 1.0
+    return weights
 
 
 def _linears(proj: nn.Module) -> list[nn.Linear]:
@@ -484,6 +518,12 @@ class MoMModel(MoMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([MoMBlock(config, i) for i in range(config.n_layer)])
         self.norm_f = make_norm(config)
+        # MambaMixer's weighted averaging of earlier features (`_average`): row i mixes the embedding and the outputs
+        # of blocks 0..i into the input of block i + 1 (of the final norm after the last block)
+        self.register_parameter("layer_weights", nn.Parameter(plain_stack_weights(config.n_layer))
+                                if config.layer_averaging else None)
+        if self.layer_weights is not None:
+            self.layer_weights._no_weight_decay = True  # decay would pull the plain stack's ones towards 0
         self.keep_ssm_params_fp32()  # also under from_config(dtype=...), which sets torch's default dtype
         self.gradient_checkpointing = False
         self._logged_backend: str | None = None
@@ -559,16 +599,20 @@ class MoMModel(MoMPreTrainedModel):
         else:
             # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
             embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
-        # a training forward whose mixers all take the fast path keeps the stream's b * l rows sorted by modality
-        # (`Routing.perm`): the routed in_proj / out_proj then read and write it without row gathers
-        in_sorted = (cache is None and mask is None and doc_start is None and inputs_embeds is None
+        recorded = cache.tokens_to_record(l) if cache is not None else 0
+        # a forward over whole rows (training, or a prefill from a fresh cache) whose mixers all take the fast path
+        # keeps the stream's b * l rows sorted by modality (`Routing.perm`): the routed in_proj / out_proj then read
+        # and write it without row gathers. Not with a channel mixer (its experts read the routing in sequence order)
+        # or layer averaging: the module path there.
+        fresh = cache is None or (cache.seqlen_offset == 0 and not recorded)
+        in_sorted = (fresh and mask is None and doc_start is None and inputs_embeds is None
+                     and self.config.channel_mixer is None and not self.config.layer_averaging
                      and sorted_stream([layer.mixer for layer in self.layers], input_ids))
         if in_sorted:
             embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
         if inputs_embeds is None:
             residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
 
-        recorded = cache.tokens_to_record(l) if cache is not None else 0
         if recorded and mask is not None:
             raise ValueError("a cache that records its states for rollback (assisted decoding) takes no padding")
         if recorded:
@@ -588,10 +632,12 @@ class MoMModel(MoMPreTrainedModel):
         are picked on the device, so a CUDA graph can capture this (`mom.model.graph`)."""
         routing = Routing(modality_of_ids(self.config, input_ids), self.config.num_modalities)
         residual = self.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))  # (b, 1, d)
+        streams = [residual] if self.layer_weights is not None else None  # layer averaging (`_average`)
         out = None
-        for layer in self.layers:
-            hidden, residual = add_norm(layer.norm, out, residual, self.config.residual_in_fp32)
-            out = layer.mixer.step(hidden, routing, cache)
+        for i, layer in enumerate(self.layers):
+            out, residual = layer.step(out, residual, routing, cache)
+            if streams is not None:
+                out, residual = self._average(streams, i, out, residual)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
         return hidden
 
@@ -612,17 +658,35 @@ class MoMModel(MoMPreTrainedModel):
 
     def _run(self, residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states):
         """Embedded tokens (b, l, d) through every block and the final norm -> (hidden (b, l, d), the residual stream
-        after the embedding and after each block, or None)."""
+        after the embedding and after each block, or None). With layer averaging, block i's hidden state is its
+        output stream (the stream the plain model would carry on), before the averaging."""
         in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
+        streams = [residual] if self.layer_weights is not None else None
         out = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
                                   sorted_tokens=in_sorted)
+            if streams is not None:
+                out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
-                all_hidden += (in_order(residual + out),)
+                all_hidden += (in_order(streams[-1] if streams is not None else residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
         return in_order(hidden), all_hidden
+
+    def _average(self, streams: list[torch.Tensor], i: int, out: torch.Tensor,
+                 residual: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """Layer averaging after block ``i``: its output stream ``residual + out`` joins ``streams`` (the embedding
+        and the earlier blocks' outputs, each (b, l, d)); -> (no pending output, the weighted sum of all of them:
+        the next block's residual stream)."""
+        streams.append(residual + out)
+        # on the newest stream's device and dtype: accelerate's device_map may place blocks on several devices
+        device, dtype = streams[-1].device, torch.float32 if self.config.residual_in_fp32 else streams[-1].dtype
+        weights = self.layer_weights[i, : i + 2].to(device, dtype)
+        mixed = weights[0] * streams[0].to(device, dtype)
+        for w, stream in zip(weights[1:], streams[1:]):
+            mixed = mixed + w * stream.to(device, dtype)
+        return None, mixed
 
     def _run_recorded(self, residual, routing, cache, doc_start, output_hidden_states, recorded):
         """`_run` for a cache that records its states (`MoMCache.activate_past_recording`): the first tokens at once,

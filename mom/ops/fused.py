@@ -36,6 +36,13 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   saved tensors. For a routed in_proj, dz and dx are two matrices (each gathered into half of in_proj's sorted
   gradient rows), so that dx is allocated only after the scan's backward. The backward runs as named steps
   (`_FusedMixer._backward`), each freeing what it was the last to read.
+* Generation's prefill (a forward from a fresh recurrent state) takes the same forward: `fused_mixer`'s
+  ``states_out`` receive the conv's last ``d_conv`` inputs (copied from in_proj's output, in sequence order whatever
+  the rows' layout) and the scan's final state (from the scan's own checkpoints, as mamba-ssm's ``selective_scan_fn``
+  returns it): no extra pass. Without gradients to compute (generation runs under ``no_grad``) the forward runs
+  outside autograd, saving nothing for a backward; when in_proj and out_proj both route it also leaves z in
+  in_proj's sorted rows, which are the order of out_proj's input, and the gated gather reads it there
+  (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): only x is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
   (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` and
@@ -76,7 +83,8 @@ class ScanOps(Protocol):
         """Writes the input gradient into ``dx``; -> (dx, dweight, dbias)."""
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
-        """-> (out, checkpoints, out_z: the gated output, None without z); B, C: (b, 1, n, l)."""
+        """-> (out, checkpoints, out_z: the gated output, None without z; last_state: the state after the last
+        position (b, di, n) fp32, a view of what the scan keeps anyway); B, C: (b, 1, n, l)."""
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
@@ -101,7 +109,9 @@ class CudaScanOps:
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
         out, checkpoints, *out_z = self._scan.fwd(u, delta, A, B, C, D, z, None, True)
-        return out, checkpoints, out_z[0] if z is not None else None
+        # checkpoints (b, di, chunks, 2n): each chunk's end state, interleaved as pairs; the last chunk's odd entries
+        # are the final state (as mamba-ssm's selective_scan_fn reads it for return_last_state)
+        return out, checkpoints, out_z[0] if z is not None else None, checkpoints[:, :, -1, 1::2]
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
@@ -125,13 +135,14 @@ class ReferenceScanOps:
         return dx, grads[1], grads[2] if bias is not None else None
 
     @staticmethod
-    def _scan(u, delta, A, B, C, D, z):
-        return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True)
+    def _scan(u, delta, A, B, C, D, z, return_last_state=False):
+        return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True,
+                                       return_last_state=return_last_state)
 
     def scan_fwd(self, u, delta, A, B, C, D, z):
         """The ungated output too (as the CUDA scan's), gated as `mom.ops.triton.gather.gather_cols_t` gates it."""
-        out = self._scan(u, delta, A, B, C, D, None)
-        return out, None, silu_gated(out, z) if z is not None else None
+        out, last_state = self._scan(u, delta, A, B, C, D, None, return_last_state=True)
+        return out, None, silu_gated(out, z) if z is not None else None, last_state
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
         leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
@@ -256,13 +267,23 @@ class Routes:
 
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
-                sorted_tokens: bool = False) -> torch.Tensor:
+                sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
 
     ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
     ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routes' sorted order (``Routes.perm``)
     instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
     out_proj (four per layer, forward and backward) when they route.
+    ``states_out``: (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, d_state)), written in place (as ``out=``)
+    with the recurrent states after the l tokens, for a forward from a fresh state (generation's prefill): the conv's
+    last d_conv inputs per row in sequence order (x before the conv, left-padded with zeros when l < d_conv) and the
+    scan's final state. No pass of their own: the window is copied from in_proj's output, the state from what the
+    scan keeps. They are not part of the autograd graph (no gradient flows through them).
+
+    Without gradients to compute (``torch.no_grad()`` or ``inference_mode``, as in ``generate()``, or nothing that
+    requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
+    are freed before out_proj's output is allocated.
     """
     ops = ops or cuda_ops()
     if ops is None:
@@ -275,13 +296,39 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
         raise ValueError(f"fused_mixer: experts per projection {weights.experts} but routes for "
                          f"{len(routes.bounds)} experts")
     (_, d_inner), (_, dt_rank) = weights.shapes[Projection.x_proj], weights.shapes[Projection.dt_proj]
-    layout = _Layout(b, l, d_inner, dt_rank, weights.A_log.shape[1], weights.experts, weights.shapes,
-                     weights.has_bias, routes.bounds, sorted_tokens, ops)
+    d_state = weights.A_log.shape[1]
+    if states_out is not None:
+        _check_states_out(states_out, (b, d_inner, weights.conv_weight.shape[-1]), (b, d_inner, d_state))
+    layout = _Layout(b, l, d_inner, dt_rank, d_state, weights.experts, weights.shapes, weights.has_bias,
+                     routes.bounds, sorted_tokens, ops)
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
-    return _FusedMixer.apply(hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids,
-                             weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout,
-                             *weights.params)
+    args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, weights.conv_weight,
+            weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
+        return _FusedMixer.apply(*args, *weights.params)
+    with torch.autocast("cuda", enabled=False):  # as the Function's forward runs (its dtypes are chosen here)
+        return _FusedMixer._forward(None, dtype, *args, weights.params)
+
+
+def _check_states_out(states_out, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...]) -> None:
+    if len(states_out) != 2:
+        raise ValueError(f"fused_mixer: states_out must be (conv_state, ssm_state), got {len(states_out)} tensors")
+    for name, t, want in (("conv_state", states_out[0], conv_shape), ("ssm_state", states_out[1], ssm_shape)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"fused_mixer: {name} has shape {tuple(t.shape)}, expected {want} "
+                             f"(batch, d_inner, {'d_conv' if name == 'conv_state' else 'd_state'})")
+
+
+def _write_conv_window(conv_state: torch.Tensor, x: torch.Tensor) -> None:
+    """conv_state (b, di, w) <- the last w columns of x (b, di, l), left-padded with zeros when l < w: the window the
+    recurrent conv step reads (`mom.ops.backend.causal_conv1d_update`)."""
+    w, l = conv_state.shape[-1], x.shape[-1]
+    if l >= w:
+        conv_state.copy_(x[..., l - w :])
+    else:
+        conv_state[..., : w - l].zero_()
+        conv_state[..., w - l :].copy_(x)
 
 
 # ---- the Function ---------------------------------------------------------------------------------------------------
@@ -419,19 +466,21 @@ class _FusedMixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D,
-                layout: _Layout, *params):
+                layout: _Layout, states_out, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
         dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); offsets
-        (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`)."""
+        (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`); states_out:
+        None, or the recurrent states to write (`fused_mixer`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias,
-                                        A_log, D, layout, params)
+            return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, conv_weight,
+                                        conv_bias, A_log, D, layout, states_out, params)
 
     @staticmethod
-    def _forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
-                 params):
-        dtype, ops = ctx.dtype, layout.ops
+    def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
+                 states_out, params):
+        """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved."""
+        ops = layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
         in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
@@ -441,11 +490,21 @@ class _FusedMixer(torch.autograd.Function):
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
+        z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
-            xz = gather_rows_t(_grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets), inv_perm)
+            xz_rows = _grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets)  # (n, 2di)
+            if ctx is None and out_routed:  # no backward: only x goes to sequence order; the gated gather before
+                # out_proj reads z in these rows, the order of its output (half of in_proj's gather spared)
+                xz, z_rows = gather_rows_t(xz_rows[:, :di], inv_perm), xz_rows[:, di:]  # (di, n), (n, di)
+            else:
+                xz = gather_rows_t(xz_rows, inv_perm)
+            del xz_rows
         else:
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
-        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
+        x = _bdl(xz[:di], b, l)  # (b, di, l) views
+        z = _bdl(xz[di:], b, l) if z_rows is None else None
+        if states_out is not None:
+            _write_conv_window(states_out[0], x)
         conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
         # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
         # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
@@ -468,13 +527,25 @@ class _FusedMixer(torch.autograd.Function):
         B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
         # the scan gates its output for a shared out_proj; a routed one's gather gates it on the way (the scan then
         # neither reads z nor writes a second (di, n) output)
-        out, checkpoints, out_z = ops.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D, None if out_routed else z)
-        del conv_out, delta
+        out, checkpoints, out_z, last_state = ops.scan_fwd(conv_out, _bdl(delta, b, l), A, B, C, D,
+                                                           None if out_routed else z)
+        if states_out is not None:
+            states_out[1].copy_(last_state)
+        del conv_out, delta, last_state
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
-        y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:]) if out_routed else _cols(out_z).t()
+        if not out_routed:
+            y_rows = _cols(out_z).t()
+        elif z_rows is not None:
+            y_rows = gather_cols_t(_cols(out), perm, gate_rows=z_rows)
+        else:
+            y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:])
         del out_z
+        if ctx is None:  # no backward: the activations go before out_proj's output is allocated
+            del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
         o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(Projection.out_proj), offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
+        if ctx is None:
+            return o.view(b, l, -1)
         ctx.layout, ctx.param_dtype, ctx.hidden_dtype = layout, params[0].dtype, hidden.dtype
         # The largest activations (xz, the scan's output, a routed out_proj's gated rows, kept for its weight gradient)
         # are held on ctx, so that the backward can free each after its last use (with the input and weight gradients
@@ -550,7 +621,7 @@ class _FusedMixer(torch.autograd.Function):
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
-                *param_grads)
+                None, *param_grads)
 
 
 # ---- the backward's steps, in the order it runs them ----------------------------------------------------------------

@@ -12,6 +12,11 @@ the Mamba projection they follow is decoupled (``in_proj`` for q, k, v; ``out_pr
     save_adapter(peft_model, "out/adapter", settings)
     model = load_adapter(fresh_base, "out/adapter")   # == PeftModel.from_pretrained unless train_A_D
 
+The selective channel mixer's projections (``config.channel_mixer: selective``, `mom.model.channel_mixers`) are
+presets too: ``channel_in_proj``, ``channel_x_proj``, ``channel_dt_proj``, ``channel_out_proj``, per modality in a
+MoM. EinFFT's complex weights are not ``nn.Linear``: LoRA does not apply to them; train them in full with
+``modules_to_save: [channel_mixer]``.
+
 Frozen unless asked: every base weight, ``conv1d`` (``train_conv`` or ``modules_to_save: [conv1d]``), ``A_log``
 and ``D`` (``train_A_D``; peft cannot save bare parameters, so they go to `EXTRA_PARAMS_FILE` next to the adapter).
 """
@@ -30,6 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
+from mom.model.channel_mixers import CHANNEL_PROJECTIONS, channel_mixer_decoupled
 from mom.model.config import MIXER_PROJECTIONS, PROJECTIONS
 from mom.model.routing import RoutedLinear
 from mom.model.transfusion import IMAGE_MODULES, MoMTransfusionForCausalLM
@@ -51,7 +57,8 @@ class LoraSettings:
         r: rank of the LoRA factors.
         alpha: LoRA scaling numerator (the update is ``alpha / r * B @ A``).
         dropout: dropout on the LoRA branch input.
-        projections: preset: projection kinds to adapt (subset of ``in_proj, x_proj, dt_proj, out_proj`` and, in a
+        projections: preset: projection kinds to adapt (subset of ``in_proj, x_proj, dt_proj, out_proj``; with
+            a selective channel mixer, ``channel_in_proj, channel_x_proj, channel_dt_proj, channel_out_proj``; in a
             hybrid's attention layers, ``q_proj, k_proj, v_proj, o_proj``).
         modalities: preset: whose experts to adapt; ``None`` means every modality (and, for a projection that
             the base does not decouple, the shared ``nn.Linear``). Naming modalities for a shared projection is
@@ -109,10 +116,10 @@ class LoraSettings:
         for name in ("train_conv", "train_A_D", "train_image_modules"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lora.{name}: must be true or false, got {getattr(self, name)!r}")
-        unknown = [p for p in self.projections if p not in PROJECTIONS + ATTENTION_PROJECTIONS]
+        valid = PROJECTIONS + CHANNEL_PROJECTIONS + ATTENTION_PROJECTIONS
+        unknown = [p for p in self.projections if p not in valid]
         if unknown:
-            raise ValueError(f"lora.projections: unknown projection(s) {unknown}; valid: "
-                             f"{list(PROJECTIONS + ATTENTION_PROJECTIONS)}")
+            raise ValueError(f"lora.projections: unknown projection(s) {unknown}; valid: {list(valid)}")
         if self.modalities is not None and not self.projections:
             raise ValueError("lora.modalities: only used with projections (the preset); set projections too")
         if (not self.projections and not self.target_modules and not self.modules_to_save and not self.train_conv
@@ -162,14 +169,19 @@ def preset_targets(config: Any, projections: Iterable[str], modalities: list[str
             )
     mixer = getattr(config, "mixer", "mamba1")
     present = MIXER_PROJECTIONS[mixer] + (ATTENTION_PROJECTIONS if getattr(config, "attention_layers", ()) else ())
-    absent = [p for p in projections if p not in present]
+    absent = [p for p in projections if p not in present + CHANNEL_PROJECTIONS]
     if absent:
         raise ValueError(f"lora.projections: this base's mixer {mixer}"
                          f"{' with attention layers' if present != MIXER_PROJECTIONS[mixer] else ''} has no {absent}; "
                          f"its projections are {list(present)}")
     targets = []
     for proj in projections:
-        if DECOUPLED_WITH.get(proj, proj) in config.decouple:
+        if proj in CHANNEL_PROJECTIONS and getattr(config, "channel_mixer", None) != "selective":
+            raise ValueError(f"lora.projections: {proj!r} belongs to the selective channel mixer, which this base "
+                             f"does not have (channel_mixer = {getattr(config, 'channel_mixer', None)!r})")
+        routed = (channel_mixer_decoupled(config) if proj in CHANNEL_PROJECTIONS
+                  else DECOUPLED_WITH.get(proj, proj) in config.decouple)
+        if routed:
             targets += [f"{proj}.{m}" for m in (modalities or config.modalities)]
         elif modalities is None:
             targets.append(proj)  # shared nn.Linear: adapted for every modality at once

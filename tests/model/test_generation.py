@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config
 
 import mom
 
@@ -72,3 +72,164 @@ def test_cache_is_allocated_by_the_first_forward_for_its_batch():
         assert cache.batch_size == 3 and cache.get_seq_length() == 5
         with pytest.raises(ValueError, match="the cache holds 3 rows but the input has 2"):
             model(ids[:2, 5:6], cache=cache, use_cache=True)
+
+
+# ---- the prefill through the fused mixer (`mom.ops.fused`), on CPU with its reference ops ---------------------------
+PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def _fast_path_on_cpu(monkeypatch) -> list[tuple[bool, bool]]:
+    """CPU tensors take the fast path, on the reference conv and scan (as on CUDA with mamba-ssm's); -> a list that
+    records, per fused mixer call, whether it wrote a cache's states and whether its rows were sorted."""
+    from mom.ops import fused
+
+    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    calls = []
+    monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(
+        (k.get("states_out") is not None, k.get("sorted_tokens", False))) or _f(*a, **k))
+    return calls
+
+
+def _double_model(decouple, seed: int = 0) -> mom.MoMForCausalLM:
+    torch.manual_seed(seed)
+    model = mom.MoMForCausalLM(tiny_config(decouple=decouple, bias=decouple == PROJECTIONS)).double().eval()
+    with torch.no_grad():  # distinct experts, so that a token sent to the wrong one shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@needs_generate_cache
+@pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("x_proj", "dt_proj")], ids=["sorted", "dense", "unsorted"])
+@pytest.mark.parametrize("length", [3, 4, 13], ids=["l<d_conv", "l=d_conv", "l>d_conv"])
+def test_fused_prefill_cache_and_tokens_equal_the_module_paths(decouple, length, monkeypatch):
+    """A prefill whose mixers take the fused path (the residual stream sorted by modality when in_proj or out_proj
+    routes) writes the module path's cache and gives its logits; generate() from it gives the module path's tokens
+    (checked for the longest prompt: the states are checked for all)."""
+    model = _double_model(decouple)
+    prompt = interleaved_ids(model.config, 3, RUNS)[:, :length]
+    prompt[1] = prompt[1].roll(5)  # rows in different modalities at the same position
+    with torch.no_grad():
+        ref = model(prompt, use_cache=True, logits_to_keep=1)
+    ref_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False) if length > 4 else None
+    calls = _fast_path_on_cpu(monkeypatch)
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+    assert calls == [(True, decouple == PROJECTIONS)] * model.config.n_layer
+    torch.testing.assert_close(out.logits, ref.logits)
+    for name in ("conv_states", "ssm_states"):
+        for state, state_ref in zip(getattr(out.cache, name), getattr(ref.cache, name), strict=True):
+            torch.testing.assert_close(state, state_ref, msg=lambda m, name=name: f"{name}: {m}")
+    assert out.cache.seqlen_offset == length
+    if ref_tokens is None:
+        return
+    tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert calls == 2 * calls[: model.config.n_layer]  # generate()'s prefill took the fused path too
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_prefill_with_padding_or_a_recording_cache_takes_the_module_path(monkeypatch):
+    """Left padding and a cache recording its states (assisted decoding) stay on the module path."""
+    model = _double_model(PROJECTIONS)
+    prompt = interleaved_ids(model.config, 2, RUNS)[:, :8]
+    calls = _fast_path_on_cpu(monkeypatch)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        model(prompt, attention_mask=mask, use_cache=True)
+        cache = mom.MoMCache(model.config)
+        cache.activate_past_recording(2)
+        model(prompt, cache=cache, use_cache=True)
+    assert calls == [(True, False)] * model.config.n_layer  # the recorded prefill's head only: fused, unsorted
+
+
+@needs_generate_cache
+def test_prefill_computes_the_last_positions_logits_only():
+    """generate()'s prefill of a long prompt projects only the last position through the LM head (transformers passes
+    logits_to_keep=1): a batch x 2048 prompt never materialises (batch, 2048, vocab) logits."""
+    model = mom.MoMForCausalLM(tiny_config()).eval()
+    prompt = interleaved_ids(model.config, 2, [(0, 700), (1, 900), (2, 448)])  # 2048 positions
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 2051)
+    assert rows == [2] * 3  # one position per row, prefill included
+    with torch.no_grad():
+        assert model(prompt, use_cache=True, logits_to_keep=1).logits.shape == (2, 1, model.config.vocab_size)
+
+
+# ---- the same on a GPU: the CUDA fused prefill (mamba-ssm's and causal-conv1d's kernels) against the module path ----
+def _cuda_fast_path_or_skip(monkeypatch) -> None:
+    from mom.ops import backend, fused
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
+    if fused.cuda_ops() is None:
+        pytest.skip("mamba-ssm and causal-conv1d CUDA kernels not importable")
+
+
+def _cuda_model(decouple, dtype: torch.dtype) -> mom.MoMForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_config(vocab_sizes=(200, 120, 80), d_model=64, n_layer=2, d_state=16, dt_rank=4, decouple=decouple)
+    model = mom.MoMForCausalLM(config).to("cuda", dtype).eval()
+    model.keep_ssm_params_fp32()
+    return model
+
+
+def _cuda_prefill(model, prompt: torch.Tensor, fast: bool):
+    for layer in model.backbone.layers:
+        layer.mixer.use_fast_path = fast
+    with torch.no_grad():
+        return model(prompt, use_cache=True, logits_to_keep=1)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=5e-4, msg=lambda m: f"{what}: {m}")
+    else:  # bf16 GEMMs in another order: the relative norm of the difference
+        rel = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
+        assert rel < 2e-2, (what, rel.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("x_proj", "dt_proj")], ids=["sorted", "dense", "unsorted"])
+@pytest.mark.parametrize("length", [3, 4, 333], ids=["l<d_conv", "l=d_conv", "l>d_conv"])
+def test_cuda_fused_prefill_writes_the_module_paths_cache(length, decouple, dtype, monkeypatch):
+    from mom.ops import fused
+
+    _cuda_fast_path_or_skip(monkeypatch)
+    model = _cuda_model(decouple, dtype)
+    prompt = interleaved_ids(model.config, 3, [(0, 64), (1, 256), (2, 13)]).cuda()[:, :length]
+    prompt[1] = prompt[1].roll(37)  # rows in different modalities at the same position
+    ref = _cuda_prefill(model, prompt, fast=False)
+    calls = []
+    monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(
+        k.get("states_out") is not None) or _f(*a, **k))
+    out = _cuda_prefill(model, prompt, fast=True)
+    assert calls == [True] * model.config.n_layer
+    _close(out.logits, ref.logits, dtype, "logits")
+    for name in ("conv_states", "ssm_states"):
+        for i, (state, state_ref) in enumerate(zip(getattr(out.cache, name), getattr(ref.cache, name), strict=True)):
+            assert state.dtype == state_ref.dtype
+            _close(state, state_ref, dtype, f"{name}[{i}]")
+
+
+@pytest.mark.gpu
+@needs_generate_cache
+@pytest.mark.parametrize("decouple", [PROJECTIONS, ()], ids=["sorted", "dense"])
+def test_cuda_generate_after_the_fused_prefill_gives_the_module_paths_tokens(decouple, monkeypatch):
+    """fp32, greedy, CUDA-graph decoding either way: the tokens after a fused prefill are the module path's."""
+    _cuda_fast_path_or_skip(monkeypatch)
+    model = _cuda_model(decouple, torch.float32)
+    prompt = interleaved_ids(model.config, 4, [(0, 40), (1, 90), (2, 30), (0, 7)]).cuda()
+    prompt = torch.stack([row.roll(29 * i) for i, row in enumerate(prompt)])
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    tokens = {}
+    for fast in (False, True):
+        for layer in model.backbone.layers:
+            layer.mixer.use_fast_path = fast
+        tokens[fast] = model.generate(prompt, **kwargs)
+    assert torch.equal(tokens[True], tokens[False])

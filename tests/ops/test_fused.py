@@ -269,3 +269,183 @@ def test_fused_mixer_names_bad_inputs():
     with pytest.raises(ValueError, match="dt_proj has 3 weights but 2 biases"):
         fused.MixerWeights(weights.weights, (*weights.biases[:2], weights.biases[2][:2], weights.biases[3]),
                            weights.conv_weight, weights.conv_bias, weights.A_log, weights.D)
+
+
+# ---- generation's prefill: the Function writes the recurrent cache's states -----------------------------------------
+def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad: bool = False):
+    """A prefill through the mixer: (output (b, l, d) in sequence order, conv state, SSM state of its layer)."""
+    torch.manual_seed(1)
+    b, l = modality_ids.shape
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4)
+    cache = mom.MoMCache(config, batch_size=b, dtype=torch.float64)
+    for s in cache.conv_states + cache.ssm_states:  # stale values: everything must be overwritten
+        s.fill_(7.0)
+    hidden = torch.randn(b, l, 12, dtype=torch.float64, requires_grad=grad)
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    with torch.set_grad_enabled(grad):
+        if not fast:
+            out = mixer(hidden, routing, cache=cache)
+        elif sorted_tokens:  # the stream's rows in the routing's sorted order in and out
+            rows = hidden.reshape(b * l, -1)[routing.perm].view(b, l, -1)
+            out = mixer.fused_forward(rows, routing, fused.REFERENCE_OPS, sorted_tokens=True, cache=cache)
+            out = out.reshape(b * l, -1)[routing.inv_perm].view(b, l, -1)
+        else:
+            out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, cache=cache)
+    i = mixer.layer_idx
+    return out.detach(), cache.conv_states[i], cache.ssm_states[i]
+
+
+@pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("x_proj", "out_proj"), ("in_proj", "dt_proj")])
+@pytest.mark.parametrize("length", [2, 4, 11], ids=["l<d_conv", "l=d_conv", "l>d_conv"])
+@pytest.mark.parametrize("sorted_tokens", [False, True], ids=["sequence rows", "sorted rows"])
+def test_fused_prefill_writes_the_module_paths_cache(decouple, length, sorted_tokens):
+    """The states the Function writes (the conv's last d_conv inputs, left-padded with zeros; the scan's final state,
+    fp32 or wider) equal the module path's cache, for every row layout and decouple set."""
+    mixer = make_mixer(decouple, bias=decouple in (PROJECTIONS, ()))
+    modality_ids = torch.randint(0, 3, (3, length), generator=torch.Generator().manual_seed(length))
+    modality_ids[0] = 1  # one row in a single modality
+    out_ref, conv_ref, ssm_ref = _prefill(mixer, modality_ids, fast=False)
+    out, conv, ssm = _prefill(mixer, modality_ids, fast=True, sorted_tokens=sorted_tokens)
+    assert conv.shape == (3, mixer.d_inner, 4) and ssm.shape == (3, mixer.d_inner, 4)
+    if length < 4:
+        assert not conv[..., : 4 - length].any()  # zeros left of the prompt
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(conv, conv_ref)
+    torch.testing.assert_close(ssm, ssm_ref)
+
+
+def test_fused_prefill_without_grad_runs_outside_autograd(monkeypatch):
+    """Under no_grad (generate()) the forward runs without the autograd Function, so nothing is saved for a
+    backward; with gradients it goes through the Function, states included, and the outputs agree."""
+    mixer = make_mixer(PROJECTIONS)
+    modality_ids = layouts()["uneven runs"]
+    applied = []
+    monkeypatch.setattr(fused._FusedMixer, "apply", lambda *a, _f=fused._FusedMixer.apply: applied.append(1) or _f(*a))
+    out, conv, ssm = _prefill(mixer, modality_ids, fast=True)
+    assert not applied
+    out_grad, conv_grad, ssm_grad = _prefill(mixer, modality_ids, fast=True, grad=True)
+    assert len(applied) == 1
+    torch.testing.assert_close(out, out_grad)
+    torch.testing.assert_close(conv, conv_grad)
+    torch.testing.assert_close(ssm, ssm_grad)
+    with torch.no_grad():  # parameters that require grad do not matter under no_grad
+        mixer.fused_forward(torch.randn(2, 23, 12, dtype=torch.float64), Routing.build(modality_ids, 3),
+                            fused.REFERENCE_OPS)
+    assert len(applied) == 1
+
+
+def test_prefill_with_gradients_backpropagates_as_without_a_cache():
+    """A prefill with gradients enabled: the states are written and the gradients are those of a forward without a
+    cache (the states are outside the graph)."""
+    mixer = make_mixer(PROJECTIONS)
+    modality_ids = layouts()["uneven runs"]
+    _, _, g_ref = run(mixer, modality_ids, fast=True)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4)
+    cache = mom.MoMCache(config, batch_size=2, dtype=torch.float64)
+    torch.manual_seed(1)
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
+    out = mixer.fused_forward(hidden, Routing.build(modality_ids, 3), fused.REFERENCE_OPS, cache=cache)
+    out.backward(torch.randn_like(out))
+    assert cache.ssm_states[1].abs().sum() > 0 and not cache.ssm_states[1].requires_grad
+    for name, p in mixer.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_prefill_names_bad_states():
+    mixer = make_mixer(PROJECTIONS)
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64)
+    routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
+    weights, routes = mixer.fast_path_weights(), routing.routes(torch.float64)
+    conv, ssm = torch.zeros(2, mixer.d_inner, 4, dtype=torch.float64), torch.zeros(2, mixer.d_inner, 4)
+    with pytest.raises(ValueError, match=r"conv_state has shape \(2, 24, 3\), expected \(2, 24, 4\)"):
+        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, states_out=(conv[..., :3], ssm))
+    with pytest.raises(ValueError, match=r"ssm_state has shape \(1, 24, 4\), expected \(2, 24, 4\)"):
+        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, states_out=(conv, ssm[:1]))
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4)
+    cache = mom.MoMCache(config, batch_size=2, dtype=torch.float64)
+    cache.seqlen_offset = 3
+    with pytest.raises(ValueError, match="from a fresh state.*holds 3 tokens"):
+        mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, cache=cache)
+
+
+def test_gated_gather_with_the_gate_in_the_outputs_rows():
+    """`gather_cols_t(..., gate_rows=)`: the gate read in the output's row order (any strides), as the prefill leaves
+    z in in_proj's sorted rows; equal to gating after the gather, and to the gate in x's layout gathered alike."""
+    x, gate = torch.randn(5, 7), torch.randn(5, 7)
+    index = torch.tensor([3, 0, 6, 1])
+    rows = torch.randn(4, 10)[:, 5:]  # the right half of wider rows
+    rows.copy_(gate[:, index].t())
+    torch.testing.assert_close(gather_cols_t(x, index, gate_rows=rows), (x * F.silu(gate))[:, index].t())
+    torch.testing.assert_close(gather_cols_t(x, index, gate_rows=rows), gather_cols_t(x, index, gate=gate))
+    with pytest.raises(ValueError, match="not both"):
+        gather_cols_t(x, index, gate=gate, gate_rows=rows)
+    with pytest.raises(ValueError, match=r"gate_rows \(3, 5\) must be \(4, 5\)"):
+        gather_cols_t(x, index, gate_rows=rows[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gated_gather_with_the_gate_in_the_outputs_rows(dtype):
+    from mom.ops.triton import gather
+
+    if gather._kernel() is None:
+        pytest.skip("triton not importable")
+    f, n = 300, 5000
+    x = torch.randn(f, n, device="cuda", dtype=dtype)
+    index = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)
+    wide = torch.randn(n, 2 * f, device="cuda", dtype=dtype)
+    rows = wide[:, f:]  # z's half of in_proj's sorted rows
+    out = gather_cols_t(x, index, gate_rows=rows)
+    want = F.silu(rows.float()).mul(x.float()[:, index].t()).to(dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # one rounding of the fp32 product
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    gate = torch.randn(f, n, device="cuda", dtype=dtype)  # the gate in x's layout, gathered alike: the same values
+    assert torch.equal(gather_cols_t(x, index, gate=gate), gather_cols_t(x, index, gate_rows=gate[:, index].t()))
+
+
+def test_gather_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
+    """The gather kernel (`mom.ops.triton.gather`), run by Triton's CPU interpreter (a subprocess: the interpreter is
+    chosen when the kernel is compiled) where Triton is installed: plain, gated in x's layout, gated in the output's
+    rows (strided: z's half of in_proj's rows), and rows -> columns from strided rows."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from mom.ops.triton import gather
+        from mom.ops.triton.gather import TILE, silu_gated
+
+        def run(src_rows, index, out_rows, gate_rows=None, gate_at_out=False):  # as gather._gather_t launches it
+            m, f = out_rows.shape
+            gate = src_rows if gate_rows is None else gate_rows
+            gather._kernel()[(-(-m // TILE), -(-f // TILE), 1)](
+                src_rows, gate, index, out_rows, m, f, *src_rows.stride(), *out_rows.stride(), *gate.stride(),
+                BN=TILE, BF=TILE, GATED=gate_rows is not None, GATE_AT_OUT=gate_at_out)
+
+        g = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            f, n, m = 70, 150, 130
+            x = torch.randn(f, n, generator=g).to(dtype)
+            index = torch.randperm(n, generator=g)[:m]
+            out = torch.empty(m, f, dtype=dtype)
+            run(x.t(), index, out)
+            assert torch.equal(out, x[:, index].t())
+            gate = torch.randn(f, n, generator=g).to(dtype)
+            run(x.t(), index, out, gate.t())
+            torch.testing.assert_close(out, silu_gated(x, gate)[:, index].t())
+            rows = torch.randn(m, 2 * f, generator=g).to(dtype)[:, f:]
+            run(x.t(), index, out, rows, gate_at_out=True)
+            torch.testing.assert_close(out, silu_gated(x[:, index].t(), rows))
+            src = torch.randn(n, 2 * f, generator=g).to(dtype)[:, :f]
+            cols = torch.empty(f, m, dtype=dtype)
+            run(src, index, cols.t())
+            assert torch.equal(cols, src[index].t())
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
