@@ -1,10 +1,11 @@
 """`mom-flops`: FLOPs per token and parameters of a model by component, and its training time on reference GPUs.
 
     mom-flops --config recipes/t2i_1b4_mom.yaml [--world-size 8] [key=value ...]
-    mom-flops --model-json runs/tiny_mom/hf [model.d_model=128 ...]
+    mom-flops --model-json runs/tiny_mom/hf [--seq-len 2048] [model.d_model=128 ...]
 
 A recipe is sized by `mom.train.resolve.resolve_model_config`, as ``mom-train`` does: no corpus is needed when the
-recipe states its vocabulary. docs/flops.md derives every row.
+recipe states its vocabulary. A hybrid's attention rows count at the recipe's ``data.seq_len`` (``--seq-len`` overrides
+it; needed with ``--model-json``). docs/flops.md derives every row.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=1, help="number of GPUs (sets the recipe's token budget "
                         "and divides the time estimates); default 1")  # fmt: skip
     parser.add_argument("--tokens", type=float, default=None, help="training tokens (overrides the recipe's budget)")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length of attention layers' FLOPs (a "
+                        "hybrid's attention_layers); default: the recipe's data.seq_len")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimates; default 0.4")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides (with --model-json: model.<key>=value)")
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--world-size: must be >= 1, got {args.world_size}")
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu: must be in (0, 1], got {args.mfu}")
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error(f"--seq-len: must be >= 1, got {args.seq_len}")
     if args.tokens is not None and args.tokens < 0:
         parser.error(f"--tokens: must be non-negative, got {args.tokens}")
     return run("mom-flops", lambda: _main(args), args.debug)
@@ -75,16 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.model_json is not None:
-        config, budget = config_from_json(args.model_json, args.overrides), None
+        config, budget, seq_len = config_from_json(args.model_json, args.overrides), None, args.seq_len
+        if config.attention_layers and seq_len is None:
+            raise ValueError(f"--seq-len: the model has attention layers {list(config.attention_layers)}, whose FLOPs "
+                             "per token depend on the context length; give it")
     else:
         recipe = load_recipe(args.config, args.overrides)
         config, budget = resolve_model_config(recipe), recipe.total_tokens(args.world_size)
+        seq_len = args.seq_len if args.seq_len is not None else recipe.data.seq_len
     tokens = int(args.tokens) if args.tokens is not None else budget
-    print(flop_table(config).format())
+    print(flop_table(config, seq_len).format())
     if tokens is None:
         print("no token budget: pass --tokens (or --config) for training FLOPs and time estimates")
         return 0
-    total = training_flops(config, tokens)
+    total = training_flops(config, tokens, seq_len=seq_len)
     print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs (model FLOPs, {TRAIN_FACTOR}x forward)")
     print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} MFU (dense bf16 peak):")
     for name in REFERENCE_GPUS:

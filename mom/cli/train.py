@@ -26,7 +26,7 @@ def describe(recipe: Recipe, world_size: int) -> str:
     config = resolve_model_config(recipe)
     total, active = flops.count_params(config)
     tokens = recipe.total_tokens(world_size)
-    per_token = flops.training_flops_per_token(config)
+    per_token = flops.training_flops_per_token(config, seq_len=recipe.data.seq_len)
     return "\n".join([
         yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
         "---",

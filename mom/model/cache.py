@@ -2,6 +2,12 @@
 
 A ``transformers`` `Cache`, so that ``generate()`` can start from it, reorder it for beam search and roll it back
 for assisted decoding, as it does with the cache of its own Mamba.
+
+A hybrid model's attention layers (``config.attention_layers``, `mom.model.attention`) keep every past key and value
+instead, grown by concatenation: the cache knows no maximum length (``generate()`` does not tell it), beam search's
+reorder and assisted decoding's rollback are then a row selection and a cut, and these models decode eagerly
+(`fixed_size`) rather than through CUDA graphs, which would need the buffers preallocated. Each step copies the layer's
+keys and values once (as transformers' ``DynamicCache`` does).
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from mom.model.config import MoMConfig
 def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(conv state, SSM state) shapes of layer ``layer_idx``, by its mixer kind: Mamba-1 (b, d_inner, d_conv) and
     (b, d_inner, d_state); Mamba-2 (b, d_inner + 2 ngroups d_state, d_conv) (x, B and C go through its conv) and
-    (b, nheads, headdim, d_state)."""
+    (b, nheads, headdim, d_state); an attention layer (``config.attention_layers``) keeps keys and values instead:
+    states of no channels (b, 0, d_conv) and (b, 0, d_state)."""
+    if layer_idx in config.attention_layers:
+        return (batch_size, 0, config.d_conv), (batch_size, 0, config.d_state)
     if config.mixer == "mamba2":
         conv_dim = config.d_inner + 2 * config.ngroups * config.d_state
         return (batch_size, conv_dim, config.d_conv), (batch_size, config.nheads, config.headdim, config.d_state)
@@ -25,8 +34,10 @@ def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tu
 
 
 class MoMCache(Cache):
-    """Per layer: the last ``d_conv`` conv inputs and the SSM state (`state_shapes`: Mamba-1 (b, d_inner, d_conv)
-    and (b, d_inner, d_state)).
+    """Per Mamba layer: the last ``d_conv`` conv inputs and the SSM state (`state_shapes`: Mamba-1 (b, d_inner,
+    d_conv) and (b, d_inner, d_state)). Per attention layer (``config.attention_layers``): its keys and values (b,
+    heads, t, d_head) after the rotary embedding, and which of them later tokens may see (b, t) (not padding, not an
+    earlier packed document); its conv and SSM states have no channels (b, 0, ...), so that every layer has one.
 
     ``seqlen_offset`` counts the tokens already consumed; 0 means the next forward is a prefill. Built with a
     ``batch_size`` the states are allocated at once; without one, by the model's first forward (as ``generate()``
@@ -47,6 +58,10 @@ class MoMCache(Cache):
         self.config = config
         self.n_layer, self.d_inner = config.n_layer, config.d_inner
         self.d_conv, self.d_state = config.d_conv, config.d_state
+        self.attention_layers, self.attention_heads = config.attention_layers, config.attention_heads
+        self.attention_keys: dict[int, torch.Tensor] = {}  # layer -> (b, heads, t, d_head)
+        self.attention_values: dict[int, torch.Tensor] = {}  # layer -> (b, heads, t, d_head)
+        self.attention_valid: dict[int, torch.Tensor] = {}  # layer -> (b, t) bool: keys a later token sees
         self.conv_states: list[torch.Tensor] = []
         self.ssm_states: list[torch.Tensor] = []
         self.seqlen_offset = 0
@@ -58,10 +73,16 @@ class MoMCache(Cache):
 
     def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
         """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
-        accumulates it in fp32)."""
+        accumulates it in fp32); attention layers: no key yet, keys and values in ``dtype``."""
         shapes = [state_shapes(self.config, i, batch_size) for i in range(self.n_layer)]
         self.conv_states = [torch.zeros(conv, device=device, dtype=dtype) for conv, _ in shapes]
         self.ssm_states = [torch.zeros(ssm, device=device, dtype=torch.float32) for _, ssm in shapes]
+        d_head = self.config.d_model // self.attention_heads
+        empty = (batch_size, self.attention_heads, 0, d_head)
+        self.attention_keys = {i: torch.zeros(empty, device=device, dtype=dtype) for i in self.attention_layers}
+        self.attention_values = {i: torch.zeros(empty, device=device, dtype=dtype) for i in self.attention_layers}
+        self.attention_valid = {i: torch.zeros((batch_size, 0), device=device, dtype=torch.bool)
+                                for i in self.attention_layers}
 
     def zeros_like(self) -> MoMCache:
         """A new cache of the same batch, dtype and device, its states zero."""
@@ -88,8 +109,14 @@ class MoMCache(Cache):
         return False
 
     @property
+    def fixed_size(self) -> bool:
+        """Whether every state keeps its size as tokens come (no attention layer's key/value cache grows): what a
+        CUDA graph can capture (`mom.model.graph`)."""
+        return not self.attention_layers
+
+    @property
     def is_linear(self) -> list[bool]:
-        return [True] * self.n_layer
+        return [i not in self.attention_layers for i in range(self.n_layer)]
 
     @property
     def is_sliding(self) -> list[bool]:
@@ -113,6 +140,8 @@ class MoMCache(Cache):
         self.conv_states = [fn(s) for s in self.conv_states]
         self.ssm_states = [fn(s) for s in self.ssm_states]
         self.history = [([fn(s) for s in conv], [fn(s) for s in ssm]) for conv, ssm in self.history]
+        for states in (self.attention_keys, self.attention_values, self.attention_valid):
+            states.update({i: fn(s) for i, s in states.items()})
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
@@ -144,8 +173,35 @@ class MoMCache(Cache):
     def reset(self) -> None:
         for s in self.conv_states + self.ssm_states:
             s.zero_()
+        self._cut_attention(0)
         self.seqlen_offset = 0
         self.history = []
+
+    # ---- attention layers' keys and values ------------------------------------------------------------------------
+    def store_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """A prefill's keys and values (b, heads, l, d_head) and which of them later tokens see (b, l)."""
+        dtype = self.attention_keys[layer_idx].dtype
+        self.attention_keys[layer_idx] = keys.to(dtype)
+        self.attention_values[layer_idx] = values.to(dtype)
+        self.attention_valid[layer_idx] = valid.bool()
+
+    def append_attention(self, layer_idx: int, keys: torch.Tensor,
+                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append new tokens' keys and values (b, heads, l, d_head) (real tokens, seen by later ones) -> every key and
+        value (b, heads, t + l, d_head) and which of them the new tokens may see (b, t + l)."""
+        k, v = self.attention_keys[layer_idx], self.attention_values[layer_idx]
+        seen = self.attention_valid[layer_idx]
+        new = torch.ones(seen.shape[0], keys.shape[2], dtype=torch.bool, device=seen.device)
+        self.attention_keys[layer_idx] = k = torch.cat([k, keys.to(k.dtype)], dim=2)
+        self.attention_values[layer_idx] = v = torch.cat([v, values.to(v.dtype)], dim=2)
+        self.attention_valid[layer_idx] = seen = torch.cat([seen, new], dim=1)
+        return k, v, seen
+
+    def _cut_attention(self, length: int) -> None:
+        """Keep the first ``length`` tokens of every attention layer's keys and values."""
+        for states in (self.attention_keys, self.attention_values):
+            states.update({i: s[:, :, :length] for i, s in states.items()})
+        self.attention_valid.update({i: s[:, :length] for i, s in self.attention_valid.items()})
 
     # ---- rolling back (assisted decoding) ---------------------------------------------------------------------
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
@@ -186,4 +242,5 @@ class MoMCache(Cache):
             conv, ssm = self.history[-n]
             self.conv_states, self.ssm_states = conv, ssm
             self.seqlen_offset -= n
+            self._cut_attention(self.seqlen_offset)  # keys and values are not recorded: they are cut
         self.history = []

@@ -70,6 +70,11 @@ class MoMConfig(PretrainedConfig):
         channel_d_state: state size of the selective channel mixer's scan.
         layer_averaging: MambaMixer's weighted averaging of earlier features: the input of every block (and of the
             final norm) is a learned, input-independent weighted sum of the embedding and all earlier blocks' outputs.
+        attention_layers: indices of the blocks whose mixer is causal self-attention (`mom.model.attention`) instead of
+            Mamba (a hybrid, MambaVision / Jamba style, e.g. ``(18, 21)`` of 24); ``()`` is a pure Mamba stack.
+        attention_heads: heads of those attention mixers; ``"auto"`` is ``d_model // 64`` (head size 64, as GPT-2 and
+            LLaMA), lowered to the nearest divisor of ``d_model`` (at least 1). Must divide ``d_model`` into heads of
+            even size (rotary embeddings rotate channel pairs).
     """
 
     model_type = "mom"
@@ -116,6 +121,9 @@ class MoMConfig(PretrainedConfig):
         channel_groups: int = 8,
         channel_d_state: int = 8,
         layer_averaging: bool = False,
+        # hybrid attention
+        attention_layers: Sequence[int] = (),
+        attention_heads: int | str = "auto",
         **kwargs,
     ) -> None:
         self.modalities = tuple(modalities) if not isinstance(modalities, str) else (modalities,)
@@ -149,6 +157,9 @@ class MoMConfig(PretrainedConfig):
         self.einfft_blocks, self.einfft_shrink = einfft_blocks, einfft_shrink
         self.channel_groups, self.channel_d_state = channel_groups, channel_d_state
         self.layer_averaging = layer_averaging
+        # hybrid attention
+        self.attention_layers = _attention_layers(attention_layers, n_layer)
+        self.attention_heads = _attention_heads(attention_heads, d_model, bool(self.attention_layers))
         self._validate(decouple)
         self._validate_mixer(decouple)
         self._validate_channel_mixing()
@@ -299,6 +310,39 @@ class MoMConfig(PretrainedConfig):
         check_token_ids(token_ids, self.vocab_size)
         bounds = torch.tensor(self.vocab_offsets[1:], device=token_ids.device, dtype=token_ids.dtype)
         return torch.bucketize(token_ids, bounds, right=True)
+
+
+def _attention_layers(value: Sequence[int], n_layer: int) -> tuple[int, ...]:
+    """``attention_layers`` checked (unique ints in ``[0, n_layer)``), as a sorted tuple."""
+    layers = (value,) if isinstance(value, int) else value
+    if isinstance(layers, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"attention_layers: must be a list of layer indices (ints), got {value!r}")
+    layers = tuple(layers)
+    bad = [i for i in layers if not (isinstance(n_layer, int) and 0 <= i < n_layer)]
+    if bad:
+        raise ValueError(f"attention_layers: {bad} out of range; layer indices must lie in [0, n_layer={n_layer})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"attention_layers: duplicate layer indices in {list(layers)}")
+    return tuple(sorted(layers))
+
+
+def _attention_heads(value: int | str, d_model: int, attention: bool) -> int:
+    """``attention_heads`` resolved ("auto": head size 64, see `MoMConfig`) and checked against ``d_model``; head sizes
+    must be even only where there is ``attention``."""
+    if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
+        return 1  # d_model itself is reported by _validate
+    if value == "auto":
+        value = max(1, d_model // 64)  # 64: the head size of GPT-2 and LLaMA
+        while value > 1 and (d_model % value or (d_model // value) % 2):
+            value -= 1
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"attention_heads: must be a positive integer or 'auto', got {value!r}")
+    if d_model % value:
+        raise ValueError(f"attention_heads: {value} heads do not divide d_model={d_model}")
+    if attention and (d_model // value) % 2:
+        raise ValueError(f"attention_heads: {value} heads split d_model={d_model} into heads of odd size "
+                         f"{d_model // value}; rotary embeddings need an even head size")
+    return value
 
 
 def check_token_ids(token_ids: torch.Tensor, vocab_size: int) -> None:

@@ -92,9 +92,16 @@ def _copy_projection(target: nn.Module, source: nn.Linear) -> None:
             expert.bias.copy_(source.bias)
 
 
+def _check_no_attention(config: MoMConfig, what: str) -> None:
+    if config.attention_layers:
+        raise ValueError(f"{what}: config.attention_layers={list(config.attention_layers)}; a dense Mamba has no "
+                         "attention weights to start them from: warm-start a pure Mamba config")
+
+
 @torch.no_grad()
 def mom_from_dense_mamba(model_or_path, config: MoMConfig, cls):
     """See `MoMForCausalLM.from_dense_mamba`."""
+    _check_no_attention(config, "from_dense_mamba")
     dense = _load_dense(model_or_path)
     dcfg = dense.config
     _check_fields(config, dcfg, _MATCHING_FIELDS, "from_dense_mamba")
@@ -129,6 +136,7 @@ def mom_from_dense_mamba(model_or_path, config: MoMConfig, cls):
 def mom_from_dense_mamba2(model_or_path, config: MoMConfig, cls):
     """See `MoMForCausalLM.from_dense_mamba2`."""
     what = "from_dense_mamba2"
+    _check_no_attention(config, what)
     dense = _load_dense(model_or_path, "Mamba2ForCausalLM", what)
     dcfg = dense.config
     if config.mixer != "mamba2":

@@ -3,6 +3,12 @@
 Everything is analytic, per token and from a `MoMConfig` alone: a Mamba has no attention, so the FLOPs of a token do
 not depend on the sequence length. Conventions (docs/flops.md gives the derivations):
 
+* Attention counts the full ``seq_len x seq_len`` score matrix, causal masking not discounted: per token
+  ``2 * d_model * seq_len`` for ``Q K^T`` and as much for ``A V``, as PaLM's MFU (its ``12 * L * H * Q * T`` per
+  token for training) and ``torch.utils.flop_counter``'s count of SDPA do. ``hardware=True`` adds FlashAttention's
+  backward, which recomputes the scores and their softmax (Dao et al. 2022). A hybrid's attention layers
+  (``config.attention_layers``) make FLOPs per token depend on the context length ``seq_len`` (a training row's
+  length, ``data.seq_len`` of a recipe), which is then required.
 * A matmul counts 2 FLOPs per multiply-add (``2 * in * out`` per token for a linear layer).
 * An elementwise add, multiply, divide, exp, log or rsqrt counts 1 FLOP; SiLU ``z * sigmoid(z)`` counts 4
   (exp, add, reciprocal, multiply) and softplus ``log(1 + exp(x))`` counts 3.
@@ -22,10 +28,11 @@ The command line is `mom.cli.flops` (``mom-flops``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
 from mom.model.channel_mixers import channel_dt_rank, channel_mixer_decoupled
 from mom.model.config import PROJECTIONS, MoMConfig
 from mom.model.transfusion import TIME_FREQUENCIES, MoMTransfusionConfig
@@ -36,6 +43,10 @@ SOFTPLUS_FLOPS = 3  # log(1 + exp(x)): exp, add, log
 RMSNORM_FLOPS = 4  # per element: square, sum, scale by rsqrt(mean + eps), weight multiply (O(1) per token ignored)
 LAYERNORM_FLOPS = 7  # per element: mean, subtract, square, sum, scale, weight multiply, bias add
 CROSS_ENTROPY_FLOPS = 4  # per logit: max, subtract, exp, sum (log and target pick are O(1) per token)
+ROPE_FLOPS = 3  # per rotated element of q and k: x1*cos - x2*sin is 2 multiplies + 1 add per output element
+ATTN_SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the 1/sqrt(d_head) scale is on q: d per token)
+FLASH_RECOMPUTED = ("layer.attn.scores", "layer.attn.softmax")  # what FlashAttention's backward recomputes
+EVERY_BLOCK = ("layer.norm", "layer.residual")  # per-layer rows of every block, whatever its sequence mixer
 FFT_FLOPS = 5  # per N log2 N of a complex FFT of length N (see the module docstring)
 SOFTSHRINK_FLOPS = 2  # per element: compare with the threshold, subtract it
 
@@ -56,7 +67,8 @@ class FlopRow:
         active_params: parameters one token goes through (its modality's expert only).
         kind: ``matmul`` / ``conv`` (seen by ``torch.utils.flop_counter``), ``scan`` (inside the selective-scan
             kernel), ``elementwise``, ``lookup`` or ``fft`` (EinFFT's transforms).
-        count: instances in the model (``n_layer`` for per-layer rows, else 1).
+        count: instances in the model (the blocks holding it for per-layer rows, else 1; a hybrid's Mamba rows count
+            its Mamba blocks, its ``layer.attn.*`` rows its attention blocks).
         note: where the count comes from.
     """
 
@@ -87,6 +99,7 @@ class FlopTable:
 
     config: MoMConfig
     rows: tuple[FlopRow, ...]
+    seq_len: int | None = None  # the context length of the attention rows (None: no attention)
 
     def __getitem__(self, component: str) -> FlopRow:
         for row in self.rows:
@@ -121,6 +134,7 @@ class FlopTable:
         flops = TRAIN_FACTOR * self.forward_flops
         if hardware:
             flops += RECOMPUTE_FACTOR * self.flops_of("scan")  # mamba-ssm's scan backward re-runs the forward scan
+            flops += RECOMPUTE_FACTOR * sum(r.total_flops for r in self.rows if r.component in FLASH_RECOMPUTED)
             if gradient_checkpointing:
                 flops += RECOMPUTE_FACTOR * sum(r.total_flops for r in self.rows if r.component.startswith("layer."))
         return float(flops)
@@ -140,7 +154,9 @@ class FlopTable:
             + f"vocab={c.vocab_size} modalities={','.join(c.modalities)} "
             f"decouple={','.join(c.decouple) or '() (dense)'}"
             + (f" channel_mixer={c.channel_mixer}" if c.channel_mixer else "")
-            + (" layer_averaging" if c.layer_averaging else ""),
+            + (" layer_averaging" if c.layer_averaging else "")
+            + (f" attention_layers={list(c.attention_layers)} attention_heads={c.attention_heads} "
+               f"seq_len={self.seq_len}" if c.attention_layers else ""),
             header,
             "-" * len(header),
         ]
@@ -163,12 +179,52 @@ class FlopTable:
         lines.append(
             f"training FLOPs/token: {human(train)} (model FLOPs, {TRAIN_FACTOR}x forward); "
             f"{human(hw)} hardware FLOPs with mamba-ssm's scan recompute"
+            + (" and FlashAttention's score recompute" if c.attention_layers else "")
         )
         return "\n".join(lines)
 
 
-def flop_table(config: MoMConfig) -> FlopTable:
-    """Analytic forward FLOPs per token and parameters of every component of ``config``'s model."""
+def flop_table(config: MoMConfig, seq_len: int | None = None) -> FlopTable:
+    """Analytic forward FLOPs per token and parameters of every component of ``config``'s model. ``seq_len``: the
+    context length, required by a hybrid with attention layers (its attention FLOPs per token grow with it), unused
+    otherwise."""
+    A = len(config.attention_layers)
+    if not A:
+        return _mixer_table(config)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len: attention layers {list(config.attention_layers)} make FLOPs per token depend on "
+                         f"the context length; give it as a positive int, got {seq_len!r}")
+    every_block = set(EVERY_BLOCK) | {r.component for r in channel_mixer_rows(config, 0, 0, "")}
+    mamba = config.n_layer - A  # the sequence mixer's rows count the Mamba blocks only
+    rows = [replace(r, count=mamba) if r.component.startswith("layer.") and r.component not in every_block else r
+            for r in _mixer_table(config).rows]
+    at = next(i for i, r in enumerate(rows) if r.component == "norm_f")
+    rows[at:at] = attention_rows(config, seq_len)
+    return FlopTable(config, tuple(r for r in rows if r.count), seq_len)  # every block attention: no Mamba row
+
+
+def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
+    """The rows of the attention blocks (`mom.model.attention`) at context length ``seq_len``: q, k, v, o are
+    ``d_model x d_model`` projections, experts when the Mamba projection they follow is decoupled."""
+    d, A, M, h = config.d_model, len(config.attention_layers), config.num_modalities, config.attention_heads
+    one = d * d + (d if config.bias else 0)  # parameters of one expert
+    rows = []
+    for name in ATTENTION_PROJECTIONS:
+        experts = M if DECOUPLED_WITH[name] in config.decouple else 1
+        rows.append(FlopRow(f"layer.attn.{name}", 2 * d * d, experts * one, one, "matmul", A,
+                            f"2*d*d; {experts} expert(s)"))
+    return rows + [
+        FlopRow("layer.attn.rope", ROPE_FLOPS * 2 * d, 0, 0, "elementwise", A, f"{ROPE_FLOPS}*2*d: rotate q and k"),
+        FlopRow("layer.attn.scores", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: Q K^T, full matrix"),
+        FlopRow("layer.attn.softmax", ATTN_SOFTMAX_FLOPS * h * seq_len + d, 0, 0, "elementwise", A,
+                f"{ATTN_SOFTMAX_FLOPS}*heads*seq_len + d (q scaled)"),
+        FlopRow("layer.attn.values", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: A V, full matrix"),
+        FlopRow("layer.attn.biases", 4 * d if config.bias else 0, 0, 0, "elementwise", A, "q, k, v, o biases"),
+    ]  # fmt: skip
+
+
+def _mixer_table(config: MoMConfig) -> FlopTable:
+    """The rows of a model whose every block has ``config.mixer``'s sequence mixer."""
     d, di, n, r, w = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     V, L, M = config.vocab_size, config.n_layer, config.num_modalities
     experts = {p: (M if p in config.decouple else 1) for p in PROJECTIONS}
@@ -346,37 +402,40 @@ def channel_mixer_rows(config: MoMConfig, norm_flops: int, norm_params: int, nor
     return rows
 
 
-def forward_flops_per_token(config: MoMConfig) -> int:
-    """Forward FLOPs per token (identical for every modality, and to the dense model of the same width)."""
-    return flop_table(config).forward_flops
+def forward_flops_per_token(config: MoMConfig, seq_len: int | None = None) -> int:
+    """Forward FLOPs per token (identical for every modality, and to the dense model of the same width); ``seq_len``
+    as in `flop_table`."""
+    return flop_table(config, seq_len).forward_flops
 
 
 def count_params(config: MoMConfig) -> tuple[int, int]:
     """(total, active) parameters: every expert vs the experts of one modality. A tied LM head counts once."""
-    table = flop_table(config)
+    table = flop_table(config, seq_len=1)  # parameters do not depend on the context length
     return table.total_params, table.active_params
 
 
 def training_flops_per_token(
-    config: MoMConfig, hardware: bool = False, gradient_checkpointing: bool = False
+    config: MoMConfig, hardware: bool = False, gradient_checkpointing: bool = False, seq_len: int | None = None
 ) -> float:
     """Training FLOPs per token: ``3x`` forward (backward = 2x forward: gradients w.r.t. inputs and weights).
 
     The default is *model* FLOPs, the numerator of MFU: recomputation is excluded, as in PaLM's definition, so the
     number does not depend on the implementation. ``hardware=True`` adds what mamba-ssm recomputes: its
     selective-scan backward kernel re-runs the forward scan (scan rows ``4x`` instead of ``3x``), and with
-    ``gradient_checkpointing`` every block's forward runs twice (per-layer rows one more time).
+    ``gradient_checkpointing`` every block's forward runs twice (per-layer rows one more time). ``seq_len``: the
+    context length, for a hybrid's attention layers (`flop_table`).
     """
-    return flop_table(config).training_flops_per_token(hardware, gradient_checkpointing)
+    return flop_table(config, seq_len).training_flops_per_token(hardware, gradient_checkpointing)
 
 
 def training_flops(
-    config: MoMConfig, tokens: int, hardware: bool = False, gradient_checkpointing: bool = False
+    config: MoMConfig, tokens: int, hardware: bool = False, gradient_checkpointing: bool = False,
+    seq_len: int | None = None,
 ) -> float:
     """Training FLOPs for ``tokens`` tokens (see `training_flops_per_token`)."""
     if tokens < 0:
         raise ValueError(f"tokens: must be non-negative, got {tokens}")
-    return tokens * training_flops_per_token(config, hardware, gradient_checkpointing)
+    return tokens * training_flops_per_token(config, hardware, gradient_checkpointing, seq_len)
 
 
 # ---- peak throughput -------------------------------------------------------------------------------------------
@@ -461,17 +520,19 @@ def mfu(
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,
     num_devices: int = 1,
+    seq_len: int | None = None,
 ) -> float | None:
     """Model FLOPs utilisation: ``tokens/s * training model FLOPs/token / (num_devices * peak)``.
 
     ``tokens_per_second`` is the throughput of all ``num_devices`` devices together. None where the peak is unknown.
+    ``seq_len``: the context length, for a hybrid's attention layers (`flop_table`).
     """
     if num_devices < 1:
         raise ValueError(f"num_devices: must be >= 1, got {num_devices}")
     peak = peak_flops(device, dtype)
     if peak is None:
         return None
-    return tokens_per_second * training_flops_per_token(config) / (num_devices * peak)
+    return tokens_per_second * training_flops_per_token(config, seq_len=seq_len) / (num_devices * peak)
 
 
 # ---- formatting ------------------------------------------------------------------------------------------------

@@ -125,8 +125,11 @@ class DecodeGraphs:
 
     def applies(self, model: nn.Module, input_ids: torch.Tensor, cache: MoMCache) -> bool:
         """Whether a step on ``input_ids`` (b, 1) after ``cache`` can replay a graph (model of plain modules, tensors
-        of ``device_type``, no gradient, a cache that is not recording states for rollback)."""
+        of ``device_type``, no gradient, a cache that is not recording states for rollback and whose states keep their
+        size: a hybrid model's key/value cache grows every step, so it decodes eagerly)."""
         if input_ids.device.type != self.device_type or torch.is_grad_enabled() or cache.recording:
+            return False
+        if not cache.fixed_size:
             return False
         if self._plain_checked is not registrations.current():
             self._plain, self._plain_checked = is_plain(model), registrations.current()

@@ -1,5 +1,5 @@
 """MoM language model: embeddings, a stack of (norm -> mixer -> residual) blocks (`make_mixer`: the Mamba-1 `MoMMixer`
-or the Mamba-2 `Mamba2Mixer`), final norm, LM head.
+or the Mamba-2 `Mamba2Mixer`, and in a hybrid's ``config.attention_layers`` an `AttentionMixer`), final norm, LM head.
 
 Hugging Face integration follows ``transformers``' Mamba modelling file: `MoMModel` (backbone) and
 `MoMForCausalLM` (``PreTrainedModel`` + ``GenerationMixin``) with a recurrent `MoMCache` (a transformers ``Cache``)
@@ -24,6 +24,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, AttentionMixer
 from mom.model.cache import MoMCache
 from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel_mixer
 from mom.model.config import MoMConfig
@@ -81,7 +82,10 @@ def add_norm(
 
 
 def make_mixer(config: MoMConfig, layer_idx: int) -> nn.Module:
-    """The sequence mixer of block ``layer_idx``, by ``config.mixer`` (as mamba-ssm's ``create_block``)."""
+    """The sequence mixer of block ``layer_idx``: causal self-attention in ``config.attention_layers``, else by
+    ``config.mixer`` (as mamba-ssm's ``create_block``)."""
+    if layer_idx in config.attention_layers:
+        return AttentionMixer(config, layer_idx)
     if config.mixer == "mamba2":
         return Mamba2Mixer(config, layer_idx)
     return MoMMixer(config, layer_idx)
@@ -196,6 +200,10 @@ class MoMPreTrainedModel(PreTrainedModel):
             for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
                 for linear in _linears(getattr(module, name)):
                     self._init_linear(name, linear)
+        elif isinstance(module, AttentionMixer):  # q, k, v as in_proj (nn.Linear's init), o as out_proj (rescaled)
+            for name in ATTENTION_PROJECTIONS:
+                for linear in _linears(getattr(module, name)):
+                    self._init_linear(DECOUPLED_WITH[name], linear)
         elif isinstance(module, Mamba2Mixer):
             self._init_mamba2(module)
         elif isinstance(module, (EinFFT, SelectiveChannelMixer)):

@@ -126,7 +126,7 @@ def train(
         print(describe_start(model, config, recipe, ctx, *sizes), flush=True)
 
     # ---- bookkeeping and resume -----------------------------------------------------------------------------------
-    flops_per_token = flops.training_flops_per_token(config)
+    flops_per_token = flops.training_flops_per_token(config, seq_len=recipe.data.seq_len)  # attention layers' context
     peak = flops.peak_flops(ctx.device, ctx.compute_dtype)  # None on CPU: MFU is null
     tokens_per_step = recipe.tokens_per_step(ctx.world_size)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "bad_steps": 0}
@@ -415,7 +415,10 @@ def model_shape(config: MoMConfig) -> dict[str, Any]:
             "bias", "conv_bias", "rms_norm", "tie_word_embeddings")
     if isinstance(config, MoMTransfusionConfig):
         keys += ("patch_size", "latent_channels")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
+    shape = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in keys)}
+    if config.attention_layers:  # a hybrid's; a pure Mamba's record stays as before (its old checkpoints resume)
+        shape.update(attention_layers=list(config.attention_layers), attention_heads=config.attention_heads)
+    return shape
 
 
 def set_lr(engine: Any, lr: float) -> None:

@@ -3,7 +3,9 @@
 A projection named in ``config.decouple`` is a `mom.RoutedLinear` holding one plain ``nn.Linear`` expert per
 modality (``backbone.layers.3.mixer.in_proj.image``); a shared projection is an ``nn.Linear`` itself
 (``backbone.layers.3.mixer.in_proj``). peft selects a module when a target equals its full name or is a suffix of it
-at a ``.`` boundary, so the target ``in_proj.image`` picks the image expert of ``in_proj`` in every layer.
+at a ``.`` boundary, so the target ``in_proj.image`` picks the image expert of ``in_proj`` in every layer. A hybrid's
+attention layers have ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (`mom.model.attention`), per modality when
+the Mamba projection they follow is decoupled (``in_proj`` for q, k, v; ``out_proj`` for o).
 
     settings = LoraSettings.from_dict({"projections": ["in_proj", "out_proj"], "modalities": ["image"]})
     peft_model = wrap(base_model, settings)      # only the LoRA factors (+ modules_to_save) are trainable
@@ -32,6 +34,7 @@ import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH
 from mom.model.channel_mixers import CHANNEL_PROJECTIONS, channel_mixer_decoupled
 from mom.model.config import MIXER_PROJECTIONS, PROJECTIONS
 from mom.model.routing import RoutedLinear
@@ -54,8 +57,9 @@ class LoraSettings:
         r: rank of the LoRA factors.
         alpha: LoRA scaling numerator (the update is ``alpha / r * B @ A``).
         dropout: dropout on the LoRA branch input.
-        projections: preset: projection kinds to adapt (subset of ``in_proj, x_proj, dt_proj, out_proj`` and, with
-            a selective channel mixer, ``channel_in_proj, channel_x_proj, channel_dt_proj, channel_out_proj``).
+        projections: preset: projection kinds to adapt (subset of ``in_proj, x_proj, dt_proj, out_proj``; with
+            a selective channel mixer, ``channel_in_proj, channel_x_proj, channel_dt_proj, channel_out_proj``; in a
+            hybrid's attention layers, ``q_proj, k_proj, v_proj, o_proj``).
         modalities: preset: whose experts to adapt; ``None`` means every modality (and, for a projection that
             the base does not decouple, the shared ``nn.Linear``). Naming modalities for a shared projection is
             an error: there is no per-modality module to adapt.
@@ -112,10 +116,10 @@ class LoraSettings:
         for name in ("train_conv", "train_A_D", "train_image_modules"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lora.{name}: must be true or false, got {getattr(self, name)!r}")
-        unknown = [p for p in self.projections if p not in PROJECTIONS + CHANNEL_PROJECTIONS]
+        valid = PROJECTIONS + CHANNEL_PROJECTIONS + ATTENTION_PROJECTIONS
+        unknown = [p for p in self.projections if p not in valid]
         if unknown:
-            raise ValueError(f"lora.projections: unknown projection(s) {unknown}; valid: "
-                             f"{list(PROJECTIONS + CHANNEL_PROJECTIONS)}")
+            raise ValueError(f"lora.projections: unknown projection(s) {unknown}; valid: {list(valid)}")
         if self.modalities is not None and not self.projections:
             raise ValueError("lora.modalities: only used with projections (the preset); set projections too")
         if (not self.projections and not self.target_modules and not self.modules_to_save and not self.train_conv
@@ -155,7 +159,8 @@ def valid_target_names(model: nn.Module) -> list[str]:
 
 
 def preset_targets(config: Any, projections: Iterable[str], modalities: list[str] | None) -> list[str]:
-    """Target names for the projection kinds x modalities preset, checked against the base's ``decouple``."""
+    """Target names for the projection kinds x modalities preset, checked against the base's ``decouple`` (an
+    attention projection against the Mamba projection it follows, `DECOUPLED_WITH`)."""
     if modalities is not None:
         unknown = [m for m in modalities if m not in config.modalities]
         if unknown:
@@ -163,16 +168,19 @@ def preset_targets(config: Any, projections: Iterable[str], modalities: list[str
                 f"lora.modalities: unknown modality(ies) {unknown}; this base has {list(config.modalities)}"
             )
     mixer = getattr(config, "mixer", "mamba1")
-    absent = [p for p in projections if p not in MIXER_PROJECTIONS[mixer] + CHANNEL_PROJECTIONS]
+    present = MIXER_PROJECTIONS[mixer] + (ATTENTION_PROJECTIONS if getattr(config, "attention_layers", ()) else ())
+    absent = [p for p in projections if p not in present + CHANNEL_PROJECTIONS]
     if absent:
-        raise ValueError(f"lora.projections: this base's mixer {mixer} has no {absent}; its projections are "
-                         f"{list(MIXER_PROJECTIONS[mixer])}")
+        raise ValueError(f"lora.projections: this base's mixer {mixer}"
+                         f"{' with attention layers' if present != MIXER_PROJECTIONS[mixer] else ''} has no {absent}; "
+                         f"its projections are {list(present)}")
     targets = []
     for proj in projections:
         if proj in CHANNEL_PROJECTIONS and getattr(config, "channel_mixer", None) != "selective":
             raise ValueError(f"lora.projections: {proj!r} belongs to the selective channel mixer, which this base "
                              f"does not have (channel_mixer = {getattr(config, 'channel_mixer', None)!r})")
-        routed = channel_mixer_decoupled(config) if proj in CHANNEL_PROJECTIONS else proj in config.decouple
+        routed = (channel_mixer_decoupled(config) if proj in CHANNEL_PROJECTIONS
+                  else DECOUPLED_WITH.get(proj, proj) in config.decouple)
         if routed:
             targets += [f"{proj}.{m}" for m in (modalities or config.modalities)]
         elif modalities is None:
