@@ -46,7 +46,7 @@ def perturb(model: torch.nn.Module, std: float = 0.3, seed: int = 1) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "channel_mixer" in name or "layer_weights" in name:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * std)
 
 
 # ---- the sublayers against hand computations ---------------------------------------------------------------------
