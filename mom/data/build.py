@@ -230,7 +230,31 @@ def missing_requirements(recipe: BuildRecipe) -> list[str]:
                 hints.append("pip install soundfile  (reading FLAC clips)")
         elif spec.source == "hf-dataset" and not _has_module("datasets"):
             hints.append("pip install datasets  (hf-dataset speech source)")
+    hints += _tokenizer_hints(recipe)
     return list(dict.fromkeys(hints))
+
+
+def _tokenizer_hints(recipe: BuildRecipe) -> list[str]:
+    """The tokenizer directories the recipe's modalities need that are not there (text counts as there when
+    ``tokenizer.train_text`` will train it)."""
+    root = Path(recipe.tokenizer.dir)
+    subdirs = {m: m for m in MODALITIES}
+    config = root / "config.json"
+    if config.is_file():
+        try:
+            subdirs.update(json.loads(config.read_text(encoding="utf-8")).get("tokenizers", {}))
+        except (OSError, ValueError, AttributeError) as e:
+            return [f"tokenizer: {config} is not a readable multimodal config ({e})"]
+    hints = []
+    for modality in MODALITIES:
+        if modality != "text" and not getattr(recipe, modality):
+            continue
+        if modality == "text" and recipe.tokenizer.train_text:
+            continue
+        path = root / subdirs[modality]
+        if not (path / "config.json").is_file():
+            hints.append(f"tokenizer: the {modality} tokenizer {path} is missing (train it: docs/data.md)")
+    return hints
 
 
 def _cairo_ok() -> bool:

@@ -181,7 +181,7 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(str(path), f"cannot read image ({type(err).__name__}: {err})") from err
 
 
@@ -200,10 +200,32 @@ def _render_cairosvg(path: Path, size: int) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGBA")
 
 
+# CSS absolute units in px (96 px per inch): resvg-py rejects a root <svg> whose width / height carry such units
+_SVG_UNITS_PX = {"pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0}
+_SVG_ROOT_SIZE = re.compile(r'(\b(?:width|height)=["\'])([\d.]+)(pt|pc|mm|cm|in)(["\'])')
+
+
+def _svg_px_sizes(svg: str) -> str:
+    """``svg`` with its root element's width / height in absolute units (``400pt``) rewritten in px."""
+    root = re.search(r"<svg\b[^>]*>", svg)
+    if root is None:
+        return svg
+    fixed = _SVG_ROOT_SIZE.sub(
+        lambda m: f"{m.group(1)}{float(m.group(2)) * _SVG_UNITS_PX[m.group(3)]:.4f}{m.group(4)}", root.group(0)
+    )
+    return svg[: root.start()] + fixed + svg[root.end() :]
+
+
 def _render_resvg(path: Path, size: int) -> Image.Image:
     import resvg_py
 
-    png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+    try:
+        png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+    except ValueError as err:
+        if "invalid size" not in str(err):
+            raise
+        svg = _svg_px_sizes(path.read_text(encoding="utf-8", errors="replace"))
+        png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size)
     return Image.open(io.BytesIO(bytes(png))).convert("RGBA")
 
 

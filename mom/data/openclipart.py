@@ -62,5 +62,6 @@ def clipart_caption(metadata: dict, category: str, n_keywords: int = 3) -> str:
 
 
 def clipart_files(root: Path) -> list[Path]:
-    """Every ``.svg`` under ``root``, sorted."""
-    return sorted(p for p in root.rglob("*.svg") if p.is_file())
+    """Every ``.svg`` file under ``root``, sorted; symbolic links (the package files some drawings under a second
+    category that way) are left out, so each drawing is read once and lands in one split."""
+    return sorted(p for p in root.rglob("*.svg") if p.is_file() and not p.is_symlink())

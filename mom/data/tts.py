@@ -70,6 +70,15 @@ def _festival_voice_installed(voice: str) -> bool:
     return any(p.is_dir() for p in Path(FESTIVAL_VOICES_DIR).glob(f"*/{voice}"))
 
 
+def installed_voices(engine: str) -> list[str]:
+    """The voices ``engine`` has here: flite's built-in ones (``flite -lv``), festival's voice folders."""
+    if engine == "flite":
+        listing = subprocess.run([engine_binary("flite"), "-lv"], capture_output=True, text=True, timeout=60).stdout
+        return listing.partition(":")[2].split()
+    engine_binary(engine)
+    return sorted(p.name for p in Path(FESTIVAL_VOICES_DIR).glob("*/*") if p.is_dir())
+
+
 def split_sentences(text: str, max_chars: int) -> list[str]:
     """Whitespace-collapsed ``text`` as groups of whole sentences of at most ``max_chars`` characters (a longer
     sentence is cut at word boundaries)."""
@@ -134,6 +143,10 @@ def iter_tts(
     """``(waveform, transcript, meta)`` per spoken text (see the module docstring); failures go to ``on_error``."""
     engine_binary(engine)  # fail before the first text
     voices = list(voices or (FLITE_VOICES if engine == "flite" else FESTIVAL_VOICES))
+    # flite speaks an unknown voice name with its default voice, silently: check the names up front
+    unknown = sorted(set(voices) - set(installed_voices(engine)))
+    if unknown:
+        raise ValueError(f"voices: {engine} has no voice {unknown} here; installed: {installed_voices(engine)}")
     lo, hi = stretch_range
     if not STRETCH_LIMITS[0] <= lo <= hi <= STRETCH_LIMITS[1]:
         raise ValueError(
