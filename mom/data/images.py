@@ -8,8 +8,9 @@ Sources (``iter_image_records(source, ...)``):
 * ``"digits"``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey digits), upscaled and given a coloured ink.
 * ``"tuxpaint"``: Debian's ``tuxpaint-stamps-default`` drawings with their English descriptions
   (:mod:`mom.data.tuxpaint`; GPL-2.0-or-later), padded to a square on white.
-* ``"openclipart"``: Debian's ``openclipart-svg`` (and ``openclipart-png`` when installed), captioned from each
-  SVG's title, description and keywords (:mod:`mom.data.openclipart`; public domain), padded to a square.
+* ``"openclipart"``: Debian's ``openclipart-svg``, rasterised (or the PNGs of ``openclipart-png`` with
+  ``png_path=/usr/share/openclipart/png``: slower, some are 10,000+ pixels wide), captioned from each SVG's title,
+  description and keywords (:mod:`mom.data.openclipart`; public domain), padded to a square.
 * ``"folder"``: a folder of images with captions (``captions.jsonl`` or a ``<name>.txt`` sidecar per image).
 * ``"hf-dataset"``: a Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (read with ``load_from_disk``).
 
@@ -449,7 +450,7 @@ def _openclipart_items(
             f"the 'openclipart' source needs the Open Clip Art SVGs at {root}: `apt-get install openclipart-svg` "
             "(and optionally openclipart-png for ready-made bitmaps), or pass path=<a folder of SVGs>"
         )
-    png_root = Path(png_path or openclipart.OPENCLIPART_PNG_DIR)
+    png_root = Path(png_path) if png_path else None
     side = size or 128
 
     def load(svg: Path) -> tuple[Image.Image, str, dict]:
@@ -459,8 +460,8 @@ def _openclipart_items(
         except OSError as err:
             raise BadInputError(str(svg), f"cannot read ({err})") from err
         caption = openclipart.clipart_caption(metadata, rel.parent.as_posix(), keywords)
-        png = png_root / rel.with_suffix(".png")
-        image = _drawing(png if png.is_file() else svg, side, rasterizer)
+        png = png_root / rel.with_suffix(".png") if png_root is not None else None
+        image = _drawing(png if png is not None and png.is_file() else svg, side, rasterizer)
         return image, caption, {"file": rel.as_posix(), "license": "public domain"}
 
     return [

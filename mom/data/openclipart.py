@@ -1,9 +1,9 @@
-"""Open Clip Art Library 0.18 (Debian ``openclipart-svg``, optionally ``openclipart-png``): public-domain drawings.
+"""Open Clip Art Library 0.18 (Debian ``openclipart-svg``): public-domain drawings.
 
 Each SVG under ``/usr/share/openclipart/svg/<category>/...`` carries its own Dublin Core metadata: a title, often
 a description, and keywords (``<dc:subject>``). :func:`clipart_caption` turns them into a caption; the image
-source ``openclipart`` (:mod:`mom.data.images`) reads the drawing from the matching PNG of ``openclipart-png``
-when that package is installed (same relative path, ``.png``), else rasterises the SVG.
+source ``openclipart`` (:mod:`mom.data.images`) rasterises the SVG, or reads the matching PNG of
+``openclipart-png`` (same relative path, ``.png``) when given ``png_path`` (:data:`OPENCLIPART_PNG_DIR`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 OPENCLIPART_SVG_DIR = "/usr/share/openclipart/svg"  # Debian package openclipart-svg
-OPENCLIPART_PNG_DIR = "/usr/share/openclipart/png"  # Debian package openclipart-png (optional)
+OPENCLIPART_PNG_DIR = "/usr/share/openclipart/png"  # Debian package openclipart-png (optional, png_path=)
 MAX_DESCRIPTION_CHARS = 300  # longer descriptions are cut at a word boundary: a caption, not an essay
 _TITLE = re.compile(r"<dc:title>([^<]*)</dc:title>")
 _DESCRIPTION = re.compile(r"<dc:description>([^<]*)</dc:description>")
