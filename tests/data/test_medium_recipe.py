@@ -71,3 +71,13 @@ def test_check_without_the_packages_lists_what_is_missing(tmp_path, monkeypatch,
     assert mom_data(["build", "--recipe", str(path), "--check"]) == 2
     err = capsys.readouterr().err
     assert "tuxpaint-stamps-default" in err and "Traceback" not in err
+
+
+def test_medium_tokenizer_recipes_parse():
+    from mom.data.tokenizer_training import ImageTokenizerRecipe, TextTokenizerRecipe
+
+    image = ImageTokenizerRecipe.from_yaml(REPO / "tokenizers/recipes/image_medium64.yaml")
+    assert image.tokenizer.image_size == 64 and image.tokenizer.tokens_per_image >= 256
+    assert 8192 + image.tokenizer.codebook_size + 256 < 2**16
+    text = TextTokenizerRecipe.from_yaml(REPO / "tokenizers/recipes/text_medium.yaml")
+    assert text.vocab_size == 8192 and {s["source"] for s in text.sources} >= {"wiki-leads", "kjv", "gcide"}
