@@ -30,6 +30,7 @@ from mom.utils.audio import read_audio, resample
 from mom.utils.errors import BadInputError, MissingDependencyError
 
 ENGINES = ("flite", "festival")
+_PROGRAMS = {"flite": "flite", "festival": "text2wave"}  # engine -> the program that speaks a text file
 FLITE_VOICES = ("kal16", "slt", "rms", "awb")
 FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 FESTIVAL_VOICE_PACKAGES = {
@@ -44,7 +45,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 def engine_binary(engine: str) -> str:
     """Path of the engine's program; :class:`MissingDependencyError` with the apt line when it is missing."""
-    program = {"flite": "flite", "festival": "text2wave"}.get(engine)
+    program = _PROGRAMS.get(engine)
     if program is None:
         raise ValueError(f"tts engine: must be one of {list(ENGINES)}, got {engine!r}")
     binary = shutil.which(program)
@@ -56,7 +57,7 @@ def engine_binary(engine: str) -> str:
 def missing_tts(engine: str, voices: Sequence[str] | None = None) -> list[str]:
     """Install hints for ``engine`` and its ``voices`` (empty when all is there)."""
     hints = []
-    if shutil.which({"flite": "flite", "festival": "text2wave"}[engine]) is None:
+    if shutil.which(_PROGRAMS[engine]) is None:
         hints.append(f"apt-get install {engine}  ({engine} speech source)")
     if engine == "festival":
         for voice in voices or FESTIVAL_VOICES:
