@@ -30,6 +30,8 @@ import numpy as np
 
 from mom.data.documents import SPLITS, Document, DocumentPlan, Item, count_tokens, document_ids, plan_documents
 from mom.data.kinds import KINDS
+from mom.data.openclipart import OPENCLIPART_SVG_DIR
+from mom.data.tuxpaint import TUXPAINT_STAMPS_DIR
 from mom.tokenization.special import SPECIAL_TOKENS
 from mom.utils.atomic import atomic_save, atomic_write_text
 from mom.utils.configio import from_file
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WORK_DIR = ".build"  # encoded-source cache of an unfinished build, inside the output directory
 MODALITIES = ("text", "image", "speech")
+TTS_SOURCES = ("espeak", "flite", "festival")  # speech sources that speak the documents of a `texts_from` source
 
 # ---- recipe ------------------------------------------------------------------------------------------------------
 
@@ -48,7 +51,7 @@ class SourceSpec:
     """One source of a modality: its name, the options passed to ``iter_<modality>_records`` and build options.
 
     ``max_records`` caps the records taken from the source; ``chunk_size`` overrides the recipe's. ``texts_from``
-    (espeak speech only) is a text source
+    (the synthesised speech sources, :data:`TTS_SOURCES`) is a text source
     (``{source: fortunes, max_chars: 160}``) whose documents, whitespace-collapsed, are the sentences to speak.
     """
 
@@ -194,6 +197,16 @@ def missing_requirements(recipe: BuildRecipe) -> list[str]:
         elif spec.source == "digits":
             if not _has_module("sklearn"):
                 hints.append("pip install scikit-learn  (digits image source)")
+        elif spec.source == "tuxpaint":
+            if not Path(o.get("path") or TUXPAINT_STAMPS_DIR).is_dir():
+                hints.append("apt-get install tuxpaint-stamps-default  (tuxpaint image source)")
+            if not (_has_module("resvg_py") or _cairo_ok()):
+                hints.append("pip install resvg-py  (tuxpaint image source: the stamps drawn as SVG)")
+        elif spec.source == "openclipart":
+            if not Path(o.get("path") or OPENCLIPART_SVG_DIR).is_dir():
+                hints.append("apt-get install openclipart-svg  (openclipart image source; openclipart-png optional)")
+            if not (_has_module("resvg_py") or _cairo_ok()):
+                hints.append("pip install resvg-py  (openclipart image source)")
         elif spec.source == "folder":
             hints += _path_hint(o, what)
         elif spec.source == "hf-dataset" and not _has_module("datasets"):
@@ -202,13 +215,46 @@ def missing_requirements(recipe: BuildRecipe) -> list[str]:
         o, what = spec.options, f"speech source {spec.source!r}"
         if spec.source == "espeak" and shutil.which("espeak-ng") is None:
             hints.append("apt-get install espeak-ng  (espeak speech source)")
+        elif spec.source in ("flite", "festival"):
+            from mom.data.tts import missing_tts
+
+            hints += missing_tts(spec.source, o.get("voices"))
+        elif spec.source == "tuxpaint":
+            if not Path(o.get("path") or TUXPAINT_STAMPS_DIR).is_dir():
+                hints.append("apt-get install tuxpaint-stamps-default  (tuxpaint speech source)")
+            if not _has_module("soundfile"):
+                hints.append("pip install soundfile  (reading the Ogg Vorbis recordings)")
         elif spec.source == "folder":
             hints += _path_hint(o, what)
             if not _has_module("soundfile"):
                 hints.append("pip install soundfile  (reading FLAC clips)")
         elif spec.source == "hf-dataset" and not _has_module("datasets"):
             hints.append("pip install datasets  (hf-dataset speech source)")
+    hints += _tokenizer_hints(recipe)
     return list(dict.fromkeys(hints))
+
+
+def _tokenizer_hints(recipe: BuildRecipe) -> list[str]:
+    """The tokenizer directories the recipe's modalities need that are not there (text counts as there when
+    ``tokenizer.train_text`` will train it)."""
+    root = Path(recipe.tokenizer.dir)
+    subdirs = {m: m for m in MODALITIES}
+    config = root / "config.json"
+    if config.is_file():
+        try:
+            subdirs.update(json.loads(config.read_text(encoding="utf-8")).get("tokenizers", {}))
+        except (OSError, ValueError, AttributeError) as e:
+            return [f"tokenizer: {config} is not a readable multimodal config ({e})"]
+    hints = []
+    for modality in MODALITIES:
+        if modality != "text" and not getattr(recipe, modality):
+            continue
+        if modality == "text" and recipe.tokenizer.train_text:
+            continue
+        path = root / subdirs[modality]
+        if not (path / "config.json").is_file():
+            hints.append(f"tokenizer: the {modality} tokenizer {path} is missing (train it: docs/data.md)")
+    return hints
 
 
 def _cairo_ok() -> bool:
@@ -267,8 +313,8 @@ def _records(modality: str, spec: SourceSpec, on_error: Callable[[BadInputError]
 
     options = dict(spec.options)
     if spec.texts_from is not None:
-        if spec.source != "espeak":
-            raise ValueError(f"speech source {spec.source!r}: texts_from only applies to the espeak source")
+        if spec.source not in TTS_SOURCES:
+            raise ValueError(f"speech source {spec.source!r}: texts_from only applies to {list(TTS_SOURCES)}")
         from mom.data.text import iter_text_records
 
         text_options = _without(spec.texts_from, "source")

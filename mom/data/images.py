@@ -6,6 +6,11 @@ Sources (``iter_image_records(source, ...)``):
   rasterised with ``cairosvg`` or ``resvg-py``; captioned from the annotation, group and tags.
 * ``"noto-emoji"``: Debian's ``fonts-noto-color-emoji`` font rendered with Pillow; captioned from the Unicode name.
 * ``"digits"``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey digits), upscaled and given a coloured ink.
+* ``"tuxpaint"``: Debian's ``tuxpaint-stamps-default`` drawings with their English descriptions
+  (:mod:`mom.data.tuxpaint`; GPL-2.0-or-later), padded to a square on white.
+* ``"openclipart"``: Debian's ``openclipart-svg``, rasterised (or the PNGs of ``openclipart-png`` with
+  ``png_path=/usr/share/openclipart/png``: slower, some are 10,000+ pixels wide), captioned from each SVG's title,
+  description and keywords (:mod:`mom.data.openclipart`; public domain), padded to a square.
 * ``"folder"``: a folder of images with captions (``captions.jsonl`` or a ``<name>.txt`` sidecar per image).
 * ``"hf-dataset"``: a Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (read with ``load_from_disk``).
 
@@ -38,7 +43,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps, Unidentifie
 from mom.utils.atomic import atomic_directory
 from mom.utils.errors import BadInputError, MissingDependencyError
 
-SOURCES = ("openmoji", "noto-emoji", "digits", "folder", "hf-dataset")
+SOURCES = ("openmoji", "noto-emoji", "digits", "tuxpaint", "openclipart", "folder", "hf-dataset")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
 NOTO_BITMAP_SIZE = 109  # the only pixel size of Noto's CBDT bitmap strikes (glyphs render as 136x128)
@@ -177,7 +182,7 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(str(path), f"cannot read image ({type(err).__name__}: {err})") from err
 
 
@@ -196,10 +201,32 @@ def _render_cairosvg(path: Path, size: int) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGBA")
 
 
+# CSS absolute units in px (96 px per inch): resvg-py rejects a root <svg> whose width / height carry such units
+_SVG_UNITS_PX = {"pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0}
+_SVG_ROOT_SIZE = re.compile(r'(\b(?:width|height)=["\'])([\d.]+)(pt|pc|mm|cm|in)(["\'])')
+
+
+def _svg_px_sizes(svg: str) -> str:
+    """``svg`` with its root element's width / height in absolute units (``400pt``) rewritten in px."""
+    root = re.search(r"<svg\b[^>]*>", svg)
+    if root is None:
+        return svg
+    fixed = _SVG_ROOT_SIZE.sub(
+        lambda m: f"{m.group(1)}{float(m.group(2)) * _SVG_UNITS_PX[m.group(3)]:.4f}{m.group(4)}", root.group(0)
+    )
+    return svg[: root.start()] + fixed + svg[root.end() :]
+
+
 def _render_resvg(path: Path, size: int) -> Image.Image:
     import resvg_py
 
-    png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+    try:
+        png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+    except ValueError as err:
+        if "invalid size" not in str(err):
+            raise
+        svg = _svg_px_sizes(path.read_text(encoding="utf-8", errors="replace"))
+        png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size)
     return Image.open(io.BytesIO(bytes(png))).convert("RGBA")
 
 
@@ -364,6 +391,87 @@ def _digit_items(*, size: int | None, colourise: bool = True) -> list[_Item]:
     ]
 
 
+# ---- tuxpaint, openclipart: drawings padded to a square ---------------------------------------------------------
+def _pad_square(image: Image.Image) -> Image.Image:
+    """``image`` (RGB) centred on a white square of its longer side: a drawing keeps all of itself."""
+    if image.width == image.height:
+        return image
+    square = Image.new("RGB", (max(image.size),) * 2, (255, 255, 255))
+    square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))
+    return square
+
+
+def _drawing(path: Path, svg_side: int, rasterizer: str) -> Image.Image:
+    """A PNG (or other bitmap) or an SVG rasterised at ``svg_side``, as an RGB square on white."""
+    if path.suffix.lower() != ".svg":
+        return _pad_square(_to_rgb(_open_image(path)))
+    render = _svg_rasterizer(rasterizer)
+    try:
+        return _pad_square(_to_rgb(render(path, svg_side)))
+    except Exception as err:  # rasterisers raise many types on a malformed SVG
+        raise BadInputError(str(path), f"cannot rasterise SVG ({type(err).__name__}: {err})") from err
+
+
+def _tuxpaint_items(*, size: int | None, path: str | None = None, rasterizer: str = "auto") -> list[_Item]:
+    from mom.data.tuxpaint import ENGLISH, list_stamps, stamps_root
+
+    stamps = list_stamps(stamps_root(path))
+    side = size or 128
+
+    def load(stamp) -> tuple[Image.Image, str, dict]:
+        if stamp.error is not None:
+            raise stamp.error
+        if stamp.image is None:
+            raise BadInputError(stamp.key, "description without a drawing (no .png or .svg)")
+        caption = stamp.descriptions.get(ENGLISH, "")
+        meta = {"category": stamp.category, "license": "GPL-2.0-or-later"}
+        return _drawing(stamp.image, side, rasterizer), caption, meta
+
+    return [
+        _Item(key=s.key, load=lambda s=s: load(s), source="tuxpaint", flip_ok=s.flip_ok)
+        for s in stamps
+        if s.image is not None or s.error is not None
+    ]
+
+
+def _openclipart_items(
+    *,
+    size: int | None,
+    path: str | None = None,
+    png_path: str | None = None,
+    rasterizer: str = "auto",
+    keywords: int = 3,
+) -> list[_Item]:
+    from mom.data import openclipart
+
+    root = Path(path or openclipart.OPENCLIPART_SVG_DIR)
+    if not root.is_dir():
+        raise MissingDependencyError(
+            f"the 'openclipart' source needs the Open Clip Art SVGs at {root}: `apt-get install openclipart-svg` "
+            "(and optionally openclipart-png for ready-made bitmaps), or pass path=<a folder of SVGs>"
+        )
+    png_root = Path(png_path) if png_path else None
+    side = size or 128
+
+    def load(svg: Path) -> tuple[Image.Image, str, dict]:
+        rel = svg.relative_to(root)
+        try:
+            metadata = openclipart.svg_metadata(svg.read_text(encoding="utf-8", errors="replace"))
+        except OSError as err:
+            raise BadInputError(str(svg), f"cannot read ({err})") from err
+        caption = openclipart.clipart_caption(metadata, rel.parent.as_posix(), keywords)
+        png = png_root / rel.with_suffix(".png") if png_root is not None else None
+        image = _drawing(png if png is not None and png.is_file() else svg, side, rasterizer)
+        return image, caption, {"file": rel.as_posix(), "license": "public domain"}
+
+    return [
+        _Item(
+            key=svg.relative_to(root).with_suffix("").as_posix(), load=lambda svg=svg: load(svg), source="openclipart"
+        )
+        for svg in openclipart.clipart_files(root)
+    ]
+
+
 # ---- folder ------------------------------------------------------------------------------------------------------
 def _folder_items(*, size: int | None, path: str | None = None, captions: str = "captions.jsonl") -> list[_Item]:
     if path is None:
@@ -469,6 +577,8 @@ _SOURCE_FACTORIES: dict[str, tuple[Callable[..., list[_Item]], tuple[str, ...]]]
     "openmoji": (_openmoji_items, ("path", "skin_tones", "groups", "caption_tags", "rasterizer")),
     "noto-emoji": (_noto_items, ("font",)),
     "digits": (_digit_items, ("colourise",)),
+    "tuxpaint": (_tuxpaint_items, ("path", "rasterizer")),
+    "openclipart": (_openclipart_items, ("path", "png_path", "rasterizer", "keywords")),
     "folder": (_folder_items, ("path", "captions")),
     "hf-dataset": (_hf_items, ("path", "split", "image_column", "caption_column")),
 }

@@ -1,4 +1,5 @@
-"""Speech with transcripts, offline: espeak-ng synthesis, folders of audio files, and datasets saved to disk.
+"""Speech with transcripts, offline: espeak-ng, flite and festival synthesis (:mod:`mom.data.tts`), the Tux Paint
+stamps' recordings of real people (:mod:`mom.data.tuxpaint`), folders of audio files, and datasets saved to disk.
 
 ``iter_speech_records(source, on_error=..., **options)`` yields :class:`SpeechRecord` (mono float32 waveform, sample
 rate, transcript, source name, per-clip metadata). Unusable items (corrupt audio, unsupported sample rate, empty
@@ -56,9 +57,24 @@ ESPEAK_SPEED_RANGE = (80, 450)  # words per minute accepted by espeak-ng (-s)
 ESPEAK_PITCH_RANGE = (0, 99)  # espeak-ng pitch adjustment (-p), 50 is the voice's default
 # English accents of espeak-ng's own (non-MBROLA) voices, crossed with some of its male/female/whisper variants.
 DEFAULT_VOICES = (
-    "en-us", "en-us+f3", "en-us+m3", "en-us+f2", "en-gb", "en-gb+f4", "en-gb+m2", "en-gb-x-rp", "en-gb-x-rp+f1",
-    "en-gb-scotland", "en-gb-scotland+f5", "en-gb-x-gbclan+m4", "en-gb-x-gbcwmd+f3", "en-029", "en-029+m7",
-    "en-us-nyc+m1", "en-us+whisper", "en-gb+croak",
+    "en-us",
+    "en-us+f3",
+    "en-us+m3",
+    "en-us+f2",
+    "en-gb",
+    "en-gb+f4",
+    "en-gb+m2",
+    "en-gb-x-rp",
+    "en-gb-x-rp+f1",
+    "en-gb-scotland",
+    "en-gb-scotland+f5",
+    "en-gb-x-gbclan+m4",
+    "en-gb-x-gbcwmd+f3",
+    "en-029",
+    "en-029+m7",
+    "en-us-nyc+m1",
+    "en-us+whisper",
+    "en-gb+croak",
 )
 # A few voices of other languages, for multilingual experiments (pass them as ``voices``).
 OTHER_VOICES = ("de", "fr-fr", "es", "it", "nl", "pt-br", "pl", "sv", "cmn", "ja")
@@ -113,8 +129,9 @@ def _espeak_binary() -> str:
     return binary
 
 
-def synthesize(text: str, voice: str = "en-us", speed: int = 175, pitch: int = 50,
-               sample_rate: int = 16_000) -> np.ndarray:
+def synthesize(
+    text: str, voice: str = "en-us", speed: int = 175, pitch: int = 50, sample_rate: int = 16_000
+) -> np.ndarray:
     """Speak ``text`` with espeak-ng; returns a mono float32 waveform ``(n,)`` at ``sample_rate`` Hz.
 
     ``voice`` is an espeak-ng voice, optionally with a variant (``"en-gb+f3"``, see ``list_voices``); ``speed`` is in
@@ -155,18 +172,26 @@ def list_voices(language: str | None = None) -> list[str]:
     return sorted(set(names))
 
 
-def _iter_espeak(on_error: Callable[[BadInputError], None], texts: Iterable[str] | None = None,
-                 texts_file: str | None = None, voices: Sequence[str] = DEFAULT_VOICES,
-                 speed_range: Sequence[int] = (140, 200), pitch_range: Sequence[int] = (30, 70), seed: int = 0,
-                 sample_rate: int = 16_000) -> Iterator[SpeechRecord]:
+def _iter_espeak(
+    on_error: Callable[[BadInputError], None],
+    texts: Iterable[str] | None = None,
+    texts_file: str | None = None,
+    voices: Sequence[str] = DEFAULT_VOICES,
+    speed_range: Sequence[int] = (140, 200),
+    pitch_range: Sequence[int] = (30, 70),
+    seed: int = 0,
+    sample_rate: int = 16_000,
+) -> Iterator[SpeechRecord]:
     if (texts is None) == (texts_file is None):
         raise ValueError("espeak source: give exactly one of `texts` (an iterable of strings) or `texts_file`")
     if isinstance(texts, str):
         raise ValueError("texts: expected an iterable of strings, got a single string")
     if not voices:
         raise ValueError("voices: need at least one voice")
-    for name, (lo, hi), (min_v, max_v) in (("speed_range", speed_range, ESPEAK_SPEED_RANGE),
-                                           ("pitch_range", pitch_range, ESPEAK_PITCH_RANGE)):
+    for name, (lo, hi), (min_v, max_v) in (
+        ("speed_range", speed_range, ESPEAK_SPEED_RANGE),
+        ("pitch_range", pitch_range, ESPEAK_PITCH_RANGE),
+    ):
         if not min_v <= lo <= hi <= max_v:
             raise ValueError(f"{name}: need {min_v} <= low <= high <= {max_v}, got {lo}, {hi}")
     _espeak_binary()  # fail before the first text, not inside it
@@ -213,8 +238,9 @@ def _read_transcripts(root: Path, on_error: Callable[[BadInputError], None]) -> 
     return entries
 
 
-def _iter_folder(on_error: Callable[[BadInputError], None], path: str | os.PathLike | None = None,
-                 split: str | None = None) -> Iterator[SpeechRecord]:
+def _iter_folder(
+    on_error: Callable[[BadInputError], None], path: str | os.PathLike | None = None, split: str | None = None
+) -> Iterator[SpeechRecord]:
     if path is None:
         raise ValueError("folder source: option `path` (the folder of audio files) is required")
     root = Path(path)
@@ -266,9 +292,13 @@ def _decode_dataset_audio(value: object, where: str) -> tuple[np.ndarray, int]:
     raise BadInputError(where, f"unrecognised audio cell of type {type(value).__name__}")
 
 
-def _iter_hf_dataset(on_error: Callable[[BadInputError], None], path: str | os.PathLike | None = None,
-                     audio_column: str = "audio", text_column: str = "text",
-                     split: str | None = None) -> Iterator[SpeechRecord]:
+def _iter_hf_dataset(
+    on_error: Callable[[BadInputError], None],
+    path: str | os.PathLike | None = None,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    split: str | None = None,
+) -> Iterator[SpeechRecord]:
     if path is None:
         raise ValueError("hf-dataset source: option `path` (a directory written by save_to_disk) is required")
     try:
@@ -293,8 +323,13 @@ def _iter_hf_dataset(on_error: Callable[[BadInputError], None], path: str | os.P
         try:
             waveform, sr = _decode_dataset_audio(row[audio_column], where)
             meta = {"dataset": str(path), "row": row_index}
-            meta.update({k: v for k, v in row.items()
-                         if k not in (audio_column, text_column) and isinstance(v, (str, int, float, bool))})
+            meta.update(
+                {
+                    k: v
+                    for k, v in row.items()
+                    if k not in (audio_column, text_column) and isinstance(v, (str, int, float, bool))
+                }
+            )
             record = _validated(SpeechRecord(waveform, sr, row[text_column], "hf-dataset", meta), where)
         except BadInputError as e:
             on_error(e)
@@ -302,16 +337,79 @@ def _iter_hf_dataset(on_error: Callable[[BadInputError], None], path: str | os.P
         yield record
 
 
-_SOURCES = {"espeak": _iter_espeak, "folder": _iter_folder, "hf-dataset": _iter_hf_dataset}
+# ---- flite and festival ----------------------------------------------------------------------------------------------
+
+
+def _tts_source(engine: str) -> Callable[..., Iterator[SpeechRecord]]:
+    def iterate(on_error: Callable[[BadInputError], None], texts: Iterable[str] | None = None, **options: object):
+        from mom.data.tts import iter_tts
+
+        if texts is None:
+            raise ValueError(f"{engine} source: option `texts` (an iterable of strings) is required")
+        sample_rate = int(options.get("sample_rate", 16_000))
+        for waveform, text, meta in iter_tts(engine, on_error, texts, **options):
+            path = f"{engine} text #{meta['index']}"
+            try:
+                yield _validated(SpeechRecord(waveform, sample_rate, text, engine, meta), path)
+            except BadInputError as e:
+                on_error(e)
+
+    return iterate
+
+
+# ---- Tux Paint stamp descriptions read aloud -------------------------------------------------------------------------
+
+
+def _iter_tuxpaint(
+    on_error: Callable[[BadInputError], None], path: str | None = None, languages: Sequence[str] | None = None
+) -> Iterator[SpeechRecord]:
+    from mom.data.tuxpaint import list_stamps, stamps_root
+
+    if languages is not None and (isinstance(languages, str) or not all(isinstance(x, str) for x in languages)):
+        raise ValueError(f"tuxpaint source: languages must be a list of language codes, got {languages!r}")
+    wanted = None if languages is None else {x.lower() for x in languages}
+    for stamp in list_stamps(stamps_root(path)):
+        for language, ogg in sorted(stamp.recordings.items()):
+            if wanted is not None and language not in wanted:
+                continue
+            try:
+                if stamp.error is not None:
+                    raise stamp.error
+                transcript = stamp.descriptions.get(language)
+                if not transcript:
+                    raise BadInputError(str(ogg), f"no {language!r} description in the stamp's .txt to pair it with")
+                waveform, sr = decode_audio_bytes(ogg.read_bytes(), str(ogg))
+                meta = {
+                    "file": f"{stamp.key}:{language}",
+                    "language": language,
+                    "category": stamp.category,
+                    "license": "GPL-2.0-or-later",
+                }
+                record = _validated(SpeechRecord(waveform, sr, transcript, "tuxpaint", meta), str(ogg))
+            except (BadInputError, OSError) as e:
+                on_error(e if isinstance(e, BadInputError) else BadInputError(str(ogg), f"cannot read ({e})"))
+                continue
+            yield record
+
+
+_TTS_OPTIONS = ("texts", "voices", "stretch_range", "max_chars", "seed", "sample_rate", "workers")
+_SOURCES = {
+    "espeak": _iter_espeak, "flite": _tts_source("flite"), "festival": _tts_source("festival"),
+    "tuxpaint": _iter_tuxpaint, "folder": _iter_folder, "hf-dataset": _iter_hf_dataset,
+}  # fmt: skip
 _OPTIONS = {
     "espeak": ("texts", "texts_file", "voices", "speed_range", "pitch_range", "seed", "sample_rate"),
+    "flite": _TTS_OPTIONS,
+    "festival": _TTS_OPTIONS,
+    "tuxpaint": ("path", "languages"),
     "folder": ("path", "split"),
     "hf-dataset": ("path", "audio_column", "text_column", "split"),
 }
 
 
-def iter_speech_records(source: str, *, on_error: Callable[[BadInputError], None],
-                        **options: object) -> Iterator[SpeechRecord]:
+def iter_speech_records(
+    source: str, *, on_error: Callable[[BadInputError], None], **options: object
+) -> Iterator[SpeechRecord]:
     """Yield :class:`SpeechRecord` from one source; unusable items go to ``on_error`` and are skipped.
 
     Sources and their options:
@@ -320,6 +418,12 @@ def iter_speech_records(source: str, *, on_error: Callable[[BadInputError], None
       ``DEFAULT_VOICES``), ``speed_range`` (words/min, default (140, 200)), ``pitch_range`` (default (30, 70)),
       ``seed`` (voice/speed/pitch choices are a function of seed and position), ``sample_rate`` (16000).
       meta holds ``voice``, ``speed``, ``pitch``.
+    * ``"flite"``, ``"festival"``: ``texts``; ``voices`` (default: every voice of :mod:`mom.data.tts`),
+      ``stretch_range`` (duration stretch, default (0.85, 1.2)), ``max_chars`` (cut each text into groups of whole
+      sentences of at most this many characters), ``seed``, ``sample_rate``, ``workers`` (parallel synthesis).
+      meta holds ``engine``, ``voice``, ``stretch``, ``index``.
+    * ``"tuxpaint"``: ``path`` (default Debian's stamps folder), ``languages`` (default all): each recorded
+      description (real speech, Ogg Vorbis) with its text in that language. meta holds ``language``, ``category``.
     * ``"folder"``: ``path``; WAV/FLAC files under it (recursively), transcripts from ``transcripts.jsonl``
       (``{"file": "a.flac", "transcript": "...", ...}``, extra fields go to meta; ``"source"`` names the source) or
       a sidecar ``<name>.txt``; ``split`` keeps only entries whose ``"split"`` field equals it.
@@ -346,8 +450,15 @@ def assign_split(transcript: str, validation_fraction: float) -> str:
     return "validation" if digest / 2**64 < validation_fraction else "train"
 
 
-def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathLike, *, audio_format: str = "flac",
-                        bits: int = 16, validation_fraction: float = 0.0, overwrite: bool = False) -> int:
+def write_speech_folder(
+    records: Iterable[SpeechRecord],
+    out_dir: str | os.PathLike,
+    *,
+    audio_format: str = "flac",
+    bits: int = 16,
+    validation_fraction: float = 0.0,
+    overwrite: bool = False,
+) -> int:
     """Write records as ``NNNNN.<format>`` plus ``transcripts.jsonl`` (with source, meta and split) into ``out_dir``.
 
     The folder is assembled beside ``out_dir`` and moved into place at the end, so an interrupted run leaves any
@@ -366,8 +477,15 @@ def write_speech_folder(records: Iterable[SpeechRecord], out_dir: str | os.PathL
             name = f"{i:05d}.{audio_format}"
             write_audio(tmp / name, r.waveform, r.sample_rate, bits=bits)
             split = assign_split(r.transcript, validation_fraction)
-            entry = {"file": name, "transcript": r.transcript, "source": r.source, "split": split,
-                     "sample_rate": r.sample_rate, "duration": round(r.duration, 3), **r.meta}
+            entry = {
+                "file": name,
+                "transcript": r.transcript,
+                "source": r.source,
+                "split": split,
+                "sample_rate": r.sample_rate,
+                "duration": round(r.duration, 3),
+                **r.meta,
+            }
             lines.append(json.dumps(entry, ensure_ascii=False))
         (tmp / TRANSCRIPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)

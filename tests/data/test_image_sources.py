@@ -215,3 +215,68 @@ def test_committed_raw_image_set() -> None:
     assert len({line["file"] for line in lines}) == len(lines) == len(list(RAW_IMAGES.glob("*.png")))
     with Image.open(RAW_IMAGES / lines[0]["file"]) as im:
         assert im.mode == "RGB" and im.size == (32, 32)
+
+
+# ---- medium corpus drawings: Tux Paint stamps, Open Clip Art (committed samples in tests/data/fixtures) -----------
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _has_rasterizer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("resvg_py") is not None or importlib.util.find_spec("cairosvg") is not None
+
+
+def test_tuxpaint_drawing_with_its_description_padded_and_bad_stamps_counted() -> None:
+    records, errors = _collect("tuxpaint", path=str(FIXTURES / "tuxpaint"), size=32, augment=2)
+    koala = [r for r in records if r.meta["id"] == "animals/marsupials/koala"]
+    assert [r.meta["variant"] for r in koala] == [0, 1, 2] and len(records) == 3
+    assert koala[0].caption == "A koala." and koala[0].meta["category"] == "animals/marsupials"
+    pixels = np.asarray(koala[0].image)
+    # the 35x48 drawing is centred on a white 48x48 square (padded, not cropped): its side columns are white
+    assert pixels.shape == (32, 32, 3) and (pixels[:, [0, -1]] >= 245).all() and (pixels[:, 12:20] < 200).any()
+    reasons = sorted((Path(e.path).name, e.reason.split(" (")[0]) for e in errors)
+    assert reasons == [("corrupt.png", "cannot read image"), ("latin1.txt", "cannot read the description as UTF-8")]
+
+
+def test_tuxpaint_noflip_stamps_are_never_mirrored() -> None:
+    from mom.data.tuxpaint import list_stamps
+
+    stamps = {s.key: s for s in list_stamps(FIXTURES / "tuxpaint")}
+    assert stamps["animals/marsupials/koala"].flip_ok is False  # koala.dat says noflip
+    assert set(stamps["animals/marsupials/koala"].recordings) == {"en", "fr", "nl"}
+    assert stamps["animals/marsupials/koala"].descriptions["fr"] == "Un koala."
+
+
+@pytest.mark.skipif(not _has_rasterizer(), reason="no SVG rasteriser (pip install resvg-py)")
+def test_openclipart_captions_from_svg_metadata_and_bad_svgs_counted() -> None:
+    root = FIXTURES / "openclipart"
+    records, errors = _collect("openclipart", path=str(root), png_path=str(root / "no-pngs"), size=24)
+    captions = {r.meta["id"]: r.caption for r in records}
+    assert captions["shapes/arrows/cursor_arrow_martin_koz__02"].startswith(
+        "Cursor Arrow. Cursor arrow derived from standard system cursor arrow."
+    )
+    assert captions["shapes/arrows/cursor_arrow_martin_koz__02"].endswith("clip art of shapes, arrows")
+    assert captions["shapes/arrows/direction_suivre_4_yves__01"].startswith("direction à suivre 4. lutte incendie")
+    assert all(r.image.size == (24, 24) and r.meta["license"] == "public domain" for r in records)
+    reasons = sorted((e.path.rsplit("/", 1)[-1], e.reason.split(" (")[0]) for e in errors)
+    assert reasons == [("truncated.svg", "cannot rasterise SVG"), ("untitled", "empty caption")]
+
+
+def test_openclipart_caption_rules() -> None:
+    from mom.data.openclipart import clipart_caption, svg_metadata
+
+    meta = svg_metadata(
+        "<dc:title>Red  Apple</dc:title><dc:description>A &amp;quot;shiny&amp;quot; apple</dc:description>"
+        "<dc:subject><rdf:Bag><rdf:li>apple</rdf:li><rdf:li>fruit</rdf:li><rdf:li></rdf:li></rdf:Bag></dc:subject>"
+    )
+    assert meta == {"title": "Red Apple", "description": 'A "shiny" apple', "keywords": ["apple", "fruit"]}
+    assert clipart_caption(meta, "food/fruit") == 'Red Apple. A "shiny" apple (fruit), clip art of food, fruit'
+    assert clipart_caption({**meta, "title": ""}, "food") == ""
+
+
+def test_drawing_sources_name_the_missing_package(tmp_path: Path) -> None:
+    with pytest.raises(MissingDependencyError, match="tuxpaint-stamps-default"):
+        _collect("tuxpaint", path=str(tmp_path / "none"))
+    with pytest.raises(MissingDependencyError, match="openclipart-svg"):
+        _collect("openclipart", path=str(tmp_path / "none"))

@@ -237,3 +237,85 @@ def test_espeak_source_is_deterministic_and_records_choices():
         assert r.meta == s.meta and np.array_equal(r.waveform, s.waveform)
         assert r.sample_rate == 8000 and r.meta["voice"] in ("en-us", "en-gb+f2")
         assert 150 <= r.meta["speed"] <= 190 and 40 <= r.meta["pitch"] <= 60
+
+
+# ---- medium corpus speech: Tux Paint recordings, flite / festival voices, resampling speed path ------------------
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed (apt-get install flite)")
+needs_festival = pytest.mark.skipif(
+    shutil.which("text2wave") is None or not Path("/usr/share/festival/voices/english/kal_diphone").is_dir(),
+    reason="festival or its kal_diphone voice not installed (apt-get install festival festvox-kallpc16k)",
+)
+
+
+def test_tuxpaint_recordings_pair_with_their_language_and_bad_clips_are_counted():
+    pytest.importorskip("soundfile")
+    errors: list[BadInputError] = []
+    records = list(iter_speech_records("tuxpaint", on_error=errors.append, path=str(FIXTURES / "tuxpaint")))
+    by_language = {r.meta["language"]: r for r in records}
+    assert set(by_language) == {"en", "fr"}
+    assert by_language["en"].transcript == "A koala." and by_language["fr"].transcript == "Un koala."
+    assert by_language["en"].sample_rate == 44100 and 0.3 < by_language["en"].duration < 3
+    assert all(r.source == "tuxpaint" and r.meta["license"] == "GPL-2.0-or-later" for r in records)
+    reasons = sorted((Path(e.path).name, e.reason.split(" (")[0]) for e in errors)
+    assert reasons == [
+        ("corrupt_desc.ogg", "cannot decode audio bytes"),  # a truncated Ogg file
+        ("koala_desc_nl.ogg", "no 'nl' description in the stamp's .txt to pair it with"),
+    ]
+    only_fr = list(iter_speech_records("tuxpaint", on_error=errors.append, path=str(FIXTURES / "tuxpaint"),
+                                       languages=["fr"]))  # fmt: skip
+    assert [r.meta["language"] for r in only_fr] == ["fr"]
+
+
+def test_split_sentences_keeps_whole_sentences_under_the_limit():
+    from mom.data.tts import split_sentences
+
+    text = "First one. Second sentence here!  Third?\n" + "word " * 30
+    groups = split_sentences(text, 35)
+    assert groups[0] == "First one. Second sentence here!" and groups[1].startswith("Third?")
+    assert all(len(g) <= 35 for g in groups) and " ".join(groups).split() == text.split()
+
+
+@needs_flite
+def test_flite_voices_speak_sentence_groups_in_order_with_parallel_workers():
+    texts = ["The cat sat on the mat. It was warm.", "", "A second text, spoken too."]
+    errors: list[BadInputError] = []
+    records = list(iter_speech_records("flite", on_error=errors.append, texts=texts, voices=["kal16", "slt"],
+                                       max_chars=20, workers=2, seed=3))  # fmt: skip
+    assert [r.transcript for r in records] == ["The cat sat on the", "mat. It was warm.", "A second text,",
+                                               "spoken too."]  # fmt: skip
+    assert [r.meta["index"] for r in records] == [0, 1, 3, 4]
+    assert len(errors) == 1 and "empty transcript" in errors[0].reason  # the empty text, by position
+    assert all(r.sample_rate == 16000 and r.meta["voice"] in ("kal16", "slt") and r.duration > 0.3 for r in records)
+    again = list(iter_speech_records("flite", on_error=errors.append, texts=texts, voices=["kal16", "slt"],
+                                     max_chars=20, workers=1, seed=3))  # fmt: skip
+    assert [r.meta for r in again] == [r.meta for r in records]  # voices and rates do not depend on workers
+    with pytest.raises(ValueError, match="flite has no voice .'nobody'."):
+        list(iter_speech_records("flite", on_error=errors.append, texts=texts, voices=["nobody"]))
+
+
+@needs_festival
+def test_festival_diphone_voice_speaks():
+    errors: list[BadInputError] = []
+    records = list(iter_speech_records("festival", on_error=errors.append, texts=["Hello world."],
+                                       voices=["kal_diphone"]))  # fmt: skip
+    assert len(records) == 1 and not errors and records[0].duration > 0.3
+
+
+def test_tts_sources_name_the_missing_engine(monkeypatch):
+    from mom.data import tts
+
+    monkeypatch.setattr(tts.shutil, "which", lambda name: None)
+    with pytest.raises(MissingDependencyError, match="apt-get install festival"):
+        list(iter_speech_records("festival", on_error=print, texts=["hi"]))
+    assert tts.missing_tts("flite") == ["apt-get install flite  (flite speech source)"]
+
+
+@pytest.mark.parametrize(("from_sr", "to_sr"), [(22050, 16000), (44100, 16000), (16000, 22050), (8000, 16000)])
+def test_resample_polyphase_conv_equals_the_per_sample_gather(monkeypatch, from_sr, to_sr):
+    from mom.utils import audio
+
+    x = np.random.default_rng(0).standard_normal(from_sr // 3 + 7).astype(np.float32)
+    fast = resample(x, from_sr, to_sr)
+    monkeypatch.setattr(audio, "_RESAMPLE_MAX_KERNEL", 0)  # force the gather path: the direct definition
+    np.testing.assert_allclose(fast, resample(x, from_sr, to_sr), atol=1e-6)
