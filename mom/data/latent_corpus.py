@@ -449,6 +449,7 @@ def build_latent_corpus(
         for split, docs in rows.items():
             if not docs:
                 raise ValueError(f"no {split} documents: give more images or another validation_fraction")
+            rng.shuffle(docs)  # kinds mixed along the shard: a validation prefix (train.eval_batches) holds every kind
             for d in docs:
                 d["doc_id"], doc_id = doc_id, doc_id + 1
             (tmp / split).mkdir()
