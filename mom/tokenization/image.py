@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
 
@@ -348,8 +349,6 @@ class ImageTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
         """Load a tokenizer saved by :meth:`save`; a missing or mismatched file raises an error naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         raw = _read_config(directory)
@@ -362,24 +361,8 @@ class ImageTokenizer:
             config = from_dict(ImageTokenizerConfig, fields)
         except ValueError as err:
             raise ValueError(f"{directory / CONFIG_FILE}: {err}") from err
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: weights file missing")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{weights}: cannot read weights ({err})") from err
         model = VQModel(config)
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights}: does not match {CONFIG_FILE} (missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]})")  # fmt: skip
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"{weights}: tensor {k} has shape {tuple(v.shape)}, {CONFIG_FILE} implies "
-                                 f"{tuple(expected[k].shape)}")  # fmt: skip
-        model.load_state_dict(state)
+        load_checked_weights(model, directory / WEIGHTS_FILE, CONFIG_FILE)
         return cls(config, model).to(device)
 
 

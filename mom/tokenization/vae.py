@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from mom.tokenization.image import images_to_uint8, psnr
+from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
 from mom.utils.patches import patchify, unpatchify
@@ -305,8 +306,6 @@ class ImageVAE(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ImageVAE:
         """Load a VAE saved by :meth:`save_pretrained`; a missing, corrupt or mismatched file raises an error
         naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         path = directory / CONFIG_FILE
@@ -321,24 +320,8 @@ class ImageVAE(nn.Module):
             config = from_dict(ImageVAEConfig, {k: v for k, v in raw.items() if k not in ("kind", "format_version")})
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: weights file missing")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{weights}: cannot read weights ({err})") from err
         model = cls(config)
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights}: does not match {CONFIG_FILE} (missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]})")  # fmt: skip
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"{weights}: tensor {k} has shape {tuple(v.shape)}, {CONFIG_FILE} implies "
-                                 f"{tuple(expected[k].shape)}")  # fmt: skip
-        model.load_state_dict(state)
+        load_checked_weights(model, directory / WEIGHTS_FILE, CONFIG_FILE)
         return model.eval().to(device)
 
 
