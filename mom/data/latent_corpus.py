@@ -40,18 +40,18 @@ from mom.data.loader import (
     SHARD_SCHEMA,
     DataConfig,
     Manifest,
+    PackedLoader,
     read_manifest,
     read_row_group,
 )
 from mom.data.packing import IGNORE_INDEX, PAD_MODALITY, Document
-from mom.data.sampler import DocumentSampler, RowGroup
+from mom.data.sampler import RowGroup
 from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from mom.utils.atomic import atomic_directory
 from mom.utils.errors import BadInputError
 from mom.utils.patches import patchify
 
 LATENT_SCHEMA = SHARD_SCHEMA.append(pa.field("latents", pa.list_(pa.float16())))
-STATE_FORMAT = 1  # version of TransfusionLoader.state_dict()
 
 
 @dataclass(frozen=True)
@@ -265,91 +265,25 @@ class LatentPacker:
 
 
 # ---- loader ----------------------------------------------------------------------------------------------------------
-class TransfusionLoader:
-    """`mom.data.loader.PackedLoader`'s interface (iteration, ``state_dict`` / ``load_state_dict``, ``modalities``,
-    ``vocab_sizes``, ``epoch``) over a latent corpus."""
+class TransfusionLoader(PackedLoader):
+    """`mom.data.loader.PackedLoader` over a latent corpus: its rows carry each image position's latent patch, and its
+    batches add ``latents`` (b, l, patch_dim) and ``image_mask`` (b, l) (`LatentPacker`)."""
+
+    STATE_KIND = "latent"
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.manifest = read_manifest(cfg.path)
         self.spec = latent_spec(cfg.path)
         if self.spec is None:
             raise ValueError(f"{cfg.path} is not a Transfusion (latent) corpus: its manifest has no 'latent' entry")
+        super().__init__(cfg, rank, world_size)
         if "image" not in self.manifest.modalities:
             raise ValueError(f"{cfg.path}/manifest.json: a latent corpus needs an 'image' modality")
-        self.modalities, self.vocab_sizes = self.manifest.modalities, self.manifest.vocab_sizes
-        if cfg.split not in self.manifest.shards:
-            raise ValueError(f"{cfg.path}/manifest.json lists no split {cfg.split!r}; it has "
-                             f"{list(self.manifest.shards)}")
-        self.shard_paths = [self.manifest.root / s for s in self.manifest.shards[cfg.split]]
-        row_groups = []
-        for i, path in enumerate(self.shard_paths):
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} listed in the manifest is missing ({BUILD_HINT})")
-            row_groups += [(i, j) for j in range(pq.read_metadata(path).num_row_groups)]
-        self.sampler = DocumentSampler(
-            row_groups,
-            lambda shard, rg: read_latent_row_group(self.shard_paths[shard], rg, self.manifest, self.spec),
-            seed=cfg.seed, weights=cfg.mixture, shuffle=cfg.shuffle, open_row_groups=cfg.open_row_groups,
-            rank=rank, world_size=world_size,
-        )
-        self.packer = LatentPacker(cfg.seq_len, cfg.batch_size, self.spec.patch_dim, cfg.return_doc_ids)
-        self._epoch_batches = 0
 
-    @property
-    def vocab_size(self) -> int:
-        return self.manifest.vocab_size
+    def read(self, shard: int, row_group: int) -> RowGroup:
+        return read_latent_row_group(self.shard_paths[shard], row_group, self.manifest, self.spec)
 
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def __iter__(self) -> TransfusionLoader:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        while not self.packer.has_batch():
-            if self.cfg.num_epochs is not None and self.sampler.epoch >= self.cfg.num_epochs:
-                raise StopIteration
-            doc = next(self.sampler)
-            if doc is not None:
-                self.packer.add(doc)
-                continue
-            batch = None if self.cfg.drop_last else self.packer.pop_padded_batch()
-            self.packer.clear()
-            if batch is None and self._epoch_batches == 0:
-                raise ValueError(f"split {self.cfg.split!r} of {self.cfg.path} gives rank {self.rank} of "
-                                 f"{self.world_size} no batch of {self.cfg.batch_size}x{self.cfg.seq_len} tokens in "
-                                 "an epoch; use a smaller seq_len or batch_size, drop_last: false, or more data")
-            self._epoch_batches = 0
-            if batch is not None:
-                return batch
-        self._epoch_batches += 1
-        return self.packer.pop_batch()
-
-    def _fingerprint(self) -> dict:
-        cfg = asdict(self.cfg)
-        for key in ("path", "num_epochs", "return_doc_ids"):
-            cfg.pop(key)
-        return {**cfg, "rank": self.rank, "world_size": self.world_size,
-                "shards": [str(s) for s in self.manifest.shards[self.cfg.split]]}
-
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "kind": "latent", "fingerprint": self._fingerprint(),
-                "sampler": self.sampler.state_dict(), "packer": self.packer.state_dict(),
-                "epoch_batches": self._epoch_batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("kind") != "latent":
-            raise ValueError("loader state is not a Transfusion loader's state (saved by another loader?)")
-        saved, current = state["fingerprint"], self._fingerprint()
-        for key in current:
-            if saved.get(key) != current[key]:
-                raise ValueError(f"cannot resume the data loader: {key} was {saved.get(key)!r} when saved, now "
-                                 f"{current[key]!r}")
-        self.sampler.load_state_dict(state["sampler"])
-        self.packer.load_state_dict(state["packer"])
-        self._epoch_batches = int(state["epoch_batches"])
+    def new_packer(self) -> LatentPacker:
+        return LatentPacker(self.cfg.seq_len, self.cfg.batch_size, self.spec.patch_dim, self.cfg.return_doc_ids)
 
 
 # ---- building --------------------------------------------------------------------------------------------------------

@@ -231,7 +231,12 @@ class PackedLoader:
         modalities, vocab_sizes: from the manifest, to check against the model config.
         sampler: the document order (``mom.data.sampler.DocumentSampler``).
         epoch: the epoch the next batch comes from (0-based).
+
+    A corpus with other columns subclasses it (`mom.data.latent_corpus.TransfusionLoader`): it reads row groups
+    (`read`) and packs documents (`new_packer`) its own way, and names its saved states (``STATE_KIND``).
     """
+
+    STATE_KIND: str | None = None  # saved in state_dict (when set) and checked on load
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
@@ -254,7 +259,7 @@ class PackedLoader:
             row_groups += [(i, j) for j in range(n)]
         self.sampler = DocumentSampler(
             row_groups,
-            lambda shard, row_group: read_row_group(self.shard_paths[shard], row_group, self.manifest),
+            self.read,
             seed=cfg.seed,
             weights=cfg.mixture,
             shuffle=cfg.shuffle,
@@ -262,8 +267,16 @@ class PackedLoader:
             rank=rank,
             world_size=world_size,
         )
-        self.packer = Packer(cfg.seq_len, cfg.batch_size, cfg.return_doc_ids)
+        self.packer = self.new_packer()
         self._epoch_batches = 0  # batches emitted in the current epoch
+
+    def read(self, shard: int, row_group: int) -> RowGroup:
+        """Row group ``row_group`` of shard ``shard`` of this split, as documents."""
+        return read_row_group(self.shard_paths[shard], row_group, self.manifest)
+
+    def new_packer(self) -> Packer:
+        """The packer of this loader's batches."""
+        return Packer(self.cfg.seq_len, self.cfg.batch_size, self.cfg.return_doc_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -312,6 +325,7 @@ class PackedLoader:
         """Exact position (plain Python values and tensors: safe for ``torch.load(weights_only=True)``)."""
         return {
             "format": STATE_FORMAT,
+            **({"kind": self.STATE_KIND} if self.STATE_KIND else {}),
             "fingerprint": self._fingerprint(),
             "sampler": self.sampler.state_dict(),
             "packer": self.packer.state_dict(),
@@ -322,6 +336,9 @@ class PackedLoader:
         """Resume from ``state_dict()``; a state saved with a different data config raises ``ValueError``."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        if state.get("kind") != self.STATE_KIND:
+            raise ValueError(f"loader state of kind {state.get('kind')!r}, this loader's is {self.STATE_KIND!r} (saved "
+                             "by another loader?)")
         saved, current = state["fingerprint"], self._fingerprint()
         for key in current:
             if saved.get(key) != current[key]:
