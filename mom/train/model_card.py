@@ -12,7 +12,10 @@ from mom.train.recipe import Recipe
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "recipe.yaml"  # the training recipe, written beside the card
-CONFIG_KEYS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple", "tie_word_embeddings")
+CONFIG_KEYS = ("mixer", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "decouple",
+               "tie_word_embeddings")
+# shown when not at their defaults (a plain Mamba-1 MoM keeps its short table)
+OPTIONAL_KEYS = {"attention_layers": (), "channel_mixer": None, "layer_averaging": False}
 
 
 def model_card(config: MoMConfig, recipe: Recipe | None = None, results: dict[str, Any] | None = None,
@@ -40,6 +43,8 @@ def model_card(config: MoMConfig, recipe: Recipe | None = None, results: dict[st
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in _vocabulary(config).items()),
         *(f"| {k} | {_plain(getattr(config, k))} |" for k in CONFIG_KEYS),
+        *(f"| {k} | {_plain(getattr(config, k))} |" for k, default in OPTIONAL_KEYS.items()
+          if getattr(config, k, default) not in (default, [], ())),
         "",
         "Special tokens (ids 0-7 of the vocabulary): "
         + ", ".join(f"`{t.piece}` {t.id}" for t in SPECIAL_TOKENS) + ". Generation stops at `</s>`.",
