@@ -50,6 +50,7 @@ from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
+EVAL_SEED = 0  # seeds every evaluation's random draws (see `evaluate`)
 MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx",  # batch keys the model consumes
                 "latents", "image_mask")  # (the Transfusion setting's: mom.data.latent_corpus)
 # What a start that saved no checkpoint leaves in out_dir: ``resume: auto`` may start afresh over it.
@@ -514,7 +515,11 @@ def evaluate(engine: Any, batches: list[dict], ctx: Context, modalities: Sequenc
     M = len(modalities)
     stats = torch.zeros(2 * M, dtype=torch.float64, device=ctx.device)
     engine.eval()
-    with torch.no_grad():
+    # the same random draws at every evaluation (a diffusion loss samples timesteps and noise): validation curves
+    # then compare across steps and runs; the training stream of random numbers is left where it was
+    cuda = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(EVAL_SEED)
         for batch in batches:
             out = engine(**model_inputs(batch, ctx.device, M))
             stats[:M] += out.modality_loss_sums.detach().double()

@@ -210,3 +210,27 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(110, cfg, 110) == pytest.approx(0.1) and lr_at(500, cfg, 110) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg, 110) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_evaluation_draws_the_same_random_numbers_each_time_and_leaves_trainings():
+    """A model whose loss is random (as a diffusion loss samples timesteps and noise) evaluates to the same losses at
+    every evaluation, and the training stream of random numbers continues as if no evaluation had run."""
+    from types import SimpleNamespace
+
+    from mom.train.distributed import Context
+    from mom.train.loop import evaluate
+
+    class Noisy(torch.nn.Module):
+        def forward(self, **batch):
+            sums = torch.rand(2, dtype=torch.float64) + batch["input_ids"].sum() * 0
+            return SimpleNamespace(modality_loss_sums=sums, modality_target_counts=torch.ones(2, dtype=torch.float64))
+
+    ctx = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batches = [{"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long),
+                "modality_ids": torch.zeros(1, 4, dtype=torch.long)}] * 3
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = evaluate(Noisy(), batches, ctx, ("text", "image"))
+    assert torch.equal(torch.rand(1), expected_next)  # the training stream is where it was
+    assert evaluate(Noisy(), batches, ctx, ("text", "image")) == first
