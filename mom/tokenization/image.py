@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
@@ -538,15 +539,7 @@ def train_image_tokenizer(
     torch.manual_seed(seed)
     model = VQModel(config).to(device).train()
     data = pixels.to(device)
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     start, restarts, loss_ema = time.time(), 0, None
     bar = tqdm(range(steps), desc="train image VQ", unit="step", disable=not progress)

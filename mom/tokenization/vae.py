@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from mom.tokenization.image import images_to_uint8, psnr
+from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict, read_mapping
@@ -447,15 +448,7 @@ def train_vae(
     torch.manual_seed(seed)
     model = ImageVAE(config).to(device).train()
     data = pixels.to(device)
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     reconstruction = F.mse_loss if recon_loss == "mse" else F.l1_loss
     start, loss_ema, kl_ema = time.time(), None, None
     bar = tqdm(range(steps), desc="train image VAE", unit="step", disable=not progress)
