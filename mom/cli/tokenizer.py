@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -97,33 +98,49 @@ def _override_sources(sources: Sequence[ImageSourceSpec], opts: Sequence[str]) -
             spec.options.update(options)
 
 
-def _image_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from mom.data.tokenizer_training import ImageTokenizerRecipe
-    from mom.tokenization.image import REPORT_FILE, train_image_tokenizer
-    from mom.utils.atomic import atomic_write_text
-
-    recipe = ImageTokenizerRecipe.from_yaml(args.recipe)
+def _start_training(recipe_cls: Any, args: argparse.Namespace, need_held: bool) -> tuple[Any, Path, str, list, list]:
+    """An image model's training command up to its data: the recipe (``--opt`` applied), the output directory (an
+    existing one refused without ``--overwrite``), the device and the (training, held-out) images."""
+    recipe = recipe_cls.from_yaml(args.recipe)
     _override_sources(recipe.sources, args.opt)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    t = recipe.training
-    device = args.device or t.device
+    device = args.device or recipe.training.device
     train, held = recipe.load_images()
+    if need_held and (not train or not held):
+        raise ValueError(f"{args.recipe}: {len(train)} training and {len(held)} held-out images; need both")
     print(f"{len(train)} training images, {len(held)} held-out images", file=sys.stderr)
+    return recipe, out, device, train, held
+
+
+def _finish_training(args: argparse.Namespace, report_file: Path, device: str, report: Any, **extra: Any) -> int:
+    """Write the training report beside the saved model (recipe, device, torch version, ``extra``, the report's
+    fields) and print its summary."""
+    import torch
+
+    from mom.utils.atomic import atomic_write_text
+
+    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__, **extra,
+              **dataclasses.asdict(report)}  # fmt: skip
+    atomic_write_text(report_file, json.dumps(record, indent=2) + "\n")
+    print(report.summary())
+    print(f"saved to {report_file.parent}")
+    return 0
+
+
+def _image_train(args: argparse.Namespace) -> int:
+    from mom.data.tokenizer_training import ImageTokenizerRecipe
+    from mom.tokenization.image import REPORT_FILE, train_image_tokenizer
+
+    recipe, out, device, train, held = _start_training(ImageTokenizerRecipe, args, need_held=False)
+    t = recipe.training
     tokenizer, report = train_image_tokenizer(
         train, recipe.tokenizer, t.steps, t.batch_size, t.lr, t.seed, held or None,
         device=device, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
     )  # fmt: skip
     tokenizer.save(out)
-    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__,
-              **dataclasses.asdict(report)}  # fmt: skip
-    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2) + "\n")
-    print(report.summary())
-    print(f"saved to {out}")
-    return 0
+    return _finish_training(args, out / REPORT_FILE, device, report)
 
 
 def _image_eval(args: argparse.Namespace) -> int:
@@ -241,30 +258,15 @@ def _vae_train(args: argparse.Namespace) -> int:
     import torch
 
     from mom.tokenization.vae import REPORT_FILE, train_vae
-    from mom.utils.atomic import atomic_write_text
 
-    recipe = VAERecipe.from_yaml(args.recipe)
-    _override_sources(recipe.sources, args.opt)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    recipe, out, device, train, held = _start_training(VAERecipe, args, need_held=True)
     t = recipe.training
-    device = args.device or t.device
-    train, held = recipe.load_images()
-    if not train or not held:
-        raise ValueError(f"{args.recipe}: {len(train)} training and {len(held)} held-out images; need both")
-    print(f"{len(train)} training images, {len(held)} held-out images", file=sys.stderr)
     vae, report = train_vae(
         train, recipe.vae, t.steps, t.batch_size, t.lr, t.seed, device, held_out=held,
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, recon_loss=t.recon_loss,
     )  # fmt: skip
     vae.save_pretrained(out)
-    record = {"recipe": str(args.recipe), "device": str(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), **dataclasses.asdict(report)}  # fmt: skip
-    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2) + "\n")
-    print(report.summary())
-    print(f"saved to {out}")
-    return 0
+    return _finish_training(args, out / REPORT_FILE, device, report, threads=torch.get_num_threads())
 
 
 def _vae_eval(args: argparse.Namespace) -> int:
