@@ -630,8 +630,8 @@ def export_images(
                 file = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{r.source}-{r.meta['id']}") + ".png"
                 r.image.save(tmp / file, optimize=True)
                 split = "validation" if r.meta["id"] in val_ids else "train"
-                meta = {k: v for k, v in r.meta.items() if k != "variant"}
-                lines.append({"file": file, "caption": r.caption, "source": r.source, "split": split, **meta})
+                meta = {("source_file" if k == "file" else k): v for k, v in r.meta.items() if k != "variant"}
+                lines.append({**meta, "file": file, "caption": r.caption, "source": r.source, "split": split})
                 counts[(r.source, split)] += 1
         with (tmp / "captions.jsonl").open("w", encoding="utf-8") as fh:
             for line in lines:

@@ -141,6 +141,18 @@ def test_export_roundtrip_and_refuses_to_overwrite(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no temporary folder left behind
 
 
+def test_export_of_a_source_whose_records_name_their_own_file(tmp_path: Path) -> None:
+    """A source's own ``meta["file"]`` (the folder source, Open Clip Art's SVG path) is kept as ``source_file``:
+    it once overwrote the exported PNG's name, and reading the export back skipped every such image."""
+    out = tmp_path / "again"
+    summary = export_images(out, [("folder", 12, {"path": str(RAW_IMAGES)})], size=16, held_out=0.25, seed=0)
+    assert sum(summary["per_source_split"].values()) == 12 and not summary["skipped"]
+    lines = [json.loads(x) for x in (out / "captions.jsonl").read_text().splitlines()]
+    assert all((out / line["file"]).is_file() and (RAW_IMAGES / line["source_file"]).is_file() for line in lines)
+    records, errors = _collect("folder", path=str(out))
+    assert not errors and len(records) == 12
+
+
 def test_openmoji_missing_package_names_npm(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError, match="npm pack openmoji"):
         _collect("openmoji", path=str(tmp_path))
