@@ -1,6 +1,7 @@
 """`mom-compare`: validation (or training) loss per modality against training FLOPs, MoM vs its dense twin.
 
     mom-compare --run MoM=runs/tiny_mom --run dense=runs/tiny_dense --baseline dense --out compare.png
+    mom-compare --run MoM=runs/m_s0,runs/m_s1,runs/m_s2 --run dense=runs/d_s0,runs/d_s1,runs/d_s2 --baseline dense
 
 `mom.evaluation.compare` reads the runs' metrics.jsonl and computes the shares; docs/evaluation.md explains them.
 """
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mom.cli.common import add_debug_flag, run
-from mom.evaluation.compare import plot, read_curve, report
+from mom.evaluation.compare import plot, read_run, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: mom-compare --run MoM=runs/tiny_mom --run dense=runs/tiny_dense --baseline dense "
         "--out compare.png (docs/evaluation.md)",
     )
-    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
-                        help="a mom-train out_dir (or metrics.jsonl), repeatable")
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR[,DIR...]",
+                        help="a mom-train out_dir (or metrics.jsonl), repeatable; several comma-separated "
+                        "directories are seeds of one configuration")
     parser.add_argument("--baseline", help="NAME of the run the others are measured against (e.g. the dense twin)")
     parser.add_argument("--split", default="validation", choices=("validation", "train"))
     parser.add_argument("--out", help="write the plot to this PNG (needs matplotlib)")
@@ -40,19 +42,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             parser.error(f"--run {spec!r}: expected NAME=DIR, e.g. --run MoM=runs/tiny_mom")
-        runs.append((name, path))
+        dirs = path.split(",")
+        if not all(dirs):
+            parser.error(f"--run {spec!r}: an empty directory in the comma-separated list")
+        runs.append((name, dirs))
     names = [name for name, _ in runs]
     if args.baseline is not None and args.baseline not in names:
         parser.error(f"--baseline {args.baseline!r}: not one of the runs {names}")
     return run("mom-compare", lambda: _main(args, runs), args.debug)
 
 
-def _main(args: argparse.Namespace, runs: list[tuple[str, str]]) -> int:
-    curves = [read_curve(name, path, args.split) for name, path in runs]
-    baseline = next((c for c in curves if c.name == args.baseline), None)
-    print(report(curves, baseline))
+def _main(args: argparse.Namespace, specs: list[tuple[str, list[str]]]) -> int:
+    runs = [read_run(name, dirs, args.split) for name, dirs in specs]
+    baseline = next((r for r in runs if r.name == args.baseline), None)
+    print(report(runs, baseline))
     if args.out:
-        plot(curves, args.out)
+        plot(runs, args.out)
         print(f"plot: {args.out}")
     return 0
 

@@ -36,6 +36,28 @@ def test_report_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000 and "plot:" in capsys.readouterr().out
 
 
+def test_seeds_as_comma_separated_directories_and_the_plot_of_a_band(tmp_path, capsys):
+    a = [write_run(tmp_path / f"a{i}", [3.0, 2.0 + 0.1 * i]) for i in range(2)]
+    b = [write_run(tmp_path / f"b{i}", [2.5, 1.0 + 0.1 * i]) for i in range(2)]
+    png = tmp_path / "seeds.png"
+    args = ["--run", "a=" + ",".join(map(str, a)), "--run", "b=" + ",".join(map(str, b)), "--baseline", "a"]
+    assert main([*args, *(["--out", str(png)] if _has_matplotlib() else [])]) == 0
+    out = capsys.readouterr().out
+    assert "a (2 seeds)" in out and "mean of its 2 seeds" in out and "no diff." not in out.split("spread")[-1]
+    assert png.is_file() or not _has_matplotlib()
+    with pytest.raises(SystemExit) as e:
+        main(["--run", f"a={a[0]},", "--baseline", "a"])
+    assert e.value.code == 2 and "an empty directory" in capsys.readouterr().err
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_train_split_with_a_null_modality_loss(tmp_path, capsys):
     """Issue 18.3: --split train --baseline with "loss/speech": null reported, not a TypeError."""
     a = write_run(tmp_path / "a", [3.0, 2.0])

@@ -129,7 +129,8 @@ def test_auto_vocabulary_from_the_tokenizer(tmp_path, capsys):
     assert f"vocab={sum(sizes)} modalities=text,image,speech" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "recipes/study").glob("*.yaml")]),
+                         ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
 def test_every_recipe_is_sized_without_data_large(path, capsys, tmp_path, monkeypatch):
     """Issue 18.2: mom-flops works on every recipe with no data/large (tiny ones need data/small, bundled)."""
     monkeypatch.chdir(ROOT)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mom.evaluation.compare import Curve, flops_to_reach, read_curve, report
+from mom.evaluation.compare import Curve, Run, flops_to_reach, read_curve, read_run, report, shares
 
 
 def write_run(path, steps, flops_per_step, val_losses):
@@ -31,8 +31,8 @@ def test_flops_to_reach_interpolates_and_reports_never():
 
 
 def test_report_gives_share_of_baseline_flops(tmp_path):
-    dense = read_curve("dense", write_run(tmp_path / "d", [5, 10], 1.0, [(3.0, 3.0, 3.0), (2.0, 2.5, 1.5)]))
-    mom = read_curve("mom", write_run(tmp_path / "m", [5, 10], 1.0, [(2.0, 2.0, 1.0), (1.5, 1.8, 0.9)]))
+    dense = read_run("dense", [write_run(tmp_path / "d", [5, 10], 1.0, [(3.0, 3.0, 3.0), (2.0, 2.5, 1.5)])])
+    mom = read_run("mom", [write_run(tmp_path / "m", [5, 10], 1.0, [(2.0, 2.0, 1.0), (1.5, 1.8, 0.9)])])
     text = report([mom, dense], dense)
     assert "dense's final loss" in text
     share_line = [line for line in text.splitlines() if line.startswith("mom ")][-1]
@@ -64,7 +64,28 @@ def test_a_window_without_a_modality_is_a_gap_not_a_crash(tmp_path):
     assert curve.final("speech") == 2.0 and curve.final("text") == 2.5  # the last measured value
     assert flops_to_reach(curve, "speech", 2.5) == pytest.approx(1.5)  # between the measured points
     assert flops_to_reach(curve, "speech", 1.0) is None and flops_to_reach(curve, "speech", math.nan) is None
-    twin = read_curve("b", tmp_path, split="train")
-    share_line = report([twin, curve], curve).splitlines()[-1].split()
+    twin = Run("b", [read_curve("b", tmp_path, split="train")])
+    base = Run("a", [curve])
+    share_line = report([twin, base], base).splitlines()[-1].split()
     # all and text reach their final loss at the last point (3 of 3 FLOPs), speech its last measured one at 2 of 3
     assert share_line == ["b", "100.0%", "66.7%", "100.0%"]
+
+
+def test_seeds_give_a_mean_target_shares_per_seed_and_a_spread_verdict(tmp_path):
+    """Issue 23.3: several seeds per configuration; the baseline's final loss is the mean of its seeds, a share is
+    given per seed (median and range), and a difference inside the seed-to-seed spread is no difference."""
+    def seeds(name, finals):  # per seed: validation at steps 5 and 10 (1 FLOP a step), final = (all, text, image)
+        return read_run(name, [write_run(tmp_path / f"{name}{i}", [5, 10], 1.0, [(4.0, 4.0, 4.0), f])
+                               for i, f in enumerate(finals)])
+
+    dense = seeds("dense", [(2.0, 2.0, 2.0), (2.2, 2.1, 2.0), (2.4, 2.2, 2.0)])  # all: mean 2.2, spread 0.4
+    mom = seeds("mom", [(1.9, 2.15, 1.0), (2.0, 2.15, 1.1), (2.1, 2.15, 1.2)])
+    assert dense.mean_final("all") == pytest.approx(2.2) and dense.spread("all") == pytest.approx(0.4)
+    # target 2.2 from 4.0 at 5 FLOPs: mom seed 0 reaches it at 5 + 5 * 1.8 / 2.1 FLOPs of dense's 10
+    assert shares(mom, dense, "all")[0] == pytest.approx((5 + 5 * 1.8 / 2.1) / 10)
+    assert shares(dense, dense, "all")[2] is None  # the worst dense seed never reaches the mean of its seeds
+    text = report([mom, dense], dense)
+    assert "mean of its 3 seeds" in text and "mom (3 seeds)" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("mom ")][-1].split()
+    # all: -0.2 inside the 0.4 spread; image: -0.9 outside 0.2 (mom's seeds); text: +0.05 inside 0.2 (dense's)
+    assert verdicts[1:] == ["-0.2000/0.4000", "no", "diff.", "-0.9000/0.2000", "lower", "+0.0500/0.2000", "no", "diff."]
