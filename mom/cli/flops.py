@@ -2,10 +2,12 @@
 
     mom-flops --config recipes/t2i_1b4_mom.yaml [--world-size 8] [key=value ...]
     mom-flops --model-json runs/tiny_mom/hf [--seq-len 2048] [model.d_model=128 ...]
+    mom-flops --config recipes/t2i_160m_mamba2_mom.yaml --hardware   # + what the backward recomputes, row by row
 
 A recipe is sized by `mom.train.resolve.resolve_model_config`, as ``mom-train`` does: no corpus is needed when the
 recipe states its vocabulary. A hybrid's attention rows count at the recipe's ``data.seq_len`` (``--seq-len`` overrides
-it; needed with ``--model-json``). docs/flops.md derives every row.
+it; needed with ``--model-json``). ``--hardware`` prints the recompute of the GPU training path's backward per row and
+counts training in hardware FLOPs (model FLOPs + recompute). docs/flops.md derives every row.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=None, help="context length of attention layers' FLOPs (a "
                         "hybrid's attention_layers); default: the recipe's data.seq_len")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimates; default 0.4")
+    parser.add_argument("--hardware", action="store_true", help="print what the GPU training path's backward "
+                        "recomputes per row, and count training FLOPs and times in hardware FLOPs (model FLOPs + "
+                        "that recompute; --mfu is then a hardware FLOPs utilisation)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides (with --model-json: model.<key>=value)")
     add_debug_flag(parser)
@@ -89,13 +94,18 @@ def _main(args: argparse.Namespace) -> int:
         config, budget = resolve_model_config(recipe), recipe.total_tokens(args.world_size)
         seq_len = args.seq_len if args.seq_len is not None else recipe.data.seq_len
     tokens = int(args.tokens) if args.tokens is not None else budget
-    print(flop_table(config, seq_len).format())
+    table = flop_table(config, seq_len)
+    print(table.format())
+    if args.hardware:
+        print("\n" + table.format_recompute())
     if tokens is None:
         print("no token budget: pass --tokens (or --config) for training FLOPs and time estimates")
         return 0
-    total = training_flops(config, tokens, seq_len=seq_len)
-    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs (model FLOPs, {TRAIN_FACTOR}x forward)")
-    print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} MFU (dense bf16 peak):")
+    total = training_flops(config, tokens, hardware=args.hardware, seq_len=seq_len)
+    kind = (f"hardware FLOPs, {TRAIN_FACTOR}x forward + the backward's recompute" if args.hardware
+            else f"model FLOPs, {TRAIN_FACTOR}x forward")
+    print(f"\ntraining on {tokens:,} tokens: {total:.3e} FLOPs ({kind})")
+    print(f"time on {args.world_size} GPU(s) at {args.mfu:.0%} {'HFU' if args.hardware else 'MFU'} (dense bf16 peak):")
     for name in REFERENCE_GPUS:
         peak = next(g for g in GPU_PEAKS if g.name == name)
         seconds = total / (args.mfu * peak.bf16 * args.world_size)

@@ -5,8 +5,7 @@ not depend on the sequence length. Conventions (docs/flops.md gives the derivati
 
 * Attention counts the full ``seq_len x seq_len`` score matrix, causal masking not discounted: per token
   ``2 * d_model * seq_len`` for ``Q K^T`` and as much for ``A V``, as PaLM's MFU (its ``12 * L * H * Q * T`` per
-  token for training) and ``torch.utils.flop_counter``'s count of SDPA do. ``hardware=True`` adds FlashAttention's
-  backward, which recomputes the scores and their softmax (Dao et al. 2022). A hybrid's attention layers
+  token for training) and ``torch.utils.flop_counter``'s count of SDPA do. A hybrid's attention layers
   (``config.attention_layers``) make FLOPs per token depend on the context length ``seq_len`` (a training row's
   length, ``data.seq_len`` of a recipe), which is then required.
 * A matmul counts 2 FLOPs per multiply-add (``2 * in * out`` per token for a linear layer).
@@ -19,8 +18,13 @@ not depend on the sequence length. Conventions (docs/flops.md gives the derivati
   uses for its reported FLOP rates. ``torch.utils.flop_counter`` does not see FFTs.
 * Training = forward + backward with backward = 2x forward (gradients w.r.t. inputs and w.r.t. weights), so 3x
   forward. These are *model* FLOPs (PaLM's MFU definition): recomputation is not counted. ``hardware=True`` adds
-  what an implementation recomputes: mamba-ssm's selective-scan backward kernel re-runs the forward scan (+1x on the
-  scan rows), and gradient checkpointing re-runs every block's forward (+1x on every per-layer row).
+  what the GPU training path recomputes in the backward, row by row (`FlopRow.recomputed`, per mixer and path:
+  `mamba_path`): a backward kernel that re-runs a forward step to rebuild an activation the forward did not store
+  counts that step's forward FLOPs again (Mamba-1's conv, Δ and scan; Mamba-2's conv, chunk cumsum, C·B, chunk
+  states, state passing and gate; the selective channel mixer's scans; FlashAttention's scores and probabilities);
+  gradient checkpointing re-runs every block's forward (+1x on every per-layer row). Evaluating a local derivative
+  from stored inputs (SiLU's sigmoid, a norm's x * rstd) is part of the backward's 2x, as in PyTorch's own
+  backward formulas, and is not counted again. docs/flops.md lists every term and the kernel it comes from.
 
 The command line is `mom.cli.flops` (``mom-flops``).
 """
@@ -45,13 +49,13 @@ LAYERNORM_FLOPS = 7  # per element: mean, subtract, square, sum, scale, weight m
 CROSS_ENTROPY_FLOPS = 4  # per logit: max, subtract, exp, sum (log and target pick are O(1) per token)
 ROPE_FLOPS = 3  # per rotated element of q and k: x1*cos - x2*sin is 2 multiplies + 1 add per output element
 ATTN_SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the 1/sqrt(d_head) scale is on q: d per token)
-FLASH_RECOMPUTED = ("layer.attn.scores", "layer.attn.softmax")  # what FlashAttention's backward recomputes
+FLASH_REBUILD_FLOPS = 3  # per score, FlashAttention's backward P = exp(scale * S - logsumexp): scale, subtract, exp
 EVERY_BLOCK = ("layer.norm", "layer.residual")  # per-layer rows of every block, whatever its sequence mixer
 FFT_FLOPS = 5  # per N log2 N of a complex FFT of length N (see the module docstring)
 SOFTSHRINK_FLOPS = 2  # per element: compare with the threshold, subtract it
 
 TRAIN_FACTOR = 3  # forward (1) + backward (2: one matmul for dL/dX, one for dL/dW, each the forward's size)
-RECOMPUTE_FACTOR = 1  # one extra forward for rows an implementation recomputes in the backward (hardware FLOPs)
+RECOMPUTE_FACTOR = 1  # gradient checkpointing: one extra forward of every per-layer row (hardware FLOPs)
 
 KINDS = ("lookup", "matmul", "conv", "scan", "elementwise", "fft")
 
@@ -70,6 +74,9 @@ class FlopRow:
         count: instances in the model (the blocks holding it for per-layer rows, else 1; a hybrid's Mamba rows count
             its Mamba blocks, its ``layer.attn.*`` rows its attention blocks).
         note: where the count comes from.
+        recomputed: FLOPs per token of one instance that the GPU training path's backward recomputes (hardware
+            FLOPs only; 0: nothing rebuilt); may exceed ``flops`` where two backward kernels each rebuild it.
+        recompute_note: which kernel recomputes what.
     """
 
     component: str
@@ -79,6 +86,8 @@ class FlopRow:
     kind: str
     count: int
     note: str
+    recomputed: int = 0
+    recompute_note: str = ""
 
     @property
     def total_flops(self) -> int:
@@ -91,6 +100,10 @@ class FlopRow:
     @property
     def total_active_params(self) -> int:
         return self.active_params * self.count
+
+    @property
+    def total_recomputed(self) -> int:
+        return self.recomputed * self.count
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,11 @@ class FlopTable:
         return sum(r.total_params for r in self.rows)
 
     @property
+    def recomputed_flops(self) -> int:
+        """FLOPs per token the GPU training path's backward recomputes (`FlopRow.recomputed`), hardware FLOPs only."""
+        return sum(r.total_recomputed for r in self.rows)
+
+    @property
     def active_params(self) -> int:
         return sum(r.total_active_params for r in self.rows)
 
@@ -133,8 +151,7 @@ class FlopTable:
             raise ValueError("gradient_checkpointing: recomputation only counts in hardware FLOPs; pass hardware=True")
         flops = TRAIN_FACTOR * self.forward_flops
         if hardware:
-            flops += RECOMPUTE_FACTOR * self.flops_of("scan")  # mamba-ssm's scan backward re-runs the forward scan
-            flops += RECOMPUTE_FACTOR * sum(r.total_flops for r in self.rows if r.component in FLASH_RECOMPUTED)
+            flops += self.recomputed_flops  # what the backward kernels rebuild (docs/flops.md, "Hardware FLOPs")
             if gradient_checkpointing:
                 flops += RECOMPUTE_FACTOR * sum(r.total_flops for r in self.rows if r.component.startswith("layer."))
         return float(flops)
@@ -178,9 +195,20 @@ class FlopTable:
         hw = self.training_flops_per_token(hardware=True)
         lines.append(
             f"training FLOPs/token: {human(train)} (model FLOPs, {TRAIN_FACTOR}x forward); "
-            f"{human(hw)} hardware FLOPs with mamba-ssm's scan recompute"
-            + (" and FlashAttention's score recompute" if c.attention_layers else "")
+            f"{human(hw)} hardware FLOPs with the backward's recompute ({mamba_path(c)} path)"
         )
+        return "\n".join(lines)
+
+    def format_recompute(self) -> str:
+        """A plain-text table of the hardware recompute: per row, the FLOPs per token the backward rebuilds."""
+        total = self.recomputed_flops
+        lines = [f"hardware recompute in the backward ({mamba_path(self.config)} path; docs/flops.md):",
+                 f"{'component':<24}{'n':>4}{'FLOPs/token':>16}{'x forward':>11}  what"]
+        for r in self.rows:
+            if r.recomputed:
+                lines.append(f"{r.component:<24}{r.count:>4}{r.total_recomputed:>16,}"
+                             f"{r.recomputed / r.flops:>11.2f}  {r.recompute_note}")
+        lines.append(f"{'recompute total':<28}{total:>16,}{total / self.forward_flops:>11.1%} of the forward")
         return "\n".join(lines)
 
 
@@ -215,9 +243,11 @@ def attention_rows(config: MoMConfig, seq_len: int) -> list[FlopRow]:
                             f"2*d*d; {experts} expert(s)"))
     return rows + [
         FlopRow("layer.attn.rope", ROPE_FLOPS * 2 * d, 0, 0, "elementwise", A, f"{ROPE_FLOPS}*2*d: rotate q and k"),
-        FlopRow("layer.attn.scores", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: Q K^T, full matrix"),
+        FlopRow("layer.attn.scores", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: Q K^T, full matrix",
+                2 * d * seq_len, "SDPA's fused backward (flash, memory-efficient, cuDNN) rebuilds S = Q K^T"),
         FlopRow("layer.attn.softmax", ATTN_SOFTMAX_FLOPS * h * seq_len + d, 0, 0, "elementwise", A,
-                f"{ATTN_SOFTMAX_FLOPS}*heads*seq_len + d (q scaled)"),
+                f"{ATTN_SOFTMAX_FLOPS}*heads*seq_len + d (q scaled)", FLASH_REBUILD_FLOPS * h * seq_len,
+                f"{FLASH_REBUILD_FLOPS}*heads*seq_len: P = exp(scale*S - logsumexp) from the stored logsumexp"),
         FlopRow("layer.attn.values", 2 * d * seq_len, 0, 0, "matmul", A, "2*d*seq_len: A V, full matrix"),
         FlopRow("layer.attn.biases", 4 * d if config.bias else 0, 0, 0, "elementwise", A, "q, k, v, o biases"),
     ]  # fmt: skip
@@ -247,23 +277,43 @@ def _mixer_table(config: MoMConfig) -> FlopTable:
                        f"{note}; {experts[name]} expert(s)")  # fmt: skip
 
     bias_flops = di + (2 * di if config.bias else 0) + (d if config.bias else 0) + (di if config.conv_bias else 0)
+    # What the GPU training path's backward rebuilds (docs/flops.md, "Hardware FLOPs"): mom.ops.fused re-runs the
+    # conv (+ SiLU) and Δ (dt_proj with its bias) before mamba-ssm's scan backward, which re-runs the forward scan
+    # (softplus, discretisation, state update) from its chunk checkpoints and, for a shared out_proj, rebuilds the
+    # gated output; causal-conv1d's backward rebuilds the conv's pre-activation for SiLU's gradient. The module path
+    # (use_fast_path: false) stores the conv output, Δ and the gated output; the reference path rebuilds nothing.
+    path = mamba_path(config)
+    scan_rebuilt = path != "reference"  # mamba-ssm's selective_scan_cuda.bwd
+    convs = {"fused": 2, "module": 1, "reference": 0}[path]  # conv re-runs: explicit + inside causal_conv1d_bwd
+    fused = path == "fused"
+    gate_rebuilt = fused and not ("out_proj" in config.decouple and M > 1)  # recompute_out_z for a shared out_proj
+    conv_bias_adds = di if config.conv_bias else 0
     rows = [
         FlopRow("embedding", 0, V * d, V * d, "lookup", 1, "row gather: 0 FLOPs"),
         FlopRow("layer.norm", norm_flops, norm_params, norm_params, "elementwise", L, norm_note),
         proj("in_proj", d, 2 * di, config.bias, "2*d*2*d_inner"),
         FlopRow("layer.conv1d", 2 * di * w, di * w + (di if config.conv_bias else 0),
-                di * w + (di if config.conv_bias else 0), "conv", L, "2*d_inner*d_conv, depthwise causal"),
-        FlopRow("layer.conv_silu", SILU_FLOPS * di, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d_inner"),
+                di * w + (di if config.conv_bias else 0), "conv", L, "2*d_inner*d_conv, depthwise causal",
+                convs * 2 * di * w,
+                "causal_conv1d_bwd's pre-activation; fused: also re-run before the scan's backward"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * di, 0, 0, "elementwise", L, f"{SILU_FLOPS}*d_inner",
+                SILU_FLOPS * di if fused else 0, "fused: the conv re-run applies its SiLU"),
         proj("x_proj", di, r + 2 * n, False, "2*d_inner*(dt_rank+2*d_state)"),
-        proj("dt_proj", r, di, True, "2*dt_rank*d_inner"),
-        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (dt, conv, ...)"),
-        FlopRow("layer.dt_softplus", SOFTPLUS_FLOPS * di, 0, 0, "scan", L, f"{SOFTPLUS_FLOPS}*d_inner"),
+        replace(proj("dt_proj", r, di, True, "2*dt_rank*d_inner"), recomputed=2 * r * di if fused else 0,
+                recompute_note="fused: Δ = dt_proj(Δ-rank features) re-run before the scan's backward"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (dt, conv, ...)",
+                (di if fused else 0) + convs * conv_bias_adds, "the conv bias at each conv re-run; fused: Δ bias"),
+        FlopRow("layer.dt_softplus", SOFTPLUS_FLOPS * di, 0, 0, "scan", L, f"{SOFTPLUS_FLOPS}*d_inner",
+                SOFTPLUS_FLOPS * di if scan_rebuilt else 0, "selective_scan bwd kernel: softplus(Δ)"),
         FlopRow("layer.scan.discretize", 3 * di * n + di, di * n, di * n, "scan", L,
-                "d_inner*(3*d_state+1): dt*A, exp, (dt*x)*B; A_log params"),
-        FlopRow("layer.scan.update", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: h = dA*h + dBx"),
+                "d_inner*(3*d_state+1): dt*A, exp, (dt*x)*B; A_log params",
+                3 * di * n + di if scan_rebuilt else 0, "selective_scan bwd kernel: exp(ΔA), ΔBx"),
+        FlopRow("layer.scan.update", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: h = dA*h + dBx",
+                2 * di * n if scan_rebuilt else 0, "selective_scan bwd kernel: the scan from its chunk checkpoints"),
         FlopRow("layer.scan.readout", 2 * di * n, 0, 0, "scan", L, "2*d_inner*d_state: y = C.h"),
         FlopRow("layer.scan.skip_D", 2 * di, di, di, "scan", L, "2*d_inner: y += D*x"),
-        FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)"),
+        FlopRow("layer.scan.gate_z", (SILU_FLOPS + 1) * di, 0, 0, "scan", L, f"{SILU_FLOPS + 1}*d_inner: y*silu(z)",
+                (SILU_FLOPS + 1) * di if gate_rebuilt else 0, "selective_scan bwd: out*silu(z) for out_proj's dW"),
         proj("out_proj", di, d, config.bias, "2*d_inner*d"),
         FlopRow("layer.residual", d, 0, 0, "elementwise", L, "d"),
         *extras,
@@ -274,6 +324,18 @@ def _mixer_table(config: MoMConfig) -> FlopTable:
         FlopRow("loss", CROSS_ENTROPY_FLOPS * V, 0, 0, "elementwise", 1, f"{CROSS_ENTROPY_FLOPS}*V log-softmax"),
     ]  # fmt: skip
     return FlopTable(config, tuple(rows))
+
+
+def mamba_path(config: MoMConfig) -> str:
+    """The implementation a GPU training forward of ``config``'s sequence mixer takes, which decides what its
+    backward recomputes (`FlopRow.recomputed`): ``fused`` (the default, ``use_fast_path``: Mamba-1's `mom.ops.fused`,
+    Mamba-2's mamba-ssm ``mamba_split_conv1d_scan_combined``), ``module`` (``use_fast_path: false``: causal-conv1d's
+    and mamba-ssm's autograd Functions one by one) or ``reference`` (Mamba-1 with ``reset_at_document_boundaries``:
+    the pure-PyTorch conv and scan, whose intermediates autograd stores). A LoRA-wrapped expert also takes the module
+    path (the fused Functions read plain ``nn.Linear`` weights)."""
+    if config.mixer == "mamba1" and config.reset_at_document_boundaries:
+        return "reference"
+    return "fused" if config.use_fast_path else "module"
 
 
 def _outer_rows(config: MoMConfig) -> tuple[list[FlopRow], list[FlopRow]]:
@@ -315,25 +377,45 @@ def _mamba2_table(config: MoMConfig) -> FlopTable:
 
     conv_params = c * w + (c if config.conv_bias else 0)
     bias_flops = (c if config.conv_bias else 0) + ((di + c + h) + d if config.bias else 0)
+    # What the GPU training path's backward rebuilds (docs/flops.md, "Hardware FLOPs"). Fused
+    # (MambaSplitConv1dScanCombinedFn.backward): causal_conv1d_fwd re-runs the conv with its SiLU (x, B, C are not
+    # stored); _mamba_chunk_scan_combined_bwd re-runs _chunk_cumsum_fwd (the dt row), _bmm_chunk_fwd (C.B),
+    # _chunk_state_fwd and _state_passing_fwd (not _chunk_scan_fwd: inter-chunk readout and D skip); the gated norm's
+    # _layer_norm_bwd rebuilds y*silu(z); causal_conv1d_bwd rebuilds the conv's pre-activation for SiLU's gradient.
+    # Module path: causal_conv1d_fn (its backward's pre-activation; a document reset runs the PyTorch conv instead),
+    # mamba_chunk_scan_combined (the same four SSD steps), the gated norm in PyTorch.
+    fused = mamba_path(config) == "fused"
+    convs = 2 if fused else (0 if config.reset_at_document_boundaries else 1)
+    ssd = "_mamba_chunk_scan_combined_bwd re-runs "
     before, after = _outer_rows(config)
     rows = [
         *before,
         proj("in_proj", d, di + c + h, "2*d*(2*d_inner+2*ngroups*d_state+nheads): z, x, B, C, dt"),
         FlopRow("layer.conv1d", 2 * c * w, conv_params, conv_params, "conv", L,
-                "2*(d_inner+2*ngroups*d_state)*d_conv, depthwise causal over x, B, C"),
-        FlopRow("layer.conv_silu", SILU_FLOPS * c, 0, 0, "elementwise", L, f"{SILU_FLOPS}*(d_inner+2*ngroups*d_state)"),
-        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (conv, projections)"),
+                "2*(d_inner+2*ngroups*d_state)*d_conv, depthwise causal over x, B, C",
+                convs * 2 * c * w,
+                "causal_conv1d_bwd's pre-activation; fused: also causal_conv1d_fwd re-run for x, B, C"),
+        FlopRow("layer.conv_silu", SILU_FLOPS * c, 0, 0, "elementwise", L, f"{SILU_FLOPS}*(d_inner+2*ngroups*d_state)",
+                SILU_FLOPS * c if fused else 0, "fused: the conv re-run applies its SiLU"),
+        FlopRow("layer.biases", bias_flops, 0, 0, "elementwise", L, "one add per biased output (conv, projections)",
+                convs * (c if config.conv_bias else 0), "the conv bias at each conv re-run"),
         FlopRow("layer.ssd.dt", (SOFTPLUS_FLOPS + 3) * h, h, h, "scan", L,
-                f"({SOFTPLUS_FLOPS}+3)*nheads: +dt_bias, softplus, *A, cumsum; dt_bias params"),
-        FlopRow("layer.ssd.intra_chunk", 2 * Q * g * n + 2 * Q * h + di + 2 * Q * di, h, h, "scan", L,
-                "2*Q*ngroups*d_state (C.B) + 2*Q*nheads (decays) + d_inner (dt*x) + 2*Q*d_inner; A_log params"),
-        FlopRow("layer.ssd.chunk_state", 2 * di * n + h, 0, 0, "scan", L, "2*d_inner*d_state + nheads: B.(decay*dt*x)"),
-        FlopRow("layer.ssd.state_passing", 2 * di * n // Q, 0, 0, "scan", L, "2*d_inner*d_state per chunk, /Q"),
-        FlopRow("layer.ssd.inter_chunk", 2 * di * n + 2 * di, 0, 0, "scan", L,
-                "2*d_inner*d_state (C.state) + 2*d_inner (decay, add)"),
+                f"({SOFTPLUS_FLOPS}+3)*nheads: +dt_bias, softplus, *A, cumsum; dt_bias params",
+                (SOFTPLUS_FLOPS + 3) * h, ssd + "_chunk_cumsum_fwd"),
+        FlopRow("layer.ssd.intra_chunk", 2 * Q * g * n + 3 * Q * h + di + 2 * Q * di, h, h, "scan", L,
+                "2*Q*ngroups*d_state (C.B) + 3*Q*nheads (decay: subtract, exp; times C.B) + d_inner (dt*x) "
+                "+ 2*Q*d_inner; A_log params", 2 * Q * g * n, ssd + "_bmm_chunk_fwd (C.B)"),
+        FlopRow("layer.ssd.chunk_state", 2 * di * n + 2 * h + di, 0, 0, "scan", L,
+                "2*d_inner*d_state + 2*nheads + d_inner: B.(decay*dt*x), decay to the chunk's end",
+                2 * di * n + 2 * h + di, ssd + "_chunk_state_fwd"),
+        FlopRow("layer.ssd.state_passing", (2 * di * n + h) // Q, 0, 0, "scan", L,
+                "(2*d_inner*d_state + nheads) per chunk, /Q", (2 * di * n + h) // Q, ssd + "_state_passing_fwd"),
+        FlopRow("layer.ssd.inter_chunk", 2 * di * n + h + 2 * di, 0, 0, "scan", L,
+                "2*d_inner*d_state (C.state) + nheads (exp) + 2*d_inner (decay, add)"),
         FlopRow("layer.ssd.skip_D", 2 * di, h, h, "scan", L, "2*d_inner: y += D*x; D params"),
         FlopRow("layer.gated_norm", (SILU_FLOPS + 1 + RMSNORM_FLOPS) * di, di, di, "elementwise", L,
-                f"({SILU_FLOPS}+1+{RMSNORM_FLOPS})*d_inner: rmsnorm(y*silu(z))"),
+                f"({SILU_FLOPS}+1+{RMSNORM_FLOPS})*d_inner: rmsnorm(y*silu(z))",
+                (SILU_FLOPS + 1) * di if fused else 0, "fused: the gated norm's _layer_norm_bwd rebuilds y*silu(z)"),
         proj("out_proj", di, d, "2*d_inner*d"),
         *after,
     ]
@@ -394,7 +476,9 @@ def channel_mixer_rows(config: MoMConfig, norm_flops: int, norm_params: int, nor
         FlopRow("layer.channel_biases", G * (g + (3 * g if config.bias else 0)), 0, 0, "elementwise", L,
                 "one add per biased output (dt, ...)"),
         FlopRow("layer.channel_scan", G * (2 * direction + g), g * n, g * n, "scan", L,
-                "channel_groups * (2 directions * g*(7*n+1+3) + g to sum them); A_log params"),
+                "channel_groups * (2 directions * g*(7*n+1+3) + g to sum them); A_log params",
+                G * 2 * (direction - 2 * g * n), "selective_scan bwd kernel, each direction: softplus, exp(ΔA), "
+                "ΔBx, the scan (not C.h)"),
         FlopRow("layer.channel_skip_gate", G * (2 * g + (SILU_FLOPS + 1) * g), g, g, "scan", L,
                 f"d*(2 + {SILU_FLOPS + 1}): y += D*x, y*silu(z)"),
         proj("channel_out_proj", g, g, config.bias),
@@ -420,8 +504,8 @@ def training_flops_per_token(
     """Training FLOPs per token: ``3x`` forward (backward = 2x forward: gradients w.r.t. inputs and weights).
 
     The default is *model* FLOPs, the numerator of MFU: recomputation is excluded, as in PaLM's definition, so the
-    number does not depend on the implementation. ``hardware=True`` adds what mamba-ssm recomputes: its
-    selective-scan backward kernel re-runs the forward scan (scan rows ``4x`` instead of ``3x``), and with
+    number does not depend on the implementation. ``hardware=True`` adds what the GPU training path's backward
+    recomputes (`FlopTable.recomputed_flops`: each row's `FlopRow.recomputed`, per mixer and `mamba_path`), and with
     ``gradient_checkpointing`` every block's forward runs twice (per-layer rows one more time). ``seq_len``: the
     context length, for a hybrid's attention layers (`flop_table`).
     """

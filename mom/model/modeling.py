@@ -172,17 +172,25 @@ class MoMPreTrainedModel(PreTrainedModel):
     # parameter names)
     _keep_in_fp32_modules_strict = [r"mixer\.A_log$", r"mixer\.D$", r"mixer\.dt_bias$"]
 
+    def ssm_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every SSM decay / skip parameter: each scan's ``A_log`` and ``D`` (the sequence
+        mixers' and the selective channel mixer's) and Mamba-2's ``dt_bias``. The one list of them: kept in fp32
+        (`keep_ssm_params_fp32`) and trained by fine-tuning's ``train_A_D`` (`mom.train.lora`)."""
+        found = []
+        for prefix, m in self.named_modules():
+            if isinstance(m, (MoMMixer, Mamba2Mixer, SelectiveChannelMixer)):
+                names = ("A_log", "D", "dt_bias") if isinstance(m, Mamba2Mixer) else ("A_log", "D")
+                found += [(f"{prefix}.{n}", getattr(m, n)) for n in names]
+        return found
+
     def keep_ssm_params_fp32(self) -> None:
-        """Cast every mixer's ``A_log`` and ``D`` (and Mamba-2's ``dt_bias``) (back) to fp32, as mamba-ssm keeps them;
-        the rest keeps its dtype.
+        """Cast every `ssm_parameters` entry (back) to fp32, as mamba-ssm keeps them; the rest keeps its dtype.
         Not under ZeRO-3, whose partitioned parameters DeepSpeed holds (a load applies
         ``_keep_in_fp32_modules_strict``)."""
         if is_deepspeed_zero3_enabled():
             return
-        for m in self.modules():
-            if isinstance(m, (MoMMixer, Mamba2Mixer, SelectiveChannelMixer)):
-                for p in (m.A_log, m.D, *((m.dt_bias,) if isinstance(m, Mamba2Mixer) else ())):
-                    p.data = p.data.float()
+        for _, p in self.ssm_parameters():
+            p.data = p.data.float()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -35,7 +35,7 @@ from mom.model.transfusion import MoMTransfusionForCausalLM
 from mom.tokenization.processor import MEDIA_DIR
 from mom.train.export import complete_export, load_tokenizer
 from mom.train.loop import losses, model_inputs, train
-from mom.train.lora import LoraSettings, is_adapter_param, parameter_counts, save_adapter, wrap
+from mom.train.lora import LoraSettings, adapter_filter, parameter_counts, save_adapter, wrap
 from mom.train.model_card import CARD_FILE, RECIPE_FILE
 from mom.train.recipe import SECTIONS, Recipe
 from mom.utils.atomic import atomic_directory, atomic_write_text
@@ -130,7 +130,7 @@ def finetune(
     before = {c: evaluate_corpus(peft_model, recipe, c) for c in corpora}  # LoRA starts at zero: the base's losses
 
     recipe.train.export_hf = False  # the trainer would export the bare adapter; we save it below
-    result = dict(train(recipe, model=peft_model, trainable_filter=lambda n, p: is_adapter_param(n, ft.lora)))
+    result = dict(train(recipe, model=peft_model, trainable_filter=adapter_filter(peft_model, ft.lora)))
     finished = result["step"] >= recipe.train.max_steps
     main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     after = {c: evaluate_corpus(peft_model, recipe, c) for c in corpora} if finished else {}

@@ -17,15 +17,17 @@ presets too: ``channel_in_proj``, ``channel_x_proj``, ``channel_dt_proj``, ``cha
 MoM. EinFFT's complex weights are not ``nn.Linear``: LoRA does not apply to them; train them in full with
 ``modules_to_save: [channel_mixer]``.
 
-Frozen unless asked: every base weight, ``conv1d`` (``train_conv`` or ``modules_to_save: [conv1d]``), ``A_log``
-and ``D`` (``train_A_D``; peft cannot save bare parameters, so they go to `EXTRA_PARAMS_FILE` next to the adapter).
+Frozen unless asked: every base weight, ``conv1d`` (``train_conv`` or ``modules_to_save: [conv1d]``) and the SSM
+decay / skip parameters (``train_A_D``: every ``A_log`` and ``D``, the sequence mixers' and the selective channel
+mixer's, and Mamba-2's ``dt_bias``, as the model lists them, `MoMPreTrainedModel.ssm_parameters`; peft cannot save
+bare parameters, so they go to `EXTRA_PARAMS_FILE` next to the adapter).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,7 @@ from mom.utils.atomic import atomic_directory
 from mom.utils.configio import from_dict
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Embedding)  # module types peft's LoRA can wrap (that MoM contains)
-SSM_PARAMS = ("A_log", "D")  # per-layer SSM parameters that are not inside any module peft can wrap
-EXTRA_PARAMS_FILE = "mom_trained_params.safetensors"  # A_log / D trained with train_A_D (full tensors)
+EXTRA_PARAMS_FILE = "mom_trained_params.safetensors"  # the SSM parameters trained with train_A_D (full tensors)
 _LAYER_PREFIX = re.compile(r"^backbone\.layers\.\d+\.(mixer\.)?|^backbone\.")  # stripped to list short names
 
 
@@ -68,7 +69,8 @@ class LoraSettings:
             (then ``projections`` must be empty).
         modules_to_save: modules trained in full and saved with the adapter (peft ``modules_to_save``).
         train_conv: train the depthwise ``conv1d`` of every layer in full (adds it to ``modules_to_save``).
-        train_A_D: train ``A_log`` and ``D`` of every layer in full (saved in `EXTRA_PARAMS_FILE`).
+        train_A_D: train every SSM decay / skip parameter in full (``A_log`` and ``D`` of every scan, the selective
+            channel mixer's included, and Mamba-2's ``dt_bias``: `ssm_params`), saved in `EXTRA_PARAMS_FILE`.
         train_image_modules: a Transfusion-setting base (`mom.model.transfusion`): train its image-only modules
             (patch projection ``image_in``, timestep MLP ``time_embed``, ``noise_head``) in full (adds them to
             ``modules_to_save``); with ``projections`` and ``modalities: [image]`` the whole image path adapts.
@@ -261,27 +263,35 @@ def wrap(model: nn.Module, settings: LoraSettings) -> PeftModel:
     """``peft.get_peft_model`` with the recipe's config, then apply the freezing policy and check it."""
     peft_model = get_peft_model(model, lora_config(model, settings))
     if settings.train_A_D:
-        for _, param in _ssm_params(peft_model.get_base_model()):
+        for _, param in ssm_params(peft_model):
             param.requires_grad_(True)
     check_trainable(peft_model, settings)
     return peft_model
 
 
-def _ssm_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in SSM_PARAMS and ".mixer." in n]
+def ssm_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The SSM decay / skip parameters of a MoM model or of a peft model wrapping one, named as in the base model
+    (``backbone.layers.0.mixer.A_log``): the model's own list, `MoMPreTrainedModel.ssm_parameters`."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.ssm_parameters()
 
 
-def is_adapter_param(name: str, settings: LoraSettings) -> bool:
-    """Whether the freezing policy lets a parameter of the peft model train."""
-    if ".lora_" in name or ".modules_to_save." in name:
-        return True
-    return settings.train_A_D and ".mixer." in name and name.rsplit(".", 1)[-1] in SSM_PARAMS
+def adapter_filter(peft_model: nn.Module, settings: LoraSettings) -> Callable[[str, nn.Parameter], bool]:
+    """The freezing policy as a predicate on the peft model's ``(name, parameter)`` (a trainer's
+    ``trainable_filter``): LoRA factors, ``modules_to_save`` copies, and with ``train_A_D`` the `ssm_params`."""
+    ssm = {id(p) for _, p in ssm_params(peft_model)} if settings.train_A_D else set()
+
+    def trainable(name: str, param: nn.Parameter) -> bool:
+        return ".lora_" in name or ".modules_to_save." in name or id(param) in ssm
+
+    return trainable
 
 
 def check_trainable(peft_model: nn.Module, settings: LoraSettings) -> None:
     """Raise if a parameter outside the policy is trainable, or if the adapter has no trainable parameter."""
+    allowed = adapter_filter(peft_model, settings)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    stray = [n for n in trainable if not is_adapter_param(n, settings)]
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and not allowed(n, p)]
     if stray:
         raise RuntimeError(f"lora: base parameters left trainable: {stray[:5]}{' ...' if len(stray) > 5 else ''}")
     if not trainable:
@@ -306,20 +316,21 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, settings: Lo
     with atomic_directory(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
         if settings.train_A_D:
-            extra = {n: p.detach().cpu().contiguous() for n, p in _ssm_params(peft_model.get_base_model())}
+            extra = {n: p.detach().cpu().contiguous() for n, p in ssm_params(peft_model)}
             save_file(extra, str(tmp / EXTRA_PARAMS_FILE))
     return out_dir
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> PeftModel:
-    """``PeftModel.from_pretrained(base, adapter_dir)``, first restoring ``A_log``/``D`` if the adapter holds them."""
+    """``PeftModel.from_pretrained(base, adapter_dir)``, first restoring the SSM parameters (`ssm_params`) if the
+    adapter holds them."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir / 'adapter_config.json'} not found: not a peft adapter directory")
     extra_path = adapter_dir / EXTRA_PARAMS_FILE
     if extra_path.is_file():
         extra = load_file(str(extra_path))
-        own = dict(_ssm_params(base))
+        own = dict(ssm_params(base))
         missing = sorted(set(extra) - set(own))
         if missing:
             raise ValueError(f"{extra_path}: parameters {missing[:3]} do not exist in the base model")

@@ -142,3 +142,19 @@ def test_every_recipe_is_sized_without_data_large(path, capsys, tmp_path, monkey
         overrides = []
     assert main(["--config", str(path), *overrides]) == 0, capsys.readouterr().err
     assert "training FLOPs/token" in capsys.readouterr().out
+
+
+def test_hardware_prints_the_recompute_and_counts_hardware_flops(tmp_path, capsys):
+    config = tiny_config(mixer="mamba2", headdim=8, ngroups=2, chunk_size=8)
+    config.save_pretrained(tmp_path)
+    assert main(["--model-json", str(tmp_path), "--tokens", "1e9", "--hardware"]) == 0
+    out = capsys.readouterr().out
+    table = flops.flop_table(config)
+    assert "hardware recompute in the backward (fused path" in out and "_chunk_state_fwd" in out
+    assert f"{table.recomputed_flops:,}" in out
+    hardware = flops.training_flops(config, 10**9, hardware=True)
+    assert hardware > flops.training_flops(config, 10**9)
+    assert f"{hardware:.3e} FLOPs (hardware FLOPs" in out and "40% HFU" in out
+    assert main(["--model-json", str(tmp_path), "--tokens", "1e9"]) == 0  # without: model FLOPs, no recompute table
+    out = capsys.readouterr().out
+    assert "hardware recompute" not in out and f"{flops.training_flops(config, 10**9):.3e} FLOPs (model FLOPs" in out
