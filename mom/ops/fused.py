@@ -466,7 +466,7 @@ def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Te
                  offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Projection ``p``'s GEMM on rows (n, i) -> (n, o) (`_grouped`), with the blocks the layout knows; unknown ones
     are read (a host sync) only where ``torch._grouped_mm`` cannot group the rows on the device."""
-    on_device = layout.routed(p) and _grouped_mm_applies(rows, w)
+    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_applies(rows, w)
     return _grouped(rows, w, b, layout.blocks(p, on_device), offsets, out_dtype)
 
 
@@ -857,7 +857,7 @@ def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x
     """Projection ``p``'s (dW, db) per expert (`_weight_grads`): d_cols (o, n), its input x_rows (n, i), with the
     blocks the layout knows; unknown ones are read (a host sync) only where ``torch._grouped_mm`` cannot group the
     tokens on the device."""
-    on_device = layout.routed(p) and _grouped_mm_k_applies(d_cols, x_rows)
+    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_k_applies(d_cols, x_rows)
     return _weight_grads(d_cols, x_rows.t(), layout.blocks(p, on_device), layout.has_bias[p], dtype, offsets)
 
 

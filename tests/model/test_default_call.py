@@ -227,18 +227,14 @@ def test_bad_input_raises_the_same_named_error(change, message, fast, monkeypatc
 
 
 # ---- on a GPU: the two calls on CUDA bf16 ----------------------------------------------------------------------------
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
 def _needs_kernels():
     if not torch.cuda.is_available() or backend.backend_name(torch.device("cuda")) == "reference":
         pytest.skip("mamba-ssm CUDA kernels not importable")
 
 
-def _cuda_model(decouple=PROJECTIONS, d_model=64):
+def _cuda_model():
     torch.manual_seed(0)
-    config = tiny_config(vocab_sizes=(200, 120, 80), d_model=d_model, n_layer=2, d_state=16, dt_rank=8,
-                         decouple=decouple)
+    config = tiny_config(vocab_sizes=(200, 120, 80), d_model=64, n_layer=2, d_state=16, dt_rank=8)
     return mom.MoMForCausalLM(config).cuda()
 
 
@@ -253,25 +249,38 @@ def _cuda_step(model, ids, counts=None):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def _assert_close_to_max(got, want, rel, what):
+    """bf16 results: the largest difference within ``rel`` of the largest value."""
+    scale = want.abs().max().clamp(min=1e-6)
+    assert (got.float() - want.float()).abs().max() / scale < rel, what
+
+
 @pytest.mark.parametrize("layout", list(CUDA_RUNS))
-@pytest.mark.parametrize("d_model", [64, 72], ids=["grouped GEMMs", "per-expert GEMMs"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["both grouped", "counts per expert"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_default_call_equals_the_call_with_counts(layout, d_model):
-    """bf16 autocast on the fused path: the default call's forward groups every routed GEMM on the device (as the
-    call with counts does below PER_EXPERT_MACS, so the logits are equal), its backward runs on the counts its
-    checks read. d_model 72: rows of 144 bytes, still grouped; the gradients differ only by the scan backward's
-    atomics."""
+def test_cuda_default_call_equals_the_call_with_counts(layout, per_expert, monkeypatch):
+    """bf16 autocast on the fused path. The default call's forward groups every routed GEMM on the device; the call
+    with counts does too below PER_EXPERT_MACS (so the logits are equal), and runs per-expert GEMMs above it
+    (``per_expert``: the threshold lowered to 0; then the two differ by bf16 rounding). Both backwards run on the
+    counts (the default call's from its checks' read): the gradients differ only by the scan backward's atomics
+    (and the forward's rounding)."""
     _needs_kernels()
-    model = _cuda_model(d_model=d_model)
+    model = _cuda_model()
     ids = interleaved_ids(model.config, 2, CUDA_RUNS[layout]).cuda()
     counts = _counts(model.config, ids.cpu())
     out, grads = _cuda_step(model, ids)
+    if per_expert:
+        monkeypatch.setattr(fused, "PER_EXPERT_MACS", 0)
     ref, ref_grads = _cuda_step(model, ids, counts)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    if per_expert:
+        _assert_close_to_max(out.logits, ref.logits, 2e-2, "logits")
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=1e-2)
+    else:
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+        _assert_close_to_max(grads[name], ref_grads[name], 3e-2 if per_expert else 1e-2, name)
 
 
 @pytest.mark.parametrize("counts_given", [False, True], ids=["default call", "with counts"])
@@ -338,10 +347,9 @@ def test_cuda_device_offsets_backward_matches_per_expert_backward(layout):
         results.append((out.detach().float(), hidden.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()}))
         mixer.zero_grad(set_to_none=True)
     (out, dh, grads), (ref, dh_ref, ref_grads) = results
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    torch.testing.assert_close(dh, dh_ref, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the forward groups its GEMMs either way
+    _assert_close_to_max(dh, dh_ref, 2e-2, "input gradient")  # bf16-rounded, then cast, against fp32 from cuBLAS
     for name in ref_grads:  # bf16-rounded weight gradients against fp32 ones
-        scale = ref_grads[name].abs().max().clamp(min=1e-6)
-        assert (grads[name] - ref_grads[name]).abs().max() / scale < 2e-2, name
+        _assert_close_to_max(grads[name], ref_grads[name], 2e-2, name)
     if layout == "absent":
         assert all(torch.count_nonzero(g) == 0 for name, g in grads.items() if ".image." in name)
