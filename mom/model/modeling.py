@@ -571,8 +571,8 @@ class MoMModel(MoMPreTrainedModel):
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
         ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller. A forward
         without cache starts without waiting for the device whether they are given or not (its checks are read once
-        its work is enqueued: see `validate_and_route`); given, they spare the fused GPU path nothing but let its
-        large GEMMs run per expert (`mom.ops.fused.PER_EXPERT_MACS`).
+        its work is enqueued: see `validate_and_route`); given, the fused GPU path's forward can run its largest
+        routed GEMMs per expert (`mom.ops.fused.PER_EXPERT_MACS`), which it otherwise groups on the device.
         ``attention_mask``: 1 for real tokens, 0 for left padding, (b, l); continuing from a cache it may also cover
         the cached tokens, (b, past + l), and is then unused (new tokens are never padding).
         ``output_hidden_states`` / ``return_dict`` default to the config's, as in transformers.
