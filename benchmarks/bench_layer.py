@@ -48,9 +48,10 @@ def _step(layer, routing, x, grad, sorted_tokens=False, accumulate=False):
 
 def _build_routing(modality_ids, num_modalities):
     """What one model forward computes of its routing for the fast path (`Routing.routes`): permutation, inverse,
-    group offsets and bounds, expert ids, one-hot."""
+    group offsets, expert ids, one-hot; and the counts on the host, as a forward given them has them."""
     routing = Routing.build(modality_ids, num_modalities)
     routing.routes(torch.bfloat16)
+    routing.host_counts.read()
     return routing
 
 

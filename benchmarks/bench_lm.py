@@ -3,9 +3,11 @@
     python benchmarks/bench_lm.py                                  # ~115M (768x24) and ~353M (1024x48), batch 8x2048
     python benchmarks/bench_lm.py --model 768x24 --batch 8 --length 2048
 
-MoM is given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train` does), unless
---device-counts. Prints tokens/s, peak memory and MFU for both sides and their ratio (MoM / dense), same process,
-same data; each side is measured --rounds times, alternating, and its best round is compared.
+MoM is measured twice: given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train`
+does), and called as transformers' Trainer and peft call it, ``model(ids, labels=ids)`` (the default call). Prints
+tokens/s, peak memory and MFU for each against the dense model and their ratios (MoM / dense), and the default call's
+tokens/s over the call with counts; same process, same data; each side is measured --rounds times, alternating, and its
+best round is compared.
 """
 
 from __future__ import annotations
@@ -75,20 +77,25 @@ def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: t
     return MambaLMHeadModel(dcfg, device=device), dense_forward
 
 
-def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int,
-                device_counts: bool = False) -> None:
-    """Each side measured ``rounds`` times, alternating (a fresh model each time); the best round counts (one slow
-    round on either side, from the machine rather than the code, was seen to move the ratio by 15%)."""
+MOM_CALLS = {"counts": True, "default": False}  # MoM's calls: whether the forward is given the counts
+
+
+def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int) -> None:
+    """Each side (MoM with counts, MoM's default call, dense) measured ``rounds`` times, alternating (a fresh model
+    each time); the best round counts (one slow round on either side, from the machine rather than the code, was seen
+    to move the ratio by 15%)."""
     device = "cuda"
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = make_batch(config, batch, length, device)
-    counts = None if device_counts else host_counts(config, ids)  # counted once, off the timed steps
+    counts = host_counts(config, ids)  # counted once, off the timed steps
     tokens = batch * length
-    results: dict[str, list[tuple[float, float, int]]] = {"mom": [], "dense": []}
+    sides = {f"mom {name}": ("mom", counts if given else None) for name, given in MOM_CALLS.items()}
+    sides["dense"] = ("dense", None)
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in sides}
     for _ in range(rounds):
-        for name in ("mom", "dense"):
+        for name, (kind, given) in sides.items():
             torch.cuda.empty_cache()
-            model, forward = build(name, d_model, n_layer, device, counts)
+            model, forward = build(kind, d_model, n_layer, device, given)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
@@ -96,16 +103,22 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
             del model, optimizer
     for name, runs in results.items():
         print(f"  {name} tokens/s per round (k): " + ", ".join(f"{tps / 1e3:.1f}" for tps, _, _ in runs))
-    tps_mom, mem_mom, p_mom = max(results["mom"])
-    tps_dense, mem_dense, p_dense = max(results["dense"])
-    mfu_mom = flops.mfu(tps_mom, config, torch.device(device))
-    mfu_dense = flops.mfu(tps_dense, config, torch.device(device))  # active FLOPs per token are equal
+    best = {name: max(runs) for name, runs in results.items()}  # (tokens/s, peak GiB, params) of the best round
+    tps_dense, mem_dense, p_dense = best["dense"]
+    p_mom = best["mom counts"][2]
     print(f"model d_model={d_model} n_layer={n_layer} batch={batch}x{length} params MoM {p_mom/1e6:.1f}M "
-          f"dense {p_dense/1e6:.1f}M backend={mom.ops.backend.backend_name(torch.device(device))}")
-    print(row("tokens/s (k)", tps_mom / 1e3, tps_dense / 1e3, "k/s"))
-    print(row("peak memory", mem_mom, mem_dense, "GiB"))
-    if mfu_mom is not None and mfu_dense is not None:
-        print(row("MFU", mfu_mom, mfu_dense, ""))
+          f"dense {p_dense/1e6:.1f}M counts {counts} backend={mom.ops.backend.backend_name(torch.device(device))}")
+    mfu_dense = flops.mfu(tps_dense, config, torch.device(device))  # active FLOPs per token are equal
+    for name in MOM_CALLS:
+        tps, mem, _ = best[f"mom {name}"]
+        print(row(f"tokens/s (k), {name}", tps / 1e3, tps_dense / 1e3, "k/s"))
+        print(row(f"peak memory, {name}", mem, mem_dense, "GiB"))
+        mfu = flops.mfu(tps, config, torch.device(device))
+        if mfu is not None and mfu_dense is not None:
+            print(row(f"MFU, {name}", mfu, mfu_dense, ""))
+    default, with_counts = best["mom default"][0], best["mom counts"][0]
+    print(f"{'MoM default / counts':<28} tokens/s {default / 1e3:.1f}k vs {with_counts / 1e3:.1f}k "
+          f"ratio {default / with_counts:6.3f}")
 
 
 def main(argv=None) -> int:
@@ -115,9 +128,6 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="measurements per side, alternating; the best counts")
-    parser.add_argument("--device-counts", action="store_true",
-                        help="MoM reads its tokens per modality from the device (a host sync per forward) instead of "
-                        "being given them, as mom.train gives them from the CPU batch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lm: needs a CUDA device", file=sys.stderr)
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
     print("device:", torch.cuda.get_device_name())
     for spec in args.model or ["768x24", "1024x48"]:
         d, n = (int(v) for v in spec.split("x"))
-        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.device_counts)
+        bench_model(d, n, args.batch, args.length, args.iters, args.rounds)
     return 0
 
 

@@ -412,16 +412,17 @@ def validate_and_route(
     work is enqueued.
 
     The value checks (ids in range, modality ids that agree with the ids' vocabulary ranges) are read from the
-    device, and reading anything from the device waits for all the work queued before it: at the start of a training
-    forward, the previous step's backward. So:
+    device together with the per-modality token counts, in ONE host sync; reading anything from the device waits for
+    all the work queued before it: at the start of a training forward, the previous step's backward. So:
 
-    - without ``modality_counts``: ONE host sync, now, reads the checks and the per-modality token counts together
-      (``finish`` does nothing);
-    - with ``modality_counts`` (tokens per modality, counted by the caller on the host, e.g. from the CPU batch as
-      `mom.train` does) and ``defer``: no sync now; ``finish`` reads the checks and the device's counts in ONE sync
-      after the forward is enqueued, so the GPU never waits for the host, and raises if either is wrong. Until then
-      nothing may index with an unchecked id: the forward clamps token ids for the embedding, and the loss comes
-      after. (Not ``defer``: the given counts are checked now, with the rest.)
+    - ``defer``: no sync now. ``finish`` reads the checks and the device's counts after the forward is enqueued, so
+      the GPU never waits for the host, and raises if either is wrong. Until then nothing may index with an unchecked
+      id: the forward clamps token ids for the embedding, and the loss comes after. With ``modality_counts`` (tokens
+      per modality, counted by the caller on the host, e.g. from the CPU batch as `mom.train` does) the routing
+      has its counts at once; without, it has none until that read (the fused GPU path needs none: it groups tokens
+      by offsets on the device), and a path that needs them earlier (the module path) makes it then, ONE sync still
+      (``finish`` then reads nothing more). Either way the counts are known before any backward.
+    - not ``defer`` (a forward that writes a cache): the one sync now, the given counts checked with the rest.
     """
     check_shapes(config, input_ids, inputs_embeds, modality_ids=modality_ids, labels=labels, shift_labels=shift_labels)
     V, M = config.vocab_size, config.num_modalities
@@ -464,18 +465,21 @@ def validate_and_route(
 
     given = None if modality_counts is None else tuple(int(c) for c in modality_counts)
 
-    def finish() -> tuple[int, ...]:
+    def check() -> tuple[int, ...]:
         actual = read()
         if given is not None and actual != given:
             raise ValueError(f"modality_counts {given} do not match the batch's tokens per modality {actual} "
                              f"{config.modalities}")
         return actual
 
-    if given is None or not defer:
-        routing.set_counts(finish())
+    if not defer:
+        routing.set_counts(check())
         return routing, lambda: None
-    routing.set_counts(given)
-    return routing, finish
+    if given is not None:
+        routing.set_counts(given)
+        return routing, check
+    routing.host_counts.reader = check  # the one read: where a path first needs the counts, else at finish
+    return routing, routing.host_counts.read
 
 
 @functools.cache
@@ -573,8 +577,10 @@ class MoMModel(MoMPreTrainedModel):
 
         ``seq_idx`` (the packed batch's document index per position) restarts the conv window and the SSM state at
         every document start when ``config.reset_at_document_boundaries`` is set; otherwise state flows on.
-        ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller; a forward
-        without cache then starts without waiting for the device (see `validate_and_route`).
+        ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller. A forward
+        without cache starts without waiting for the device whether they are given or not (its checks are read once
+        its work is enqueued: see `validate_and_route`); given, the fused GPU path's forward can run its largest
+        routed GEMMs per expert (`mom.ops.fused.PER_EXPERT_MACS`), which it otherwise groups on the device.
         ``attention_mask``: 1 for real tokens, 0 for left padding, (b, l); continuing from a cache it may also cover
         the cached tokens, (b, past + l), and is then unused (new tokens are never padding).
         ``output_hidden_states`` / ``return_dict`` default to the config's, as in transformers.
@@ -586,7 +592,7 @@ class MoMModel(MoMPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed blocks run without a cache, as transformers' do
         # deferred checks only without a cache: a forward that writes the recurrent cache is checked before it runs
-        defer = modality_counts is not None and not use_cache
+        defer = not use_cache
         routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts,
                                                     defer, shift_labels=shift_labels, inputs_embeds=inputs_embeds)
         b, l = routing.modality_ids.shape
@@ -605,7 +611,7 @@ class MoMModel(MoMPreTrainedModel):
         if inputs_embeds is not None:
             residual = inputs_embeds.to(self.embeddings.weight.dtype)
         else:
-            # ids are checked by finish_checks() when the caller gave the counts: until then, in range for the embedding
+            # ids are checked by finish_checks() when deferred: until then, in range for the embedding
             embed_ids = input_ids.clamp(0, self.config.vocab_size - 1) if defer else input_ids
         recorded = cache.tokens_to_record(l) if cache is not None else 0
         # a forward over whole rows (training, or a prefill from a fresh cache) whose mixers all take the fast path

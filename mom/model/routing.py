@@ -3,8 +3,10 @@
 A MoM projection sends each token through the expert of its modality. Instead of a boolean-mask gather per
 projection per modality (one host sync each), `Routing` sorts the flattened tokens by modality ONCE per forward:
 every `RoutedLinear` then gathers its input with one index, runs each expert on a contiguous slice and scatters
-back with the inverse permutation. The only host synchronisation is reading the per-modality counts, once, when
-a path first needs them.
+back with the inverse permutation. The only host synchronisation is reading the per-modality counts (`counts`), once,
+where a path first needs them: the module path does, the fused path (`routes`) does not (its GEMMs group the sorted
+tokens by the blocks' ends on the device, `offsets`) and uses them where they are known (given by the caller, or read
+meanwhile, as the model's deferred input checks read them after the forward).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
-from mom.ops.fused import Routes
+from mom.ops.fused import HostCounts, Routes
 from mom.ops.triton import routed_rows
 
 
@@ -75,22 +77,28 @@ class Routing:
         return self.modality_ids.reshape(-1).clamp(0, self.num_modalities - 1)
 
     @cached_property
+    def host_counts(self) -> HostCounts:
+        """Tokens per modality on the host once known (`mom.ops.fused.HostCounts`), shared with the fused path's
+        `routes`: given (`set_counts`), or read from the device the first time a path needs them (by its ``reader``:
+        ``device_counts``, or the model's deferred input checks, which read them in their own sync)."""
+        return HostCounts(self.device_counts.tolist)
+
+    @property
     def counts(self) -> tuple[int, ...]:
         """Tokens per modality, on the host (one host sync, the first time, unless `set_counts` gave them)."""
-        return tuple(self.device_counts.tolist())
+        return self.host_counts.read()
 
     def set_counts(self, counts: tuple[int, ...]) -> None:
         """Give the counts read by a caller's own host sync (``device_counts``), so that none is added."""
         if len(counts) != self.num_modalities or sum(counts) != self.modality_ids.numel():
             raise ValueError(f"counts {counts} do not match {self.num_modalities} modalities and "
                              f"{self.modality_ids.numel()} tokens")
-        self.__dict__["counts"] = counts  # what the cached property would have computed
+        self.host_counts.set(counts)
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:
-        """(start, end) of each modality's block of the sorted tokens."""
-        ends = [sum(self.counts[: m + 1]) for m in range(len(self.counts))]
-        return tuple((end - c, end) for end, c in zip(ends, self.counts))
+        """(start, end) of each modality's block of the sorted tokens (reads `counts`)."""
+        return self.host_counts.blocks(read=True)
 
     @cached_property
     def _routes(self) -> dict[torch.dtype, Routes]:
@@ -98,10 +106,11 @@ class Routing:
 
     def routes(self, dtype: torch.dtype) -> Routes:
         """The routing as the fused mixer reads it (`mom.ops.fused.Routes`), its one-hot of each token's modality in
-        ``dtype`` (the Function's compute dtype); built once per dtype and shared by all layers."""
+        ``dtype`` (the Function's compute dtype); built once per dtype and shared by all layers. Reads nothing from
+        the device: the counts go with it as `host_counts`, known or not."""
         if dtype not in self._routes:
             self._routes[dtype] = Routes(perm=self.perm, inv_perm=self.inv_perm, offsets=self.offsets,
-                                         bounds=self.bounds, expert_ids=self.expert_ids,
+                                         counts=self.host_counts, expert_ids=self.expert_ids,
                                          onehot=self.is_modality.to(dtype))
         return self._routes[dtype]
 

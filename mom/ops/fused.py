@@ -11,11 +11,13 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   time: docs/performance.md).
 * Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`Routes.perm`: the permutation
   is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows its weight
-  (group ends on the device, `Routes.offsets`); large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per expert
-  instead (faster there, measured). One gather that also transposes (`mom.ops.triton.gather.gather_rows_t` /
-  `gather_cols_t`) crosses between the two layouts. Weight gradients are one GEMM per expert, written in fp32 by
-  cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast, slower: docs/performance.md); so is the input
-  gradient of an fp32 input (no cast kernel after the Function).
+  (group ends on the device, `Routes.offsets`). Where the tokens per expert are known on the host (`HostCounts`),
+  large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per expert instead (faster there, measured), and so do the
+  weight gradients, written in fp32 by cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast, slower:
+  docs/performance.md), and the input gradient of an fp32 input (no cast kernel after the Function). Where they are
+  not known, nothing waits to read them: every routed GEMM is grouped on the device's offsets, the weight gradients
+  too (grouped along the tokens), in bf16 then cast. One gather that also transposes
+  (`mom.ops.triton.gather.gather_rows_t` / `gather_cols_t`) crosses between the two layouts.
 * x_proj and dt_proj are small (a few percent of the projections' FLOPs), so they route without any gather of a
   (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked;
   dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj expert) in
@@ -58,6 +60,7 @@ tested on CPU.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -242,6 +245,47 @@ class MixerWeights:
         return min(map(torch.Tensor.numel, self.tensors)) > 0
 
 
+class HostCounts:
+    """Tokens per expert on the host (the sizes of the experts' blocks of sorted tokens), once known.
+
+    The Function runs without them: its routed GEMMs group the rows by the blocks' ends on the device
+    (`Routes.offsets`, ``torch._grouped_mm``) where that applies. The GEMMs that run per expert where the counts are
+    known (`PER_EXPERT_MACS`, the weight gradients) or must (dtypes and layouts ``torch._grouped_mm`` does not take)
+    read them here. They are known once given (`set`: counted on the host by the caller) or read (`read`: ``reader``,
+    a host sync, called the first time only): a backward finds them known when its forward's caller read them after
+    the forward was enqueued (the model's deferred input checks read them in their one sync).
+    """
+
+    def __init__(self, reader: Callable[[], Sequence[int]] | None = None, counts: Sequence[int] | None = None) -> None:
+        if reader is None and counts is None:
+            raise ValueError("HostCounts: give the counts or a reader of them")
+        self.reader = reader
+        self._counts = None if counts is None else tuple(int(c) for c in counts)
+
+    @property
+    def known(self) -> tuple[int, ...] | None:
+        """The counts if known, without reading them."""
+        return self._counts
+
+    def set(self, counts: Sequence[int]) -> None:
+        self._counts = tuple(int(c) for c in counts)
+
+    def read(self) -> tuple[int, ...]:
+        """The counts; the first time, unless given, from ``reader`` (then dropped, with what it holds)."""
+        if self._counts is None:
+            self.set(self.reader())
+            self.reader = None
+        return self._counts
+
+    def blocks(self, read: bool = False) -> tuple[tuple[int, int], ...] | None:
+        """(start, end) of each expert's block of sorted tokens; None while unknown unless ``read``."""
+        counts = self.read() if read else self._counts
+        if counts is None:
+            return None
+        ends = [sum(counts[: m + 1]) for m in range(len(counts))]
+        return tuple((end - c, end) for end, c in zip(ends, counts))
+
+
 @dataclass(frozen=True, eq=False)
 class Routes:
     """Where each of the ``n = b * l`` tokens goes, as `fused_mixer` reads it: the tokens sorted by expert (stable),
@@ -250,20 +294,25 @@ class Routes:
     perm: torch.Tensor  # (n,) int64: the token at each sorted position
     inv_perm: torch.Tensor  # (n,) int64: each token's sorted position
     offsets: torch.Tensor  # (M,) int32 on the device: where each expert's block ends (torch._grouped_mm's groups)
-    bounds: tuple[tuple[int, int], ...]  # (start, end) of each expert's block, on the host
+    counts: HostCounts  # tokens per expert on the host, once known (the per-expert GEMMs' blocks)
     expert_ids: torch.Tensor  # (n,) int64: each token's expert
     onehot: torch.Tensor  # (M, n): one where token t goes to expert m; in `compute_dtype` it spares a cast per layer
 
     def __post_init__(self) -> None:
-        n, M = self.perm.numel(), len(self.bounds)
+        n, M = self.perm.numel(), self.num_experts
         shapes = {"inv_perm": (self.inv_perm, (n,)), "offsets": (self.offsets, (M,)),
                   "expert_ids": (self.expert_ids, (n,)), "onehot": (self.onehot, (M, n))}
         for name, (t, want) in shapes.items():
             if tuple(t.shape) != want:
                 raise ValueError(f"Routes: {name} has shape {tuple(t.shape)}, expected {want} for {n} tokens and "
                                  f"{M} experts")
-        if self.bounds and (self.bounds[0][0] != 0 or self.bounds[-1][1] != n):
-            raise ValueError(f"Routes: the experts' blocks {self.bounds} do not cover the {n} tokens")
+        known = self.counts.known
+        if known is not None and (len(known) != M or sum(known) != n):
+            raise ValueError(f"Routes: the experts' counts {known} do not cover the {n} tokens of {M} experts")
+
+    @property
+    def num_experts(self) -> int:
+        return self.onehot.shape[0]
 
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
@@ -292,15 +341,15 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     b, l, _ = hidden.shape
     if b * l != routes.perm.numel():
         raise ValueError(f"fused_mixer: {b} x {l} tokens but routes for {routes.perm.numel()}")
-    if any(k > 1 and k != len(routes.bounds) for k in weights.experts):
+    if any(k > 1 and k != routes.num_experts for k in weights.experts):
         raise ValueError(f"fused_mixer: experts per projection {weights.experts} but routes for "
-                         f"{len(routes.bounds)} experts")
+                         f"{routes.num_experts} experts")
     (_, d_inner), (_, dt_rank) = weights.shapes[Projection.x_proj], weights.shapes[Projection.dt_proj]
     d_state = weights.A_log.shape[1]
     if states_out is not None:
         _check_states_out(states_out, (b, d_inner, weights.conv_weight.shape[-1]), (b, d_inner, d_state))
     layout = _Layout(b, l, d_inner, dt_rank, d_state, weights.experts, weights.shapes, weights.has_bias,
-                     routes.bounds, sorted_tokens, ops)
+                     routes.counts, sorted_tokens, ops)
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
     args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, weights.conv_weight,
@@ -344,15 +393,20 @@ class _Layout:
     experts: tuple[int, ...]  # experts per Projection (1 = shared)
     shapes: tuple[tuple[int, int], ...]  # (out, in) features per Projection
     has_bias: tuple[bool, ...]  # per Projection
-    bounds: tuple[tuple[int, int], ...]  # (start, end) of each modality's block of sorted tokens
+    counts: HostCounts  # tokens per modality on the host, once known: the per-expert GEMMs' blocks
     sorted_io: bool  # the input and output rows are in the routing's sorted order (a sorted residual stream)
     ops: ScanOps
 
     def routed(self, p: Projection) -> bool:
         return self.experts[p] > 1
 
-    def blocks(self, p: Projection) -> tuple[tuple[int, int], ...]:
-        return self.bounds if self.routed(p) else ((0, self.batch * self.length),)
+    def blocks(self, p: Projection, on_device: bool) -> tuple[tuple[int, int], ...] | None:
+        """Projection ``p``'s blocks of rows for a GEMM: all rows for a shared one; for a routed one each expert's
+        (start, end) where known on the host, else None if the GEMM groups the rows on the device (``on_device``),
+        else read (`HostCounts.read`: a host sync, once per forward)."""
+        if not self.routed(p):
+            return ((0, self.batch * self.length),)
+        return self.counts.blocks(read=not on_device)
 
 
 def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -379,15 +433,25 @@ def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks
              out_dtype: torch.dtype | None = None):
     """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
     expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a
-    shared projection (k = 1, one block) is one GEMM. ONE launch for routed ones too, ``torch._grouped_mm`` with the
-    blocks' ends on the device (``offsets``), where it applies (bf16 in and out, 16-byte aligned strides, no bias)
-    and the GEMM is below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert (``blocks``: the same ends on the
-    host), which writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
+    shared projection (k = 1, one block) is one GEMM. ``blocks``: each expert's (start, end) on the host, or None
+    where they are not known there.
+
+    ONE launch for routed ones, ``torch._grouped_mm`` with the blocks' ends on the device (``offsets``), where it
+    applies (`_grouped_mm_applies`) and either the blocks are unknown (whatever the size: a bias is then added by a
+    GEMM with the rows' one-hot, another ``out_dtype`` by a cast) or the GEMM is one ``torch._grouped_mm`` takes
+    alone (no bias, rows' dtype out) below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert over ``blocks``, which
+    writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
     out_dtype = out_dtype or rows.dtype
     n, i = rows.shape
-    if (b is None and w.shape[0] > 1 and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
-            and _grouped_mm_applies(rows, w)):
-        return torch._grouped_mm(rows, w, offs=offsets)
+    alone = b is None and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
+    if w.shape[0] > 1 and (blocks is None or alone) and _grouped_mm_applies(rows, w):
+        out = torch._grouped_mm(rows, w, offs=offsets)
+        if b is not None:
+            out.addmm_(_sorted_onehot(offsets, n, out.dtype), b)
+        return out.to(out_dtype)
+    if blocks is None:
+        raise ValueError("fused._grouped: the experts' blocks are unknown on the host and torch._grouped_mm does not "
+                         f"take these operands (rows {tuple(rows.stride())} {rows.dtype}, weights {w.dtype})")
     out = rows.new_empty(n, w.shape[2], dtype=out_dtype)
     for m, (lo, hi) in enumerate(blocks):
         if hi > lo:
@@ -398,6 +462,22 @@ def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks
     return out
 
 
+def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Projection ``p``'s GEMM on rows (n, i) -> (n, o) (`_grouped`), with the blocks the layout knows; unknown ones
+    are read (a host sync) only where ``torch._grouped_mm`` cannot group the rows on the device."""
+    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_applies(rows, w)
+    return _grouped(rows, w, b, layout.blocks(p, on_device), offsets, out_dtype)
+
+
+def _sorted_onehot(offsets: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, k) in ``dtype``: a one in each sorted row's expert's column, from the blocks' ends on the device."""
+    pos = torch.arange(n, device=offsets.device)[:, None]
+    ends = offsets.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    return ((pos >= starts) & (pos < ends)).to(dtype)
+
+
 # Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
 # (CUTLASS): per-expert GEMMs were faster for d_model 2048's in_proj and out_proj (2^38 and 2^37 multiply-adds at
 # 4 x 4096 tokens) and the same at d_model 1024 (2^36, 2^35), where the grouped GEMM's single launch matters more
@@ -406,28 +486,46 @@ PER_EXPERT_MACS = 2**37
 
 
 def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these operands: bf16, bases 16-byte aligned, one unit stride in the last two
-    dimensions and the other a multiple of 16 bytes, inner and output sizes multiples of 8; rows (n, i) row-major
-    (with transposed rows, CUDA's version device-asserts unless every block is a multiple of 8 rows), w (k, i, o)."""
-    if rows.stride(1) != 1 or rows.shape[1] % 8 or w.shape[2] % 8:
+    """Whether torch._grouped_mm takes these operands without a host sync (`_grouped_mm_supported`): bases 16-byte
+    aligned, one unit stride in the last two dimensions and the other a multiple of 16 bytes, inner and output sizes
+    multiples of 16 bytes; rows (n, i) row-major (with transposed rows, CUDA's version device-asserts unless every
+    block is a multiple of 8 rows), w (k, i, o)."""
+    if rows.stride(1) != 1 or not _aligned(rows, rows.shape[1], w.shape[2]):
         return False
-    for t in (rows, w):
-        inner = t.stride()[-2:]
-        if t.dtype != torch.bfloat16 or t.data_ptr() % 16 or 1 not in inner or max(inner) * 2 % 16:
-            return False
-    return _grouped_mm_supported(rows.device)
+    if not all(1 in t.stride()[-2:] and _aligned(t, max(t.stride()[-2:])) for t in (rows, w)):
+        return False
+    return _grouped_mm_supported(rows.device, rows.dtype, w.dtype)
+
+
+def _grouped_mm_k_applies(d_cols: torch.Tensor, x_rows: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes d_cols (o, n) and x_rows (n, i) grouped along the n tokens, the contraction
+    (a weight gradient per expert), without a host sync: each with the tokens as its strided dimension (so that every
+    block starts on a 16-byte boundary) and the other unit-strided, strides, sizes and bases 16-byte aligned."""
+    if d_cols.stride(0) != 1 or x_rows.stride(1) != 1:
+        return False
+    o, i = d_cols.shape[0], x_rows.shape[1]
+    aligned = _aligned(d_cols, d_cols.stride(1), o) and _aligned(x_rows, x_rows.stride(0), i)
+    return aligned and _grouped_mm_supported(d_cols.device, d_cols.dtype, x_rows.dtype)
+
+
+def _aligned(t: torch.Tensor, *sizes: int) -> bool:
+    """Whether ``t``'s base and every one of ``sizes`` (elements) are multiples of 16 bytes."""
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in sizes)
 
 
 @functools.cache
-def _grouped_mm_supported(device: torch.device) -> bool:
-    """Whether this torch has ``torch._grouped_mm`` for bf16 on this device (builds differ by version and GPU
-    architecture): tried once on tiny operands, per device."""
-    if not hasattr(torch, "_grouped_mm"):
+def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, other: torch.dtype) -> bool:
+    """Whether this torch has ``torch._grouped_mm`` for ``dtype`` on this device without a host sync: on CUDA bf16
+    only (its CUTLASS kernels; other dtypes fall back to a loop over the groups that reads their ends on the host),
+    elsewhere what it accepts (the CPU's loop reads memory it already holds). Builds differ by version and GPU
+    architecture: tried once on tiny operands, per device and dtype."""
+    if not hasattr(torch, "_grouped_mm") or other != dtype or (device.type == "cuda" and dtype != torch.bfloat16):
         return False
-    rows = torch.zeros(8, 8, dtype=torch.bfloat16, device=device)
+    rows = torch.zeros(8, 8, dtype=dtype, device=device)
+    offs = torch.full((1,), 8, dtype=torch.int32, device=device)
     try:
-        torch._grouped_mm(rows, torch.zeros(1, 8, 8, dtype=rows.dtype, device=device),
-                          offs=torch.full((1,), 8, dtype=torch.int32, device=device))
+        torch._grouped_mm(rows, torch.zeros(1, 8, 8, dtype=dtype, device=device), offs=offs)
+        torch._grouped_mm(rows.t(), rows, offs=offs)  # grouped along the contraction (weight gradients)
     except (RuntimeError, NotImplementedError):
         return False
     return True
@@ -492,7 +590,7 @@ class _FusedMixer(torch.autograd.Function):
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
-            xz_rows = _grouped(h_in, w_in.transpose(1, 2), b_in, layout.bounds, offsets)  # (n, 2di)
+            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)  # (n, 2di)
             if ctx is None and out_routed:  # no backward: only x goes to sequence order; the gated gather before
                 # out_proj reads z in these rows, the order of its output (half of in_proj's gather spared)
                 xz, z_rows = gather_rows_t(xz_rows[:, :di], inv_perm), xz_rows[:, di:]  # (di, n), (n, di)
@@ -542,7 +640,7 @@ class _FusedMixer(torch.autograd.Function):
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
             del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
-        o = _grouped(y_rows, w_out.transpose(1, 2), b_out, layout.blocks(Projection.out_proj), offsets)  # (n, d_model)
+        o = _routed_rows(layout, Projection.out_proj, y_rows, w_out.transpose(1, 2), b_out, offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         if ctx is None:
             return o.view(b, l, -1)
@@ -584,7 +682,7 @@ class _FusedMixer(torch.autograd.Function):
         # out_proj. A routed one's weight gradient comes first, from the gated rows kept by the forward, which are
         # then freed before the scan's backward (its peak); a shared one's needs the gated output in sequence order,
         # which the scan's backward recomputes.
-        g_out = _out_proj_weight_grads(layout, dout_in, y_rows, pdtype) if out_routed else None
+        g_out = _out_proj_weight_grads(layout, dout_in, y_rows, pdtype, offsets) if out_routed else None
         del y_rows
         dy = _out_proj_input_grad(layout, dout_in, w_out, inv_perm, offsets)  # (di, n) sequence order
         # the scan, on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through the
@@ -597,7 +695,7 @@ class _FusedMixer(torch.autograd.Function):
         )
         del dy, out
         if not out_routed:
-            g_out = _out_proj_weight_grads(layout, dout_in, _cols(out_z).t(), pdtype)
+            g_out = _out_proj_weight_grads(layout, dout_in, _cols(out_z).t(), pdtype, offsets)
         del out_z, dout_in
         # dt_proj, then x_proj's output gradient: [dΔ-rank; dB; dC] in each token's expert's block
         ddelta = _cols(ddelta).to(dtype)  # (di, n)
@@ -638,16 +736,16 @@ def _take_held(ctx, saved: list) -> tuple:
     return held
 
 
-def _out_proj_weight_grads(layout: _Layout, dout_in: torch.Tensor, y_rows: torch.Tensor, pdtype: torch.dtype):
+def _out_proj_weight_grads(layout: _Layout, dout_in: torch.Tensor, y_rows: torch.Tensor, pdtype: torch.dtype,
+                           offsets: torch.Tensor):
     """out_proj's (dW, db) per expert: dout_in (n, d_model) and its input y_rows (n, di), both in out_proj's order."""
-    p = Projection.out_proj
-    return _weight_grads(dout_in.t(), y_rows.t(), layout.blocks(p), layout.has_bias[p], pdtype)
+    return _routed_weight_grads(layout, Projection.out_proj, dout_in.t(), y_rows, pdtype, offsets)
 
 
 def _out_proj_input_grad(layout: _Layout, dout_in: torch.Tensor, w_out: torch.Tensor, inv_perm, offsets):
     """The gradient of the scan's gated output, dy (di, n) in sequence order: ``W^T dout`` per expert."""
     if layout.routed(Projection.out_proj):  # on the sorted rows, then rows -> sequence-order columns
-        return gather_rows_t(_grouped(dout_in, w_out, None, layout.bounds, offsets), inv_perm)
+        return gather_rows_t(_routed_rows(layout, Projection.out_proj, dout_in, w_out, None, offsets), inv_perm)
     return torch.mm(w_out[0].t(), dout_in.t())
 
 
@@ -716,8 +814,8 @@ def _in_proj_grads(layout: _Layout, dxz_rows, h_in, w_in, offsets, hidden_dtype:
     """-> (dh (n, d_model) in in_proj's row order and the input's dtype (an fp32 input's gradient is written by the
     GEMM in fp32: no cast afterwards), in_proj's (dW, db) per expert)."""
     p = Projection.in_proj
-    dh = _grouped(dxz_rows, w_in, None, layout.blocks(p), offsets, out_dtype=hidden_dtype)
-    return dh, _weight_grads(dxz_rows.t(), h_in.t(), layout.blocks(p), layout.has_bias[p], pdtype)
+    dh = _routed_rows(layout, p, dxz_rows, w_in, None, offsets, out_dtype=hidden_dtype)
+    return dh, _routed_weight_grads(layout, p, dxz_rows.t(), h_in, pdtype, offsets)
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------------------
@@ -731,9 +829,19 @@ def _saved_tensors_hooked() -> bool:
         return True
 
 
-def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
+def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, offsets: torch.Tensor | None = None):
     """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
-    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n)."""
+    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n). ``blocks``: each expert's
+    (start, end) on the host, one GEMM each (cuBLAS writes an fp32 ``dtype`` from its accumulator); None where they
+    are not known there: ONE ``torch._grouped_mm`` grouped along the tokens by the blocks' ends on the device
+    (``offsets``; `_grouped_mm_k_applies`), in the operands' dtype then cast, db by a GEMM with the rows' one-hot."""
+    if blocks is None:
+        g_w = torch._grouped_mm(d_cols, x_cols.t(), offs=offsets)  # (k, o, i)
+        # an empty block's gradient is zero, whatever a kernel leaves there (its output is not initialised)
+        starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+        g_w.masked_fill_((offsets == starts).view(-1, 1, 1), 0)
+        g_b = _mm(d_cols, _sorted_onehot(offsets, d_cols.shape[1], d_cols.dtype), dtype).t() if has_bias else None
+        return _contiguous(g_w, dtype), None if g_b is None else _contiguous(g_b, dtype)
     g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
     g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
     for m, (lo, hi) in enumerate(blocks):
@@ -742,6 +850,15 @@ def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype):
         if g_b is not None:
             torch.sum(d, 1, dtype=dtype, out=g_b[m])
     return g_w, g_b
+
+
+def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x_rows: torch.Tensor,
+                         dtype: torch.dtype, offsets: torch.Tensor):
+    """Projection ``p``'s (dW, db) per expert (`_weight_grads`): d_cols (o, n), its input x_rows (n, i), with the
+    blocks the layout knows; unknown ones are read (a host sync) only where ``torch._grouped_mm`` cannot group the
+    tokens on the device."""
+    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_k_applies(d_cols, x_rows)
+    return _weight_grads(d_cols, x_rows.t(), layout.blocks(p, on_device), layout.has_bias[p], dtype, offsets)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -763,8 +880,9 @@ def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_p
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most."""
-    return t.to(dtype, memory_format=torch.contiguous_format)
+    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most. (``to``
+    with a memory format returns ``t`` itself, whatever its strides, when the dtype is already ``dtype``.)"""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _split_params(stacked) -> list[torch.Tensor]:

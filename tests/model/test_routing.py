@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,32 +96,43 @@ def test_counts_given_by_the_caller_are_checked_and_used():
 
 
 def test_validate_and_route_derives_the_routing_and_names_bad_ids():
+    """Deferred (the default): nothing is read until ``finish()`` (or a path that needs the counts), which reads the
+    checks and the counts together and raises for bad ids; not deferred: at once."""
     from mom import MoMConfig
     from mom.model.modeling import validate_and_route
 
     config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
     ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]])  # text, image, image, text, speech, speech, text
-    routing, _ = validate_and_route(config, ids, None, ids)
-    assert routing.counts == (3, 2, 2) and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
+    routing, finish = validate_and_route(config, ids, None, ids)
+    assert routing.host_counts.known is None and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
+    finish()
+    assert routing.host_counts.known == (3, 2, 2) and routing.counts == (3, 2, 2)
+    routing, _ = validate_and_route(config, ids, None, ids, defer=False)
+    assert routing.host_counts.known == (3, 2, 2)
     bad = ids.clone()
     bad[0, 3] = 20
-    try:
-        validate_and_route(config, bad, None, None)
-    except ValueError as err:
-        assert "token id 20 is out of range" in str(err)
-    else:
-        raise AssertionError("an out-of-range token id was accepted")
+    with pytest.raises(ValueError, match="token id 20 is out of range"):
+        validate_and_route(config, bad, None, None, defer=False)
+    routing, finish = validate_and_route(config, bad, None, None)  # deferred: no read yet
+    with pytest.raises(ValueError, match="token id 20 is out of range"):
+        routing.host_counts.read()  # the first path that needs the counts reads the checks with them
+    with pytest.raises(ValueError, match="token id 20 is out of range"):
+        finish()
+    assert routing.host_counts.known is None
 
 
 def test_routes_for_the_fused_mixer_once_per_dtype():
     """`Routing.routes`: what the fused Function reads, built once per dtype for all layers: the permutation and its
-    inverse, each expert's block (ends on the device, bounds on the host), each token's expert and the one-hot."""
+    inverse, each expert's block (ends on the device; counts on the host, shared, read only when asked), each token's
+    expert and the one-hot."""
     ids = torch.tensor([[2, 0, 1, 0, 2], [1, 1, 0, 2, 0]])
     routing = Routing.build(ids, 3)
     routes = routing.routes(torch.bfloat16)
     assert routes is routing.routes(torch.bfloat16) and routes is not routing.routes(torch.float32)
     assert routes.perm is routing.perm and routes.inv_perm is routing.inv_perm
-    assert routes.bounds == ((0, 4), (4, 7), (7, 10)) and routes.offsets.tolist() == [4, 7, 10]
+    assert routes.counts is routing.host_counts and routes.counts.known is None  # not read: the offsets suffice
+    assert routes.offsets.tolist() == [4, 7, 10] and routes.num_experts == 3
+    assert routing.bounds == ((0, 4), (4, 7), (7, 10)) and routes.counts.blocks() == routing.bounds  # read now
     assert routes.expert_ids.tolist() == ids.flatten().tolist()
     assert routes.onehot.dtype == torch.bfloat16
     assert torch.equal(routes.onehot.argmax(0), ids.flatten()) and routes.onehot.sum().item() == ids.numel()
