@@ -20,6 +20,37 @@ def interleaved_modalities(batch: int, length: int, runs=DEFAULT_RUNS, device="c
     return torch.tensor(row[:length], device=device).expand(batch, -1).contiguous()
 
 
+LAYOUTS = ("balanced", "skewed", "single")
+
+
+def layout_modalities(layout: str, batch: int, length: int, runs=DEFAULT_RUNS, device="cuda") -> torch.Tensor:
+    """(batch, length) modality ids of a named batch layout (issue 22's three):
+
+    - ``balanced``: every row cycles through runs of the given lengths (`interleaved_modalities`);
+    - ``skewed``: about 90% text, 10% image and no speech in even rows; odd rows 85% text, 10% image, 5% speech (a
+      modality absent from some rows), in runs of 256 positions;
+    - ``single``: every token text.
+    """
+    if layout == "balanced":
+        return interleaved_modalities(batch, length, runs, device)
+    if layout == "single":
+        return torch.zeros(batch, length, dtype=torch.long, device=device)
+    if layout != "skewed":
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    rows = []
+    for b in range(batch):
+        block = [0] * 230 + [1] * 26 if b % 2 == 0 else [0] * 218 + [1] * 26 + [2] * 12  # 256 positions
+        rows.append((block * (length // 256 + 1))[:length])
+    return torch.tensor(rows, device=device)
+
+
+def shares(modality_ids: torch.Tensor, num_modalities: int) -> str:
+    """``text 90.0% image 10.0% speech 0.0%``-style summary of a layout."""
+    counts = torch.bincount(modality_ids.reshape(-1), minlength=num_modalities).tolist()
+    names = ("text", "image", "speech")[:num_modalities]
+    return " ".join(f"{n} {c / modality_ids.numel():.1%}" for n, c in zip(names, counts))
+
+
 def mom_mixer(num_modalities: int, d_model: int, decouple, fast: bool = True, device: str = "cuda"):
     """One MoM mixer layer with Mamba's initialisation (built through the LM, which initialises it)."""
     config = mom.MoMConfig(modalities=("text", "image", "speech")[:num_modalities], vocab_sizes=(16,) * num_modalities,

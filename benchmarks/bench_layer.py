@@ -3,6 +3,7 @@
     python benchmarks/bench_layer.py                     # the two default shapes
     python benchmarks/bench_layer.py --shape 8x2048x1024 --runs 64,256,128
     python benchmarks/bench_layer.py --rounds 5 --accumulate
+    python benchmarks/bench_layer.py --layout balanced --layout skewed --layout single   # MoM vs its balanced time
 
 Every variant runs in the same process on the same inputs, in alternating rounds (``--rounds``, best time kept);
 prints time, peak memory and the peak above what stays resident between steps (parameters, the inputs, and with
@@ -27,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, measure, mom_mixer  # noqa: E402
+from bench_common import LAYOUTS, layout_modalities, measure, mom_mixer, shares  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.config import PROJECTIONS  # noqa: E402
@@ -56,11 +57,12 @@ def _build_routing(modality_ids, num_modalities):
 
 
 def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int,
-                accumulate: bool = False, rounds: int = 3) -> None:
+                accumulate: bool = False, rounds: int = 3, layout: str = "balanced") -> dict[str, float]:
+    """Print the variants' times and memory at one shape and layout; -> best ms of each variant."""
     from mamba_ssm.modules.mamba_simple import Mamba
 
     device = "cuda"
-    modality_ids = interleaved_modalities(batch, length, runs, device)
+    modality_ids = layout_modalities(layout, batch, length, runs, device)
     x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
 
@@ -78,7 +80,8 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
         "MoM, fast path": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS), routing),
         "MoM, fast, sorted stream": (lambda: mom_mixer(len(runs), d_model, PROJECTIONS), routing),
     }
-    print(f"shape b={batch} l={length} d_model={d_model} runs={runs} backend={mom.ops.backend.backend_name(x.device)}"
+    print(f"shape b={batch} l={length} d_model={d_model} layout={layout} ({shares(modality_ids, len(runs))}) "
+          f"backend={mom.ops.backend.backend_name(x.device)}"
           f" gradients={'accumulated into .grad' if accumulate else 'dropped after each step'}"
           f" rounds={rounds} (best time of each)")
     times = {name: [] for name in variants}
@@ -98,12 +101,17 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
               f"   above resident {added:6.3f} GiB ({added / base[2]:5.3f}x)   {rounds_ms}")
     t_route, _, _ = measure(lambda: _build_routing(modality_ids, len(runs)), iters=iters)
     print(f"  routing build (once per model forward): {t_route:.3f} ms")
+    return {name: min(t) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", help="BATCHxLENGTHxD_MODEL (repeatable)")
-    parser.add_argument("--runs", default="64,256,128", help="modality run lengths")
+    parser.add_argument("--runs", default="64,256,128", help="modality run lengths of the balanced layout")
+    parser.add_argument("--layout", action="append", choices=LAYOUTS,
+                        help="batch layout (repeatable; default balanced): skewed = 90%% text, 10%% image, speech "
+                        "in half the rows; single = text only. With several, MoM's time on each is compared with "
+                        "its time on the first")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants; best time kept")
     parser.add_argument("--accumulate", action="store_true",
@@ -116,10 +124,18 @@ def main(argv=None) -> int:
         return 2
     shapes = args.shape or ["8x2048x1024", "4x4096x2048"]
     print("device:", torch.cuda.get_device_name())
+    layouts = args.layout or ["balanced"]
     for s in shapes:
         b, l, d = (int(v) for v in s.split("x"))
-        bench_shape(b, l, d, tuple(int(v) for v in args.runs.split(",")), args.iters, args.accumulate, args.rounds)
-        torch.cuda.empty_cache()
+        best = {}
+        for layout in layouts:
+            best[layout] = bench_shape(b, l, d, tuple(int(v) for v in args.runs.split(",")), args.iters,
+                                       args.accumulate, args.rounds, layout)
+            torch.cuda.empty_cache()
+        for layout in layouts[1:]:
+            for name in ("MoM, fast path", "MoM, fast, sorted stream"):
+                print(f"  {name} on {layout} / on {layouts[0]}: {best[layout][name] / best[layouts[0]][name]:.3f}x "
+                      f"time ({best[layout][name]:.3f} vs {best[layouts[0]][name]:.3f} ms)")
     return 0
 
 

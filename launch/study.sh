@@ -4,7 +4,8 @@
 #   launch/study.sh [--parallel N] [--deadline SECONDS] [--set key=value ...] [--dry-run] RUN [RUN ...]
 #
 # A RUN is SETTING_SIZE_VARIANT[_sSEED], e.g. tis_40m_mom, tis_40m_dense_s1, tis_40m_inproj:
-#   SETTING  tis (text+image+speech, data/medium_img32) | t2i (text+image, Chameleon-like, data/medium)
+#   SETTING  tis (text+image+speech, data/medium_img32) | t2i (text+image, Chameleon-like, data/medium) |
+#            tf (Transfusion: text + image latents with a diffusion loss, data/medium_latent; 40m only)
 #   SIZE     40m | 150m
 #   VARIANT  mom (all four projections per modality) | dense (none) | the ablation's inproj (in_proj only) and
 #            inout (in_proj and out_proj), both from the MoM recipe with another model.decouple
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --deadline) deadline=${2:-}; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --set) [[ "${2:-}" == *=* ]] || fail "--set needs key=value, got '${2:-}'"; extra+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) fail "unknown option $1 (see --help)" ;;
         *) runs+=("$1"); shift ;;
     esac
@@ -52,7 +53,7 @@ command_of() {
         [[ "$rest" =~ ^s([0-9]+)$ ]] || fail "run $run: expected SETTING_SIZE_VARIANT[_sSEED], the last part '$rest' is not sSEED"
         seed=${BASH_REMATCH[1]}
     fi
-    [[ "$setting" == tis || "$setting" == t2i ]] || fail "run $run: setting '$setting' is not tis or t2i"
+    [[ "$setting" == tis || "$setting" == t2i || "$setting" == tf ]] || fail "run $run: setting '$setting' is not tis, t2i or tf"
     [[ "$size" == 40m || "$size" == 150m ]] || fail "run $run: size '$size' is not 40m or 150m"
     local recipe overrides=()
     case "$variant" in

@@ -12,6 +12,7 @@ See docs/data.md, docs/image.md, docs/speech.md and (latents: the Transfusion se
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -146,8 +147,11 @@ def _latents(args: argparse.Namespace) -> int:
 
     vae = load_vae(args.vae)
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
-    records = iter_image_records("folder", path=args.images, size=int(vae.config.image_size), limit=args.limit,
-                                 on_error=_raise_bad)
+    folders = args.images or ["data/small/raw/images"]
+    records = itertools.chain.from_iterable(
+        iter_image_records("folder", path=folder, size=int(vae.config.image_size), limit=args.limit,
+                           augment=args.augment, augment_seed=index, on_error=_raise_bad)
+        for index, folder in enumerate(folders))
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
                                    caption_first=args.caption_first, validation_fraction=args.validation_fraction,
                                    seed=args.seed, name=Path(args.out).name, text_from=args.text_from)
@@ -234,13 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="image VAE directory (mom.tokenization.vae)")
     p.add_argument("--tokenizer", default="tokenizers/small", help="multimodal tokenizer whose text part encodes "
                    "the captions (default: %(default)s)")
-    p.add_argument("--images", default="data/small/raw/images", help="folder of images + captions.jsonl "
-                   "(default: %(default)s)")
+    p.add_argument("--images", action="append", help="folder of images + captions.jsonl, repeatable "
+                   "(default: data/small/raw/images)")
+    p.add_argument("--augment", type=int, default=0, help="augmented variants per image (flips, shifts, colour "
+                   "jitter as the image sources' augment option), in the same split as their original")
     p.add_argument("--out", required=True, help="output corpus directory (must not exist)")
     p.add_argument("--patch-size", type=int, default=2, help="latent patch side: one position per p x p patch")
     p.add_argument("--caption-first", type=float, default=0.5, help="share of documents with the caption first")
     p.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images of each folder")
     p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
                    "documents are added, e.g. data/small")
     p.add_argument("--seed", type=int, default=0)

@@ -158,8 +158,9 @@ def report(runs: Sequence[Run], baseline: Run | None) -> str:
         lines.append("(several seeds: the mean ± half the range over the seeds)")
     if baseline is None:
         return "\n".join(lines)
-    of = baseline.name if len(baseline.seeds) == 1 else f"{baseline.name} (mean of its {len(baseline.seeds)} seeds)"
-    lines.append(f"\nFLOPs to reach {of}'s final loss, as a share of {baseline.name}'s training FLOPs"
+    of = f"{baseline.name}'s final loss" if len(baseline.seeds) == 1 else \
+        f"the final loss of {baseline.name} (mean of its {len(baseline.seeds)} seeds)"
+    lines.append(f"\nFLOPs to reach {of}, as a share of {baseline.name}'s training FLOPs"
                  + (" (median and range over the seeds):" if seeded else ":"))
     width = 26 if seeded else 10
     for r in runs:
@@ -189,6 +190,7 @@ def plot(runs: Sequence[Run], out: str | Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as err:
         raise MissingDependencyError("plotting needs matplotlib: pip install matplotlib") from err
     keys = [k for k in runs[0].keys if all(k in r.keys for r in runs)]
@@ -204,6 +206,7 @@ def plot(runs: Sequence[Run], out: str | Path) -> None:
                 ax.fill_between([f for f, _ in points], [min(v) for _, v in points], [max(v) for _, v in points],
                                 color=line[0].get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor ticks' labels overlap
         ax.set_title(f"validation loss: {key}")
         ax.set_xlabel("training FLOPs")
         ax.grid(alpha=0.3)

@@ -121,3 +121,32 @@ def test_source_options_parse_yaml_values() -> None:
     for bad in ("path=./x", "a.path", ".path=1", "a.=1"):
         with pytest.raises(ValueError, match="SOURCE.KEY=VALUE"):
             source_options([bad])
+
+
+def test_latents_from_several_folders_with_augmented_variants(tmp_path, capsys):
+    """`mom-data latents --images A --images B --augment 1`: every folder's images, each with one variant that stays
+    in its original's split (a medium corpus's images come as two exported folders)."""
+    import pyarrow.parquet as pq
+
+    raw = ROOT / "data/small/raw/images"
+    lines = (raw / "captions.jsonl").read_text().splitlines()
+    folders = []
+    for name, part in (("a", lines[:5]), ("b", lines[5:9])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for line in part:
+            shutil.copy(raw / json.loads(line)["file"], folder)
+        (folder / "captions.jsonl").write_text("\n".join(part) + "\n")
+        folders += ["--images", str(folder)]
+    out = tmp_path / "latent"
+    assert main(["latents", "--vae", str(ROOT / "tokenizers/small/vae"), *folders, "--augment", "1",
+                 "--validation-fraction", "0.3", "--out", str(out)]) == 0, capsys.readouterr().err
+    docs = [d for split in ("train", "validation") for d in pq.read_table(out / split / "shard-00000.parquet")
+            .select(["kind", "meta"]).to_pylist()]
+    images = [json.loads(d["meta"]) for d in docs if d["kind"] in ("image_caption", "caption_image")]
+    assert len(images) == 2 * (5 + 4) and sum(m.get("variant", 0) == 1 for m in images) == 9
+    splits = {}
+    for split in ("train", "validation"):
+        for d in pq.read_table(out / split / "shard-00000.parquet").select(["meta"]).to_pylist():
+            splits.setdefault(json.loads(d["meta"])["id"], set()).add(split)
+    assert all(len(s) == 1 for s in splits.values())  # a variant is never in the other split than its original

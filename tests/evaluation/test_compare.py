@@ -85,7 +85,7 @@ def test_seeds_give_a_mean_target_shares_per_seed_and_a_spread_verdict(tmp_path)
     assert shares(mom, dense, "all")[0] == pytest.approx((5 + 5 * 1.8 / 2.1) / 10)
     assert shares(dense, dense, "all")[2] is None  # the worst dense seed never reaches the mean of its seeds
     text = report([mom, dense], dense)
-    assert "mean of its 3 seeds" in text and "mom (3 seeds)" in text
+    assert "mean of its 3 seeds)" in text and "mom (3 seeds)" in text
     verdicts = [line for line in text.splitlines() if line.startswith("mom ")][-1].split()
     # all: -0.2 inside the 0.4 spread; image: -0.9 outside 0.2 (mom's seeds); text: +0.05 inside 0.2 (dense's)
     assert verdicts[1:] == ["-0.2000/0.4000", "no", "diff.", "-0.9000/0.2000", "lower", "+0.0500/0.2000", "no", "diff."]

@@ -105,3 +105,54 @@ def test_slurm_dry_run_and_errors(tmp_path):
     assert "--no_ssh --node_rank $SLURM_NODEID --master_addr gpu1" in result.stderr
     assert not (ROOT / "hostfile-7").exists()  # a dry run writes nothing
     one_error(launch("slurm.sbatch", RECIPE, **env), "slurm.sbatch", "deepspeed not found")
+
+
+# ---- launch/study.sh: the study's named runs -------------------------------------------------------------------
+def test_study_names_map_to_recipes_seeds_and_the_ablation():
+    result = launch("study.sh", "--dry-run", "--set", "train.max_steps=5", "tis_40m_mom", "tis_40m_dense_s2",
+                    "tis_40m_inproj", "t2i_150m_inout_s1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "mom-train --config recipes/study/tis_40m_mom.yaml train.max_steps=5 train.out_dir=runs/study/tis_40m_mom "
+        "--resume auto",
+        "mom-train --config recipes/study/tis_40m_dense.yaml train.seed=2 data.seed=2 train.max_steps=5 "
+        "train.out_dir=runs/study/tis_40m_dense_s2 --resume auto",
+        "mom-train --config recipes/study/tis_40m_mom.yaml model.decouple=[in_proj] train.max_steps=5 "
+        "train.out_dir=runs/study/tis_40m_inproj --resume auto",
+        "mom-train --config recipes/study/t2i_150m_mom.yaml model.decouple=[in_proj,out_proj] train.seed=1 "
+        "data.seed=1 train.max_steps=5 train.out_dir=runs/study/t2i_150m_inout_s1 --resume auto",
+    ]
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    ((), ("no RUN given",)),
+    (("tis_40m_moe",), ("run tis_40m_moe", "variant 'moe'")),
+    (("tis_80m_mom",), ("size '80m'",)),
+    (("tis_40m_mom_seed1",), ("'seed1' is not sSEED",)),
+    (("tis_40m_mom", "tis_40m_mom"), ("named twice",)),
+    (("--parallel", "0", "tis_40m_mom"), ("--parallel",)),
+    (("--set", "oops", "tis_40m_mom"), ("--set needs key=value",)),
+])
+def test_study_bad_arguments_are_one_line_errors(args, needles):
+    one_error(launch("study.sh", *args), "study.sh", *needles)
+
+
+def test_study_runs_resumes_and_copies_metrics(tmp_path):
+    """One tiny run through the script (its recipe shrunk with --set), its metrics copied to OUT; the same command
+    again resumes the finished run instead of training it afresh."""
+    tiny = ["--set", f"data.path={ROOT / 'data/small'}", "--set", "model.vocab_sizes=[2048,512,256]",
+            "--set", "model.d_model=16", "--set", "model.n_layer=1", "--set", "data.seq_len=32",
+            "--set", "data.batch_size=2", "--set", "train.max_steps=2", "--set", "train.eval_every=2",
+            "--set", "train.eval_batches=1", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "launch", work / "launch")
+    shutil.copytree(ROOT / "recipes/study", work / "recipes/study")
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OUT": str(tmp_path / "out")}
+    for _ in range(2):
+        result = subprocess.run([BASH, "launch/study.sh", *tiny, "tis_40m_dense"], cwd=work, capture_output=True,
+                                text=True, timeout=120, env=env)
+        assert result.returncode == 0 and "tis_40m_dense exit 0" in result.stdout, result
+    metrics = (tmp_path / "out/study/tis_40m_dense/metrics.jsonl").read_text()
+    assert '"split": "validation"' in metrics and (tmp_path / "out/study/tis_40m_dense/recipe.yaml").is_file()
+    log = (work / "runs/study/tis_40m_dense.log").read_text()
+    assert log.count("resumed from") == 1  # the second command picked up the finished run

@@ -13,7 +13,7 @@ from mom.cli.flops import main as flops_main
 from mom.cli.train import main as train_main
 from mom.data.images import iter_image_records
 from mom.data.latent_corpus import build_latent_corpus
-from mom.evaluation.compare import read_curve, report
+from mom.evaluation.compare import read_run, report
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.train.loop import train
 from mom.train.recipe import load_recipe
@@ -57,7 +57,7 @@ def test_mom_and_dense_train_and_compare(corpus, tmp_path, one_thread):
         runs[name] = tmp_path / name
     model = AutoModelForCausalLM.from_pretrained(runs["mom"] / "hf")
     assert isinstance(model, mom.MoMTransfusionForCausalLM) and model.config.decouple
-    curves = [read_curve(n, runs[n]) for n in ("mom", "dense")]
+    curves = [read_run(n, [runs[n]]) for n in ("mom", "dense")]
     text = report(curves, curves[1])
     assert "image" in text and "text" in text
 
