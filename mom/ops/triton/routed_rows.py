@@ -5,8 +5,10 @@ A decode step has one token per row, and each row's modality picks its expert. D
 per expert over all rows, a stack and a gather (five launches for three experts); a captured decode step is a few
 hundred such small launches, and their count, not the bytes they move, sets its time (docs/performance.md). Here one
 program per (tile of output features, expert) loads that expert's weight tile once and multiplies it with the rows,
-keeping only the rows routed to it: every weight is read once, whatever the mix of modalities across rows (the other
-rows' products are computed and dropped: a decode step's FLOPs are not what it waits for). No host sync, fixed shapes:
+keeping only the rows routed to it: every weight is read at most once, whatever the mix of modalities across rows
+(the other rows' products are computed and dropped: a decode step's FLOPs are not what it waits for), and an
+expert no row of the block is routed to is not read at all (its loads are masked off): at batch 1 a step reads one
+expert's weights, as a dense model reads its one, instead of all of them. No host sync, fixed shapes:
 a CUDA graph replays it for any routing.
 
 The weights are read where they are (the experts' own ``nn.Linear`` parameters, no stacked copy), so in-place
@@ -54,14 +56,15 @@ def _kernel():
         out_ok = outs < OUT
         rows = tl.program_id(2) * BB + tl.arange(0, BB)
         mine = (rows < B) & (tl.load(expert + rows, mask=rows < B, other=-1) == e)
+        used = tl.max(mine.to(tl.int32), axis=0) > 0  # any row of this block routed to e: else skip e's weights
         acc = tl.zeros((BB, BO), dtype=tl.float32)
         for k0 in range(0, IN, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < IN
             xt = tl.load(x + rows.to(tl.int64)[:, None] * s_x + ks[None, :], mask=mine[:, None] & k_ok[None, :],
                          other=0.0)  # (BB, BK); other rows read as zeros
-            wt = tl.load(w + outs.to(tl.int64)[:, None] * IN + ks[None, :], mask=out_ok[:, None] & k_ok[None, :],
-                         other=0.0)  # (BO, BK)
+            wt = tl.load(w + outs.to(tl.int64)[:, None] * IN + ks[None, :],
+                         mask=(out_ok[:, None] & k_ok[None, :]) & used, other=0.0)  # (BO, BK); masked: not read
             if IEEE:  # fp32 operands: full-precision products, as torch's fp32 GEMM (not TF32)
                 acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
             else:
