@@ -24,7 +24,6 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,6 @@ from PIL import Image
 from mom.cli.common import run
 from mom.cli.data import command, source_options
 from mom.data.tokenizer_training import ImageSourceSpec
-from mom.tokenization.vae import ImageVAEConfig, VAETrainingConfig
-from mom.utils.configio import from_file
 from mom.utils.errors import BadInputError
 
 SAMPLE_DOCUMENTS = 2000  # training documents on which `text train` reports characters per token
@@ -226,37 +223,10 @@ def _speech_decode(args: argparse.Namespace) -> int:
 
 
 # ---- continuous image VAE ----------------------------------------------------------------------------------------
-@dataclass
-class VAERecipe:
-    """A VAE recipe (``tokenizers/recipes/vae_*.yaml``): image ``sources`` (as in the VQ image recipes), the ``vae``
-    architecture (:class:`ImageVAEConfig`), the ``training`` run (:class:`VAETrainingConfig`) and
-    ``held_out_fraction``. Held-out images follow the VQ recipes' rule (:meth:`load_images`)."""
-
-    sources: tuple[ImageSourceSpec, ...]
-    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
-    training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
-    held_out_fraction: float = 0.1
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> VAERecipe:
-        return from_file(cls, path, "VAE recipe")
-
-    def load_images(self) -> tuple[list[Image.Image], list[Image.Image]]:
-        """(train, held-out) images at the VAE's size, split as ``ImageTokenizerRecipe.load_images`` splits them:
-        the records marked ``"split": "validation"``, else a seeded ``held_out_fraction`` of each source's items."""
-        from mom.data.tokenizer_training import ImageTokenizerRecipe
-        from mom.tokenization.image import ImageTokenizerConfig, TrainingConfig
-
-        # Only the image size and the seed of the VQ recipe take part in reading and splitting the images.
-        size = ImageTokenizerConfig(image_size=self.vae.image_size, downsample=2, channels=(1,))
-        split = ImageTokenizerRecipe(self.sources, size, TrainingConfig(seed=self.training.seed),
-                                     self.held_out_fraction)  # fmt: skip
-        return split.load_images()
-
-
 def _vae_train(args: argparse.Namespace) -> int:
     import torch
 
+    from mom.data.tokenizer_training import VAERecipe
     from mom.tokenization.vae import REPORT_FILE, train_vae
 
     recipe, out, device, train, held = _start_training(VAERecipe, args, need_held=True)
