@@ -107,8 +107,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     prompts = args.prompt or [""]
     if args.grid is None:
         if args.num_samples > 1 or len(prompts) > 1:
-            raise ValueError(f"{len(prompts)} --prompt and --num-samples {args.num_samples}: several samples make "
-                             "a grid: pass --grid FILE.png (and --then image)")
+            what = f"--num-samples {args.num_samples}" if args.num_samples > 1 else f"{len(prompts)} --prompt options"
+            raise ValueError(f"{what}: several samples make a grid: pass --grid FILE.png (with --then image)")
         return prompts
     if args.then != "image":
         raise ValueError(f"--grid: draws images; pass --then image (got --then {args.then})")

@@ -69,7 +69,7 @@ def _text_encode(args: argparse.Namespace) -> int:
 
 
 # ---- image -------------------------------------------------------------------------------------------------------
-def save_reconstructions(path: str | Path, originals, reconstructions, columns: int = 16) -> None:
+def _save_reconstructions(path: str | Path, originals, reconstructions, columns: int = 16) -> None:
     """Save uint8 images ``(n, s, s, 3)``: originals (top) over reconstructions (bottom), ``columns`` per row pair
     (`mom.generation.grid.save_grid`)."""
     import numpy as np
@@ -154,7 +154,7 @@ def _image_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2))
     if args.save_grid:
         pixels = images_to_uint8([r.image for r in records[: args.grid_images]], tokenizer.image_size)
-        save_reconstructions(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
+        _save_reconstructions(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
         print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
     return 0
 
@@ -258,7 +258,7 @@ def _vae_eval(args: argparse.Namespace) -> int:
         c, shown = vae.config.channels, [r.image for r in records[: args.grid_images]]
         originals = np.stack([np.asarray(im.convert("L" if c == 1 else "RGB")).reshape(size, size, c) for im in shown])
         reconstructions = vae.decode(vae.encode(originals))
-        save_reconstructions(args.save_grid, originals, reconstructions)  # grey (.., 1) cells are drawn grey
+        _save_reconstructions(args.save_grid, originals, reconstructions)  # grey (.., 1) cells are drawn grey
         print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
     return 0
 
