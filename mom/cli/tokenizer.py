@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,6 @@ from PIL import Image
 from mom.cli.common import run
 from mom.cli.data import command, source_options
 from mom.data.tokenizer_training import ImageSourceSpec
-from mom.tokenization.vae import ImageVAEConfig, VAETrainingConfig
-from mom.utils.configio import from_file
 from mom.utils.errors import BadInputError
 
 SAMPLE_DOCUMENTS = 2000  # training documents on which `text train` reports characters per token
@@ -73,19 +69,17 @@ def _text_encode(args: argparse.Namespace) -> int:
 
 
 # ---- image -------------------------------------------------------------------------------------------------------
-def save_grid(path: str | Path, originals, reconstructions, columns: int = 16) -> None:
-    """Save uint8 images ``(n, s, s, 3)``: originals (top) over reconstructions (bottom), ``columns`` per row pair."""
+def _save_reconstructions(path: str | Path, originals, reconstructions, columns: int = 16) -> None:
+    """Save uint8 images ``(n, s, s, 3)``: originals (top) over reconstructions (bottom), ``columns`` per row pair
+    (`mom.generation.grid.save_grid`)."""
     import numpy as np
-    from PIL import Image
 
-    n, s = len(originals), originals.shape[1]
-    rows = math.ceil(n / columns)
-    sheet = np.full((rows * 2 * s, columns * s, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        sheet[2 * r * s : (2 * r + 1) * s, c * s : (c + 1) * s] = originals[i].numpy()
-        sheet[(2 * r + 1) * s : (2 * r + 2) * s, c * s : (c + 1) * s] = reconstructions[i].numpy()
-    Image.fromarray(sheet).save(path)
+    from mom.generation.grid import save_grid
+
+    rows = []
+    for start in range(0, len(originals), columns):
+        rows += [list(np.asarray(images[start : start + columns])) for images in (originals, reconstructions)]
+    save_grid(path, rows, columns=columns)
 
 
 def _override_sources(sources: Sequence[ImageSourceSpec], opts: Sequence[str]) -> None:
@@ -160,7 +154,7 @@ def _image_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2))
     if args.save_grid:
         pixels = images_to_uint8([r.image for r in records[: args.grid_images]], tokenizer.image_size)
-        save_grid(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
+        _save_reconstructions(args.save_grid, pixels, tokenizer.decode(tokenizer.encode(pixels)))
         print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
     return 0
 
@@ -226,37 +220,10 @@ def _speech_decode(args: argparse.Namespace) -> int:
 
 
 # ---- continuous image VAE ----------------------------------------------------------------------------------------
-@dataclass
-class VAERecipe:
-    """A VAE recipe (``tokenizers/recipes/vae_*.yaml``): image ``sources`` (as in the VQ image recipes), the ``vae``
-    architecture (:class:`ImageVAEConfig`), the ``training`` run (:class:`VAETrainingConfig`) and
-    ``held_out_fraction``. Held-out images follow the VQ recipes' rule (:meth:`load_images`)."""
-
-    sources: tuple[ImageSourceSpec, ...]
-    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
-    training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
-    held_out_fraction: float = 0.1
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> VAERecipe:
-        return from_file(cls, path, "VAE recipe")
-
-    def load_images(self) -> tuple[list[Image.Image], list[Image.Image]]:
-        """(train, held-out) images at the VAE's size, split as ``ImageTokenizerRecipe.load_images`` splits them:
-        the records marked ``"split": "validation"``, else a seeded ``held_out_fraction`` of each source's items."""
-        from mom.data.tokenizer_training import ImageTokenizerRecipe
-        from mom.tokenization.image import ImageTokenizerConfig, TrainingConfig
-
-        # Only the image size and the seed of the VQ recipe take part in reading and splitting the images.
-        size = ImageTokenizerConfig(image_size=self.vae.image_size, downsample=2, channels=(1,))
-        split = ImageTokenizerRecipe(self.sources, size, TrainingConfig(seed=self.training.seed),
-                                     self.held_out_fraction)  # fmt: skip
-        return split.load_images()
-
-
 def _vae_train(args: argparse.Namespace) -> int:
     import torch
 
+    from mom.data.tokenizer_training import VAERecipe
     from mom.tokenization.vae import REPORT_FILE, train_vae
 
     recipe, out, device, train, held = _start_training(VAERecipe, args, need_held=True)
@@ -271,7 +238,6 @@ def _vae_train(args: argparse.Namespace) -> int:
 
 def _vae_eval(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from mom.data.images import iter_image_records
     from mom.data.tokenizer_training import warn_skipped
@@ -292,8 +258,7 @@ def _vae_eval(args: argparse.Namespace) -> int:
         c, shown = vae.config.channels, [r.image for r in records[: args.grid_images]]
         originals = np.stack([np.asarray(im.convert("L" if c == 1 else "RGB")).reshape(size, size, c) for im in shown])
         reconstructions = vae.decode(vae.encode(originals))
-        rgb = [torch.from_numpy(np.repeat(x, 3 // c, axis=-1)) for x in (originals, reconstructions)]
-        save_grid(args.save_grid, *rgb)
+        _save_reconstructions(args.save_grid, originals, reconstructions)  # grey (.., 1) cells are drawn grey
         print(f"wrote {args.save_grid} (originals above reconstructions)", file=sys.stderr)
     return 0
 

@@ -2,6 +2,7 @@
 
     ids = generate_document(model, tokenizer, "a handwritten digit seven", then="image")
     paths = write_document(tokenizer.decode_document(ids), Path("samples"), tokenizer.speech_sample_rate)
+    pixels = sample_token_image(model, tokenizer, "a handwritten digit seven", seed=3)   # that image alone (h, w, 3)
 
 Decoding is constrained to well-formed documents (`SpanConstraint`): outside media spans only text ids, span
 openers and EOS may follow; inside an image span exactly ``tokens_per_image`` image codes, then the closing marker;
@@ -103,6 +104,24 @@ def generate_document(
         pad_token_id=EOS_ID,
     )
     return out[0].tolist()
+
+
+def sample_token_image(
+    model,
+    tokenizer: MultimodalTokenizer,
+    prompt: str,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """The image a document sampled with ``then="image"`` and ``seed`` starts with (``generate_document`` stopped
+    after ``</image>``) -> uint8 (h, w, 3). Sampling draws the same ids whatever ``max_new_tokens``, so this is the
+    ``image_0.png`` of ``mom-generate --then image --seed SEED``."""
+    if "image" not in tokenizer.modalities:
+        raise ValueError(f"the tokenizer has no image modality (it has {list(tokenizer.modalities)})")
+    codes = tokenizer.image.tokens_per_image
+    ids = generate_document(model, tokenizer, prompt, "image", codes + 1, temperature, top_k, seed=seed)
+    return next(value for kind, value in tokenizer.decode_document(ids) if kind == "image")
 
 
 def close_open_span(ids: list[int], constraint: SpanConstraint) -> list[int]:

@@ -2,6 +2,7 @@
 
     parts = generate_transfusion(model, vae, tokenizer, "a red handwritten digit seven", steps=50)
     write_document(parts, Path("samples"), None)       # text.txt and image_0.png (mom.generation.document)
+    pixels = sample_transfusion_image(model, vae, tokenizer, "a red handwritten digit seven", seed=3)  # image alone
 
 The prompt ``<s> text <image>`` is run once into a recurrent cache (`MoMCache`). A causal SSM's state after the
 prompt is all the image positions can see of it, and in training every patch of an image sees the same noisy
@@ -91,6 +92,35 @@ def sample_image(model: MoMTransfusionForCausalLM, cache: MoMCache, steps: int =
         return ddim_sample(predict_noise, x_T, model.schedule, steps)
 
 
+def _image_after_prompt(model: MoMTransfusionForCausalLM, tokenizer: Any, prompt: str, steps: int,
+                        guidance_scale: float, generator: torch.Generator,
+                        progress: bool) -> tuple[MoMCache, torch.Tensor]:
+    """Prefill ``<s> prompt <image>`` and denoise the image after it -> (the prompt's cache, clean patches
+    (1, L, patch_dim))."""
+    model.eval()
+    cache, _ = prefill(model, [BOS_ID, *tokenizer.encode_text(prompt), BOI_ID])
+    return cache, sample_image(model, cache, steps, guidance_scale, generator, progress)
+
+
+def decode_patches(model: MoMTransfusionForCausalLM, vae: Any, patches: torch.Tensor) -> np.ndarray:
+    """One image's clean latent patches (1, L, patch_dim) -> its pixels through ``vae``, uint8 (H, W, 3)."""
+    cfg = model.config
+    latent = unpatchify(patches.float().cpu(), cfg.patch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    return np.asarray(vae.decode(latent))[0]
+
+
+@torch.no_grad()
+def sample_transfusion_image(model: MoMTransfusionForCausalLM, vae: Any, tokenizer: Any, prompt: str,
+                             steps: int = DEFAULT_STEPS, guidance_scale: float = 1.0, seed: int = 0,
+                             progress: bool = False) -> np.ndarray:
+    """The image of ``generate_transfusion(..., seed=seed)`` alone, without the text after it -> uint8 (H, W, 3)
+    (the same pixels: the image is drawn first from the seeded generator)."""
+    check_vae(model, vae)
+    _, patches = _image_after_prompt(model, tokenizer, prompt, steps, guidance_scale,
+                                     torch.Generator().manual_seed(seed), progress)  # fmt: skip
+    return decode_patches(model, vae, patches)
+
+
 @torch.no_grad()
 def generate_transfusion(
     model: MoMTransfusionForCausalLM,
@@ -111,10 +141,8 @@ def generate_transfusion(
     check_vae(model, vae)
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0, got {temperature}")
-    model.eval()
     generator = torch.Generator().manual_seed(seed)
-    cache, _ = prefill(model, [BOS_ID, *tokenizer.encode_text(prompt), BOI_ID])
-    patches = sample_image(model, cache, steps, guidance_scale, generator, progress)  # (1, L, D)
+    cache, patches = _image_after_prompt(model, tokenizer, prompt, steps, guidance_scale, generator, progress)
     # the clean image (timestep 0) into the prompt's cache, then </image>: what the text after it sees
     device = patches.device
     ids = torch.full((1, cfg.patches_per_image), cfg.image_token_id, device=device)
@@ -132,8 +160,7 @@ def generate_transfusion(
             break
         new.append(token)
         logits = model(torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits[0, -1]
-    latent = unpatchify(patches.float().cpu(), cfg.patch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    image = np.asarray(vae.decode(latent))[0]  # (H, W, 3) uint8
+    image = decode_patches(model, vae, patches)
     return [("text", prompt), ("image", image), ("text", tokenizer.text.decode(new) if new else "")]
 
 

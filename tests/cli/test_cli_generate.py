@@ -1,9 +1,11 @@
-"""`mom-generate`: a decoded document from a model directory or a run directory; warnings and one-line errors."""
+"""`mom-generate`: a decoded document from a model directory or a run directory, grids of samples; warnings and
+one-line errors."""
 
 import shutil
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -74,3 +76,56 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(run_dir), "--then", "video"])
     assert e.value.code == 2 and "invalid choice: 'video'" in capsys.readouterr().err
+
+
+def cell(sheet, r: int, c: int, size: int, row_height: int):
+    return sheet[r * row_height : r * row_height + size, c * size : (c + 1) * size]
+
+
+def test_a_grid_of_samples_per_prompt_and_seed(tmp_path, run_dir, capsys):
+    grid = tmp_path / "grid.png"
+    assert main(["--model", str(run_dir), "--prompt", "a grinning face", "--prompt", "a handwritten digit seven",
+                 "--then", "image", "--num-samples", "3", "--seed", "5", "--grid", str(grid),
+                 "--out", str(tmp_path / "unused")]) == 0  # fmt: skip
+    assert "grid of 2 prompt(s) x 3 sample(s) (seeds 5..7)" in capsys.readouterr().out
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "grid.captions.txt").exists()
+    sheet = np.asarray(Image.open(grid))
+    row_height = sheet.shape[0] // 2
+    assert sheet.shape[1] == 3 * 32 and row_height > 32  # 3 columns of 32x32 images, each row's prompt under it
+    cells = [[cell(sheet, r, c, 32, row_height) for c in range(3)] for r in range(2)]
+    for row in cells:  # each seed gives its own sample
+        assert not any(np.array_equal(row[a], row[b]) for a, b in [(0, 1), (0, 2), (1, 2)])
+    # a cell is the image that one document with that prompt and seed starts with
+    one = tmp_path / "one"
+    assert main(["--model", str(run_dir), "--prompt", "a handwritten digit seven", "--then", "image", "--seed", "6",
+                 "--max-new-tokens", "70", "--out", str(one)]) == 0  # fmt: skip
+    assert np.array_equal(cells[1][1], np.asarray(Image.open(one / "image_0.png")))
+
+
+def test_a_prompt_the_font_cannot_draw_goes_to_a_captions_file(tmp_path, run_dir, capsys):
+    grid = tmp_path / "grid.png"
+    assert main(["--model", str(run_dir), "--prompt", "一只猫", "--then", "image", "--num-samples", "2",
+                 "--grid", str(grid)]) == 0  # fmt: skip
+    assert Image.open(grid).size == (2 * 32, 1 * 32)  # rows x cols x image size, no caption strip
+    assert (tmp_path / "grid.captions.txt").read_text(encoding="utf-8") == "row 1: 一只猫\n"
+    assert f"wrote {tmp_path / 'grid.captions.txt'}" in capsys.readouterr().out
+
+
+def test_bad_grid_options_are_one_line_errors(tmp_path, run_dir, capsys):
+    image = ["--model", str(run_dir), "--then", "image"]
+    assert main([*image, "--num-samples", "0", "--grid", str(tmp_path / "g.png")]) == 2
+    one_error_line(capsys, "--num-samples: must be >= 1, got 0")
+    assert main([*image, "--num-samples", "2"]) == 2
+    one_error_line(capsys, "pass --grid FILE.png")
+    assert main([*image, "--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "doc")]) == 2
+    one_error_line(capsys, "2 --prompt", "pass --grid FILE.png")
+    assert main([*image, "--grid", str(tmp_path / "absent" / "g.png")]) == 2
+    one_error_line(capsys, "--grid", "no directory")
+    (tmp_path / "d.png").mkdir()
+    assert main([*image, "--grid", str(tmp_path / "d.png")]) == 2
+    one_error_line(capsys, "is a directory")
+    assert main([*image, "--grid", str(tmp_path / "g.jpg")]) == 2
+    one_error_line(capsys, "must name a .png file")
+    assert main(["--model", str(run_dir), "--then", "speech", "--grid", str(tmp_path / "g.png")]) == 2
+    one_error_line(capsys, "--grid: draws images; pass --then image")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]  # nothing written

@@ -176,3 +176,12 @@ def test_vae_train_eval_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixt
     assert err.count("\n") == 1 and "text.png: not a readable image" in err and not (tmp_path / "t.npy").exists()
     assert main(["vae", "eval", "--vae", str(tmp_path / "absent"), "--images", str(RAW_IMAGES)]) == 2
     assert "absent/config.json" in capsys.readouterr().err
+
+
+def test_vae_train_names_the_bad_recipe_field_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = {"sources": [{"source": "folder", "options": {"path": str(RAW_IMAGES)}}], "vae": {"base_widht": 8}}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["vae", "train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "vae")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'r.yaml'}: vae.base_widht: unknown key" in err
+    assert not (tmp_path / "vae").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,16 @@ from mom.data.tokenizer_training import (
     SpeechDataSpec,
     SpeechTokenizerRecipe,
     TextTokenizerRecipe,
+    VAERecipe,
     recipe_texts,
 )
+from mom.tokenization import vae as vae_module
 from mom.tokenization.text import TextTrainingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "tokenizers" / "recipes"
 RAW = REPO / "data" / "small" / "raw"
+VAE_RECIPES = sorted(RECIPES.glob("vae_*.yaml"))
 
 
 # ---- text ----------------------------------------------------------------------------------------------------------
@@ -80,6 +84,83 @@ def test_image_recipe_holds_out_unmarked_sources_without_leaking_variants() -> N
     assert len(train) == 15 * 2 + 630  # the other digits with one augmented variant each + the folder's train split
     held_pixels = {np.asarray(im).tobytes() for im in held}
     assert not any(np.asarray(im).tobytes() in held_pixels for im in train)
+
+
+def test_image_recipes_name_a_bad_source_or_fraction(tmp_path: Path) -> None:
+    text = (RECIPES / "image_small.yaml").read_text()
+    for bad, good, message in [
+        ("source: folder", "source: fodler", r"sources\[0\]\.source: unknown image source 'fodler'"),
+        ("held_out_fraction: 0.1", "held_out_fraction: 1.0", r"held_out_fraction: must be in \[0, 1\)"),
+    ]:
+        (tmp_path / "r.yaml").write_text(text.replace(bad, good))
+        with pytest.raises(ValueError, match=message):
+            ImageTokenizerRecipe.from_yaml(tmp_path / "r.yaml")
+    with pytest.raises(ValueError, match="sources: list at least one"):
+        ImageTokenizerRecipe(sources=())
+
+
+# ---- continuous image VAE (the Transfusion setting) ------------------------------------------------------------------
+@pytest.mark.parametrize("path", VAE_RECIPES, ids=lambda p: p.name)
+def test_every_committed_vae_recipe_parses(path: Path) -> None:
+    recipe = VAERecipe.from_yaml(path)
+    assert recipe.sources and all(isinstance(s, ImageSourceSpec) for s in recipe.sources)
+    assert recipe.vae.image_size % recipe.vae.downsample == 0 and 0 <= recipe.held_out_fraction < 1
+
+
+def test_the_vae_recipes_are_found() -> None:  # the test above is not left with nothing to check
+    assert {"vae_small.yaml", "vae_large.yaml"} <= {p.name for p in VAE_RECIPES}
+
+
+def test_vae_recipe_errors_name_the_bad_field(tmp_path: Path) -> None:
+    text = (RECIPES / "vae_small.yaml").read_text()
+    for bad, good, message in [
+        ("  base_width: 16", "  base_widht: 16", "vae.base_widht: unknown key"),
+        ("  steps: 3000", "  steps: many", "training.steps: expected int"),
+        ("  recon_loss: mse", "  recon_loss: ssim", "training.recon_loss"),
+        ("  downsample: 4 ", "  downsample: 3 ", "vae.downsample: must be a power of two"),
+        ("source: folder", "source: fodler", r"sources\[0\]\.source: unknown image source"),
+        ("held_out_fraction: 0.1", "held_out_fraction: -0.1", "held_out_fraction: must be in"),
+    ]:
+        assert bad in text, bad
+        (tmp_path / "r.yaml").write_text(text.replace(bad, good))
+        with pytest.raises(ValueError, match=message) as error:
+            VAERecipe.from_yaml(tmp_path / "r.yaml")
+        assert str(error.value).startswith(str(tmp_path / "r.yaml"))  # and the file
+    (tmp_path / "r.yaml").write_text("vae: {image_size: 32}\n")
+    with pytest.raises(ValueError, match="sources: required key missing"):
+        VAERecipe.from_yaml(tmp_path / "r.yaml")
+
+
+def test_vae_and_vq_recipes_hold_out_the_same_images() -> None:
+    pytest.importorskip("sklearn", reason="scikit-learn not installed (pip install scikit-learn)")
+    sources = (ImageSourceSpec("digits", {"limit": 20, "augment": 1}),)
+    vq = ImageTokenizerRecipe(sources=sources, held_out_fraction=0.25)
+    vae = VAERecipe(sources=sources, held_out_fraction=0.25)
+    assert vq.tokenizer.image_size == vae.vae.image_size and vq.training.seed == vae.training.seed
+
+    def pixels(images: list) -> list[bytes]:
+        return [np.asarray(im).tobytes() for im in images]
+
+    (vq_train, vq_held), (vae_train, vae_held) = vq.load_images(), vae.load_images()
+    assert len(vae_held) == 5 and len(vae_train) == 15 * 2
+    assert pixels(vae_held) == pixels(vq_held) and pixels(vae_train) == pixels(vq_train)
+    reseeded = VAERecipe(sources=sources, held_out_fraction=0.25)
+    reseeded.training.seed = 1
+    assert pixels(reseeded.load_images()[1]) != pixels(vae_held)  # the seed draws the held-out items
+
+
+def test_committed_vae_was_built_from_its_recipe() -> None:
+    small_vae = REPO / "tokenizers" / "small" / "vae"
+    recipe = VAERecipe.from_yaml(RECIPES / "vae_small.yaml")
+    saved = json.loads((small_vae / "config.json").read_text())
+    measured = ("scaling_factor", "shift_factor")
+    assert {k: v for k, v in saved.items() if k in recipe.vae.to_dict() and k not in measured} == {
+        k: v for k, v in recipe.vae.to_dict().items() if k not in measured
+    }
+    report = json.loads((small_vae / vae_module.REPORT_FILE).read_text())
+    assert (report["recipe"], report["steps"]) == ("tokenizers/recipes/vae_small.yaml", recipe.training.steps)
+    large = VAERecipe.from_yaml(RECIPES / "vae_large.yaml")
+    assert (large.vae.image_size, large.training.device) == (64, "cuda")
 
 
 # ---- speech --------------------------------------------------------------------------------------------------------

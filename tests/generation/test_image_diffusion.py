@@ -1,19 +1,22 @@
 """`mom.generation.image_diffusion` and `mom-generate` on a Transfusion model: the denoising over a copy of the
-prompt's cache equals the full-sequence forward, a PNG of the VAE's size, clear errors."""
+prompt's cache equals the full-sequence forward, a PNG of the VAE's size, a grid of samples, clear errors."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TinyVAE, tiny_transfusion_config
 from PIL import Image
 
 from mom.cli import generate
-from mom.generation.image_diffusion import copy_cache, prefill
+from mom.generation.image_diffusion import copy_cache, generate_transfusion, load_vae, prefill
 from mom.model.transfusion import MoMTransfusionForCausalLM
+from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, BOS_ID
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "tokenizers" / "small"
+SMALL_VAE = TOKENIZERS / "vae"
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,27 @@ def test_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
     assert "the VAE makes 4-channel 8x8 latents" in capsys.readouterr().err
     assert generate.main([*argv, "--then", "text"]) == 2
     assert "use --then image" in capsys.readouterr().err
+
+
+def test_mom_generate_draws_a_grid_with_the_vae(tmp_path_factory, tmp_path, capsys):
+    """A Transfusion model over the committed VAE's 4x8x8 latents: one row per prompt, one 32x32 image per seed, each
+    the image that `generate_transfusion` makes for that prompt and seed."""
+    model = MoMTransfusionForCausalLM(tiny_transfusion_config(vocab_sizes=(2048, 1), latent_size=8))
+    torch.nn.init.normal_(model.noise_head.weight, std=0.1)
+    directory = tmp_path_factory.mktemp("tf8") / "hf"
+    model.save_pretrained(directory)
+    grid = tmp_path / "grid.png"
+    argv = ["--model", str(directory), "--tokenizer", str(TOKENIZERS), "--vae", str(SMALL_VAE), "--then", "image",
+            "--steps", "2", "--prompt", "a red seven", "--prompt", "a smiling face", "--num-samples", "2",
+            "--seed", "3", "--grid", str(grid)]  # fmt: skip
+    assert generate.main(argv) == 0
+    assert "grid of 2 prompt(s) x 2 sample(s) (seeds 3..4) of 32x32 images" in capsys.readouterr().out
+    sheet = np.asarray(Image.open(grid))
+    row_height = sheet.shape[0] // 2
+    assert sheet.shape[1] == 2 * 32 and row_height > 32  # the prompt under each row
+    cells = [[sheet[r * row_height : r * row_height + 32, c * 32 : (c + 1) * 32] for c in range(2)] for r in range(2)]
+    assert not np.array_equal(cells[0][0], cells[0][1]) and not np.array_equal(cells[1][0], cells[1][1])
+    tokenizer = MultimodalTokenizer.load(TOKENIZERS)
+    loaded = MoMTransfusionForCausalLM.from_pretrained(directory)
+    parts = generate_transfusion(loaded, load_vae(SMALL_VAE), tokenizer, "a smiling face", steps=2, seed=4)
+    assert np.array_equal(cells[1][1], parts[1][1])
