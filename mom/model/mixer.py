@@ -167,6 +167,11 @@ class MoMMixer(nn.Module):
         ``hidden`` and `fast_path_weights` has this mixer's parameters."""
         return self.use_fast_path and fused.runs_on(hidden) and self.fast_path_weights() is not None
 
+    def routes_rows(self) -> bool:
+        """Whether in_proj or out_proj routes (a sorted residual stream spares their row gathers); with the fast
+        path's weights (`fast_path_weights`)."""
+        return any(self.fast_path_weights().routed(p) for p in (Projection.in_proj, Projection.out_proj))
+
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
@@ -217,14 +222,11 @@ class MoMMixer(nn.Module):
 
 
 def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
-    """Whether a model keeps its residual stream in the routing's sorted order (``MoMMixer.forward(...,
-    sorted_tokens=True)``): when every mixer is a Mamba-1 `MoMMixer` (other mixer kinds read sequence order) that
-    takes the fast path (which reads and writes rows in either order) and some route in_proj or out_proj (a shared
-    one reads sequence order as cheaply). ``hidden``: any tensor on the forward's device. Cache, mask and reset: the
-    caller checks."""
-    if not all(isinstance(m, MoMMixer) for m in mixers):
-        return False
+    """Whether a model keeps its residual stream in the routing's sorted order (``forward(..., sorted_tokens=True)``):
+    when every mixer takes its fast path (`MoMMixer`'s fused Function and `mom.model.mamba2.Mamba2Mixer`'s routed
+    GEMMs read and write rows in either order; other mixer kinds have no fast path and read sequence order) and some
+    route in_proj or out_proj (``routes_rows``: a shared one reads sequence order as cheaply). ``hidden``: any tensor
+    on the forward's device. Cache, mask and reset: the caller checks."""
     if not all(m.fast_path_applies(hidden) for m in mixers):
         return False
-    routed = (Projection.in_proj, Projection.out_proj)
-    return any(m.fast_path_weights().routed(p) for m in mixers for p in routed)
+    return any(m.routes_rows() for m in mixers)

@@ -464,10 +464,19 @@ def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks
 
 def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Projection ``p``'s GEMM on rows (n, i) -> (n, o) (`_grouped`), with the blocks the layout knows; unknown ones
-    are read (a host sync) only where ``torch._grouped_mm`` cannot group the rows on the device."""
-    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_applies(rows, w)
-    return _grouped(rows, w, b, layout.blocks(p, on_device), offsets, out_dtype)
+    """Projection ``p``'s GEMM on rows (n, i) -> (n, o): one GEMM for a shared one, `grouped_rows` for a routed one."""
+    if not layout.routed(p):
+        return _grouped(rows, w, b, layout.blocks(p, False), offsets, out_dtype)
+    return grouped_rows(rows, w, b, layout.counts, offsets, out_dtype)
+
+
+def grouped_rows(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: HostCounts,
+                 offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A routed projection's GEMM on rows sorted by expert (`_grouped`): rows (n, i), w (k, i, o), b (k, o) or None
+    -> (n, o), with the blocks ``counts`` knows; unknown ones are read (a host sync) only where ``torch._grouped_mm``
+    cannot group the rows on the device. (Also the GEMMs of `mom.ops.routed_linear`.)"""
+    on_device = counts.known is None and _grouped_mm_applies(rows, w)
+    return _grouped(rows, w, b, counts.blocks(read=not on_device), offsets, out_dtype)
 
 
 def _sorted_onehot(offsets: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -854,11 +863,21 @@ def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, of
 
 def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x_rows: torch.Tensor,
                          dtype: torch.dtype, offsets: torch.Tensor):
-    """Projection ``p``'s (dW, db) per expert (`_weight_grads`): d_cols (o, n), its input x_rows (n, i), with the
-    blocks the layout knows; unknown ones are read (a host sync) only where ``torch._grouped_mm`` cannot group the
-    tokens on the device."""
-    on_device = layout.routed(p) and layout.counts.known is None and _grouped_mm_k_applies(d_cols, x_rows)
-    return _weight_grads(d_cols, x_rows.t(), layout.blocks(p, on_device), layout.has_bias[p], dtype, offsets)
+    """Projection ``p``'s (dW, db) per expert (`_weight_grads`): d_cols (o, n), its input x_rows (n, i); one GEMM for
+    a shared projection, `grouped_weight_grads` for a routed one."""
+    if not layout.routed(p):
+        return _weight_grads(d_cols, x_rows.t(), layout.blocks(p, False), layout.has_bias[p], dtype, offsets)
+    return grouped_weight_grads(d_cols, x_rows, layout.has_bias[p], counts=layout.counts, dtype=dtype, offsets=offsets)
+
+
+def grouped_weight_grads(d_cols: torch.Tensor, x_rows: torch.Tensor, has_bias: bool, counts: HostCounts,
+                         dtype: torch.dtype, offsets: torch.Tensor):
+    """A routed projection's (dW (k, o, i), db (k, o) or None) in ``dtype`` (`_weight_grads`): d_cols (o, n) and its
+    input x_rows (n, i), both over rows sorted by expert, with the blocks ``counts`` knows; unknown ones are read (a
+    host sync) only where ``torch._grouped_mm`` cannot group the tokens on the device. (Also the weight gradients of
+    `mom.ops.routed_linear`.)"""
+    on_device = counts.known is None and _grouped_mm_k_applies(d_cols, x_rows)
+    return _weight_grads(d_cols, x_rows.t(), counts.blocks(read=not on_device), has_bias, dtype, offsets)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

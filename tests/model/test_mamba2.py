@@ -137,7 +137,9 @@ def test_fused_path_passes_the_kernel_what_the_module_path_computes(reset, monke
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
 
 
-def test_mixers_never_sort_the_stream():
+def test_cpu_mixers_take_the_module_path_and_keep_sequence_order():
+    """Without mamba-ssm's kernels (CPU) no fast path, so no sorted stream (tests/model/test_mamba2_fast.py forces
+    them)."""
     model = model_of()
     assert not any(m.fast_path_applies(torch.empty(1)) for m in (layer.mixer for layer in model.backbone.layers))
     assert not sorted_stream([layer.mixer for layer in model.backbone.layers], torch.empty(1))

@@ -1,0 +1,110 @@
+"""One routed projection as an autograd Function over modality-sorted rows: each row through its modality's expert.
+
+What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' weights and biases, the routing's
+`mom.ops.fused.Routes`), the way the Mamba-1 fast path (`mom.ops.fused`) runs its routed in_proj and out_proj:
+
+* ONE grouped GEMM over the rows sorted by modality (`Routes.perm`), each expert's block ending at `Routes.offsets`
+  on the device (`mom.ops.fused.grouped_rows`: ``torch._grouped_mm``; one cuBLAS GEMM per expert where the counts are
+  known on the host and the GEMM is large, `mom.ops.fused.PER_EXPERT_MACS`), instead of a module call per expert,
+  a concatenation and a permutation each way.
+* The input rows and the output rows are each in sequence order or in the sorted order (``x_sorted``,
+  ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`); one row gather
+  (``index_select``, as the Mamba-1 Function's `_reorder`) crosses where an order differs from the GEMM's.
+* Every expert's weight and bias is cast to the compute dtype (autocast's, `mom.ops.fused.compute_dtype`) in one
+  kernel (`mom.ops.triton.flatcast`), once per call.
+* Backward: the output gradient to sorted rows, one grouped GEMM for the input gradient (back to the input's order,
+  in its dtype), the weight gradients grouped along the tokens, or per expert where the counts are known
+  (`mom.ops.fused.grouped_weight_grads`), written in the parameters' dtype. An absent modality's expert gets zero
+  gradients. Saved for the backward: the sorted input rows (in the compute dtype) and the cast weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mom.ops.fused import HostCounts, Routes, compute_dtype, grouped_rows, grouped_weight_grads
+from mom.ops.triton.flatcast import flat_cast
+
+
+def routed_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                  routes: Routes, x_sorted: bool = False, out_sorted: bool = False) -> torch.Tensor:
+    """x (..., i) with ``n = x[..., 0].numel()`` rows -> (..., o): row t through ``weights[m] (o, i)`` (+
+    ``biases[m] (o,)``) of its expert m, one per modality (`Routes.num_experts`).
+
+    ``x_sorted`` / ``out_sorted``: x's rows / the output's are in the routes' sorted order (``Routes.perm``) instead
+    of sequence order. The GEMMs run in `mom.ops.fused.compute_dtype` (autocast's, else x's); the output is in it."""
+    k = len(weights)
+    if k != routes.num_experts or k < 2:
+        raise ValueError(f"routed_linear: {k} experts but routes for {routes.num_experts} (at least 2)")
+    o, i = weights[0].shape
+    if any(tuple(w.shape) != (o, i) for w in weights):
+        raise ValueError(f"routed_linear: the experts' weights differ in shape: {[tuple(w.shape) for w in weights]}")
+    if biases is not None and (len(biases) != k or any(tuple(b.shape) != (o,) for b in biases)):
+        raise ValueError(f"routed_linear: {k} experts of {o} outputs but biases of shapes "
+                         f"{[tuple(b.shape) for b in biases]}")
+    if x.shape[-1] != i or x[..., 0].numel() != routes.perm.numel():
+        raise ValueError(f"routed_linear: input {tuple(x.shape)} for experts of {i} inputs and routes for "
+                         f"{routes.perm.numel()} rows")
+    params = (*weights, *(biases or ()))
+    layout = _Layout(k, o, i, biases is not None, routes.counts, x_sorted, out_sorted)
+    return _RoutedLinear.apply(x, routes.perm, routes.inv_perm, routes.offsets, compute_dtype(x), layout, *params)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the Function needs beside tensors: experts, sizes, bias, the host counts, the rows' orders."""
+
+    experts: int
+    out_features: int
+    in_features: int
+    has_bias: bool
+    counts: HostCounts  # tokens per expert on the host, once known: the per-expert GEMMs' blocks
+    x_sorted: bool  # the input rows are in the routes' sorted order (else sequence order)
+    out_sorted: bool  # the output rows are
+
+
+def _cast(layout: _Layout, params, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The experts' weights and biases in ``dtype``, one cast kernel -> (w (k, o, i), b (k, o) or None), views."""
+    k, o, i = layout.experts, layout.out_features, layout.in_features
+    flat = flat_cast(params, dtype)
+    return flat[: k * o * i].view(k, o, i), flat[k * o * i :].view(k, o) if layout.has_bias else None
+
+
+class _RoutedLinear(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, perm, inv_perm, offsets, dtype, layout: _Layout, *params):
+        with torch.autocast("cuda", enabled=False):  # dtypes are chosen here
+            w, b = _cast(layout, params, dtype)
+            rows = x.reshape(-1, layout.in_features).to(dtype)  # (n, i)
+            if not layout.x_sorted:
+                rows = rows.index_select(0, perm)
+            out = grouped_rows(rows, w.transpose(1, 2), b, layout.counts, offsets)  # (n, o) sorted
+            if not layout.out_sorted:
+                out = out.index_select(0, inv_perm)
+        ctx.layout, ctx.dtype, ctx.x_dtype, ctx.x_shape = layout, dtype, x.dtype, x.shape
+        ctx.param_dtype = params[0].dtype
+        ctx.save_for_backward(rows, w, perm, inv_perm, offsets)
+        return out.view(*x.shape[:-1], layout.out_features)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        layout = ctx.layout
+        rows, w, perm, inv_perm, offsets = ctx.saved_tensors
+        with torch.autocast("cuda", enabled=False):
+            d = dout.reshape(-1, layout.out_features).to(ctx.dtype)  # (n, o)
+            if not layout.out_sorted:
+                d = d.index_select(0, perm)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = grouped_rows(d, w, None, layout.counts, offsets, out_dtype=ctx.x_dtype)  # (n, i) sorted
+                if not layout.x_sorted:
+                    dx = dx.index_select(0, inv_perm)
+                dx = dx.view(ctx.x_shape)
+            g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype, offsets)
+        params = list(g_w.unbind()) + (list(g_b.unbind()) if g_b is not None else [])
+        return (dx, None, None, None, None, None, *params)
