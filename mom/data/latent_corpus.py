@@ -11,7 +11,7 @@ the columns of `mom.data.loader.SHARD_SCHEMA` plus ``latents`` (list<float16>: t
 p`` numbers per image, images in order). The manifest (format ``mom-corpus`` 1, readable by `read_manifest`) has a
 ``latent`` entry (channels, patch size, latent size, image size).
 
-The loader (`TransfusionLoader`, chosen by `mom.data.loader.build_loader` for such a corpus) uses the sampler of
+The loader (`TransfusionLoader`, chosen by `mom.data.corpus.build_loader` for such a corpus) uses the sampler of
 `mom.data.sampler` for the document order and packs rows of ``seq_len`` tokens like `mom.data.packing`, except that a
 row is never cut inside an image span (``<image> .. </image>`` stays whole; the rest of a row that cannot hold the
 next piece is padding). A batch adds to the usual keys ``latents`` (b, l, c * p * p) float32 (zero off images) and

@@ -1,6 +1,6 @@
 """Training data loader: tokenized Parquet corpus -> packed ``(b, l)`` batches, deterministic and resumable.
 
-    loader = build_loader(DataConfig(path="data/small", seq_len=1024, batch_size=8), rank, world_size)
+    loader = PackedLoader(DataConfig(path="data/small", seq_len=1024, batch_size=8), rank, world_size)
     batch = next(loader)          # dict of (b, l) tensors, see mom.data.packing
     state = loader.state_dict()   # save with the checkpoint; load_state_dict() resumes exactly here
 
@@ -348,14 +348,3 @@ class PackedLoader:
         self.sampler.load_state_dict(state["sampler"])
         self.packer.load_state_dict(state["packer"])
         self._epoch_batches = int(state["epoch_batches"])
-
-
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> PackedLoader:
-    """The packed batch iterator of data-parallel rank ``rank`` of ``world_size``: for a corpus of image latents (the
-    Transfusion setting, `mom.data.latent_corpus`) its `TransfusionLoader`, which adds ``latents`` / ``image_mask``."""
-    manifest = Path(cfg.path) / "manifest.json"
-    if manifest.is_file() and "latent" in read_mapping(manifest, "manifest"):
-        from mom.data.latent_corpus import TransfusionLoader  # imports this module
-
-        return TransfusionLoader(cfg, rank, world_size)
-    return PackedLoader(cfg, rank, world_size)

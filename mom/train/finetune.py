@@ -29,7 +29,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
-from mom.data.loader import build_loader, read_manifest
+from mom.data.corpus import build_loader
+from mom.data.loader import read_manifest
 from mom.model.modeling import MoMForCausalLM
 from mom.model.transfusion import MoMTransfusionForCausalLM
 from mom.tokenization.processor import MEDIA_DIR

@@ -34,7 +34,7 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-from mom.data.loader import build_loader
+from mom.data.corpus import build_loader
 from mom.data.prefetch import Prefetcher
 from mom.model import flops
 from mom.model.config import MoMConfig

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mom.data import loader as loader_module
+from mom.data.corpus import build_loader
 from mom.data.kinds import KINDS
-from mom.data.loader import SHARD_SCHEMA, DataConfig, build_loader
+from mom.data.loader import SHARD_SCHEMA, DataConfig
 from mom.data.packing import IGNORE_INDEX
 
 MODALITIES = ["text", "image", "speech"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_loader import cfg, make_docs, same, write_corpus
 
-from mom.data.loader import build_loader
+from mom.data.corpus import build_loader
 from mom.data.prefetch import Prefetcher
 from mom.utils.errors import BadInputError
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import TinyVAE, tiny_transfusion_config
 
+from mom.data.corpus import build_loader
 from mom.data.images import iter_image_records
 from mom.data.latent_corpus import (
     LatentDocument,
@@ -19,7 +20,7 @@ from mom.data.latent_corpus import (
     build_latent_corpus,
     check_latent_model,
 )
-from mom.data.loader import DataConfig, PackedLoader, build_loader
+from mom.data.loader import DataConfig, PackedLoader
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, EOI_ID
 from mom.utils.errors import BadInputError
