@@ -100,7 +100,8 @@ class MoMMixer(nn.Module):
         if doc_start is None and (mask is None or cache is None) and self.fast_path_applies(hidden):
             return self.fused_forward(hidden, routing, cache=cache, mask=mask)  # with a cache: a prefill, writing it
         l = hidden.shape[1]
-        if mask is not None:
+        if mask is not None:  # on the hidden's device: accelerate's device_map may place blocks on several devices
+            mask = mask.to(hidden.device)
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         xz = project(self.in_proj, hidden, routing)  # (b, l, 2*di)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each

@@ -498,8 +498,8 @@ def modality_of_ids(config: MoMConfig, ids: torch.Tensor) -> torch.Tensor:
 
 def padding_mask(attention_mask: torch.Tensor | None, b: int, l: int, past: int,
                  unread: bool = False) -> torch.Tensor | None:
-    """The (b, l) bool mask of the forward's real tokens (nonzero in ``attention_mask``), or None where no position
-    is padding. ``past``: tokens already in the cache; the mask may then also cover them (b, past + l), as
+    """The (b, l) bool mask of the forward's real tokens (nonzero in ``attention_mask``), or None: none given, or
+    read to hold no padding. ``past``: tokens already in the cache; the mask may then also cover them (b, past + l), as
     transformers passes it, and goes unused: tokens after a cached prefix are never padding.
 
     Whether every position is a real token is read on the host (a sync: at the start of a training step it waits for

@@ -360,7 +360,7 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
                      routes.counts, sorted_tokens, ops)
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
-    keep = None if mask is None else mask.reshape(b * l).to(dtype)  # (n,) 1 for real tokens, 0 for padding
+    keep = None if mask is None else mask.reshape(b * l).to(hidden.device, dtype)  # (n,) 1: real token, 0: padding
     args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep,
             weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
