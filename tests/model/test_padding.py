@@ -79,9 +79,12 @@ def _assert_same(out, grads, ref, ref_grads, **tol):
 SORTED, UNSORTED, DENSE = (PROJECTIONS, True), (("x_proj", "dt_proj"), False), ((), True)  # (decouple, bias)
 
 
-@pytest.mark.parametrize("decouple, bias, kind", [(*SORTED, "ones"), (*SORTED, "left"), (*SORTED, "right"),
-                                                  (*SORTED, "both"), (*UNSORTED, "left"), (*UNSORTED, "both"),
-                                                  (*DENSE, "both")])
+CASES = {"sorted ones": (*SORTED, "ones"), "sorted left": (*SORTED, "left"), "sorted right": (*SORTED, "right"),
+         "sorted both": (*SORTED, "both"), "unsorted left": (*UNSORTED, "left"), "unsorted both": (*UNSORTED, "both"),
+         "dense both": (*DENSE, "both")}
+
+
+@pytest.mark.parametrize("decouple, bias, kind", list(CASES.values()), ids=list(CASES))
 def test_fused_path_with_a_mask_equals_the_module_path(decouple, bias, kind, fast_path_on_cpu, monkeypatch):
     """Logits, loss, per-modality losses and every gradient of the default call with an attention mask: the fused
     path (given the mask in every layer, its residual stream sorted where in_proj or out_proj routes) equals the
