@@ -2,12 +2,15 @@
 
     python benchmarks/bench_lm.py                                  # ~115M (768x24) and ~353M (1024x48), batch 8x2048
     python benchmarks/bench_lm.py --model 768x24 --batch 8 --length 2048
+    python benchmarks/bench_lm.py --model 768x24 --mask             # + the default call with an all-ones mask
 
 MoM is measured twice: given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train`
 does), and called as transformers' Trainer and peft call it, ``model(ids, labels=ids)`` (the default call). Prints
 tokens/s, peak memory and MFU for each against the dense model and their ratios (MoM / dense), and the default call's
 tokens/s over the call with counts; same process, same data; each side is measured --rounds times, alternating, and its
-best round is compared.
+best round is compared. ``--mask`` adds a third MoM side: the default call with an all-ones ``attention_mask`` (what
+the Trainer passes when the collator makes one), which the fused path applies on the device unread, and its tokens/s
+over the default call's.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ def make_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cu
     return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
 
 
-def mom_forward(model, ids, labels, counts=None):
-    return model(ids, labels=labels, modality_counts=counts).loss
+def mom_forward(model, ids, labels, counts=None, attention_mask=None):
+    return model(ids, labels=labels, modality_counts=counts, attention_mask=attention_mask).loss
 
 
 def host_counts(config: mom.MoMConfig, ids: torch.Tensor) -> tuple[int, ...]:
@@ -63,12 +66,15 @@ def dense_forward(model, ids, labels):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
-def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: tuple[int, ...] | None = None):
+def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: tuple[int, ...] | None = None,
+          attention_mask: torch.Tensor | None = None):
     """-> (model, forward(model, ids, labels) -> loss) for "mom" or "dense" (mamba-ssm's MambaLMHeadModel).
-    ``counts``: the batch's tokens per modality, given to MoM's forward (`host_counts`); None: MoM reads them."""
+    ``counts``: the batch's tokens per modality, given to MoM's forward (`host_counts`); None: MoM reads them.
+    ``attention_mask``: given to MoM's forward."""
     if name == "mom":
         config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
-        return mom.MoMForCausalLM(config).to(device), functools.partial(mom_forward, counts=counts)
+        forward = functools.partial(mom_forward, counts=counts, attention_mask=attention_mask)
+        return mom.MoMForCausalLM(config).to(device), forward
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -77,25 +83,31 @@ def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: t
     return MambaLMHeadModel(dcfg, device=device), dense_forward
 
 
-MOM_CALLS = {"counts": True, "default": False}  # MoM's calls: whether the forward is given the counts
+# MoM's calls: (whether the forward is given the counts, whether it is given an all-ones attention_mask)
+MOM_CALLS = {"counts": (True, False), "default": (False, False)}
+MASK_CALL = {"mask": (False, True)}  # with --mask
 
 
-def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int) -> None:
-    """Each side (MoM with counts, MoM's default call, dense) measured ``rounds`` times, alternating (a fresh model
-    each time); the best round counts (one slow round on either side, from the machine rather than the code, was seen
-    to move the ratio by 15%)."""
+def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int,
+                mask: bool = False) -> None:
+    """Each side (MoM with counts, MoM's default call, with ``mask`` the default call with an all-ones attention
+    mask, dense) measured ``rounds`` times, alternating (a fresh model each time); the best round counts (one slow
+    round on either side, from the machine rather than the code, was seen to move the ratio by 15%)."""
     device = "cuda"
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = make_batch(config, batch, length, device)
     counts = host_counts(config, ids)  # counted once, off the timed steps
+    ones = torch.ones_like(ids)  # made once, off the timed steps, as a collator's mask comes with the batch
     tokens = batch * length
-    sides = {f"mom {name}": ("mom", counts if given else None) for name, given in MOM_CALLS.items()}
-    sides["dense"] = ("dense", None)
+    calls = {**MOM_CALLS, **(MASK_CALL if mask else {})}
+    sides = {f"mom {name}": ("mom", counts if given else None, ones if masked else None)
+             for name, (given, masked) in calls.items()}
+    sides["dense"] = ("dense", None, None)
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in sides}
     for _ in range(rounds):
-        for name, (kind, given) in sides.items():
+        for name, (kind, given, attention_mask) in sides.items():
             torch.cuda.empty_cache()
-            model, forward = build(kind, d_model, n_layer, device, given)
+            model, forward = build(kind, d_model, n_layer, device, given, attention_mask)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
@@ -109,7 +121,7 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
     print(f"model d_model={d_model} n_layer={n_layer} batch={batch}x{length} params MoM {p_mom/1e6:.1f}M "
           f"dense {p_dense/1e6:.1f}M counts {counts} backend={mom.ops.backend.backend_name(torch.device(device))}")
     mfu_dense = flops.mfu(tps_dense, config, torch.device(device))  # active FLOPs per token are equal
-    for name in MOM_CALLS:
+    for name in calls:
         tps, mem, _ = best[f"mom {name}"]
         print(row(f"tokens/s (k), {name}", tps / 1e3, tps_dense / 1e3, "k/s"))
         print(row(f"peak memory, {name}", mem, mem_dense, "GiB"))
@@ -119,6 +131,10 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
     default, with_counts = best["mom default"][0], best["mom counts"][0]
     print(f"{'MoM default / counts':<28} tokens/s {default / 1e3:.1f}k vs {with_counts / 1e3:.1f}k "
           f"ratio {default / with_counts:6.3f}")
+    if mask:
+        masked = best["mom mask"][0]
+        print(f"{'MoM mask / default':<28} tokens/s {masked / 1e3:.1f}k vs {default / 1e3:.1f}k "
+              f"ratio {masked / default:6.3f}")
 
 
 def main(argv=None) -> int:
@@ -128,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="measurements per side, alternating; the best counts")
+    parser.add_argument("--mask", action="store_true",
+                        help="also measure the default call with an all-ones attention_mask")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lm: needs a CUDA device", file=sys.stderr)
@@ -135,7 +153,7 @@ def main(argv=None) -> int:
     print("device:", torch.cuda.get_device_name())
     for spec in args.model or ["768x24", "1024x48"]:
         d, n = (int(v) for v in spec.split("x"))
-        bench_model(d, n, args.batch, args.length, args.iters, args.rounds)
+        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.mask)
     return 0
 
 

@@ -52,8 +52,8 @@ class MoMConfig(PretrainedConfig):
             from a zero conv window and SSM state, as if it were alone in its row (runs the reference scan: the
             mamba-ssm Mamba-1 kernel has no per-document reset).
         use_fast_path: on CUDA with mamba-ssm and causal-conv1d, run each mixer through `mom.ops.fused` (one autograd
-            Function in the scan's layout) when no cache, padding mask or document reset is involved and every
-            expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
+            Function in the scan's layout) when no document reset, filled cache or padded prefill is involved and
+            every expert is a plain ``nn.Linear``; the module path otherwise. Same maths; false forces the module path.
         mixer: the sequence mixer of every block: ``mamba1`` (`mom.model.mixer.MoMMixer`) or ``mamba2`` (the SSD
             mixer, `mom.model.mamba2.Mamba2Mixer`, whose projections are ``in_proj`` and ``out_proj``; the default
             ``decouple`` then means both). ``dt_rank`` and the ``dt_*`` init of ``dt_proj`` are Mamba-1's only.

@@ -15,9 +15,10 @@ Projections named in ``config.decouple`` are `RoutedLinear` (one ``nn.Linear`` p
 Forwards over whole sequences on CUDA take the fast path, `mom.ops.fused` (the same maths as one autograd Function in
 the scan's layout), which takes tensors: the mixer decides when it applies (`MoMMixer.fast_path_applies`) and gathers
 its parameters for it (`MoMMixer.fast_path_weights`). That covers training and generation's prefill (the Function
-writes the recurrent cache's states). This module path is the reference it is tested against, and runs everything
-else: CPU, left padding, document resets, LoRA-wrapped experts, ZeRO-3-partitioned weights; decode steps after a
-cached prefix run `MoMMixer.step`.
+writes the recurrent cache's states), padding included outside a prefill (the Function zeroes padded positions on
+the device as this path does, so that a training forward's mask is applied unread: `masks_on_device`). This module
+path is the reference it is tested against, and runs everything else: CPU, a padded prefill, document resets,
+LoRA-wrapped experts, ZeRO-3-partitioned weights; decode steps after a cached prefix run `MoMMixer.step`.
 """
 
 from __future__ import annotations
@@ -85,20 +86,22 @@ class MoMMixer(nn.Module):
     ) -> torch.Tensor:
         """hidden: (b, l, d_model) -> (b, l, d_model).
 
-        ``mask`` (b, l), 1 for real tokens and 0 for (left) padding, zeroes padded positions before the projection
-        and after the conv so that they leave no trace in the conv window or the SSM state. ``doc_start`` (b, l)
+        ``mask`` (b, l), 1 (True) for real tokens and 0 for padding, zeroes padded positions before the projection
+        and after the conv so that they leave no trace in the conv window or the SSM state; on either path (the fused
+        one zeroes the same on the device, but a prefill with a mask runs this path). ``doc_start`` (b, l)
         bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
         hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
         the model decides, `sorted_stream`).
         """
         if sorted_tokens:
-            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache)
+            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask)
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
-        if mask is None and doc_start is None and self.fast_path_applies(hidden):
-            return self.fused_forward(hidden, routing, cache=cache)  # with a cache: a prefill, which writes it
+        if doc_start is None and (mask is None or cache is None) and self.fast_path_applies(hidden):
+            return self.fused_forward(hidden, routing, cache=cache, mask=mask)  # with a cache: a prefill, writing it
         l = hidden.shape[1]
-        if mask is not None:
+        if mask is not None:  # on the hidden's device: accelerate's device_map may place blocks on several devices
+            mask = mask.to(hidden.device)
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         xz = project(self.in_proj, hidden, routing)  # (b, l, 2*di)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each
@@ -173,11 +176,12 @@ class MoMMixer(nn.Module):
         return any(self.fast_path_weights().routed(p) for p in (Projection.in_proj, Projection.out_proj))
 
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
-                      sorted_tokens: bool = False, cache: MoMCache | None = None) -> torch.Tensor:
+                      sorted_tokens: bool = False, cache: MoMCache | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
         ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
-        ``sorted_tokens`` as in `forward`. ``cache``: a prefill (nothing consumed yet): this layer's conv window and
-        SSM state are written into it, as the module path writes them."""
+        ``sorted_tokens`` and ``mask`` (b, l) in sequence order as in `forward`. ``cache``: a prefill (nothing
+        consumed yet): this layer's conv window and SSM state are written into it, as the module path writes them."""
         weights = self.fast_path_weights()
         if weights is None:
             raise ValueError("the fused mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
@@ -189,7 +193,8 @@ class MoMMixer(nn.Module):
                                  f"{cache.seqlen_offset} tokens")
             states = (cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx])
         routes = routing.routes(fused.compute_dtype(hidden))
-        return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens, states_out=states)
+        return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens, states_out=states,
+                                 mask=mask)
 
     def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""
@@ -226,7 +231,17 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
     when every mixer takes its fast path (`MoMMixer`'s fused Function and `mom.model.mamba2.Mamba2Mixer`'s routed
     GEMMs read and write rows in either order; other mixer kinds have no fast path and read sequence order) and some
     route in_proj or out_proj (``routes_rows``: a shared one reads sequence order as cheaply). ``hidden``: any tensor
-    on the forward's device. Cache, mask and reset: the caller checks."""
+    on the forward's device. Cache and reset: the caller checks (a padding mask goes along, in
+    sequence order)."""
     if not all(m.fast_path_applies(hidden) for m in mixers):
         return False
     return any(m.routes_rows() for m in mixers)
+
+
+def masks_on_device(mixers: Sequence[nn.Module]) -> bool:
+    """Whether a model hands its mixers an attention mask without reading it first (whether it pads anything) in a
+    forward that writes no cache: when every mixer is a Mamba-1 `MoMMixer`, whose paths both apply a mask with a few
+    elementwise products, exact for an all-ones one. Other mixers take slower kernels for any mask (attention: an
+    explicit mask instead of the causal kernel; Mamba-2: its module path), so the model drops an all-ones mask
+    first, a host read."""
+    return all(isinstance(m, MoMMixer) for m in mixers)

@@ -30,7 +30,7 @@ from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel
 from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
 from mom.model.mamba2 import Mamba2Mixer
-from mom.model.mixer import MoMMixer, sorted_stream
+from mom.model.mixer import MoMMixer, masks_on_device, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
 
@@ -496,19 +496,24 @@ def modality_of_ids(config: MoMConfig, ids: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(ids.contiguous(), bounds, right=True)
 
 
-def padding_mask(attention_mask: torch.Tensor | None, b: int, l: int, past: int) -> torch.Tensor | None:
-    """The (b, l) mask of the forward's tokens, or None where no position is padding. ``past``: tokens already in the
-    cache; the mask may then also cover them (b, past + l), as transformers passes it, and goes unused: tokens after
-    a cached prefix are never padding."""
+def padding_mask(attention_mask: torch.Tensor | None, b: int, l: int, past: int,
+                 unread: bool = False) -> torch.Tensor | None:
+    """The (b, l) bool mask of the forward's real tokens (nonzero in ``attention_mask``), or None: none given, or
+    read to hold no padding. ``past``: tokens already in the cache; the mask may then also cover them (b, past + l), as
+    transformers passes it, and goes unused: tokens after a cached prefix are never padding.
+
+    Whether every position is a real token is read on the host (a sync: at the start of a training step it waits for
+    the previous step's backward) unless ``unread``: the mask is then passed on as it is, all ones or not, for mixers
+    that apply it on the device at no more cost (`mom.model.mixer.masks_on_device`)."""
     if attention_mask is None:
         return None
     allowed = [(b, l)] + ([(b, past + l)] if past else [])
     if tuple(attention_mask.shape) not in allowed:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {(b, l)}"
                          + (f" (or {(b, past + l)} with the {past} cached tokens)" if past else ""))
-    if past or bool(attention_mask.all()):
+    if past or (not unread and bool(attention_mask.all())):
         return None
-    return attention_mask
+    return attention_mask.bool()
 
 
 def kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
@@ -581,8 +586,9 @@ class MoMModel(MoMPreTrainedModel):
         without cache starts without waiting for the device whether they are given or not (its checks are read once
         its work is enqueued: see `validate_and_route`); given, the fused GPU path's forward can run its largest
         routed GEMMs per expert (`mom.ops.fused.PER_EXPERT_MACS`), which it otherwise groups on the device.
-        ``attention_mask``: 1 for real tokens, 0 for left padding, (b, l); continuing from a cache it may also cover
-        the cached tokens, (b, past + l), and is then unused (new tokens are never padding).
+        ``attention_mask``: 1 (nonzero) for real tokens, 0 for padding, (b, l); continuing from a cache it may also
+        cover the cached tokens, (b, past + l), and is then unused (new tokens are never padding). A forward without
+        cache of a Mamba-1 model applies it on the device, read by nothing (`padding_mask`).
         ``output_hidden_states`` / ``return_dict`` default to the config's, as in transformers.
         """
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -606,7 +612,9 @@ class MoMModel(MoMPreTrainedModel):
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
         cache = self._ready_cache(cache if use_cache else None, use_cache, b)
-        mask = padding_mask(attention_mask, b, l, cache.seqlen_offset if cache is not None else 0)
+        mixers = [layer.mixer for layer in self.layers]
+        mask = padding_mask(attention_mask, b, l, cache.seqlen_offset if cache is not None else 0,
+                            unread=defer and masks_on_device(mixers))
 
         if inputs_embeds is not None:
             residual = inputs_embeds.to(self.embeddings.weight.dtype)
@@ -617,11 +625,14 @@ class MoMModel(MoMPreTrainedModel):
         # a forward over whole rows (training, or a prefill from a fresh cache) whose mixers all take the fast path
         # keeps the stream's b * l rows sorted by modality (`Routing.perm`): the routed in_proj / out_proj then read
         # and write it without row gathers. Not with a channel mixer (its experts read the routing in sequence order)
-        # or layer averaging: the module path there.
+        # or layer averaging: the module path there. A padding mask goes along to Mamba-1 mixers (which apply it in
+        # sequence order on sorted rows), except into a prefill (which then takes the module path); Mamba-2 mixers
+        # take a mask on rows in sequence order only.
         fresh = cache is None or (cache.seqlen_offset == 0 and not recorded)
-        in_sorted = (fresh and mask is None and doc_start is None and inputs_embeds is None
+        mask_ok = mask is None or (cache is None and masks_on_device(mixers))
+        in_sorted = (fresh and mask_ok and doc_start is None and inputs_embeds is None
                      and self.config.channel_mixer is None and not self.config.layer_averaging
-                     and sorted_stream([layer.mixer for layer in self.layers], input_ids))
+                     and sorted_stream(mixers, input_ids))
         if in_sorted:
             embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
         if inputs_embeds is None:

@@ -316,8 +316,8 @@ class Routes:
 
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
-                sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
 
     ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
@@ -329,6 +329,12 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     last d_conv inputs per row in sequence order (x before the conv, left-padded with zeros when l < d_conv) and the
     scan's final state. No pass of their own: the window is copied from in_proj's output, the state from what the
     scan keeps. They are not part of the autograd graph (no gradient flows through them).
+    ``mask`` (b, l) bool (or 0 / 1), in sequence order whatever ``sorted_tokens``: 0 (False) marks padding, which is
+    zeroed on the device where the module path zeroes it (`mom.model.mixer.MoMMixer.forward`): the input before
+    in_proj, and the conv's output, the scan's input u and x_proj's (so B and C are zero there too). Padding then
+    leaves nothing in the real tokens' conv window or state, gets zero input gradients and out_proj's bias as output.
+    Nothing is read on the host: an all-ones mask changes nothing (each product is by exactly one), at the cost of
+    three elementwise products forward and three backward, each over one activation.
 
     Without gradients to compute (``torch.no_grad()`` or ``inference_mode``, as in ``generate()``, or nothing that
     requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
@@ -348,12 +354,15 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     d_state = weights.A_log.shape[1]
     if states_out is not None:
         _check_states_out(states_out, (b, d_inner, weights.conv_weight.shape[-1]), (b, d_inner, d_state))
+    if mask is not None and tuple(mask.shape) != (b, l):
+        raise ValueError(f"fused_mixer: mask has shape {tuple(mask.shape)} but hidden has (batch, length) = {(b, l)}")
     layout = _Layout(b, l, d_inner, dt_rank, d_state, weights.experts, weights.shapes, weights.has_bias,
                      routes.counts, sorted_tokens, ops)
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
-    args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, weights.conv_weight,
-            weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
+    keep = None if mask is None else mask.reshape(b * l).to(hidden.device, dtype)  # (n,) 1: real token, 0: padding
+    args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep,
+            weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
         return _FusedMixer.apply(*args, *weights.params)
     with torch.autocast("cuda", enabled=False):  # as the Function's forward runs (its dtypes are chosen here)
@@ -572,20 +581,21 @@ def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: tor
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D,
+    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, conv_weight, conv_bias, A_log, D,
                 layout: _Layout, states_out, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
-        dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); offsets
-        (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`); states_out:
-        None, or the recurrent states to write (`fused_mixer`)."""
+        dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); keep
+        (n,) in that dtype, in sequence order: 1 for real tokens, 0 for padding (`fused_mixer`'s mask), or None;
+        offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`);
+        states_out: None, or the recurrent states to write (`fused_mixer`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, conv_weight,
-                                        conv_bias, A_log, D, layout, states_out, params)
+            return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, keep,
+                                        conv_weight, conv_bias, A_log, D, layout, states_out, params)
 
     @staticmethod
-    def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, conv_weight, conv_bias, A_log, D, layout,
-                 states_out, params):
+    def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, keep, conv_weight, conv_bias, A_log, D,
+                 layout, states_out, params):
         """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved."""
         ops = layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
@@ -595,7 +605,8 @@ class _FusedMixer(torch.autograd.Function):
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
-        h = hidden.reshape(n, -1).to(dtype)  # (n, d_model), sorted rows if layout.sorted_io
+        keep_io = _keep_rows(keep, layout.sorted_io, perm)  # (n,) in the input's row order, or None
+        h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
@@ -612,7 +623,7 @@ class _FusedMixer(torch.autograd.Function):
         z = _bdl(xz[di:], b, l) if z_rows is None else None
         if states_out is not None:
             _write_conv_window(states_out[0], x)
-        conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+        conv_out = _masked_conv(ops, x, conv_weight, conv_bias, keep)  # (b, di, l)
         # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
         # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
         M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
@@ -661,7 +672,8 @@ class _FusedMixer(torch.autograd.Function):
         ctx.hooked = _saved_tensors_hooked()
         held = (xz, out, y_rows if out_routed else None)
         ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
-                              ids, dt_in, w_x_cat, w_dt_cat, w_in, w_out, *(held if ctx.hooked else ()))
+                              ids, keep, keep_io, dt_in, w_x_cat, w_dt_cat, w_in, w_out,
+                              *(held if ctx.hooked else ()))
         ctx.held = None if ctx.hooked else held
         return o.view(b, l, -1)
 
@@ -677,8 +689,8 @@ class _FusedMixer(torch.autograd.Function):
         stacked per projection (each projection's experts), in the parameters' dtype; the largest activations are
         dropped (``del``) right after their last use, so that the next step's allocations can reuse their memory."""
         layout, dtype, ops = ctx.layout, ctx.dtype, ctx.layout.ops
-        (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, dt_in, w_x_cat,
-         w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
+        (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, keep, keep_io,
+         dt_in, w_x_cat, w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
         xz, out, y_rows = _take_held(ctx, held)
         del held
         b, l, di = layout.batch, layout.length, layout.d_inner
@@ -700,7 +712,7 @@ class _FusedMixer(torch.autograd.Function):
         dxz = None if in_routed else torch.empty_like(xz)
         dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
         conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z = _scan_backward(
-            layout, x, z, conv_weight, conv_bias, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz
+            layout, x, z, conv_weight, conv_bias, keep, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz
         )
         del dy, out
         if not out_routed:
@@ -714,7 +726,7 @@ class _FusedMixer(torch.autograd.Function):
         # x_proj, then the conv
         g_x = _x_proj_weight_grads(layout, dx_all, conv_out, pdtype)
         del conv_out
-        dconv_cols = _conv_output_grad(dconv_out, dx_all, w_x_cat, dtype)  # (di, n)
+        dconv_cols = _conv_output_grad(dconv_out, dx_all, w_x_cat, dtype, keep)  # (di, n)
         del dconv_out, dx_all
         dx = xz.new_empty(di, n) if dxz is None else dxz[:di]
         _, dconv_w, dconv_b = ops.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l), _bdl(dx, b, l))
@@ -725,10 +737,12 @@ class _FusedMixer(torch.autograd.Function):
         dh, g_in = _in_proj_grads(layout, dxz_rows, h_in, w_in, offsets, ctx.hidden_dtype, pdtype)
         del dxz_rows
         dh = _reorder(dh, in_routed, layout.sorted_io, perm, inv_perm)
+        if keep_io is not None:  # the input was masked: padding gets no gradient
+            dh.mul_(keep_io[:, None])
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
-        return (dh.view(b, l, -1), None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD, None,
-                None, *param_grads)
+        return (dh.view(b, l, -1), None, None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD,
+                None, None, *param_grads)
 
 
 # ---- the backward's steps, in the order it runs them ----------------------------------------------------------------
@@ -758,13 +772,13 @@ def _out_proj_input_grad(layout: _Layout, dout_in: torch.Tensor, w_out: torch.Te
     return torch.mm(w_out[0].t(), dout_in.t())
 
 
-def _scan_backward(layout: _Layout, x, z, conv_weight, conv_bias, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out,
-                   dz):
-    """The scan's backward on the recomputed conv output and Δ; writes dz (the gate's gradient) in place.
+def _scan_backward(layout: _Layout, x, z, conv_weight, conv_bias, keep, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints,
+                   out, dz):
+    """The scan's backward on the recomputed (masked) conv output and Δ; writes dz (the gate's gradient) in place.
     -> (conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z): the recomputed conv output (x_proj's weight gradient
     reads it), the gradients, and the gated output, recomputed for a shared out_proj's weight gradient (else None)."""
     b, l = layout.batch, layout.length
-    conv_out = layout.ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)  # (b, di, l)
+    conv_out = _masked_conv(layout.ops, x, conv_weight, conv_bias, keep)  # (b, di, l)
     dconv_out, ddelta, dA, dB, dC, dD, out_z = layout.ops.scan_bwd(
         conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dz, b, l),
         not layout.routed(Projection.out_proj),
@@ -802,10 +816,12 @@ def _x_proj_weight_grads(layout: _Layout, dx_all: torch.Tensor, conv_out: torch.
     return _mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None
 
 
-def _conv_output_grad(dconv_out: torch.Tensor, dx_all: torch.Tensor, w_x_cat: torch.Tensor, dtype: torch.dtype):
-    """The conv output's whole gradient (di, n): the scan's (through its input u) plus x_proj's, ``W_x^T dx_all``."""
-    dconv_cols = _cols(dconv_out).to(dtype)
-    return dconv_cols.addmm_(w_x_cat.t(), dx_all)
+def _conv_output_grad(dconv_out: torch.Tensor, dx_all: torch.Tensor, w_x_cat: torch.Tensor, dtype: torch.dtype,
+                      keep: torch.Tensor | None):
+    """The conv output's whole gradient (di, n): the scan's (through its input u) plus x_proj's, ``W_x^T dx_all``;
+    zero at padding (``keep`` (n,), where the forward zeroed the output), or None."""
+    dconv_cols = _cols(dconv_out).to(dtype).addmm_(w_x_cat.t(), dx_all)
+    return dconv_cols if keep is None else dconv_cols.mul_(keep)
 
 
 def _in_proj_output_grad_rows(layout: _Layout, dx: torch.Tensor, dz: torch.Tensor, dxz, perm) -> torch.Tensor:
@@ -828,6 +844,28 @@ def _in_proj_grads(layout: _Layout, dxz_rows, h_in, w_in, offsets, hidden_dtype:
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------------------
+def _keep_rows(keep: torch.Tensor | None, is_sorted: bool, perm: torch.Tensor) -> torch.Tensor | None:
+    """The padding mask keep (n,), in sequence order, in the order of rows that are sorted or not; None: no mask."""
+    if keep is None or not is_sorted:
+        return keep
+    return keep.index_select(0, perm)
+
+
+def _masked_rows(rows: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """rows (n, f) in ``dtype``, times ``keep`` (n,) in the rows' order if given: one kernel (the cast with the
+    product), as the module path's product before in_proj and the autocast cast of in_proj's input."""
+    if keep is None:
+        return rows.to(dtype)
+    return torch.mul(rows, keep[:, None], out=rows.new_empty(rows.shape, dtype=dtype))
+
+
+def _masked_conv(ops: ScanOps, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                 keep: torch.Tensor | None) -> torch.Tensor:
+    """silu(conv(x)) (b, di, l), zero at padding (``keep`` (n,) in sequence order, 0 there) if given."""
+    conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)
+    return conv_out if keep is None else conv_out.mul_(keep.view(x.shape[0], 1, x.shape[2]))
+
+
 def _saved_tensors_hooked() -> bool:
     """Whether saved-tensor hooks are active (``torch.autograd.graph.saved_tensors_hooks``: non-reentrant activation
     checkpointing, CPU offloading), which tensors held on ctx would escape. True when this torch cannot tell."""

@@ -38,9 +38,9 @@ def _counts(config, ids):
     return tuple(torch.bincount(config.modality_of(ids).flatten(), minlength=config.num_modalities).tolist())
 
 
-def _step(model, ids, counts=None):
+def _step(model, ids, counts=None, attention_mask=None):
     model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids, modality_counts=counts)
+    out = model(ids, labels=ids, modality_counts=counts, attention_mask=attention_mask)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -124,27 +124,43 @@ class HostReads:
         return [where for kind, where in self.events if kind == "read"]
 
 
+def _mask(ids, kind):
+    """None, or an attention mask (b, l): all ones (what a collator gives unpadded rows) or left-padded rows."""
+    if kind is None:
+        return None
+    mask = torch.ones_like(ids)
+    if kind == "left padding":
+        mask[0, :6] = 0
+        mask[1, :2] = 0
+    return mask
+
+
+@pytest.mark.parametrize("mask", [None, "all ones", "left padding"], ids=["no mask", "all-ones mask", "padded"])
 @pytest.mark.parametrize("counts_given", [False, True], ids=["default call", "with counts"])
-def test_one_host_read_after_the_forward_and_none_in_the_backward(counts_given, fast_path_on_cpu, monkeypatch):
+def test_one_host_read_after_the_forward_and_none_in_the_backward(counts_given, mask, fast_path_on_cpu,
+                                                                  monkeypatch):
     """The default call on the fused path reads the device once, as the call with counts does: the deferred checks
     with the counts, after every mixer's work is enqueued (on a GPU the forward never waits for the host); the
-    backward reads nothing and runs its per-expert weight-gradient GEMMs on the counts that read gave."""
+    backward reads nothing and runs its per-expert weight-gradient GEMMs on the counts that read gave. An attention
+    mask, all ones or padded, is applied on the device, unread (`mom.model.modeling.padding_mask`)."""
     model = _model()
     ids = _ids(model.config)
     counts = _counts(model.config, ids) if counts_given else None
-    _step(model, ids, counts)  # first calls out of the way (probes, caches)
+    attention_mask = _mask(ids, mask)
+    _step(model, ids, counts, attention_mask)  # first calls out of the way (probes, caches)
     blocks_known = []
     monkeypatch.setattr(fused, "_weight_grads", lambda d, x, blocks, *a, _f=fused._weight_grads, **k: (
         blocks_known.append(blocks is not None) or _f(d, x, blocks, *a, **k)))
     mixers = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: (
-        mixers.append(len(reads.events)) or _f(*a, **k)))
+        mixers.append((len(reads.events), k.get("mask") is not None)) or _f(*a, **k)))
     reads = HostReads(monkeypatch)
     model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids, modality_counts=counts)
+    out = model(ids, labels=ids, modality_counts=counts, attention_mask=attention_mask)
     forward_reads = reads.reads()
     out.loss.backward()
-    assert len(mixers) == model.config.n_layer and all(at == 0 for at in mixers), reads.events  # nothing read before
+    # nothing read before the last mixer; each mixer given the mask if there is one
+    assert mixers == [(0, attention_mask is not None)] * model.config.n_layer, reads.events
     assert len(forward_reads) == 1 and "modeling.py" in forward_reads[0] and "read" in forward_reads[0], forward_reads
     assert reads.reads() == forward_reads  # the backward read nothing
     assert blocks_known and all(blocks_known)
@@ -241,10 +257,10 @@ def _cuda_model():
 CUDA_RUNS = {"uneven": [(0, 64), (1, 256), (2, 128), (0, 17), (1, 3)], "absent": [(0, 100), (2, 60)]}
 
 
-def _cuda_step(model, ids, counts=None):
+def _cuda_step(model, ids, counts=None, attention_mask=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(ids, labels=ids, modality_counts=counts)
+        out = model(ids, labels=ids, modality_counts=counts, attention_mask=attention_mask)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -283,19 +299,22 @@ def test_cuda_default_call_equals_the_call_with_counts(layout, per_expert, monke
         _assert_close_to_max(grads[name], ref_grads[name], 3e-2 if per_expert else 1e-2, name)
 
 
+@pytest.mark.parametrize("mask", [None, "all ones", "left padding"], ids=["no mask", "all-ones mask", "padded"])
 @pytest.mark.parametrize("counts_given", [False, True], ids=["default call", "with counts"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_no_sync_but_the_deferred_checks(counts_given, monkeypatch):
+def test_cuda_no_sync_but_the_deferred_checks(counts_given, mask, monkeypatch):
     """torch.cuda.set_sync_debug_mode("error") over a training step's forward and backward: the only synchronising
-    call is the deferred checks' read (`HostCounts.read` in the default call, the check itself with counts)."""
+    call is the deferred checks' read (`HostCounts.read` in the default call, the check itself with counts), with an
+    attention mask too."""
     _needs_kernels()
     from mom.model import modeling
 
     model = _cuda_model()
     ids = interleaved_ids(model.config, 2, CUDA_RUNS["uneven"]).cuda()
     counts = _counts(model.config, ids.cpu()) if counts_given else None
-    _cuda_step(model, ids, counts)  # compiles, probes and caches out of the way
+    attention_mask = _mask(ids, mask)
+    _cuda_step(model, ids, counts, attention_mask)  # compiles, probes and caches out of the way
     allowed = []
     validate = modeling.validate_and_route
 
@@ -316,7 +335,7 @@ def test_cuda_no_sync_but_the_deferred_checks(counts_given, monkeypatch):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _cuda_step(model, ids, counts)
+        _cuda_step(model, ids, counts, attention_mask)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert allowed == [1]

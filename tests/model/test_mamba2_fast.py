@@ -138,6 +138,22 @@ def test_sorted_stream_model_equals_module_path(decouple, fast_on_cpu):
     assert_grads_equal(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_padding_mask_keeps_mamba2_rows_in_sequence_order(fast_on_cpu):
+    """A padded batch: Mamba-2 mixers take a mask on rows in sequence order only, so the model does not sort its
+    stream (it once did with a mask, and the mixer refused); the result equals the module path's."""
+    fast = model_of(decouple=BOTH, bias=True)
+    module = model_of(decouple=BOTH, bias=True, use_fast_path=False)
+    module.load_state_dict(fast.state_dict())
+    ids = ids_of(fast.config)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    ref, g_ref = _model_step(module, ids, attention_mask=mask)
+    out, g = _model_step(fast, ids, attention_mask=mask)
+    assert fast_on_cpu and not any(x or o for x, o in fast_on_cpu)  # the fast projections, in sequence order
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert_grads_equal(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_on_the_sorted_stream_writes_the_cache(fast_on_cpu):
     """A prefill from a fresh cache takes the sorted stream too (the module path's conv and scan write the cache
     between the fast projections): the decode steps after it equal the full forward."""
