@@ -60,3 +60,22 @@ def tiny_transfusion_config(**overrides) -> "mom.MoMTransfusionConfig":
                   latent_channels=4, latent_size=4, patch_size=2, num_timesteps=100)
     kwargs.update(overrides)
     return mom.MoMTransfusionConfig(**kwargs)
+
+
+def assert_same_outputs(out, grads: dict, ref, ref_grads: dict, **tol) -> None:
+    """Two causal-LM outputs and their parameter gradients (name -> grad) agree: logits, loss, every modality's loss
+    (NaN where a modality is absent), every gradient."""
+    torch.testing.assert_close(out.logits, ref.logits, **tol)
+    torch.testing.assert_close(out.loss, ref.loss, **tol)
+    for name, loss in ref.modality_losses.items():
+        torch.testing.assert_close(out.modality_losses[name], loss, equal_nan=True, **tol)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+def tiny_mamba2_config(**overrides) -> mom.MoMConfig:
+    """A tiny `mixer: mamba2` config: two heads of 8 in two groups, chunks of 8 (a 21-token row has a tail)."""
+    kwargs = dict(mixer="mamba2", d_model=16, d_state=4, headdim=8, ngroups=2, chunk_size=8)
+    kwargs.update(overrides)
+    return tiny_config(**kwargs)

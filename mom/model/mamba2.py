@@ -112,7 +112,7 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = linear("out_proj", self.d_inner, config.d_model)
         for p in (self.dt_bias, self.A_log, self.D):  # excluded from weight decay (mom.train.optim)
             p._no_weight_decay = True
-        self._fast_path_weights: tuple[object, FastPathWeights | None] = (None, None)  # (generation, weights)
+        self._fast_path_weights: registrations.Cached[FastPathWeights | None] = registrations.Cached()
 
     def forward(
         self,
@@ -222,10 +222,7 @@ class Mamba2Mixer(nn.Module):
         tensor that is absent (ZeRO-3). Gathered once and reused until a module or parameter is assigned anywhere
         (`mom.model.registrations`), as `mom.model.mixer.MoMMixer.fast_path_weights`; only their presence is read
         again."""
-        token, weights = self._fast_path_weights
-        if token is not registrations.current():
-            weights = self._gather_fast_path_weights()
-            self._fast_path_weights = (registrations.current(), weights)
+        weights = self._fast_path_weights.get(self._gather_fast_path_weights)
         return weights if weights is not None and weights.present() else None
 
     def _gather_fast_path_weights(self) -> FastPathWeights | None:

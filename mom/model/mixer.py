@@ -73,7 +73,7 @@ class MoMMixer(nn.Module):
         # Excluded from weight decay (mom.train.optim reads `_no_weight_decay`).
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
-        self._fast_path_weights: tuple[object, fused.MixerWeights | None] = (None, None)  # (generation, weights)
+        self._fast_path_weights: registrations.Cached[fused.MixerWeights | None] = registrations.Cached()
 
     def forward(
         self,
@@ -143,10 +143,7 @@ class MoMMixer(nn.Module):
         time (``__getattr__``), which a small model's step can be bound by: the weights are gathered once and reused
         until a module or parameter is assigned anywhere (`mom.model.registrations`); only their presence is read
         again."""
-        token, weights = self._fast_path_weights
-        if token is not registrations.current():
-            weights = self._gather_fast_path_weights()
-            self._fast_path_weights = (registrations.current(), weights)
+        weights = self._fast_path_weights.get(self._gather_fast_path_weights)
         return weights if weights is not None and weights.present() else None
 
     def _gather_fast_path_weights(self) -> fused.MixerWeights | None:

@@ -9,16 +9,20 @@ copied or unpickled model's cached token never matches.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn as nn
 
 _token = object()
+T = TypeVar("T")
 
 
 def _renew(module: nn.Module, name: str, value) -> None:
     global _token
     _token = object()
+T = TypeVar("T")
 
 
 @functools.cache
@@ -31,3 +35,17 @@ def current() -> object:
     """The token now (the hooks are installed on first use)."""
     _watch()
     return _token
+
+
+class Cached(Generic[T]):
+    """A value built on first use and rebuilt after any module or parameter has been assigned anywhere (`current`
+    changed): a mixer's gathered fast-path weights."""
+
+    def __init__(self) -> None:
+        self._token: object | None = None
+        self._value: T | None = None
+
+    def get(self, build: Callable[[], T]) -> T:
+        if self._token is not current():
+            self._value, self._token = build(), current()
+        return self._value

@@ -10,7 +10,7 @@ import traceback
 
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import assert_same_outputs, interleaved_ids, tiny_config
 
 import mom
 from mom.model.config import PROJECTIONS
@@ -56,16 +56,6 @@ def fast_path_on_cpu(monkeypatch):
     return known
 
 
-def _assert_same(out, grads, ref, ref_grads, **tol):
-    torch.testing.assert_close(out.logits, ref.logits, **tol)
-    torch.testing.assert_close(out.loss, ref.loss, **tol)
-    for name, loss in ref.modality_losses.items():
-        torch.testing.assert_close(out.modality_losses[name], loss, equal_nan=True, **tol)
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
-
-
 @pytest.mark.parametrize("decouple, bias", [(PROJECTIONS, False), (PROJECTIONS, True), (("in_proj", "x_proj"), False),
                                             (("out_proj", "dt_proj"), True), ((), False)])
 def test_default_call_equals_the_call_with_counts_and_the_module_path(decouple, bias, fast_path_on_cpu, monkeypatch):
@@ -87,10 +77,10 @@ def test_default_call_equals_the_call_with_counts_and_the_module_path(decouple, 
         m.setattr(fused, "PER_EXPERT_MACS", 0)
         ref, ref_grads = _step(model, ids, counts)
     assert fast_path_on_cpu[-1] == counts and not grouped
-    _assert_same(out, grads, ref, ref_grads)
+    assert_same_outputs(out, grads, ref, ref_grads)
     monkeypatch.setattr(fused, "runs_on", lambda t: False)  # the module path
     ref, ref_grads = _step(model, ids)
-    _assert_same(out, grads, ref, ref_grads)
+    assert_same_outputs(out, grads, ref, ref_grads)
 
 
 def test_default_call_with_an_absent_modality(fast_path_on_cpu):
@@ -99,7 +89,7 @@ def test_default_call_with_an_absent_modality(fast_path_on_cpu):
     ids = _ids(model.config, [(0, 7), (2, 5), (0, 3)])  # no image tokens
     out, grads = _step(model, ids)
     ref, ref_grads = _step(model, ids, _counts(model.config, ids))
-    _assert_same(out, grads, ref, ref_grads, rtol=0, atol=0)
+    assert_same_outputs(out, grads, ref, ref_grads, rtol=0, atol=0)
     image = [name for name in grads if ".image." in name]
     assert image and all(torch.count_nonzero(grads[name]) == 0 for name in image)
 

@@ -3,7 +3,7 @@ generate, save/load, LoRA, resets and padding, FLOPs, warm start, config errors;
 
 import pytest
 import torch
-from helpers import interleaved_ids, needs_generate_cache, tiny_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config, tiny_mamba2_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
@@ -21,9 +21,7 @@ RUNS = [(0, 5), (1, 7), (2, 4), (0, 3), (1, 2)]  # every modality, interleaved; 
 
 
 def config_of(**overrides) -> mom.MoMConfig:
-    kwargs = dict(mixer="mamba2", d_model=16, d_state=4, headdim=8, ngroups=2, chunk_size=8)
-    kwargs.update(overrides)
-    return tiny_config(**kwargs)
+    return tiny_mamba2_config(**overrides)
 
 
 def model_of(seed: int = 0, **overrides) -> mom.MoMForCausalLM:

@@ -9,7 +9,7 @@ tests at the end compare the two paths in bf16 on CUDA (skipped without CUDA).
 
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import interleaved_ids, tiny_mamba2_config
 
 import mom
 from mom.model import mamba2
@@ -23,9 +23,7 @@ BOTH = ("in_proj", "out_proj")
 
 
 def config_of(**overrides) -> mom.MoMConfig:
-    kwargs = dict(mixer="mamba2", d_model=16, d_state=4, headdim=8, ngroups=2, chunk_size=8)
-    kwargs.update(overrides)
-    return tiny_config(**kwargs)
+    return tiny_mamba2_config(**overrides)
 
 
 def model_of(seed: int = 0, **overrides) -> mom.MoMForCausalLM:

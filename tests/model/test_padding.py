@@ -9,7 +9,7 @@ reads of a masked forward are counted in tests/model/test_default_call.py.
 
 import pytest
 import torch
-from helpers import interleaved_ids, tiny_config
+from helpers import assert_same_outputs, interleaved_ids, tiny_config
 
 import mom
 from mom.model.config import PROJECTIONS
@@ -66,16 +66,6 @@ def _step(model, ids, attention_mask=None):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _assert_same(out, grads, ref, ref_grads, **tol):
-    torch.testing.assert_close(out.logits, ref.logits, **tol)
-    torch.testing.assert_close(out.loss, ref.loss, **tol)
-    for name, loss in ref.modality_losses.items():
-        torch.testing.assert_close(out.modality_losses[name], loss, equal_nan=True, **tol)
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
-
-
 SORTED, UNSORTED, DENSE = (PROJECTIONS, True), (("x_proj", "dt_proj"), False), ((), True)  # (decouple, bias)
 
 
@@ -97,7 +87,7 @@ def test_fused_path_with_a_mask_equals_the_module_path(decouple, bias, kind, fas
     assert fast_path_on_cpu == [(True, decouple == PROJECTIONS)] * model.config.n_layer
     monkeypatch.setattr(fused, "runs_on", lambda t: False)  # the module path
     ref, ref_grads = _step(model, ids, mask)
-    _assert_same(out, grads, ref, ref_grads)
+    assert_same_outputs(out, grads, ref, ref_grads)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fused path", "module path"])
@@ -110,7 +100,7 @@ def test_an_all_ones_mask_changes_nothing(fast, monkeypatch):
     ids = _ids(model.config)
     out, grads = _step(model, ids, torch.ones_like(ids))
     ref, ref_grads = _step(model, ids)
-    _assert_same(out, grads, ref, ref_grads, rtol=0, atol=0)
+    assert_same_outputs(out, grads, ref, ref_grads, rtol=0, atol=0)
 
 
 def test_left_padding_on_the_fused_path_equals_the_unpadded_rows(fast_path_on_cpu):
