@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from mom.tokenization.conv_blocks import ResBlock, group_norm
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -106,20 +107,15 @@ class ImageTokenizerConfig:
 
 
 # ---- network -----------------------------------------------------------------------------------------------------
+GROUPS = 8  # GroupNorm groups where the width allows
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
+    return group_norm(channels, GROUPS)
 
 
-class _ResBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+def _res_block(channels: int) -> ResBlock:
+    return ResBlock(channels, channels, GROUPS)
 
 
 class _Encoder(nn.Module):
@@ -131,7 +127,7 @@ class _Encoder(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c in zip((3, *cfg.channels[:-1]), cfg.channels):
             layers.append(nn.Conv2d(c_in, c, 4, stride=2, padding=1))
-            layers += [_ResBlock(c) for _ in range(cfg.num_res_blocks)]
+            layers += [_res_block(c) for _ in range(cfg.num_res_blocks)]
         layers += [_norm(cfg.channels[-1]), nn.SiLU(), nn.Conv2d(cfg.channels[-1], cfg.code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
@@ -148,7 +144,7 @@ class _Decoder(nn.Module):
         chans = cfg.channels[::-1]
         layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, chans[0], 3, padding=1)]
         for level, c in enumerate(chans):
-            layers += [_ResBlock(c) for _ in range(cfg.num_res_blocks)]
+            layers += [_res_block(c) for _ in range(cfg.num_res_blocks)]
             if level + 1 < len(chans):
                 layers.append(nn.ConvTranspose2d(c, chans[level + 1], 4, stride=2, padding=1))  # doubles the side
         layers += [_norm(chans[-1]), nn.SiLU(), nn.ConvTranspose2d(chans[-1], 3, 4, stride=2, padding=1)]

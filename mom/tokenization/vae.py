@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mom.tokenization.conv_blocks import ResBlock, group_norm
 from mom.tokenization.image import images_to_uint8, psnr
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
@@ -120,23 +121,15 @@ class ImageVAEConfig:
 
 
 # ---- network -----------------------------------------------------------------------------------------------------
+GROUPS = 32  # GroupNorm groups where the width allows (SD's VAE)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups where the width allows (SD's VAE)
+    return group_norm(channels, GROUPS)
 
 
-class _ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice plus a skip (a 1x1 convolution where the width changes)."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            _norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-        )  # fmt: skip
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + self.body(x)
+def _res_block(c_in: int, c_out: int) -> ResBlock:
+    return ResBlock(c_in, c_out, GROUPS)
 
 
 class _Encoder(nn.Module):
@@ -149,11 +142,11 @@ class _Encoder(nn.Module):
         c = widths[0]
         for level, w in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                layers.append(_ResBlock(c, w))
+                layers.append(_res_block(c, w))
                 c = w
             if level + 1 < len(widths):
                 layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halves the side
-        layers += [_ResBlock(c, c), _norm(c), nn.SiLU(), nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)]
+        layers += [_res_block(c, c), _norm(c), nn.SiLU(), nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,10 +160,10 @@ class _Decoder(nn.Module):
         super().__init__()
         widths = cfg.widths[::-1]
         c = widths[0]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, c, 3, padding=1), _ResBlock(c, c)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, c, 3, padding=1), _res_block(c, c)]
         for level, w in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                layers.append(_ResBlock(c, w))
+                layers.append(_res_block(c, w))
                 c = w
             if level + 1 < len(widths):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
