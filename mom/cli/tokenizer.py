@@ -331,6 +331,25 @@ def _vae_decode(args: argparse.Namespace) -> int:
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
+def _image_model_train_args(p: argparse.ArgumentParser, example_recipe: str, out_help: str) -> None:
+    """The arguments ``image train`` and ``vae train`` share."""
+    p.add_argument("--recipe", required=True, help=f"YAML recipe, e.g. {example_recipe}")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
+                   help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _image_model_eval_args(p: argparse.ArgumentParser) -> None:
+    """The arguments ``image eval`` and ``vae eval`` share after the model's directory."""
+    p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
+    p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
+    p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mom-tokenizer",
@@ -356,21 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a VQ-VAE image tokenizer from a recipe (sources, tokenizer, training); "
                        "prints held-out PSNR and codebook usage and saves config.json, model.safetensors and "
                        "training_report.json to --out.")  # fmt: skip
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/image_small.yaml")
-    p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
-                   help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _image_model_train_args(p, "tokenizers/recipes/image_small.yaml", "output tokenizer directory")
     p = command(sub, _image_eval, "eval", help="reconstruction PSNR and codebook usage on a folder of images",
                        description="Encode and decode a folder of images (captions.jsonl or <name>.txt sidecars, "
                        "as read by the 'folder' image source) and print PSNR and codebook usage.")  # fmt: skip
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (vq-image or chameleon-vqvae)")
-    p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
-    p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
-    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
-    p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
-    p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
+    _image_model_eval_args(p)
 
     speech = kinds.add_parser("speech", help="log-mel k-means speech tokenizer")
     sub = speech.add_subparsers(dest="command", required=True, metavar="{train,eval,decode}")
@@ -400,22 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train a KL-regularised convolutional image VAE from a recipe (sources, vae, training, "
                 "held_out_fraction); prints held-out PSNR and the latent scaling and saves config.json, "
                 "model.safetensors and training_report.json to --out.")  # fmt: skip
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/vae_small.yaml")
-    p.add_argument("--out", required=True, help="output VAE directory")
-    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
-                   help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _image_model_train_args(p, "tokenizers/recipes/vae_small.yaml", "output VAE directory")
     p = command(sub, _vae_eval, "eval", help="reconstruction PSNR and latent statistics on a folder of images",
                 description="Encode (posterior mean) and decode a folder of images (captions.jsonl or <name>.txt "
                 "sidecars, as read by the 'folder' image source); print PSNR and the scaled latents' mean and "
                 "std.")  # fmt: skip
     p.add_argument("--vae", required=True, help="VAE directory, e.g. tokenizers/small/vae")
-    p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
-    p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
-    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
-    p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
-    p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
+    _image_model_eval_args(p)
     p = command(sub, _vae_encode, "encode", help="encode image files to a .npy of scaled latents",
                 description="Encode image files (centre-cropped and resized to the VAE's size if needed) to "
                 "scaled latents float32 (n, latent_channels, latent_size, latent_size), saved with numpy.save.")
