@@ -79,3 +79,30 @@ def tiny_mamba2_config(**overrides) -> mom.MoMConfig:
     kwargs = dict(mixer="mamba2", d_model=16, d_state=4, headdim=8, ngroups=2, chunk_size=8)
     kwargs.update(overrides)
     return tiny_config(**kwargs)
+
+
+def train_losses(model, ids: torch.Tensor, lr: float, steps: int = 5) -> list[float]:
+    """The losses of ``steps`` AdamW steps of ``model`` on ``ids`` (labels = ids)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_left_padded_generate_equals_each_row_alone(model) -> None:
+    """Greedy ``generate`` of a left-padded batch of two rows gives each row the tokens it gets alone."""
+    long = interleaved_ids(model.config, 1, [(0, 3), (1, 5)])
+    short = interleaved_ids(model.config, 1, [(0, 2), (2, 3)])
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for row, alone in ((0, long), (1, short)):
+        expected = model.generate(alone, max_new_tokens=5, do_sample=False)[:, -5:]
+        assert torch.equal(together[row : row + 1, -5:], expected)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import interleaved_ids, needs_generate_cache, tiny_config
+from helpers import (
+    assert_left_padded_generate_equals_each_row_alone,
+    interleaved_ids,
+    needs_generate_cache,
+    tiny_config,
+    train_losses,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
@@ -220,16 +226,7 @@ def test_models_with_attention_decode_eagerly():
 @needs_generate_cache
 def test_generate_with_left_padding_equals_each_row_alone():
     model = _model(pad_token_id=0)
-    long = interleaved_ids(model.config, 1, [(0, 3), (1, 5)])
-    short = interleaved_ids(model.config, 1, [(0, 2), (2, 3)])
-    pad = long.shape[1] - short.shape[1]
-    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    together = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    for row, alone in ((0, long), (1, short)):
-        expected = model.generate(alone, max_new_tokens=5, do_sample=False)[:, -5:]
-        assert torch.equal(together[row : row + 1, -5:], expected)
+    assert_left_padded_generate_equals_each_row_alone(model)
 
 
 def test_document_boundaries_isolate_packed_documents():
@@ -311,14 +308,7 @@ def test_sorted_stream_is_off_with_an_attention_layer(monkeypatch):
 def test_tiny_hybrid_loss_decreases():
     model = _model().train()
     ids = _ids(model.config, batch=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, lr=1e-2)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 

@@ -1,6 +1,11 @@
 import pytest
 import torch
-from helpers import interleaved_ids, needs_generate_cache, tiny_config
+from helpers import (
+    assert_left_padded_generate_equals_each_row_alone,
+    interleaved_ids,
+    needs_generate_cache,
+    tiny_config,
+)
 
 import mom
 
@@ -50,16 +55,7 @@ def test_generate_greedy_equals_manual_argmax_and_cache_is_constant_size():
 
 def test_generate_with_left_padding_equals_each_row_alone():
     model = mom.MoMForCausalLM(tiny_config(pad_token_id=0)).eval()
-    long = interleaved_ids(model.config, 1, [(0, 3), (1, 5)])
-    short = interleaved_ids(model.config, 1, [(0, 2), (2, 3)])
-    pad = long.shape[1] - short.shape[1]
-    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    together = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    for row, alone in ((0, long), (1, short)):
-        expected = model.generate(alone, max_new_tokens=5, do_sample=False)[:, -5:]
-        assert torch.equal(together[row : row + 1, -5:], expected)
+    assert_left_padded_generate_equals_each_row_alone(model)
 
 
 def test_cache_is_allocated_by_the_first_forward_for_its_batch():

@@ -3,7 +3,7 @@ generate, save/load, LoRA, resets and padding, FLOPs, warm start, config errors;
 
 import pytest
 import torch
-from helpers import interleaved_ids, needs_generate_cache, tiny_config, tiny_mamba2_config
+from helpers import interleaved_ids, needs_generate_cache, tiny_config, tiny_mamba2_config, train_losses
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
@@ -254,14 +254,7 @@ def test_left_padding_leaves_the_real_tokens_unchanged():
 def test_loss_goes_down():
     model = model_of().train()
     ids = ids_of(model.config, batch=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, lr=2e-2)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
