@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: E402
@@ -39,11 +40,13 @@ from mom.data.kinds import KINDS  # noqa: E402
 from mom.data.loader import SHARD_SCHEMA  # noqa: E402
 from mom.model import flops  # noqa: E402
 from mom.train.metrics import read_jsonl  # noqa: E402
+from mom.train.profiling import summarize  # noqa: E402
 from mom.train.recipe import load_recipe  # noqa: E402
 from mom.train.resolve import check_corpus, resolve_model_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "small"
+PROFILED_STEPS = 5  # steps recorded by --profile, on each side
 SPEED_ONLY_NOTE = "SPEED-ONLY synthetic corpus: random token ids, written by benchmarks/bench_trainer.py"
 
 
@@ -107,16 +110,16 @@ def synthetic_corpus(root: Path, modalities: tuple[str, ...], vocab_sizes: tuple
     return root
 
 
-def steady_tokens_per_s(metrics: Path, warmup: int) -> tuple[float, list[tuple[int, float]]]:
-    """Token-weighted tokens/s of the log windows ending after step ``warmup`` (each window's training time is
-    its tokens / its tokens_per_s), and every window's (step, tokens/s)."""
+def steady_tokens_per_s(metrics: Path, warmup: int, last: int | None = None) -> tuple[float, list[tuple[int, float]]]:
+    """Token-weighted tokens/s of the log windows ending after step ``warmup`` (and at most at ``last``; each
+    window's training time is its tokens / its tokens_per_s), and every window's (step, tokens/s)."""
     records = [r for r in read_jsonl(metrics) if r["split"] == "train"]
     windows, tokens, seconds, previous = [], 0.0, 0.0, 0
     for r in records:
         window_tokens = r["tokens"] - previous
         previous = r["tokens"]
         windows.append((r["step"], r["tokens_per_s"]))
-        if r["step"] > warmup and r["tokens_per_s"]:
+        if r["step"] > warmup and (last is None or r["step"] <= last) and r["tokens_per_s"]:
             tokens += window_tokens
             seconds += window_tokens / r["tokens_per_s"]
     if seconds == 0:
@@ -125,12 +128,15 @@ def steady_tokens_per_s(metrics: Path, warmup: int) -> tuple[float, list[tuple[i
 
 
 def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace) -> tuple[float, list, float]:
-    """(steady tokens/s, windows, wall seconds of the whole command)."""
+    """(steady tokens/s, windows, wall seconds of the whole command). With --profile, PROFILED_STEPS more steps
+    run under torch.profiler after the measured ones (not counted in the tokens/s)."""
+    steps = args.steps + (PROFILED_STEPS if args.profile else 0)
+    profile = [f"train.profile_steps=[{args.steps + 1}, {steps}]"] if args.profile else []
     overrides = [f"data.path={corpus}", f"data.batch_size={args.batch}", f"data.seq_len={args.length}",
-                 "train.grad_accum=1", f"train.max_steps={args.steps}", f"train.log_every={args.log_every}",
+                 "train.grad_accum=1", f"train.max_steps={steps}", f"train.log_every={args.log_every}",
                  f"train.eval_every={args.eval_every}", f"train.eval_batches={2 if args.eval_every else 0}",
                  "train.save_every=0", "train.export_hf=false", "train.progress=false", "train.tensorboard=false",
-                 f"train.out_dir={out}", *args.override]
+                 f"train.out_dir={out}", *profile, *args.override]
     command = ["deepspeed", "--num_gpus", "1", "--master_port", str(args.master_port), "--module", "mom.train",
                "--config", str(recipe), *overrides, "--overwrite"]
     print("$", " ".join(command), flush=True)
@@ -143,7 +149,7 @@ def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace)
     if done.returncode != 0:
         print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
         raise SystemExit(f"bench_trainer: mom-train exited with {done.returncode}")
-    tps, windows = steady_tokens_per_s(out / "metrics.jsonl", args.warmup)
+    tps, windows = steady_tokens_per_s(out / "metrics.jsonl", args.warmup, last=args.steps)
     return tps, windows, wall
 
 
@@ -156,8 +162,22 @@ def raw_batch(config: mom.MoMConfig, batch: int, length: int, device: str = "cud
     return offsets[modality_ids] + (torch.rand(batch, length, device=device) * sizes[modality_ids]).long()
 
 
-def raw_step(recipe: Path, corpus: Path, args: argparse.Namespace) -> tuple[float, mom.MoMConfig]:
-    """bench_lm's training step on the trainer's model config: best of --rounds rounds, tokens/s."""
+def profile_raw(step, path: Path) -> None:
+    """PROFILED_STEPS raw steps under torch.profiler, summarised to ``path`` as the trainer's profile is."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    path.write_text(summarize(prof, PROFILED_STEPS, wall, "raw step (bench_lm)"))
+
+
+def raw_step(recipe: Path, corpus: Path, args: argparse.Namespace,
+             profile_to: Path | None = None) -> tuple[float, mom.MoMConfig]:
+    """bench_lm's training step on the trainer's model config: best of --rounds rounds, tokens/s (with --profile,
+    the first round's model is also profiled into ``profile_to``)."""
     r = load_recipe(recipe, [f"data.path={corpus}", *args.override])
     config = resolve_model_config(r)
     ids = raw_batch(config, args.batch, args.length)
@@ -168,9 +188,13 @@ def raw_step(recipe: Path, corpus: Path, args: argparse.Namespace) -> tuple[floa
         model = mom.MoMForCausalLM(config).cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         forward = lambda m, i, labels: mom_forward(m, i, labels, counts)  # noqa: E731
-        ms, _, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=args.iters)
+        step = train_step_fn(model, ids, ids, optimizer, forward)
+        ms, _, _ = measure(step, warmup=3, iters=args.iters)
         best = max(best, args.batch * args.length / (ms / 1e3))
-        del model, optimizer
+        if args.profile and profile_to is not None:
+            profile_raw(step, profile_to)
+            profile_to = None  # once
+        del model, optimizer, step
     torch.cuda.empty_cache()
     return best, config
 
@@ -194,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_trainer"), help="run and corpus directory")
     parser.add_argument("--master-port", type=int, default=29517)
     parser.add_argument("--override", action="append", default=[], help="extra key=value for both (repeatable)")
+    parser.add_argument("--profile", action="store_true", help=f"after the measured steps, profile {PROFILED_STEPS} "
+                        "trainer steps (train.profile_steps) and as many raw steps; summaries under --work")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_trainer: needs a CUDA device", file=sys.stderr)
@@ -223,8 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, recipe in recipes.items():
         print(f"== {name}: {recipe}", flush=True)
-        trainer, windows, wall = run_trainer(recipe, corpus, args.work / f"run_{name}", args)
-        raw, config = raw_step(recipe, corpus, args)
+        run = args.work / f"run_{name}"
+        trainer, windows, wall = run_trainer(recipe, corpus, run, args)
+        raw, config = raw_step(recipe, corpus, args, args.work / f"profile-{name}-raw.txt")
+        if args.profile:
+            for side, path in (("trainer", run / "profile" / "summary-rank0.txt"),
+                               ("raw step", args.work / f"profile-{name}-raw.txt")):
+                head = path.read_text().splitlines()[:2]
+                print(f"  profile, {side}: " + " | ".join(head) + f"  ({path})")
         mfu = flops.mfu(trainer, config, torch.device("cuda"))
         print("  trainer windows (step: tokens/s): " + ", ".join(f"{s}: {t:,.0f}" for s, t in windows))
         print(f"  trainer {trainer:,.0f} tokens/s (steps > {args.warmup}; command wall {wall:.0f} s)"

@@ -16,6 +16,7 @@ model's own input check (docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -46,6 +47,7 @@ from mom.train.distributed import ClipAndSkip, Context, all_reduce_sum, decided_
 from mom.train.export import export_hf
 from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
+from mom.train.profiling import StepProfiler
 from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
@@ -158,11 +160,15 @@ def train(
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     own_clip = distributed.trainer_clips(recipe, ctx)
-    with stop, batches:  # leaving: the data worker stops
+    profiler = StepProfiler(cfg.profile_steps, out_dir, ctx.rank, ctx.device)
+    with stop, batches, contextlib.closing(profiler):  # leaving: the data worker stops
         for step in range(state["step"] + 1, last_step + 1):
             set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
+            profiler.before(step)
             window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, own_clip, recipe.optim.grad_clip,
                                         step in cfg.inject_nan_steps, clip_and_skip), tokens_per_step)
+            if (summary := profiler.after(step)) is not None and ctx.is_main:
+                tqdm.write(f"profile of steps {cfg.profile_steps[0]}-{step}: {summary}", file=sys.stderr)
             state["step"] = step
             state["tokens"] += tokens_per_step
             state["flops"] += flops_per_token * tokens_per_step

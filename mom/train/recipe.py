@@ -106,6 +106,8 @@ class TrainConfig:
         progress: show a tqdm progress bar (rank 0).
         tensorboard: also log to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
         inject_nan_steps: fault injection for tests: rank 0's loss is made NaN at these steps.
+        profile_steps: ``[first, last]``: record these steps with torch.profiler and write a trace and a summary to
+            ``out_dir/profile`` (`mom.train.profiling`); empty: no profiling.
     """
 
     max_steps: int = 1000
@@ -128,6 +130,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     inject_nan_steps: list[int] = field(default_factory=list)
+    profile_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "keep_last"):
@@ -138,6 +141,9 @@ class TrainConfig:
             _require(1 <= self.stop_after, "train.stop_after", "must be >= 1", self.stop_after)
         _require(bool(self.out_dir), "train.out_dir", "must be a non-empty path", self.out_dir)
         _require(bool(self.resume), "train.resume", "must be 'auto', 'none' or a checkpoint path", self.resume)
+        p = self.profile_steps
+        _require(p == [] or (len(p) == 2 and all(isinstance(x, int) for x in p) and 1 <= p[0] <= p[1]),
+                 "train.profile_steps", "must be [] or [first, last] with 1 <= first <= last", p)
 
 
 @dataclass
