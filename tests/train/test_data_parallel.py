@@ -1,0 +1,135 @@
+"""Data parallelism on CPU: two ranks through the real ``deepspeed`` launcher under ZeRO-0, -1, -2 and -3 against
+one rank with gradient accumulation over the same global batches (`fixed_batches`), 20 steps, fp32.
+
+Each global batch is split between the ranks so that rank 1 never sees speech (an uneven modality mix: the speech
+experts get gradients from rank 0 only). Every stage must finish (no hang), log the one-rank run's losses step for
+step and end with its weights (speech experts included: no expert's gradient reduction is skipped), the same on
+both ranks. ZeRO-3 therefore also matches ZeRO-0 loss for loss.
+
+Slow tier: one launch of two processes running four short trainings (about a minute on two busy cores).
+"""
+
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from fixed_batches import FixedBatches, global_batches
+from test_deepspeed_launch import LAUNCH_ENV
+from test_train import FAST, TINY, corpus_for_tests
+
+import mom
+import mom.train.loop as loop
+from mom.train.metrics import read_jsonl
+from mom.train.recipe import load_recipe
+from mom.train.resolve import resolve_model_config
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+STEPS = 20
+STAGES = ("0", "1", "2", "3")
+# fp32 on CPU; a modest learning rate keeps Adam from magnifying summation-order differences over the 20 steps; no
+# weight decay, so a weight that moved got a gradient
+COMMON = [*FAST, "optim.lr=1e-3", "optim.warmup_steps=0", "optim.weight_decay=0", f"train.max_steps={STEPS}",
+          "train.log_every=1", "train.eval_batches=0", "train.export_hf=false", "train.save_every=0"]
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, {tests!r})
+    from fixed_batches import FixedBatches, global_batches
+
+    import mom.train.loop as loop
+    from mom.train.recipe import load_recipe
+    from mom.train.resolve import resolve_model_config
+
+    out, stages, recipe_path, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    first = load_recipe(recipe_path, overrides)
+    config = resolve_model_config(first)
+    batches = global_batches(list(config.vocab_offsets), list(config.vocab_sizes), {steps}, first.data.seq_len)
+    loop.build_loader = lambda cfg, rank, world: FixedBatches(batches, rank, world, cfg.batch_size,
+                                                              first.train.grad_accum)
+    for stage in stages.split(","):
+        run = [f"deepspeed.zero_stage={{stage}}", f"train.out_dir={{out}}/z{{stage}}"]
+        recipe = load_recipe(recipe_path, [*overrides, *run])
+        engine = loop.train(recipe)["engine"]
+        params = dict(engine.module.named_parameters())
+        if stage == "3":  # partitioned: gather every parameter to read it whole
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                weights = {{k: p.detach().clone() for k, p in params.items()}}
+        else:
+            weights = {{k: p.detach().clone() for k, p in params.items()}}
+        torch.save(weights, f"{{out}}/z{{stage}}_weights_rank{{dist.get_rank()}}.pt")
+    """
+)
+
+
+def records(run: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, gradient norm) of each logged step."""
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not installed")
+    tmp = tmp_path_factory.mktemp("data_parallel")
+    corpus = corpus_for_tests(tmp_path_factory)
+    overrides = [f"data.path={corpus}", *COMMON]
+
+    # the reference: one rank, two micro-batches per step, in this process
+    recipe = load_recipe(TINY, [*overrides, "train.grad_accum=2", f"train.out_dir={tmp / 'one_rank'}"])
+    config = resolve_model_config(recipe)
+    batches = global_batches(list(config.vocab_offsets), list(config.vocab_sizes), STEPS, recipe.data.seq_len)
+    torch.manual_seed(recipe.train.seed)  # as train() does before building the model
+    initial = {k: p.detach().clone() for k, p in mom.MoMForCausalLM(config).named_parameters()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_loader", lambda cfg, rank, world: FixedBatches(batches, rank, world, cfg.batch_size, 2))
+        engine = loop.train(recipe)["engine"]
+    reference = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+    speech = [k for k in reference if ".speech." in k]
+    assert speech and all(not torch.equal(reference[k], initial[k]) for k in speech)  # they got gradients
+
+    (tmp / "driver.py").write_text(DRIVER.format(tests=str(Path(__file__).parent), steps=STEPS))
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(31500 + os.getpid() % 1000), str(tmp / "driver.py"),
+           str(tmp), ",".join(STAGES), str(TINY), *overrides, "train.grad_accum=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, reference
+
+
+def test_the_global_batches_split_unevenly():
+    batches = global_batches([0, 48, 80], [48, 32, 16], 3, 64)
+    for b in batches:
+        assert (b["modality_ids"][:2] == 2).any() and not (b["modality_ids"][2:] == 2).any()
+    one = FixedBatches(batches, 0, 1, 2, 2)
+    two = [FixedBatches(batches, r, 2, 2, 1) for r in (0, 1)]
+    for _ in range(3):  # one rank's two micro-batches are the two ranks' batches
+        for r in (0, 1):
+            assert torch.equal(next(one)["input_ids"], next(two[r])["input_ids"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_equal_one_rank_with_accumulation(runs, stage):
+    tmp, reference = runs
+    expected, got = records(tmp / "one_rank"), records(tmp / f"z{stage}")
+    assert [r[0] for r in got] == list(range(1, STEPS + 1)) == [r[0] for r in expected]
+    assert [r[1] for r in got] == pytest.approx([r[1] for r in expected], rel=1e-5)  # losses
+    # the global gradient norm: a speech gradient not averaged with rank 1's zeros would change it (Adam's update
+    # hardly would: it is nearly scale-free)
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in expected], rel=1e-4)
+    ranks = [torch.load(tmp / f"z{stage}_weights_rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == reference.keys()
+    for name, want in reference.items():
+        for weights in ranks:
+            torch.testing.assert_close(weights[name], want, rtol=1e-4, atol=1e-6, msg=name)
