@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from mom.model import registrations
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
-from mom.model.mixer import CausalConv1d
+from mom.model.mixer import CausalConv1d, submodule_parameters
 from mom.model.routing import RoutedLinear, Routing, permute_rows, project, project_rows
 from mom.ops import backend, ssd
 from mom.ops.fused import compute_dtype
@@ -241,6 +241,11 @@ class Mamba2Mixer(nn.Module):
             routed.append(Experts(weights, biases))
             tensors += [*weights, *(biases or ())]
         return FastPathWeights(routed[0], routed[1], tuple(tensors))
+
+    def directly_read_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this mixer's submodules (experts, conv, norm) that its fast path may read without
+        calling their modules; as `mom.model.mixer.MoMMixer.directly_read_parameters`."""
+        return submodule_parameters(self)
 
     def fast_path_applies(self, hidden: torch.Tensor) -> bool:
         """Whether a forward on ``hidden`` takes the fast path (its routed projections through

@@ -161,6 +161,13 @@ class MoMMixer(nn.Module):
         return fused.MixerWeights(tuple(weights), tuple(biases), self.conv1d.weight, self.conv1d.bias, self.A_log,
                                   self.D)
 
+    def directly_read_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this mixer's submodules (experts, conv) that its forward may read without calling their
+        modules (the fused Function does): whoever makes a module's parameters available only while that module
+        runs (DeepSpeed ZeRO-3, `mom.train.distributed.initialize`) must make these available while this mixer
+        runs. All of them, whatever the batch's modalities: every data-parallel rank gathers the same ones."""
+        return submodule_parameters(self)
+
     def fast_path_applies(self, hidden: torch.Tensor) -> bool:
         """Whether the fused Function replaces the module path for a forward on ``hidden`` (a cache that holds tokens
         already, a padding mask, a document reset: the caller checks): ``use_fast_path`` is set, the CUDA ops serve
@@ -221,6 +228,12 @@ class MoMMixer(nn.Module):
             return self.step(hidden, routing, cache)
         outs = [self.step(hidden[:, t : t + 1], routing.at(t), cache) for t in range(hidden.shape[1])]
         return torch.cat(outs, dim=1)
+
+
+def submodule_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module``'s submodules (not its own), each once."""
+    own = {id(p) for p in module.parameters(recurse=False)}
+    return [p for p in module.parameters() if id(p) not in own]
 
 
 def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:

@@ -1,10 +1,13 @@
 """Data parallelism on CPU: two ranks through the real ``deepspeed`` launcher under ZeRO-0, -1, -2 and -3 against
-one rank with gradient accumulation over the same global batches (`fixed_batches`), 20 steps, fp32.
+one rank with gradient accumulation over the same global batches (`fixed_batches`), 20 steps, fp32. The two-rank
+runs take the mixers' fused Function (on CPU with its pure-PyTorch conv and scan), the one-rank reference the module
+path.
 
 Each global batch is split between the ranks so that rank 1 never sees speech (an uneven modality mix: the speech
 experts get gradients from rank 0 only). Every stage must finish (no hang), log the one-rank run's losses step for
 step and end with its weights (speech experts included: no expert's gradient reduction is skipped), the same on
-both ranks. ZeRO-3 therefore also matches ZeRO-0 loss for loss.
+both ranks. ZeRO-3 therefore also matches ZeRO-0 loss for loss, and under ZeRO-3 the fused Function runs on the
+experts' gathered weights (`mom.train.distributed.register_direct_reads`) rather than falling back to module calls.
 
 Slow tier: one launch of two processes running four short trainings (about a minute on two busy cores).
 """
@@ -33,8 +36,12 @@ STEPS = 20
 STAGES = ("0", "1", "2", "3")
 # fp32 on CPU; a modest learning rate keeps Adam from magnifying summation-order differences over the 20 steps; no
 # weight decay, so a weight that moved got a gradient
+# ZeRO-3 keeps parameters under its persistence threshold (1e5 elements by default: all of this tiny model's) whole
+# on every rank; 0 partitions them all, as a real model's large ones are
+PARTITION_ALL = "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"
 COMMON = [*FAST, "optim.lr=1e-3", "optim.warmup_steps=0", "optim.weight_decay=0", f"train.max_steps={STEPS}",
-          "train.log_every=1", "train.eval_batches=0", "train.export_hf=false", "train.save_every=0"]
+          "train.log_every=1", "train.eval_batches=0", "train.export_hf=false", "train.save_every=0",
+          PARTITION_ALL]
 
 DRIVER = textwrap.dedent(
     """
@@ -46,9 +53,19 @@ DRIVER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from fixed_batches import FixedBatches, global_batches
 
+    import mom.ops.fused as fused
     import mom.train.loop as loop
     from mom.train.recipe import load_recipe
     from mom.train.resolve import resolve_model_config
+
+    # the mixers' fused Function on CPU (with the pure-PyTorch conv and scan, as the CPU tests run it), counted: it
+    # reads the experts' weights without calling their modules, which ZeRO-3 must have gathered
+    calls = [0]
+    fused_mixer = fused.fused_mixer
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fused_mixer(*args, **kwargs)
+    fused.fused_mixer, fused.runs_on, fused.cuda_ops = counted, lambda t: True, lambda: fused.REFERENCE_OPS
 
     out, stages, recipe_path, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     first = load_recipe(recipe_path, overrides)
@@ -57,6 +74,7 @@ DRIVER = textwrap.dedent(
     loop.build_loader = lambda cfg, rank, world: FixedBatches(batches, rank, world, cfg.batch_size,
                                                               first.train.grad_accum)
     for stage in stages.split(","):
+        calls[0] = 0
         run = [f"deepspeed.zero_stage={{stage}}", f"train.out_dir={{out}}/z{{stage}}"]
         recipe = load_recipe(recipe_path, [*overrides, *run])
         engine = loop.train(recipe)["engine"]
@@ -67,7 +85,7 @@ DRIVER = textwrap.dedent(
                 weights = {{k: p.detach().clone() for k, p in params.items()}}
         else:
             weights = {{k: p.detach().clone() for k, p in params.items()}}
-        torch.save(weights, f"{{out}}/z{{stage}}_weights_rank{{dist.get_rank()}}.pt")
+        torch.save({{"weights": weights, "fused_calls": calls[0]}}, f"{{out}}/z{{stage}}_rank{{dist.get_rank()}}.pt")
     """
 )
 
@@ -105,7 +123,7 @@ def runs(tmp_path_factory):
            str(tmp), ",".join(STAGES), str(TINY), *overrides, "train.grad_accum=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp, reference
+    return tmp, reference, config.n_layer
 
 
 def test_the_global_batches_split_unevenly():
@@ -121,14 +139,17 @@ def test_the_global_batches_split_unevenly():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_equal_one_rank_with_accumulation(runs, stage):
-    tmp, reference = runs
+    tmp, reference, n_layer = runs
     expected, got = records(tmp / "one_rank"), records(tmp / f"z{stage}")
     assert [r[0] for r in got] == list(range(1, STEPS + 1)) == [r[0] for r in expected]
     assert [r[1] for r in got] == pytest.approx([r[1] for r in expected], rel=1e-5)  # losses
     # the global gradient norm: a speech gradient not averaged with rank 1's zeros would change it (Adam's update
     # hardly would: it is nearly scale-free)
     assert [r[2] for r in got] == pytest.approx([r[2] for r in expected], rel=1e-4)
-    ranks = [torch.load(tmp / f"z{stage}_weights_rank{r}.pt") for r in (0, 1)]
+    saved = [torch.load(tmp / f"z{stage}_rank{r}.pt") for r in (0, 1)]
+    # every mixer forward took the fused Function on both ranks (ZeRO-3: its gathered experts were present)
+    assert [s["fused_calls"] for s in saved] == [STEPS * n_layer] * 2
+    ranks = [s["weights"] for s in saved]
     assert ranks[0].keys() == reference.keys()
     for name, want in reference.items():
         for weights in ranks:
