@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from mom.model import registrations
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
-from mom.model.mixer import CausalConv1d, submodule_parameters
+from mom.model.mixer import CausalConv1d, quiet_parameter, submodule_parameters
 from mom.model.routing import RoutedLinear, Routing, permute_rows, project, project_rows
 from mom.ops import backend, ssd
 from mom.ops.fused import compute_dtype
@@ -214,7 +214,7 @@ class Mamba2Mixer(nn.Module):
         kernels = backend.mamba2_kernels(t)
         if not (self.use_fast_path and kernels is not None and kernels.split_conv1d_scan is not None):
             return False
-        return self.conv1d.weight.numel() > 0 and self.norm.weight.numel() > 0
+        return all(quiet_parameter(m, "weight").numel() > 0 for m in (self.conv1d, self.norm))
 
     def fast_path_weights(self) -> FastPathWeights | None:
         """What the fast path reads (`FastPathWeights`), or None when it cannot run this mixer: an expert that is not
@@ -226,7 +226,7 @@ class Mamba2Mixer(nn.Module):
         return weights if weights is not None and weights.present() else None
 
     def _gather_fast_path_weights(self) -> FastPathWeights | None:
-        routed, tensors = [], [self.conv1d.weight, self.norm.weight]
+        routed, tensors = [], [quiet_parameter(self.conv1d, "weight"), quiet_parameter(self.norm, "weight")]
         for proj in (self.in_proj, self.out_proj):
             if not isinstance(proj, RoutedLinear):
                 routed.append(None)
@@ -234,7 +234,8 @@ class Mamba2Mixer(nn.Module):
             experts = tuple(proj.values())
             if any(type(e) is not nn.Linear for e in experts):
                 return None
-            weights, biases = tuple(e.weight for e in experts), tuple(e.bias for e in experts)
+            weights = tuple(quiet_parameter(e, "weight") for e in experts)
+            biases = tuple(quiet_parameter(e, "bias") for e in experts)
             if any(b is None for b in biases) and any(b is not None for b in biases):
                 return None  # some experts with a bias, some without: the Function stacks them
             biases = None if biases[0] is None else biases

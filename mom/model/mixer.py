@@ -153,13 +153,14 @@ class MoMMixer(nn.Module):
             experts = tuple(proj.values()) if isinstance(proj, RoutedLinear) else (proj,)
             if any(type(e) is not nn.Linear for e in experts):
                 return None
-            weights.append(tuple(e.weight for e in experts))
-            bias = tuple(e.bias for e in experts)
+            weights.append(tuple(quiet_parameter(e, "weight") for e in experts))
+            bias = tuple(quiet_parameter(e, "bias") for e in experts)
             if any(b is None for b in bias) and any(b is not None for b in bias):
                 return None  # some experts with a bias, some without: the Function stacks them
             biases.append(None if bias[0] is None else bias)
-        return fused.MixerWeights(tuple(weights), tuple(biases), self.conv1d.weight, self.conv1d.bias, self.A_log,
-                                  self.D)
+        return fused.MixerWeights(tuple(weights), tuple(biases), quiet_parameter(self.conv1d, "weight"),
+                                  quiet_parameter(self.conv1d, "bias"), quiet_parameter(self, "A_log"),
+                                  quiet_parameter(self, "D"))
 
     def directly_read_parameters(self) -> list[nn.Parameter]:
         """The parameters of this mixer's submodules (experts, conv) that its forward may read without calling their
@@ -228,6 +229,16 @@ class MoMMixer(nn.Module):
             return self.step(hidden, routing, cache)
         outs = [self.step(hidden[:, t : t + 1], routing.at(t), cache) for t in range(hidden.shape[1])]
         return torch.cat(outs, dim=1)
+
+
+def quiet_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
+    """``module``'s own parameter ``name`` (None if it has none), read through ``named_parameters`` rather than as an
+    attribute. The fast-path checks run ahead of a mixer's own forward (the model asks every mixer first,
+    `sorted_stream`); under DeepSpeed ZeRO-3 an attribute read of a partitioned parameter during a forward gathers it
+    for whichever module is running and keeps it registered there, which would hold every layer's experts for the
+    whole model forward. Read this way, an absent parameter stays absent (the check says so) and is gathered when
+    its mixer runs (`directly_read_parameters`)."""
+    return dict(module.named_parameters(recurse=False)).get(name)
 
 
 def submodule_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -85,7 +85,12 @@ DRIVER = textwrap.dedent(
                 weights = {{k: p.detach().clone() for k, p in params.items()}}
         else:
             weights = {{k: p.detach().clone() for k, p in params.items()}}
-        torch.save({{"weights": weights, "fused_calls": calls[0]}}, f"{{out}}/z{{stage}}_rank{{dist.get_rank()}}.pt")
+        names = {{id(p): n for n, p in engine.module.named_parameters()}}
+        external = {{name: sorted(names[id(p)] for _, p in m.ds_external_parameters())
+                    for name, m in engine.module.named_modules()
+                    if hasattr(m, "ds_external_parameters") and list(m.ds_external_parameters())}}  # ZeRO-3's
+        torch.save({{"weights": weights, "fused_calls": calls[0], "external": external}},
+                   f"{{out}}/z{{stage}}_rank{{dist.get_rank()}}.pt")
     """
 )
 
@@ -113,6 +118,8 @@ def runs(tmp_path_factory):
         mp.setattr(loop, "build_loader", lambda cfg, rank, world: FixedBatches(batches, rank, world, cfg.batch_size, 2))
         engine = loop.train(recipe)["engine"]
     reference = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+    mixers = {name: len(m.directly_read_parameters()) for name, m in engine.module.named_modules()
+              if hasattr(m, "directly_read_parameters")}
     speech = [k for k in reference if ".speech." in k]
     assert speech and all(not torch.equal(reference[k], initial[k]) for k in speech)  # they got gradients
 
@@ -123,7 +130,7 @@ def runs(tmp_path_factory):
            str(tmp), ",".join(STAGES), str(TINY), *overrides, "train.grad_accum=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp, reference, config.n_layer
+    return tmp, reference, config.n_layer, mixers
 
 
 def test_the_global_batches_split_unevenly():
@@ -139,7 +146,7 @@ def test_the_global_batches_split_unevenly():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_equal_one_rank_with_accumulation(runs, stage):
-    tmp, reference, n_layer = runs
+    tmp, reference, n_layer, mixers = runs
     expected, got = records(tmp / "one_rank"), records(tmp / f"z{stage}")
     assert [r[0] for r in got] == list(range(1, STEPS + 1)) == [r[0] for r in expected]
     assert [r[1] for r in got] == pytest.approx([r[1] for r in expected], rel=1e-5)  # losses
@@ -149,6 +156,15 @@ def test_two_ranks_equal_one_rank_with_accumulation(runs, stage):
     saved = [torch.load(tmp / f"z{stage}_rank{r}.pt") for r in (0, 1)]
     # every mixer forward took the fused Function on both ranks (ZeRO-3: its gathered experts were present)
     assert [s["fused_calls"] for s in saved] == [STEPS * n_layer] * 2
+    # ZeRO-3 gathers each mixer's experts and conv with the mixer, and none of them for a larger module (an expert
+    # read ahead of its mixer's forward would be registered with the model: `mom.model.mixer.quiet_parameter`)
+    for external in (s["external"] for s in saved):
+        if stage != "3":
+            assert external == {}
+            continue
+        for name, count in mixers.items():
+            assert len(external[name]) == count and all(p.startswith(f"{name}.") for p in external[name])
+        assert not any(".mixer." in p for module, params in external.items() if module not in mixers for p in params)
     ranks = [s["weights"] for s in saved]
     assert ranks[0].keys() == reference.keys()
     for name, want in reference.items():
