@@ -127,17 +127,19 @@ def steady_tokens_per_s(metrics: Path, warmup: int, last: int | None = None) -> 
     return tokens / seconds, windows
 
 
-def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace) -> tuple[float, list, float]:
-    """(steady tokens/s, windows, wall seconds of the whole command). With --profile, PROFILED_STEPS more steps
-    run under torch.profiler after the measured ones (not counted in the tokens/s)."""
-    steps = args.steps + (PROFILED_STEPS if args.profile else 0)
-    profile = [f"train.profile_steps=[{args.steps + 1}, {steps}]"] if args.profile else []
+def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace, gpus: int = 1,
+                extra: tuple[str, ...] = ()) -> tuple[float, list, float]:
+    """(steady tokens/s of all ranks, windows, wall seconds of the whole command) of ``deepspeed --num_gpus gpus``
+    with ``extra`` overrides. With ``args.profile``, PROFILED_STEPS more steps run under torch.profiler after the
+    measured ones (not counted in the tokens/s)."""
+    steps = args.steps + (PROFILED_STEPS if getattr(args, "profile", False) else 0)
+    profile = [f"train.profile_steps=[{args.steps + 1}, {steps}]"] if steps > args.steps else []
     overrides = [f"data.path={corpus}", f"data.batch_size={args.batch}", f"data.seq_len={args.length}",
                  "train.grad_accum=1", f"train.max_steps={steps}", f"train.log_every={args.log_every}",
                  f"train.eval_every={args.eval_every}", f"train.eval_batches={2 if args.eval_every else 0}",
                  "train.save_every=0", "train.export_hf=false", "train.progress=false", "train.tensorboard=false",
-                 f"train.out_dir={out}", *profile, *args.override]
-    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(args.master_port), "--module", "mom.train",
+                 f"train.out_dir={out}", *profile, *args.override, *extra]
+    command = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(args.master_port), "--module", "mom.train",
                "--config", str(recipe), *overrides, "--overwrite"]
     print("$", " ".join(command), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -199,6 +201,25 @@ def raw_step(recipe: Path, corpus: Path, args: argparse.Namespace,
     return best, config
 
 
+def choose_corpus(args: argparse.Namespace) -> Path:
+    """--corpus, else the recipe's data.path, else the bundled corpus where the recipe's vocabulary fits it, else a
+    synthetic one under --work, large enough for the run on every GPU (``args.gpus``, default 1)."""
+    if args.corpus is not None:
+        print(f"corpus: {args.corpus}", flush=True)
+        return args.corpus
+    configured = Path(load_recipe(args.recipe, args.override).data.path)
+    corpus = next((c for c in (configured, BUNDLED) if corpus_fits(args.recipe, c, args.override)), None)
+    if corpus is not None:
+        print(f"corpus: {corpus}", flush=True)
+        return corpus
+    r = load_recipe(args.recipe, [f"data.path={BUNDLED}", *args.override])
+    config = resolve_model_config(r)
+    tokens = (args.steps + 5) * args.batch * args.length * 2 * max(getattr(args, "gpus", [1]))
+    corpus = synthetic_corpus(args.work / "synthetic_corpus", config.modalities, config.vocab_sizes, tokens)
+    print(f"corpus: {corpus} -- {SPEED_ONLY_NOTE}", flush=True)
+    return corpus
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", "--model", type=Path, default=ROOT / "recipes" / "t2i_160m_mom.yaml",
@@ -232,18 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes = {args.only: recipes[args.only]}
     args.work.mkdir(parents=True, exist_ok=True)
 
-    corpus = args.corpus
-    if corpus is None:
-        configured = Path(load_recipe(args.recipe, args.override).data.path)
-        corpus = next((c for c in (configured, BUNDLED) if corpus_fits(args.recipe, c, args.override)), None)
-    if corpus is None:
-        r = load_recipe(args.recipe, [f"data.path={BUNDLED}", *args.override])
-        config = resolve_model_config(r)
-        tokens = (args.steps + 5) * args.batch * args.length * 2
-        corpus = synthetic_corpus(args.work / "synthetic_corpus", config.modalities, config.vocab_sizes, tokens)
-        print(f"corpus: {corpus} -- {SPEED_ONLY_NOTE}", flush=True)
-    else:
-        print(f"corpus: {corpus}", flush=True)
+    corpus = choose_corpus(args)
 
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
     results = {}

@@ -206,6 +206,7 @@ def train(
                     "flops": state["flops"],
                     "mfu": mfu,
                     "skipped_steps": state["bad_steps"],
+                    "peak_gib": peak_gib(ctx.device),
                 }
                 metrics.log(step, "train", record)
                 postfix = {"loss": f"{train_metrics.get('loss', float('nan')):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
@@ -266,6 +267,12 @@ def train(
     if ctx.is_main:
         print(format_done(summary, cfg) if already_done else format_summary(summary, config.modalities), flush=True)
     return {**summary, "engine": engine}
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """The most memory this rank's tensors held on its GPU so far, GiB (a host-side counter: no device sync);
+    None on CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def host_inputs(batch: dict[str, torch.Tensor], num_modalities: int) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_reference_run_logs_metrics_checkpoints_and_exports(reference, corpus):
     last = train_records[-1]
     assert last["tokens"] == 6 * tokens_per_step
     assert last["flops"] == pytest.approx(6 * tokens_per_step * flops.training_flops_per_token(config))
-    assert last["mfu"] is None and last["tokens_per_s"] > 0 and last["grad_norm"] > 0
+    assert last["mfu"] is None and last["peak_gib"] is None and last["tokens_per_s"] > 0 and last["grad_norm"] > 0
     for m in config.modalities:
         assert f"loss/{m}" in last
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.1

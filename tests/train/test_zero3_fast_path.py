@@ -59,6 +59,7 @@ def test_zero3_takes_the_fast_path(tmp_path_factory, stage):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert torch.load(tmp / f"z{stage}_fused_calls.pt") == STEPS * 1  # FAST: one layer, one forward per step
+    assert read_jsonl(tmp / f"z{stage}" / "metrics.jsonl")[-1]["peak_gib"] > 0
     if stage == "3":  # the same losses as ZeRO-0 (bf16)
         losses = [[r["loss"] for r in read_jsonl(tmp / f"z{s}" / "metrics.jsonl") if r["split"] == "train"]
                   for s in ("0", "3")]
