@@ -6,6 +6,7 @@ import pytest
 from test_train import TINY, corpus_for_tests, recipe
 
 from mom.train.loop import train
+from mom.train.profiling import covered_us
 from mom.train.metrics import read_jsonl
 from mom.train.recipe import load_recipe
 
@@ -47,3 +48,9 @@ def test_run_ending_before_the_last_profiled_step_writes_nothing(corpus, tmp_pat
 def test_bad_profile_steps_are_named(value):
     with pytest.raises(ValueError, match="train.profile_steps"):
         load_recipe(TINY, [f"train.profile_steps={value}"])
+
+
+def test_device_busy_time_counts_overlaps_once():
+    assert covered_us([]) == 0
+    assert covered_us([(0, 10), (5, 15), (20, 30), (22, 25), (30, 31)]) == 15 + 10 + 1
+    assert covered_us([(5, 6), (0, 10)]) == 10
