@@ -6,8 +6,8 @@ import pytest
 from test_train import TINY, corpus_for_tests, recipe
 
 from mom.train.loop import train
-from mom.train.profiling import covered_us
 from mom.train.metrics import read_jsonl
+from mom.train.profiling import covered_us
 from mom.train.recipe import load_recipe
 
 RUN = ["train.max_steps=4", "train.log_every=1", "train.export_hf=false"]
