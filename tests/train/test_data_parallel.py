@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixed_batches import FixedBatches, global_batches
-from test_deepspeed_launch import LAUNCH_ENV
+from test_deepspeed_launch import cpu_launch_env
 from test_train import FAST, TINY, corpus_for_tests
 
 import mom
@@ -124,8 +124,7 @@ def runs(tmp_path_factory):
     assert speech and all(not torch.equal(reference[k], initial[k]) for k in speech)  # they got gradients
 
     (tmp / "driver.py").write_text(DRIVER.format(tests=str(Path(__file__).parent), steps=STEPS))
-    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = cpu_launch_env()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(31500 + os.getpid() % 1000), str(tmp / "driver.py"),
            str(tmp), ",".join(STAGES), str(TINY), *overrides, "train.grad_accum=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)

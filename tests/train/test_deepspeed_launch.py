@@ -31,6 +31,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # not those of an in-process run
 
+
+
+def cpu_launch_env() -> dict[str, str]:
+    """The environment of a test's CPU ``deepspeed`` launch: without this process's rank variables and GPUs, one
+    thread per rank, the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
 DRIVER = textwrap.dedent(
     """
     import sys
@@ -63,8 +73,7 @@ def launched(tmp_path_factory):
     (tmp / "driver.py").write_text(DRIVER)
     overrides = [str(TINY), f"data.path={corpus}", *FAST, "train.max_steps=8", "train.log_every=1",
                  "train.save_every=4", "train.inject_nan_steps=[3]"]
-    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = cpu_launch_env()
     port = str(29500 + os.getpid() % 1000)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(tmp / "driver.py"), str(tmp), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -118,8 +127,7 @@ def test_ctrl_c_to_the_launcher_checkpoints_every_rank_once(corpus_dir, tmp_path
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not installed")
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_ENV, "CUDA_VISIBLE_DEVICES")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = cpu_launch_env()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(30500 + os.getpid() % 1000), "--module", "mom.train",
            "--config", str(TINY), f"data.path={corpus_dir}", f"train.out_dir={out}", *FAST, "train.max_steps=100000",
            "train.log_every=1", "train.eval_batches=0", "train.export_hf=false", "deepspeed.zero_stage=1"]
