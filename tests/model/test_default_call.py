@@ -267,10 +267,13 @@ def _assert_close_to_max(got, want, rel, what):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_default_call_equals_the_call_with_counts(layout, per_expert, monkeypatch):
     """bf16 autocast on the fused path. The default call's forward groups every routed GEMM on the device; the call
-    with counts does too below PER_EXPERT_MACS (so the logits are equal), and runs per-expert GEMMs above it
-    (``per_expert``: the threshold lowered to 0; then the two differ by bf16 rounding). Both backwards run on the
-    counts (the default call's from its checks' read): the gradients differ only by the scan backward's atomics
-    (and the forward's rounding)."""
+    with counts runs per-expert GEMMs above PER_EXPERT_MACS (``per_expert``: the threshold lowered to 0) and, below
+    it, GEMMs whose kernels (and so bf16 rounding) need not be the default call's: on an H100 the logits were not
+    bit-equal for the uneven and absent layouts (tenth session), so both cases compare within bf16 tolerances; that
+    the two calls compute the same thing is checked exactly in fp32 on CPU
+    (`test_default_call_equals_the_call_with_counts_and_the_module_path`). Both backwards run on the counts (the
+    default call's from its checks' read): the gradients differ by the scan backward's atomics and the forward's
+    rounding."""
     _needs_kernels()
     model = _cuda_model()
     ids = interleaved_ids(model.config, 2, CUDA_RUNS[layout]).cuda()
@@ -279,12 +282,8 @@ def test_cuda_default_call_equals_the_call_with_counts(layout, per_expert, monke
     if per_expert:
         monkeypatch.setattr(fused, "PER_EXPERT_MACS", 0)
     ref, ref_grads = _cuda_step(model, ids, counts)
-    if per_expert:
-        _assert_close_to_max(out.logits, ref.logits, 2e-2, "logits")
-        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=1e-2)
-    else:
-        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
-        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    _assert_close_to_max(out.logits, ref.logits, 2e-2, "logits")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=1e-2)
     for name in ref_grads:
         _assert_close_to_max(grads[name], ref_grads[name], 3e-2 if per_expert else 1e-2, name)
 
