@@ -220,22 +220,18 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
     return engine
 
 
-def register_direct_reads(model: torch.nn.Module) -> int:
+def register_direct_reads(model: torch.nn.Module) -> None:
     """Tell ZeRO-3 about parameters a module reads without calling the submodule that owns them: every module with a
     ``directly_read_parameters()`` method (MoM's mixers: their fused fast path reads the experts' weights) gets them
     registered as its external parameters, so that ZeRO-3 gathers them whenever that module runs (forward and
     backward, the same on every rank) and the fast path finds them present rather than falling back to module
-    calls. Returns how many were registered."""
+    calls."""
     import deepspeed
 
-    count = 0
     for module in model.modules():
         read = getattr(module, "directly_read_parameters", None)
-        if callable(read):
-            for param in read():
-                deepspeed.zero.register_external_parameter(module, param)
-                count += 1
-    return count
+        for param in read() if callable(read) else ():
+            deepspeed.zero.register_external_parameter(module, param)
 
 
 # What `accelerate launch` exports from its config's ``deepspeed_config`` section (and the launch flags of the same
