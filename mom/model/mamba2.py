@@ -113,6 +113,7 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):  # excluded from weight decay (mom.train.optim)
             p._no_weight_decay = True
         self._fast_path_weights: registrations.Cached[FastPathWeights | None] = registrations.Cached()
+        self._kernel_weights: registrations.Cached[tuple[nn.Parameter, ...]] = registrations.Cached()
 
     def forward(
         self,
@@ -214,7 +215,9 @@ class Mamba2Mixer(nn.Module):
         kernels = backend.mamba2_kernels(t)
         if not (self.use_fast_path and kernels is not None and kernels.split_conv1d_scan is not None):
             return False
-        return all(quiet_parameter(m, "weight").numel() > 0 for m in (self.conv1d, self.norm))
+        weights = self._kernel_weights.get(  # read once, until a module or parameter is reassigned
+            lambda: tuple(quiet_parameter(m, "weight") for m in (self.conv1d, self.norm)))
+        return min(map(torch.Tensor.numel, weights)) > 0
 
     def fast_path_weights(self) -> FastPathWeights | None:
         """What the fast path reads (`FastPathWeights`), or None when it cannot run this mixer: an expert that is not
