@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master-port", type=int, default=29617)
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args(argv)
-    args.eval_every = 0
+    args.eval_every, args.profile = 0, False  # what bench_trainer's run_trainer reads
     available = torch.cuda.device_count()
     if max(args.gpus) > available:
         print(f"bench_scaling: --gpus asks for {max(args.gpus)} GPUs, this machine has {available}", file=sys.stderr)

@@ -132,7 +132,7 @@ def run_trainer(recipe: Path, corpus: Path, out: Path, args: argparse.Namespace,
     """(steady tokens/s of all ranks, windows, wall seconds of the whole command) of ``deepspeed --num_gpus gpus``
     with ``extra`` overrides. With ``args.profile``, PROFILED_STEPS more steps run under torch.profiler after the
     measured ones (not counted in the tokens/s)."""
-    steps = args.steps + (PROFILED_STEPS if getattr(args, "profile", False) else 0)
+    steps = args.steps + (PROFILED_STEPS if args.profile else 0)
     profile = [f"train.profile_steps=[{args.steps + 1}, {steps}]"] if steps > args.steps else []
     overrides = [f"data.path={corpus}", f"data.batch_size={args.batch}", f"data.seq_len={args.length}",
                  "train.grad_accum=1", f"train.max_steps={steps}", f"train.log_every={args.log_every}",

@@ -215,9 +215,12 @@ class Mamba2Mixer(nn.Module):
         kernels = backend.mamba2_kernels(t)
         if not (self.use_fast_path and kernels is not None and kernels.split_conv1d_scan is not None):
             return False
-        weights = self._kernel_weights.get(  # read once, until a module or parameter is reassigned
-            lambda: tuple(quiet_parameter(m, "weight") for m in (self.conv1d, self.norm)))
-        return min(map(torch.Tensor.numel, weights)) > 0
+        return min(map(torch.Tensor.numel, self._kernel_tensors())) > 0
+
+    def _kernel_tensors(self) -> tuple[nn.Parameter, ...]:
+        """The conv's and the norm's weights, which the fused kernel reads without calling their modules: read once
+        (`quiet_parameter`), until a module or parameter is reassigned."""
+        return self._kernel_weights.get(lambda: tuple(quiet_parameter(m, "weight") for m in (self.conv1d, self.norm)))
 
     def fast_path_weights(self) -> FastPathWeights | None:
         """What the fast path reads (`FastPathWeights`), or None when it cannot run this mixer: an expert that is not
@@ -229,7 +232,7 @@ class Mamba2Mixer(nn.Module):
         return weights if weights is not None and weights.present() else None
 
     def _gather_fast_path_weights(self) -> FastPathWeights | None:
-        routed, tensors = [], [quiet_parameter(self.conv1d, "weight"), quiet_parameter(self.norm, "weight")]
+        routed, tensors = [], list(self._kernel_tensors())
         for proj in (self.in_proj, self.out_proj):
             if not isinstance(proj, RoutedLinear):
                 routed.append(None)

@@ -22,11 +22,10 @@ import pytest
 import torch
 from fixed_batches import FixedBatches, global_batches
 from test_deepspeed_launch import cpu_launch_env
-from test_train import FAST, TINY, corpus_for_tests
+from test_train import FAST, TINY, corpus_for_tests, train_losses
 
 import mom
 import mom.train.loop as loop
-from mom.train.metrics import read_jsonl
 from mom.train.recipe import load_recipe
 from mom.train.resolve import resolve_model_config
 
@@ -95,11 +94,6 @@ DRIVER = textwrap.dedent(
 )
 
 
-def records(run: Path) -> list[tuple[int, float, float]]:
-    """(step, loss, gradient norm) of each logged step."""
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     if shutil.which("deepspeed") is None:
@@ -146,7 +140,7 @@ def test_the_global_batches_split_unevenly():
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_equal_one_rank_with_accumulation(runs, stage):
     tmp, reference, n_layer, mixers = runs
-    expected, got = records(tmp / "one_rank"), records(tmp / f"z{stage}")
+    expected, got = train_losses(tmp / "one_rank"), train_losses(tmp / f"z{stage}")  # (step, loss, grad norm)
     assert [r[0] for r in got] == list(range(1, STEPS + 1)) == [r[0] for r in expected]
     assert [r[1] for r in got] == pytest.approx([r[1] for r in expected], rel=1e-5)  # losses
     # the global gradient norm: a speech gradient not averaged with rank 1's zeros would change it (Adam's update

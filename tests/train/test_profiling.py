@@ -3,10 +3,9 @@
 import json
 
 import pytest
-from test_train import TINY, corpus_for_tests, recipe
+from test_train import TINY, corpus_for_tests, recipe, train_losses
 
 from mom.train.loop import train
-from mom.train.metrics import read_jsonl
 from mom.train.profiling import covered_us
 from mom.train.recipe import load_recipe
 
@@ -19,7 +18,7 @@ def corpus(tmp_path_factory):
 
 
 def losses(out_dir):
-    return [r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "train"]
+    return [loss for _, loss, _ in train_losses(out_dir)]
 
 
 def test_profiled_steps_write_trace_and_summary_and_change_no_loss(corpus, tmp_path):
