@@ -99,27 +99,27 @@ def setup(train: TrainConfig) -> Context:
 
 
 def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
-    """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last; where `device_clip` allows it,
-    clipping and the overflow check are left to `ClipAndSkip`)."""
+    """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last); where `clip_mode` allows it,
+    clipping and the overflow check are left to `ClipAndSkip`."""
     config = requested_config(recipe, ctx)
-    if device_clip(config) is not None:
+    mode = clip_mode(config, ctx)
+    if mode is not None:
+        config["gradient_clipping"] = 0.0
+    if mode == "deepspeed_norm":
         # DeepSpeed's bf16 overflow check reads every gradient (a few kernels each) and then the device, and its
         # clipping reads the norm on the host: both move to the device (`ClipAndSkip`)
         config["bf16"]["check_grad_overflow"] = False
-        config["gradient_clipping"] = 0.0
     return config
 
 
 def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
-    """What the recipe asks of DeepSpeed (``deepspeed.extra`` merged in last), before `deepspeed_config` moves
-    clipping and the overflow check to the device."""
+    """What the recipe asks of DeepSpeed (``deepspeed.extra`` merged in last), before `deepspeed_config` leaves
+    clipping and the overflow check to `ClipAndSkip`."""
     ds, optim = recipe.deepspeed, recipe.optim
     adamw: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                              "weight_decay": optim.weight_decay}
-    if ds.offload_optimizer == "none":  # torch's AdamW; with offload DeepSpeed picks its CPU Adam
-        adamw["torch_adam"] = True
-        if ctx.device.type == "cuda":
-            adamw["fused"] = True
+    if ds.offload_optimizer == "none":  # torch's fused AdamW (CPU and GPU); with offload DeepSpeed picks its CPU Adam
+        adamw.update(torch_adam=True, fused=True)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     for key, target in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
         if target != "none":
@@ -132,9 +132,7 @@ def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
         "gradient_accumulation_steps": recipe.train.grad_accum,
         "train_batch_size": recipe.data.batch_size * recipe.train.grad_accum * ctx.world_size,
-        # with the plain fp32 optimizer of stage 0 the trainer clips itself (mom.train.clip_or_drop_grads), so that
-        # it can also drop non-finite gradients, which only DeepSpeed's ZeRO / bf16 optimizers detect
-        "gradient_clipping": 0.0 if trainer_clips(recipe, ctx) else optim.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": zero,
         "bf16": {"enabled": ctx.precision == "bf16"},
@@ -148,64 +146,88 @@ def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     return merge(config, ds.extra)
 
 
-def device_clip(config: dict[str, Any]) -> float | None:
-    """The clipping norm `ClipAndSkip` applies on the device (0: none) where ``config`` (`requested_config`) allows
-    it, else None: bf16 ZeRO-1/2, torch's fused AdamW
-    (its ``found_inf`` input), no optimizer offload, DeepSpeed computing the gradient norm, and no
-    ``bf16.check_grad_overflow: true`` in the recipe's ``deepspeed.extra``."""
+def clip_mode(config: dict[str, Any], ctx: Context) -> str | None:
+    """Who clips and skips non-finite steps for ``config`` (`requested_config`), with torch's AdamW as the optimizer:
+
+    * "deepspeed_norm": bf16 ZeRO-1/2 without optimizer offload, fused AdamW, DeepSpeed computing the gradient
+      norm and no ``bf16.check_grad_overflow: true`` in ``deepspeed.extra``: `ClipAndSkip`, from DeepSpeed's norm;
+    * "own_norm": stage 0 with fp32 weights (``train.dtype`` fp32 or autocast_bf16): DeepSpeed hands the step to
+      torch's AdamW as it is, which neither clips on the device nor skips a non-finite step: `ClipAndSkip`, from the
+      norm it computes itself;
+    * None: DeepSpeed's optimizer wrapper does both (bf16 stage 0, ZeRO-3, offload, an unfused or other optimizer).
+    """
     zero, optimizer = config.get("zero_optimization", {}), config.get("optimizer", {})
     params, bf16 = optimizer.get("params", {}), config.get("bf16", {})
+    if optimizer.get("type") != "AdamW" or not params.get("torch_adam"):
+        return None
+    if zero.get("stage", 0) == 0 and not bf16.get("enabled", False) and ctx.precision != "bf16":
+        return "own_norm"
     if (bf16.get("enabled", False) and bf16.get("check_grad_overflow") is not True and zero.get("stage") in (1, 2)
             and zero.get("offload_optimizer", {}).get("device", "none") == "none"
-            and zero.get("compute_grad_norm", True) and optimizer.get("type") == "AdamW"
-            and params.get("torch_adam") and params.get("fused")):
-        return float(config.get("gradient_clipping", 0.0))
+            and zero.get("compute_grad_norm", True) and params.get("fused")):
+        return "deepspeed_norm"
     return None
 
 
 class ClipAndSkip:
-    """Gradient clipping and the skip of a non-finite step, on the device where `device_clip` allows it.
+    """Gradient clipping and the skip of a non-finite step, on the device where `clip_mode` allows it.
 
-    There, before each fused AdamW step (one per parameter group), the gradients are scaled down to norm ``clip``
-    (DeepSpeed's formula) and torch's ``found_inf`` input is set, both from the global gradient norm DeepSpeed has
-    just computed for this step (+inf when any gradient is not finite; the same on every rank, as it is
-    all-reduced): with ``found_inf`` fused AdamW leaves parameters, moments and step count as they were, and the bf16
-    weights are recopied unchanged from them. No host sync: ``last()`` (was the last step skipped) is a 0-dim device
-    tensor, 1.0 when skipped, read when the trainer logs. Elsewhere DeepSpeed clips and skips on the host and
-    ``last()`` is ``not engine.was_step_applied()``. Build it after loading a checkpoint.
+    There, before each step of torch's AdamW (under ZeRO-1/2 one per parameter group), the gradients are scaled
+    down to norm ``optim.grad_clip`` (DeepSpeed's formula, torch's ``clip_grad_norm_``'s too) and the optimizer's
+    ``found_inf`` input is set, both from the global gradient norm of this step (+inf when any gradient is not
+    finite): DeepSpeed's, just computed by its ZeRO step ("deepspeed_norm"; all-reduced, the same on every rank), or
+    computed here over the optimizer's gradients, which DeepSpeed has all-reduced in the backward ("own_norm").
+    With ``found_inf`` fused AdamW leaves parameters, moments and step count as they were (under bf16 the weights
+    are then recopied unchanged from them). No host sync: ``last()`` (was the last step skipped) and ``norm()`` are
+    device tensors, read when the trainer logs. An unfused AdamW under "own_norm" has no ``found_inf``: there the
+    flag is read on the host and the step's gradients dropped. Elsewhere DeepSpeed clips and skips on the host:
+    ``last()`` is ``not engine.was_step_applied()``, ``norm()`` DeepSpeed's. Build it after loading a checkpoint.
     """
 
     def __init__(self, engine: Any, recipe: Recipe, ctx: Context) -> None:
+        config = requested_config(recipe, ctx)
         self.engine = engine
-        self.clip = device_clip(requested_config(recipe, ctx))
-        self._norm: Any = None  # the gradient norm the step's scale and flag were computed from
+        self.mode = clip_mode(config, ctx)
+        self.clip = recipe.optim.grad_clip
+        self.fused = bool(config["optimizer"]["params"].get("fused"))
+        self._norm: Any = None  # this step's gradient norm (a 0-dim device tensor)
         self._scale: torch.Tensor | None = None
         self._flag: torch.Tensor | None = None
-        if self.clip is not None:
+        if self.mode == "deepspeed_norm":
             engine.optimizer.clip_grad = 0.0  # a checkpoint saved while DeepSpeed clipped restores its clip_grad
+        if self.mode is not None:
             engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        norm = self.engine.optimizer._global_grad_norm  # DeepSpeed's ZeRO step sets it before the optimizer runs
-        if norm is not self._norm:  # the step's first parameter group
-            self._norm = norm
-            self._flag = (~torch.isfinite(norm)).float().reshape(())  # (), 1.0: skip
-            if self.clip > 0:  # as DeepSpeed's unscale_and_clip_grads: divide by max(1, (norm + 1e-6) / clip)
-                self._scale = 1.0 / torch.clamp((norm + 1e-6) / self.clip, min=1.0)
-        if self.clip > 0:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.mode == "own_norm":
+            self._set_norm(torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(()))
+        elif self.engine.optimizer._global_grad_norm is not self._norm:  # the ZeRO step's first parameter group
+            self._set_norm(self.engine.optimizer._global_grad_norm)  # set by DeepSpeed before the optimizer runs
+        if self.clip > 0 and grads:
             torch._foreach_mul_(grads, self._scale)
-        optimizer.found_inf = self._flag
+        if self.fused:
+            optimizer.found_inf = self._flag
+        elif bool(self._flag):  # unfused "own_norm": no found_inf, so the step is emptied
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _set_norm(self, norm: torch.Tensor) -> None:
+        self._norm = norm
+        self._flag = (~torch.isfinite(norm)).float().reshape(())  # (), 1.0: skip
+        # as DeepSpeed's unscale_and_clip_grads: divide by max(1, (norm + 1e-6) / clip)
+        self._scale = 1.0 / torch.clamp((norm.float() + 1e-6) / self.clip, min=1.0) if self.clip > 0 else None
 
     def last(self) -> torch.Tensor | bool:
-        if self.clip is not None:
+        """Whether the last step was skipped (non-finite gradients)."""
+        if self.mode is not None:
             return self._flag if self._flag is not None else False
         return not self.engine.was_step_applied()
 
-
-def trainer_clips(recipe: Recipe, ctx: Context) -> bool:
-    """True where DeepSpeed's optimizer neither skips non-finite steps nor needs to clip: stage 0, fp32 weights."""
-    return recipe.deepspeed.zero_stage == 0 and ctx.precision != "bf16"
+    def norm(self) -> Any:
+        """The last step's gradient norm before clipping (a device tensor, a float, or None before any step)."""
+        return self._norm if self.mode == "own_norm" else self.engine.get_global_grad_norm()
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Recipe, ctx: Context) -> Any:
@@ -217,6 +239,10 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
         register_direct_reads(model)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(recipe, ctx))
+    if ctx.world_size == 1 and recipe.deepspeed.zero_stage == 0:
+        # alone, there is nothing to all-reduce; DeepSpeed would still flatten every gradient into a bucket and copy
+        # it back, a few kernels per parameter tensor after each backward
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -159,14 +159,13 @@ def train(
                desc="train", unit="step", dynamic_ncols=True)
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    own_clip = distributed.trainer_clips(recipe, ctx)
     profiler = StepProfiler(cfg.profile_steps, out_dir, ctx.rank, ctx.device)
     with stop, batches, contextlib.closing(profiler):  # leaving: the data worker stops
         for step in range(state["step"] + 1, last_step + 1):
             set_lr(engine, lr_at(step - 1, recipe.optim, cfg.max_steps))
             profiler.before(step)
-            window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, own_clip, recipe.optim.grad_clip,
-                                        step in cfg.inject_nan_steps, clip_and_skip), tokens_per_step)
+            window.add(step, train_step(engine, batches, ctx, cfg.grad_accum, step in cfg.inject_nan_steps,
+                                        clip_and_skip), tokens_per_step)
             if (summary := profiler.after(step)) is not None and ctx.is_main:
                 tqdm.write(f"profile of steps {cfg.profile_steps[0]}-{step}: {summary}", file=sys.stderr)
             state["step"] = step
@@ -298,52 +297,25 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, num_modal
 
 # ---- one optimizer step ----------------------------------------------------------------------------------------
 def train_step(
-    engine: Any, batches: Any, ctx: Context, grad_accum: int, own_clip: bool, grad_clip: float, inject_nan: bool,
-    clip_and_skip: ClipAndSkip,
+    engine: Any, batches: Any, ctx: Context, grad_accum: int, inject_nan: bool, clip_and_skip: ClipAndSkip,
 ) -> dict[str, Any]:
-    """``grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite. Reads nothing
-    from the device (except where the trainer clips itself: `clip_or_drop_grads`).
+    """``grad_accum`` micro-batches (forward, backward) then the optimizer step, skipped if non-finite (by
+    `ClipAndSkip` or DeepSpeed's optimizer). Reads nothing from the device.
 
     Returns ``stats`` ((2M + 1,) on the device: loss sums and target counts per modality over the micro-batches, then
     the number of non-finite losses), ``skipped`` (the update was skipped: a 0-dim device tensor or a bool) and
     ``grad_norm`` (before clipping: a device tensor, a float or None).
     """
-    stats, grad_norm, own_skip = None, None, False
-    for micro in range(grad_accum):
+    stats = None
+    for _ in range(grad_accum):
         out = engine(**to_device(next(batches), ctx.device))
         loss = out.loss * float("nan") if inject_nan and ctx.is_main else out.loss  # fault injection (tests)
         engine.backward(loss)
-        if own_clip and micro == grad_accum - 1:  # gradients are all-reduced: check and clip before the step
-            grad_norm, finite = clip_or_drop_grads(engine.module, grad_clip)
-            own_skip = not finite
         engine.step()
         micro_stats = torch.cat([out.modality_loss_sums.detach().double(), out.modality_target_counts.detach().double(),
                                  (~torch.isfinite(loss.detach())).double().reshape(1)])  # (2M + 1,)
         stats = micro_stats if stats is None else stats + micro_stats
-    # ZeRO optimizers (and DeepSpeed's bf16 optimizer) skip a step with non-finite gradients themselves, or
-    # ClipAndSkip does on the device; the plain fp32 stage-0 optimizer does not: clip_or_drop_grads cleared them.
-    if grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
-    return {"stats": stats, "skipped": own_skip or clip_and_skip.last(), "grad_norm": grad_norm}
-
-
-def clip_or_drop_grads(model: nn.Module, max_norm: float) -> tuple[float, bool]:
-    """Global gradient norm (before clipping) and whether it is finite.
-
-    Finite: gradients are scaled down to norm ``max_norm`` if above it (0 disables). Not finite: every ``.grad``
-    is set to None, which makes the optimizer step a no-op for all parameters.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0, True
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
-    if not math.isfinite(norm):
-        for p in params:
-            p.grad = None
-        return norm, False
-    if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))  # torch's clip_grad_norm_ epsilon
-    return norm, True
+    return {"stats": stats, "skipped": clip_and_skip.last(), "grad_norm": clip_and_skip.norm()}
 
 
 # ---- run directory and signals -----------------------------------------------------------------------------------

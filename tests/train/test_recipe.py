@@ -122,7 +122,7 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
     ds = deepspeed_config(r, ctx)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # extra merged key by key
     assert ds["train_batch_size"] == 2 * r.data.batch_size * r.train.grad_accum and not ds["bf16"]["enabled"]
-    assert ds["gradient_clipping"] == r.optim.grad_clip  # ZeRO clips (stage 0 fp32: the trainer does)
+    assert ds["gradient_clipping"] == r.optim.grad_clip  # ZeRO-2 with fp32 weights: DeepSpeed clips
 
 
 def test_cli_rejects_a_bad_recipe_before_training(tmp_path, capsys):

@@ -138,7 +138,7 @@ def test_clipping_moves_to_the_device_only_where_deepspeed_would_not_check_itsel
             return False
 
     guard = ClipAndSkip(Engine(), unfused, cpu)
-    assert guard.clip is None and guard.last() is True  # DeepSpeed's own host flag
+    assert guard.mode is None and guard.last() is True  # DeepSpeed's own host flag
 
 
 @pytest.mark.slow  # four short runs
