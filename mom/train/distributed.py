@@ -12,10 +12,11 @@ DeepSpeed stays here: model code never imports it. One ``setup()`` covers every 
 * ``srun python -m mom.train`` under SLURM: ranks are taken from ``SLURM_PROCID`` / ``SLURM_NTASKS`` /
   ``SLURM_LOCALID`` (``MASTER_ADDR`` / ``MASTER_PORT`` must be exported, see launch/slurm.sbatch).
 
-Precision (``train.dtype``): fp32 on CPU; on GPU DeepSpeed's bf16 mode, which runs forward/backward with bf16
+Precision (``train.dtype``): fp32 on CPU; on GPU "bf16", DeepSpeed's bf16 mode, which runs forward/backward with bf16
 weights and keeps an fp32 master copy of EVERY parameter (``A_log``, ``D`` and the Δ bias included) that the optimizer
 updates; or "autocast_bf16": fp32 weights throughout, matmuls in bf16 under ``torch.autocast`` (mamba-ssm's own
-recipe), so ``A_log``, ``D`` and the Δ bias are never rounded to bf16. docs/training.md compares them.
+recipe), so ``A_log``, ``D`` and the Δ bias are never rounded to bf16. "auto" picks autocast_bf16 at ZeRO stage 0
+and bf16 above (`mom.train.resolve.precision`); docs/training.md compares them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from mom.train.recipe import Recipe, TrainConfig
+from mom.train import resolve
+from mom.train.recipe import DeepSpeedConfig, Recipe, TrainConfig
 
 T = TypeVar("T")
 
@@ -60,8 +62,9 @@ class Context:
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
 
 
-def setup(train: TrainConfig) -> Context:
-    """Initialise the process group (idempotent); device and precision from ``train.device`` / ``train.dtype``."""
+def setup(train: TrainConfig, deepspeed_cfg: DeepSpeedConfig) -> Context:
+    """Initialise the process group (idempotent); device and precision from ``train.device`` / ``train.dtype``
+    (``auto``: `mom.train.resolve.precision`, which depends on the ZeRO stage this world runs)."""
     _fill_env_from_slurm()
     if "RANK" not in os.environ:  # one process, no launcher: a world of one (nobody joins it: any free port)
         if (note := _accelerate_single_process_note()) is not None:
@@ -94,8 +97,9 @@ def setup(train: TrainConfig) -> Context:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo", verbose=False)
-    precision = train.dtype if train.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-    return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, precision)
+    world_size = torch.distributed.get_world_size()
+    precision = resolve.precision(train.dtype, on_gpu, resolve.zero_stage(deepspeed_cfg.zero_stage, world_size))
+    return Context(torch.distributed.get_rank(), world_size, local_rank, device, precision)
 
 
 def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
@@ -120,13 +124,14 @@ def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
                              "weight_decay": optim.weight_decay}
     if ds.offload_optimizer == "none":  # torch's fused AdamW (CPU and GPU); with offload DeepSpeed picks its CPU Adam
         adamw.update(torch_adam=True, fused=True)
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    stage = resolve.zero_stage(ds.zero_stage, ctx.world_size)
+    zero: dict[str, Any] = {"stage": stage}
     for key, target in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
         if target != "none":
             zero[key] = {"device": target, "pin_memory": True}
             if target == "nvme":
                 zero[key]["nvme_path"] = ds.nvme_path
-    if ds.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets save_16bit_model() gather full weights
     config = {
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
@@ -234,6 +239,7 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``param_groups`` (see mom.train.optim.param_groups)."""
     import deepspeed
 
+    recipe = resolve.for_world(recipe, ctx.world_size)
     check_accelerate(recipe, ctx)
     if recipe.deepspeed.zero_stage == 3:
         register_direct_reads(model)
@@ -286,6 +292,7 @@ def check_accelerate(recipe: Recipe, ctx: Context, env: dict[str, str] | None = 
     disagreement; nothing happens outside ``accelerate launch``.
     """
     env = dict(os.environ) if env is None else env
+    recipe = resolve.for_world(recipe, ctx.world_size)  # an "auto" ZeRO stage: the one this world runs
     problems = []
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):

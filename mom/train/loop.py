@@ -49,7 +49,7 @@ from mom.train.metrics import MetricsLogger, read_jsonl
 from mom.train.optim import lr_at, param_groups
 from mom.train.profiling import StepProfiler
 from mom.train.recipe import Recipe, TrainConfig
-from mom.train.resolve import check_corpus, resolve_model_config, resolve_tokenizer_dir
+from mom.train.resolve import check_corpus, for_world, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
 
 EVAL_SEED = 0  # seeds every evaluation's random draws (see `evaluate`)
@@ -94,7 +94,8 @@ def train(
     step in progress is saved.
     """
     cfg = recipe.train
-    ctx = distributed.setup(cfg)
+    ctx = distributed.setup(cfg, recipe.deepspeed)
+    given, recipe = recipe, for_world(recipe, ctx.world_size)  # "auto" ZeRO stage resolved; `given` is saved
     torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
     out_dir = Path(cfg.out_dir)
     tokenizer_dir = resolve_tokenizer_dir(recipe)  # checked now rather than at export time
@@ -142,7 +143,7 @@ def train(
     clip_and_skip = ClipAndSkip(engine, recipe, ctx)  # on the device where DeepSpeed allows it; after the load
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved = recipe.to_dict()
+        saved = given.to_dict()
         saved["train"]["overwrite"] = False  # done: the saved recipe continues this run rather than moving it aside
         atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(saved, sort_keys=False))
     metrics = MetricsLogger(out_dir, ctx.is_main, cfg.tensorboard, resume_step=state["step"])

@@ -32,7 +32,7 @@ from mom.model.config import MoMConfig
 from mom.model.transfusion import MoMTransfusionConfig
 from mom.utils.configio import apply_overrides, blame, check_value, from_dict, read_mapping
 
-AUTO = "auto"  # model.modalities / model.vocab_sizes / train.tokenizer_dir: resolved by mom.train.resolve
+AUTO = "auto"  # model.modalities / .vocab_sizes, train.tokenizer_dir / .dtype, deepspeed.zero_stage: mom.train.resolve
 AUTO_MODEL_KEYS = ("modalities", "vocab_sizes")
 # model.setting: which model a recipe trains (discrete: MoMForCausalLM over token ids, the Chameleon-like and
 # text+image+speech settings; transfusion: MoMTransfusionForCausalLM over text tokens and image latents)
@@ -98,8 +98,9 @@ class TrainConfig:
         max_bad_steps: steps with a non-finite loss or gradient that are skipped (with a warning) before the run
             stops with an error.
         device: "auto" (cuda if available, else cpu), "cpu" or "cuda".
-        dtype: "auto" (bf16 on cuda, fp32 on cpu), "fp32", "bf16" (DeepSpeed bf16: bf16 weights, fp32 master
-            weights in the optimizer) or "autocast_bf16" (fp32 weights, bf16 matmuls under torch.autocast).
+        dtype: "auto" (fp32 on cpu; on cuda autocast_bf16 at ZeRO stage 0, bf16 at stages 1-3:
+            `mom.train.resolve.precision`), "fp32", "bf16" (DeepSpeed bf16: bf16 weights, fp32 master weights in the
+            optimizer) or "autocast_bf16" (fp32 weights, bf16 matmuls under torch.autocast).
         export_hf: write a Hugging Face model (``save_pretrained``, safetensors) to ``out_dir/hf`` at the end.
         tokenizer_dir: multimodal tokenizer directory copied into the export (``hf/tokenizer``); "auto": the
             corpus manifest's ``tokenizer_dir``; ``null``: none.
@@ -151,7 +152,8 @@ class DeepSpeedConfig:
     """How DeepSpeed shards and offloads (mom.train.distributed turns this into DeepSpeed's JSON config).
 
     Args:
-        zero_stage: 0 (plain data parallel), 1 (shard optimizer states), 2 (+ gradients), 3 (+ parameters).
+        zero_stage: 0 (plain data parallel), 1 (shard optimizer states), 2 (+ gradients), 3 (+ parameters), or
+            "auto": 0 in a world of one (nothing to shard), 1 on several ranks (`mom.train.resolve.zero_stage`).
         offload_optimizer: "none", "cpu" or "nvme" (ZeRO-Offload; stage >= 1; uses DeepSpeedCPUAdam).
         offload_param: "none", "cpu" or "nvme" (stage 3 only).
         nvme_path: directory for "nvme" offload.
@@ -159,16 +161,17 @@ class DeepSpeedConfig:
             DeepSpeed option this recipe does not name, e.g. ``{zero_optimization: {overlap_comm: true}}``.
     """
 
-    zero_stage: int = 0
+    zero_stage: int | Literal["auto"] = 0
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_param: Literal["none", "cpu", "nvme"] = "none"
     nvme_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3", self.zero_stage)
+        _require(self.zero_stage in (0, 1, 2, 3, AUTO), "deepspeed.zero_stage", "must be 0, 1, 2, 3 or auto",
+                 self.zero_stage)
         if self.offload_optimizer != "none":
-            _require(self.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage >= 1",
+            _require(self.zero_stage in (1, 2, 3), "deepspeed.offload_optimizer", "needs zero_stage 1, 2 or 3",
                      self.offload_optimizer)
         if self.offload_param != "none":
             _require(self.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3", self.offload_param)

@@ -1,4 +1,5 @@
-"""The one resolver of a recipe's ``auto`` values: model modalities and vocabulary sizes, and the tokenizer directory.
+"""The one resolver of a recipe's ``auto`` values: model modalities and vocabulary sizes, the tokenizer directory,
+the ZeRO stage and the training precision.
 
 `mom-train`, its ``--dry-run`` and `mom-flops` all size a model through `resolve_model_config`. Sizing a model needs
 no corpus when the recipe states its vocabulary (the sized recipes under recipes/ do); ``auto`` is resolved from
@@ -7,6 +8,7 @@ the corpus manifest, else from the multimodal tokenizer of ``train.tokenizer_dir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,3 +113,28 @@ def resolve_tokenizer_dir(recipe: Recipe) -> Path | None:
     rel = json.loads((corpus / "manifest.json").read_text()).get("tokenizer_dir")
     path = corpus / rel if rel else None
     return path if path is not None and path.is_dir() else None
+
+
+def zero_stage(stage: int | str, world_size: int) -> int:
+    """``deepspeed.zero_stage``: "auto" is 0 in a world of one, where sharding saves nothing and DeepSpeed's ZeRO
+    optimizer only adds work per parameter tensor (docs/training.md, "Measuring it"), and 1 on several ranks."""
+    if stage != AUTO:
+        return int(stage)
+    return 0 if world_size == 1 else 1
+
+
+def precision(dtype: str, on_gpu: bool, stage: int) -> str:
+    """``train.dtype``: "auto" is fp32 off the GPU; on a GPU "autocast_bf16" at ZeRO stage 0 (fp32 weights stepped
+    by torch's fused AdamW as they are, matmuls in bf16) and "bf16" at stages 1-3 (DeepSpeed's bf16 weights with an
+    fp32 master copy, its ZeRO optimizer's own mode). docs/training.md has the measurements behind the choice."""
+    if dtype != AUTO:
+        return dtype
+    if not on_gpu:
+        return "fp32"
+    return "autocast_bf16" if stage == 0 else "bf16"
+
+
+def for_world(recipe: Recipe, world_size: int) -> Recipe:
+    """``recipe`` with its ZeRO stage resolved for ``world_size`` ranks (`zero_stage`)."""
+    stage = zero_stage(recipe.deepspeed.zero_stage, world_size)
+    return dataclasses.replace(recipe, deepspeed=dataclasses.replace(recipe.deepspeed, zero_stage=stage))

@@ -13,6 +13,7 @@ from mom.cli.train import main
 from mom.model.config import MIXER_PROJECTIONS
 from mom.model.flops import count_params
 from mom.train.distributed import Context, deepspeed_config
+from mom.train import resolve
 from mom.train.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +64,9 @@ def test_auto_vocabulary_must_be_supplied(tmp_path):
         (MINIMAL + "deepspeed: {zero_stage: 3, offload_param: disk}\n", r"deepspeed\.offload_param: expected one of"),
         (MINIMAL + "deepspeed: {zero_stage: 1, offload_param: cpu}\n", r"deepspeed\.offload_param: needs zero_stage 3"),
         (MINIMAL + "train: {device: tpu}\n", r"train\.device: expected one of 'auto', 'cpu', 'cuda'"),
+        (MINIMAL + "deepspeed: {zero_stage: 4}\n", r"deepspeed\.zero_stage: must be 0, 1, 2, 3 or auto, got 4"),
+        (MINIMAL + "deepspeed: {zero_stage: auto, offload_optimizer: cpu}\n",
+         r"deepspeed\.offload_optimizer: needs zero_stage 1, 2 or 3"),
         (MINIMAL + "trainer: {}\n", r"trainer: unknown recipe section"),
         ("model: {d_model: 32, n_layers: 2}\ndata: {path: x}\n", r"model\.n_layers: unknown key"),
         ("model: {d_model: '32'}\ndata: {path: x}\n", r"model\.d_model: expected int, got str"),
@@ -123,6 +127,20 @@ def test_overrides_parse_yaml_values_and_reach_free_form_mappings(tmp_path):
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # extra merged key by key
     assert ds["train_batch_size"] == 2 * r.data.batch_size * r.train.grad_accum and not ds["bf16"]["enabled"]
     assert ds["gradient_clipping"] == r.optim.grad_clip  # ZeRO-2 with fp32 weights: DeepSpeed clips
+
+
+def test_auto_zero_stage_and_precision_follow_the_world():
+    r = load_recipe(ROOT / "recipes" / "t2i_160m_mom.yaml")
+    assert r.deepspeed.zero_stage == "auto"
+    assert [resolve.for_world(r, n).deepspeed.zero_stage for n in (1, 2, 8)] == [0, 1, 1]
+    assert resolve.precision("auto", on_gpu=True, stage=0) == "autocast_bf16"  # torch's AdamW steps fp32 weights
+    assert resolve.precision("auto", on_gpu=True, stage=1) == "bf16"
+    assert resolve.precision("auto", on_gpu=False, stage=1) == "fp32"
+    assert resolve.precision("bf16", on_gpu=True, stage=0) == "bf16"  # a stated dtype is kept
+    for world, stage in ((1, 0), (2, 1)):  # DeepSpeed gets the resolved stage, never "auto"
+        ctx = Context(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"), precision="fp32")
+        assert deepspeed_config(r, ctx)["zero_optimization"]["stage"] == stage
+    assert load_recipe(ROOT / "recipes" / "t2i_760m_mom.yaml").deepspeed.zero_stage == 2  # a stated stage is kept
 
 
 def test_cli_rejects_a_bad_recipe_before_training(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 import mom
@@ -119,6 +120,15 @@ def test_reference_run_logs_metrics_checkpoints_and_exports(reference, corpus):
 
 
 @pytest.mark.slow  # three more runs (about 20 s on 2 busy cores)
+def test_auto_zero_stage_on_one_process_is_stage_0_without_a_gradient_all_reduce(reference, corpus, tmp_path):
+    out = tmp_path / "auto"
+    result = train(recipe(corpus, out, *RUN, "train.max_steps=2", "train.export_hf=false", "deepspeed.zero_stage=auto"))
+    engine = result["engine"]
+    assert engine.zero_optimization_stage() == 0 and not engine.enable_backward_allreduce  # alone: nothing to reduce
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["deepspeed"]["zero_stage"] == "auto"  # as given
+    assert train_losses(out) == train_losses(reference[0])[:2]  # the same steps as the stated stage 0
+
+
 def test_resume_matches_uninterrupted_including_after_a_crash_mid_save(reference, corpus, tmp_path, monkeypatch):
     """6 steps in one go == 3 steps, stop, resume, killed while saving step 6, resume again; step for step."""
     out = tmp_path / "run"
