@@ -22,7 +22,6 @@ T = TypeVar("T")
 def _renew(module: nn.Module, name: str, value) -> None:
     global _token
     _token = object()
-T = TypeVar("T")
 
 
 @functools.cache

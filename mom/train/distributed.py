@@ -106,7 +106,7 @@ def deepspeed_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     """DeepSpeed's JSON config for ``recipe`` (``deepspeed.extra`` merged in last); where `clip_mode` allows it,
     clipping and the overflow check are left to `ClipAndSkip`."""
     config = requested_config(recipe, ctx)
-    mode = clip_mode(config, ctx)
+    mode = clip_mode(config)
     if mode is not None:
         config["gradient_clipping"] = 0.0
     if mode == "deepspeed_norm":
@@ -151,7 +151,7 @@ def requested_config(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     return merge(config, ds.extra)
 
 
-def clip_mode(config: dict[str, Any], ctx: Context) -> str | None:
+def clip_mode(config: dict[str, Any]) -> str | None:
     """Who clips and skips non-finite steps for ``config`` (`requested_config`), with torch's AdamW as the optimizer:
 
     * "deepspeed_norm": bf16 ZeRO-1/2 without optimizer offload, fused AdamW, DeepSpeed computing the gradient
@@ -165,7 +165,7 @@ def clip_mode(config: dict[str, Any], ctx: Context) -> str | None:
     params, bf16 = optimizer.get("params", {}), config.get("bf16", {})
     if optimizer.get("type") != "AdamW" or not params.get("torch_adam"):
         return None
-    if zero.get("stage", 0) == 0 and not bf16.get("enabled", False) and ctx.precision != "bf16":
+    if zero.get("stage", 0) == 0 and not bf16.get("enabled", False):
         return "own_norm"
     if (bf16.get("enabled", False) and bf16.get("check_grad_overflow") is not True and zero.get("stage") in (1, 2)
             and zero.get("offload_optimizer", {}).get("device", "none") == "none"
@@ -192,7 +192,7 @@ class ClipAndSkip:
     def __init__(self, engine: Any, recipe: Recipe, ctx: Context) -> None:
         config = requested_config(recipe, ctx)
         self.engine = engine
-        self.mode = clip_mode(config, ctx)
+        self.mode = clip_mode(config)
         self.clip = recipe.optim.grad_clip
         self.fused = bool(config["optimizer"]["params"].get("fused"))
         self._norm: Any = None  # this step's gradient norm (a 0-dim device tensor)

@@ -12,8 +12,8 @@ import mom
 from mom.cli.train import main
 from mom.model.config import MIXER_PROJECTIONS
 from mom.model.flops import count_params
-from mom.train.distributed import Context, deepspeed_config
 from mom.train import resolve
+from mom.train.distributed import Context, deepspeed_config
 from mom.train.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -56,10 +56,12 @@ def recipe(corpus, out, *overrides):
     return load_recipe(TINY, [f"data.path={corpus}", f"train.out_dir={out}", *FAST, *GPU_LIKE, *overrides])
 
 
-def test_steps_between_sync_points_read_only_what_the_forward_reads(corpus, tmp_path, monkeypatch):
+# bf16 ZeRO-1 (DeepSpeed's gradient norm); stage 0 with fp32 weights, as one GPU runs by default (ClipAndSkip's own)
+@pytest.mark.parametrize("setting", [[], ["deepspeed.zero_stage=0", "train.dtype=fp32"]], ids=["bf16-zero1", "zero0"])
+def test_steps_between_sync_points_read_only_what_the_forward_reads(corpus, tmp_path, monkeypatch, setting):
     counter = ReadCounter(monkeypatch)
     # what one forward + backward of the bare model reads by itself (its input check: docs/performance.md)
-    base = recipe(corpus, tmp_path / "unused")
+    base = recipe(corpus, tmp_path / "unused", *setting)
     model = loop.MoMForCausalLM(resolve_model_config(base))
     batch = next(loop.build_loader(base.data))
     inputs = loop.host_inputs(batch, model.config.num_modalities)
@@ -82,7 +84,7 @@ def test_steps_between_sync_points_read_only_what_the_forward_reads(corpus, tmp_
 
     monkeypatch.setattr(loop, "train_step", counted_step)
     out = tmp_path / "run"
-    result = loop.train(recipe(corpus, out, "train.max_steps=3", "train.grad_accum=2", "train.log_every=3",
+    result = loop.train(recipe(corpus, out, *setting, "train.max_steps=3", "train.grad_accum=2", "train.log_every=3",
                                "train.save_every=0"))
     monkeypatch.undo()  # the counters and the step wrapper: the second run goes at full speed
     assert result["step"] == 3
@@ -90,7 +92,7 @@ def test_steps_between_sync_points_read_only_what_the_forward_reads(corpus, tmp_
 
     # the numbers read at the log steps are the same as when every step is read (a run logging each step)
     every = tmp_path / "every"
-    loop.train(recipe(corpus, every, "train.max_steps=3", "train.grad_accum=2", "train.log_every=1",
+    loop.train(recipe(corpus, every, *setting, "train.max_steps=3", "train.grad_accum=2", "train.log_every=1",
                       "train.save_every=0"))
     (record,) = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
     by_one = [r for r in read_jsonl(every / "metrics.jsonl") if r["split"] == "train"]
