@@ -12,7 +12,11 @@ batch of several rows, also MoM's decode with rows in different modalities over 
 The mixed-rows line times MoM twice with a logits processor that keeps every generated token of row i in one
 modality's vocabulary: "mom uniform" all rows text, "mom mixed" row i in modality i mod M (so each step mixes
 modalities across rows); the same processor runs on both, so the ratio isolates the mixed-modality step. --mixed
-runs only that comparison.
+runs only that comparison. The plain "mom" side is MoM's ``generate`` as a user calls it, which for this plain greedy
+call runs MoM's own loop (`mom.model.greedy`: no read of the device between steps); "mom, tf loop" times the same
+call in transformers' loop (which reads the device after every step), and a ratio line compares the two. A logits
+processor (the rows sides) always runs in transformers' loop, which needs transformers >= 5.24 to carry MoM's cache:
+with an older one those sides are left out.
 
 For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only: MoM
 and mamba-ssm; the fastest of --prefill-reps calls), decode tokens/s (batch x new tokens over generate's time minus
@@ -80,9 +84,12 @@ class RowModality:
         return scores + self.bias
 
 
-def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bool = True):
-    """``rows``: None, or "uniform" / "mixed" (`RowModality`); ``cuda_graph``: generate()'s graph decode."""
-    from transformers import LogitsProcessorList
+def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bool = True,
+             transformers_loop: bool = False):
+    """``rows``: None, or "uniform" / "mixed" (`RowModality`); ``cuda_graph``: generate()'s graph decode;
+    ``transformers_loop``: transformers' own generate() loop even for the plain greedy call (which MoM's
+    ``generate`` runs in its own loop, `mom.model.greedy`)."""
+    from transformers import GenerationMixin, LogitsProcessorList
 
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
@@ -93,9 +100,11 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
 
     processors = LogitsProcessorList([RowModality(config, rows == "mixed")] if rows else [])
 
+    call = functools.partial(GenerationMixin.generate, model) if transformers_loop else model.generate
+
     def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                              eos_token_id=None, logits_processor=processors, cuda_graph=cuda_graph)
+        return call(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                    eos_token_id=None, logits_processor=processors, cuda_graph=cuda_graph)
 
     return model, prefill, generate
 
@@ -136,7 +145,8 @@ def hf_side(d_model: int, n_layer: int):
     return model, prefill, generate
 
 
-SIDES = {"mom": mom_side, "mamba-ssm": mamba_ssm_side, "transformers": hf_side,
+SIDES = {"mom": mom_side, "mom, tf loop": functools.partial(mom_side, transformers_loop=True),
+         "mamba-ssm": mamba_ssm_side, "transformers": hf_side,
          "mom uniform": functools.partial(mom_side, rows="uniform"),
          "mom mixed": functools.partial(mom_side, rows="mixed")}
 
@@ -198,6 +208,11 @@ def ratios(results: dict[str, dict], mixed_rows: bool) -> list[str]:
             line += (f", decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s "
                      f"({m['decode_tok_s']:.1f} vs {base['decode_tok_s']:.1f})")
         lines.append(line)
+    own, theirs = results.get("mom"), results.get("mom, tf loop")
+    if own and theirs and "decode_tok_s" in own and "decode_tok_s" in theirs:
+        lines.append(f"  ratio MoM's greedy loop / transformers' loop (MoM decode): "
+                     f"{own['decode_tok_s'] / theirs['decode_tok_s']:.3f}x tokens/s "
+                     f"({own['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f})")
     mixed, uniform = results.get("mom mixed"), results.get("mom uniform")
     if mixed_rows and mixed and uniform and not (mixed.get("oom") or uniform.get("oom")):
         lines.append(f"  ratio mixed rows / uniform rows (MoM decode): "
@@ -222,10 +237,15 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)
         return 2
-    if not GENERATE_CARRIES_CACHE and not args.prefill_only:  # MoM's generate would re-run the whole sequence at
-        # every step: no decode to time
+    # transformers' loop (MoM's rows-restricted sides, and the "tf loop" side) re-runs the whole sequence at every
+    # step where transformers does not pass MoM's recurrent cache through generate(); MoM's own greedy loop does not
+    # depend on it
+    tf_loop = GENERATE_CARRIES_CACHE or args.prefill_only
+    if not tf_loop:
         print(f"bench_generate: transformers {transformers.__version__} does not pass MoM's recurrent cache through "
-              "generate(); install transformers>=5.24 (the project's floor), or time --prefill-only", file=sys.stderr)
+              "generate() (the project's floor is 5.24): the sides in transformers' loop are left out", file=sys.stderr)
+    if args.mixed and not tf_loop:
+        print("bench_generate: --mixed times transformers' loop, which needs transformers>=5.24", file=sys.stderr)
         return 2
     if args.mixed and args.prefill_only:
         print("bench_generate: --mixed compares decode steps; it cannot go with --prefill-only", file=sys.stderr)
@@ -239,8 +259,9 @@ def main(argv=None) -> int:
         if args.mixed:
             sides = ["mom uniform", "mom mixed"]
         else:
-            sides = ["mom", "mamba-ssm"] + (["transformers"] if args.hf else [])
-            sides += ["mom uniform", "mom mixed"] if mixed_rows else []
+            sides = ["mom"] + (["mom, tf loop"] if tf_loop and not args.prefill_only else []) + ["mamba-ssm"]
+            sides += ["transformers"] if args.hf else []
+            sides += ["mom uniform", "mom mixed"] if mixed_rows and tf_loop else []
         print(f"batch {batch}:")
         results = {}
         for s in sides:

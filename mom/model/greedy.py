@@ -1,0 +1,115 @@
+"""Greedy decoding in a loop of MoM's own, with no read of the device between steps.
+
+transformers' ``generate()`` checks its stopping criteria on the host after every step on CUDA, so each step waits
+for the device and the next step's host work (the loop, the logits processors, the forward's dispatch) cannot
+overlap the device's; mamba-ssm's own loop never reads the device when no end-of-sequence token is given. For the
+plain greedy call (`plan`: greedy, ``max_new_tokens`` given, optionally ``min_new_tokens``, end-of-sequence and
+padding ids, no other option, logits processor, stopping criterion, streamer, assistant or padding mask)
+`MoMForCausalLM.generate` runs `decode` instead: the prompt's forward, then one `decode_logits` step per token (a
+CUDA-graph replay where one applies) and the token chosen on the device, the all-rows-finished check read only every
+`CHECK_EVERY` steps. The tokens are transformers' greedy ones (the same argmax of the same fp32 logits; after a row's
+end-of-sequence token, padding; an end-of-sequence token masked until ``min_new_tokens``), and the output is trimmed
+to the step at which transformers would have stopped. Everything else goes to transformers' loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from mom.model.cache import MoMCache
+
+CHECK_EVERY = 16  # steps between reads of "all rows finished" (each read waits for the device); only with an EOS id
+# generate() keywords that select another loop or change token choice: any of them given -> transformers' loop
+OTHER_LOOPS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+               "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+# GenerationConfig fields `decode` honours; every other field must be unset, at its default or at a value that
+# changes nothing here (a model's generation config states some output flags as False)
+HONOURED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id", "max_length",
+            "use_cache", "do_sample", "num_beams", "_from_model_config", "transformers_version"}
+NEUTRAL = {"output_attentions": False, "output_hidden_states": False, "output_scores": False, "output_logits": False,
+           "return_dict_in_generate": False, "num_return_sequences": 1}
+
+
+@dataclass
+class Plan:
+    """A plain greedy generate() call: prompt ids (b, l), tokens to add, end-of-sequence ids (or None), padding id."""
+
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    min_new_tokens: int
+    eos_token_ids: torch.Tensor | None
+    pad_token_id: int
+    cuda_graph: bool
+
+
+def plan(inputs: Any, generation_config: GenerationConfig | None, default: GenerationConfig,
+         kwargs: dict[str, Any]) -> Plan | None:
+    """The `Plan` of a ``generate(inputs, generation_config, **kwargs)`` call that `decode` computes exactly as
+    transformers' greedy search, or None (transformers' loop then runs it)."""
+    for name in OTHER_LOOPS:
+        value = kwargs.get(name)
+        if value is not None and value is not False and not (isinstance(value, list) and len(value) == 0):
+            return None  # an empty processor or criteria list, or synced_gpus=False, changes nothing
+    config = copy.deepcopy(generation_config if generation_config is not None else default)
+    model_kwargs = config.update(**{k: v for k, v in kwargs.items() if k not in OTHER_LOOPS})
+    input_ids = model_kwargs.pop("input_ids", None) if inputs is None else inputs
+    cuda_graph = model_kwargs.pop("cuda_graph", True)
+    mask = model_kwargs.pop("attention_mask", None)
+    if model_kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        return None  # other model inputs (embeddings, a cache, modality ids...) or no plain prompt
+    if input_ids.is_floating_point() or not isinstance(cuda_graph, bool):
+        return None
+    defaults = GenerationConfig().to_dict()
+    for key, value in config.to_diff_dict().items():
+        if key not in HONOURED and value is not None and value != defaults.get(key) and value != NEUTRAL.get(key):
+            return None
+    if config.do_sample or config.num_beams not in (None, 1) or config.use_cache is False or not config.max_new_tokens:
+        return None
+    if mask is not None and not bool(torch.as_tensor(mask).all()):
+        return None  # padding: transformers' loop handles the mask
+    eos = config.eos_token_id
+    eos = None if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    eos_ids = None if eos is None else torch.tensor(eos, device=input_ids.device)  # (k,)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos is not None else 0  # as transformers (it warns and uses the first EOS)
+    return Plan(input_ids, int(config.max_new_tokens), int(config.min_new_tokens or 0), eos_ids, int(pad), cuda_graph)
+
+
+@torch.no_grad()
+def decode(model: Any, p: Plan) -> torch.Tensor:
+    """Greedy tokens after the prompt: (b, l + n) ids, n <= ``max_new_tokens`` (fewer where every row ended)."""
+    ids = p.input_ids
+    b, length = ids.shape
+    out = ids.new_full((b, length + p.max_new_tokens), p.pad_token_id)
+    out[:, :length] = ids
+    cache = MoMCache(model.config)
+    logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V) fp32
+    unfinished = torch.ones(b, dtype=torch.bool, device=ids.device)
+    ended_at = torch.full((b,), p.max_new_tokens, dtype=torch.long, device=ids.device)  # step after a row's EOS
+    steps = p.max_new_tokens
+    for t in range(p.max_new_tokens):
+        scores = logits
+        if p.eos_token_ids is not None and t < p.min_new_tokens:
+            scores = scores.index_fill(1, p.eos_token_ids, float("-inf"))  # transformers' MinNewTokens processor
+        token = scores.argmax(dim=-1)  # (b,)
+        if p.eos_token_ids is not None:
+            token = torch.where(unfinished, token, p.pad_token_id)
+            ends = unfinished & torch.isin(token, p.eos_token_ids)
+            ended_at = torch.where(ends, t + 1, ended_at)
+            unfinished = unfinished & ~ends
+        out[:, length + t] = token
+        if t + 1 == p.max_new_tokens:
+            break
+        if p.eos_token_ids is not None and (t + 1) % CHECK_EVERY == 0 and not bool(unfinished.any()):
+            steps = t + 1  # every row has ended: transformers stops no later than here
+            break
+        logits = model(token[:, None], cache=cache, use_cache=True, cuda_graph=p.cuda_graph).logits[:, -1]
+    if p.eos_token_ids is not None and not bool(unfinished.any()):
+        steps = min(steps, int(ended_at.max()))  # transformers stops at the step where the last row ended
+    return out[:, : length + steps]

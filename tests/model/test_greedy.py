@@ -1,0 +1,139 @@
+"""MoM's own greedy loop (`mom.model.greedy`) against transformers' loop, the oracle: the same tokens, padding and
+length for every plain greedy call it takes, every other call left to transformers, and no read of the device between
+steps but the every-`CHECK_EVERY` check of "all rows ended"."""
+
+import threading
+
+import pytest
+import torch
+from helpers import interleaved_ids, needs_generate_cache, tiny_config
+from transformers import GenerationMixin, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+import mom
+from mom.model import greedy, routing
+
+pytestmark = needs_generate_cache
+
+
+def hf_generate(model, prompt, **kwargs):
+    """transformers' own loop (the override bypassed)."""
+    return GenerationMixin.generate(model, prompt, **kwargs)
+
+
+def model_and_prompt(seed=0, **config):
+    torch.manual_seed(seed)
+    model = mom.MoMForCausalLM(tiny_config(**config)).eval()
+    return model, interleaved_ids(model.config, 3, [(0, 3), (1, 4), (2, 2)])
+
+
+def eos_ids(tokens, picks):
+    """End-of-sequence ids that some rows emit: token ``tokens[row, step]`` for each (row, step) in picks."""
+    return sorted({int(tokens[r, s]) for r, s in picks})
+
+
+@pytest.mark.parametrize("config", [{}, {"mixer": "mamba2", "headdim": 8, "d_state": 8, "chunk_size": 4},
+                                    {"n_layer": 3, "attention_layers": [1], "attention_heads": 2}],
+                         ids=["mamba1", "mamba2", "hybrid"])
+def test_plain_greedy_equals_transformers_loop(config, monkeypatch):
+    model, prompt = model_and_prompt(**config)
+    calls = []
+    monkeypatch.setattr(greedy, "decode", lambda m, p, real=greedy.decode: calls.append(p) or real(m, p))
+    ours = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert len(calls) == 1 and torch.equal(ours, hf_generate(model, prompt, max_new_tokens=12, do_sample=False))
+    empty = model.generate(prompt, max_new_tokens=12, do_sample=False, logits_processor=LogitsProcessorList(),
+                           synced_gpus=False, cuda_graph=False)  # keywords that change nothing: still MoM's loop
+    assert len(calls) == 2 and torch.equal(empty, ours)
+    assert ours.shape == (3, prompt.shape[1] + 12)
+    # end-of-sequence ids that the rows emit at different steps: padding after each row's end, same length
+    l0 = prompt.shape[1]
+    eos = eos_ids(ours[:, l0:], [(0, 2), (1, 5)])
+    for kwargs in ({"eos_token_id": eos}, {"eos_token_id": eos, "pad_token_id": 1},
+                   {"eos_token_id": eos, "min_new_tokens": 4}, {"eos_token_id": eos[0], "max_new_tokens": 40}):
+        args = {"max_new_tokens": 12, "do_sample": False, **kwargs}
+        ours, theirs = model.generate(prompt, **args), hf_generate(model, prompt, **args)
+        assert torch.equal(ours, theirs), kwargs
+    assert len(calls) == 6
+
+
+def test_every_row_ending_early_stops_where_transformers_stops():
+    model, prompt = model_and_prompt(seed=1)
+    free = model.generate(prompt, max_new_tokens=6, do_sample=False)[:, prompt.shape[1]:]
+    eos = eos_ids(free, [(0, 1), (1, 2), (2, 0)])  # every row ends within 3 steps
+    for new in (6, greedy.CHECK_EVERY + 5):  # ends found at the end, or at the periodic check
+        args = {"max_new_tokens": new, "do_sample": False, "eos_token_id": eos}
+        ours = model.generate(prompt, **args)
+        assert torch.equal(ours, hf_generate(model, prompt, **args))
+        assert ours.shape[1] <= prompt.shape[1] + 3
+
+
+@pytest.mark.parametrize("extra", [
+    {"do_sample": True}, {"repetition_penalty": 1.3}, {"num_beams": 2}, {"return_dict_in_generate": True},
+    {"logits_processor": LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])},
+    {"max_new_tokens": None, "max_length": 14}, {"min_length": 12},
+    {"attention_mask": "left-padded"},
+], ids=lambda e: next(iter(e)))
+def test_other_calls_go_to_transformers_loop(extra, monkeypatch):
+    model, prompt = model_and_prompt()
+    if extra.get("attention_mask") == "left-padded":
+        mask = torch.ones_like(prompt)
+        mask[0, :2] = 0
+        extra = {"attention_mask": mask}
+    monkeypatch.setattr(greedy, "decode", lambda *a: pytest.fail("MoM's loop took a call it must leave"))
+    args = {"max_new_tokens": 5, "do_sample": False, **extra}
+    if args.get("do_sample"):
+        torch.manual_seed(3)
+    ours = model.generate(prompt, **args)
+    if args.get("do_sample"):
+        torch.manual_seed(3)
+    theirs = hf_generate(model, prompt, **args)
+    if isinstance(ours, torch.Tensor):
+        assert torch.equal(ours, theirs)
+    else:
+        assert torch.equal(ours.sequences, theirs.sequences)
+
+
+def test_no_read_of_the_device_between_steps(monkeypatch):
+    model, prompt = model_and_prompt()
+    # each row's experts picked on the device, as on a GPU (on a CPU the step reads its counts: free there)
+    monkeypatch.setattr(routing.project_rows, "__defaults__", (True,))
+    reads = {"n": 0, "on": False}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(*args, _real=real, **kwargs):
+            if reads["on"] and threading.current_thread() is threading.main_thread():
+                reads["n"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    prefill = []
+    for new in (2, 30):  # 28 more steps read nothing more
+        reads.update(n=0, on=True)
+        model.generate(prompt, max_new_tokens=new, do_sample=False)
+        reads["on"] = False
+        prefill.append(reads["n"])
+    assert prefill[0] == prefill[1] <= 1  # the prompt's forward's own input check at most
+    eos = int(model.generate(prompt, max_new_tokens=40, do_sample=False)[0, -1]) + 1  # an id no row writes soon
+    reads.update(n=0, on=True)
+    out = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    reads["on"] = False
+    assert out.shape[1] <= prompt.shape[1] + 40
+    assert reads["n"] <= prefill[0] + 40 // greedy.CHECK_EVERY + 1  # the periodic checks and the final one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_loop_equals_transformers_loop(dtype):
+    """On the GPU MoM's loop replays the decode graph: the tokens of transformers' loop (which replays it too)."""
+    model, prompt = model_and_prompt()
+    model = model.to("cuda", dtype)
+    model.keep_ssm_params_fp32()
+    prompt = prompt.cuda()
+    args = {"max_new_tokens": 24, "do_sample": False}
+    ours = model.generate(prompt, **args)
+    assert model.decode_graphs.captures >= 1  # the steps replayed a graph
+    assert torch.equal(ours, hf_generate(model, prompt, **args))
+    eos = eos_ids(ours[:, prompt.shape[1]:], [(0, 3), (2, 7)])
+    assert torch.equal(model.generate(prompt, eos_token_id=eos, **args),
+                       hf_generate(model, prompt, eos_token_id=eos, **args))
