@@ -16,7 +16,8 @@ runs only that comparison. The plain "mom" side is MoM's ``generate`` as a user 
 call runs MoM's own loop (`mom.model.greedy`: no read of the device between steps); "mom, tf loop" times the same
 call in transformers' loop (which reads the device after every step), and a ratio line compares the two. A logits
 processor (the rows sides) always runs in transformers' loop, which needs transformers >= 5.24 to carry MoM's cache:
-with an older one those sides are left out.
+with an older one those sides are left out. Last, per batch, MoM's decode step alone ("mom decode step alone":
+`decode_logits` on fixed ids, 200 steps after a prefill, uniform and mixed rows), what no loop around it can go below.
 
 For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only: MoM
 and mamba-ssm; the fastest of --prefill-reps calls), decode tokens/s (batch x new tokens over generate's time minus
@@ -53,6 +54,31 @@ def prompt_ids(config: mom.MoMConfig, batch: int, length: int) -> torch.Tensor:
     offsets = torch.tensor(config.vocab_offsets, device="cuda")
     sizes = torch.tensor(config.vocab_sizes, device="cuda")
     return offsets[modality] + (torch.rand(batch, length, device="cuda") * sizes[modality]).long()
+
+
+def step_ids(config: mom.MoMConfig, batch: int, rows: str, device: str = "cuda") -> torch.Tensor:
+    """(batch, 1) ids of one decode step: "uniform" every row a text id, "mixed" row i an id of modality i mod M."""
+    modality = torch.arange(batch, device=device) % config.num_modalities if rows == "mixed" else (
+        torch.zeros(batch, dtype=torch.long, device=device))
+    return (torch.tensor(config.vocab_offsets, device=device)[modality] + 1).view(batch, 1)
+
+
+@torch.inference_mode()
+def replay_ms(model: mom.MoMForCausalLM, prompt: torch.Tensor, rows: str, steps: int = 200) -> float:
+    """ms per decode step alone (`decode_logits`: the graph replay where one applies) after ``prompt``'s prefill, the
+    same ids every step, outside any generate() loop."""
+    cache = mom.MoMCache(model.config)
+    model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+    ids = step_ids(model.config, prompt.shape[0], rows, prompt.device.type)
+    for _ in range(3):  # capture and warm-up
+        model.decode_logits(ids, cache)
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.decode_logits(ids, cache)
+    sync()
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -270,6 +296,14 @@ def main(argv=None) -> int:
             print(fmt(results[s]), flush=True)
         for line in ratios(results, mixed_rows):
             print(line)
+        if not args.prefill_only and not args.mixed:  # the step alone: what any loop around it cannot go below
+            model, _, _ = mom_side(d, n, cuda_graph=not args.eager)
+            prompt = prompt_ids(model.config, batch, args.prompt)
+            alone = {rows: replay_ms(model, prompt, rows) for rows in (["uniform", "mixed"] if batch > 1 else
+                                                                        ["uniform"])}
+            print("  mom decode step alone (decode_logits, fixed ids, no generate loop): "
+                  + ", ".join(f"{rows} rows {ms:.3f} ms" for rows, ms in alone.items()))
+            del model
     return 0
 
 

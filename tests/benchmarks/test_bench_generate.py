@@ -7,7 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from bench_generate import fmt, main, ratios  # noqa: E402
+from bench_generate import fmt, main, ratios, replay_ms, step_ids  # noqa: E402
+
+import mom  # noqa: E402
 
 
 def side(name, prefill_ms, tok_s=None):
@@ -42,3 +44,12 @@ def test_prefill_only_results_have_no_decode_fields():
 def test_refuses_without_a_gpu(capsys):
     assert main(["--batch", "1"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_step_ids_and_the_step_alone_on_cpu():
+    config = mom.MoMConfig(vocab_sizes=(40, 24, 16), d_model=16, n_layer=2, d_state=4)
+    mixed = step_ids(config, 5, "mixed", "cpu")
+    assert mixed.shape == (5, 1) and config.modality_of(mixed).flatten().tolist() == [0, 1, 2, 0, 1]
+    assert config.modality_of(step_ids(config, 4, "uniform", "cpu")).flatten().tolist() == [0, 0, 0, 0]
+    model = mom.MoMForCausalLM(config).eval()
+    assert replay_ms(model, torch.randint(0, 40, (2, 8)), "mixed", steps=3) > 0
