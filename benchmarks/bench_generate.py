@@ -13,7 +13,7 @@ The mixed-rows line times MoM twice with a logits processor that keeps every gen
 modality's vocabulary: "mom uniform" all rows text, "mom mixed" row i in modality i mod M (so each step mixes
 modalities across rows); the same processor runs on both, so the ratio isolates the mixed-modality step. --mixed
 runs only that comparison. The plain "mom" side is MoM's ``generate`` as a user calls it, which for this plain greedy
-call runs MoM's own loop (`mom.model.greedy`: no read of the device between steps); "mom, tf loop" times the same
+call runs MoM's own loop (`mom.model.generate_loop`: no read of the device between steps); "mom, tf loop" times the same
 call in transformers' loop (which reads the device after every step), and a ratio line compares the two. A logits
 processor (the rows sides) always runs in transformers' loop, which needs transformers >= 5.24 to carry MoM's cache:
 with an older one those sides are left out. Last, per batch, MoM's decode step alone ("mom decode step alone":
@@ -114,7 +114,7 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
              transformers_loop: bool = False):
     """``rows``: None, or "uniform" / "mixed" (`RowModality`); ``cuda_graph``: generate()'s graph decode;
     ``transformers_loop``: transformers' own generate() loop even for the plain greedy call (which MoM's
-    ``generate`` runs in its own loop, `mom.model.greedy`)."""
+    ``generate`` runs in its own loop, `mom.model.generate_loop`)."""
     from transformers import GenerationMixin, LogitsProcessorList
 
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
@@ -236,7 +236,7 @@ def ratios(results: dict[str, dict], mixed_rows: bool) -> list[str]:
         lines.append(line)
     own, theirs = results.get("mom"), results.get("mom, tf loop")
     if own and theirs and "decode_tok_s" in own and "decode_tok_s" in theirs:
-        lines.append(f"  ratio MoM's greedy loop / transformers' loop (MoM decode): "
+        lines.append(f"  ratio MoM's loop / transformers' loop (MoM decode): "
                      f"{own['decode_tok_s'] / theirs['decode_tok_s']:.3f}x tokens/s "
                      f"({own['decode_tok_s']:.1f} vs {theirs['decode_tok_s']:.1f})")
     mixed, uniform = results.get("mom mixed"), results.get("mom uniform")
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         print("bench_generate: needs a CUDA device", file=sys.stderr)
         return 2
     # transformers' loop (MoM's rows-restricted sides, and the "tf loop" side) re-runs the whole sequence at every
-    # step where transformers does not pass MoM's recurrent cache through generate(); MoM's own greedy loop does not
+    # step where transformers does not pass MoM's recurrent cache through generate(); MoM's own loop does not
     # depend on it
     tf_loop = GENERATE_CARRIES_CACHE or args.prefill_only
     if not tf_loop:

@@ -25,7 +25,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from mom.model import greedy
+from mom.model import generate_loop
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, AttentionMixer
 from mom.model.cache import MoMCache
 from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel_mixer
@@ -786,13 +786,14 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs: Any) -> Any:
-        """transformers' ``generate()``; a plain greedy call (`mom.model.greedy.plan`: greedy, ``max_new_tokens``,
-        optionally ``min_new_tokens`` and end-of-sequence / padding ids, nothing else) runs MoM's own loop, which
-        gives the same tokens without waiting for the device between steps (`mom.model.greedy.decode`)."""
-        p = greedy.plan(inputs, generation_config, self.generation_config, kwargs)
+        """transformers' ``generate()``; a plain call (`mom.model.generate_loop.plan`: greedy, or sampling with
+        temperature / top-k / top-p; ``max_new_tokens``, optionally ``min_new_tokens`` and end-of-sequence / padding
+        ids, nothing else) runs MoM's own loop, which gives the same tokens without waiting for the device between
+        steps (`mom.model.generate_loop.decode`)."""
+        p = generate_loop.plan(inputs, generation_config, self.generation_config, kwargs)
         if p is None:
             return super().generate(inputs, generation_config, **kwargs)
-        return greedy.decode(self, p)
+        return generate_loop.decode(self, p)
 
     def prepare_inputs_for_generation(
         self,

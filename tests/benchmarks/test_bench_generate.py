@@ -29,7 +29,7 @@ def test_ratio_lines_name_each_comparison():
     assert ratios(results, mixed_rows=False) == lines[:1]
     assert ratios({"mom": {"side": "mom", "oom": True}, "mamba-ssm": results["mamba-ssm"]}, True) == []
     with_loop = {**results, "mom, tf loop": side("mom, tf loop", 20.0, 600.0)}
-    assert ratios(with_loop, mixed_rows=False) == [lines[0], "  ratio MoM's greedy loop / transformers' loop (MoM "
+    assert ratios(with_loop, mixed_rows=False) == [lines[0], "  ratio MoM's loop / transformers' loop (MoM "
                                                    "decode): 1.500x tokens/s (900.0 vs 600.0)"]
 
 

@@ -1,6 +1,7 @@
-"""MoM's own greedy loop (`mom.model.greedy`) against transformers' loop, the oracle: the same tokens, padding and
-length for every plain greedy call it takes, every other call left to transformers, and no read of the device between
-steps but the every-`CHECK_EVERY` check of "all rows ended"."""
+"""MoM's own generate loop (`mom.model.generate_loop`) against transformers' loop, the oracle: the same tokens,
+padding and length for every plain greedy or sampling call it takes (sampling: the same draws from the same seed),
+every other call left to transformers, and no read of the device between steps but the every-`CHECK_EVERY` check of
+"all rows ended"."""
 
 import threading
 
@@ -10,7 +11,7 @@ from helpers import interleaved_ids, needs_generate_cache, tiny_config
 from transformers import GenerationMixin, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import mom
-from mom.model import greedy, routing
+from mom.model import generate_loop, routing
 
 pytestmark = needs_generate_cache
 
@@ -37,7 +38,7 @@ def eos_ids(tokens, picks):
 def test_plain_greedy_equals_transformers_loop(config, monkeypatch):
     model, prompt = model_and_prompt(**config)
     calls = []
-    monkeypatch.setattr(greedy, "decode", lambda m, p, real=greedy.decode: calls.append(p) or real(m, p))
+    monkeypatch.setattr(generate_loop, "decode", lambda m, p, real=generate_loop.decode: calls.append(p) or real(m, p))
     ours = model.generate(prompt, max_new_tokens=12, do_sample=False)
     assert len(calls) == 1 and torch.equal(ours, hf_generate(model, prompt, max_new_tokens=12, do_sample=False))
     empty = model.generate(prompt, max_new_tokens=12, do_sample=False, logits_processor=LogitsProcessorList(),
@@ -59,26 +60,47 @@ def test_every_row_ending_early_stops_where_transformers_stops():
     model, prompt = model_and_prompt(seed=1)
     free = model.generate(prompt, max_new_tokens=6, do_sample=False)[:, prompt.shape[1]:]
     eos = eos_ids(free, [(0, 1), (1, 2), (2, 0)])  # every row ends within 3 steps
-    for new in (6, greedy.CHECK_EVERY + 5):  # ends found at the end, or at the periodic check
+    for new in (6, generate_loop.CHECK_EVERY + 5):  # ends found at the end, or at the periodic check
         args = {"max_new_tokens": new, "do_sample": False, "eos_token_id": eos}
         ours = model.generate(prompt, **args)
         assert torch.equal(ours, hf_generate(model, prompt, **args))
         assert ours.shape[1] <= prompt.shape[1] + 3
 
 
+@pytest.mark.parametrize("sampling", [
+    {}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}, {"top_k": 0, "temperature": 1.3},
+    {"top_k": 3, "top_p": 0.9, "min_new_tokens": 3},
+], ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()) or "defaults")
+def test_sampling_draws_what_transformers_draws(sampling, monkeypatch):
+    model, prompt = model_and_prompt(vocab_sizes=(400, 24, 16))  # a text vocabulary larger than top_k's default 50
+    calls = []
+    monkeypatch.setattr(generate_loop, "decode", lambda m, p, real=generate_loop.decode: calls.append(p) or real(m, p))
+    free = model.generate(prompt, max_new_tokens=10, do_sample=False)[:, prompt.shape[1]:]
+    for eos in (None, eos_ids(free, [(0, 1), (1, 4)])):  # greedy's tokens: likely drawn too
+        args = {"max_new_tokens": 10, "do_sample": True, "eos_token_id": eos, **sampling}
+        torch.manual_seed(7)
+        ours = model.generate(prompt, **args)
+        torch.manual_seed(7)
+        assert torch.equal(ours, hf_generate(model, prompt, **args)), args
+        greedy = model.generate(prompt, **{**args, "do_sample": False})
+        assert not torch.equal(ours, greedy)  # drawn, not the argmax (30 tokens of a near-uniform tiny model)
+    assert len(calls) == 5  # the greedy calls and the sampled ones all ran in MoM's loop
+
+
 @pytest.mark.parametrize("extra", [
-    {"do_sample": True}, {"repetition_penalty": 1.3}, {"num_beams": 2}, {"return_dict_in_generate": True},
+    {"do_sample": True, "typical_p": 0.9}, {"do_sample": True, "min_p": 0.1}, {"repetition_penalty": 1.3},
+    {"num_beams": 2}, {"return_dict_in_generate": True},
     {"logits_processor": LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])},
     {"max_new_tokens": None, "max_length": 14}, {"min_length": 12},
     {"attention_mask": "left-padded"},
-], ids=lambda e: next(iter(e)))
+], ids=lambda e: "-".join(e))
 def test_other_calls_go_to_transformers_loop(extra, monkeypatch):
     model, prompt = model_and_prompt()
     if extra.get("attention_mask") == "left-padded":
         mask = torch.ones_like(prompt)
         mask[0, :2] = 0
         extra = {"attention_mask": mask}
-    monkeypatch.setattr(greedy, "decode", lambda *a: pytest.fail("MoM's loop took a call it must leave"))
+    monkeypatch.setattr(generate_loop, "decode", lambda *a: pytest.fail("MoM's loop took a call it must leave"))
     args = {"max_new_tokens": 5, "do_sample": False, **extra}
     if args.get("do_sample"):
         torch.manual_seed(3)
@@ -118,14 +140,15 @@ def test_no_read_of_the_device_between_steps(monkeypatch):
     out = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos)
     reads["on"] = False
     assert out.shape[1] <= prompt.shape[1] + 40
-    assert reads["n"] <= prefill[0] + 40 // greedy.CHECK_EVERY + 1  # the periodic checks and the final one
+    assert reads["n"] <= prefill[0] + 40 // generate_loop.CHECK_EVERY + 1  # the periodic checks and the final one
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_loop_equals_transformers_loop(dtype):
-    """On the GPU MoM's loop replays the decode graph: the tokens of transformers' loop (which replays it too)."""
+    """On the GPU MoM's loop replays the decode graph: the tokens of transformers' loop (which replays it too),
+    greedy and sampled."""
     model, prompt = model_and_prompt()
     model = model.to("cuda", dtype)
     model.keep_ssm_params_fp32()
@@ -137,3 +160,8 @@ def test_cuda_graph_loop_equals_transformers_loop(dtype):
     eos = eos_ids(ours[:, prompt.shape[1]:], [(0, 3), (2, 7)])
     assert torch.equal(model.generate(prompt, eos_token_id=eos, **args),
                        hf_generate(model, prompt, eos_token_id=eos, **args))
+    sampled = {**args, "do_sample": True, "top_k": 10, "temperature": 0.8}
+    torch.manual_seed(5)
+    ours = model.generate(prompt, **sampled)
+    torch.manual_seed(5)
+    assert torch.equal(ours, hf_generate(model, prompt, **sampled))

@@ -1,15 +1,17 @@
-"""Greedy decoding in a loop of MoM's own, with no read of the device between steps.
+"""Greedy and sampled decoding in a loop of MoM's own, with no read of the device between steps.
 
 transformers' ``generate()`` checks its stopping criteria on the host after every step on CUDA, so each step waits
 for the device and the next step's host work (the loop, the logits processors, the forward's dispatch) cannot
-overlap the device's; mamba-ssm's own loop never reads the device when no end-of-sequence token is given. For the
-plain greedy call (`plan`: greedy, ``max_new_tokens`` given, optionally ``min_new_tokens``, end-of-sequence and
-padding ids, no other option, logits processor, stopping criterion, streamer, assistant or padding mask)
-`MoMForCausalLM.generate` runs `decode` instead: the prompt's forward, then one `decode_logits` step per token (a
-CUDA-graph replay where one applies) and the token chosen on the device, the all-rows-finished check read only every
-`CHECK_EVERY` steps. The tokens are transformers' greedy ones (the same argmax of the same fp32 logits; after a row's
-end-of-sequence token, padding; an end-of-sequence token masked until ``min_new_tokens``), and the output is trimmed
-to the step at which transformers would have stopped. Everything else goes to transformers' loop.
+overlap the device's; mamba-ssm's own loop never reads the device when no end-of-sequence token is given. For a
+plain call (`plan`: greedy, or sampling with ``temperature`` / ``top_k`` / ``top_p``; ``max_new_tokens`` given,
+optionally ``min_new_tokens``, end-of-sequence and padding ids; no other option, logits processor, stopping
+criterion, streamer, assistant or padding mask) `MoMForCausalLM.generate` runs `decode` instead: the prompt's
+forward, then one `decode_logits` step per token (a CUDA-graph replay where one applies) and the token chosen on the
+device, the all-rows-finished check read only every `CHECK_EVERY` steps. The tokens are transformers' (the same fp32
+logits through the same processors in transformers' order: the end-of-sequence mask until ``min_new_tokens``, then
+transformers' own temperature, top-k and top-p warpers; then its argmax, or its softmax and ``torch.multinomial``,
+which draw the same numbers from the same generator; after a row's end-of-sequence token, padding), and the output is
+trimmed to the step at which transformers would have stopped. Everything else goes to transformers' loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mom.model.cache import MoMCache
 
@@ -30,14 +38,17 @@ OTHER_LOOPS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_f
 # GenerationConfig fields `decode` honours; every other field must be unset, at its default or at a value that
 # changes nothing here (a model's generation config states some output flags as False)
 HONOURED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id", "max_length",
-            "use_cache", "do_sample", "num_beams", "_from_model_config", "transformers_version"}
+            "use_cache", "do_sample", "num_beams", "temperature", "top_k", "top_p", "_from_model_config",
+            "transformers_version"}
+TOP_K = 50  # transformers' top_k where the call and the model's generation config leave it unset (it samples top 50)
 NEUTRAL = {"output_attentions": False, "output_hidden_states": False, "output_scores": False, "output_logits": False,
            "return_dict_in_generate": False, "num_return_sequences": 1}
 
 
 @dataclass
 class Plan:
-    """A plain greedy generate() call: prompt ids (b, l), tokens to add, end-of-sequence ids (or None), padding id."""
+    """A plain generate() call: prompt ids (b, l), tokens to add, end-of-sequence ids (or None), padding id, and for
+    sampling transformers' warpers (None: greedy)."""
 
     input_ids: torch.Tensor
     max_new_tokens: int
@@ -45,12 +56,13 @@ class Plan:
     eos_token_ids: torch.Tensor | None
     pad_token_id: int
     cuda_graph: bool
+    warpers: LogitsProcessorList | None = None
 
 
 def plan(inputs: Any, generation_config: GenerationConfig | None, default: GenerationConfig,
          kwargs: dict[str, Any]) -> Plan | None:
     """The `Plan` of a ``generate(inputs, generation_config, **kwargs)`` call that `decode` computes exactly as
-    transformers' greedy search, or None (transformers' loop then runs it)."""
+    transformers' greedy search or sampling, or None (transformers' loop then runs it)."""
     for name in OTHER_LOOPS:
         value = kwargs.get(name)
         if value is not None and value is not False and not (isinstance(value, list) and len(value) == 0):
@@ -68,7 +80,7 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     for key, value in config.to_diff_dict().items():
         if key not in HONOURED and value is not None and value != defaults.get(key) and value != NEUTRAL.get(key):
             return None
-    if config.do_sample or config.num_beams not in (None, 1) or config.use_cache is False or not config.max_new_tokens:
+    if config.num_beams not in (None, 1) or config.use_cache is False or not config.max_new_tokens:
         return None
     if mask is not None and not bool(torch.as_tensor(mask).all()):
         return None  # padding: transformers' loop handles the mask
@@ -78,12 +90,28 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     pad = config.pad_token_id
     if pad is None:
         pad = eos[0] if eos is not None else 0  # as transformers (it warns and uses the first EOS)
-    return Plan(input_ids, int(config.max_new_tokens), int(config.min_new_tokens or 0), eos_ids, int(pad), cuda_graph)
+    warpers = sampling_warpers(config) if config.do_sample else None
+    return Plan(input_ids, int(config.max_new_tokens), int(config.min_new_tokens or 0), eos_ids, int(pad), cuda_graph,
+                warpers)
+
+
+def sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
+    """transformers' own temperature, top-k and top-p warpers, in its order, for a sampling ``config`` (unset top_k:
+    `TOP_K`); a bad value raises transformers' own error."""
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    top_k = TOP_K if config.top_k is None else config.top_k
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    return warpers
 
 
 @torch.no_grad()
 def decode(model: Any, p: Plan) -> torch.Tensor:
-    """Greedy tokens after the prompt: (b, l + n) ids, n <= ``max_new_tokens`` (fewer where every row ended)."""
+    """The tokens after the prompt: (b, l + n) ids, n <= ``max_new_tokens`` (fewer where every row ended)."""
     ids = p.input_ids
     b, length = ids.shape
     out = ids.new_full((b, length + p.max_new_tokens), p.pad_token_id)
@@ -97,7 +125,11 @@ def decode(model: Any, p: Plan) -> torch.Tensor:
         scores = logits
         if p.eos_token_ids is not None and t < p.min_new_tokens:
             scores = scores.index_fill(1, p.eos_token_ids, float("-inf"))  # transformers' MinNewTokens processor
-        token = scores.argmax(dim=-1)  # (b,)
+        if p.warpers is None:
+            token = scores.argmax(dim=-1)  # (b,)
+        else:  # as transformers: warpers, softmax, one draw per row
+            scores = p.warpers(out[:, : length + t], scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         if p.eos_token_ids is not None:
             token = torch.where(unfinished, token, p.pad_token_id)
             ends = unfinished & torch.isin(token, p.eos_token_ids)
