@@ -120,7 +120,6 @@ def decode(model: Any, p: Plan) -> torch.Tensor:
     logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V) fp32
     unfinished = torch.ones(b, dtype=torch.bool, device=ids.device)
     ended_at = torch.full((b,), p.max_new_tokens, dtype=torch.long, device=ids.device)  # step after a row's EOS
-    steps = p.max_new_tokens
     for t in range(p.max_new_tokens):
         scores = logits
         if p.eos_token_ids is not None and t < p.min_new_tokens:
@@ -139,9 +138,9 @@ def decode(model: Any, p: Plan) -> torch.Tensor:
         if t + 1 == p.max_new_tokens:
             break
         if p.eos_token_ids is not None and (t + 1) % CHECK_EVERY == 0 and not bool(unfinished.any()):
-            steps = t + 1  # every row has ended: transformers stops no later than here
-            break
+            break  # every row has ended
         logits = model(token[:, None], cache=cache, use_cache=True, cuda_graph=p.cuda_graph).logits[:, -1]
+    steps = p.max_new_tokens
     if p.eos_token_ids is not None and not bool(unfinished.any()):
-        steps = min(steps, int(ended_at.max()))  # transformers stops at the step where the last row ended
+        steps = int(ended_at.max())  # transformers stops at the step where the last row ended
     return out[:, : length + steps]

@@ -239,7 +239,7 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], recipe: Rec
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``param_groups`` (see mom.train.optim.param_groups)."""
     import deepspeed
 
-    recipe = resolve.for_world(recipe, ctx.world_size)
+    recipe = resolve.for_world(recipe, ctx.world_size)  # an "auto" ZeRO stage: the one this world runs
     check_accelerate(recipe, ctx)
     if recipe.deepspeed.zero_stage == 3:
         register_direct_reads(model)
@@ -292,7 +292,6 @@ def check_accelerate(recipe: Recipe, ctx: Context, env: dict[str, str] | None = 
     disagreement; nothing happens outside ``accelerate launch``.
     """
     env = dict(os.environ) if env is None else env
-    recipe = resolve.for_world(recipe, ctx.world_size)  # an "auto" ZeRO stage: the one this world runs
     problems = []
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
