@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -32,6 +33,9 @@ from mom.cli.common import run
 from mom.cli.data import command, source_options
 from mom.data.tokenizer_training import ImageSourceSpec
 from mom.utils.errors import BadInputError
+
+if TYPE_CHECKING:
+    from mom.tokenization.resume import TrainingStopped
 
 SAMPLE_DOCUMENTS = 2000  # training documents on which `text train` reports characters per token
 
@@ -108,6 +112,13 @@ def _start_training(recipe_cls: Any, args: argparse.Namespace, need_held: bool) 
     return recipe, out, device, train, held
 
 
+def _stopped(e: TrainingStopped) -> int:
+    """Report a run that a signal stopped into its resume file; the shell's exit code for death by that signal."""
+    print(f"stopped ({signal.Signals(e.signum).name}) at step {e.step} of {e.steps}: its state is in {e.path}; run "
+          "the same command again to continue it", file=sys.stderr, flush=True)
+    return 128 + e.signum  # 130 (SIGINT), 143 (SIGTERM), as mom-train
+
+
 def _finish_training(args: argparse.Namespace, report_file: Path, device: str, report: Any, **extra: Any) -> int:
     """Write the training report beside the saved model (recipe, device, torch version, ``extra``, the report's
     fields) and print its summary."""
@@ -126,14 +137,19 @@ def _finish_training(args: argparse.Namespace, report_file: Path, device: str, r
 def _image_train(args: argparse.Namespace) -> int:
     from mom.data.tokenizer_training import ImageTokenizerRecipe
     from mom.tokenization.image import REPORT_FILE, train_image_tokenizer
+    from mom.tokenization.resume import TrainingStopped, resume_path
 
     recipe, out, device, train, held = _start_training(ImageTokenizerRecipe, args, need_held=False)
     t = recipe.training
-    tokenizer, report = train_image_tokenizer(
-        train, recipe.tokenizer, t.steps, t.batch_size, t.lr, t.seed, held or None,
-        device=device, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-    )  # fmt: skip
+    try:
+        tokenizer, report = train_image_tokenizer(
+            train, recipe.tokenizer, t.steps, t.batch_size, t.lr, t.seed, held or None,
+            device=device, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, resume=resume_path(out),
+        )  # fmt: skip
+    except TrainingStopped as e:
+        return _stopped(e)
     tokenizer.save(out)
+    resume_path(out).unlink(missing_ok=True)
     return _finish_training(args, out / REPORT_FILE, device, report)
 
 
@@ -224,15 +240,20 @@ def _vae_train(args: argparse.Namespace) -> int:
     import torch
 
     from mom.data.tokenizer_training import VAERecipe
+    from mom.tokenization.resume import TrainingStopped, resume_path
     from mom.tokenization.vae import REPORT_FILE, train_vae
 
     recipe, out, device, train, held = _start_training(VAERecipe, args, need_held=True)
     t = recipe.training
-    vae, report = train_vae(
-        train, recipe.vae, t.steps, t.batch_size, t.lr, t.seed, device, held_out=held,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, recon_loss=t.recon_loss,
-    )  # fmt: skip
+    try:
+        vae, report = train_vae(
+            train, recipe.vae, t.steps, t.batch_size, t.lr, t.seed, device, held_out=held,
+            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, recon_loss=t.recon_loss, resume=resume_path(out),
+        )  # fmt: skip
+    except TrainingStopped as e:
+        return _stopped(e)
     vae.save_pretrained(out)
+    resume_path(out).unlink(missing_ok=True)
     return _finish_training(args, out / REPORT_FILE, device, report, threads=torch.get_num_threads())
 
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
+from mom.tokenization.resume import Progress, ResumeFile, TrainingStopped, images_digest, stop_signals
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -520,14 +521,17 @@ def train_image_tokenizer(
     warmup_steps: int = 100,
     weight_decay: float = 0.0,
     progress: bool = True,
+    resume: str | os.PathLike | None = None,
 ) -> tuple[ImageTokenizer, TrainReport]:
     """Train a VQ-VAE on ``images`` (AdamW, MSE + beta * commitment) and report held-out PSNR / codebook usage.
 
-    ``held_out`` defaults to the training images when not given (then the figures are not held out).
+    ``held_out`` defaults to the training images when not given (then the figures are not held out). With ``resume``
+    (`mom.tokenization.resume`), a stopped run continues from its file, and SIGINT / SIGTERM stop this one after its
+    current step into that file (`TrainingStopped`); the caller removes the file once the tokenizer is saved.
     """
     from tqdm import tqdm
 
-    TrainingConfig(steps, batch_size, lr, warmup_steps, weight_decay, seed, str(device))  # validates
+    training = TrainingConfig(steps, batch_size, lr, warmup_steps, weight_decay, seed, str(device))  # validates
     pixels = images_to_uint8(images, config.image_size)
     if len(pixels) == 0:
         raise ValueError("images: no training images")
@@ -537,22 +541,36 @@ def train_image_tokenizer(
     data = pixels.to(device)
     optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
-    start, restarts, loss_ema = time.time(), 0, None
-    bar = tqdm(range(steps), desc="train image VQ", unit="step", disable=not progress)
-    for step in bar:
-        idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
-        x = _to_unit(data[idx])
-        recon, commitment, codes, restarted = model(x)
-        loss = F.mse_loss(recon, x) + config.beta * commitment
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
-        restarts += restarted
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            used = int(torch.unique(codes).numel())
-            bar.set_postfix(loss=f"{loss_ema:.4f}", used=f"{used}/{config.codebook_size}", restarts=restarts)
+    if resume is not None:  # what the run is: a resume file of another run is refused
+        identity = {"model": "image VQ", "tokenizer": config.to_dict(), "training": dataclasses.asdict(training),
+                    "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
+        identity["training"].pop("device")  # a run may continue on another device
+        resume = ResumeFile(resume, identity)
+    done = resume.load(model, optim, sched, gen) if resume is not None else None
+    done = done or Progress(counters={"restarts": 0, "loss_ema": None})
+    restarts, loss_ema = done.counters["restarts"], done.counters["loss_ema"]
+    start = time.time() - done.seconds
+    bar = tqdm(range(done.step, steps), desc="train image VQ", unit="step", initial=done.step, total=steps,
+               disable=not progress)
+    with stop_signals(resume, announce=progress) as stop:
+        for step in bar:
+            idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
+            x = _to_unit(data[idx])
+            recon, commitment, codes, restarted = model(x)
+            loss = F.mse_loss(recon, x) + config.beta * commitment
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            restarts += restarted
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            if step % 25 == 0 or step == steps - 1:
+                used = int(torch.unique(codes).numel())
+                bar.set_postfix(loss=f"{loss_ema:.4f}", used=f"{used}/{config.codebook_size}", restarts=restarts)
+            if stop.requested() and step + 1 < steps:
+                counters = {"restarts": restarts, "loss_ema": loss_ema}
+                resume.save(model, optim, sched, gen, Progress(step + 1, time.time() - start, counters))
+                raise TrainingStopped(stop.signum, step + 1, steps, resume.path)
     tokenizer = ImageTokenizer(config, model.eval())
     metrics = evaluate_image_tokenizer(tokenizer, held)
     report = TrainReport(

@@ -38,6 +38,7 @@ from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
 from mom.tokenization.image import images_to_uint8, psnr
+from mom.tokenization.resume import Progress, ResumeFile, TrainingStopped, images_digest, stop_signals
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -410,16 +411,21 @@ def train_vae(
     warmup_steps: int = 100,
     weight_decay: float = 0.0,
     recon_loss: Literal["mse", "l1"] = "mse",
+    resume: str | os.PathLike | None = None,
 ) -> tuple[ImageVAE, TrainReport]:
     """Train a VAE on ``images`` (AdamW; reconstruction loss + ``config.kl_weight`` * KL) and report held-out PSNR.
 
     ``held_out`` images are evaluated, never trained on; without them a seeded ``held_out_fraction`` of ``images``
     is held out. After training, ``scaling_factor`` and ``shift_factor`` are set from the posterior means of (up to
     ``SCALE_IMAGES``) training images. Deterministic for a given seed on a given device. Returns the VAE on CPU.
+    With ``resume`` (`mom.tokenization.resume`), a stopped run continues from its file, and SIGINT / SIGTERM stop
+    this one after its current step into that file (`TrainingStopped`); the caller removes the file once the VAE is
+    saved.
     """
     from tqdm import tqdm
 
-    VAETrainingConfig(steps, batch_size, lr, warmup_steps, weight_decay, recon_loss, seed, str(device))  # validates
+    training = VAETrainingConfig(steps, batch_size, lr, warmup_steps, weight_decay, recon_loss, seed,
+                                 str(device))  # validates
     pixels = _as_uint8(images, config)  # (n, C, s, s)
     gen = torch.Generator().manual_seed(seed)
     if held_out is None:
@@ -443,25 +449,39 @@ def train_vae(
     data = pixels.to(device)
     optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     reconstruction = F.mse_loss if recon_loss == "mse" else F.l1_loss
-    start, loss_ema, kl_ema = time.time(), None, None
-    bar = tqdm(range(steps), desc="train image VAE", unit="step", disable=not progress)
-    for step in bar:
-        idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
-        x = data[idx].float() / 127.5 - 1.0  # (b, C, s, s)
-        mean, logvar = model.posterior(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised posterior sample
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()  # KL(q || N(0, 1)) per latent element
-        loss = reconstruction(model.reconstruct(z), x) + config.kl_weight * kl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: training loss is {loss.item()} (lower lr?)")
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        kl_ema = kl.item() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.item()
-        if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss_ema:.4f}", kl=f"{kl_ema:.2f}")
+    if resume is not None:  # what the run is: a resume file of another run is refused
+        identity = {"model": "image VAE", "vae": config.to_dict(), "training": dataclasses.asdict(training),
+                    "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
+        identity["training"].pop("device")  # a run may continue on another device
+        resume = ResumeFile(resume, identity)
+    done = resume.load(model, optim, sched, gen) if resume is not None else None
+    done = done or Progress(counters={"loss_ema": None, "kl_ema": None})
+    loss_ema, kl_ema = done.counters["loss_ema"], done.counters["kl_ema"]
+    start = time.time() - done.seconds
+    bar = tqdm(range(done.step, steps), desc="train image VAE", unit="step", initial=done.step, total=steps,
+               disable=not progress)
+    with stop_signals(resume, announce=progress) as stop:
+        for step in bar:
+            idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
+            x = data[idx].float() / 127.5 - 1.0  # (b, C, s, s)
+            mean, logvar = model.posterior(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised posterior sample
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()  # KL(q || N(0, 1)) per latent element
+            loss = reconstruction(model.reconstruct(z), x) + config.kl_weight * kl
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: training loss is {loss.item()} (lower lr?)")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            kl_ema = kl.item() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.item()
+            if step % 25 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss_ema:.4f}", kl=f"{kl_ema:.2f}")
+            if stop.requested() and step + 1 < steps:
+                counters = {"loss_ema": loss_ema, "kl_ema": kl_ema}
+                resume.save(model, optim, sched, gen, Progress(step + 1, time.time() - start, counters))
+                raise TrainingStopped(stop.signum, step + 1, steps, resume.path)
     model.eval()
     pick = torch.randperm(len(data), generator=gen)[:SCALE_IMAGES].to(device)
     shift, std = _latent_statistics(model, data[pick], batch_size=256)

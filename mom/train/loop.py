@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -51,6 +50,7 @@ from mom.train.profiling import StepProfiler
 from mom.train.recipe import Recipe, TrainConfig
 from mom.train.resolve import check_corpus, for_world, resolve_model_config, resolve_tokenizer_dir
 from mom.utils.atomic import atomic_write_text
+from mom.utils.signals import StopSignals
 
 EVAL_SEED = 0  # seeds every evaluation's random draws (see `evaluate`)
 MODEL_INPUTS = ("input_ids", "labels", "modality_ids", "seq_idx",  # batch keys the model consumes
@@ -357,43 +357,6 @@ def claim_out_dir(out_dir: Path, checkpointer: Checkpointer, resume: str, resume
     raise ValueError(f"train.out_dir {out_dir} already holds {held}; {how} there would mix two runs. Continue it "
                      "with train.resume=auto (the default), start over with --overwrite (train.overwrite=true: moves "
                      "it aside first), or choose another train.out_dir")
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (``requested()``; with several
-    ranks at the next sync point, where the ranks agree); a second Ctrl-C abandons the step (KeyboardInterrupt). Only
-    in the main thread (elsewhere signals cannot be caught)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, announce: bool) -> None:
-        self.announce = announce
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return  # e.g. the deepspeed launcher's SIGTERM after the terminal's SIGINT
-        self.signum = signum
-        if self.announce:
-            name = signal.Signals(signum).name
-            os.write(2, f"\n{name}: stopping after this step to save a checkpoint (Ctrl-C again abandons it)\n"
-                     .encode())
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
 
 
 def model_shape(config: MoMConfig) -> dict[str, Any]:

@@ -86,6 +86,41 @@ def test_image_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert Image.open(tmp_path / "grid.png").size == (16 * 32, 2 * 32)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_image_train_stopped_by_sigterm_continues_when_run_again(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM mid-run (a job limit's `timeout -s TERM`): exit 143 with the resume file beside --out and no --out;
+    the same command again finishes the run, writes --out and removes the file."""
+    import signal
+
+    from mom.tokenization.image import VQModel
+
+    recipe = {
+        "sources": [{"source": "folder", "options": {"path": str(RAW_IMAGES), "limit": 30, "seed": 0}}],
+        "tokenizer": {"codebook_size": 32, "code_dim": 8, "channels": [8, 16]},
+        "training": {"steps": 4, "batch_size": 8, "warmup_steps": 1},
+        "held_out_fraction": 0.2,
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    out = tmp_path / "tok"
+    train = ["image", "train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]
+    forward = VQModel.forward
+
+    def forward_then_sigterm(self, x):
+        signal.raise_signal(signal.SIGTERM)  # handled by the loop: it finishes this step, then stops
+        return forward(self, x)
+
+    with monkeypatch.context() as m:
+        m.setattr(VQModel, "forward", forward_then_sigterm)
+        assert main(train) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"stopped (SIGTERM) at step 1 of 4: its state is in {tmp_path / 'tok.resume.pt'}" in err
+    assert "run the same command again" in err and not out.exists() and (tmp_path / "tok.resume.pt").exists()
+    assert main(train) == 0
+    assert json.loads((out / "training_report.json").read_text())["steps"] == 4
+    assert not (tmp_path / "tok.resume.pt").exists()
+
+
 def test_speech_train_eval_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # A tiny recipe over 40 committed clips keeps the CLI test fast.
     for i, line in enumerate((CLIPS / "transcripts.jsonl").read_text().splitlines()[:40]):
