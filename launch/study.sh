@@ -4,7 +4,7 @@
 #   launch/study.sh [--parallel N] [--deadline SECONDS] [--set key=value ...] [--dry-run] RUN [RUN ...]
 #
 # A RUN is SETTING_SIZE_VARIANT[_sSEED], e.g. tis_40m_mom, tis_40m_dense_s1, tis_40m_inproj:
-#   SETTING  tis (text+image+speech, data/medium_img32) | t2i (text+image, Chameleon-like, data/medium) |
+#   SETTING  tis (text+image+speech, data/medium_img32) | t2i (text+image, Chameleon-like, data/medium_t2i) |
 #            tf (Transfusion: text + image latents with a diffusion loss, data/medium_latent; 40m only)
 #   SIZE     40m | 150m
 #   VARIANT  mom (all four projections per modality) | dense (none) | the ablation's inproj (in_proj only) and

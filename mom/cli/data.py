@@ -4,9 +4,11 @@
     mom-data images export --out DIR --source openmoji:300 --source digits:150 [--opt openmoji.path=./package]
     mom-data speech synth --texts sentences.txt --out DIR
     mom-data speech voices [--language en]
+    mom-data codes --tokenizer tokenizers/small --images data/small/raw/images --text-from data/small --out DIR
     mom-data latents --vae DIR --images data/small/raw/images --text-from data/small --out data/small_latent
 
-See docs/data.md, docs/image.md, docs/speech.md and (latents: the Transfusion setting) docs/transfusion.md.
+See docs/data.md (codes: "The Chameleon-like corpus on the GPU"), docs/image.md, docs/speech.md and (latents: the
+Transfusion setting) docs/transfusion.md.
 """
 
 from __future__ import annotations
@@ -161,6 +163,26 @@ def _latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codes(args: argparse.Namespace) -> int:
+    from mom.data.captioned import build_code_corpus
+    from mom.data.images import iter_image_records
+    from mom.tokenization.multimodal import MultimodalTokenizer
+
+    tokenizer = MultimodalTokenizer.load(args.tokenizer)
+    image = tokenizer.image.to(args.device)
+    records = itertools.chain.from_iterable(
+        iter_image_records("folder", path=folder, size=int(image.image_size), limit=args.limit,
+                           augment=args.augment, augment_seed=index, on_error=_raise_bad)
+        for index, folder in enumerate(args.images))
+    manifest = build_code_corpus(records, tokenizer, args.out, caption_first=args.caption_first,
+                                 validation_fraction=args.validation_fraction, seed=args.seed,
+                                 batch_size=args.batch_size, name=Path(args.out).name, text_from=args.text_from)
+    counts = ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens {s['tokens_per_modality']}"
+                       for split, s in manifest["splits"].items())
+    print(f"built {args.out}: {counts}; {manifest['image_tokens']} codes an image")
+    return 0
+
+
 def _raise_bad(error: BadInputError) -> None:
     raise error
 
@@ -174,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tokenized interleaved text/image/speech corpus, and prepare its raw image and speech "
         "sources. See docs/data.md.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,images,speech,latents}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,images,speech,codes,latents}")
 
     p = command(sub, _build, "build",
         help="build a corpus (Parquet shards + manifest.json) from a recipe",
@@ -228,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(speech_sub, _speech_voices, "voices", help="list installed espeak-ng voices",
                 description="List installed espeak-ng voices (MBROLA voices excluded).")
     p.add_argument("--language", default=None, help="language filter, e.g. 'en'; 'variant' lists voice variants")
+
+    p = command(sub, _codes, "codes",
+        help="build a discrete corpus of captioned images as VQ codes beside the text documents of another corpus",
+        description="Encode folders of captioned images (captions.jsonl, as `mom-data images export` writes them) "
+        "with a multimodal tokenizer's image VQ and write a corpus of <s> caption <image> codes </image> </s> "
+        "documents (and image-first ones), plus the text documents of --text-from: the Chameleon-like setting's "
+        "corpus, built where the images and the tokenizer are (docs/data.md).",
+    )
+    p.add_argument("--tokenizer", required=True, help="multimodal tokenizer directory: its text part encodes the "
+                   "captions, its image part the images (e.g. tokenizers/medium)")
+    p.add_argument("--images", action="append", required=True, help="folder of images + captions.jsonl, repeatable")
+    p.add_argument("--augment", type=int, default=0, help="augmented variants per image (flips, shifts, colour "
+                   "jitter as the image sources' augment option), in the same split as their original")
+    p.add_argument("--out", required=True, help="output corpus directory (must not exist)")
+    p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
+                   "documents are added, e.g. data/medium_img32")
+    p.add_argument("--caption-first", type=float, default=0.5, help="share of documents with the caption first")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out, drawn per "
+                   "image as mom-data build draws it (its augmented variants in its split)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images of each folder")
+    p.add_argument("--device", default="cpu", help="where the image VQ encodes (cpu, cuda; default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded at once (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = command(sub, _latents, "latents",
         help="build a Transfusion corpus: captioned images as VAE latents beside the caption tokens",

@@ -9,7 +9,8 @@ Documents (kinds ``image_caption`` / ``caption_image`` of `mom.data.kinds`)::
 [V_text, 1]``); each of the ``n = (h'/p)^2`` image positions is one ``p x p`` patch of the image's latent. A shard has
 the columns of `mom.data.loader.SHARD_SCHEMA` plus ``latents`` (list<float16>: the document's patches, ``n * c * p *
 p`` numbers per image, images in order). The manifest (format ``mom-corpus`` 1, readable by `read_manifest`) has a
-``latent`` entry (channels, patch size, latent size, image size).
+``latent`` entry (channels, patch size, latent size, image size). The builder is `mom.data.captioned`'s, shared with
+the discrete setting's corpus of VQ codes.
 
 The loader (`TransfusionLoader`, chosen by `mom.data.corpus.build_loader` for such a corpus) uses the sampler of
 `mom.data.sampler` for the document order and packs rows of ``seq_len`` tokens like `mom.data.packing`, except that a
@@ -21,8 +22,7 @@ next piece is padding). A batch adds to the usual keys ``latents`` (b, l, c * p 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,22 +32,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mom.data.documents import Item, split_of
+from mom.data.captioned import Encoded, build_captioned_corpus
 from mom.data.loader import (
     BUILD_HINT,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     SHARD_SCHEMA,
     DataConfig,
     Manifest,
     PackedLoader,
-    read_manifest,
     read_row_group,
 )
 from mom.data.packing import IGNORE_INDEX, PAD_MODALITY, Document
 from mom.data.sampler import RowGroup
-from mom.tokenization.special import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
-from mom.utils.atomic import atomic_directory
+from mom.tokenization.special import BOI_ID, PAD_ID
 from mom.utils.errors import BadInputError
 from mom.utils.patches import patchify
 
@@ -287,118 +283,28 @@ class TransfusionLoader(PackedLoader):
 
 
 # ---- building --------------------------------------------------------------------------------------------------------
-def document_layout(caption_ids: Sequence[int], n_patches: int, image_id: int, caption_first: bool) -> list[int]:
-    """``<s> <image> IMG*n </image> caption </s>``, or the caption first."""
-    image = [BOI_ID, *([image_id] * n_patches), EOI_ID]
-    body = [*caption_ids, *image] if caption_first else [*image, *caption_ids]
-    return [BOS_ID, *body, EOS_ID]
-
-
-def text_documents(corpus: str | Path, text_vocab: int) -> dict[str, list[dict]]:
-    """The ``text`` documents of a discrete-token corpus, per split, as rows of a latent shard (no latents)."""
-    manifest = read_manifest(corpus)
-    if manifest.vocab_sizes[0] != text_vocab:
-        raise ValueError(f"--text-from {corpus}: its text vocabulary has {manifest.vocab_sizes[0]} ids, the captions' "
-                         f"tokenizer {text_vocab}: use a corpus built with the same text tokenizer")
-    out: dict[str, list[dict]] = {}
-    for split, shards in manifest.shards.items():
-        docs = out.setdefault(split, [])
-        for shard in shards:
-            table = pq.read_table(manifest.root / shard, columns=["input_ids", "kind", "source", "meta"])
-            for row in table.to_pylist():
-                if row["kind"] == "text":
-                    ids = np.asarray(row["input_ids"], dtype=np.int32)
-                    docs.append({"input_ids": ids, "modality_ids": np.zeros(len(ids), dtype=np.int8), "doc_id": 0,
-                                 "kind": "text", "source": row["source"], "meta": row["meta"],
-                                 "latents": np.zeros(0, dtype=np.float16)})
-    return out
-
-
-def build_latent_corpus(
-    records: Iterable[Any],
-    vae: Any,
-    tokenizer: Any,
-    out: str | Path,
-    *,
-    patch_size: int,
-    caption_first: float = 0.5,
-    validation_fraction: float = 0.1,
-    seed: int = 0,
-    batch_size: int = 32,
-    row_group_size: int = 128,
-    name: str = "latent",
-    text_from: str | Path | None = None,
-) -> dict:
-    """Encode captioned images (`mom.data.images.ImageRecord`s: ``image``, ``caption``, ``source``, ``meta``) with
-    ``vae`` (`mom.tokenization.vae.ImageVAE`'s interface), their captions with ``tokenizer`` (``encode_text``,
-    ``vocab_sizes``: a `MultimodalTokenizer`), and write the corpus to ``out`` (atomically; an existing ``out`` is an
-    error). ``text_from``: a corpus of discrete tokens (`mom-data build`, the same text tokenizer) whose ``text``
-    documents are copied into the same splits. Returns the manifest."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
-    if not 0 <= caption_first <= 1 or not 0 <= validation_fraction < 1:
-        raise ValueError(f"caption_first must be in [0, 1] and validation_fraction in [0, 1), got {caption_first}, "
-                         f"{validation_fraction}")
+def build_latent_corpus(records: Iterable[Any], vae: Any, tokenizer: Any, out: str | Path, *, patch_size: int,
+                        **options: Any) -> dict:
+    """The Transfusion setting's corpus (`mom.data.captioned.build_captioned_corpus`): each image as the ``p x p``
+    patches of its latent from ``vae`` (`mom.tokenization.vae.ImageVAE`'s interface), one ``IMG`` position (the
+    image modality's one id, after the text vocabulary) per patch, the patches in the ``latents`` column.
+    ``options``: `build_captioned_corpus`'s keywords (``text_from``, ``caption_first``, ``validation_fraction``,
+    ``seed``, ``batch_size``, ``row_group_size``, ``name``)."""
     size = int(vae.config.image_size)
     spec = LatentSpec(int(vae.config.latent_channels), int(patch_size), int(vae.latent_size), size)
     if spec.latent_size % spec.patch_size:
         raise ValueError(f"patch_size {patch_size} does not divide the VAE's latent size {spec.latent_size}")
     text_vocab = int(tokenizer.vocab_sizes[0])
-    image_id = text_vocab  # the image modality's one id follows the text vocabulary
-    rng = random.Random(seed)
-    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+    span = np.full(spec.patches_per_image, text_vocab, dtype=np.int64)  # IMG x n
 
-    def flush(chunk: list[Any]) -> None:
-        images = np.stack([np.asarray(r.image.convert("RGB"), dtype=np.uint8) for r in chunk])  # (n, h, w, 3)
-        if images.shape[1:3] != (size, size):
-            raise BadInputError(chunk[0].source, f"images must be {size}x{size} (the VAE's image_size), got "
-                                f"{images.shape[1]}x{images.shape[2]}")
+    def encode(images: np.ndarray) -> list[Encoded]:
         patches = patchify(vae.encode(images).float(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
-        for record, latent in zip(chunk, patches):
-            caption = tokenizer.encode_text(record.caption)
-            first = rng.random() < caption_first
-            ids = np.asarray(document_layout(caption, spec.patches_per_image, image_id, first), dtype=np.int32)
-            item = Item("image", record.source, dict(record.meta), record.caption)
-            split = split_of(item, validation_fraction, seed)
-            rows[split].append({"input_ids": ids, "modality_ids": (ids == image_id).astype(np.int8),
-                                "doc_id": 0, "kind": "caption_image" if first else "image_caption",
-                                "source": record.source, "meta": json.dumps(record.meta, default=str),
-                                "latents": latent.reshape(-1)})
+        return [(span, {"latents": latent.reshape(-1)}) for latent in patches]
 
-    if text_from is not None:
-        for split, docs in text_documents(text_from, text_vocab).items():
-            rows[split] += docs
-    chunk: list[Any] = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) == batch_size:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-    splits = {}
-    doc_id = 0
-    with atomic_directory(out) as tmp:
-        for split, docs in rows.items():
-            if not docs:
-                raise ValueError(f"no {split} documents: give more images or another validation_fraction")
-            rng.shuffle(docs)  # kinds mixed along the shard: a validation prefix (train.eval_batches) holds every kind
-            for d in docs:
-                d["doc_id"], doc_id = doc_id, doc_id + 1
-            (tmp / split).mkdir()
-            table = pa.Table.from_pylist(docs, schema=LATENT_SCHEMA)
-            pq.write_table(table, tmp / split / "shard-00000.parquet", row_group_size=row_group_size)
-            splits[split] = {"documents": len(docs), "shards": [f"{split}/shard-00000.parquet"],
-                             "tokens": int(sum(len(d["input_ids"]) for d in docs))}
-        manifest = {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": name,
-            "modalities": ["text", "image"], "vocab_sizes": [text_vocab, 1], "vocab_offsets": [0, text_vocab],
-            "special_tokens": {t.name: t.id for t in SPECIAL_TOKENS},
-            "columns": "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) "
-                       "strings, latents list<float16> (each image position's latent patch, in order)",
-            "latent": asdict(spec) | {"patch_dim": spec.patch_dim, "patches_per_image": spec.patches_per_image},
-            "splits": splits,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    fields = {"vocab_sizes": [text_vocab, 1],
+              "columns": "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) "
+                         "strings, latents list<float16> (each image position's latent patch, in order)",
+              "latent": asdict(spec) | {"patch_dim": spec.patch_dim, "patches_per_image": spec.patches_per_image}}
+    return build_captioned_corpus(records, encode, tokenizer, out, image_size=size, manifest_fields=fields,
+                                  schema=LATENT_SCHEMA, text_extra={"latents": np.zeros(0, dtype=np.float16)},
+                                  **{"name": "latent", **options})

@@ -139,7 +139,10 @@ class MultimodalTokenizer:
         """Modality-local codes ``(tokens_per_image,)`` of each image (PIL images or uint8 ``(h, w, 3)`` arrays)."""
         if len(images) == 0:
             return []
-        codes = _to_numpy(self.image.encode(list(images)))  # (n, tokens_per_image)
+        items = list(images)
+        if all(isinstance(i, np.ndarray) for i in items):  # arrays go to the image tokenizer as one uint8 batch
+            items = np.stack(items)
+        codes = _to_numpy(self.image.encode(items))  # (n, tokens_per_image)
         return [row.astype(np.int64) for row in codes]
 
     def encode_speech(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -164,6 +164,7 @@ def test_committed_small_trio_round_trip() -> None:
     image = Image.open(ROOT / "data/small/raw/images" / entry["file"]).convert("RGB")
     wave, rate = read_audio(ROOT / "data/small/raw/speech/clips/00000.flac")
     codes = tok.encode_images([image])[0]
+    assert tok.encode_images([np.asarray(image)] * 2)[1].tolist() == codes.tolist()  # uint8 (h, w, 3) arrays too
     units = tok.encode_speech(wave, rate)
     assert len(codes) == tok.image.tokens_per_image and 40 <= len(units) <= 60 * len(wave) / rate
     ids = tok.encode_document([("text", entry["caption"]), ("image", image), ("speech", (wave, rate))])
