@@ -142,18 +142,13 @@ def _speech_voices(args: argparse.Namespace) -> int:
 
 # ---- command line ------------------------------------------------------------------------------------------------
 def _latents(args: argparse.Namespace) -> int:
-    from mom.data.images import iter_image_records
     from mom.data.latent_corpus import build_latent_corpus
     from mom.generation.image_diffusion import load_vae
     from mom.tokenization.multimodal import MultimodalTokenizer
 
     vae = load_vae(args.vae)
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
-    folders = args.images or ["data/small/raw/images"]
-    records = itertools.chain.from_iterable(
-        iter_image_records("folder", path=folder, size=int(vae.config.image_size), limit=args.limit,
-                           augment=args.augment, augment_seed=index, on_error=_raise_bad)
-        for index, folder in enumerate(folders))
+    records = _folder_records(args.images or ["data/small/raw/images"], int(vae.config.image_size), args)
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
                                    caption_first=args.caption_first, validation_fraction=args.validation_fraction,
                                    seed=args.seed, name=Path(args.out).name, text_from=args.text_from)
@@ -165,15 +160,11 @@ def _latents(args: argparse.Namespace) -> int:
 
 def _codes(args: argparse.Namespace) -> int:
     from mom.data.captioned import build_code_corpus
-    from mom.data.images import iter_image_records
     from mom.tokenization.multimodal import MultimodalTokenizer
 
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
     image = tokenizer.image.to(args.device)
-    records = itertools.chain.from_iterable(
-        iter_image_records("folder", path=folder, size=int(image.image_size), limit=args.limit,
-                           augment=args.augment, augment_seed=index, on_error=_raise_bad)
-        for index, folder in enumerate(args.images))
+    records = _folder_records(args.images, int(image.image_size), args)
     manifest = build_code_corpus(records, tokenizer, args.out, caption_first=args.caption_first,
                                  validation_fraction=args.validation_fraction, seed=args.seed,
                                  batch_size=args.batch_size, name=Path(args.out).name, text_from=args.text_from)
@@ -181,6 +172,17 @@ def _codes(args: argparse.Namespace) -> int:
                        for split, s in manifest["splits"].items())
     print(f"built {args.out}: {counts}; {manifest['image_tokens']} codes an image")
     return 0
+
+
+def _folder_records(folders: Sequence[str], size: int, args: argparse.Namespace) -> Iterator[Any]:
+    """The captioned images of exported folders at ``size``, ``--limit`` of each, each with ``--augment`` variants
+    (folder i seeds its variants with i); a bad file stops the command, named."""
+    from mom.data.images import iter_image_records
+
+    return itertools.chain.from_iterable(
+        iter_image_records("folder", path=folder, size=size, limit=args.limit, augment=args.augment,
+                           augment_seed=index, on_error=_raise_bad)
+        for index, folder in enumerate(folders))
 
 
 def _raise_bad(error: BadInputError) -> None:

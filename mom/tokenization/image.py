@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
-from mom.tokenization.resume import Progress, ResumeFile, TrainingStopped, images_digest, stop_signals
+from mom.tokenization.resume import TrainingRun, images_digest
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -541,18 +540,15 @@ def train_image_tokenizer(
     data = pixels.to(device)
     optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
-    if resume is not None:  # what the run is: a resume file of another run is refused
-        identity = {"model": "image VQ", "tokenizer": config.to_dict(), "training": dataclasses.asdict(training),
-                    "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
-        identity["training"].pop("device")  # a run may continue on another device
-        resume = ResumeFile(resume, identity)
-    done = resume.load(model, optim, sched, gen) if resume is not None else None
-    done = done or Progress(counters={"restarts": 0, "loss_ema": None})
-    restarts, loss_ema = done.counters["restarts"], done.counters["loss_ema"]
-    start = time.time() - done.seconds
-    bar = tqdm(range(done.step, steps), desc="train image VQ", unit="step", initial=done.step, total=steps,
-               disable=not progress)
-    with stop_signals(resume, announce=progress) as stop:
+    def identity() -> dict:  # what the run is, for its resume file (a run may continue on another device)
+        return {"model": "image VQ", "tokenizer": config.to_dict(),
+                "training": {k: v for k, v in dataclasses.asdict(training).items() if k != "device"},
+                "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
+
+    with TrainingRun(resume, identity, model, optim, sched, gen, {"restarts": 0, "loss_ema": None}, progress) as run:
+        restarts, loss_ema = run.counters["restarts"], run.counters["loss_ema"]
+        bar = tqdm(range(run.step, steps), desc="train image VQ", unit="step", initial=run.step, total=steps,
+                   disable=not progress)
         for step in bar:
             idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
             x = _to_unit(data[idx])
@@ -567,17 +563,14 @@ def train_image_tokenizer(
             if step % 25 == 0 or step == steps - 1:
                 used = int(torch.unique(codes).numel())
                 bar.set_postfix(loss=f"{loss_ema:.4f}", used=f"{used}/{config.codebook_size}", restarts=restarts)
-            if stop.requested() and step + 1 < steps:
-                counters = {"restarts": restarts, "loss_ema": loss_ema}
-                resume.save(model, optim, sched, gen, Progress(step + 1, time.time() - start, counters))
-                raise TrainingStopped(stop.signum, step + 1, steps, resume.path)
+            run.after_step(step + 1, steps, {"restarts": restarts, "loss_ema": loss_ema})
     tokenizer = ImageTokenizer(config, model.eval())
     metrics = evaluate_image_tokenizer(tokenizer, held)
     report = TrainReport(
         steps=steps,
         train_images=len(pixels),
         held_out_images=metrics["images"],
-        seconds=time.time() - start,
+        seconds=run.seconds(),
         final_loss=float(loss_ema),
         restarts=restarts,
         held_out_psnr=metrics["psnr"],

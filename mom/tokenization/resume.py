@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,22 +125,55 @@ class ResumeFile:
         self.path.unlink(missing_ok=True)
 
 
-class _NoStop:
-    """`StopSignals`' interface for a run that cannot be resumed: never asked to stop, the default handlers kept."""
+class TrainingRun:
+    """One training loop's stop and continue, as a context around the loop::
 
-    signum = None
+        with TrainingRun(resume, identity, model, optim, sched, gen, {"loss_ema": None}, announce=True) as run:
+            for step in range(run.step, steps):
+                ...                                   # one step
+                run.after_step(step + 1, steps, {"loss_ema": loss_ema})
 
-    def requested(self) -> bool:
-        return False
+    ``resume``: the resume file's path, or None for a run that cannot stop (signals then keep their default
+    handlers). Entering restores a stopped run from the file into the objects (made as for a fresh run) or starts
+    one: `step`, `counters`. `after_step` stops the run into the file when SIGINT / SIGTERM asked for it and steps
+    remain (`TrainingStopped`). ``identity`` (called only with a file: digests cost a pass over the data) says what
+    the run is (`ResumeFile`). `seconds`: training time so far, over every stop."""
 
-    def __enter__(self) -> _NoStop:
+    def __init__(self, resume: str | Path | None, identity: Callable[[], dict[str, Any]], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator,
+                 counters: dict[str, Any], announce: bool) -> None:
+        self.file = None if resume is None else ResumeFile(resume, identity())
+        self.objects = (model, optimizer, scheduler, generator)
+        self.progress = Progress(counters=dict(counters))
+        self.signals = StopSignals(announce) if self.file is not None else None
+        self._clock = time.time()
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        return self.progress.counters
+
+    def seconds(self) -> float:
+        return time.time() - self._clock
+
+    def __enter__(self) -> TrainingRun:
+        if self.file is not None:
+            self.progress = self.file.load(*self.objects) or self.progress
+            self.signals.__enter__()
+        self._clock = time.time() - self.progress.seconds
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        pass
+        if self.signals is not None:
+            self.signals.__exit__(*exc)
 
-
-def stop_signals(resume: ResumeFile | None, announce: bool) -> StopSignals | _NoStop:
-    """What a training loop checks after each step: SIGINT / SIGTERM (`StopSignals`) when it has a resume file to
-    stop into, else nothing (a signal then ends the process as usual)."""
-    return StopSignals(announce) if resume is not None else _NoStop()
+    def after_step(self, done: int, steps: int, counters: dict[str, Any]) -> None:
+        """``done`` steps of ``steps`` are done, the loop's ``counters`` as they stand: stop into the file if a
+        signal asked and steps remain."""
+        if self.signals is None or not self.signals.requested() or done >= steps:
+            return
+        self.file.save(*self.objects, Progress(done, self.seconds(), counters))
+        raise TrainingStopped(self.signals.signum, done, steps, self.file.path)

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
 from mom.tokenization.image import images_to_uint8, psnr
-from mom.tokenization.resume import Progress, ResumeFile, TrainingStopped, images_digest, stop_signals
+from mom.tokenization.resume import TrainingRun, images_digest
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -449,18 +448,15 @@ def train_vae(
     data = pixels.to(device)
     optim, sched = warmup_cosine_adamw(model.parameters(), lr, weight_decay, steps, warmup_steps)
     reconstruction = F.mse_loss if recon_loss == "mse" else F.l1_loss
-    if resume is not None:  # what the run is: a resume file of another run is refused
-        identity = {"model": "image VAE", "vae": config.to_dict(), "training": dataclasses.asdict(training),
-                    "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
-        identity["training"].pop("device")  # a run may continue on another device
-        resume = ResumeFile(resume, identity)
-    done = resume.load(model, optim, sched, gen) if resume is not None else None
-    done = done or Progress(counters={"loss_ema": None, "kl_ema": None})
-    loss_ema, kl_ema = done.counters["loss_ema"], done.counters["kl_ema"]
-    start = time.time() - done.seconds
-    bar = tqdm(range(done.step, steps), desc="train image VAE", unit="step", initial=done.step, total=steps,
-               disable=not progress)
-    with stop_signals(resume, announce=progress) as stop:
+    def identity() -> dict:  # what the run is, for its resume file (a run may continue on another device)
+        return {"model": "image VAE", "vae": config.to_dict(),
+                "training": {k: v for k, v in dataclasses.asdict(training).items() if k != "device"},
+                "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
+
+    with TrainingRun(resume, identity, model, optim, sched, gen, {"loss_ema": None, "kl_ema": None}, progress) as run:
+        loss_ema, kl_ema = run.counters["loss_ema"], run.counters["kl_ema"]
+        bar = tqdm(range(run.step, steps), desc="train image VAE", unit="step", initial=run.step, total=steps,
+                   disable=not progress)
         for step in bar:
             idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(device)
             x = data[idx].float() / 127.5 - 1.0  # (b, C, s, s)
@@ -478,10 +474,7 @@ def train_vae(
             kl_ema = kl.item() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.item()
             if step % 25 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss_ema:.4f}", kl=f"{kl_ema:.2f}")
-            if stop.requested() and step + 1 < steps:
-                counters = {"loss_ema": loss_ema, "kl_ema": kl_ema}
-                resume.save(model, optim, sched, gen, Progress(step + 1, time.time() - start, counters))
-                raise TrainingStopped(stop.signum, step + 1, steps, resume.path)
+            run.after_step(step + 1, steps, {"loss_ema": loss_ema, "kl_ema": kl_ema})
     model.eval()
     pick = torch.randperm(len(data), generator=gen)[:SCALE_IMAGES].to(device)
     shift, std = _latent_statistics(model, data[pick], batch_size=256)
@@ -492,7 +485,7 @@ def train_vae(
         steps=steps,
         train_images=len(pixels),
         held_out_images=metrics["images"],
-        seconds=time.time() - start,
+        seconds=run.seconds(),
         final_loss=float(loss_ema),
         final_kl=float(kl_ema),
         held_out_psnr=metrics["psnr"],

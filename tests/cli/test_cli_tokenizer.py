@@ -86,7 +86,7 @@ def test_image_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert Image.open(tmp_path / "grid.png").size == (16 * 32, 2 * 32)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_image_train_stopped_by_sigterm_continues_when_run_again(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM mid-run (a job limit's `timeout -s TERM`): exit 143 with the resume file beside --out and no --out;
@@ -150,18 +150,7 @@ kmeans: {{iters: 5}}
     assert sr == 16000 and abs(len(back) - len(original)) <= 320
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny convolutions on a busy 2-core machine run far faster on one thread (see test_image_tokenizer)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_vae_train_eval_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import numpy as np
 

@@ -27,14 +27,7 @@ SMALL_TOKENIZER = REPO / "tokenizers" / "small" / "image"
 TINY = dict(codebook_size=64, code_dim=8, channels=(16, 32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain little from a second thread, and on a busy 2-core machine OpenMP's spin-waiting made
-    this module ten times slower with two threads (139 s against 12 s measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _raw_split(split: str) -> list[Image.Image]:

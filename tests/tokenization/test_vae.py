@@ -22,13 +22,7 @@ TINY = dict(base_width=8, width_mult=(1, 1, 2), latent_channels=4)  # 32x32 -> 4
 PSNR_MARGIN = 0.5  # dB below the stated held-out PSNR that the committed VAE may fall (torch / BLAS versions)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain little from a second thread (see test_image_tokenizer's fixture of the same name)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -92,13 +92,6 @@ def corpora(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (no synchronisation between threads on every small op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config() -> mom.MoMConfig:

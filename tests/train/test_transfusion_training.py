@@ -37,12 +37,6 @@ def corpus(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is faster
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mom_and_dense_train_and_compare(corpus, tmp_path, one_thread):
