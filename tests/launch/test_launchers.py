@@ -156,3 +156,37 @@ def test_study_runs_resumes_and_copies_metrics(tmp_path):
     assert '"split": "validation"' in metrics and (tmp_path / "out/study/tis_40m_dense/recipe.yaml").is_file()
     log = (work / "runs/study/tis_40m_dense.log").read_text()
     assert log.count("resumed from") == 1  # the second command picked up the finished run
+
+
+def test_study_starts_a_run_again_after_it_ran_out_of_gpu_memory(tmp_path):
+    """A run that hit CUDA's out-of-memory error (other runs held the card) is started again after --oom-wait, from
+    its checkpoint; a run failing otherwise is not. A stand-in mom-train on PATH: out of memory on its first start."""
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    shutil.copytree(ROOT / "launch", work / "launch")
+    shutil.copytree(ROOT / "recipes/study", work / "recipes/study")
+    bin_dir.mkdir()
+    fake = bin_dir / "mom-train"
+    fake.write_text("""#!/usr/bin/env bash
+out=${@: -3:1}; out=${out#train.out_dir=}; mkdir -p "$out"
+case "$out" in
+  *dense*) echo "ValueError: something else"; exit 2 ;;
+esac
+if [[ ! -e "$out/started" ]]; then
+  touch "$out/started"; echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 160.00 MiB"; exit 1
+fi
+echo "trained"
+""")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/tmp")}
+    result = subprocess.run([BASH, "launch/study.sh", "--parallel", "2", "--oom-wait", "0", "tis_40m_mom",
+                             "tis_40m_dense"], cwd=work, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result
+    assert "tis_40m_mom ran out of GPU memory (try 1 of 20); starting it again in 0 s" in result.stdout
+    assert "tis_40m_mom exit 0" in result.stdout and "(trained)" in result.stdout
+    assert "tis_40m_dense exit 2" in result.stdout and "tis_40m_dense ran out" not in result.stdout
+    log = (work / "runs/study/tis_40m_mom.log").read_text()
+    assert log.count("CUDA out of memory") == 1 and log.rstrip().endswith("trained")
+
+
+def test_study_oom_wait_must_be_seconds():
+    one_error(launch("study.sh", "--oom-wait", "soon", "tis_40m_mom"), "study.sh", "--oom-wait must be a whole number")
