@@ -121,9 +121,6 @@ class ResumeFile:
         }
         atomic_save(self.path, lambda p: torch.save(state, p))
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 class TrainingRun:
     """One training loop's stop and continue, as a context around the loop::
