@@ -1,0 +1,126 @@
+"""Benchmark a decode step's routed projections (`mom.ops.triton.routed_rows`) against the dense one-expert GEMM they
+replace, each projection of a Mamba-1 layer at the step's shapes, device time only (CUDA-graph replays).
+
+    python benchmarks/bench_routed_rows.py                      # d_model 768, batch 1 and 64, uniform and mixed rows
+    python benchmarks/bench_routed_rows.py --sweep              # also every block / warp / stage configuration
+
+A decode step is a few hundred small launches; `bench_generate.py` times it whole. This separates its projections:
+for in_proj (d -> 2 d_inner), x_proj (d_inner -> dt_rank + 2 d_state), dt_proj (dt_rank -> d_inner) and out_proj
+(d_inner -> d), rows "uniform" (every row text: one expert's weights read) and "mixed" (rows cycling through the
+three modalities: every expert's weights read), it prints
+  mom       `routed_rows_linear` (the kernel, its default blocks), three experts
+  dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
+and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
+``--sweep`` times the kernel at every (block of outputs, block of k, warps, stages) and prints the best per shape.
+Every kernel output is checked against the PyTorch ops first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from mom.ops.triton import routed_rows
+
+CALLS = 20  # calls captured per graph; a replay's time / CALLS is one call's device time
+EXPERTS = 3
+
+
+def graph_us(fn, replays: int = 50) -> float:
+    """Device microseconds per call of ``fn``: CALLS calls captured in a CUDA graph, replayed ``replays`` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * CALLS)
+
+
+def kernel_call(x, weights, biases, ids, block_out: int, block_k: int, warps: int, stages: int):
+    """The routed-rows kernel at one configuration (JIT launch: the sweep's way; the library launches its default)."""
+    b, n_in = x.shape
+    n_out = weights[0].shape[0]
+    y = x.new_empty(b, n_out)
+    ws = (*weights, *(weights[:1] * (routed_rows.MAX_EXPERTS - len(weights))))
+    bs = ws if biases is None else (*biases, *(biases[:1] * (routed_rows.MAX_EXPERTS - len(biases))))
+    block_rows = min(64, max(routed_rows.ROWS, 1 << (b - 1).bit_length()))
+    grid = (-(-n_out // block_out), len(weights), -(-b // block_rows))
+    kernel = routed_rows._kernel()
+
+    def call():
+        kernel[grid](x, ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0), IN=n_in, HAS_BIAS=biases is not None,
+                     IEEE=False, BB=block_rows, BO=block_out, BK=block_k, num_warps=warps, num_stages=stages)
+    return call, y
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--batch", type=int, action="append", help="rows (repeatable; default 1 and 64)")
+    parser.add_argument("--sweep", action="store_true", help="also time every kernel configuration")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or routed_rows._kernel() is None:
+        print("bench_routed_rows: needs a CUDA device and Triton", file=sys.stderr)
+        return 2
+    d = args.d_model
+    d_inner, d_state, dt_rank = 2 * d, 16, -(-d // 16)  # Mamba's expand 2, d_state 16, dt_rank ceil(d / 16)
+    shapes = {"in_proj": (d, 2 * d_inner, False), "x_proj": (d_inner, dt_rank + 2 * d_state, False),
+              "dt_proj": (dt_rank, d_inner, True), "out_proj": (d_inner, d, False)}
+    print(f"device: {torch.cuda.get_device_name()}  d_model {d}  bf16  {EXPERTS} experts  "
+          f"device time per call (CUDA graph of {CALLS} calls)")
+    for batch, (name, (n_in, n_out, bias)) in itertools.product(args.batch or [1, 64], shapes.items()):
+        torch.manual_seed(0)
+        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5 for _ in range(EXPERTS)]
+        biases = [torch.randn(n_out, device="cuda", dtype=torch.bfloat16) for _ in range(EXPERTS)] if bias else None
+        x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
+        dense_us = graph_us(functools.partial(F.linear, x, weights[0], None if biases is None else biases[0]))
+        for rows in ("uniform", "mixed"):
+            ids = (torch.arange(batch, device="cuda") % EXPERTS if rows == "mixed"
+                   else torch.zeros(batch, dtype=torch.long, device="cuda"))
+            want = routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=False)
+            got = routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=True)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            mom_us = graph_us(functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
+                                                 use_kernel=True))
+            print(f"batch {batch:3d}  {name:<9} {n_in:5d} -> {n_out:5d}  {rows:<8}  mom {mom_us:7.2f} us  "
+                  f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
+            if args.sweep:
+                best = None
+                for block_out, block_k, warps, stages in itertools.product((16, 32, 64, 128), (32, 64, 128),
+                                                                          (2, 4, 8), (1, 2, 3, 4)):
+                    call, y = kernel_call(x, weights, biases, ids, block_out, block_k, warps, stages)
+                    try:
+                        call()
+                        torch.cuda.synchronize()
+                    except Exception:  # a configuration this GPU cannot run (shared memory): skipped
+                        continue
+                    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+                    us = graph_us(call)
+                    if best is None or us < best[0]:
+                        best = (us, block_out, block_k, warps, stages)
+                if best is not None:
+                    print(f"           best: {best[0]:7.2f} us at block_out {best[1]} block_k {best[2]} warps "
+                          f"{best[3]} stages {best[4]} (ratio to dense {best[0] / dense_us:5.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
