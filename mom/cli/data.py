@@ -150,11 +150,8 @@ def _latents(args: argparse.Namespace) -> int:
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
     records = _folder_records(args.images or ["data/small/raw/images"], int(vae.config.image_size), args)
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
-                                   caption_first=args.caption_first, validation_fraction=args.validation_fraction,
-                                   seed=args.seed, name=Path(args.out).name, text_from=args.text_from)
-    counts = ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens"
-                       for split, s in manifest["splits"].items())
-    print(f"built {args.out}: {counts}; latent {manifest['latent']}")
+                                   **_captioned_options(args))
+    print(f"built {args.out}: {_splits(manifest)}; latent {manifest['latent']}")
     return 0
 
 
@@ -165,13 +162,21 @@ def _codes(args: argparse.Namespace) -> int:
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
     image = tokenizer.image.to(args.device)
     records = _folder_records(args.images, int(image.image_size), args)
-    manifest = build_code_corpus(records, tokenizer, args.out, caption_first=args.caption_first,
-                                 validation_fraction=args.validation_fraction, seed=args.seed,
-                                 batch_size=args.batch_size, name=Path(args.out).name, text_from=args.text_from)
-    counts = ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens {s['tokens_per_modality']}"
-                       for split, s in manifest["splits"].items())
-    print(f"built {args.out}: {counts}; {manifest['image_tokens']} codes an image")
+    manifest = build_code_corpus(records, tokenizer, args.out, batch_size=args.batch_size, **_captioned_options(args))
+    print(f"built {args.out}: {_splits(manifest)}; {manifest['image_tokens']} codes an image")
     return 0
+
+
+def _captioned_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `codes` and `latents` pass on to `mom.data.captioned.build_captioned_corpus`."""
+    return dict(caption_first=args.caption_first, validation_fraction=args.validation_fraction, seed=args.seed,
+                name=Path(args.out).name, text_from=args.text_from)
+
+
+def _splits(manifest: dict) -> str:
+    """``train 1,234 documents / 56,789 tokens {'text': ..., 'image': ...}, validation ...``"""
+    return ", ".join(f"{split} {s['documents']:,} documents / {s['tokens']:,} tokens {s['tokens_per_modality']}"
+                     for split, s in manifest["splits"].items())
 
 
 def _folder_records(folders: Sequence[str], size: int, args: argparse.Namespace) -> Iterator[Any]:
