@@ -146,7 +146,7 @@ def _latents(args: argparse.Namespace) -> int:
     from mom.generation.image_diffusion import load_vae
     from mom.tokenization.multimodal import MultimodalTokenizer
 
-    vae = load_vae(args.vae)
+    vae = load_vae(args.vae).to(args.device)
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
     records = _folder_records(args.images or ["data/small/raw/images"], int(vae.config.image_size), args)
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many images of each folder")
     p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
                    "documents are added, e.g. data/small")
+    p.add_argument("--device", default="cpu", help="where the VAE encodes (cpu, cuda; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -298,7 +298,7 @@ def build_latent_corpus(records: Iterable[Any], vae: Any, tokenizer: Any, out: s
     span = np.full(spec.patches_per_image, text_vocab, dtype=np.int64)  # IMG x n
 
     def encode(images: np.ndarray) -> list[Encoded]:
-        patches = patchify(vae.encode(images).float(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
+        patches = patchify(vae.encode(images).float().cpu(), spec.patch_size).numpy().astype(np.float16)  # (n, L, D)
         return [(span, {"latents": latent.reshape(-1)}) for latent in patches]
 
     fields = {"vocab_sizes": [text_vocab, 1],

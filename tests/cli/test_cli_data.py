@@ -140,7 +140,7 @@ def test_latents_from_several_folders_with_augmented_variants(tmp_path, capsys):
         folders += ["--images", str(folder)]
     out = tmp_path / "latent"
     assert main(["latents", "--vae", str(ROOT / "tokenizers/small/vae"), *folders, "--augment", "1",
-                 "--validation-fraction", "0.3", "--out", str(out)]) == 0, capsys.readouterr().err
+                 "--validation-fraction", "0.3", "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
     docs = [d for split in ("train", "validation") for d in pq.read_table(out / split / "shard-00000.parquet")
             .select(["kind", "meta"]).to_pylist()]
     images = [json.loads(d["meta"]) for d in docs if d["kind"] in ("image_caption", "caption_image")]
