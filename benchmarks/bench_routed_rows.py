@@ -2,7 +2,7 @@
 replace, each projection of a Mamba-1 layer at the step's shapes, device time only (CUDA-graph replays).
 
     python benchmarks/bench_routed_rows.py                      # d_model 768, batch 1 and 64, uniform and mixed rows
-    python benchmarks/bench_routed_rows.py --sweep              # also every block / warp / stage configuration
+    python benchmarks/bench_routed_rows.py --sweep --only x_proj --batch 1   # block / warp / stage configurations
 
 A decode step is a few hundred small launches; `bench_generate.py` times it whole. This separates its projections:
 for in_proj (d -> 2 d_inner), x_proj (d_inner -> dt_rank + 2 d_state), dt_proj (dt_rank -> d_inner) and out_proj
@@ -11,8 +11,9 @@ three modalities: every expert's weights read), it prints
   mom       `routed_rows_linear` (the kernel, its default blocks), three experts
   dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
-``--sweep`` times the kernel at every (block of outputs, block of k, warps, stages) and prints the best per shape.
-Every kernel output is checked against the PyTorch ops first.
+``--sweep`` times the kernel at each of `SWEEP`'s (block of outputs, block of k, warps, stages) and prints the best
+per shape; each configuration of each shape is a Triton compilation (about a second), so sweep a few shapes at a time
+(``--only``, ``--batch``). Every kernel output is checked against the PyTorch ops first.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from mom.ops.triton import routed_rows
 
 CALLS = 20  # calls captured per graph; a replay's time / CALLS is one call's device time
+# --sweep's grid: block of outputs, block of k, warps, software-pipelining stages (the library's default: BO 32 or
+# 64, BK 64, Triton's default warps and stages)
+SWEEP = list(itertools.product((16, 32, 64, 128), (64, 128), (2, 4), (2, 3)))
 EXPERTS = 3
 
 
@@ -75,7 +79,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--batch", type=int, action="append", help="rows (repeatable; default 1 and 64)")
-    parser.add_argument("--sweep", action="store_true", help="also time every kernel configuration")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel's configurations (SWEEP)")
+    parser.add_argument("--only", action="append", choices=("in_proj", "x_proj", "dt_proj", "out_proj"),
+                        help="these projections only (repeatable; default all four)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or routed_rows._kernel() is None:
         print("bench_routed_rows: needs a CUDA device and Triton", file=sys.stderr)
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
               "dt_proj": (dt_rank, d_inner, True), "out_proj": (d_inner, d, False)}
     print(f"device: {torch.cuda.get_device_name()}  d_model {d}  bf16  {EXPERTS} experts  "
           f"device time per call (CUDA graph of {CALLS} calls)")
+    shapes = {k: v for k, v in shapes.items() if not args.only or k in args.only}
     for batch, (name, (n_in, n_out, bias)) in itertools.product(args.batch or [1, 64], shapes.items()):
         torch.manual_seed(0)
         weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5 for _ in range(EXPERTS)]
@@ -104,8 +111,7 @@ def main(argv=None) -> int:
                   f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
             if args.sweep:
                 best = None
-                for block_out, block_k, warps, stages in itertools.product((16, 32, 64, 128), (32, 64, 128),
-                                                                          (2, 4, 8), (1, 2, 3, 4)):
+                for block_out, block_k, warps, stages in SWEEP:
                     call, y = kernel_call(x, weights, biases, ids, block_out, block_k, warps, stages)
                     try:
                         call()
