@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, _image_train, "train", help="train a VQ image tokenizer from a YAML recipe",
                        description="Train a VQ-VAE image tokenizer from a recipe (sources, tokenizer, training); "
                        "prints held-out PSNR and codebook usage and saves config.json, model.safetensors and "
-                       "training_report.json to --out.")  # fmt: skip
+                       "training_report.json to --out. SIGINT / SIGTERM stop it after the current step into "
+                       "OUT.resume.pt (exit 130 / 143); the same command continues it.")  # fmt: skip
     _image_model_train_args(p, "tokenizers/recipes/image_small.yaml", "output tokenizer directory")
     p = command(sub, _image_eval, "eval", help="reconstruction PSNR and codebook usage on a folder of images",
                        description="Encode and decode a folder of images (captions.jsonl or <name>.txt sidecars, "
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, _vae_train, "train", help="train an image VAE from a YAML recipe",
                 description="Train a KL-regularised convolutional image VAE from a recipe (sources, vae, training, "
                 "held_out_fraction); prints held-out PSNR and the latent scaling and saves config.json, "
-                "model.safetensors and training_report.json to --out.")  # fmt: skip
+                "model.safetensors and training_report.json to --out. SIGINT / SIGTERM stop it after the current "
+                "step into OUT.resume.pt (exit 130 / 143); the same command continues it.")  # fmt: skip
     _image_model_train_args(p, "tokenizers/recipes/vae_small.yaml", "output VAE directory")
     p = command(sub, _vae_eval, "eval", help="reconstruction PSNR and latent statistics on a folder of images",
                 description="Encode (posterior mean) and decode a folder of images (captions.jsonl or <name>.txt "
