@@ -165,7 +165,7 @@ def build_code_corpus(records: Iterable[Any], tokenizer: Any, out: str | Path, *
         raise ValueError(f"the tokenizer's image ids start at {offset}, not after its {sizes[0]} text ids")
 
     def encode(images: np.ndarray) -> list[Encoded]:
-        return [(codes + offset, {}) for codes in tokenizer.encode_images(list(images))]
+        return [(codes + offset, {}) for codes in tokenizer.encode_images(images)]
 
     fields = {"vocab_sizes": sizes, "image_tokens": int(image.tokens_per_image),
               "columns": "input_ids list<int32>, modality_ids list<int8>, doc_id int64, kind, source, meta (JSON) "

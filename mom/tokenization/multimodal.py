@@ -136,12 +136,13 @@ class MultimodalTokenizer:
             raise ValueError(f"{modality} code {int(codes[bad][0])} is out of range for its vocabulary of size {size}")
 
     def encode_images(self, images: Sequence[Any]) -> list[np.ndarray]:
-        """Modality-local codes ``(tokens_per_image,)`` of each image (PIL images or uint8 ``(h, w, 3)`` arrays)."""
+        """Modality-local codes ``(tokens_per_image,)`` of each image (PIL images or uint8 ``(h, w, 3)`` arrays, or one
+        uint8 ``(n, h, w, 3)`` array)."""
         if len(images) == 0:
             return []
-        items = list(images)
-        if all(isinstance(i, np.ndarray) for i in items):  # arrays go to the image tokenizer as one uint8 batch
-            items = np.stack(items)
+        items = images if isinstance(images, np.ndarray) else list(images)  # a uint8 (n, h, w, 3) batch as it is
+        if isinstance(items, list) and all(isinstance(i, np.ndarray) for i in items):
+            items = np.stack(items)  # arrays go to the image tokenizer as one uint8 batch
         codes = _to_numpy(self.image.encode(items))  # (n, tokens_per_image)
         return [row.astype(np.int64) for row in codes]
 
