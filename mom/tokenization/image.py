@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
-from mom.tokenization.resume import TrainingRun, images_digest
+from mom.tokenization.resume import SHOW_EVERY, TrainingRun, device_number, images_digest
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -173,22 +173,25 @@ class _Codebook(nn.Module):
         return dist.argmin(1)
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor, codes: torch.Tensor) -> int:
-        """EMA step on the batch ``z`` (n, D) assigned to ``codes`` (n,); returns the number of restarted codes."""
-        counts = torch.bincount(codes, minlength=self.embedding.shape[0]).to(z.dtype)  # (K,)
+    def update(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """EMA step on the batch ``z`` (n, D) assigned to ``codes`` (n,); returns the number of restarted codes (a
+        0-d tensor). Nothing here reads the device from the host (no ``bincount``, masked indexing or ``nonzero``,
+        which wait for the GPU mid-step): every code gets a restart candidate, kept where the code is dead."""
+        k = self.embedding.shape[0]
+        ones = torch.ones_like(codes, dtype=z.dtype)
+        counts = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, codes, ones)  # (K,) uses this batch
         sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, z)  # (K, D)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        alive = self.ema_count >= max(self.threshold, 1e-6)
-        self.embedding[alive] = self.ema_sum[alive] / self.ema_count[alive, None]
-        dead = (~alive).nonzero().squeeze(1)
-        if len(dead):
-            pick = torch.randint(0, z.shape[0], (len(dead),), device=z.device)
-            restart = z[pick] + 1e-3 * z.std() * torch.randn_like(z[pick])  # jitter apart repeated picks
-            self.embedding[dead] = restart
-            self.ema_count[dead] = max(self.threshold, 1e-6)
-            self.ema_sum[dead] = restart * self.ema_count[dead, None]
-        return len(dead)
+        floor = max(self.threshold, 1e-6)
+        dead = (self.ema_count < floor)[:, None]  # (K, 1)
+        pick = torch.randint(0, z.shape[0], (k,), device=z.device)
+        restart = z[pick] + 1e-3 * z.std() * torch.randn_like(z[pick])  # (K, D), jittered apart repeated picks
+        means = self.ema_sum / self.ema_count.clamp_min(floor)[:, None]  # the live codes' EMA means
+        self.embedding.copy_(torch.where(dead, restart, means))
+        self.ema_sum.copy_(torch.where(dead, restart * floor, self.ema_sum))
+        self.ema_count.copy_(torch.where(dead[:, 0], floor, self.ema_count))
+        return dead.sum()
 
 
 class VQModel(nn.Module):
@@ -211,8 +214,9 @@ class VQModel(nn.Module):
         q = self.codebook.embedding[codes].view(b, g, g, -1).permute(0, 3, 1, 2)  # (b, D, g, g)
         return self.decoder(q)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Training pass: (reconstruction, commitment loss, codes (b*g*g,), restarted codes)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """Training pass: (reconstruction, commitment loss, codes (b*g*g,), restarted codes (a 0-d tensor; 0 in
+        eval mode))."""
         z = self.encoder(x)  # (b, D, g, g)
         b, d, g, _ = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (b*g*g, D)
@@ -546,7 +550,9 @@ def train_image_tokenizer(
                 "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
 
     with TrainingRun(resume, identity, model, optim, sched, gen, {"restarts": 0, "loss_ema": None}, progress) as run:
-        restarts, loss_ema = run.counters["restarts"], run.counters["loss_ema"]
+        # on the device: the loop reads them only when it shows them (no wait for the GPU every step)
+        restarts = torch.as_tensor(run.counters["restarts"], device=device)
+        loss_ema = device_number(run.counters["loss_ema"], device)
         bar = tqdm(range(run.step, steps), desc="train image VQ", unit="step", initial=run.step, total=steps,
                    disable=not progress)
         for step in bar:
@@ -558,11 +564,12 @@ def train_image_tokenizer(
             loss.backward()
             optim.step()
             sched.step()
-            restarts += restarted
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-            if step % 25 == 0 or step == steps - 1:
+            restarts = restarts + restarted
+            loss_ema = loss.detach() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.detach()
+            if step % SHOW_EVERY == 0 or step == steps - 1:
                 used = int(torch.unique(codes).numel())
-                bar.set_postfix(loss=f"{loss_ema:.4f}", used=f"{used}/{config.codebook_size}", restarts=restarts)
+                bar.set_postfix(loss=f"{loss_ema.item():.4f}", used=f"{used}/{config.codebook_size}",
+                                restarts=int(restarts))
             run.after_step(step + 1, steps, {"restarts": restarts, "loss_ema": loss_ema})
     tokenizer = ImageTokenizer(config, model.eval())
     metrics = evaluate_image_tokenizer(tokenizer, held)
@@ -572,7 +579,7 @@ def train_image_tokenizer(
         held_out_images=metrics["images"],
         seconds=run.seconds(),
         final_loss=float(loss_ema),
-        restarts=restarts,
+        restarts=int(restarts),
         held_out_psnr=metrics["psnr"],
         codes_used=metrics["codes_used"],
         codebook_usage=metrics["codebook_usage"],

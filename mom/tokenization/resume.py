@@ -29,12 +29,20 @@ from mom.utils.signals import StopSignals
 
 SUFFIX = ".resume.pt"
 FORMAT_VERSION = 1
+SHOW_EVERY = 25  # steps between the loops' reads of their device-side counters for the progress bar (each waits for
+# the GPU)
 
 
 def resume_path(out: str | Path) -> Path:
     """Where the run writing ``out`` keeps its resume file: ``<out>.resume.pt`` beside it."""
     out = Path(out)
     return out.with_name(out.name + SUFFIX)
+
+
+def device_number(value: float | None, device: str | torch.device) -> torch.Tensor | None:
+    """A loop counter kept on the device as a 0-d fp32 tensor (None stays None: an EMA not started yet); a resumed
+    run's saved number comes back exactly (fp32 -> Python float -> fp32)."""
+    return None if value is None else torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def images_digest(pixels: torch.Tensor) -> str:
@@ -168,9 +176,11 @@ class TrainingRun:
             self.signals.__exit__(*exc)
 
     def after_step(self, done: int, steps: int, counters: dict[str, Any]) -> None:
-        """``done`` steps of ``steps`` are done, the loop's ``counters`` as they stand: stop into the file if a
-        signal asked and steps remain."""
+        """``done`` steps of ``steps`` are done, the loop's ``counters`` as they stand (numbers, or 0-d tensors the loop
+        keeps on the device: read only here, when the run stops): stop into the file if a signal asked and steps
+        remain."""
         if self.signals is None or not self.signals.requested() or done >= steps:
             return
-        self.file.save(*self.objects, Progress(done, self.seconds(), counters))
+        numbers = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in counters.items()}
+        self.file.save(*self.objects, Progress(done, self.seconds(), numbers))
         raise TrainingStopped(self.signals.signum, done, steps, self.file.path)

@@ -37,7 +37,7 @@ from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
 from mom.tokenization.image import images_to_uint8, psnr
-from mom.tokenization.resume import TrainingRun, images_digest
+from mom.tokenization.resume import SHOW_EVERY, TrainingRun, device_number, images_digest
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
 from mom.utils.atomic import atomic_directory
@@ -454,7 +454,8 @@ def train_vae(
                 "train_images": images_digest(pixels), "held_out_images": images_digest(held)}
 
     with TrainingRun(resume, identity, model, optim, sched, gen, {"loss_ema": None, "kl_ema": None}, progress) as run:
-        loss_ema, kl_ema = run.counters["loss_ema"], run.counters["kl_ema"]
+        # on the device: the loop reads them only when it shows them (no wait for the GPU every step)
+        loss_ema, kl_ema = (device_number(run.counters[k], device) for k in ("loss_ema", "kl_ema"))
         bar = tqdm(range(run.step, steps), desc="train image VAE", unit="step", initial=run.step, total=steps,
                    disable=not progress)
         for step in bar:
@@ -464,16 +465,17 @@ def train_vae(
             z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised posterior sample
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()  # KL(q || N(0, 1)) per latent element
             loss = reconstruction(model.reconstruct(z), x) + config.kl_weight * kl
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: training loss is {loss.item()} (lower lr?)")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             sched.step()
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-            kl_ema = kl.item() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.item()
-            if step % 25 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss_ema:.4f}", kl=f"{kl_ema:.2f}")
+            loss_ema = loss.detach() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.detach()
+            kl_ema = kl.detach() if kl_ema is None else 0.95 * kl_ema + 0.05 * kl.detach()
+            if step % SHOW_EVERY == 0 or step == steps - 1:
+                shown = loss_ema.item()
+                if not math.isfinite(shown):  # a non-finite loss stays in the EMA: caught here, SHOW_EVERY steps on
+                    raise FloatingPointError(f"by step {step}: the training loss is {shown} (lower lr?)")
+                bar.set_postfix(loss=f"{shown:.4f}", kl=f"{kl_ema.item():.2f}")
             run.after_step(step + 1, steps, {"loss_ema": loss_ema, "kl_ema": kl_ema})
     model.eval()
     pick = torch.randperm(len(data), generator=gen)[:SCALE_IMAGES].to(device)

@@ -16,6 +16,7 @@ from mom.tokenization.image import (
     ChameleonImageTokenizer,
     ImageTokenizer,
     ImageTokenizerConfig,
+    VQModel,
     evaluate_image_tokenizer,
     load_image_tokenizer,
     train_image_tokenizer,
@@ -153,6 +154,30 @@ def test_training_reaches_psnr_and_usage_floors() -> None:
     assert report.restarts > 0  # codes unused at the first step are re-seeded from encoder outputs
     again = evaluate_image_tokenizer(tokenizer, _raw_split("validation"))
     assert again["psnr"] == pytest.approx(report.held_out_psnr)
+
+
+def test_codebook_update_against_a_hand_computation() -> None:
+    """One EMA step of the codebook (`VQModel.codebook.update`, written without host reads) against the rule: counts
+    and sums decay into the EMA; a code whose count stays at or above the threshold becomes its EMA mean; the others
+    restart on a (jittered) encoder output of the batch with the threshold as count; the return is how many did."""
+    torch.manual_seed(0)
+    config = ImageTokenizerConfig(**{**TINY, "codebook_size": 4, "code_dim": 2, "dead_code_threshold": 1.0})
+    book = VQModel(config).codebook
+    book.ema_count.copy_(torch.tensor([10.0, 10.0, 0.5, 0.0]))
+    book.ema_sum.copy_(torch.tensor([[10.0, 0.0], [0.0, 20.0], [1.0, 1.0], [0.0, 0.0]]))
+    z = torch.tensor([[1.0, 1.0], [3.0, 1.0], [5.0, 5.0]])  # (n, D)
+    codes = torch.tensor([0, 0, 2])
+    restarted = book.update(z, codes)
+    d = config.ema_decay
+    count = torch.tensor([10 * d + 2 * (1 - d), 10 * d, 0.5 * d + (1 - d), 0.0])  # code 2 at 0.505: below 1, dead
+    assert int(restarted) == 2
+    assert torch.allclose(book.ema_count[:2], count[:2])
+    assert torch.allclose(book.embedding[0], torch.tensor([10 * d + 4 * (1 - d), 2 * (1 - d)]) / count[0])
+    assert torch.allclose(book.embedding[1], torch.tensor([0.0, 20 * d]) / count[1])
+    assert torch.equal(book.ema_count[2:], torch.ones(2))  # restarted at the threshold
+    for k in (2, 3):  # each on one of the batch's vectors, jittered by 1e-3 of their spread
+        assert torch.cdist(book.embedding[k][None], z).min() < 0.05
+        assert torch.allclose(book.ema_sum[k], book.embedding[k])
 
 
 @pytest.mark.skipif(not (SMALL_TOKENIZER / "config.json").is_file(), reason="small image tokenizer not built")
