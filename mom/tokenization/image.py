@@ -452,6 +452,9 @@ def load_image_tokenizer(directory: str | os.PathLike, device: str | torch.devic
 # ---- training ----------------------------------------------------------------------------------------------------
 @dataclass
 class TrainingConfig:
+    """The ``training`` section of an image tokenizer recipe (`train_image_tokenizer`'s arguments); the VAE's
+    (`mom.tokenization.vae.VAETrainingConfig`) adds its reconstruction loss."""
+
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
@@ -464,8 +467,10 @@ class TrainingConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0, warmup_steps and weight_decay >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay: must be >= 0")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from mom.tokenization.conv_blocks import ResBlock, group_norm
-from mom.tokenization.image import images_to_uint8, psnr
+from mom.tokenization.image import TrainingConfig, images_to_uint8, psnr
 from mom.tokenization.resume import SHOW_EVERY, TrainingRun, device_number, images_digest
 from mom.tokenization.schedule import warmup_cosine_adamw
 from mom.tokenization.weights import load_checked_weights
@@ -335,26 +335,15 @@ def evaluate_vae(vae: ImageVAE, images: ImagesLike) -> dict:
 
 
 @dataclass
-class VAETrainingConfig:
-    """The ``training`` section of a VAE recipe (:func:`train_vae`'s arguments)."""
+class VAETrainingConfig(TrainingConfig):
+    """The ``training`` section of a VAE recipe (:func:`train_vae`'s arguments): the VQ's, with its own batch size
+    and a reconstruction loss."""
 
-    steps: int = 2000
     batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to 10% of lr
-    weight_decay: float = 0.0
     recon_loss: Literal["mse", "l1"] = "mse"
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps and weight_decay: must be >= 0")
+        super().__post_init__()
         if self.recon_loss not in ("mse", "l1"):
             raise ValueError(f"recon_loss: must be 'mse' or 'l1', got {self.recon_loss!r}")
 
@@ -423,8 +412,9 @@ def train_vae(
     """
     from tqdm import tqdm
 
-    training = VAETrainingConfig(steps, batch_size, lr, warmup_steps, weight_decay, recon_loss, seed,
-                                 str(device))  # validates
+    training = VAETrainingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                 weight_decay=weight_decay, seed=seed, device=str(device),
+                                 recon_loss=recon_loss)  # validates
     pixels = _as_uint8(images, config)  # (n, C, s, s)
     gen = torch.Generator().manual_seed(seed)
     if held_out is None:
