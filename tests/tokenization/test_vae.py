@@ -244,3 +244,13 @@ def test_training_input_errors() -> None:
         train_vae(pixels, config, steps=1, progress=False, held_out=pixels[:0])
     with pytest.raises(ValueError, match="64x64 pixels"):
         train_vae(np.zeros((4, 64, 64, 3), np.uint8), config, steps=1, progress=False)
+
+
+def test_a_non_finite_loss_stops_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop reads its loss on the host only every `SHOW_EVERY` steps (and at its first): a NaN loss stays in the
+    EMA and is named there, with the step."""
+    config = ImageVAEConfig(**TINY)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(vae_module.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"^by step 0: the training loss is nan \(lower lr\?\)"):
+        train_vae(pixels, config, steps=3, batch_size=4, progress=False, held_out=pixels[:2])
