@@ -73,7 +73,7 @@ class Routing:
     @cached_property
     def expert_ids(self) -> torch.Tensor:
         """(n,) each token's expert: its modality id, clamped into ``[0, num_modalities)`` so that it can index
-        before the model's deferred input checks have run (`mom.model.modeling.validate_and_route`)."""
+        before the model's deferred input checks have run (`mom.model.inputs.validate_and_route`)."""
         return self.modality_ids.reshape(-1).clamp(0, self.num_modalities - 1)
 
     @cached_property

@@ -35,7 +35,8 @@ from mom.model.diffusion import (
     make_schedule,
     noise_prediction_loss,
 )
-from mom.model.modeling import IGNORE_INDEX, MoMCausalLMOutput, MoMModel, MoMPreTrainedModel, modality_of_ids
+from mom.model.inputs import IGNORE_INDEX, modality_of_ids
+from mom.model.modeling import MoMCausalLMOutput, MoMModel, MoMPreTrainedModel
 
 IMAGE_MODALITY = "image"
 # Transfusion's loss balance: L = L_LM + lambda * L_DDPM with lambda = 5 (Zhou et al. 2024, section 4.1)

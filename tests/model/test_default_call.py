@@ -132,7 +132,7 @@ def test_one_host_read_after_the_forward_and_none_in_the_backward(counts_given, 
     """The default call on the fused path reads the device once, as the call with counts does: the deferred checks
     with the counts, after every mixer's work is enqueued (on a GPU the forward never waits for the host); the
     backward reads nothing and runs its per-expert weight-gradient GEMMs on the counts that read gave. An attention
-    mask, all ones or padded, is applied on the device, unread (`mom.model.modeling.padding_mask`)."""
+    mask, all ones or padded, is applied on the device, unread (`mom.model.inputs.padding_mask`)."""
     model = _model()
     ids = _ids(model.config)
     counts = _counts(model.config, ids) if counts_given else None
@@ -149,9 +149,10 @@ def test_one_host_read_after_the_forward_and_none_in_the_backward(counts_given, 
     out = model(ids, labels=ids, modality_counts=counts, attention_mask=attention_mask)
     forward_reads = reads.reads()
     out.loss.backward()
-    # nothing read before the last mixer; each mixer given the mask if there is one
+    # nothing read before the last mixer; each mixer given the mask if there is one; the one read: the deferred input
+    # checks (`mom.model.inputs.validate_and_route`)
     assert mixers == [(0, attention_mask is not None)] * model.config.n_layer, reads.events
-    assert len(forward_reads) == 1 and "modeling.py" in forward_reads[0] and "read" in forward_reads[0], forward_reads
+    assert len(forward_reads) == 1 and "inputs.py" in forward_reads[0] and "read" in forward_reads[0], forward_reads
     assert reads.reads() == forward_reads  # the backward read nothing
     assert blocks_known and all(blocks_known)
 

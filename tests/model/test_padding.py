@@ -1,5 +1,5 @@
 """Padding (``attention_mask``) in a forward without cache: a Mamba-1 model hands the mask to its mixers unread
-(`mom.model.modeling.padding_mask`), and the fused path zeroes padded positions on the device where the module path
+(`mom.model.inputs.padding_mask`), and the fused path zeroes padded positions on the device where the module path
 zeroes them, so that an all-ones mask changes nothing and a padded one gives the module path's results.
 
 On CPU the fused path runs on the reference conv and scan (``fused.runs_on`` patched, as tests/model/
@@ -13,7 +13,7 @@ from helpers import assert_same_outputs, interleaved_ids, tiny_config
 
 import mom
 from mom.model.config import PROJECTIONS
-from mom.model.modeling import IGNORE_INDEX
+from mom.model.inputs import IGNORE_INDEX
 from mom.model.routing import Routing
 from mom.ops import backend, fused
 

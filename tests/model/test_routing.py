@@ -1,4 +1,3 @@
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -93,32 +92,6 @@ def test_counts_given_by_the_caller_are_checked_and_used():
     counts = tuple(torch.bincount(ids.flatten(), minlength=3).tolist())
     routing.set_counts(counts)
     assert routing.counts == counts and routing.bounds[-1][1] == ids.numel()
-
-
-def test_validate_and_route_derives_the_routing_and_names_bad_ids():
-    """Deferred (the default): nothing is read until ``finish()`` (or a path that needs the counts), which reads the
-    checks and the counts together and raises for bad ids; not deferred: at once."""
-    from mom import MoMConfig
-    from mom.model.modeling import validate_and_route
-
-    config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
-    ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]])  # text, image, image, text, speech, speech, text
-    routing, finish = validate_and_route(config, ids, None, ids)
-    assert routing.host_counts.known is None and routing.modality_ids.tolist() == [[0, 1, 1, 0, 2, 2, 0]]
-    finish()
-    assert routing.host_counts.known == (3, 2, 2) and routing.counts == (3, 2, 2)
-    routing, _ = validate_and_route(config, ids, None, ids, defer=False)
-    assert routing.host_counts.known == (3, 2, 2)
-    bad = ids.clone()
-    bad[0, 3] = 20
-    with pytest.raises(ValueError, match="token id 20 is out of range"):
-        validate_and_route(config, bad, None, None, defer=False)
-    routing, finish = validate_and_route(config, bad, None, None)  # deferred: no read yet
-    with pytest.raises(ValueError, match="token id 20 is out of range"):
-        routing.host_counts.read()  # the first path that needs the counts reads the checks with them
-    with pytest.raises(ValueError, match="token id 20 is out of range"):
-        finish()
-    assert routing.host_counts.known is None
 
 
 def test_routes_for_the_fused_mixer_once_per_dtype():
