@@ -186,7 +186,8 @@ class _Codebook(nn.Module):
         floor = max(self.threshold, 1e-6)
         dead = (self.ema_count < floor)[:, None]  # (K, 1)
         pick = torch.randint(0, z.shape[0], (k,), device=z.device)
-        restart = z[pick] + 1e-3 * z.std() * torch.randn_like(z[pick])  # (K, D), jittered apart repeated picks
+        picked = z[pick]  # (K, D)
+        restart = picked + 1e-3 * z.std() * torch.randn_like(picked)  # jittered apart repeated picks
         means = self.ema_sum / self.ema_count.clamp_min(floor)[:, None]  # the live codes' EMA means
         self.embedding.copy_(torch.where(dead, restart, means))
         self.ema_sum.copy_(torch.where(dead, restart * floor, self.ema_sum))

@@ -61,16 +61,21 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path, capsy
     assert help_exit.value.code == 0 and "mom-tokenizer speech train" in capsys.readouterr().out
 
 
-def test_image_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _tiny_vq_recipe(tmp_path: Path, folder: str, limit: int, steps: int) -> str:
+    """A tiny VQ recipe over ``limit`` images of ``folder``, written to tmp_path/r.yaml; -> its path."""
     recipe = {
-        "sources": [{"source": "folder", "options": {"path": "unused", "limit": 60, "seed": 0}}],
+        "sources": [{"source": "folder", "options": {"path": folder, "limit": limit, "seed": 0}}],
         "tokenizer": {"codebook_size": 32, "code_dim": 8, "channels": [8, 16]},
-        "training": {"steps": 5, "batch_size": 8, "warmup_steps": 1},
+        "training": {"steps": steps, "batch_size": 8, "warmup_steps": 1},
         "held_out_fraction": 0.2,
     }
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    return str(tmp_path / "r.yaml")
+
+
+def test_image_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "tok"
-    train = ["image", "train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]
+    train = ["image", "train", "--recipe", _tiny_vq_recipe(tmp_path, "unused", limit=60, steps=5), "--out", str(out)]
     assert main([*train, "--opt", f"folder.path={RAW_IMAGES}"]) == 0  # --opt overrides a source option
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 5 and report["held_out_images"] + report["train_images"] == 60
@@ -95,15 +100,9 @@ def test_image_train_stopped_by_sigterm_continues_when_run_again(tmp_path: Path,
 
     from mom.tokenization.image import VQModel
 
-    recipe = {
-        "sources": [{"source": "folder", "options": {"path": str(RAW_IMAGES), "limit": 30, "seed": 0}}],
-        "tokenizer": {"codebook_size": 32, "code_dim": 8, "channels": [8, 16]},
-        "training": {"steps": 4, "batch_size": 8, "warmup_steps": 1},
-        "held_out_fraction": 0.2,
-    }
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     out = tmp_path / "tok"
-    train = ["image", "train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]
+    train = ["image", "train", "--recipe", _tiny_vq_recipe(tmp_path, str(RAW_IMAGES), limit=30, steps=4), "--out",
+             str(out)]
     forward = VQModel.forward
 
     def forward_then_sigterm(self, x):

@@ -57,18 +57,26 @@ def train_tiny_vae(images, resume=None, lr=3e-3):
                      warmup_steps=1, resume=resume)
 
 
+def stop_and_continue(train, images, path: Path, monkeypatch: pytest.MonkeyPatch, owner, method: str, call: int):
+    """``train(images)`` straight; the same with ``resume=path``, SIGTERM raised at ``owner.method``'s ``call``-th
+    call; then continued from ``path``. -> (the straight result, the `TrainingStopped` info, the continued result)."""
+    straight = train(images)
+    with monkeypatch.context() as m:
+        sigterm_at_call(m, owner, method, call)
+        with pytest.raises(TrainingStopped) as stopped:
+            train(images, resume=path)
+    assert path.exists(), "the stopped run left no resume file"
+    return straight, stopped, train(images, resume=path)
+
+
 def test_vq_stopped_and_continued_equals_a_run_never_stopped(images, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    straight, straight_report = train_vq(images)
     path = tmp_path / "tok.resume.pt"
-    with monkeypatch.context() as m:
-        sigterm_at_call(m, image_module.VQModel, "forward", 3)
-        with pytest.raises(TrainingStopped) as stopped:
-            train_vq(images, resume=path)
+    (straight, straight_report), stopped, (resumed, report) = stop_and_continue(
+        train_vq, images, path, monkeypatch, image_module.VQModel, "forward", 3)
     assert (stopped.value.signum, stopped.value.step, stopped.value.steps) == (signal.SIGTERM, 3, STEPS)
     assert stopped.value.path == path and path.exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone
-    resumed, report = train_vq(images, resume=path)
     for name, tensor in straight.model.state_dict().items():  # weights and the codebook's EMA buffers
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert report.final_loss == straight_report.final_loss and report.restarts == straight_report.restarts
@@ -77,14 +85,10 @@ def test_vq_stopped_and_continued_equals_a_run_never_stopped(images, tmp_path: P
 
 def test_vae_stopped_and_continued_equals_a_run_never_stopped(images, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    straight, straight_report = train_tiny_vae(images)
     path = tmp_path / "vae.resume.pt"
-    with monkeypatch.context() as m:
-        sigterm_at_call(m, vae_module.ImageVAE, "posterior", 2)
-        with pytest.raises(TrainingStopped) as stopped:
-            train_tiny_vae(images, resume=path)
+    (straight, straight_report), stopped, (resumed, report) = stop_and_continue(
+        train_tiny_vae, images, path, monkeypatch, vae_module.ImageVAE, "posterior", 2)
     assert stopped.value.step == 2 and path.exists()
-    resumed, report = train_tiny_vae(images, resume=path)
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert report.final_loss == straight_report.final_loss and report.final_kl == straight_report.final_kl
