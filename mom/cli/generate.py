@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import mom  # noqa: F401  (registers MoM with the Auto classes)
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"Transfusion models: DDIM denoising steps of the image (default {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="Transfusion models: classifier-free guidance scale (1: none)")
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--out", default="samples",
                         help="directory for text.txt, image_*.png, speech_*.wav (those of an earlier run are removed)")
     add_debug_flag(parser)
@@ -116,22 +119,40 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def pick_device(name: str) -> torch.device:
+    """``--device``: "auto" is cuda when a CUDA device is available, else cpu; ValueError for cuda without one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (use auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
 def _main(args: argparse.Namespace) -> int:
     prompts = check_args(args)
+    device = pick_device(args.device)
     directory = model_dir(args.model)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else directory / "tokenizer"
     if not (tokenizer_dir / "config.json").is_file():
         raise FileNotFoundError(f"no multimodal tokenizer at {tokenizer_dir}: pass --tokenizer DIR")
     tokenizer = MultimodalTokenizer.load(tokenizer_dir)
-    if isinstance(AutoConfig.from_pretrained(directory), MoMTransfusionConfig):
-        return _transfusion(args, prompts, directory, tokenizer, tokenizer_dir)
+    config = AutoConfig.from_pretrained(directory)
+    if isinstance(config, MoMTransfusionConfig):
+        return _transfusion(args, prompts, directory, tokenizer, tokenizer_dir, device)
+    try:  # a text + image model may come with a text + image + speech tokenizer: its leading part is the model's
+        tokenizer = tokenizer.for_model(config.modalities, config.vocab_sizes)
+    except ValueError as e:
+        raise ValueError(f"{e}, at {tokenizer_dir}: pass the model's --tokenizer") from e
     if args.then != "text" and args.then not in tokenizer.modalities:
-        raise ValueError(f"--then {args.then}: the tokenizer at {tokenizer_dir} has no {args.then} "
-                         f"(it has {list(tokenizer.modalities)})")
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
-    if tuple(model.config.vocab_sizes) != tuple(tokenizer.vocab_sizes):
-        raise ValueError(f"model vocabulary {list(model.config.vocab_sizes)} does not match the tokenizer's "
-                         f"{list(tokenizer.vocab_sizes)} at {tokenizer_dir}: pass the model's --tokenizer")
+        raise ValueError(f"--then {args.then}: the model has no {args.then} (its modalities: "
+                         f"{list(tokenizer.modalities)})")
+    model = AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
     if args.grid is not None:
         return _grid(args, prompts, lambda prompt, seed: sample_token_image(model, tokenizer, prompt,
                                                                             args.temperature, args.top_k, seed))
@@ -168,13 +189,13 @@ def _grid(args: argparse.Namespace, prompts: list[str], sample: Callable[[str, i
 
 
 def _transfusion(args: argparse.Namespace, prompts: list[str], directory: Path, tokenizer: MultimodalTokenizer,
-                 tokenizer_dir: Path) -> int:
+                 tokenizer_dir: Path, device: torch.device) -> int:
     """A Transfusion model: the prompt, an image denoised with ``--steps`` DDIM steps, then up to ``--max-new-tokens``
     text tokens (`mom.generation.image_diffusion`); with ``--grid``, the images alone."""
     if args.then != "image":
         raise ValueError(f"--then {args.then}: a Transfusion model continues the prompt with an image: use --then "
                          "image")
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
     if tokenizer.vocab_sizes[0] != model.config.vocab_sizes[0]:
         raise ValueError(f"the model's text vocabulary ({model.config.vocab_sizes[0]}) does not match the tokenizer's "
                          f"({tokenizer.vocab_sizes[0]}) at {tokenizer_dir}: pass the model's --tokenizer")

@@ -88,6 +88,21 @@ class MultimodalTokenizer:
         rate = getattr(tok, "sample_rate", None) or getattr(getattr(tok, "config", None), "sample_rate", None)
         return int(rate) if rate else None
 
+    def for_model(self, modalities: Sequence[str], vocab_sizes: Sequence[int]) -> MultimodalTokenizer:
+        """This tokenizer cut to a model's ``modalities``, which must lead its own with the same ``vocab_sizes`` (the
+        unified ids agree only then): a text + image model trained on a corpus that a text + image + speech
+        tokenizer built gets the text + image part. ``ValueError`` naming both otherwise."""
+        n = len(modalities)
+        if tuple(modalities) != self.modalities[:n] or tuple(int(v) for v in vocab_sizes) != self.vocab_sizes[:n]:
+            raise ValueError(f"the tokenizer's modalities / vocab sizes {list(self.modalities)} / "
+                             f"{list(self.vocab_sizes)} do not start with the model's {list(modalities)} / "
+                             f"{[int(v) for v in vocab_sizes]}")
+        if n == len(self.modalities):
+            return self
+        cut = MultimodalTokenizer(**{m: self.tokenizers[m] for m in self.modalities[:n]})
+        cut.sources = {m: path for m, path in self.sources.items() if m in cut.tokenizers}
+        return cut
+
     def to_config_kwargs(self) -> dict:
         """Keyword arguments for ``MoMConfig``: modalities, vocab sizes and the bos/eos/pad ids."""
         return {

@@ -8,7 +8,8 @@ Layout of ``out`` (written into a temporary directory beside it, then renamed in
     tokenizer.json           the text tokenizer for AutoTokenizer (mom.tokenization.hf_tokenizer; same ids as mom's)
     tokenizer_config.json
     processor_config.json    MoMProcessor (AutoProcessor, after ``import mom``): text + images + audio -> ids
-    tokenizer/               the multimodal tokenizer the run trained with (text, image, speech; mom-generate)
+    tokenizer/               the multimodal tokenizer the run trained with, cut to the model's modalities and
+                             self-contained (text, image, speech as the model has them; mom-generate)
     README.md                model card: configuration, training data, how to load
     recipe.yaml              the training recipe (when given)
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,38 +63,34 @@ def export_hf(
             if tmp is not None:
                 model.save_pretrained(tmp, safe_serialization=True)
         if tmp is not None:
-            complete_export(tmp, model.config, tokenizer_dir, media, recipe, results)
+            complete_export(tmp, model.config, media, recipe, results)
     barrier()
     return out
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike, config: MoMConfig) -> MultimodalTokenizer:
-    """The multimodal tokenizer of ``tokenizer_dir``; `BadInputError` unless the model's vocabulary leads it."""
+    """The multimodal tokenizer of ``tokenizer_dir`` cut to the model's modalities
+    (`MultimodalTokenizer.for_model`); `BadInputError` unless the model's vocabulary leads it."""
     try:
         media = MultimodalTokenizer.load(tokenizer_dir)
     except (OSError, ValueError) as e:
         raise BadInputError(str(tokenizer_dir), f"not a multimodal tokenizer directory ({e})") from e
-    n = len(config.modalities)
-    if tuple(config.modalities) != media.modalities[:n] or tuple(config.vocab_sizes) != media.vocab_sizes[:n]:
-        raise BadInputError(
-            str(tokenizer_dir),
-            f"tokenizer modalities / vocab sizes {list(media.modalities)} / {list(media.vocab_sizes)} do not start "
-            f"with the model's {list(config.modalities)} / {list(config.vocab_sizes)}",
-        )
-    return media
+    try:
+        return media.for_model(config.modalities, config.vocab_sizes)
+    except ValueError as e:
+        raise BadInputError(str(tokenizer_dir), str(e)) from e
 
 
 def complete_export(
     directory: str | os.PathLike,
     config: MoMConfig,
-    tokenizer_dir: str | os.PathLike | None,
     media: MultimodalTokenizer | None,
     recipe: Recipe | None = None,
     results: dict[str, Any] | None = None,
 ) -> None:
     """Everything but the weights, into a directory ``save_pretrained`` wrote: special ids in ``config.json``,
-    ``generation_config.json``, the tokenizers and processor config (when ``media`` is given), ``README.md`` and
-    ``recipe.yaml`` (when ``recipe`` is given)."""
+    ``generation_config.json``, the tokenizers and processor config (when ``media``, the model's tokenizer as
+    `load_tokenizer` returns it, is given), ``README.md`` and ``recipe.yaml`` (when ``recipe`` is given)."""
     from transformers import GenerationConfig
 
     directory = Path(directory)
@@ -104,7 +100,7 @@ def complete_export(
     atomic_write_text(config_path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     GenerationConfig(**SPECIAL_IDS).save_pretrained(directory)
     if media is not None:
-        shutil.copytree(tokenizer_dir, directory / MEDIA_DIR)
+        media.save(directory / MEDIA_DIR)  # self-contained: the model's modalities only
         save_hf_tokenizer(media.text, directory)
         write_processor_config(directory, MEDIA_DIR, config.modalities)
     if recipe is not None:

@@ -214,7 +214,7 @@ def export_merged(
     merged = peft_model.merge_and_unload()
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp)
-        complete_export(tmp, merged.config, tokenizer_dir, media, ft.recipe if ft else None, results)
+        complete_export(tmp, merged.config, media, ft.recipe if ft else None, results)
         if ft is not None:
             sections = {k: v for k, v in ft.recipe.to_dict().items() if k != "model"}  # the base defines the model
             atomic_write_text(Path(tmp) / RECIPE_FILE,

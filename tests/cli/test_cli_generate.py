@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mom
@@ -129,3 +130,39 @@ def test_bad_grid_options_are_one_line_errors(tmp_path, run_dir, capsys):
     assert main(["--model", str(run_dir), "--then", "speech", "--grid", str(tmp_path / "g.png")]) == 2
     one_error_line(capsys, "--grid: draws images; pass --then image")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]  # nothing written
+
+
+def test_a_text_and_image_model_with_a_three_modality_tokenizer(tmp_path, capsys):
+    """A model trained on a text + image corpus that a text + image + speech tokenizer built (as the medium
+    Chameleon-like corpus): its tokenizer's leading part serves it; speech is refused, not sampled out of range."""
+    tokenizer = MultimodalTokenizer.load(TOKENIZERS).for_model(("text", "image"), (2048, 512))
+    config = mom.MoMConfig(**tokenizer.to_config_kwargs(), d_model=32, n_layer=2)
+    mom.MoMForCausalLM(config).save_pretrained(tmp_path / "ti")
+    grid = tmp_path / "grid.png"
+    common = ["--model", str(tmp_path / "ti"), "--tokenizer", str(TOKENIZERS)]
+    assert main([*common, "--then", "image", "--num-samples", "2", "--grid", str(grid)]) == 0
+    assert Image.open(grid).size == (2 * 32, 32)
+    out = tmp_path / "doc"
+    assert main([*common, "--temperature", "2", "--max-new-tokens", "60", "--out", str(out)]) == 0
+    assert (out / "text.txt").is_file() and not list(out.glob("speech_*"))  # no <speech> opener in its text
+    capsys.readouterr()
+    assert main([*common, "--then", "speech"]) == 2
+    one_error_line(capsys, "--then speech: the model has no speech", "['text', 'image']")
+    other = mom.MoMConfig(modalities=("text", "image"), vocab_sizes=(2048, 100), d_model=32, n_layer=2)
+    mom.MoMForCausalLM(other).save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "other"), "--tokenizer", str(TOKENIZERS), "--out", str(out)]) == 2
+    one_error_line(capsys, "do not start with the model's ['text', 'image'] / [2048, 100]",
+                   "pass the model's --tokenizer")
+
+
+def test_the_device_option(tmp_path, run_dir, capsys, monkeypatch):
+    assert generate.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert generate.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate.pick_device("auto") == torch.device("cpu")
+    for bad, needle in [("cuda", "no CUDA device is available here"), ("cuda:1", "no CUDA device"),
+                        ("tpu", "not a device"), ("meta", "expected auto, cpu, cuda or cuda:N")]:
+        assert main(["--model", str(run_dir), "--device", bad, "--out", str(tmp_path / "x")]) == 2
+        one_error_line(capsys, f"--device {bad}: ", needle)
+    assert not (tmp_path / "x").exists()

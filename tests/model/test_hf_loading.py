@@ -23,7 +23,7 @@ def export(tmp_path_factory):
     path = tmp_path_factory.mktemp("export")
     model = mom.MoMForCausalLM(tiny_config())
     model.save_pretrained(path)
-    complete_export(path, model.config, None, None)  # config / generation ids and card, as mom-train's export
+    complete_export(path, model.config, None)  # config / generation ids and card, as mom-train's export
     return path
 
 

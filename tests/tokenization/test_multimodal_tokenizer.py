@@ -177,3 +177,17 @@ def test_committed_small_trio_round_trip() -> None:
     assert pixels[0] == "image" and pixels[1].shape == (tok.image.image_size, tok.image.image_size, 3)
     error = np.abs(pixels[1].astype(float) - np.asarray(image.resize(pixels[1].shape[:2]), dtype=float)).mean()
     assert error < 40  # a reconstruction of this image, not noise (mean abs error in 0..255 levels)
+
+
+def test_for_model_cuts_to_the_leading_modalities(toy: MultimodalTokenizer) -> None:
+    assert toy.for_model(toy.modalities, toy.vocab_sizes) is toy
+    text_image = toy.for_model(toy.modalities[:2], toy.vocab_sizes[:2])
+    assert text_image.modalities == ("text", "image") and text_image.vocab_sizes == toy.vocab_sizes[:2]
+    doc = [("text", "a cat"), ("image", _image([0, 1, 6, 7]))]
+    assert text_image.encode_document(doc) == toy.encode_document(doc)  # the same ids where both apply
+    with pytest.raises(ValueError, match="has no 'speech' modality"):
+        _ = text_image.speech
+    for modalities, sizes in [(("text", "speech"), (toy.vocab_sizes[0], toy.vocab_sizes[2])),
+                              (("text", "image"), (toy.vocab_sizes[0], toy.vocab_sizes[1] + 1))]:
+        with pytest.raises(ValueError, match=r"do not start with the model's"):
+            toy.for_model(modalities, sizes)

@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LogitsProcessor
 
 import mom
+from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.processor import MoMProcessor
 from mom.tokenization.text import TextTokenizer
 from mom.train.distributed import Context
@@ -134,6 +135,13 @@ def test_leading_modalities_and_no_tokenizer(tmp_path):
     assert processor.modalities == ("text", "image")
     with pytest.raises(ValueError, match="no speech modality"):
         processor(text="<speech>", audio=[torch.zeros(800).numpy()], sampling_rate=16000)
+    # the exported multimodal tokenizer is the model's part of SMALL, self-contained (no path back to SMALL)
+    saved = json.loads((out / "tokenizer" / "config.json").read_text())
+    assert saved["modalities"] == ["text", "image"] and saved["tokenizers"] == {"text": "text", "image": "image"}
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["config.json", "image", "text"]
+    media = MultimodalTokenizer.load(out / "tokenizer")
+    assert media.vocab_sizes == (2048, 512)
+    assert media.encode_text("a cat") == MultimodalTokenizer.load(SMALL).encode_text("a cat")
     bare = export_hf(StubEngine(text_image), tmp_path / "bare", None, CTX)
     assert not (bare / "tokenizer.json").exists() and not (bare / "tokenizer").exists()
     assert json.loads((bare / "config.json").read_text())["eos_token_id"] == 3

@@ -236,7 +236,7 @@ def test_merged_export_is_a_complete_hf_export(tmp_path, one_thread):
     config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=[2048, 512, 256], d_model=16, n_layer=1, d_state=4)
     base_dir = tmp_path / "base"
     mom.MoMForCausalLM(config).save_pretrained(base_dir)
-    complete_export(base_dir, config, small_tokenizer, load_tokenizer(small_tokenizer, config))  # as mom-train's
+    complete_export(base_dir, config, load_tokenizer(small_tokenizer, config))  # as mom-train's
     merged_dir = tmp_path / "merged"
     code = main(["--base", str(base_dir), "--config", str(HELDOUT_RECIPE), "--merged-out", str(merged_dir),
                  *ft_args(tmp_path, small_corpus, "train.max_steps=2", "train.eval_batches=1", "data.seq_len=64",
