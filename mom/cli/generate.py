@@ -129,6 +129,8 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available here (use auto or cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     return device

@@ -159,6 +159,11 @@ def test_a_text_and_image_model_with_a_three_modality_tokenizer(tmp_path, capsys
 def test_the_device_option(tmp_path, run_dir, capsys, monkeypatch):
     assert generate.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert generate.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert generate.pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        generate.pick_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert generate.pick_device("auto") == torch.device("cpu")
     for bad, needle in [("cuda", "no CUDA device is available here"), ("cuda:1", "no CUDA device"),
