@@ -145,8 +145,9 @@ def _latents(args: argparse.Namespace) -> int:
     from mom.data.latent_corpus import build_latent_corpus
     from mom.generation.image_diffusion import load_vae
     from mom.tokenization.multimodal import MultimodalTokenizer
+    from mom.utils.devices import pick_device
 
-    vae = load_vae(args.vae).to(args.device)
+    vae = load_vae(args.vae).to(pick_device(args.device))
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
     records = _folder_records(args.images or ["data/small/raw/images"], int(vae.config.image_size), args)
     manifest = build_latent_corpus(records, vae, tokenizer, args.out, patch_size=args.patch_size,
@@ -158,9 +159,10 @@ def _latents(args: argparse.Namespace) -> int:
 def _codes(args: argparse.Namespace) -> int:
     from mom.data.captioned import build_code_corpus
     from mom.tokenization.multimodal import MultimodalTokenizer
+    from mom.utils.devices import pick_device
 
     tokenizer = MultimodalTokenizer.load(args.tokenizer)
-    image = tokenizer.image.to(args.device)
+    image = tokenizer.image.to(pick_device(args.device))
     records = _folder_records(args.images, int(image.image_size), args)
     manifest = build_code_corpus(records, tokenizer, args.out, batch_size=args.batch_size, **_captioned_options(args))
     print(f"built {args.out}: {_splits(manifest)}; {manifest['image_tokens']} codes an image")
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out, drawn per "
                    "image as mom-data build draws it (its augmented variants in its split)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images of each folder")
-    p.add_argument("--device", default="cpu", help="where the image VQ encodes (cpu, cuda; default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="where the image VQ encodes (auto, cpu, cuda, cuda:N; default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images encoded at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -301,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many images of each folder")
     p.add_argument("--text-from", help="a corpus of discrete tokens (mom-data build, same text tokenizer) whose text "
                    "documents are added, e.g. data/small")
-    p.add_argument("--device", default="cpu", help="where the VAE encodes (cpu, cuda; default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="where the VAE encodes (auto, cpu, cuda, cuda:N; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -38,6 +38,7 @@ from mom.generation.grid import check_grid_path, sample_rows, save_grid
 from mom.generation.image_diffusion import DEFAULT_STEPS, generate_transfusion, load_vae, sample_transfusion_image
 from mom.model.transfusion import MoMTransfusionConfig
 from mom.tokenization.multimodal import MultimodalTokenizer
+from mom.utils.devices import pick_device
 
 EXPORT_SUBDIR = "hf"  # where mom-train exports the model inside its out_dir (train.export_hf)
 
@@ -117,23 +118,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--grid: draws images; pass --then image (got --then {args.then})")
     check_grid_path(args.grid)
     return prompts
-
-
-def pick_device(name: str) -> torch.device:
-    """``--device``: "auto" is cuda when a CUDA device is available, else cpu; ValueError for cuda without one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here (use auto or cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def _main(args: argparse.Namespace) -> int:

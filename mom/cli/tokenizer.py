@@ -99,12 +99,15 @@ def _override_sources(sources: Sequence[ImageSourceSpec], opts: Sequence[str]) -
 def _start_training(recipe_cls: Any, args: argparse.Namespace, need_held: bool) -> tuple[Any, Path, str, list, list]:
     """An image model's training command up to its data: the recipe (``--opt`` applied), the output directory (an
     existing one refused without ``--overwrite``), the device and the (training, held-out) images."""
+    from mom.utils.devices import pick_device
+
     recipe = recipe_cls.from_yaml(args.recipe)
     _override_sources(recipe.sources, args.opt)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    device = args.device or recipe.training.device
+    device = str(pick_device(args.device) if args.device else pick_device(recipe.training.device,
+                                                                        f"{args.recipe}: training.device"))
     train, held = recipe.load_images()
     if need_held and (not train or not held):
         raise ValueError(f"{args.recipe}: {len(train)} training and {len(held)} held-out images; need both")
@@ -157,8 +160,9 @@ def _image_eval(args: argparse.Namespace) -> int:
     from mom.data.images import iter_image_records
     from mom.data.tokenizer_training import warn_skipped
     from mom.tokenization.image import evaluate_image_tokenizer, images_to_uint8, load_image_tokenizer
+    from mom.utils.devices import pick_device
 
-    tokenizer = load_image_tokenizer(args.tokenizer, args.device)
+    tokenizer = load_image_tokenizer(args.tokenizer, pick_device(args.device))
     records = [
         r
         for r in iter_image_records("folder", on_error=warn_skipped, path=args.images, size=tokenizer.image_size)
@@ -186,12 +190,15 @@ def _report_skipped(skipped: list[BadInputError]) -> None:
 def _speech_train(args: argparse.Namespace) -> int:
     from mom.data.tokenizer_training import SpeechTokenizerRecipe
     from mom.tokenization.speech import CONFIG_FILE, KIND, evaluate, train_speech_tokenizer
+    from mom.utils.devices import pick_device
 
     recipe = SpeechTokenizerRecipe.from_yaml(args.recipe)
     out = Path(args.out)
     if (out / CONFIG_FILE).exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds a tokenizer; pass --overwrite to replace it")
-    kc = recipe.kmeans if args.device is None else dataclasses.replace(recipe.kmeans, device=args.device)
+    kc = recipe.kmeans
+    if args.device is not None:
+        kc = dataclasses.replace(kc, device=str(pick_device(args.device)))
     skipped: list[BadInputError] = []
     tokenizer, _ = train_speech_tokenizer(recipe.train_data.records(skipped.append), recipe.tokenizer, recipe.seed,
                                           kc)  # fmt: skip
@@ -263,8 +270,9 @@ def _vae_eval(args: argparse.Namespace) -> int:
     from mom.data.images import iter_image_records
     from mom.data.tokenizer_training import warn_skipped
     from mom.tokenization.vae import ImageVAE, evaluate_vae
+    from mom.utils.devices import pick_device
 
-    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    vae = ImageVAE.from_pretrained(args.vae, pick_device(args.device))
     size = vae.config.image_size
     records = [
         r
@@ -303,8 +311,9 @@ def _vae_encode(args: argparse.Namespace) -> int:
 
     from mom.tokenization.vae import ImageVAE
     from mom.utils.atomic import atomic_save
+    from mom.utils.devices import pick_device
 
-    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    vae = ImageVAE.from_pretrained(args.vae, pick_device(args.device))
     images = [_read_image(p) for p in args.images]
     s = vae.config.image_size
     resized = [p for p, im in zip(args.images, images) if im.size != (s, s)]
@@ -328,8 +337,9 @@ def _vae_decode(args: argparse.Namespace) -> int:
 
     from mom.tokenization.vae import ImageVAE
     from mom.utils.atomic import atomic_directory
+    from mom.utils.devices import pick_device
 
-    vae = ImageVAE.from_pretrained(args.vae, args.device)
+    vae = ImageVAE.from_pretrained(args.vae, pick_device(args.device))
     try:
         latents = np.load(args.latents, allow_pickle=False)
     except FileNotFoundError as err:
@@ -356,7 +366,7 @@ def _image_model_train_args(p: argparse.ArgumentParser, example_recipe: str, out
     """The arguments ``image train`` and ``vae train`` share."""
     p.add_argument("--recipe", required=True, help=f"YAML recipe, e.g. {example_recipe}")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", help="override training.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--opt", action="append", default=[], metavar="SOURCE.KEY=VALUE",
                    help="override a source option, e.g. openmoji.path=./package (VALUE is parsed as YAML)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -366,7 +376,7 @@ def _image_model_eval_args(p: argparse.ArgumentParser) -> None:
     """The arguments ``image eval`` and ``vae eval`` share after the model's directory."""
     p.add_argument("--images", required=True, help="image folder, e.g. data/small/raw/images")
     p.add_argument("--split", help="only records whose captions.jsonl split is this (e.g. validation)")
-    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to run on: auto, cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--save-grid", metavar="PNG", help="also save originals over reconstructions to this PNG")
     p.add_argument("--grid-images", type=int, default=64, help="images in the --save-grid sheet (default 64)")
 
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "report units/s and codebook usage (also on eval_data), save to --out.")  # fmt: skip
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. tokenizers/recipes/speech_small.yaml")
     p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--device", default=None, help="override kmeans.device (cpu, cuda)")
+    p.add_argument("--device", default=None, help="override kmeans.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
     p = command(sub, _speech_eval, "eval", help="units per second and codebook usage on a folder of clips",
                        description="Encode the clips of a folder (as read by the speech 'folder' source) and print "
@@ -447,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy file")
     p.add_argument("--sample", action="store_true", help="draw from the posterior instead of taking its mean")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
-    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to run on: auto, cpu, cuda, cuda:N (default cpu)")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p = command(sub, _vae_decode, "decode", help="decode a .npy of scaled latents to PNG files",
                 description="Decode latents (n, latent_channels, latent_size, latent_size), or one image's "
@@ -456,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", required=True, help="input .npy file (as written by `vae encode`)")
     p.add_argument("--out", required=True, help="output folder of PNGs (written whole or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to run on: auto, cpu, cuda, cuda:N (default cpu)")
 
     return parser
 

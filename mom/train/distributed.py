@@ -34,6 +34,7 @@ import torch
 
 from mom.train import resolve
 from mom.train.recipe import DeepSpeedConfig, Recipe, TrainConfig
+from mom.utils.devices import pick_device
 
 T = TypeVar("T")
 
@@ -73,10 +74,7 @@ def setup(train: TrainConfig, deepspeed_cfg: DeepSpeedConfig) -> Context:
                           MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
 
-    cuda = torch.cuda.is_available()
-    if train.device == "cuda" and not cuda:
-        raise ValueError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
-    on_gpu = train.device == "cuda" or (train.device == "auto" and cuda)
+    on_gpu = pick_device(train.device, "train.device").type == "cuda"
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is first imported
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -208,3 +208,25 @@ def test_vae_train_names_the_bad_recipe_field_in_one_line(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'r.yaml'}: vae.base_widht: unknown key" in err
     assert not (tmp_path / "vae").exists()
+
+
+def test_a_device_the_machine_lacks_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "tok"
+    recipe = _tiny_vq_recipe(tmp_path, str(RAW_IMAGES), limit=10, steps=1)
+    small, images = ROOT / "tokenizers" / "small", str(RAW_IMAGES)
+    for argv in (["image", "train", "--recipe", recipe, "--out", str(out), "--device", "cuda"],
+                 ["image", "eval", "--tokenizer", str(small / "image"), "--images", images, "--device", "cuda"],
+                 ["vae", "eval", "--vae", str(small / "vae"), "--images", images, "--device", "cuda:0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mom-tokenizer: error: --device cuda") and \
+            "no CUDA device is available here" in err, err
+    (tmp_path / "r2.yaml").write_text(Path(recipe).read_text().replace('"warmup_steps": 1', '"warmup_steps": 1, '
+                                                                       '"device": "gpu"'))
+    assert main(["image", "train", "--recipe", str(tmp_path / "r2.yaml"), "--out", str(out)]) == 2
+    assert "r2.yaml: training.device gpu: not a device" in capsys.readouterr().err
+    assert not out.exists()

@@ -105,7 +105,7 @@ def test_errors_name_the_problem(corpus, tokenizer, tmp_path: Path) -> None:
     assert not (tmp_path / "small_images").exists() and not (tmp_path / "other").exists()
 
 
-def test_mom_data_codes(tmp_path: Path, capsys) -> None:
+def test_mom_data_codes(tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "t2i"
     assert main(["codes", "--tokenizer", str(TOKENIZERS), "--images", str(IMAGES), "--limit", "12", "--augment", "1",
                  "--text-from", str(SMALL), "--validation-fraction", "0.25", "--out", str(out)]) == 0
@@ -115,3 +115,9 @@ def test_mom_data_codes(tmp_path: Path, capsys) -> None:
     assert sum(k != "text" for k in kinds) == 24  # 12 images, each with one augmented variant
     assert main(["codes", "--tokenizer", str(TOKENIZERS), "--images", str(IMAGES), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    other = tmp_path / "other"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["codes", "--tokenizer", str(TOKENIZERS), "--images", str(IMAGES), "--out", str(other),
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mom-data: error: --device cuda: no CUDA device") and not other.exists()
