@@ -96,18 +96,25 @@ def _override_sources(sources: Sequence[ImageSourceSpec], opts: Sequence[str]) -
             spec.options.update(options)
 
 
+def _training_device(args: argparse.Namespace, recipe_value: str, field: str) -> str:
+    """A training command's device: ``--device`` if given, else the recipe's ``field`` (`pick_device`: "auto" or a
+    device this machine has; the error names the option or the recipe's field)."""
+    from mom.utils.devices import pick_device
+
+    if args.device:
+        return str(pick_device(args.device))
+    return str(pick_device(recipe_value, f"{args.recipe}: {field}"))
+
+
 def _start_training(recipe_cls: Any, args: argparse.Namespace, need_held: bool) -> tuple[Any, Path, str, list, list]:
     """An image model's training command up to its data: the recipe (``--opt`` applied), the output directory (an
     existing one refused without ``--overwrite``), the device and the (training, held-out) images."""
-    from mom.utils.devices import pick_device
-
     recipe = recipe_cls.from_yaml(args.recipe)
     _override_sources(recipe.sources, args.opt)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    device = str(pick_device(args.device) if args.device else pick_device(recipe.training.device,
-                                                                        f"{args.recipe}: training.device"))
+    device = _training_device(args, recipe.training.device, "training.device")
     train, held = recipe.load_images()
     if need_held and (not train or not held):
         raise ValueError(f"{args.recipe}: {len(train)} training and {len(held)} held-out images; need both")
@@ -190,15 +197,12 @@ def _report_skipped(skipped: list[BadInputError]) -> None:
 def _speech_train(args: argparse.Namespace) -> int:
     from mom.data.tokenizer_training import SpeechTokenizerRecipe
     from mom.tokenization.speech import CONFIG_FILE, KIND, evaluate, train_speech_tokenizer
-    from mom.utils.devices import pick_device
 
     recipe = SpeechTokenizerRecipe.from_yaml(args.recipe)
     out = Path(args.out)
     if (out / CONFIG_FILE).exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds a tokenizer; pass --overwrite to replace it")
-    kc = recipe.kmeans
-    if args.device is not None:
-        kc = dataclasses.replace(kc, device=str(pick_device(args.device)))
+    kc = dataclasses.replace(recipe.kmeans, device=_training_device(args, recipe.kmeans.device, "kmeans.device"))
     skipped: list[BadInputError] = []
     tokenizer, _ = train_speech_tokenizer(recipe.train_data.records(skipped.append), recipe.tokenizer, recipe.seed,
                                           kc)  # fmt: skip

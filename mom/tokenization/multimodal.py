@@ -92,11 +92,11 @@ class MultimodalTokenizer:
         """This tokenizer cut to a model's ``modalities``, which must lead its own with the same ``vocab_sizes`` (the
         unified ids agree only then): a text + image model trained on a corpus that a text + image + speech
         tokenizer built gets the text + image part. ``ValueError`` naming both otherwise."""
-        n = len(modalities)
-        if tuple(modalities) != self.modalities[:n] or tuple(int(v) for v in vocab_sizes) != self.vocab_sizes[:n]:
+        n, sizes = len(modalities), tuple(int(v) for v in vocab_sizes)
+        if tuple(modalities) != self.modalities[:n] or sizes != self.vocab_sizes[:n]:
             raise ValueError(f"the tokenizer's modalities / vocab sizes {list(self.modalities)} / "
                              f"{list(self.vocab_sizes)} do not start with the model's {list(modalities)} / "
-                             f"{[int(v) for v in vocab_sizes]}")
+                             f"{list(sizes)}")
         if n == len(self.modalities):
             return self
         cut = MultimodalTokenizer(**{m: self.tokenizers[m] for m in self.modalities[:n]})
