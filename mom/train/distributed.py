@@ -21,6 +21,7 @@ and bf16 above (`mom.train.resolve.precision`); docs/training.md compares them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -95,6 +96,7 @@ def setup(train: TrainConfig, deepspeed_cfg: DeepSpeedConfig) -> Context:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo", verbose=False)
+        atexit.register(teardown)
     world_size = torch.distributed.get_world_size()
     precision = resolve.precision(train.dtype, on_gpu, resolve.zero_stage(deepspeed_cfg.zero_stage, world_size))
     return Context(torch.distributed.get_rank(), world_size, local_rank, device, precision)
@@ -323,6 +325,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
     return out
+
+
+def teardown() -> None:
+    """Leave the process group, if one is joined. `setup` registers it to run at interpreter exit: NCCL warns about a
+    group never destroyed when the process ends (and may hang there). Not earlier: DeepSpeed keeps the groups it
+    derives from the world, so a process that trains again (tests, notebooks) keeps its one group."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:
