@@ -11,9 +11,9 @@ three modalities: every expert's weights read), it prints
   mom       `routed_rows_linear` (the kernel, its default blocks), three experts
   dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
-``--sweep`` times the kernel at each of `SWEEP`'s (block of outputs, block of k, warps, stages) and prints the best
-per shape; each configuration of each shape is a Triton compilation (about a second), so sweep a few shapes at a time
-(``--only``, ``--batch``). Every kernel output is checked against the PyTorch ops first.
+``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k, split-K chunks; uniform rows)
+and prints the best per shape; each configuration of each shape is a Triton compilation (about a second), so sweep a
+few shapes at a time (``--only``, ``--batch``). Every kernel output is checked against the PyTorch ops first.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from mom.ops.triton import routed_rows
 
 CALLS = 20  # calls captured per graph; a replay's time / CALLS is one call's device time
-# --sweep's grid: block of outputs, block of k, warps, software-pipelining stages (the library's default: BO 32 or
-# 64, BK 64, Triton's default warps and stages)
-SWEEP = list(itertools.product((16, 32, 64, 128), (64, 128), (2, 4), (2, 3)))
+# --sweep's grid: block of outputs, block of k, split-K chunks (`routed_rows.Blocks`; the library's default:
+# `routed_rows.default_blocks`); --sweep-launch adds warps and software-pipelining stages (else Triton's defaults)
+SWEEP = list(itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8, 16)))
+SWEEP_LAUNCH = list(itertools.product((2, 4, 8), (2, 3, 4)))
 EXPERTS = 3
 
 
@@ -58,28 +59,14 @@ def graph_us(fn, replays: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / (replays * CALLS)
 
 
-def kernel_call(x, weights, biases, ids, block_out: int, block_k: int, warps: int, stages: int):
-    """The routed-rows kernel at one configuration (JIT launch: the sweep's way; the library launches its default)."""
-    b, n_in = x.shape
-    n_out = weights[0].shape[0]
-    y = x.new_empty(b, n_out)
-    ws = (*weights, *(weights[:1] * (routed_rows.MAX_EXPERTS - len(weights))))
-    bs = ws if biases is None else (*biases, *(biases[:1] * (routed_rows.MAX_EXPERTS - len(biases))))
-    block_rows = min(64, max(routed_rows.ROWS, 1 << (b - 1).bit_length()))
-    grid = (-(-n_out // block_out), len(weights), -(-b // block_rows))
-    kernel = routed_rows._kernel()
-
-    def call():
-        kernel[grid](x, ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0), IN=n_in, HAS_BIAS=biases is not None,
-                     IEEE=False, BB=block_rows, BO=block_out, BK=block_k, num_warps=warps, num_stages=stages)
-    return call, y
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--batch", type=int, action="append", help="rows (repeatable; default 1 and 64)")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernel's configurations (SWEEP)")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel's configurations (SWEEP), uniform "
+                        "rows")
+    parser.add_argument("--sweep-launch", action="store_true", help="with --sweep: each configuration also at every "
+                        "warps / stages of SWEEP_LAUNCH (many more compilations)")
     parser.add_argument("--only", action="append", choices=("in_proj", "x_proj", "dt_proj", "out_proj"),
                         help="these projections only (repeatable; default all four)")
     args = parser.parse_args(argv)
@@ -109,22 +96,25 @@ def main(argv=None) -> int:
                                                  use_kernel=True))
             print(f"batch {batch:3d}  {name:<9} {n_in:5d} -> {n_out:5d}  {rows:<8}  mom {mom_us:7.2f} us  "
                   f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
-            if args.sweep:
-                best = None
-                for block_out, block_k, warps, stages in SWEEP:
-                    call, y = kernel_call(x, weights, biases, ids, block_out, block_k, warps, stages)
+            if args.sweep and rows == "uniform":
+                best: dict[int, tuple[float, routed_rows.Blocks]] = {}  # split -> fastest tiling with it
+                launches = SWEEP_LAUNCH if args.sweep_launch else [(None, None)]
+                for (block_out, block_k, split), (warps, stages) in itertools.product(SWEEP, launches):
+                    blocks = routed_rows.Blocks(block_out, block_k, split, warps, stages)
+                    call = functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
+                                             use_kernel=True, blocks=blocks)
                     try:
-                        call()
+                        y = call()
                         torch.cuda.synchronize()
                     except Exception:  # a configuration this GPU cannot run (shared memory): skipped
                         continue
                     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
                     us = graph_us(call)
-                    if best is None or us < best[0]:
-                        best = (us, block_out, block_k, warps, stages)
-                if best is not None:
-                    print(f"           best: {best[0]:7.2f} us at block_out {best[1]} block_k {best[2]} warps "
-                          f"{best[3]} stages {best[4]} (ratio to dense {best[0] / dense_us:5.2f}x)")
+                    if split not in best or us < best[split][0]:
+                        best[split] = (us, blocks)
+                for split, (us, blocks) in sorted(best.items()):
+                    print(f"           split {split:2d} best: {us:7.2f} us  ratio to dense {us / dense_us:5.2f}x  "
+                          f"({blocks})")
     return 0
 
 

@@ -37,19 +37,21 @@ def test_the_kernel_does_not_apply_off_cuda_or_to_weights_it_cannot_read():
     assert not kernel_applies(x, [torch.randn(4, 8) for _ in range(MAX_EXPERTS + 1)])
 
 
-@pytest.mark.parametrize("rows", [1, 5, 70])
-def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops(rows):
+@pytest.mark.parametrize("rows, blocks", [(1, "None"), (5, "None"), (70, "None"), (1, "Blocks(16, k=16, split=3)"),
+                                          (70, "Blocks(32, k=16, split=8)")])
+def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops(rows, blocks):
+    # split > 1: the chunks of input features add into an fp32 output (split-K), the bias once
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import torch
-        from mom.ops.triton.routed_rows import routed_rows_linear
+        from mom.ops.triton.routed_rows import Blocks, routed_rows_linear
         g = torch.Generator().manual_seed(0)
         for n_in, n_out, experts, bias in [(40, 70, 3, True), (100, 33, 2, False), (48, 96, 4, True)]:
             x = torch.randn({rows}, 2 * n_in, generator=g)[:, :n_in]  # rows with a stride: a view of wider rows
             ws = [torch.randn(n_out, n_in, generator=g) for _ in range(experts)]
             bs = [torch.randn(n_out, generator=g) for _ in range(experts)] if bias else None
             ids = torch.randint(0, experts, ({rows},), generator=g)
-            torch.testing.assert_close(routed_rows_linear(x, ws, bs, ids, use_kernel=True),
+            torch.testing.assert_close(routed_rows_linear(x, ws, bs, ids, use_kernel=True, blocks={blocks}),
                                        routed_rows_linear(x, ws, bs, ids, use_kernel=False))
         print("ok")
     """)

@@ -7,7 +7,7 @@ hundred such small launches, and their count, not the bytes they move, sets its 
 program per (tile of output features, expert) loads that expert's weight tile once and multiplies it with the rows,
 keeping only the rows routed to it: every weight is read at most once, whatever the mix of modalities across rows
 (the other rows' products are computed and dropped: a decode step's FLOPs are not what it waits for), and an
-expert no row of the block is routed to is not read at all (its loads are masked off): at batch 1 a step reads one
+expert no row of the block is routed to is not read at all (its programs skip their loop): at batch 1 a step reads one
 expert's weights, as a dense model reads its one, instead of all of them. No host sync, fixed shapes:
 a CUDA graph replays it for any routing.
 
@@ -19,6 +19,7 @@ module instead). Off CUDA, or without Triton, `routed_rows_linear` is the same m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -27,6 +28,20 @@ from mom.ops.triton.launcher import launch
 
 MAX_EXPERTS = 4  # the kernel takes one weight (and bias) pointer per expert; more experts take the PyTorch ops
 ROWS = 16  # rows per block: tl.dot's smallest tile side
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How the kernel tiles one call: ``out`` output features and ``k`` input features per step of a program,
+    ``split`` programs sharing one tile's input features (split-K: each adds its partial sums to an fp32 output,
+    for projections with few output tiles and a long input, e.g. x_proj's d_inner -> dt_rank + 2 d_state), and
+    Triton's ``warps`` / ``stages`` (None: Triton's defaults)."""
+
+    out: int
+    k: int = 64
+    split: int = 1
+    warps: int | None = None
+    stages: int | None = None
 
 
 @cache
@@ -40,10 +55,11 @@ def _kernel():
     @triton.jit
     def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, B, OUT, s_x, s_y, IN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr,
-                           BK: tl.constexpr):
+                           BK: tl.constexpr, SPLIT: tl.constexpr, KS: tl.constexpr):
         """y[i, o] = sum_k x[i, k] w_e[o, k] (+ b_e[o]) for the rows i with expert[i] == e, e = program_id(1), i in
-        the block of rows program_id(2); x (B, IN) and y (B, OUT) with row strides s_x / s_y, unit column stride; each
-        w (OUT, IN) contiguous."""
+        the block of rows program_id(2), o in the tile program_id(0) // SPLIT, k in the chunk program_id(0) % SPLIT
+        of KS input features (SPLIT > 1: y is fp32 zeros and each chunk adds its partial sums); x (B, IN) and y
+        (B, OUT) with row strides s_x / s_y, unit column stride; each w (OUT, IN) contiguous."""
         e = tl.program_id(1)
         w, b = w0, b0
         if e == 1:
@@ -52,27 +68,32 @@ def _kernel():
             w, b = w2, b2
         if e == 3:
             w, b = w3, b3
-        outs = tl.program_id(0) * BO + tl.arange(0, BO)
+        chunk = tl.program_id(0) % SPLIT
+        outs = (tl.program_id(0) // SPLIT) * BO + tl.arange(0, BO)
         out_ok = outs < OUT
         rows = tl.program_id(2) * BB + tl.arange(0, BB)
         mine = (rows < B) & (tl.load(expert + rows, mask=rows < B, other=-1) == e)
-        used = tl.max(mine.to(tl.int32), axis=0) > 0  # any row of this block routed to e: else skip e's weights
         acc = tl.zeros((BB, BO), dtype=tl.float32)
-        for k0 in range(0, IN, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < IN
-            xt = tl.load(x + rows.to(tl.int64)[:, None] * s_x + ks[None, :], mask=mine[:, None] & k_ok[None, :],
-                         other=0.0)  # (BB, BK); other rows read as zeros
-            wt = tl.load(w + outs.to(tl.int64)[:, None] * IN + ks[None, :],
-                         mask=(out_ok[:, None] & k_ok[None, :]) & used, other=0.0)  # (BO, BK); masked: not read
-            if IEEE:  # fp32 operands: full-precision products, as torch's fp32 GEMM (not TF32)
-                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(wt))
+        if tl.max(mine.to(tl.int32), axis=0) > 0:  # some row of this block is routed to e: else e's weights unread
+            for k0 in range(0, KS, BK):
+                ks = chunk * KS + k0 + tl.arange(0, BK)
+                k_ok = ks < IN
+                xt = tl.load(x + rows.to(tl.int64)[:, None] * s_x + ks[None, :], mask=mine[:, None] & k_ok[None, :],
+                             other=0.0)  # (BB, BK); other rows read as zeros
+                wt = tl.load(w + outs.to(tl.int64)[:, None] * IN + ks[None, :], mask=out_ok[:, None] & k_ok[None, :],
+                             other=0.0)  # (BO, BK)
+                if IEEE:  # fp32 operands: full-precision products, as torch's fp32 GEMM (not TF32)
+                    acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(wt))
         if HAS_BIAS:
-            acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y + rows.to(tl.int64)[:, None] * s_y + outs[None, :], acc.to(y.dtype.element_ty),
-                 mask=mine[:, None] & out_ok[None, :])
+            if chunk == 0:  # added once: by the first chunk
+                acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        where = y + rows.to(tl.int64)[:, None] * s_y + outs[None, :]
+        if SPLIT == 1:
+            tl.store(where, acc.to(y.dtype.element_ty), mask=mine[:, None] & out_ok[None, :])
+        else:
+            tl.atomic_add(where, acc, mask=mine[:, None] & out_ok[None, :])
 
     return routed_rows_kernel
 
@@ -88,11 +109,18 @@ def kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
             and _kernel() is not None)
 
 
+def default_blocks(n_in: int, n_out: int) -> Blocks:
+    """The kernel's tiling for a projection n_in -> n_out: more programs for the narrower projections."""
+    return Blocks(out=64 if n_out >= 2048 else 32)
+
+
 def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
-                       expert_ids: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+                       expert_ids: torch.Tensor, use_kernel: bool | None = None,
+                       blocks: Blocks | None = None) -> torch.Tensor:
     """x (b, in), ``weights[e]`` (out, in), ``biases[e]`` (out,) or None, ``expert_ids`` (b,) int -> (b, out): row i
     through expert ``expert_ids[i]``. ``use_kernel`` defaults to `kernel_applies`; False runs the PyTorch ops (every
-    expert over every row, each row keeping its own expert's output)."""
+    expert over every row, each row keeping its own expert's output). ``blocks``: the kernel's tiling (default
+    `default_blocks`; benchmarks sweep it)."""
     if use_kernel is None:
         use_kernel = kernel_applies(x, weights)
     if not use_kernel:
@@ -101,19 +129,23 @@ def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
         return ys.gather(1, expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])).squeeze(1)
     b, n_in = x.shape
     n_out = weights[0].shape[0]
-    y = x.new_empty(b, n_out)
+    blocks = blocks or default_blocks(n_in, n_out)
+    split = max(1, min(blocks.split, -(-n_in // blocks.k)))  # at most one chunk per step of k
+    chunk = -(-n_in // (split * blocks.k)) * blocks.k  # input features per chunk, a whole number of k-steps
+    split = -(-n_in // chunk)
+    y = x.new_zeros(b, n_out, dtype=torch.float32) if split > 1 else x.new_empty(b, n_out)
     if b == 0:
-        return y
+        return y.to(x.dtype)
     ws = (*weights, *(weights[:1] * (MAX_EXPERTS - len(weights))))  # unused slots: never selected
     bs = ws if biases is None else (*biases, *(biases[:1] * (MAX_EXPERTS - len(biases))))
-    block_out = 64 if n_out >= 2048 else 32  # more programs for the narrower projections
     block_rows = min(64, max(ROWS, 1 << (b - 1).bit_length()))  # a decode batch of up to 64 rows: one block
-    grid = (-(-n_out // block_out), len(weights), -(-b // block_rows))
+    grid = (-(-n_out // blocks.out) * split, len(weights), -(-b // block_rows))
     args = (x, expert_ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0))
     constexprs = dict(IN=n_in, HAS_BIAS=biases is not None, IEEE=x.dtype == torch.float32, BB=block_rows,
-                      BO=block_out, BK=64)
-    if x.is_cuda:
+                      BO=blocks.out, BK=blocks.k, SPLIT=split, KS=chunk)
+    options = {k: v for k, v in (("num_warps", blocks.warps), ("num_stages", blocks.stages)) if v is not None}
+    if x.is_cuda and not options:
         launch(_kernel(), grid, args, **constexprs)
-    else:  # Triton's interpreter (TRITON_INTERPRET=1): the tests' way to run the kernel on a CPU
-        _kernel()[grid](*args, **constexprs)
-    return y
+    else:  # launch options (a benchmark's sweep), or Triton's interpreter (TRITON_INTERPRET=1: the tests on a CPU)
+        _kernel()[grid](*args, **constexprs, **options)
+    return y.to(x.dtype)
