@@ -11,8 +11,8 @@ three modalities: every expert's weights read), it prints
   mom       `routed_rows_linear` (the kernel, its default blocks), three experts
   dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
-``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k, split-K chunks; uniform rows)
-and prints the best per shape; each configuration of each shape is a Triton compilation (about a second), so sweep a
+``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k; uniform rows) and prints the
+best per block of outputs; each configuration of each shape is a Triton compilation (about a second), so sweep a
 few shapes at a time (``--only``, ``--batch``). Every kernel output is checked against the PyTorch ops first.
 """
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from mom.ops.triton import routed_rows
 
 CALLS = 20  # calls captured per graph; a replay's time / CALLS is one call's device time
-# --sweep's grid: block of outputs, block of k, split-K chunks (`routed_rows.Blocks`; the library's default:
+# --sweep's grid: block of outputs, block of k (`routed_rows.Blocks`; the library's default:
 # `routed_rows.default_blocks`); --sweep-launch adds warps and software-pipelining stages (else Triton's defaults)
-SWEEP = list(itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8, 16)))
+SWEEP = list(itertools.product((16, 32, 64, 128), (32, 64, 128, 256)))
 SWEEP_LAUNCH = list(itertools.product((2, 4, 8), (2, 3, 4)))
 EXPERTS = 3
 
@@ -97,10 +97,10 @@ def main(argv=None) -> int:
             print(f"batch {batch:3d}  {name:<9} {n_in:5d} -> {n_out:5d}  {rows:<8}  mom {mom_us:7.2f} us  "
                   f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
             if args.sweep and rows == "uniform":
-                best: dict[int, tuple[float, routed_rows.Blocks]] = {}  # split -> fastest tiling with it
+                best: dict[int, tuple[float, routed_rows.Blocks]] = {}  # block of outputs -> fastest tiling with it
                 launches = SWEEP_LAUNCH if args.sweep_launch else [(None, None)]
-                for (block_out, block_k, split), (warps, stages) in itertools.product(SWEEP, launches):
-                    blocks = routed_rows.Blocks(block_out, block_k, split, warps, stages)
+                for (block_out, block_k), (warps, stages) in itertools.product(SWEEP, launches):
+                    blocks = routed_rows.Blocks(block_out, block_k, warps, stages)
                     call = functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
                                              use_kernel=True, blocks=blocks)
                     try:
@@ -110,10 +110,10 @@ def main(argv=None) -> int:
                         continue
                     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
                     us = graph_us(call)
-                    if split not in best or us < best[split][0]:
-                        best[split] = (us, blocks)
-                for split, (us, blocks) in sorted(best.items()):
-                    print(f"           split {split:2d} best: {us:7.2f} us  ratio to dense {us / dense_us:5.2f}x  "
+                    if block_out not in best or us < best[block_out][0]:
+                        best[block_out] = (us, blocks)
+                for block_out, (us, blocks) in sorted(best.items()):
+                    print(f"           out {block_out:3d} best: {us:7.2f} us  ratio to dense {us / dense_us:5.2f}x  "
                           f"({blocks})")
     return 0
 

@@ -32,14 +32,11 @@ ROWS = 16  # rows per block: tl.dot's smallest tile side
 
 @dataclass(frozen=True)
 class Blocks:
-    """How the kernel tiles one call: ``out`` output features and ``k`` input features per step of a program,
-    ``split`` programs sharing one tile's input features (split-K: each adds its partial sums to an fp32 output,
-    for projections with few output tiles and a long input, e.g. x_proj's d_inner -> dt_rank + 2 d_state), and
-    Triton's ``warps`` / ``stages`` (None: Triton's defaults)."""
+    """How the kernel tiles one call: ``out`` output features per program, ``k`` input features per step of its loop,
+    and Triton's ``warps`` / ``stages`` (None: Triton's defaults)."""
 
     out: int
     k: int = 64
-    split: int = 1
     warps: int | None = None
     stages: int | None = None
 
@@ -55,11 +52,10 @@ def _kernel():
     @triton.jit
     def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, B, OUT, s_x, s_y, IN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr,
-                           BK: tl.constexpr, SPLIT: tl.constexpr, KS: tl.constexpr):
+                           BK: tl.constexpr):
         """y[i, o] = sum_k x[i, k] w_e[o, k] (+ b_e[o]) for the rows i with expert[i] == e, e = program_id(1), i in
-        the block of rows program_id(2), o in the tile program_id(0) // SPLIT, k in the chunk program_id(0) % SPLIT
-        of KS input features (SPLIT > 1: y is fp32 zeros and each chunk adds its partial sums); x (B, IN) and y
-        (B, OUT) with row strides s_x / s_y, unit column stride; each w (OUT, IN) contiguous."""
+        the block of rows program_id(2), o in the tile program_id(0); x (B, IN) and y (B, OUT) with row strides
+        s_x / s_y, unit column stride; each w (OUT, IN) contiguous."""
         e = tl.program_id(1)
         w, b = w0, b0
         if e == 1:
@@ -68,15 +64,14 @@ def _kernel():
             w, b = w2, b2
         if e == 3:
             w, b = w3, b3
-        chunk = tl.program_id(0) % SPLIT
-        outs = (tl.program_id(0) // SPLIT) * BO + tl.arange(0, BO)
+        outs = tl.program_id(0) * BO + tl.arange(0, BO)
         out_ok = outs < OUT
         rows = tl.program_id(2) * BB + tl.arange(0, BB)
         mine = (rows < B) & (tl.load(expert + rows, mask=rows < B, other=-1) == e)
         acc = tl.zeros((BB, BO), dtype=tl.float32)
         if tl.max(mine.to(tl.int32), axis=0) > 0:  # some row of this block is routed to e: else e's weights unread
-            for k0 in range(0, KS, BK):
-                ks = chunk * KS + k0 + tl.arange(0, BK)
+            for k0 in range(0, IN, BK):
+                ks = k0 + tl.arange(0, BK)
                 k_ok = ks < IN
                 xt = tl.load(x + rows.to(tl.int64)[:, None] * s_x + ks[None, :], mask=mine[:, None] & k_ok[None, :],
                              other=0.0)  # (BB, BK); other rows read as zeros
@@ -87,13 +82,9 @@ def _kernel():
                 else:
                     acc += tl.dot(xt, tl.trans(wt))
         if HAS_BIAS:
-            if chunk == 0:  # added once: by the first chunk
-                acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-        where = y + rows.to(tl.int64)[:, None] * s_y + outs[None, :]
-        if SPLIT == 1:
-            tl.store(where, acc.to(y.dtype.element_ty), mask=mine[:, None] & out_ok[None, :])
-        else:
-            tl.atomic_add(where, acc, mask=mine[:, None] & out_ok[None, :])
+            acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + rows.to(tl.int64)[:, None] * s_y + outs[None, :], acc.to(y.dtype.element_ty),
+                 mask=mine[:, None] & out_ok[None, :])
 
     return routed_rows_kernel
 
@@ -110,8 +101,15 @@ def kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 
 
 def default_blocks(n_in: int, n_out: int) -> Blocks:
-    """The kernel's tiling for a projection n_in -> n_out: more programs for the narrower projections."""
-    return Blocks(out=64 if n_out >= 2048 else 32)
+    """The kernel's tiling for a projection n_in -> n_out, from `benchmarks/bench_routed_rows.py --sweep` on an H100
+    at Mamba's decode shapes (docs/performance.md): wide outputs (in_proj) in tiles of 64; a short input (dt_proj: one
+    step of k) in tiles of 32; few outputs over a long input (x_proj, out_proj) in tiles of 16 with steps of 128, so
+    that more programs share the weights and each walks fewer steps."""
+    if n_out >= 2048:
+        return Blocks(out=64)
+    if n_in <= 128:
+        return Blocks(out=32)
+    return Blocks(out=16, k=128)
 
 
 def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -130,22 +128,19 @@ def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
     b, n_in = x.shape
     n_out = weights[0].shape[0]
     blocks = blocks or default_blocks(n_in, n_out)
-    split = max(1, min(blocks.split, -(-n_in // blocks.k)))  # at most one chunk per step of k
-    chunk = -(-n_in // (split * blocks.k)) * blocks.k  # input features per chunk, a whole number of k-steps
-    split = -(-n_in // chunk)
-    y = x.new_zeros(b, n_out, dtype=torch.float32) if split > 1 else x.new_empty(b, n_out)
+    y = x.new_empty(b, n_out)
     if b == 0:
-        return y.to(x.dtype)
+        return y
     ws = (*weights, *(weights[:1] * (MAX_EXPERTS - len(weights))))  # unused slots: never selected
     bs = ws if biases is None else (*biases, *(biases[:1] * (MAX_EXPERTS - len(biases))))
     block_rows = min(64, max(ROWS, 1 << (b - 1).bit_length()))  # a decode batch of up to 64 rows: one block
-    grid = (-(-n_out // blocks.out) * split, len(weights), -(-b // block_rows))
+    grid = (-(-n_out // blocks.out), len(weights), -(-b // block_rows))
     args = (x, expert_ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0))
     constexprs = dict(IN=n_in, HAS_BIAS=biases is not None, IEEE=x.dtype == torch.float32, BB=block_rows,
-                      BO=blocks.out, BK=blocks.k, SPLIT=split, KS=chunk)
+                      BO=blocks.out, BK=blocks.k)
     options = {k: v for k, v in (("num_warps", blocks.warps), ("num_stages", blocks.stages)) if v is not None}
     if x.is_cuda and not options:
         launch(_kernel(), grid, args, **constexprs)
     else:  # launch options (a benchmark's sweep), or Triton's interpreter (TRITON_INTERPRET=1: the tests on a CPU)
         _kernel()[grid](*args, **constexprs, **options)
-    return y.to(x.dtype)
+    return y
