@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
+from mom.model.generate_loop import DeviceLogitsProcessor
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, BOS_ID, BOSP_ID, EOI_ID, EOS_ID, EOSP_ID, PAD_ID
 
@@ -31,46 +31,71 @@ QUIET_DBFS = -50.0
 OUTPUT_FILE = re.compile(r"text\.txt|image_\d+\.png|speech_\d+\.wav")  # what `write_document` writes
 
 
-class SpanConstraint(LogitsProcessor):
+class SpanConstraint(DeviceLogitsProcessor):
     """Masks the logits so that every sampled document parses: media spans hold only their modality's ids, an image
-    span exactly ``tokens_per_image`` codes, a speech span at most ``max_speech_units`` units."""
+    span exactly ``tokens_per_image`` codes, a speech span at most ``max_speech_units`` units.
+
+    Each row's state (the span it is in, the tokens emitted inside it) is found from its ids on the device, with no
+    read of them on the host: MoM's own generate loop runs it between CUDA-graph steps without waiting
+    (`mom.model.generate_loop.DeviceLogitsProcessor`)."""
+
+    # what a row may emit next, by case (`_case`): a row of `_table`
+    TEXT, IMAGE_CODES, IMAGE_CLOSE, SPEECH_FIRST, SPEECH_MORE, SPEECH_CLOSE = range(6)
 
     def __init__(self, tokenizer: MultimodalTokenizer, max_speech_units: int = 500) -> None:
         self.ranges = {m: (o, o + v) for m, o, v in zip(tokenizer.modalities, tokenizer.offsets.values(),
                                                           tokenizer.vocab_sizes)}
         self.tokens_per_image = getattr(tokenizer.image, "tokens_per_image", None) if "image" in self.ranges else None
         self.max_speech_units = max_speech_units
-        self.text_range = self.ranges["text"]
         self.openers = {BOI_ID: "image", BOSP_ID: "speech"}
         absent = [t for t, m in self.openers.items() if m not in self.ranges]
         self.forbidden_in_text = [PAD_ID, BOS_ID, EOI_ID, EOSP_ID, *absent]
+        self._tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def state(self, row: list[int]) -> tuple[str, int]:
-        """(current span: "text" / "image" / "speech", tokens emitted inside it)."""
-        for back, token in enumerate(reversed(row)):
-            if token in self.openers:
-                return self.openers[token], back
-            if token in (EOI_ID, EOSP_ID, BOS_ID):
-                break
-        return "text", 0
+    def _table(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(6, vocab) bool: the ids allowed in each case."""
+        key = (vocab, device)
+        if key not in self._tables:
+            table = torch.zeros(6, vocab, dtype=torch.bool)
+            lo, hi = self.ranges["text"]
+            table[self.TEXT, lo:hi] = True
+            table[self.TEXT, self.forbidden_in_text] = False
+            if "image" in self.ranges:
+                lo, hi = self.ranges["image"]
+                table[self.IMAGE_CODES, lo:hi] = True
+            table[self.IMAGE_CLOSE, EOI_ID] = True
+            if "speech" in self.ranges:
+                lo, hi = self.ranges["speech"]
+                table[self.SPEECH_FIRST, lo:hi] = True
+                table[self.SPEECH_MORE, lo:hi] = True
+            table[self.SPEECH_MORE, EOSP_ID] = True
+            table[self.SPEECH_CLOSE, EOSP_ID] = True
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (b, n) -> (span (b,): 0 text, 1 image, 2 speech; tokens emitted inside it (b,), 0 in text). A row is in
+        the span its last opener opened, unless a closer (or ``<s>``) came after it."""
+        b, n = input_ids.shape
+        markers = torch.tensor([BOI_ID, BOSP_ID, EOI_ID, EOSP_ID, BOS_ID], device=input_ids.device)
+        positions = torch.arange(-1, n, device=input_ids.device)  # -1: a column before the first id, no marker
+        is_marker = torch.cat([input_ids.new_ones(b, 1, dtype=torch.bool), torch.isin(input_ids, markers)], dim=1)
+        last = torch.where(is_marker, positions, -1).amax(dim=1)  # (b,) the last marker's position, -1: none
+        token = input_ids.gather(1, last.clamp(min=0)[:, None])[:, 0] if n else last
+        found = last >= 0
+        span = torch.where(found & (token == BOI_ID), 1, torch.where(found & (token == BOSP_ID), 2, 0))
+        emitted = torch.where(span > 0, n - 1 - last, 0)
+        return span, emitted
+
+    def _case(self, span: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
+        """(b,) row of `_table` for each row's state."""
+        image = torch.where(emitted >= (self.tokens_per_image or 0), self.IMAGE_CLOSE, self.IMAGE_CODES)
+        speech = torch.where(emitted >= self.max_speech_units, self.SPEECH_CLOSE,
+                             torch.where(emitted > 0, self.SPEECH_MORE, self.SPEECH_FIRST))
+        return torch.where(span == 1, image, torch.where(span == 2, speech, self.TEXT))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = torch.zeros_like(scores, dtype=torch.bool)  # (b, V)
-        for i, row in enumerate(input_ids.tolist()):
-            span, emitted = self.state(row)
-            if span == "text":
-                lo, hi = self.text_range
-                allowed[i, lo:hi] = True
-                allowed[i, self.forbidden_in_text] = False
-            elif span == "image" and emitted >= self.tokens_per_image:
-                allowed[i, EOI_ID] = True
-            elif span == "speech" and emitted >= self.max_speech_units:
-                allowed[i, EOSP_ID] = True
-            else:
-                lo, hi = self.ranges[span]
-                allowed[i, lo:hi] = True
-                if span == "speech" and emitted > 0:
-                    allowed[i, EOSP_ID] = True
+        allowed = self._table(scores.shape[1], scores.device)[self._case(*self.states(input_ids))]  # (b, V)
         return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -126,8 +151,8 @@ def sample_token_image(
 
 def close_open_span(ids: list[int], constraint: SpanConstraint) -> list[int]:
     """Drop an unfinished media span at the end (``max_new_tokens`` ran out inside it)."""
-    span, emitted = constraint.state(ids)
-    return ids if span == "text" else ids[: len(ids) - emitted - 1]
+    span, emitted = (int(t[0]) for t in constraint.states(torch.tensor([ids])))
+    return ids if span == 0 else ids[: len(ids) - emitted - 1]
 
 
 def level_dbfs(samples: np.ndarray) -> float:

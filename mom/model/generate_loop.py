@@ -7,9 +7,11 @@ plain call (`plan`: greedy, or sampling with ``temperature`` / ``top_k`` / ``top
 optionally ``min_new_tokens``, end-of-sequence and padding ids; no other option, logits processor, stopping
 criterion, streamer, assistant or padding mask) `MoMForCausalLM.generate` runs `decode` instead: the prompt's
 forward, then one `decode_logits` step per token (a CUDA-graph replay where one applies) and the token chosen on the
-device, the all-rows-finished check read only every `CHECK_EVERY` steps. The tokens are transformers' (the same fp32
-logits through the same processors in transformers' order: the end-of-sequence mask until ``min_new_tokens``, then
-transformers' own temperature, top-k and top-p warpers; then its argmax, or its softmax and ``torch.multinomial``,
+device, the all-rows-finished check read only every `CHECK_EVERY` steps. A ``logits_processor`` list of
+`DeviceLogitsProcessor` only (processors that never read the device, e.g. `mom.generation.document.SpanConstraint`)
+runs here too. The tokens are transformers' (the same fp32 logits through the same processors in transformers'
+order: the end-of-sequence mask until ``min_new_tokens``, then the given processors, then transformers' own
+temperature, top-k and top-p warpers; then its argmax, or its softmax and ``torch.multinomial``,
 which draw the same numbers from the same generator; after a row's end-of-sequence token, padding), and the output is
 trimmed to the step at which transformers would have stopped. Everything else goes to transformers' loop.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from transformers import (
     GenerationConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -45,10 +48,17 @@ NEUTRAL = {"output_attentions": False, "output_hidden_states": False, "output_sc
            "return_dict_in_generate": False, "num_return_sequences": 1}
 
 
+class DeviceLogitsProcessor(LogitsProcessor):
+    """A logits processor that never reads the device (no ``.tolist()``, ``.item()`` or Python branch on a tensor's
+    value): its work is queued like the model's, so MoM's own loop runs it between steps without waiting. A
+    ``generate(logits_processor=[...])`` of such processors only stays in that loop; any other processor sends the call
+    to transformers' loop."""
+
+
 @dataclass
 class Plan:
-    """A plain generate() call: prompt ids (b, l), tokens to add, end-of-sequence ids (or None), padding id, and for
-    sampling transformers' warpers (None: greedy)."""
+    """A plain generate() call: prompt ids (b, l), tokens to add, end-of-sequence ids (or None), padding id, the
+    given `DeviceLogitsProcessor` list (or None), and for sampling transformers' warpers (None: greedy)."""
 
     input_ids: torch.Tensor
     max_new_tokens: int
@@ -57,12 +67,19 @@ class Plan:
     pad_token_id: int
     cuda_graph: bool
     warpers: LogitsProcessorList | None = None
+    processors: LogitsProcessorList | None = None
 
 
 def plan(inputs: Any, generation_config: GenerationConfig | None, default: GenerationConfig,
          kwargs: dict[str, Any]) -> Plan | None:
     """The `Plan` of a ``generate(inputs, generation_config, **kwargs)`` call that `decode` computes exactly as
     transformers' greedy search or sampling, or None (transformers' loop then runs it)."""
+    processors = kwargs.get("logits_processor")
+    if processors and all(isinstance(q, DeviceLogitsProcessor) for q in processors):
+        processors = LogitsProcessorList(processors)
+        kwargs = {k: v for k, v in kwargs.items() if k != "logits_processor"}
+    else:
+        processors = None
     for name in OTHER_LOOPS:
         value = kwargs.get(name)
         if value is not None and value is not False and not (isinstance(value, list) and len(value) == 0):
@@ -90,19 +107,20 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     pad = config.pad_token_id
     if pad is None:
         pad = eos[0] if eos is not None else 0  # as transformers (it warns and uses the first EOS)
-    warpers = sampling_warpers(config) if config.do_sample else None
+    # transformers fills an unset top_k with its global default, but keeps a top_k=None given to generate(): none
+    warpers = sampling_warpers(config, None if "top_k" in kwargs else TOP_K) if config.do_sample else None
     return Plan(input_ids, int(config.max_new_tokens), int(config.min_new_tokens or 0), eos_ids, int(pad), cuda_graph,
-                warpers)
+                warpers, processors)
 
 
-def sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
-    """transformers' own temperature, top-k and top-p warpers, in its order, for a sampling ``config`` (unset top_k:
-    `TOP_K`); a bad value raises transformers' own error."""
+def sampling_warpers(config: GenerationConfig, unset_top_k: int | None = TOP_K) -> LogitsProcessorList:
+    """transformers' own temperature, top-k and top-p warpers, in its order, for a sampling ``config`` (a top_k of
+    None: ``unset_top_k``); a bad value raises transformers' own error."""
     warpers = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
-    top_k = TOP_K if config.top_k is None else config.top_k
-    if top_k != 0:
+    top_k = unset_top_k if config.top_k is None else config.top_k
+    if top_k is not None and top_k != 0:
         warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
     if config.top_p is not None and config.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
@@ -124,6 +142,8 @@ def decode(model: Any, p: Plan) -> torch.Tensor:
         scores = logits
         if p.eos_token_ids is not None and t < p.min_new_tokens:
             scores = scores.index_fill(1, p.eos_token_ids, float("-inf"))  # transformers' MinNewTokens processor
+        if p.processors is not None:  # the given ones, after transformers' own and before its warpers
+            scores = p.processors(out[:, : length + t], scores)
         if p.warpers is None:
             token = scores.argmax(dim=-1)  # (b,)
         else:  # as transformers: warpers, softmax, one draw per row

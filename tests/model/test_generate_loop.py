@@ -69,7 +69,7 @@ def test_every_row_ending_early_stops_where_transformers_stops():
 
 @pytest.mark.parametrize("sampling", [
     {}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}, {"top_k": 0, "temperature": 1.3},
-    {"top_k": 3, "top_p": 0.9, "min_new_tokens": 3},
+    {"top_k": 3, "top_p": 0.9, "min_new_tokens": 3}, {"top_k": None},  # top_k=None given: no top-k in transformers
 ], ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()) or "defaults")
 def test_sampling_draws_what_transformers_draws(sampling, monkeypatch):
     model, prompt = model_and_prompt(vocab_sizes=(400, 24, 16))  # a text vocabulary larger than top_k's default 50
@@ -165,3 +165,30 @@ def test_cuda_graph_loop_equals_transformers_loop(dtype):
     ours = model.generate(prompt, **sampled)
     torch.manual_seed(5)
     assert torch.equal(ours, hf_generate(model, prompt, **sampled))
+
+
+class EvenIdsOnly(generate_loop.DeviceLogitsProcessor):
+    """A processor that reads nothing on the host: odd ids masked off."""
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(torch.arange(scores.shape[1]) % 2 == 1, float("-inf"))
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_device_logits_processors_run_in_moms_loop(sampling, monkeypatch):
+    model, prompt = model_and_prompt()
+    calls = []
+    monkeypatch.setattr(generate_loop, "decode", lambda m, p, real=generate_loop.decode: calls.append(p) or real(m, p))
+    args = {"max_new_tokens": 10, "do_sample": sampling, "logits_processor": LogitsProcessorList([EvenIdsOnly()]),
+            "min_new_tokens": 2, "eos_token_id": 2}
+    torch.manual_seed(5)
+    ours = model.generate(prompt, **args)
+    torch.manual_seed(5)
+    theirs = hf_generate(model, prompt, **args)
+    assert len(calls) == 1 and torch.equal(ours, theirs)
+    assert (ours[:, prompt.shape[1]:] % 2 == 0).all()  # the processor ran (the padding id 2 is even too)
+    # a list with any other processor: transformers' loop
+    mixed = LogitsProcessorList([EvenIdsOnly(), RepetitionPenaltyLogitsProcessor(1.5)])
+    torch.manual_seed(5)
+    model.generate(prompt, **{**args, "logits_processor": mixed})
+    assert len(calls) == 1
