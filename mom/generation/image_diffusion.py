@@ -4,14 +4,16 @@
     write_document(parts, Path("samples"), None)       # text.txt and image_0.png (mom.generation.document)
     pixels = sample_transfusion_image(model, vae, tokenizer, "a red handwritten digit seven", seed=3)  # image alone
 
-The prompt ``<s> text <image>`` is run once into a recurrent cache (`MoMCache`). A causal SSM's state after the
-prompt is all the image positions can see of it, and in training every patch of an image sees the same noisy
-version of the patches before it (one timestep per image). So each DDIM step (`mom.model.diffusion.ddim_sample`)
-runs the whole image span, all patches at the current noise level and timestep, over a *copy* of the prompt's cache,
-and reads the predicted noise at every patch; the prompt is never re-run. After the last step the clean latent
-(timestep 0) is run over the prompt's own cache, then ``</image>``, and text is sampled after it until ``</s>``.
-Classifier-free guidance (``guidance_scale > 1``) mixes in the noise predicted after an empty prompt ``<s> <image>``:
-the corpus's ``image_caption`` documents put the image first, so the model learns unconditional images from them.
+A causal SSM's state after the prompt ``<s> text <image>`` is all the image positions can see of it, and in training
+every patch of an image sees the same noisy version of the patches before it (one timestep per image). So each DDIM
+step (`mom.model.diffusion.ddim_sample`) runs the prompt and the whole image span, all patches at the current noise
+level and timestep, in one forward (the parallel scan: on a GPU the fused path), and reads the predicted noise at
+every patch. Running the span after a cached prompt instead would take the recurrent step once per patch (64 of them
+for a 64x64 image, in sequence), which costs far more than the few prompt positions run again. After the last step
+the document so far (prompt, the clean latent at timestep 0, ``</image>``) is run into a recurrent cache, and text is
+sampled after it until ``</s>``. Classifier-free guidance (``guidance_scale > 1``) mixes in the noise predicted after
+an empty prompt ``<s> <image>``: the corpus's ``image_caption`` documents put the image first, so the model learns
+unconditional images from them.
 """
 
 from __future__ import annotations
@@ -32,15 +34,6 @@ from mom.utils.patches import unpatchify
 DEFAULT_STEPS = 50  # DDIM steps (Song et al. 2021 report sample quality close to 1000 DDPM steps at 50)
 
 
-def copy_cache(cache: MoMCache) -> MoMCache:
-    """An independent copy of ``cache`` (states cloned, same offset)."""
-    copy = cache.zeros_like()
-    copy.conv_states = [s.clone() for s in cache.conv_states]
-    copy.ssm_states = [s.clone() for s in cache.ssm_states]
-    copy.seqlen_offset = cache.seqlen_offset
-    return copy
-
-
 def check_vae(model: MoMTransfusionForCausalLM, vae: Any) -> None:
     """The VAE's latents must be what the model was trained on (channels and size)."""
     cfg = model.config
@@ -52,37 +45,28 @@ def check_vae(model: MoMTransfusionForCausalLM, vae: Any) -> None:
 
 
 @torch.no_grad()
-def prefill(model: MoMTransfusionForCausalLM, ids: list[int]) -> tuple[MoMCache, torch.Tensor]:
-    """Run text ids (one row) into a new cache -> (cache, last position's logits (V,))."""
-    device = next(model.parameters()).device
-    cache = MoMCache(model.config, 1, device, next(model.parameters()).dtype)
-    out = model(torch.tensor([ids], device=device), cache=cache, use_cache=True)
-    return cache, out.logits[0, -1]
-
-
-@torch.no_grad()
-def sample_image(model: MoMTransfusionForCausalLM, cache: MoMCache, steps: int = DEFAULT_STEPS,
+def sample_image(model: MoMTransfusionForCausalLM, prompt: list[int], steps: int = DEFAULT_STEPS,
                  guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                  progress: bool = False) -> torch.Tensor:
-    """Denoise one image's latent patches after ``cache`` (whose prompt ends with ``<image>``) -> (1, L, patch_dim)
-    fp32, the clean patches. ``cache`` itself is left unchanged."""
+    """Denoise one image's latent patches after the ids ``prompt`` (ending with ``<image>``) -> (1, L, patch_dim) fp32,
+    the clean patches."""
     cfg = model.config
     device = next(model.parameters()).device
     L = cfg.patches_per_image
-    ids = torch.full((1, L), cfg.image_token_id, device=device)
-    uncond = prefill(model, [BOS_ID, BOI_ID])[0] if guidance_scale != 1.0 else None
+    image_ids = torch.full((1, L), cfg.image_token_id, device=device)
 
-    def eps_after(state: MoMCache, x: torch.Tensor, t: int) -> torch.Tensor:
-        out = model(ids, latents=x, timesteps=torch.full((1, L), t, device=device), noisy=True,
-                    cache=copy_cache(state), use_cache=True)
-        return out.predicted_noise  # (1, L, D)
+    def eps_after(prefix: list[int], x: torch.Tensor, t: int) -> torch.Tensor:
+        ids = torch.cat([torch.tensor([prefix], device=device), image_ids], dim=1)  # (1, p + L)
+        latents = torch.cat([x.new_zeros(1, len(prefix), cfg.patch_dim), x], dim=1)  # text positions: unread
+        out = model(ids, latents=latents, timesteps=torch.full_like(ids, t), noisy=True, use_cache=False)
+        return out.predicted_noise[:, len(prefix):]  # (1, L, D)
 
     bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress, dynamic_ncols=True)
 
     def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
-        eps = eps_after(cache, x, t)
-        if uncond is not None:
-            eps_u = eps_after(uncond, x, t)
+        eps = eps_after(prompt, x, t)
+        if guidance_scale != 1.0:
+            eps_u = eps_after([BOS_ID, BOI_ID], x, t)
             eps = eps_u + guidance_scale * (eps - eps_u)
         bar.update(1)
         return eps
@@ -92,14 +76,9 @@ def sample_image(model: MoMTransfusionForCausalLM, cache: MoMCache, steps: int =
         return ddim_sample(predict_noise, x_T, model.schedule, steps)
 
 
-def _image_after_prompt(model: MoMTransfusionForCausalLM, tokenizer: Any, prompt: str, steps: int,
-                        guidance_scale: float, generator: torch.Generator,
-                        progress: bool) -> tuple[MoMCache, torch.Tensor]:
-    """Prefill ``<s> prompt <image>`` and denoise the image after it -> (the prompt's cache, clean patches
-    (1, L, patch_dim))."""
-    model.eval()
-    cache, _ = prefill(model, [BOS_ID, *tokenizer.encode_text(prompt), BOI_ID])
-    return cache, sample_image(model, cache, steps, guidance_scale, generator, progress)
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """``<s> prompt <image>``: the ids an image is sampled after."""
+    return [BOS_ID, *tokenizer.encode_text(prompt), BOI_ID]
 
 
 def decode_patches(model: MoMTransfusionForCausalLM, vae: Any, patches: torch.Tensor) -> np.ndarray:
@@ -116,8 +95,9 @@ def sample_transfusion_image(model: MoMTransfusionForCausalLM, vae: Any, tokeniz
     """The image of ``generate_transfusion(..., seed=seed)`` alone, without the text after it -> uint8 (H, W, 3)
     (the same pixels: the image is drawn first from the seeded generator)."""
     check_vae(model, vae)
-    _, patches = _image_after_prompt(model, tokenizer, prompt, steps, guidance_scale,
-                                     torch.Generator().manual_seed(seed), progress)  # fmt: skip
+    model.eval()
+    patches = sample_image(model, prompt_ids(tokenizer, prompt), steps, guidance_scale,
+                           torch.Generator().manual_seed(seed), progress)
     return decode_patches(model, vae, patches)
 
 
@@ -142,12 +122,18 @@ def generate_transfusion(
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0, got {temperature}")
     generator = torch.Generator().manual_seed(seed)
-    cache, patches = _image_after_prompt(model, tokenizer, prompt, steps, guidance_scale, generator, progress)
-    # the clean image (timestep 0) into the prompt's cache, then </image>: what the text after it sees
+    model.eval()
+    ids = prompt_ids(tokenizer, prompt)
+    patches = sample_image(model, ids, steps, guidance_scale, generator, progress)
+    # the document so far into a fresh cache: the prompt, the clean image (timestep 0), </image>
     device = patches.device
-    ids = torch.full((1, cfg.patches_per_image), cfg.image_token_id, device=device)
-    model(ids, latents=patches, timesteps=torch.zeros_like(ids), noisy=True, cache=cache, use_cache=True)
-    logits = model(torch.tensor([[EOI_ID]], device=device), cache=cache, use_cache=True).logits[0, -1]
+    L = cfg.patches_per_image
+    doc = torch.tensor([[*ids, *[cfg.image_token_id] * L, EOI_ID]], device=device)  # (1, p + L + 1)
+    latents = torch.zeros(1, doc.shape[1], cfg.patch_dim, device=device, dtype=patches.dtype)
+    latents[:, len(ids) : len(ids) + L] = patches
+    cache = MoMCache(model.config, 1, device, next(model.parameters()).dtype)
+    logits = model(doc, latents=latents, timesteps=torch.zeros_like(doc), noisy=True, cache=cache,
+                   use_cache=True).logits[0, -1]
     text_vocab = cfg.vocab_sizes[0]
     new: list[int] = []
     for _ in range(max_new_tokens):

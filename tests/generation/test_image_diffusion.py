@@ -1,5 +1,5 @@
-"""`mom.generation.image_diffusion` and `mom-generate` on a Transfusion model: the denoising over a copy of the
-prompt's cache equals the full-sequence forward, a PNG of the VAE's size, a grid of samples, clear errors."""
+"""`mom.generation.image_diffusion` and `mom-generate` on a Transfusion model: the sampler's one forward per step
+equals denoising over the prompt's cache, a PNG of the VAE's size, a grid of samples, clear errors."""
 
 from pathlib import Path
 
@@ -10,7 +10,9 @@ from helpers import TinyVAE, tiny_transfusion_config
 from PIL import Image
 
 from mom.cli import generate
-from mom.generation.image_diffusion import copy_cache, generate_transfusion, load_vae, prefill
+from mom.generation.image_diffusion import generate_transfusion, load_vae, sample_image
+from mom.model.cache import MoMCache
+from mom.model.diffusion import ddim_sample
 from mom.model.transfusion import MoMTransfusionForCausalLM
 from mom.tokenization.multimodal import MultimodalTokenizer
 from mom.tokenization.special import BOI_ID, BOS_ID
@@ -28,25 +30,44 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def test_the_image_span_over_a_cache_copy_equals_the_whole_sequence():
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_the_sampler_equals_denoising_over_the_prompts_cache(guidance):
+    """Each DDIM step runs the prompt and the image span in one forward; the oracle runs the span after the prompt's
+    recurrent cache (a copy per step), the recurrence the one forward computes in parallel."""
     model = MoMTransfusionForCausalLM(tiny_transfusion_config()).eval()
     torch.nn.init.normal_(model.noise_head.weight)
     cfg = model.config
     prompt = [BOS_ID, 10, 11, BOI_ID]
     L = cfg.patches_per_image
-    x_t = torch.randn(1, L, cfg.patch_dim)
-    cache, _ = prefill(model, prompt)
-    before = [s.clone() for s in cache.ssm_states]
     ids = torch.full((1, L), cfg.image_token_id)
-    with torch.no_grad():
-        step = model(ids, latents=x_t, timesteps=torch.full((1, L), 32), noisy=True, cache=copy_cache(cache),
+
+    def cached(prefix):
+        cache = MoMCache(cfg, 1, torch.device("cpu"), torch.float32)
+        model(torch.tensor([prefix]), cache=cache, use_cache=True)
+        return cache
+
+    caches = {"cond": cached(prompt), "uncond": cached([BOS_ID, BOI_ID])}
+
+    def eps_after(cache, x, t):
+        copy = cache.zeros_like()
+        copy.conv_states = [c.clone() for c in cache.conv_states]
+        copy.ssm_states = [c.clone() for c in cache.ssm_states]
+        copy.seqlen_offset = cache.seqlen_offset
+        return model(ids, latents=x, timesteps=torch.full((1, L), t), noisy=True, cache=copy,
                      use_cache=True).predicted_noise
-        full_ids = torch.cat([torch.tensor([prompt]), ids], dim=1)
-        full_latents = torch.cat([torch.zeros(1, len(prompt), cfg.patch_dim), x_t], dim=1)
-        full = model(full_ids, latents=full_latents, timesteps=torch.full(full_ids.shape, 32), noisy=True,
-                     use_cache=False).predicted_noise[:, len(prompt):]
-    assert torch.allclose(step, full, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(before, cache.ssm_states))  # the prompt's cache is untouched
+
+    def oracle(x, t):
+        eps = eps_after(caches["cond"], x, t)
+        if guidance == 1.0:
+            return eps
+        eps_u = eps_after(caches["uncond"], x, t)
+        return eps_u + guidance * (eps - eps_u)
+
+    with torch.no_grad():
+        got = sample_image(model, prompt, steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(2))
+        x_T = torch.randn((1, L, cfg.patch_dim), generator=torch.Generator().manual_seed(2))
+        want = ddim_sample(oracle, x_T, model.schedule, 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_mom_generate_writes_a_png_of_the_vae_size(model_dir, tmp_path, monkeypatch, capsys):
