@@ -4,16 +4,16 @@ transformers' ``generate()`` checks its stopping criteria on the host after ever
 for the device and the next step's host work (the loop, the logits processors, the forward's dispatch) cannot
 overlap the device's; mamba-ssm's own loop never reads the device when no end-of-sequence token is given. For a
 plain call (`plan`: greedy, or sampling with ``temperature`` / ``top_k`` / ``top_p``; ``max_new_tokens`` given,
-optionally ``min_new_tokens``, end-of-sequence and padding ids; no other option, logits processor, stopping
-criterion, streamer, assistant or padding mask) `MoMForCausalLM.generate` runs `decode` instead: the prompt's
-forward, then one `decode_logits` step per token (a CUDA-graph replay where one applies) and the token chosen on the
-device, the all-rows-finished check read only every `CHECK_EVERY` steps. A ``logits_processor`` list of
-`DeviceLogitsProcessor` only (processors that never read the device, e.g. `mom.generation.document.SpanConstraint`)
-runs here too. The tokens are transformers' (the same fp32 logits through the same processors in transformers'
-order: the end-of-sequence mask until ``min_new_tokens``, then the given processors, then transformers' own
-temperature, top-k and top-p warpers; then its argmax, or its softmax and ``torch.multinomial``,
-which draw the same numbers from the same generator; after a row's end-of-sequence token, padding), and the output is
-trimmed to the step at which transformers would have stopped. Everything else goes to transformers' loop.
+optionally ``min_new_tokens``, end-of-sequence and padding ids; no other option, stopping criterion, streamer,
+assistant or padding mask, and no logits processor but `DeviceLogitsProcessor`s) `MoMForCausalLM.generate` runs
+`decode` instead: the prompt's forward, then one `decode_logits` step per token (a CUDA-graph replay where one
+applies) and the token chosen on the device, the all-rows-finished check read only every `CHECK_EVERY` steps (a
+`DeviceLogitsProcessor` never reads the device, e.g. `mom.generation.document.SpanConstraint`). The tokens are
+transformers' (the same fp32 logits through the same processors in transformers' order: the end-of-sequence mask
+until ``min_new_tokens``, then the given processors, then transformers' own temperature, top-k and top-p warpers;
+then its argmax, or its softmax and ``torch.multinomial``, which draw the same numbers from the same generator; after
+a row's end-of-sequence token, padding), and the output is trimmed to the step at which transformers would have
+stopped. Everything else goes to transformers' loop.
 """
 
 from __future__ import annotations
