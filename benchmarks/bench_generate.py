@@ -42,6 +42,7 @@ import transformers  # noqa: E402
 from bench_common import interleaved_modalities  # noqa: E402
 
 import mom  # noqa: E402
+from mom.model.generate_loop import DeviceLogitsProcessor  # noqa: E402
 from mom.model.modeling import GENERATE_CARRIES_CACHE  # noqa: E402
 
 VOCAB = 50280  # mamba-ssm's GPT-NeoX vocabulary (50277) padded to a multiple of 8
@@ -91,8 +92,9 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 
 
-class RowModality:
-    """A logits processor: row i may only write ids of modality ``modality_of_row(i)`` (an additive -inf mask)."""
+class RowModality(DeviceLogitsProcessor):
+    """A logits processor: row i may only write ids of modality ``modality_of_row(i)`` (an additive -inf mask). It
+    reads nothing on the host, so MoM's own generate loop runs it (`mom.model.generate_loop`)."""
 
     def __init__(self, config: mom.MoMConfig, mixed: bool) -> None:
         self.config, self.mixed = config, mixed

@@ -1,0 +1,112 @@
+"""Where a decode step's GPU time goes, kernel by kernel: MoM's step next to mamba-ssm's, both eager.
+
+    python benchmarks/profile_decode.py                         # 768 x 24, batch 1, rows of text
+    python benchmarks/profile_decode.py --batch 64 --rows mixed # rows cycling through the modalities
+
+`bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
+(the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
+that the gap between the two shows by kernel. Both run eagerly (the kernels a CUDA graph replays, without the graph):
+MoM as ``model(ids, cache=..., use_cache=True)`` one token per row after a prompt (the forward's input checks
+included), mamba-ssm as ``MambaLMHeadModel(ids, inference_params=...)`` after the same prompt length. Per side: a
+table of kernels (calls and device time per step, largest first), then the kernels and device microseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_generate import mamba_ssm_side, mom_side, prompt_ids, step_ids  # noqa: E402
+
+import mom  # noqa: E402
+
+PROMPT = 64  # prompt tokens before the profiled steps (a step's cost does not depend on the prompt's length)
+
+
+def kernel_table(step, steps: int) -> dict[str, tuple[int, float]]:
+    """{kernel name: (calls per step, device us per step)} over ``steps`` calls of ``step`` after a warm-up."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            table[event.name][0] += 1
+            table[event.name][1] += event.device_time
+    return {name: (calls // steps, us / steps) for name, (calls, us) in table.items()}
+
+
+def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
+    rows = sorted(table.items(), key=lambda kv: -kv[1][1])
+    print(f"\n=== {name}: per step ===")
+    for kernel, (calls, us) in rows[:top]:
+        print(f"{us:9.1f} us  {calls:4d} calls  {kernel[:110]}")
+    if len(rows) > top:
+        rest = rows[top:]
+        print(f"{sum(us for _, (_, us) in rest):9.1f} us  {sum(c for _, (c, _) in rest):4d} calls  ({len(rest)} more)")
+    print(f"total: {sum(c for c, _ in table.values())} kernels, {sum(us for _, us in table.values()):.1f} us device "
+          "time per step")
+
+
+@torch.inference_mode()
+def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
+    """MoM's step, one token per row after a prompt (`kernel_table`)."""
+    model, _, _ = mom_side(args.d_model, args.n_layer)
+    cache = mom.MoMCache(model.config)
+    model(prompt_ids(model.config, args.batch, PROMPT), cache=cache, use_cache=True, logits_to_keep=1)
+    ids = step_ids(model.config, args.batch, args.rows)
+    return kernel_table(lambda: model(ids, cache=cache, use_cache=True), args.steps)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--n-layer", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rows", choices=("uniform", "mixed"), default="uniform",
+                        help="MoM's rows: all text, or cycling through the modalities")
+    parser.add_argument("--steps", type=int, default=16, help="profiled steps per side")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode: needs a CUDA device", file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}  {args.d_model} x {args.n_layer}  batch {args.batch}  bf16")
+
+    report(f"MoM ({args.rows} rows)", mom_table(args), args.top)
+    torch.cuda.empty_cache()
+
+    try:
+        dense, _, _ = mamba_ssm_side(args.d_model, args.n_layer)
+    except ImportError:
+        print("\nmamba-ssm is not installed: its side is left out")
+        return 0
+    from mamba_ssm.utils.generation import InferenceParams
+
+    with torch.inference_mode():
+        params = InferenceParams(max_seqlen=PROMPT + 4 * args.steps, max_batch_size=args.batch)
+        prompt = torch.randint(0, dense.config.vocab_size, (args.batch, PROMPT), device="cuda")
+        dense(prompt, inference_params=params, num_last_tokens=1)
+        params.seqlen_offset = PROMPT
+        token = prompt[:, -1:]
+
+        def dense_step() -> None:
+            dense(token, inference_params=params, num_last_tokens=1)
+            params.seqlen_offset += 1
+
+        report("mamba-ssm", kernel_table(dense_step, args.steps), args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
