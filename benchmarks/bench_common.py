@@ -77,6 +77,21 @@ def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[f
     return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30, resident
 
 
+def profiled(step: Callable[[], None], steps: int, warmup: int = 3):
+    """A ``torch.profiler.profile`` (CUDA activity only) of ``steps`` calls of ``step``, after ``warmup`` calls
+    (autotuning, allocator) and a synchronize; the profiled calls end with one too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return prof
+
+
 def row(name: str, mom_value: float, dense_value: float, unit: str) -> str:
     ratio = mom_value / dense_value if dense_value else float("nan")
     return f"{name:<28} MoM {mom_value:10.3f} {unit:<6} dense {dense_value:10.3f} {unit:<6} ratio {ratio:6.3f}"

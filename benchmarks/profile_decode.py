@@ -19,9 +19,9 @@ import sys
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import profiled  # noqa: E402
 from bench_generate import mamba_ssm_side, mom_side, prompt_ids, step_ids  # noqa: E402
 
 import mom  # noqa: E402
@@ -31,13 +31,7 @@ PROMPT = 64  # prompt tokens before the profiled steps (a step's cost does not d
 
 def kernel_table(step, steps: int) -> dict[str, tuple[int, float]]:
     """{kernel name: (calls per step, device us per step)} over ``steps`` calls of ``step`` after a warm-up."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled(step, steps)
     table: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:

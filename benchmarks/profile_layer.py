@@ -14,10 +14,9 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, mom_mixer  # noqa: E402
+from bench_common import interleaved_modalities, mom_mixer, profiled  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.config import PROJECTIONS  # noqa: E402
@@ -25,13 +24,7 @@ from mom.model.routing import Routing  # noqa: E402
 
 
 def profile_step(name: str, step, rows: int) -> None:
-    for _ in range(3):  # warm-up (autotuning, allocator)
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled(step, 5)
     print(f"\n=== {name}: CUDA time per kernel over 5 steps ===")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 

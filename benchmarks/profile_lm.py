@@ -30,6 +30,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import profiled  # noqa: E402
 from bench_lm import VOCAB_SPLIT, build, host_counts, make_batch, train_step_fn  # noqa: E402
 from profile_layer import profile_step  # noqa: E402
 
@@ -125,15 +126,7 @@ def _kind(name: str) -> str:
 
 def timeline(name: str, step, steps: int = 3, top: int = 10) -> None:
     """Profile ``steps`` steps (CUDA activity only, after warm-up) and print `summarize_timeline`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled(step, steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
