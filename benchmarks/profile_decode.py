@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py                         # 768 x 24, batch 1, rows of text
     python benchmarks/profile_decode.py --batch 64 --rows mixed # rows cycling through the modalities
+    python benchmarks/profile_decode.py --prefill 2048          # the prompt's forward instead (fresh cache each call)
 
 `bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
 (the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
@@ -9,6 +10,9 @@ that the gap between the two shows by kernel. Both run eagerly (the kernels a CU
 MoM as ``model(ids, cache=..., use_cache=True)`` one token per row after a prompt (the forward's input checks
 included), mamba-ssm as ``MambaLMHeadModel(ids, inference_params=...)`` after the same prompt length. Per side: a
 table of kernels (calls and device time per step, largest first), then the kernels and device microseconds per step.
+With ``--prefill N`` the profiled call is an N-token prompt's forward into a fresh cache (logits of the last position
+only, as ``generate()`` asks), and each side also prints its wall time per call (synchronised): wall time well above
+the kernels' device time means the call waits on the host (launches and Python), not on the GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -40,6 +45,19 @@ def kernel_table(step, steps: int) -> dict[str, tuple[int, float]]:
     return {name: (calls // steps, us / steps) for name, (calls, us) in table.items()}
 
 
+def wall_ms(step, calls: int = 5) -> float:
+    """The fastest of ``calls`` synchronised calls of ``step``, in ms (after two warm-up calls)."""
+    best = float("inf")
+    for i in range(calls + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, (time.perf_counter() - start) * 1e3)
+    return best
+
+
 def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
     rows = sorted(table.items(), key=lambda kv: -kv[1][1])
     print(f"\n=== {name}: per step ===")
@@ -54,8 +72,16 @@ def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
 
 @torch.inference_mode()
 def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
-    """MoM's step, one token per row after a prompt (`kernel_table`)."""
+    """MoM's step, one token per row after a prompt, or its prefill (`kernel_table`)."""
     model, _, _ = mom_side(args.d_model, args.n_layer)
+    if args.prefill:
+        prompt = prompt_ids(model.config, args.batch, args.prefill)
+
+        def prefill() -> None:
+            model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
+
+        print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call")
+        return kernel_table(prefill, args.steps)
     cache = mom.MoMCache(model.config)
     model(prompt_ids(model.config, args.batch, PROMPT), cache=cache, use_cache=True, logits_to_keep=1)
     ids = step_ids(model.config, args.batch, args.rows)
@@ -69,15 +95,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rows", choices=("uniform", "mixed"), default="uniform",
                         help="MoM's rows: all text, or cycling through the modalities")
-    parser.add_argument("--steps", type=int, default=16, help="profiled steps per side")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="profile an N-token prompt's forward instead of a decode step")
+    parser.add_argument("--steps", type=int, default=16, help="profiled steps (or prefills) per side")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_decode: needs a CUDA device", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name()}  {args.d_model} x {args.n_layer}  batch {args.batch}  bf16")
+    what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode step, {args.rows} rows"
+    print(f"device: {torch.cuda.get_device_name()}  {args.d_model} x {args.n_layer}  batch {args.batch}  bf16  {what}")
 
-    report(f"MoM ({args.rows} rows)", mom_table(args), args.top)
+    report("MoM", mom_table(args), args.top)
     torch.cuda.empty_cache()
 
     try:
@@ -88,6 +117,16 @@ def main(argv=None) -> int:
     from mamba_ssm.utils.generation import InferenceParams
 
     with torch.inference_mode():
+        if args.prefill:
+            prompt = torch.randint(0, dense.config.vocab_size, (args.batch, args.prefill), device="cuda")
+
+            def dense_prefill() -> None:
+                fresh = InferenceParams(max_seqlen=args.prefill + 1, max_batch_size=args.batch)
+                dense(prompt, inference_params=fresh, num_last_tokens=1)
+
+            print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call")
+            report("mamba-ssm", kernel_table(dense_prefill, args.steps), args.top)
+            return 0
         params = InferenceParams(max_seqlen=PROMPT + 4 * args.steps, max_batch_size=args.batch)
         prompt = torch.randint(0, dense.config.vocab_size, (args.batch, PROMPT), device="cuda")
         dense(prompt, inference_params=params, num_last_tokens=1)

@@ -74,7 +74,10 @@ class MoMCache(Cache):
     def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
         """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
         accumulates it in fp32); attention layers: no key yet, keys and values in ``dtype``."""
-        shapes = [state_shapes(self.config, i, batch_size) for i in range(self.n_layer)]
+        attention = set(self.attention_layers)
+        kinds = {i in attention: i for i in range(self.n_layer)}  # one layer of each kind: the config is read once each
+        by_kind = {kind: state_shapes(self.config, i, batch_size) for kind, i in kinds.items()}
+        shapes = [by_kind[i in attention] for i in range(self.n_layer)]
         self.conv_states = [torch.zeros(conv, device=device, dtype=dtype) for conv, _ in shapes]
         self.ssm_states = [torch.zeros(ssm, device=device, dtype=torch.float32) for _, ssm in shapes]
         d_head = self.config.d_model // self.attention_heads

@@ -34,6 +34,7 @@ from mom.model.config import MoMConfig
 from mom.model.routing import RoutedLinear, Routing, project, project_rows
 from mom.ops import backend, fused
 from mom.ops.projections import Projection
+from mom.ops.triton import routed_rows, state_update
 
 
 class CausalConv1d(nn.Conv1d):
@@ -211,17 +212,46 @@ class MoMMixer(nn.Module):
         """One recurrent step. hidden: (b, 1, d_model) -> (b, 1, d_model); updates ``cache`` in place. Off the CPU
         each row's experts are picked on the device (`project_rows`): no host sync, the same work for any mix of
         modalities, so that the step can be captured in a CUDA graph (`mom.model.graph`)."""
-        xz = project_rows(self.in_proj, hidden[:, 0], routing)  # (b, 2*di)
-        x, z = xz.chunk(2, dim=-1)
-        x = self.conv1d(x, conv_state=cache.conv_states[self.layer_idx])  # (b, di)
+        x, z = self._in_proj_conv(hidden[:, 0], routing, cache.conv_states[self.layer_idx])  # (b, di) each
         x_dbl = project_rows(self.x_proj, x, routing)  # (b, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = self._state_update(cache.ssm_states[self.layer_idx], x, dt, B, C, z, routing)  # (b, di)
+        return project_rows(self.out_proj, y, routing).unsqueeze(1)
+
+    def _in_proj_conv(self, h: torch.Tensor, routing: Routing,
+                      conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj and the conv step: h (b, d_model) -> (x after the conv, z), (b, di) each; ``conv_state`` advances.
+        A routed in_proj of plain experts on CUDA runs the conv in its kernel's epilogue (`routed_rows.ConvStep`); else
+        the conv is its own step, called as a module."""
+        experts = list(self.in_proj.values()) if isinstance(self.in_proj, RoutedLinear) else None
+        conv_weight = self.conv1d.weight  # (di, 1, w) unless partitioned (ZeRO-3) or offloaded
+        if (experts is not None and h.shape[0] <= routed_rows.ROWS and all(type(e) is nn.Linear for e in experts)
+                and type(self.conv1d) is CausalConv1d and conv_weight.shape == (self.d_inner, 1, conv_state.shape[-1])):
+            weights, biases = [e.weight for e in experts], [e.bias for e in experts]
+            conv = routed_rows.ConvStep(conv_state, conv_weight.view(self.d_inner, -1), self.conv1d.bias)
+            blocks = routed_rows.default_blocks(h.shape[1], weights[0].shape[0])
+            if routed_rows.kernel_applies(h, weights) and conv.applies(h, weights[0].shape[0], blocks):
+                xz = routed_rows.routed_rows_linear(h, weights, None if biases[0] is None else biases,
+                                                    routing.expert_ids, use_kernel=True, blocks=blocks, conv=conv)
+                return xz[:, : self.d_inner], xz[:, self.d_inner :]
+        x, z = project_rows(self.in_proj, h, routing).chunk(2, dim=-1)
+        return self.conv1d(x, conv_state=conv_state), z
+
+    def _state_update(self, state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      z: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """dt_proj on the Δ-rank features dt (b, r), then the selective state update of ``state`` -> y (b, di). Plain
+        dt_proj experts on CUDA: one kernel for both (`mom.ops.triton.state_update`); others (LoRA-wrapped) are
+        called as modules (`project_rows`) before the state update."""
+        experts = list(self.dt_proj.values()) if isinstance(self.dt_proj, RoutedLinear) else [self.dt_proj]
+        if all(type(e) is nn.Linear for e in experts):
+            weights, biases = [e.weight for e in experts], [e.bias for e in experts]
+            if all(b is not None for b in biases) and state_update.kernel_applies(state, x, dt, weights, self.A_log,
+                                                                                  B, C, z):
+                return state_update.routed_state_update(state, x, dt, weights, biases, routing.expert_ids,
+                                                        self.A_log, B, C, self.D, z, use_kernel=True)
         dt = project_rows(self.dt_proj, dt, routing)  # (b, di), Δ pre-activation
         A = -torch.exp(self.A_log.float())  # (di, n)
-        y = backend.selective_state_update(
-            cache.ssm_states[self.layer_idx], x, dt, A, B, C, self.D.float(), z, dt_softplus=True
-        )  # (b, di)
-        return project_rows(self.out_proj, y, routing).unsqueeze(1)
+        return backend.selective_state_update(state, x, dt, A, B, C, self.D.float(), z, dt_softplus=True)
 
     def _continue(self, hidden: torch.Tensor, routing: Routing, cache: MoMCache) -> torch.Tensor:
         """Several new tokens after a cached prefix: run them through the recurrent step one by one."""

@@ -64,9 +64,19 @@ def test_cuda_backend_bf16_close_to_fp32_reference(monkeypatch):
         assert rel < 5e-2, (name, rel.item())
 
 
-def test_cuda_generation_matches_full_forward(monkeypatch):
+@pytest.mark.parametrize("decouple", [("in_proj", "x_proj", "dt_proj", "out_proj"), ("in_proj", "out_proj")])
+def test_cuda_generation_matches_full_forward(decouple, monkeypatch):
+    """Decode steps (each layer's Δ projection and state update in one kernel, `mom.ops.triton.state_update`, for
+    a routed or a shared dt_proj; the conv step in routed in_proj's kernel) give the full forward's logits."""
+    from mom.ops.triton import routed_rows, state_update
+
     monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
-    model = mom.MoMForCausalLM(_config()).cuda().eval()
+    calls, convs = [], []
+    monkeypatch.setattr(state_update, "routed_state_update",
+                        lambda *a, _f=state_update.routed_state_update, **k: calls.append(1) or _f(*a, **k))
+    monkeypatch.setattr(routed_rows, "routed_rows_linear", lambda *a, _f=routed_rows.routed_rows_linear, **k: (
+        convs.append(k.get("conv") is not None) or _f(*a, **k)))
+    model = mom.MoMForCausalLM(_config(decouple=decouple)).cuda().eval()
     ids = interleaved_ids(model.config, 2, [(0, 9), (1, 12), (2, 5)]).cuda()
     with torch.no_grad():
         full = model(ids).logits
@@ -76,6 +86,8 @@ def test_cuda_generation_matches_full_forward(monkeypatch):
             for t in range(8, ids.shape[1])
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-3, rtol=1e-3)
+    layer_steps = model.config.n_layer * (ids.shape[1] - 8)
+    assert len(calls) == layer_steps and sum(convs) == layer_steps  # every layer of every step took the kernels
     generated = model.generate(ids[:, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (2, 13)
 
@@ -308,6 +320,55 @@ def _assert_graph_steps_match_eager(model, prompt: torch.Tensor, tol: float, ste
         eager_logits = model(tok, cache=ref_cache, use_cache=True).logits
         torch.testing.assert_close(graph_logits, eager_logits, atol=tol, rtol=tol)
         tok = eager_logits.argmax(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100])
+@pytest.mark.parametrize("experts", [1, 3])
+def test_state_update_kernel_equals_the_pytorch_ops(dtype, rows, experts):
+    from mom.ops.triton.state_update import kernel_applies, routed_state_update
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    di, n, r = 1536, 16, 48
+    x = torch.randn(rows, di, device="cuda", generator=g).to(dtype)
+    xz = torch.randn(rows, 2 * di, device="cuda", generator=g).to(dtype)  # z: a strided half, as in the step
+    x_dbl = torch.randn(rows, r + 2 * n, device="cuda", generator=g).to(dtype)
+    dt, B, C = x_dbl.split([r, n, n], dim=-1)
+    ws = [torch.randn(di, r, device="cuda", generator=g).to(dtype) / r**0.5 for _ in range(experts)]
+    bs = [torch.randn(di, device="cuda", generator=g).to(dtype) for _ in range(experts)]
+    ids = torch.randint(0, experts, (rows,), device="cuda", generator=g)
+    A_log = torch.rand(di, n, device="cuda", generator=g) * 3
+    D = torch.randn(di, device="cuda", generator=g)
+    state = torch.randn(rows, di, n, device="cuda", generator=g)
+    assert kernel_applies(state, x, dt, ws, A_log, B, C, xz[:, di:])
+    ref_state = state.clone()
+    got = routed_state_update(state, x, dt, ws, bs, ids, A_log, B, C, D, xz[:, di:], use_kernel=True)
+    want = routed_state_update(ref_state, x, dt, ws, bs, ids, A_log, B, C, D, xz[:, di:], use_kernel=False)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_routed_rows_kernel_with_a_conv_step_equals_the_pytorch_ops(dtype, rows):
+    from mom.ops.triton.routed_rows import ConvStep, default_blocks, routed_rows_linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n_in, di, experts = 768, 1536, 3
+    x = torch.randn(rows, n_in, device="cuda", generator=g).to(dtype)
+    ws = [torch.randn(2 * di, n_in, device="cuda", generator=g).to(dtype) / n_in**0.5 for _ in range(experts)]
+    ids = torch.randint(0, experts, (rows,), device="cuda", generator=g)
+    states = [torch.randn(rows, di, 4, device="cuda", generator=g).to(dtype)]
+    states.append(states[0].clone())
+    cw, cb = torch.randn(di, 4, device="cuda", generator=g).to(dtype), torch.randn(di, device="cuda").to(dtype)
+    blocks = default_blocks(n_in, 2 * di)
+    assert ConvStep(states[0], cw, cb).applies(x, 2 * di, blocks)
+    got = routed_rows_linear(x, ws, None, ids, use_kernel=True, conv=ConvStep(states[0], cw, cb))
+    want = routed_rows_linear(x, ws, None, ids, use_kernel=False, conv=ConvStep(states[1], cw, cb))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(states[0], states[1], **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -22,14 +22,16 @@ _MAX_KEYS = 4096  # distinct (kernel, shapes, strides) seen; a bound for runs wh
 _direct = True  # False once this Triton's compiled-kernel launcher rejected a call
 
 
-def launch(kernel, grid: tuple[int, int, int], args: tuple, **constexprs) -> None:
-    """``kernel[grid](*args, **constexprs)``; ``args``: tensors and ints (the kernel's leading parameters, in
-    order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order."""
+def launch(kernel, grid: tuple[int, int, int], args: tuple, options: dict | None = None, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``; ``args``: tensors and ints (the kernel's leading parameters,
+    in order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order; ``options``: Triton's compile
+    options (``num_warps``, ``num_stages``), part of the key."""
     global _direct
+    options = options or {}
     if not _direct:
-        kernel[grid](*args, **constexprs)
+        kernel[grid](*args, **constexprs, **options)
         return
-    key = (kernel, torch.cuda.current_device(), *constexprs.values(),
+    key = (kernel, torch.cuda.current_device(), *constexprs.values(), *sorted(options.items()),
            *(a if isinstance(a, int) else (a.dtype, a.data_ptr() % 16) for a in args))
     compiled = _compiled.get(key)
     if compiled is not None:
@@ -40,4 +42,4 @@ def launch(kernel, grid: tuple[int, int, int], args: tuple, **constexprs) -> Non
             _direct = False
     if len(_compiled) >= _MAX_KEYS:
         _compiled.clear()
-    _compiled[key] = kernel[grid](*args, **constexprs)
+    _compiled[key] = kernel[grid](*args, **constexprs, **options)

@@ -50,12 +50,16 @@ def _kernel():
         return None
 
     @triton.jit
-    def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, B, OUT, s_x, s_y, IN: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr,
+    def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, cs, cw, cb, B, OUT, CONV_C, s_x, s_y, s_cs,
+                           IN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, CONV: tl.constexpr,
+                           W: tl.constexpr, HAS_CBIAS: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr,
                            BK: tl.constexpr):
         """y[i, o] = sum_k x[i, k] w_e[o, k] (+ b_e[o]) for the rows i with expert[i] == e, e = program_id(1), i in
         the block of rows program_id(2), o in the tile program_id(0); x (B, IN) and y (B, OUT) with row strides
-        s_x / s_y, unit column stride; each w (OUT, IN) contiguous."""
+        s_x / s_y, unit column stride; each w (OUT, IN) contiguous. CONV: outputs o < CONV_C (a multiple of BO) then
+        go through one causal conv step (`ConvStep`): the window cs[i, o] (W taps, contiguous, row stride s_cs)
+        shifts left and takes y[i, o] (rounded to y's dtype, as a separate step would store it), and y[i, o]
+        becomes silu(window . cw[o] (+ cb[o]))."""
         e = tl.program_id(1)
         w, b = w0, b0
         if e == 1:
@@ -83,6 +87,20 @@ def _kernel():
                     acc += tl.dot(xt, tl.trans(wt))
         if HAS_BIAS:
             acc += tl.load(b + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        if CONV:
+            if tl.program_id(0) * BO < CONV_C:  # a tile of the conv's channels
+                taps = tl.arange(0, W)[None, None, :]
+                at = cs + rows.to(tl.int64)[:, None, None] * s_cs + outs[:, None] * W + taps  # (BB, BO, W)
+                ok = mine[:, None, None] & out_ok[None, :, None]
+                older = tl.load(at + 1, mask=ok & (taps < W - 1), other=0.0).to(tl.float32)  # the window, shifted
+                newest = acc.to(y.dtype.element_ty).to(tl.float32)[:, :, None]
+                window = tl.where(taps == W - 1, newest, older)
+                tl.store(at, window.to(cs.dtype.element_ty), mask=ok)
+                cwt = tl.load(cw + outs[:, None] * W + tl.arange(0, W)[None, :], mask=out_ok[:, None], other=0.0)
+                acc = tl.sum(window * cwt.to(tl.float32)[None, :, :], axis=2)  # (BB, BO)
+                if HAS_CBIAS:
+                    acc += tl.load(cb + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+                acc = acc * tl.sigmoid(acc)
         tl.store(y + rows.to(tl.int64)[:, None] * s_y + outs[None, :], acc.to(y.dtype.element_ty),
                  mask=mine[:, None] & out_ok[None, :])
 
@@ -100,6 +118,46 @@ def kernel_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
             and _kernel() is not None)
 
 
+@dataclass(frozen=True)
+class ConvStep:
+    """One recurrent step of the depthwise causal conv (silu included) on a projection's first ``state.shape[1]``
+    outputs (in_proj's x half): ``state`` (b, c, w) the last w inputs per row and channel, updated in place;
+    ``weight`` (c, w); ``bias`` (c,) or None. What `mom.ops.backend.causal_conv1d_update` computes, here in the
+    projection's epilogue: a decode step's conv costs no launch of its own."""
+
+    state: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def applies(self, x: torch.Tensor, n_out: int, blocks: Blocks) -> bool:
+        """Whether the kernel can run it: window length a power of two, channels in whole output tiles, the state's
+        taps contiguous and each row's (c, w) contiguous, the weights (c, w) contiguous, all on x's device."""
+        b, c, w = self.state.shape
+        tensors = (self.state, self.weight, *((self.bias,) if self.bias is not None else ()))
+        return (b == x.shape[0] and c <= n_out and c % blocks.out == 0 and w & (w - 1) == 0
+                and self.state[0].is_contiguous() and tuple(self.weight.shape) == (c, w)
+                and self.weight.is_contiguous() and all(t.device == x.device for t in tensors))
+
+    def reference(self, y: torch.Tensor) -> torch.Tensor:
+        """The step on y (b, out) in PyTorch ops: y with its first c columns replaced by the conv's output."""
+        c = self.state.shape[1]
+        self.state.copy_(torch.roll(self.state, shifts=-1, dims=-1))
+        self.state[:, :, -1] = y[:, :c]
+        conv = (self.state.float() * self.weight.float()).sum(-1)  # (b, c)
+        if self.bias is not None:
+            conv = conv + self.bias.float()
+        return torch.cat([torch.nn.functional.silu(conv).to(y.dtype), y[:, c:]], dim=1)
+
+
+def expert_slots(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None):
+    """The kernels' `MAX_EXPERTS` weight and bias pointers: the experts', then the first expert's in the unused slots
+    (never selected by a routed call; every row's for a shared projection of one expert); biases: the weights when
+    there are none (never read)."""
+    ws = (*weights, *(weights[:1] * (MAX_EXPERTS - len(weights))))
+    bs = ws if biases is None else (*biases, *(biases[:1] * (MAX_EXPERTS - len(biases))))
+    return ws, bs
+
+
 def default_blocks(n_in: int, n_out: int) -> Blocks:
     """The kernel's tiling for a projection n_in -> n_out, from `benchmarks/bench_routed_rows.py --sweep` on an H100
     at Mamba's decode shapes (docs/performance.md): wide outputs (in_proj) in tiles of 64; a short input (dt_proj: one
@@ -114,33 +172,40 @@ def default_blocks(n_in: int, n_out: int) -> Blocks:
 
 def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
                        expert_ids: torch.Tensor, use_kernel: bool | None = None,
-                       blocks: Blocks | None = None) -> torch.Tensor:
+                       blocks: Blocks | None = None, conv: ConvStep | None = None) -> torch.Tensor:
     """x (b, in), ``weights[e]`` (out, in), ``biases[e]`` (out,) or None, ``expert_ids`` (b,) int -> (b, out): row i
     through expert ``expert_ids[i]``. ``use_kernel`` defaults to `kernel_applies`; False runs the PyTorch ops (every
     expert over every row, each row keeping its own expert's output). ``blocks``: the kernel's tiling (default
-    `default_blocks`; benchmarks sweep it)."""
+    `default_blocks`; benchmarks sweep it). ``conv``: the first outputs then go through a conv step (`ConvStep`; the
+    kernel requires `ConvStep.applies`)."""
     if use_kernel is None:
         use_kernel = kernel_applies(x, weights)
-    if not use_kernel:
-        ys = torch.stack([torch.nn.functional.linear(x, w, None if biases is None else biases[e])
-                          for e, w in enumerate(weights)], dim=1)  # (b, M, out)
-        return ys.gather(1, expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])).squeeze(1)
     b, n_in = x.shape
     n_out = weights[0].shape[0]
     blocks = blocks or default_blocks(n_in, n_out)
+    if not use_kernel:
+        ys = torch.stack([torch.nn.functional.linear(x, w, None if biases is None else biases[e])
+                          for e, w in enumerate(weights)], dim=1)  # (b, M, out)
+        y = ys.gather(1, expert_ids.view(-1, 1, 1).expand(-1, 1, ys.shape[-1])).squeeze(1)
+        return y if conv is None else conv.reference(y)
+    if conv is not None and not conv.applies(x, n_out, blocks):
+        raise ValueError(f"routed_rows_linear: the kernel cannot run this conv step (state {tuple(conv.state.shape)}, "
+                         f"weight {tuple(conv.weight.shape)}, tiles of {blocks.out} outputs)")
     y = x.new_empty(b, n_out)
     if b == 0:
         return y
-    ws = (*weights, *(weights[:1] * (MAX_EXPERTS - len(weights))))  # unused slots: never selected
-    bs = ws if biases is None else (*biases, *(biases[:1] * (MAX_EXPERTS - len(biases))))
+    ws, bs = expert_slots(weights, biases)
     block_rows = min(64, max(ROWS, 1 << (b - 1).bit_length()))  # a decode batch of up to 64 rows: one block
     grid = (-(-n_out // blocks.out), len(weights), -(-b // block_rows))
-    args = (x, expert_ids, y, *ws, *bs, b, n_out, x.stride(0), y.stride(0))
-    constexprs = dict(IN=n_in, HAS_BIAS=biases is not None, IEEE=x.dtype == torch.float32, BB=block_rows,
-                      BO=blocks.out, BK=blocks.k)
+    cs, cw, cb = (x, x, x) if conv is None else (conv.state, conv.weight, conv.bias if conv.bias is not None else x)
+    args = (x, expert_ids, y, *ws, *bs, cs, cw, cb, b, n_out, 0 if conv is None else conv.state.shape[1],
+            x.stride(0), y.stride(0), 0 if conv is None else conv.state.stride(0))
+    constexprs = dict(IN=n_in, HAS_BIAS=biases is not None, IEEE=x.dtype == torch.float32, CONV=conv is not None,
+                      W=1 if conv is None else conv.state.shape[2],
+                      HAS_CBIAS=conv is not None and conv.bias is not None, BB=block_rows, BO=blocks.out, BK=blocks.k)
     options = {k: v for k, v in (("num_warps", blocks.warps), ("num_stages", blocks.stages)) if v is not None}
-    if x.is_cuda and not options:
-        launch(_kernel(), grid, args, **constexprs)
-    else:  # launch options (a benchmark's sweep), or Triton's interpreter (TRITON_INTERPRET=1: the tests on a CPU)
+    if x.is_cuda:
+        launch(_kernel(), grid, args, options=options, **constexprs)
+    else:  # Triton's interpreter (TRITON_INTERPRET=1: the tests on a CPU)
         _kernel()[grid](*args, **constexprs, **options)
     return y
