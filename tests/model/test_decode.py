@@ -5,6 +5,10 @@ buffers, cache binding and invalidation are the ones the CUDA graph path uses; t
 CUDA graphs."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -100,6 +104,59 @@ def test_lora_wrapped_experts_step_as_the_full_forward(pick):
         cache = base(ids[:, :4], use_cache=True).cache
         steps = [base.decode_logits(ids[:, t : t + 1], cache) for t in range(4, ids.shape[1])]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_steps_fused_kernels_in_tritons_interpreter_equal_the_full_forward(lora):
+    """`MoMMixer.step` with the CUDA step's kernels forced on the CPU (Triton's interpreter): in_proj with its conv
+    step (`routed_rows.ConvStep`) and dt_proj with the state update (`mom.ops.triton.state_update`) give the full
+    forward's logits; LoRA-wrapped in_proj / dt_proj experts are called as modules instead (no fused kernel)."""
+    pytest.importorskip("triton")
+    if lora:
+        pytest.importorskip("peft")
+    script = textwrap.dedent(f"""
+        import functools
+        import torch
+        from helpers import interleaved_ids, tiny_config
+        import mom
+        from mom.model import mixer
+        from mom.model.routing import project_rows
+        from mom.ops.triton import routed_rows, state_update
+
+        # the kernels' own conditions, but for the device (CPU tensors run in the interpreter)
+        routed_rows.kernel_applies = lambda x, w: x.dim() == 2 and x.stride(1) == 1 and 0 < len(w) <= 4
+        state_update.kernel_applies = lambda *a: True
+        mixer.project_rows = functools.partial(project_rows, pick_on_device=True)
+        fused = {{"conv": 0, "state": 0}}
+        rows_linear, update = routed_rows.routed_rows_linear, state_update.routed_state_update
+        routed_rows.routed_rows_linear = lambda *a, **k: (
+            fused.__setitem__("conv", fused["conv"] + (k.get("conv") is not None)) or rows_linear(*a, **k))
+        state_update.routed_state_update = lambda *a, **k: (
+            fused.__setitem__("state", fused["state"] + 1) or update(*a, **k))
+
+        torch.manual_seed(0)
+        model = mom.MoMForCausalLM(tiny_config()).eval()
+        if {lora}:
+            import peft
+            model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["in_proj.image", "dt_proj.text"],
+                                                               init_lora_weights=False)).eval().base_model.model
+        ids = interleaved_ids(model.config, 4, [(0, 3), (1, 4), (2, 3), (0, 2)],
+                              generator=torch.Generator().manual_seed(3))
+        ids = torch.stack([row.roll(3 * i) for i, row in enumerate(ids)])
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = model(ids[:, :4], use_cache=True).cache
+            steps = [model.decode_logits(ids[:, t : t + 1], cache) for t in range(4, ids.shape[1])]
+        torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
+        print(fused["conv"], fused["state"])
+    """)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for `helpers`
+    path = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layer_steps = 2 * 8  # tiny_config's 2 layers, 8 steps
+    assert done.stdout.split() == (["0", "0"] if lora else [str(layer_steps), str(layer_steps)])
 
 
 @needs_generate_cache

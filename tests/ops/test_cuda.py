@@ -292,8 +292,8 @@ def test_cuda_graph_decode_with_lora_merged_or_not():
     model = _graph_model()
     prompt = _mixed_prompt(model)
     kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["in_proj.image", "out_proj.speech"],
-                                                         init_lora_weights=False)).eval()
+    targets = ["in_proj.image", "dt_proj.text", "out_proj.speech"]  # wrapped: no fused conv step / state update
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
     eager = wrapped.generate(input_ids=prompt, cuda_graph=False, **kwargs)
     assert torch.equal(wrapped.generate(input_ids=prompt, **kwargs), eager)  # wrapped experts: the eager step
     assert model.decode_graphs.captures == 0
