@@ -14,6 +14,9 @@ a CUDA graph replays it for any routing.
 The weights are read where they are (the experts' own ``nn.Linear`` parameters, no stacked copy), so in-place
 changes are seen; the caller decides that the experts are plain linears (a wrapped one, e.g. LoRA, is called as a
 module instead). Off CUDA, or without Triton, `routed_rows_linear` is the same maths in PyTorch ops.
+
+In_proj's kernel can also run the step's causal conv on its x half (`ConvStep`): the programs of those output tiles
+shift each row's conv window, append the new x and write silu(conv) instead, so the conv costs no launch of its own.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from mom.ops.triton.launcher import launch
 from mom.ops.triton.routed_rows import MAX_EXPERTS, expert_slots
 
 
-def blocks(rows: int) -> tuple[int, int]:
+def tiling(rows: int) -> tuple[int, int]:
     """(channels per program, warps) for a step of ``rows`` rows, from an H100 sweep at d_inner 1536, d_state 16
     (docs/performance.md): small programs for one or a few rows; at 64 rows one warp per 32 channels."""
     return (16, 2) if rows <= 16 else (32, 1)
@@ -126,7 +126,7 @@ def routed_state_update(state: torch.Tensor, x: torch.Tensor, dt_in: torch.Tenso
     zz = x if z is None else z
     args = (state, x, zz, dt_in, expert_ids, *ws, *bs, A_log, B, C, D, y, di, state.stride(0), x.stride(0),
             zz.stride(0), dt_in.stride(0), B.stride(0), C.stride(0), y.stride(0))
-    block_d, warps = blocks(b)
+    block_d, warps = tiling(b)
     constexprs = dict(N=n, R=r, HAS_BIAS=biases is not None, HAS_Z=z is not None, BD=block_d, BN=_pow2(n),
                       BR=_pow2(r))
     grid = (-(-di // block_d), b, 1)
