@@ -225,6 +225,7 @@ class MoMMixer(nn.Module):
         the conv is its own step, called as a module."""
         experts = list(self.in_proj.values()) if isinstance(self.in_proj, RoutedLinear) else None
         conv_weight = self.conv1d.weight  # (di, 1, w) unless partitioned (ZeRO-3) or offloaded
+        # up to one block of rows: with 64 the epilogue's windows made the step slower (docs/performance.md)
         if (experts is not None and h.shape[0] <= routed_rows.ROWS and all(type(e) is nn.Linear for e in experts)
                 and type(self.conv1d) is CausalConv1d and conv_weight.shape == (self.d_inner, 1, conv_state.shape[-1])):
             weights, biases = [e.weight for e in experts], [e.bias for e in experts]
@@ -246,7 +247,7 @@ class MoMMixer(nn.Module):
         if all(type(e) is nn.Linear for e in experts):
             weights, biases = [e.weight for e in experts], [e.bias for e in experts]
             if all(b is not None for b in biases) and state_update.kernel_applies(state, x, dt, weights, self.A_log,
-                                                                                  B, C, z):
+                                                                                  self.D, B, C, z):
                 return state_update.routed_state_update(state, x, dt, weights, biases, routing.expert_ids,
                                                         self.A_log, B, C, self.D, z, use_kernel=True)
         dt = project_rows(self.dt_proj, dt, routing)  # (b, di), Δ pre-activation

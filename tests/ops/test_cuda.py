@@ -340,7 +340,7 @@ def test_state_update_kernel_equals_the_pytorch_ops(dtype, rows, experts):
     A_log = torch.rand(di, n, device="cuda", generator=g) * 3
     D = torch.randn(di, device="cuda", generator=g)
     state = torch.randn(rows, di, n, device="cuda", generator=g)
-    assert kernel_applies(state, x, dt, ws, A_log, B, C, xz[:, di:])
+    assert kernel_applies(state, x, dt, ws, A_log, D, B, C, xz[:, di:])
     ref_state = state.clone()
     got = routed_state_update(state, x, dt, ws, bs, ids, A_log, B, C, D, xz[:, di:], use_kernel=True)
     want = routed_state_update(ref_state, x, dt, ws, bs, ids, A_log, B, C, D, xz[:, di:], use_kernel=False)

@@ -56,7 +56,8 @@ def test_softplus_is_linear_above_20_as_torchs():
 
 def test_the_kernel_does_not_apply_off_cuda_or_to_too_many_experts():
     case = _case(2, 8, 4, 3, 3, True)
-    args = (case["state"], case["x"], case["dt_in"], case["weights"], case["A_log"], case["B"], case["C"], case["z"])
+    args = (case["state"], case["x"], case["dt_in"], case["weights"], case["A_log"], case["D"], case["B"], case["C"],
+            case["z"])
     assert not kernel_applies(*args)  # CPU tensors: the PyTorch ops
     too_many = [torch.randn(8, 3) for _ in range(MAX_EXPERTS + 1)]
     assert not kernel_applies(*args[:3], too_many, *args[4:])

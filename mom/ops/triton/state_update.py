@@ -89,20 +89,23 @@ def _kernel():
 
 
 def kernel_applies(state: torch.Tensor, x: torch.Tensor, dt_in: torch.Tensor, weights: Sequence[torch.Tensor],
-                   A_log: torch.Tensor, B: torch.Tensor, C: torch.Tensor, z: torch.Tensor | None) -> bool:
+                   A_log: torch.Tensor, D: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   z: torch.Tensor | None) -> bool:
     """Whether `routed_state_update` runs the Triton kernel: CUDA, Triton, at most `MAX_EXPERTS` experts of contiguous
-    (d_inner, r) weights on x's device, a state (b, d_inner, d_state) contiguous per row, A_log (d_inner, d_state)
-    contiguous; x, z, dt_in, B and C each (rows, features) with contiguous features."""
+    (d_inner, r) weights, a state (b, d_inner, d_state) contiguous per row, A_log (d_inner, d_state) and D (d_inner,)
+    contiguous, all on x's device (none offloaded); x, z, dt_in, B and C each (rows, features) with contiguous
+    features."""
     if not (x.is_cuda and x.dim() == 2 and 0 < len(weights) <= MAX_EXPERTS):
         return False
-    if not all(t.dim() == 2 and t.stride(1) == 1 for t in (x, dt_in, B, C, *((z,) if z is not None else ()))):
+    rows = (x, dt_in, B, C, *((z,) if z is not None else ()))
+    if not all(t.dim() == 2 and t.stride(1) == 1 and t.device == x.device for t in rows):
         return False
     b, di = x.shape
     shape = (di, weights[0].shape[1])
-    return (state.shape[:2] == (b, di) and state[0].is_contiguous() and A_log.is_contiguous()
-            and tuple(A_log.shape) == tuple(state.shape[1:])
-            and all(w.device == x.device and tuple(w.shape) == shape and w.is_contiguous() for w in weights)
-            and _kernel() is not None)
+    return (state.shape[:2] == (b, di) and state[0].is_contiguous() and tuple(A_log.shape) == tuple(state.shape[1:])
+            and tuple(D.shape) == (di,)
+            and all(t.device == x.device and t.is_contiguous() for t in (state, A_log, D, *weights))
+            and all(tuple(w.shape) == shape for w in weights) and _kernel() is not None)
 
 
 def routed_state_update(state: torch.Tensor, x: torch.Tensor, dt_in: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -114,7 +117,7 @@ def routed_state_update(state: torch.Tensor, x: torch.Tensor, dt_in: torch.Tenso
     experts (one for a shared dt_proj: every row uses it); expert_ids (b,) int; A_log (d_inner, d_state); B, C (b,
     d_state); D (d_inner,). -> y (b, d_inner) in x's dtype. ``use_kernel`` defaults to `kernel_applies`."""
     if use_kernel is None:
-        use_kernel = kernel_applies(state, x, dt_in, weights, A_log, B, C, z)
+        use_kernel = kernel_applies(state, x, dt_in, weights, A_log, D, B, C, z)
     if not use_kernel:
         return _reference(state, x, dt_in, weights, biases, expert_ids, A_log, B, C, D, z)
     b, di = x.shape
