@@ -31,7 +31,7 @@ import torch.nn as nn
 from mom.model import registrations
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
-from mom.model.routing import RoutedLinear, Routing, project, project_rows
+from mom.model.routing import RoutedLinear, Routing, plain_experts, project, project_rows
 from mom.ops import backend, fused
 from mom.ops.projections import Projection
 from mom.ops.triton import routed_rows, state_update
@@ -223,11 +223,11 @@ class MoMMixer(nn.Module):
         """in_proj and the conv step: h (b, d_model) -> (x after the conv, z), (b, di) each; ``conv_state`` advances.
         A routed in_proj of plain experts on CUDA runs the conv in its kernel's epilogue (`routed_rows.ConvStep`); else
         the conv is its own step, called as a module."""
-        experts = list(self.in_proj.values()) if isinstance(self.in_proj, RoutedLinear) else None
+        experts = plain_experts(self.in_proj) if isinstance(self.in_proj, RoutedLinear) else None
         conv_weight = self.conv1d.weight  # (di, 1, w) unless partitioned (ZeRO-3) or offloaded
         # up to one block of rows: with 64 the epilogue's windows made the step slower (docs/performance.md)
-        if (experts is not None and h.shape[0] <= routed_rows.ROWS and all(type(e) is nn.Linear for e in experts)
-                and type(self.conv1d) is CausalConv1d and conv_weight.shape == (self.d_inner, 1, conv_state.shape[-1])):
+        if (experts is not None and h.shape[0] <= routed_rows.ROWS and type(self.conv1d) is CausalConv1d
+                and conv_weight.shape == (self.d_inner, 1, conv_state.shape[-1])):
             weights, biases = [e.weight for e in experts], [e.bias for e in experts]
             conv = routed_rows.ConvStep(conv_state, conv_weight.view(self.d_inner, -1), self.conv1d.bias)
             blocks = routed_rows.default_blocks(h.shape[1], weights[0].shape[0])
@@ -243,8 +243,8 @@ class MoMMixer(nn.Module):
         """dt_proj on the Δ-rank features dt (b, r), then the selective state update of ``state`` -> y (b, di). Plain
         dt_proj experts on CUDA: one kernel for both (`mom.ops.triton.state_update`); others (LoRA-wrapped) are
         called as modules (`project_rows`) before the state update."""
-        experts = list(self.dt_proj.values()) if isinstance(self.dt_proj, RoutedLinear) else [self.dt_proj]
-        if all(type(e) is nn.Linear for e in experts):
+        experts = plain_experts(self.dt_proj)
+        if experts is not None:
             weights, biases = [e.weight for e in experts], [e.bias for e in experts]
             if all(b is not None for b in biases) and state_update.kernel_applies(state, x, dt, weights, self.A_log,
                                                                                   self.D, B, C, z):

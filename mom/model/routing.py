@@ -168,6 +168,13 @@ def project(proj: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     return proj(x)
 
 
+def plain_experts(proj: nn.Module) -> list[nn.Linear] | None:
+    """The experts of a routed projection (or a shared one's linear) when every one is a plain ``nn.Linear``, whose
+    weights a decode kernel may read directly; None when one is wrapped (LoRA) or of another type: called as modules."""
+    experts = list(proj.values()) if isinstance(proj, RoutedLinear) else [proj]
+    return experts if all(type(e) is nn.Linear for e in experts) else None
+
+
 def project_rows(
     proj: nn.Module, x: torch.Tensor, routing: Routing, pick_on_device: bool | None = None
 ) -> torch.Tensor:
@@ -190,7 +197,7 @@ def project_rows(
     if not pick_on_device:
         return proj(x.unsqueeze(1), routing)[:, 0]
     experts = list(proj.values())
-    if all(type(e) is nn.Linear for e in experts):  # plain experts: one kernel on CUDA (`mom.ops.triton.routed_rows`)
+    if plain_experts(proj) is not None:  # plain experts: one kernel on CUDA (`mom.ops.triton.routed_rows`)
         weights, biases = [e.weight for e in experts], [e.bias for e in experts]
         uniform_bias = all(b is None for b in biases) or all(b is not None for b in biases)
         if uniform_bias and routed_rows.kernel_applies(x, weights):

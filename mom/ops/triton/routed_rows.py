@@ -27,6 +27,7 @@ from functools import cache
 
 import torch
 
+from mom.ops import backend
 from mom.ops.triton.launcher import launch
 
 MAX_EXPERTS = 4  # the kernel takes one weight (and bias) pointer per expert; more experts take the PyTorch ops
@@ -144,12 +145,8 @@ class ConvStep:
     def reference(self, y: torch.Tensor) -> torch.Tensor:
         """The step on y (b, out) in PyTorch ops: y with its first c columns replaced by the conv's output."""
         c = self.state.shape[1]
-        self.state.copy_(torch.roll(self.state, shifts=-1, dims=-1))
-        self.state[:, :, -1] = y[:, :c]
-        conv = (self.state.float() * self.weight.float()).sum(-1)  # (b, c)
-        if self.bias is not None:
-            conv = conv + self.bias.float()
-        return torch.cat([torch.nn.functional.silu(conv).to(y.dtype), y[:, c:]], dim=1)
+        conv = backend.causal_conv1d_update(y[:, :c], self.state, self.weight, self.bias)  # (b, c)
+        return torch.cat([conv.to(y.dtype), y[:, c:]], dim=1)
 
 
 def expert_slots(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None):

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
+from mom.ops import reference
 from mom.ops.triton.launcher import launch
-from mom.ops.triton.routed_rows import MAX_EXPERTS, expert_slots
+from mom.ops.triton.routed_rows import MAX_EXPERTS, expert_slots, routed_rows_linear
 
 
 def tiling(rows: int) -> tuple[int, int]:
@@ -145,17 +145,10 @@ def _pow2(n: int) -> int:
 
 
 def _reference(state, x, dt_in, weights, biases, expert_ids, A_log, B, C, D, z) -> torch.Tensor:
-    """`routed_state_update` in PyTorch ops, fp32 inside: every expert's Δ on every row, each row keeping its own."""
+    """`routed_state_update` in PyTorch ops: Δ through each row's expert in fp32 (`routed_rows_linear`'s PyTorch
+    ops), then the reference state update."""
     f32 = torch.float32
-    dts = torch.stack([F.linear(dt_in.to(f32), w.to(f32), None if biases is None else biases[e].to(f32))
-                       for e, w in enumerate(weights)], dim=1)  # (b, M, di)
-    pick = expert_ids.clamp(0, len(weights) - 1) if len(weights) > 1 else torch.zeros_like(expert_ids)
-    dt = F.softplus(dts.gather(1, pick.view(-1, 1, 1).expand(-1, 1, dts.shape[-1])).squeeze(1))  # (b, di)
-    A = -torch.exp(A_log.to(f32))  # (di, n)
-    xf = x.to(f32)
-    new = state.to(f32) * torch.exp(dt[..., None] * A) + (dt * xf)[..., None] * B.to(f32)[:, None, :]
-    state.copy_(new)
-    out = torch.einsum("bdn,bn->bd", new, C.to(f32)) + D.to(f32) * xf
-    if z is not None:
-        out = out * F.silu(z.to(f32))
-    return out.to(x.dtype)
+    pick = expert_ids.clamp(0, len(weights) - 1)  # a shared dt_proj: every row through the one expert
+    dt = routed_rows_linear(dt_in.to(f32), [w.to(f32) for w in weights],
+                            None if biases is None else [b.to(f32) for b in biases], pick, use_kernel=False)
+    return reference.selective_state_update(state, x, dt, -torch.exp(A_log.to(f32)), B, C, D, z, dt_softplus=True)
