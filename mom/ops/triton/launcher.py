@@ -25,10 +25,11 @@ _direct = True  # False once this Triton's compiled-kernel launcher rejected a c
 def launch(kernel, grid: tuple[int, int, int], args: tuple, options: dict | None = None, **constexprs) -> None:
     """``kernel[grid](*args, **constexprs, **options)``; ``args``: tensors and ints (the kernel's leading parameters,
     in order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order; ``options``: Triton's compile
-    options (``num_warps``, ``num_stages``), part of the key."""
+    options (``num_warps``, ``num_stages``), part of the key. CPU tensors (Triton's interpreter, the tests) go
+    through the JIT."""
     global _direct
     options = options or {}
-    if not _direct:
+    if not _direct or not args[0].is_cuda:
         kernel[grid](*args, **constexprs, **options)
         return
     key = (kernel, torch.cuda.current_device(), *constexprs.values(), *sorted(options.items()),

@@ -133,10 +133,7 @@ def routed_state_update(state: torch.Tensor, x: torch.Tensor, dt_in: torch.Tenso
     constexprs = dict(N=n, R=r, HAS_BIAS=biases is not None, HAS_Z=z is not None, BD=block_d, BN=_pow2(n),
                       BR=_pow2(r))
     grid = (-(-di // block_d), b, 1)
-    if x.is_cuda:
-        launch(_kernel(), grid, args, options=dict(num_warps=warps), **constexprs)
-    else:  # Triton's interpreter (TRITON_INTERPRET=1: the tests on a CPU)
-        _kernel()[grid](*args, **constexprs)
+    launch(_kernel(), grid, args, options=dict(num_warps=warps), **constexprs)
     return y
 
 
