@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from mom.ops.triton.gathered_mm import DEFAULT_TILES, Tiles, gathered_mm
+from mom.ops.triton.gathered_mm import DEFAULT_TILES, Tiles, gathered_mm, gathered_weight_grads
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_common import interleaved_modalities  # noqa: E402
@@ -112,6 +112,55 @@ def bench_case(name, K, O, gather, scatter, transposed, perm, inv_perm, ends, it
     return True
 
 
+def wgrad_cases(d_model: int, headdim: int = 64, d_state: int = 128):
+    """(name, O, K, gather the output gradient's rows, gather the input's rows) of a Mamba-2 layer's weight
+    gradients whose rows are not in sorted order: in_proj's output gradient comes in sequence order, out_proj's input
+    was kept in it."""
+    d_inner = 2 * d_model
+    d_in_proj = 2 * d_inner + 2 * d_state + d_inner // headdim
+    return [("in_proj weight grad (gather d)", d_in_proj, d_model, True, False),
+            ("out_proj weight grad (gather x)", d_model, d_inner, False, True)]
+
+
+def bench_wgrad(name, O, K, gather_d, gather_x, perm, ends, iters, sweep) -> bool:
+    """Print one weight gradient's fused and unfused times (unfused: the row gather and one cuBLAS GEMM per
+    expert writing fp32, routed_linear's path where the counts are known); False if an output is wrong."""
+    n = perm.numel()
+    d = torch.randn(n, O, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, K, device="cuda", dtype=torch.bfloat16)
+    bounds = [0, *ends.tolist()]
+
+    def unfused():
+        rows_d = d.index_select(0, perm) if gather_d else d
+        rows_x = x.index_select(0, perm) if gather_x else x
+        return torch.stack([torch.mm(rows_d[s:e].t(), rows_x[s:e], out_dtype=torch.float32)
+                            for s, e in zip(bounds, bounds[1:])])
+
+    def fused(tiles=DEFAULT_TILES):
+        return gathered_weight_grads(d, x, ends, False, torch.float32, perm if gather_d else None,
+                                     perm if gather_x else None, tiles=tiles)[0]
+
+    want = unfused()
+    scale = want.abs().max().item()
+    err = (fused() - want).abs().max().item() / scale
+    if err > 1e-2:
+        print(f"{name}: fused weight gradient differs from the unfused one (max error {err:.3g})")
+        return False
+    t_unfused, t_fused = time_us(unfused, iters), time_us(fused, iters)
+    print(f"{name:<32} O {O:5d} K {K:5d}  fused {t_fused:8.1f} us  unfused {t_unfused:8.1f} us  "
+          f"ratio {t_fused / t_unfused:.3f}")
+    if sweep:
+        for tiles in SWEEP:
+            try:
+                t = time_us(lambda tiles=tiles: fused(tiles), iters)
+            except Exception as exc:  # noqa: BLE001 - a tiling this GPU cannot compile (shared memory)
+                print(f"    {tiles}: {type(exc).__name__}")
+                continue
+            print(f"    m {tiles.m:3d} n {tiles.n:3d} k {tiles.k:3d} warps {tiles.warps} stages {tiles.stages}: "
+                  f"{t:8.1f} us  ratio {t / t_unfused:.3f}")
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8x2048x1024", help="batch x length x d_model")
@@ -133,6 +182,9 @@ def main(argv=None) -> int:
           f"tiling {DEFAULT_TILES}")
     for case in cases(d_model):
         if not bench_case(*case, perm, inv_perm, ends, args.iters, args.sweep):
+            return 1
+    for case in wgrad_cases(d_model):
+        if not bench_wgrad(*case, perm, ends, args.iters, args.sweep):
             return 1
     return 0
 
