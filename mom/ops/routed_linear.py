@@ -8,14 +8,17 @@ What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' wei
   known on the host and the GEMM is large, `mom.ops.fused.PER_EXPERT_MACS`), instead of a module call per expert,
   a concatenation and a permutation each way.
 * The input rows and the output rows are each in sequence order or in the sorted order (``x_sorted``,
-  ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`); one row gather
-  (``index_select``, as the Mamba-1 Function's `_reorder`) crosses where an order differs from the GEMM's.
+  ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`). Where an order differs
+  from the GEMM's and the operands are bf16 / fp16 on CUDA, the GEMMs gather and scatter the rows themselves
+  (`mom.ops.triton.gathered_mm`, forward, input gradient and weight gradients): no (n, f) copy in either order.
+  Otherwise one row gather (``index_select``, as the Mamba-1 Function's `_reorder`) crosses.
 * Every expert's weight and bias is cast to the compute dtype (autocast's, `mom.ops.fused.compute_dtype`) in one
   kernel (`mom.ops.triton.flatcast`), once per call.
 * Backward: the output gradient to sorted rows, one grouped GEMM for the input gradient (back to the input's order,
   in its dtype), the weight gradients grouped along the tokens, or per expert where the counts are known
   (`mom.ops.fused.grouped_weight_grads`), written in the parameters' dtype. An absent modality's expert gets zero
-  gradients. Saved for the backward: the sorted input rows (in the compute dtype) and the cast weights.
+  gradients. Saved for the backward: the input rows (in the compute dtype; sorted unless the kernels gather them)
+  and the cast weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from mom.ops.fused import HostCounts, Routes, compute_dtype, grouped_rows, grouped_weight_grads
+from mom.ops.triton import gathered_mm as gmm
 from mom.ops.triton.flatcast import flat_cast
 
 
@@ -65,6 +69,12 @@ class _Layout:
     x_sorted: bool  # the input rows are in the routes' sorted order (else sequence order)
     out_sorted: bool  # the output rows are
 
+    @property
+    def crosses(self) -> bool:
+        """Whether rows change order (input or output in sequence order): the gathers `mom.ops.triton.gathered_mm`
+        fuses into its GEMMs."""
+        return not (self.x_sorted and self.out_sorted)
+
 
 def _cast(layout: _Layout, params, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The experts' weights and biases in ``dtype``, one cast kernel -> (w (k, o, i), b (k, o) or None), views."""
@@ -80,11 +90,16 @@ class _RoutedLinear(torch.autograd.Function):
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here
             w, b = _cast(layout, params, dtype)
             rows = x.reshape(-1, layout.in_features).to(dtype)  # (n, i)
-            if not layout.x_sorted:
-                rows = rows.index_select(0, perm)
-            out = grouped_rows(rows, w.transpose(1, 2), b, layout.counts, offsets)  # (n, o) sorted
-            if not layout.out_sorted:
-                out = out.index_select(0, inv_perm)
+            ctx.fused = layout.crosses and gmm.kernel_applies(rows, w)
+            if ctx.fused:  # the row gather / scatter inside the GEMM; rows stay in x's order
+                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, a_index=_index(layout.x_sorted, perm),
+                                      out_index=_index(layout.out_sorted, perm))
+            else:
+                if not layout.x_sorted:
+                    rows = rows.index_select(0, perm)
+                out = grouped_rows(rows, w.transpose(1, 2), b, layout.counts, offsets)  # (n, o) sorted
+                if not layout.out_sorted:
+                    out = out.index_select(0, inv_perm)
         ctx.layout, ctx.dtype, ctx.x_dtype, ctx.x_shape = layout, dtype, x.dtype, x.shape
         ctx.param_dtype = params[0].dtype
         ctx.save_for_backward(rows, w, perm, inv_perm, offsets)
@@ -97,14 +112,30 @@ class _RoutedLinear(torch.autograd.Function):
         rows, w, perm, inv_perm, offsets = ctx.saved_tensors
         with torch.autocast("cuda", enabled=False):
             d = dout.reshape(-1, layout.out_features).to(ctx.dtype)  # (n, o)
-            if not layout.out_sorted:
-                d = d.index_select(0, perm)
-            dx = None
-            if ctx.needs_input_grad[0]:
-                dx = grouped_rows(d, w, None, layout.counts, offsets, out_dtype=ctx.x_dtype)  # (n, i) sorted
-                if not layout.x_sorted:
-                    dx = dx.index_select(0, inv_perm)
-                dx = dx.view(ctx.x_shape)
-            g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype, offsets)
+            if ctx.fused:  # d and rows in their own orders, gathered inside the kernels
+                d_index, x_index = _index(layout.out_sorted, perm), _index(layout.x_sorted, perm)
+                dx = None
+                if ctx.needs_input_grad[0]:
+                    dx = gmm.gathered_mm(d, w, offsets, a_index=d_index, out_index=x_index,
+                                         out_dtype=ctx.x_dtype).view(ctx.x_shape)
+                g_w, g_b = gmm.gathered_weight_grads(d, rows, offsets, layout.has_bias, ctx.param_dtype, d_index,
+                                                     x_index)
+            else:
+                if not layout.out_sorted:
+                    d = d.index_select(0, perm)
+                dx = None
+                if ctx.needs_input_grad[0]:
+                    dx = grouped_rows(d, w, None, layout.counts, offsets, out_dtype=ctx.x_dtype)  # (n, i) sorted
+                    if not layout.x_sorted:
+                        dx = dx.index_select(0, inv_perm)
+                    dx = dx.view(ctx.x_shape)
+                g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype,
+                                                offsets)
         params = list(g_w.unbind()) + (list(g_b.unbind()) if g_b is not None else [])
         return (dx, None, None, None, None, None, *params)
+
+
+def _index(is_sorted: bool, perm: torch.Tensor) -> torch.Tensor | None:
+    """The row index of a side of the GEMM: None for rows already sorted, else ``perm`` (sorted row j is token
+    ``perm[j]``: read from, or written to, row ``perm[j]`` of the sequence-order rows)."""
+    return None if is_sorted else perm

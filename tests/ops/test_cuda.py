@@ -389,3 +389,61 @@ def test_routed_rows_kernel_equals_the_pytorch_ops(dtype, rows, blocks):
         tiling = None if blocks is None else Blocks(*blocks)  # the default tilings, and one other for every shape
         torch.testing.assert_close(routed_rows_linear(x, ws, bs, ids, use_kernel=True, blocks=tiling),
                                    routed_rows_linear(x, ws, bs, ids, use_kernel=False), **tol)
+
+
+@pytest.mark.parametrize("counts", [(700, 0, 1300), (2048,), (5, 1000, 37, 600)])
+@pytest.mark.parametrize("K, O", [(256, 384), (200, 72)])
+def test_gathered_mm_kernels_equal_the_pytorch_ops(counts, K, O):
+    """`gathered_mm` / `gathered_weight_grads` in bf16: the Triton kernels against their PyTorch ops (fp32 GEMMs),
+    gathering, scattering and both; blocks that straddle tiles, an expert without rows, uneven K and O."""
+    from mom.ops.triton.gathered_mm import gathered_mm, gathered_weight_grads
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, E = sum(counts), len(counts)
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    a = torch.randn(n, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(E, O, K, device="cuda", generator=g) / K**0.5).bfloat16().transpose(1, 2)
+    b = torch.randn(E, O, device="cuda", generator=g).bfloat16()
+    perm = torch.randperm(n, device="cuda", generator=g)
+    for ai, oi, bias in [(None, None, b), (perm, None, None), (None, perm, b), (perm, perm.flip(0), b)]:
+        got = gathered_mm(a, w, ends, bias, ai, oi)
+        want = gathered_mm(a, w, ends, bias, ai, oi, use_kernel=False)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    d = torch.randn(n, O, device="cuda", generator=g).bfloat16()
+    for di, xi, has_bias in [(None, None, True), (perm, None, False), (None, perm, True)]:
+        got = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi)
+        want = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi, use_kernel=False)
+        torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=1e-3)
+        if has_bias:
+            torch.testing.assert_close(got[1], want[1], atol=1e-2, rtol=1e-3)
+
+
+def test_routed_linear_with_fused_gathers_equals_the_unfused_path(monkeypatch):
+    """bf16 on the GPU: `routed_linear` with its row gathers in the GEMMs (`gathered_mm`) against the same call with
+    index_select + torch._grouped_mm, in the orders that cross: output, input and weight gradients."""
+    from mom.model.routing import Routing
+    from mom.ops import routed_linear as rl
+
+    runs = [(0, 64), (1, 256), (2, 128), (0, 17), (1, 3)]
+    ids = torch.cat([torch.full((3, n), m) for m, n in runs], dim=1).cuda()  # modality ids
+    routing = Routing.build(ids, 3)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(96, 64, device="cuda", generator=g, requires_grad=True) for _ in range(3)]
+    biases = [torch.randn(96, device="cuda", generator=g, requires_grad=True) for _ in range(3)]
+    x = torch.randn(*ids.shape, 64, device="cuda", generator=g)
+    grad = torch.randn(*ids.shape, 96, device="cuda", generator=g)
+
+    def run(fuse: bool, x_sorted: bool, out_sorted: bool):
+        monkeypatch.setattr(rl.gmm, "kernel_applies", (lambda a, w: True) if fuse else (lambda a, w: False))
+        xi = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = rl.routed_linear(xi, weights, biases, routing.routes(torch.bfloat16), x_sorted, out_sorted)
+        out.backward(grad)
+        result = [out.float(), xi.grad, *(p.grad.clone() for p in weights + biases)]
+        for p in weights + biases:
+            p.grad = None
+        return result
+
+    for x_sorted, out_sorted in [(False, False), (True, False), (False, True)]:
+        for got, want in zip(run(True, x_sorted, out_sorted), run(False, x_sorted, out_sorted)):
+            torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)

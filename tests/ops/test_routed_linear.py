@@ -6,7 +6,9 @@ import torch
 
 from mom.model.routing import RoutedLinear, Routing
 from mom.ops import fused
+from mom.ops import routed_linear as routed_linear_module
 from mom.ops.routed_linear import routed_linear
+from mom.ops.triton import gathered_mm
 
 MODALITIES = ("text", "image", "speech")
 LAYOUTS = {
@@ -102,3 +104,42 @@ def test_routed_linear_names_bad_inputs():
         routed_linear(x, weights, [torch.zeros(16)] * 2, routes)
     with pytest.raises(ValueError, match=r"input \(2, 16, 8\) for experts of 8 inputs and routes for 34 rows"):
         routed_linear(x[:, :16], weights, None, routes)
+
+
+class _ReferenceGatheredMM:
+    """`mom.ops.triton.gathered_mm` as `routed_linear` sees it on a GPU (``kernel_applies``), its ops on CPU."""
+
+    def __init__(self, use_kernel: bool) -> None:
+        self.use_kernel = use_kernel
+        self.calls = 0
+
+    def kernel_applies(self, a, w) -> bool:
+        return True
+
+    def gathered_mm(self, *args, **kwargs):
+        self.calls += 1
+        return gathered_mm.gathered_mm(*args, **kwargs, use_kernel=self.use_kernel)
+
+    def gathered_weight_grads(self, *args, **kwargs):
+        self.calls += 1
+        return gathered_mm.gathered_weight_grads(*args, **kwargs, use_kernel=self.use_kernel)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_gathers_equal_the_module_calls(layout, bias, monkeypatch):
+    """Where the kernels apply (bf16 on CUDA), rows in sequence order are gathered and scattered inside the GEMMs
+    (`gathered_mm`), forward, input and weight gradients: the same results in every row order (the kernels' PyTorch
+    ops here; the kernels themselves in tests/ops/test_gathered_mm.py and on a GPU in tests/ops/test_cuda.py)."""
+    kernels = _ReferenceGatheredMM(use_kernel=False)
+    monkeypatch.setattr(routed_linear_module, "gmm", kernels)
+    proj = make_proj(bias, torch.float64)
+    modality_ids = LAYOUTS[layout]
+    out_ref, dx_ref, g_ref = run(proj, modality_ids, fast=False, dtype=torch.float64)
+    for x_sorted, out_sorted in [(False, False), (True, False), (False, True)]:
+        out, dx, g = run(proj, modality_ids, True, x_sorted, out_sorted, False, torch.float64)
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(dx, dx_ref)
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
+    assert kernels.calls == 3 * 3  # three orders that cross: forward, input gradient, weight gradients each

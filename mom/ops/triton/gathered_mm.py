@@ -167,7 +167,7 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
     stacked (E, O, K) ``nn.Linear`` weights transposed is one); ends: (E,) int32 on a's device, where each expert's
     block of sorted rows ends; bias: (E, O) or None. ``a_index`` (n,) int64: sorted row j reads ``a[a_index[j]]``
     (else ``a[j]``, n_a = n); ``out_index`` (n,) int64: it writes ``out[out_index[j]]`` (else ``out[j]``), a
-    permutation of the n rows. -> out (n, O) in ``out_dtype`` (default a's), accumulated in fp32.
+    permutation of the n rows. -> out (n, O) in ``out_dtype`` (default a's), accumulated in fp32 or wider.
 
     ``use_kernel``: None runs the Triton kernel where `kernel_applies`, False the PyTorch ops, True requires the
     kernel (Triton's interpreter runs it on CPU tensors)."""
@@ -209,22 +209,23 @@ def gathered_weight_grads(d: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, 
     """The experts' weight (and bias) gradients of a routed projection, its row gathers fused: for each expert e,
     ``gw[e] = sum_j d[di(j)].T x[xi(j)]`` over e's block of sorted rows j (``ends``, on the device), ``di(j) =
     d_index[j]`` (else j), ``xi(j)`` alike. d: (n_d, O) output gradient rows, x: (n_x, K) input rows, any strides.
-    -> (gw (E, O, K), gb (E, O) or None) in ``dtype``, accumulated in fp32 (an expert without rows gets zeros).
+    -> (gw (E, O, K), gb (E, O) or None) in ``dtype``, accumulated in fp32 or wider (an expert without rows gets zeros).
 
     ``use_kernel``: as for `gathered_mm` (the kernel where `kernel_applies` to d and x)."""
     E, O, K = ends.shape[0], d.shape[1], x.shape[1]
     if use_kernel is None:
         use_kernel = kernel_applies(d, x)
     if not use_kernel:
-        rows_d = d if d_index is None else d.index_select(0, d_index)
-        rows_x = x if x_index is None else x.index_select(0, x_index)
-        gw = torch.zeros(E, O, K, dtype=torch.float32, device=d.device)
-        gb = torch.zeros(E, O, dtype=torch.float32, device=d.device) if has_bias else None
+        wide = torch.promote_types(d.dtype, torch.float32)
+        rows_d = (d if d_index is None else d.index_select(0, d_index)).to(wide)
+        rows_x = (x if x_index is None else x.index_select(0, x_index)).to(wide)
+        gw = torch.zeros(E, O, K, dtype=wide, device=d.device)
+        gb = torch.zeros(E, O, dtype=wide, device=d.device) if has_bias else None
         start = 0
         for e, end in enumerate(ends.tolist()):
-            gw[e] = rows_d[start:end].float().t() @ rows_x[start:end].float()
+            gw[e] = rows_d[start:end].t() @ rows_x[start:end]
             if gb is not None:
-                gb[e] = rows_d[start:end].float().sum(0)
+                gb[e] = rows_d[start:end].sum(0)
             start = end
         return gw.to(dtype), None if gb is None else gb.to(dtype)
     gw = torch.empty(E, O, K, dtype=dtype, device=d.device)
@@ -243,13 +244,14 @@ def gathered_weight_grads(d: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, 
 
 
 def _reference(a, w, ends, bias, a_index, out_index, out_dtype) -> torch.Tensor:
-    """The same in PyTorch ops (reads ``ends`` on the host): gather, one GEMM per expert in fp32, scatter."""
+    """The same in PyTorch ops (reads ``ends`` on the host): gather, one GEMM per expert in fp32 (or wider), scatter."""
+    wide = torch.promote_types(a.dtype, torch.float32)
     rows = a if a_index is None else a.index_select(0, a_index)
-    sorted_out = torch.empty(rows.shape[0], w.shape[2], dtype=torch.float32, device=a.device)
+    sorted_out = torch.empty(rows.shape[0], w.shape[2], dtype=wide, device=a.device)
     start = 0
     for e, end in enumerate(ends.tolist()):
-        block = rows[start:end].float() @ w[e].float()
-        sorted_out[start:end] = block if bias is None else block + bias[e].float()
+        block = rows[start:end].to(wide) @ w[e].to(wide)
+        sorted_out[start:end] = block if bias is None else block + bias[e].to(wide)
         start = end
     if out_index is None:
         return sorted_out.to(out_dtype)
