@@ -15,21 +15,24 @@ before anything runs and every launch goes through the JIT from then on.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _compiled: dict[tuple, object] = {}
 _MAX_KEYS = 4096  # distinct (kernel, shapes, strides) seen; a bound for runs whose shapes keep changing
 _direct = True  # False once this Triton's compiled-kernel launcher rejected a call
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests), chosen at start
 
 
 def launch(kernel, grid: tuple[int, int, int], args: tuple, options: dict | None = None, **constexprs) -> None:
     """``kernel[grid](*args, **constexprs, **options)``; ``args``: tensors and ints (the kernel's leading parameters,
     in order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order; ``options``: Triton's compile
-    options (``num_warps``, ``num_stages``), part of the key. CPU tensors (Triton's interpreter, the tests) go
-    through the JIT."""
+    options (``num_warps``, ``num_stages``), part of the key. Under Triton's interpreter every launch goes through
+    the JIT."""
     global _direct
     options = options or {}
-    if not _direct or not args[0].is_cuda:
+    if not _direct or _INTERPRETED:
         kernel[grid](*args, **constexprs, **options)
         return
     key = (kernel, torch.cuda.current_device(), *constexprs.values(), *sorted(options.items()),
