@@ -17,10 +17,11 @@ and the per-modality Δ already comes from the routed ``in_proj``; the conv, A_l
 shared, the paper's split of token-wise (decoupled) and sequence-wise (shared) parameters.
 
 On CUDA with mamba-ssm and causal-conv1d, a forward over whole rows runs the fast path (`fast_path_applies`): each
-routed projection is ONE grouped GEMM over the tokens sorted by modality (`mom.ops.routed_linear`, the Mamba-1 fast
-path's GEMMs, `mom.ops.fused`), in_proj's output permuted back to sequence order once, then mamba-ssm's fused
-``mamba_split_conv1d_scan_combined`` (conv, scan and gated norm in one autograd Function; document resets through its
-``seq_idx``), then out_proj's input permuted to sorted order for its grouped GEMM. A model whose mixers all take it
+routed projection is ONE grouped GEMM over the tokens sorted by modality (`mom.ops.routed_linear`), which writes
+in_proj's output rows in sequence order, then mamba-ssm's fused ``mamba_split_conv1d_scan_combined`` (conv, scan and
+gated norm in one autograd Function; document resets through its ``seq_idx``), then out_proj's grouped GEMM, which
+reads its input rows in sorted order (in bf16 the GEMMs gather and scatter the rows themselves,
+`mom.ops.triton.gathered_mm`; otherwise a row permutation each way). A model whose mixers all take it
 keeps its residual stream in that sorted order (`mom.model.mixer.sorted_stream`, ``sorted_tokens``): in_proj then
 reads its rows and out_proj writes its rows without a permutation. Caches (a prefill) and padding run the module
 path's conv and scan below (`mom.ops.ssd`'s dispatch) between the same projections. The module path (every expert
@@ -156,7 +157,7 @@ class Mamba2Mixer(nn.Module):
     def _in_proj(self, hidden: torch.Tensor, routing: Routing, weights: FastPathWeights | None,
                  sorted_tokens: bool) -> torch.Tensor:
         """in_proj: hidden (b, l, d_model), sorted rows if ``sorted_tokens`` -> (b, l, d_inner + conv_dim + nheads) in
-        sequence order. On the fast path (``weights``), a routed one is one grouped GEMM and one permutation back."""
+        sequence order. On the fast path (``weights``), a routed one is one grouped GEMM writing sequence order."""
         if weights is None:
             return project(self.in_proj, hidden, routing)
         if weights.in_proj is not None:
@@ -170,7 +171,7 @@ class Mamba2Mixer(nn.Module):
     def _out_proj(self, y: torch.Tensor, routing: Routing, weights: FastPathWeights | None,
                   sorted_tokens: bool) -> torch.Tensor:
         """out_proj: y (b, l, d_inner) in sequence order -> (b, l, d_model), sorted rows if ``sorted_tokens``. On the
-        fast path (``weights``), a routed one is one permutation to sorted order and one grouped GEMM."""
+        fast path (``weights``), a routed one is one grouped GEMM reading its rows in sorted order."""
         if weights is None:
             return project(self.out_proj, y, routing)
         if weights.out_proj is not None:
