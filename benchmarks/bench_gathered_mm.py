@@ -8,7 +8,8 @@
 For each GEMM of a Mamba-2 layer whose rows change order (forward: in_proj's output to sequence order, out_proj's
 input to sorted order; backward: out_proj's input gradient to sequence order, in_proj's output gradient to sorted
 order) it prints, in microseconds per call (CUDA events over ``--iters`` calls, after warm-up):
-  fused     `gathered_mm` at its default tiling
+  fused     `gathered_mm` at its tuned tiling (`gathered_mm.tuned`: the fastest of its candidates, picked on the
+            first call)
   unfused   index_select + torch._grouped_mm (routed_linear's path), and the two parts alone
 and the ratio fused / unfused. Modalities in runs of 64 / 256 / 128 tokens, three experts. ``--sweep`` also times
 each of `SWEEP`'s tilings (one Triton compilation each) and prints the best. Every output is checked against the
@@ -22,7 +23,7 @@ import sys
 
 import torch
 
-from mom.ops.triton.gathered_mm import DEFAULT_TILES, Tiles, gathered_mm, gathered_weight_grads
+from mom.ops.triton.gathered_mm import Tiles, gathered_mm, gathered_weight_grads
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_common import interleaved_modalities  # noqa: E402
@@ -75,7 +76,7 @@ def bench_case(name, K, O, gather, scatter, transposed, perm, inv_perm, ends, it
         out = torch._grouped_mm(rows, w, offs=ends)
         return out.index_select(0, inv_perm) if scatter else out
 
-    def fused(tiles=DEFAULT_TILES):
+    def fused(tiles=None):
         return gathered_mm(a, w, ends, a_index=perm if gather else None, out_index=perm if scatter else None,
                            tiles=tiles)
 
@@ -136,7 +137,7 @@ def bench_wgrad(name, O, K, gather_d, gather_x, perm, ends, iters, sweep) -> boo
         return torch.stack([torch.mm(rows_d[s:e].t(), rows_x[s:e], out_dtype=torch.float32)
                             for s, e in zip(bounds, bounds[1:])])
 
-    def fused(tiles=DEFAULT_TILES):
+    def fused(tiles=None):
         return gathered_weight_grads(d, x, ends, False, torch.float32, perm if gather_d else None,
                                      perm if gather_x else None, tiles=tiles)[0]
 
@@ -178,8 +179,7 @@ def main(argv=None) -> int:
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(n, device=perm.device)
     ends = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {n} tokens, d_model {d_model}, "
-          f"tiling {DEFAULT_TILES}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {n} tokens, d_model {d_model}")
     for case in cases(d_model):
         if not bench_case(*case, perm, inv_perm, ends, args.iters, args.sweep):
             return 1

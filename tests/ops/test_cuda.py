@@ -447,3 +447,19 @@ def test_routed_linear_with_fused_gathers_equals_the_unfused_path(monkeypatch):
     for x_sorted, out_sorted in [(False, False), (True, False), (False, True)]:
         for got, want in zip(run(True, x_sorted, out_sorted), run(False, x_sorted, out_sorted)):
             torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+
+
+def test_gathered_mm_tiling_is_tuned_once_per_key():
+    """`gathered_mm.tuned` times every candidate tiling on a key's first call and reuses its pick afterwards."""
+    from mom.ops.triton import gathered_mm as gmm
+
+    calls = []
+
+    def run(tiles):
+        calls.append(tiles)
+        torch.ones(64, device="cuda").sum()
+
+    key = ("test", len(gmm.CANDIDATES))
+    pick = gmm.tuned(key, run)
+    assert pick in gmm.CANDIDATES and len(calls) == 4 * len(gmm.CANDIDATES)
+    assert gmm.tuned(key, run) is pick and len(calls) == 4 * len(gmm.CANDIDATES)

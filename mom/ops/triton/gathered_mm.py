@@ -23,6 +23,7 @@ expert, a scatter), which the tests use as the oracle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -45,6 +46,41 @@ class Tiles:
 
 
 DEFAULT_TILES = Tiles()
+# The tilings `tuned` tries on a shape's first call (None's tiles): 128 x 128 and 128 x 256 output tiles are the usual
+# fast ones of a bf16 GEMM on Hopper; smaller ones fit GPUs with less shared memory and short blocks of rows.
+CANDIDATES = (Tiles(128, 128, 64, 8, 4, 4), Tiles(128, 128, 64, 8, 8, 3), Tiles(128, 256, 64, 8, 8, 3),
+              Tiles(64, 128, 64, 8, 4, 4), Tiles(128, 64, 64, 8, 4, 4))
+_tuned: dict[tuple, Tiles] = {}
+
+
+def tuned(key: tuple, run: Callable[[Tiles], object]) -> Tiles:
+    """The fastest of `CANDIDATES` for ``key`` (a call's shapes, dtypes and flags), timed on the device the first time
+    a key is seen (each candidate compiled, then 3 timed runs of ``run(tiles)``, which must be idempotent: it writes
+    the same outputs each time; a host sync, once per key). During CUDA-graph capture, or when no candidate
+    compiles, `DEFAULT_TILES` (not stored)."""
+    tiles = _tuned.get(key)
+    if tiles is not None:
+        return tiles
+    if torch.cuda.is_current_stream_capturing():
+        return DEFAULT_TILES
+    best = None
+    for candidate in CANDIDATES:
+        try:
+            run(candidate)  # compiles
+        except Exception:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory, registers): skip it
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            run(candidate)
+        end.record()
+        end.synchronize()
+        if best is None or start.elapsed_time(end) < best[0]:
+            best = (start.elapsed_time(end), candidate)
+    if best is None:
+        return DEFAULT_TILES
+    _tuned[key] = best[1]
+    return best[1]
 
 
 @cache
@@ -159,7 +195,7 @@ def kernel_applies(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torch.Tensor | None = None,
                 a_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, tiles: Tiles = DEFAULT_TILES,
+                out_dtype: torch.dtype | None = None, tiles: Tiles | None = None,
                 use_kernel: bool | None = None) -> torch.Tensor:
     """A grouped GEMM over ``n`` rows sorted by expert, gathering its input rows and / or scattering its output rows.
 
@@ -170,7 +206,8 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
     permutation of the n rows. -> out (n, O) in ``out_dtype`` (default a's), accumulated in fp32 or wider.
 
     ``use_kernel``: None runs the Triton kernel where `kernel_applies`, False the PyTorch ops, True requires the
-    kernel (Triton's interpreter runs it on CPU tensors)."""
+    kernel (Triton's interpreter runs it on CPU tensors). ``tiles``: the kernel's tiling; None: `tuned` per shape
+    on CUDA (`DEFAULT_TILES` elsewhere)."""
     E, K, O = w.shape
     n = a_index.shape[0] if a_index is not None else a.shape[0]
     if a.dim() != 2 or a.shape[1] != K:
@@ -191,20 +228,26 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
         return out
     if K == 0:  # nothing to contract: the bias alone (an empty contraction's sum)
         return out.copy_(_reference(a, w, ends, bias, a_index, out_index, out_dtype))
-    grid = (-(-n // tiles.m) * -(-O // tiles.n), 1, 1)
-    launch(_kernel()[0], grid,
-           (a, w, bias if bias is not None else a, ends, a_index if a_index is not None else ends,
-            out_index if out_index is not None else ends, out, n, K, O, *a.stride(), *w.stride(),
-            bias.stride(0) if bias is not None else 0, *out.stride()),
-           {"num_warps": tiles.warps, "num_stages": tiles.stages},
-           E=E, HAS_BIAS=bias is not None, GATHER_A=a_index is not None, SCATTER_OUT=out_index is not None,
-           EVEN_K=K % tiles.k == 0, BM=tiles.m, BN=tiles.n, BK=tiles.k, GROUP=tiles.group)
+
+    def run(t: Tiles) -> None:
+        launch(_kernel()[0], (-(-n // t.m) * -(-O // t.n), 1, 1),
+               (a, w, bias if bias is not None else a, ends, a_index if a_index is not None else ends,
+                out_index if out_index is not None else ends, out, n, K, O, *a.stride(), *w.stride(),
+                bias.stride(0) if bias is not None else 0, *out.stride()),
+               {"num_warps": t.warps, "num_stages": t.stages},
+               E=E, HAS_BIAS=bias is not None, GATHER_A=a_index is not None, SCATTER_OUT=out_index is not None,
+               EVEN_K=K % t.k == 0, BM=t.m, BN=t.n, BK=t.k, GROUP=t.group)
+
+    if tiles is None and a.is_cuda:
+        tiles = tuned(("mm", a.device, _bucket(n), K, O, E, a.dtype, out_dtype, bias is not None, a_index is not None,
+                       out_index is not None), run)
+    run(tiles or DEFAULT_TILES)
     return out
 
 
 def gathered_weight_grads(d: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, has_bias: bool,
                           dtype: torch.dtype, d_index: torch.Tensor | None = None,
-                          x_index: torch.Tensor | None = None, tiles: Tiles = DEFAULT_TILES,
+                          x_index: torch.Tensor | None = None, tiles: Tiles | None = None,
                           use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The experts' weight (and bias) gradients of a routed projection, its row gathers fused: for each expert e,
     ``gw[e] = sum_j d[di(j)].T x[xi(j)]`` over e's block of sorted rows j (``ends``, on the device), ``di(j) =
@@ -232,15 +275,27 @@ def gathered_weight_grads(d: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, 
     gb = torch.zeros(E, O, dtype=dtype, device=d.device) if has_bias else None
     if O * K == 0:
         return gw, gb
-    tm, tn, tk = tiles.m, tiles.n, tiles.k
-    grid = (-(-O // tm) * -(-K // tn), E, 1)
-    launch(_kernel()[1], grid,
-           (d, x, ends, d_index if d_index is not None else ends, x_index if x_index is not None else ends, gw,
-            gb if gb is not None else gw, O, K, *d.stride(), *x.stride(), *gw.stride(),
-            gb.stride(0) if gb is not None else 0),
-           {"num_warps": tiles.warps, "num_stages": tiles.stages},
-           HAS_BIAS=has_bias, GATHER_D=d_index is not None, GATHER_X=x_index is not None, BM=tm, BN=tn, BK=tk)
+
+    def run(t: Tiles) -> None:
+        launch(_kernel()[1], (-(-O // t.m) * -(-K // t.n), E, 1),
+               (d, x, ends, d_index if d_index is not None else ends, x_index if x_index is not None else ends, gw,
+                gb if gb is not None else gw, O, K, *d.stride(), *x.stride(), *gw.stride(),
+                gb.stride(0) if gb is not None else 0),
+               {"num_warps": t.warps, "num_stages": t.stages},
+               HAS_BIAS=has_bias, GATHER_D=d_index is not None, GATHER_X=x_index is not None, BM=t.m, BN=t.n,
+               BK=t.k)
+
+    if tiles is None and d.is_cuda:
+        n = d_index.shape[0] if d_index is not None else d.shape[0]
+        tiles = tuned(("wgrad", d.device, _bucket(n), O, K, E, d.dtype, dtype, has_bias, d_index is not None,
+                       x_index is not None), run)
+    run(tiles or DEFAULT_TILES)
     return gw, gb
+
+
+def _bucket(n: int) -> int:
+    """Rows rounded up to a power of two: the tuning key's size (the best tiling changes with the order of n)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _reference(a, w, ends, bias, a_index, out_index, out_dtype) -> torch.Tensor:
