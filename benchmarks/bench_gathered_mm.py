@@ -5,12 +5,13 @@
     python benchmarks/bench_gathered_mm.py                   # Mamba-2's routed GEMMs at 8 x 2048 x 1024, bf16
     python benchmarks/bench_gathered_mm.py --shape 4x4096x2048 --sweep   # and the kernel's tilings
 
-For each GEMM of a Mamba-2 layer whose rows change order (forward: in_proj's output to sequence order, out_proj's
-input to sorted order; backward: out_proj's input gradient to sequence order, in_proj's output gradient to sorted
-order) it prints, in microseconds per call (CUDA events over ``--iters`` calls, after warm-up):
+For each GEMM of a Mamba-2 layer (sorted residual stream) whose rows change order: in_proj's output to sequence
+order (forward), out_proj's input gradient to sequence order (backward), and out_proj's input from sequence order
+(a forward without backward: a training forward sorts those rows for the weight gradients), it prints, in
+microseconds per call (CUDA events over ``--iters`` calls, after warm-up):
   fused     `gathered_mm` at its tuned tiling (`gathered_mm.tuned`: the fastest of its candidates, picked on the
             first call)
-  unfused   index_select + torch._grouped_mm (routed_linear's path), and the two parts alone
+  unfused   index_select + torch._grouped_mm (routed_linear's path without the kernel), and the two parts alone
 and the ratio fused / unfused. Modalities in runs of 64 / 256 / 128 tokens, three experts. ``--sweep`` also times
 each of `SWEEP`'s tilings (one Triton compilation each) and prints the best. Every output is checked against the
 unfused one first.
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from mom.ops.triton.gathered_mm import Tiles, gathered_mm, gathered_weight_grads
+from mom.ops.triton.gathered_mm import Tiles, gathered_mm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_common import interleaved_modalities  # noqa: E402
@@ -57,7 +58,6 @@ def cases(d_model: int, headdim: int = 64, d_state: int = 128):
         ("in_proj fwd (scatter out)", d_model, d_in_proj, False, True, True),
         ("out_proj fwd (gather in)", d_inner, d_model, True, False, True),
         ("out_proj dx (scatter out)", d_model, d_inner, False, True, False),
-        ("in_proj dx (gather in)", d_in_proj, d_model, True, False, False),
     ]
 
 
@@ -113,55 +113,6 @@ def bench_case(name, K, O, gather, scatter, transposed, perm, inv_perm, ends, it
     return True
 
 
-def wgrad_cases(d_model: int, headdim: int = 64, d_state: int = 128):
-    """(name, O, K, gather the output gradient's rows, gather the input's rows) of a Mamba-2 layer's weight
-    gradients whose rows are not in sorted order: in_proj's output gradient comes in sequence order, out_proj's input
-    was kept in it."""
-    d_inner = 2 * d_model
-    d_in_proj = 2 * d_inner + 2 * d_state + d_inner // headdim
-    return [("in_proj weight grad (gather d)", d_in_proj, d_model, True, False),
-            ("out_proj weight grad (gather x)", d_model, d_inner, False, True)]
-
-
-def bench_wgrad(name, O, K, gather_d, gather_x, perm, ends, iters, sweep) -> bool:
-    """Print one weight gradient's fused and unfused times (unfused: the row gather and one cuBLAS GEMM per
-    expert writing fp32, routed_linear's path where the counts are known); False if an output is wrong."""
-    n = perm.numel()
-    d = torch.randn(n, O, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(n, K, device="cuda", dtype=torch.bfloat16)
-    bounds = [0, *ends.tolist()]
-
-    def unfused():
-        rows_d = d.index_select(0, perm) if gather_d else d
-        rows_x = x.index_select(0, perm) if gather_x else x
-        return torch.stack([torch.mm(rows_d[s:e].t(), rows_x[s:e], out_dtype=torch.float32)
-                            for s, e in zip(bounds, bounds[1:])])
-
-    def fused(tiles=None):
-        return gathered_weight_grads(d, x, ends, False, torch.float32, perm if gather_d else None,
-                                     perm if gather_x else None, tiles=tiles)[0]
-
-    want = unfused()
-    scale = want.abs().max().item()
-    err = (fused() - want).abs().max().item() / scale
-    if err > 1e-2:
-        print(f"{name}: fused weight gradient differs from the unfused one (max error {err:.3g})")
-        return False
-    t_unfused, t_fused = time_us(unfused, iters), time_us(fused, iters)
-    print(f"{name:<32} O {O:5d} K {K:5d}  fused {t_fused:8.1f} us  unfused {t_unfused:8.1f} us  "
-          f"ratio {t_fused / t_unfused:.3f}")
-    if sweep:
-        for tiles in SWEEP:
-            try:
-                t = time_us(lambda tiles=tiles: fused(tiles), iters)
-            except Exception as exc:  # noqa: BLE001 - a tiling this GPU cannot compile (shared memory)
-                print(f"    {tiles}: {type(exc).__name__}")
-                continue
-            print(f"    m {tiles.m:3d} n {tiles.n:3d} k {tiles.k:3d} warps {tiles.warps} stages {tiles.stages}: "
-                  f"{t:8.1f} us  ratio {t / t_unfused:.3f}")
-    return True
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8x2048x1024", help="batch x length x d_model")
@@ -182,9 +133,6 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {n} tokens, d_model {d_model}")
     for case in cases(d_model):
         if not bench_case(*case, perm, inv_perm, ends, args.iters, args.sweep):
-            return 1
-    for case in wgrad_cases(d_model):
-        if not bench_wgrad(*case, perm, ends, args.iters, args.sweep):
             return 1
     return 0
 

@@ -8,17 +8,19 @@ What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' wei
   known on the host and the GEMM is large, `mom.ops.fused.PER_EXPERT_MACS`), instead of a module call per expert,
   a concatenation and a permutation each way.
 * The input rows and the output rows are each in sequence order or in the sorted order (``x_sorted``,
-  ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`). Where an order differs
-  from the GEMM's and the operands are bf16 / fp16 on CUDA, the GEMMs gather and scatter the rows themselves
-  (`mom.ops.triton.gathered_mm`, forward, input gradient and weight gradients): no (n, f) copy in either order.
-  Otherwise one row gather (``index_select``, as the Mamba-1 Function's `_reorder`) crosses.
+  ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`). Where the operands are
+  bf16 / fp16 on CUDA, a GEMM whose output goes to sequence order writes its rows there itself (forward and input
+  gradient), and a forward without a backward reads its input rows from sequence order itself
+  (`mom.ops.triton.gathered_mm`): no (n, f) copy between the orders. Otherwise one row gather (``index_select``, as
+  the Mamba-1 Function's `_reorder`) crosses: the input rows are sorted in the forward when a backward will need
+  them (the weight gradients' cuBLAS GEMMs read sorted rows; a kernel computing them from gathered rows measured
+  slower than the gather and cuBLAS: docs/performance.md), the output gradient is sorted once in the backward.
 * Every expert's weight and bias is cast to the compute dtype (autocast's, `mom.ops.fused.compute_dtype`) in one
   kernel (`mom.ops.triton.flatcast`), once per call.
 * Backward: the output gradient to sorted rows, one grouped GEMM for the input gradient (back to the input's order,
   in its dtype), the weight gradients grouped along the tokens, or per expert where the counts are known
   (`mom.ops.fused.grouped_weight_grads`), written in the parameters' dtype. An absent modality's expert gets zero
-  gradients. Saved for the backward: the input rows (in the compute dtype; sorted unless the kernels gather them)
-  and the cast weights.
+  gradients. Saved for the backward: the sorted input rows (in the compute dtype) and the cast weights.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def routed_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
         raise ValueError(f"routed_linear: input {tuple(x.shape)} for experts of {i} inputs and routes for "
                          f"{routes.perm.numel()} rows")
     params = (*weights, *(biases or ()))
-    layout = _Layout(k, o, i, biases is not None, routes.counts, x_sorted, out_sorted)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    layout = _Layout(k, o, i, biases is not None, routes.counts, x_sorted, out_sorted, backward)
     return _RoutedLinear.apply(x, routes.perm, routes.inv_perm, routes.offsets, compute_dtype(x), layout, *params)
 
 
@@ -68,12 +71,8 @@ class _Layout:
     counts: HostCounts  # tokens per expert on the host, once known: the per-expert GEMMs' blocks
     x_sorted: bool  # the input rows are in the routes' sorted order (else sequence order)
     out_sorted: bool  # the output rows are
+    backward: bool  # a backward may follow (grad mode on, something requires grad): keep the input rows sorted
 
-    @property
-    def crosses(self) -> bool:
-        """Whether rows change order (input or output in sequence order): the gathers `mom.ops.triton.gathered_mm`
-        fuses into its GEMMs."""
-        return not (self.x_sorted and self.out_sorted)
 
 
 def _cast(layout: _Layout, params, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,13 +89,16 @@ class _RoutedLinear(torch.autograd.Function):
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here
             w, b = _cast(layout, params, dtype)
             rows = x.reshape(-1, layout.in_features).to(dtype)  # (n, i)
-            ctx.fused = layout.crosses and gmm.kernel_applies(rows, w)
-            if ctx.fused:  # the row gather / scatter inside the GEMM; rows stay in x's order
-                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, a_index=_index(layout.x_sorted, perm),
-                                      out_index=_index(layout.out_sorted, perm))
+            ctx.kernel = gmm.kernel_applies(rows, w)
+            # rows in sequence order are gathered here when a backward will want them sorted (the weight gradients'
+            # cuBLAS GEMMs); only a forward without one lets the kernel gather them (docs/performance.md)
+            gather_in_kernel = not layout.x_sorted and ctx.kernel and not layout.backward
+            if not layout.x_sorted and not gather_in_kernel:
+                rows = rows.index_select(0, perm)
+            if ctx.kernel and (gather_in_kernel or not layout.out_sorted):
+                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, a_index=perm if gather_in_kernel else None,
+                                      out_index=None if layout.out_sorted else perm)
             else:
-                if not layout.x_sorted:
-                    rows = rows.index_select(0, perm)
                 out = grouped_rows(rows, w.transpose(1, 2), b, layout.counts, offsets)  # (n, o) sorted
                 if not layout.out_sorted:
                     out = out.index_select(0, inv_perm)
@@ -109,33 +111,20 @@ class _RoutedLinear(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         layout = ctx.layout
-        rows, w, perm, inv_perm, offsets = ctx.saved_tensors
+        rows, w, perm, inv_perm, offsets = ctx.saved_tensors  # rows sorted
         with torch.autocast("cuda", enabled=False):
             d = dout.reshape(-1, layout.out_features).to(ctx.dtype)  # (n, o)
-            if ctx.fused:  # d and rows in their own orders, gathered inside the kernels
-                d_index, x_index = _index(layout.out_sorted, perm), _index(layout.x_sorted, perm)
-                dx = None
-                if ctx.needs_input_grad[0]:
-                    dx = gmm.gathered_mm(d, w, offsets, a_index=d_index, out_index=x_index,
-                                         out_dtype=ctx.x_dtype).view(ctx.x_shape)
-                g_w, g_b = gmm.gathered_weight_grads(d, rows, offsets, layout.has_bias, ctx.param_dtype, d_index,
-                                                     x_index)
-            else:
-                if not layout.out_sorted:
-                    d = d.index_select(0, perm)
-                dx = None
-                if ctx.needs_input_grad[0]:
+            if not layout.out_sorted:  # sorted once, for the input and the weight gradients
+                d = d.index_select(0, perm)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                if ctx.kernel and not layout.x_sorted:  # written in sequence order by the GEMM
+                    dx = gmm.gathered_mm(d, w, offsets, out_index=perm, out_dtype=ctx.x_dtype)
+                else:
                     dx = grouped_rows(d, w, None, layout.counts, offsets, out_dtype=ctx.x_dtype)  # (n, i) sorted
                     if not layout.x_sorted:
                         dx = dx.index_select(0, inv_perm)
-                    dx = dx.view(ctx.x_shape)
-                g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype,
-                                                offsets)
+                dx = dx.view(ctx.x_shape)
+            g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype, offsets)
         params = list(g_w.unbind()) + (list(g_b.unbind()) if g_b is not None else [])
         return (dx, None, None, None, None, None, *params)
-
-
-def _index(is_sorted: bool, perm: torch.Tensor) -> torch.Tensor | None:
-    """The row index of a side of the GEMM: None for rows already sorted, else ``perm`` (sorted row j is token
-    ``perm[j]``: read from, or written to, row ``perm[j]`` of the sequence-order rows)."""
-    return None if is_sorted else perm

@@ -394,9 +394,9 @@ def test_routed_rows_kernel_equals_the_pytorch_ops(dtype, rows, blocks):
 @pytest.mark.parametrize("counts", [(700, 0, 1300), (2048,), (5, 1000, 37, 600)])
 @pytest.mark.parametrize("K, O", [(256, 384), (200, 72)])
 def test_gathered_mm_kernels_equal_the_pytorch_ops(counts, K, O):
-    """`gathered_mm` / `gathered_weight_grads` in bf16: the Triton kernels against their PyTorch ops (fp32 GEMMs),
-    gathering, scattering and both; blocks that straddle tiles, an expert without rows, uneven K and O."""
-    from mom.ops.triton.gathered_mm import gathered_mm, gathered_weight_grads
+    """`gathered_mm` in bf16: the Triton kernel (the default tiling and another) against its PyTorch ops (fp32
+    GEMMs), gathering, scattering and both; blocks that straddle tiles, an expert without rows, uneven K and O."""
+    from mom.ops.triton.gathered_mm import DEFAULT_TILES, Tiles, gathered_mm
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, E = sum(counts), len(counts)
@@ -406,21 +406,16 @@ def test_gathered_mm_kernels_equal_the_pytorch_ops(counts, K, O):
     b = torch.randn(E, O, device="cuda", generator=g).bfloat16()
     perm = torch.randperm(n, device="cuda", generator=g)
     for ai, oi, bias in [(None, None, b), (perm, None, None), (None, perm, b), (perm, perm.flip(0), b)]:
-        got = gathered_mm(a, w, ends, bias, ai, oi)
         want = gathered_mm(a, w, ends, bias, ai, oi, use_kernel=False)
-        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-    d = torch.randn(n, O, device="cuda", generator=g).bfloat16()
-    for di, xi, has_bias in [(None, None, True), (perm, None, False), (None, perm, True)]:
-        got = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi)
-        want = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi, use_kernel=False)
-        torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=1e-3)
-        if has_bias:
-            torch.testing.assert_close(got[1], want[1], atol=1e-2, rtol=1e-3)
+        for tiles in (DEFAULT_TILES, Tiles(64, 128, 32, 4, 4, 3)):
+            got = gathered_mm(a, w, ends, bias, ai, oi, tiles=tiles)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_routed_linear_with_fused_gathers_equals_the_unfused_path(monkeypatch):
     """bf16 on the GPU: `routed_linear` with its row gathers in the GEMMs (`gathered_mm`) against the same call with
-    index_select + torch._grouped_mm, in the orders that cross: output, input and weight gradients."""
+    index_select + torch._grouped_mm, in the orders that cross: output, input and weight gradients, and a forward
+    without gradients (which gathers its input rows in the kernel)."""
     from mom.model.routing import Routing
     from mom.ops import routed_linear as rl
 
@@ -447,6 +442,12 @@ def test_routed_linear_with_fused_gathers_equals_the_unfused_path(monkeypatch):
     for x_sorted, out_sorted in [(False, False), (True, False), (False, True)]:
         for got, want in zip(run(True, x_sorted, out_sorted), run(False, x_sorted, out_sorted)):
             torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    outs = []
+    for fuse in (True, False):
+        monkeypatch.setattr(rl.gmm, "kernel_applies", (lambda a, w: True) if fuse else (lambda a, w: False))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outs.append(rl.routed_linear(x, weights, biases, routing.routes(torch.bfloat16), out_sorted=True).float())
+    torch.testing.assert_close(*outs, atol=5e-2, rtol=2e-2)
 
 
 def test_gathered_mm_tiling_is_tuned_once_per_key():

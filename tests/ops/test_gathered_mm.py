@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from mom.ops.triton.gathered_mm import gathered_mm, gathered_weight_grads
+from mom.ops.triton.gathered_mm import gathered_mm
 
 
 def _case(counts, K=12, O=10, seed=0):
@@ -35,25 +35,6 @@ def test_gathered_mm_equals_a_loop_over_rows(counts, gather, scatter):
     torch.testing.assert_close(out, want)
 
 
-@pytest.mark.parametrize("gather_d, gather_x, bias", [(False, False, True), (True, False, False), (False, True, True)])
-def test_gathered_weight_grads_equal_a_loop_over_rows(gather_d, gather_x, bias):
-    g, n, ends, expert, x, _, _, perm = _case((5, 0, 9))
-    d = torch.randn(n, 10, generator=g, dtype=torch.float64)
-    gw, gb = gathered_weight_grads(d, x, ends, bias, torch.float64, perm if gather_d else None,
-                                   perm if gather_x else None)
-    want_w, want_b = torch.zeros(3, 10, 12, dtype=torch.float64), torch.zeros(3, 10, dtype=torch.float64)
-    for j in range(n):
-        dj, xj = d[perm[j] if gather_d else j], x[perm[j] if gather_x else j]
-        want_w[expert[j]] += torch.outer(dj, xj)
-        want_b[expert[j]] += dj
-    torch.testing.assert_close(gw, want_w)
-    if bias:
-        torch.testing.assert_close(gb, want_b)
-    else:
-        assert gb is None
-    assert not gw[1].any()  # an expert without rows: zeros
-
-
 def test_gathered_mm_names_bad_inputs():
     _, n, ends, _, a, w, b, perm = _case((5, 0, 9))
     with pytest.raises(ValueError, match="experts of 12 inputs"):
@@ -72,7 +53,7 @@ def test_the_kernels_in_tritons_interpreter_equal_the_pytorch_ops():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from mom.ops.triton.gathered_mm import Tiles, gathered_mm, gathered_weight_grads
+        from mom.ops.triton.gathered_mm import Tiles, gathered_mm
         g = torch.Generator().manual_seed(0)
         tiles = Tiles(m=16, n=16, k=16, group=2, warps=1, stages=1)
         for counts, K, O in [((17, 0, 33), 40, 24), ((40,), 16, 20), ((3, 30, 1, 9), 21, 33)]:
@@ -86,13 +67,6 @@ def test_the_kernels_in_tritons_interpreter_equal_the_pytorch_ops():
                 want = gathered_mm(a, w, ends, bias, ai, oi, use_kernel=False)
                 got = gathered_mm(a, w, ends, bias, ai, oi, tiles=tiles, use_kernel=True)
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            d = torch.randn(n, O, generator=g)
-            for di, xi, has_bias in [(None, None, True), (perm, None, False), (None, perm, True)]:
-                want = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi, use_kernel=False)
-                got = gathered_weight_grads(d, a, ends, has_bias, torch.float32, di, xi, tiles=tiles, use_kernel=True)
-                torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
-                if has_bias:
-                    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")

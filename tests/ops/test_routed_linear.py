@@ -120,17 +120,14 @@ class _ReferenceGatheredMM:
         self.calls += 1
         return gathered_mm.gathered_mm(*args, **kwargs, use_kernel=self.use_kernel)
 
-    def gathered_weight_grads(self, *args, **kwargs):
-        self.calls += 1
-        return gathered_mm.gathered_weight_grads(*args, **kwargs, use_kernel=self.use_kernel)
-
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_fused_gathers_equal_the_module_calls(layout, bias, monkeypatch):
-    """Where the kernels apply (bf16 on CUDA), rows in sequence order are gathered and scattered inside the GEMMs
-    (`gathered_mm`), forward, input and weight gradients: the same results in every row order (the kernels' PyTorch
-    ops here; the kernels themselves in tests/ops/test_gathered_mm.py and on a GPU in tests/ops/test_cuda.py)."""
+    """Where the kernel applies (bf16 on CUDA), output rows and input-gradient rows going to sequence order are
+    written there by the GEMM (`gathered_mm`), and a forward without gradients reads its input rows from sequence
+    order in the GEMM: the same results in every row order (the kernel's PyTorch ops here; the kernel itself in
+    tests/ops/test_gathered_mm.py and on a GPU in tests/ops/test_cuda.py)."""
     kernels = _ReferenceGatheredMM(use_kernel=False)
     monkeypatch.setattr(routed_linear_module, "gmm", kernels)
     proj = make_proj(bias, torch.float64)
@@ -142,4 +139,14 @@ def test_the_fused_gathers_equal_the_module_calls(layout, bias, monkeypatch):
         torch.testing.assert_close(dx, dx_ref)
         for name in g_ref:
             torch.testing.assert_close(g[name], g_ref[name], msg=lambda m, name=name: f"{name}: {m}")
-    assert kernels.calls == 3 * 3  # three orders that cross: forward, input gradient, weight gradients each
+    # (x, out) in sequence order: the output and the input gradient scattered; x sorted: the output; out sorted:
+    # the input gradient (its forward gathers x for the weight gradients)
+    assert kernels.calls == 2 + 1 + 1
+    routing = Routing.build(modality_ids, len(MODALITIES))
+    x = torch.randn(*modality_ids.shape, proj.in_features, dtype=torch.float64)
+    experts = list(proj.values())
+    with torch.no_grad():  # no backward: the GEMM gathers x's rows itself
+        out = routed_linear(x, [e.weight for e in experts], [e.bias for e in experts] if bias else None,
+                            routing.routes(torch.float64), out_sorted=True)
+        torch.testing.assert_close(permuted(out, routing.inv_perm), proj(x, routing))
+    assert kernels.calls == 5

@@ -8,11 +8,15 @@ read and write of the (n, f) activation, about a third of the GEMM's own time at
 
     out[dst(j)] = a[src(j)] @ w[e(j)] (+ bias[e(j)])   for each sorted row j, e(j) its expert
 
-with ``src(j) = a_index[j]`` (``gather_a``) or ``j``, and ``dst(j) = out_index[j]`` (``scatter_out``) or ``j``.
-Rows are token-major, so a gathered row is still one contiguous load along the contraction and a scattered one a
-contiguous store: only the row addresses come from the index.
+with ``src(j) = a_index[j]`` or ``j``, and ``dst(j) = out_index[j]`` or ``j``. Rows are token-major, so a gathered
+row is still one contiguous load along the contraction and a scattered one a contiguous store: only the row
+addresses come from the index. On an H100 at Mamba-2's shapes the fused GEMM took 0.65-0.83x the time of the gather
+and ``torch._grouped_mm`` together, though 1.03-1.25x the grouped GEMM's alone (docs/performance.md); weight
+gradients computed from gathered rows the same way were slower than the gather and cuBLAS, so there is no kernel
+for them.
 
-A program computes one (``BM`` rows, ``BN`` outputs) tile of the sorted rows. A tile that straddles the end of an
+A program computes one (``BM`` rows, ``BN`` outputs) tile of the sorted rows (`Tiles`; `tuned` picks them per
+shape). A tile that straddles the end of an
 expert's block computes once per expert present, each time with the other experts' rows masked (zero on load,
 skipped on store): at most ``experts - 1`` such tiles per call. The blocks' ends are read on the device (``ends``,
 `mom.ops.fused.Routes.offsets`): no host sync, so nothing waits on the routing.
@@ -143,47 +147,7 @@ def _kernel():
                 tl.store(out_at, acc.to(out.dtype.element_ty), mask=in_e[:, None] & col_ok[None, :])
             start = end
 
-    @triton.jit
-    def gathered_wgrad_kernel(d, x, ends, d_index, x_index, gw, gb, O, K, s_d_row, s_d_o, s_x_row, s_x_k, s_gw_e,
-                              s_gw_o, s_gw_k, s_gb_e, HAS_BIAS: tl.constexpr, GATHER_D: tl.constexpr,
-                              GATHER_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """gw[e, o, k] = sum_j d[di(j), o] x[xi(j), k] over expert e's sorted rows j (and gb[e, o] = sum_j
-        d[di(j), o]), di / xi the row indices (or j)."""
-        e = tl.program_id(1)
-        tiles_n = tl.cdiv(K, BN)
-        pid_m, pid_n = tl.program_id(0) // tiles_n, tl.program_id(0) % tiles_n
-        outs = pid_m * BM + tl.arange(0, BM)
-        ins = pid_n * BN + tl.arange(0, BN)
-        out_ok, in_ok = outs < O, ins < K
-        start = tl.load(ends + e - 1, mask=e > 0, other=0)
-        end = tl.load(ends + e)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        bias_acc = tl.zeros((BM,), dtype=tl.float32)
-        for j0 in range(start, end, BK):
-            js = j0 + tl.arange(0, BK)
-            j_ok = js < end
-            if GATHER_D:
-                d_rows = tl.load(d_index + js, mask=j_ok, other=0).to(tl.int64)
-            else:
-                d_rows = js.to(tl.int64)
-            if GATHER_X:
-                x_rows = tl.load(x_index + js, mask=j_ok, other=0).to(tl.int64)
-            else:
-                x_rows = js.to(tl.int64)
-            d_t = tl.load(d + d_rows[None, :] * s_d_row + outs[:, None] * s_d_o, mask=out_ok[:, None] & j_ok[None, :],
-                          other=0.0)  # (BM, BK)
-            x_t = tl.load(x + x_rows[:, None] * s_x_row + ins[None, :] * s_x_k, mask=j_ok[:, None] & in_ok[None, :],
-                          other=0.0)  # (BK, BN)
-            acc = tl.dot(d_t, x_t, acc)
-            if HAS_BIAS:
-                bias_acc += tl.sum(d_t.to(tl.float32), axis=1)
-        ok = out_ok[:, None] & in_ok[None, :]
-        tl.store(gw + e * s_gw_e + outs[:, None] * s_gw_o + ins[None, :] * s_gw_k, acc.to(gw.dtype.element_ty), mask=ok)
-        if HAS_BIAS:
-            if pid_n == 0:  # one program per tile of outputs writes the bias gradient
-                tl.store(gb + e * s_gb_e + outs, bias_acc.to(gb.dtype.element_ty), mask=out_ok)
-
-    return gathered_mm_kernel, gathered_wgrad_kernel
+    return gathered_mm_kernel
 
 
 def kernel_applies(a: torch.Tensor, w: torch.Tensor) -> bool:
@@ -230,7 +194,7 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
         return out.copy_(_reference(a, w, ends, bias, a_index, out_index, out_dtype))
 
     def run(t: Tiles) -> None:
-        launch(_kernel()[0], (-(-n // t.m) * -(-O // t.n), 1, 1),
+        launch(_kernel(), (-(-n // t.m) * -(-O // t.n), 1, 1),
                (a, w, bias if bias is not None else a, ends, a_index if a_index is not None else ends,
                 out_index if out_index is not None else ends, out, n, K, O, *a.stride(), *w.stride(),
                 bias.stride(0) if bias is not None else 0, *out.stride()),
@@ -243,54 +207,6 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
                        out_index is not None), run)
     run(tiles or DEFAULT_TILES)
     return out
-
-
-def gathered_weight_grads(d: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, has_bias: bool,
-                          dtype: torch.dtype, d_index: torch.Tensor | None = None,
-                          x_index: torch.Tensor | None = None, tiles: Tiles | None = None,
-                          use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The experts' weight (and bias) gradients of a routed projection, its row gathers fused: for each expert e,
-    ``gw[e] = sum_j d[di(j)].T x[xi(j)]`` over e's block of sorted rows j (``ends``, on the device), ``di(j) =
-    d_index[j]`` (else j), ``xi(j)`` alike. d: (n_d, O) output gradient rows, x: (n_x, K) input rows, any strides.
-    -> (gw (E, O, K), gb (E, O) or None) in ``dtype``, accumulated in fp32 or wider (an expert without rows gets zeros).
-
-    ``use_kernel``: as for `gathered_mm` (the kernel where `kernel_applies` to d and x)."""
-    E, O, K = ends.shape[0], d.shape[1], x.shape[1]
-    if use_kernel is None:
-        use_kernel = kernel_applies(d, x)
-    if not use_kernel:
-        wide = torch.promote_types(d.dtype, torch.float32)
-        rows_d = (d if d_index is None else d.index_select(0, d_index)).to(wide)
-        rows_x = (x if x_index is None else x.index_select(0, x_index)).to(wide)
-        gw = torch.zeros(E, O, K, dtype=wide, device=d.device)
-        gb = torch.zeros(E, O, dtype=wide, device=d.device) if has_bias else None
-        start = 0
-        for e, end in enumerate(ends.tolist()):
-            gw[e] = rows_d[start:end].t() @ rows_x[start:end]
-            if gb is not None:
-                gb[e] = rows_d[start:end].sum(0)
-            start = end
-        return gw.to(dtype), None if gb is None else gb.to(dtype)
-    gw = torch.empty(E, O, K, dtype=dtype, device=d.device)
-    gb = torch.zeros(E, O, dtype=dtype, device=d.device) if has_bias else None
-    if O * K == 0:
-        return gw, gb
-
-    def run(t: Tiles) -> None:
-        launch(_kernel()[1], (-(-O // t.m) * -(-K // t.n), E, 1),
-               (d, x, ends, d_index if d_index is not None else ends, x_index if x_index is not None else ends, gw,
-                gb if gb is not None else gw, O, K, *d.stride(), *x.stride(), *gw.stride(),
-                gb.stride(0) if gb is not None else 0),
-               {"num_warps": t.warps, "num_stages": t.stages},
-               HAS_BIAS=has_bias, GATHER_D=d_index is not None, GATHER_X=x_index is not None, BM=t.m, BN=t.n,
-               BK=t.k)
-
-    if tiles is None and d.is_cuda:
-        n = d_index.shape[0] if d_index is not None else d.shape[0]
-        tiles = tuned(("wgrad", d.device, _bucket(n), O, K, E, d.dtype, dtype, has_bias, d_index is not None,
-                       x_index is not None), run)
-    run(tiles or DEFAULT_TILES)
-    return gw, gb
 
 
 def _bucket(n: int) -> int:
