@@ -1,6 +1,11 @@
 """`mom.ops.routed_linear` against `RoutedLinear`'s module calls, on CPU: every row order, biases, absent modalities,
 the grouped GEMMs on device offsets (``torch._grouped_mm`` on CPU fp32) and the per-expert ones (counts known, fp64)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -150,3 +155,43 @@ def test_the_fused_gathers_equal_the_module_calls(layout, bias, monkeypatch):
                             routing.routes(torch.float64), out_sorted=True)
         torch.testing.assert_close(permuted(out, routing.inv_perm), proj(x, routing))
     assert kernels.calls == 5
+
+
+def test_the_fused_gathers_with_the_kernel_in_tritons_interpreter():
+    """The same with `gathered_mm`'s Triton kernel run by Triton's CPU interpreter (fp32: bf16 tl.dot does not run
+    there), in a subprocess (the interpreter is chosen when the kernel is compiled)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from mom.model.routing import RoutedLinear, Routing
+        from mom.ops import routed_linear as rl
+        from mom.ops.triton import gathered_mm
+
+        class Kernel:
+            calls = 0
+            kernel_applies = staticmethod(lambda a, w: True)
+            def gathered_mm(self, *args, **kwargs):
+                Kernel.calls += 1
+                return gathered_mm.gathered_mm(*args, **kwargs, tiles=gathered_mm.Tiles(16, 16, 16, 2, 1, 1),
+                                               use_kernel=True)
+
+        rl.gmm = Kernel()
+        torch.manual_seed(0)
+        proj = RoutedLinear(("text", "image", "speech"), 24, 40, True)
+        ids = torch.tensor([[0] * 5 + [1] * 20 + [2] * 4, [2] * 3 + [0] * 19 + [1] * 7])
+        routing = Routing.build(ids, 3)
+        experts = list(proj.values())
+        x = torch.randn(2, 29, 24, requires_grad=True)
+        out = rl.routed_linear(x, [e.weight for e in experts], [e.bias for e in experts], routing.routes(torch.float32))
+        out.sum().backward()
+        want_x = x.detach().clone().requires_grad_(True)
+        want = proj(want_x, routing)
+        want.sum().backward()
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x.grad, want_x.grad, atol=1e-4, rtol=1e-4)
+        assert Kernel.calls == 2, Kernel.calls
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
