@@ -27,7 +27,7 @@ import torch
 from mom.ops.triton.gathered_mm import Tiles, gathered_mm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_common import interleaved_modalities  # noqa: E402
+from bench_common import interleaved_modalities, measure  # noqa: E402
 
 EXPERTS = 3
 # --sweep's grid: (rows, outputs, k) per program x (warps, stages)
@@ -37,16 +37,8 @@ SWEEP = [Tiles(128, 128, 64, 8, 4, 4), Tiles(128, 128, 64, 8, 8, 3), Tiles(128, 
 
 
 def time_us(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
+    """Microseconds per call (`bench_common.measure`, 3 warm-up calls)."""
+    return measure(fn, warmup=3, iters=iters)[0] * 1000
 
 
 def cases(d_model: int, headdim: int = 64, d_state: int = 128):
