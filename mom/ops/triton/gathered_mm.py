@@ -61,7 +61,8 @@ def tuned(key: tuple, run: Callable[[Tiles], object]) -> Tiles:
     """The fastest of `CANDIDATES` for ``key`` (a call's shapes, dtypes and flags), timed on the device the first time
     a key is seen (each candidate compiled, then 3 timed runs of ``run(tiles)``, which must be idempotent: it writes
     the same outputs each time; a host sync, once per key). During CUDA-graph capture, or when no candidate
-    compiles, `DEFAULT_TILES` (not stored)."""
+    compiles, `DEFAULT_TILES` (not stored). The pick comes from timings, so two processes may pick differently, and
+    results then differ in their last bits (bf16 sums in another order)."""
     tiles = _tuned.get(key)
     if tiles is not None:
         return tiles
