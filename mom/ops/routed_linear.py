@@ -74,7 +74,6 @@ class _Layout:
     backward: bool  # a backward may follow (grad mode on, something requires grad): keep the input rows sorted
 
 
-
 def _cast(layout: _Layout, params, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The experts' weights and biases in ``dtype``, one cast kernel -> (w (k, o, i), b (k, o) or None), views."""
     k, o, i = layout.experts, layout.out_features, layout.in_features
