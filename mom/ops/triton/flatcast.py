@@ -17,19 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from mom.ops.triton.launcher import launch
+from mom.ops.triton.launcher import launch, triton_kernel
 
 BLOCK = 4096  # elements per program: 16 KiB of fp32 read, 8 KiB of bf16 written
 
 
-@functools.cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def flat_cast_kernel(addresses, starts, out, SRC: tl.constexpr, BLOCK: tl.constexpr):
         k, j = tl.program_id(0), tl.program_id(1)  # block k of tensor j

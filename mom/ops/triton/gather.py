@@ -20,23 +20,15 @@ the figures: docs/performance.md). Elsewhere (CPU, no Triton) both are ``index_s
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 
-from mom.ops.triton.launcher import launch
+from mom.ops.triton.launcher import launch, triton_kernel
 
 TILE = 64  # tokens and features per program
 
 
-@cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def gather_t_kernel(src, gate, index, out, N, F, s_src_tok, s_src_feat, s_out_tok, s_out_feat, s_gate_tok,
                         s_gate_feat, BN: tl.constexpr, BF: tl.constexpr, GATED: tl.constexpr,

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
-from mom.ops.triton.launcher import launch
+from mom.ops.triton.launcher import launch, triton_kernel
 
 
 @dataclass(frozen=True)
@@ -88,14 +87,8 @@ def tuned(key: tuple, run: Callable[[Tiles], object]) -> Tiles:
     return best[1]
 
 
-@cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def gathered_mm_kernel(a, w, bias, ends, a_index, out_index, out, N, K, O, s_a_row, s_a_k, s_w_e, s_w_k, s_w_o,
                            s_b_e, s_out_row, s_out_o, E: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -11,11 +11,15 @@ afterwards. The key holds every integer argument's value and every tensor's dtyp
 specialisation Triton could make is a function of it, and so is the compiled kernel. Where this Triton's
 compiled-kernel launcher takes its arguments differently (it is not a public API), the first direct launch raises
 before anything runs and every launch goes through the JIT from then on.
+
+`triton_kernel` builds a module's kernel on first use, so that Triton is imported only where it runs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -47,3 +51,20 @@ def launch(kernel, grid: tuple[int, int, int], args: tuple, options: dict | None
     if len(_compiled) >= _MAX_KEYS:
         _compiled.clear()
     _compiled[key] = kernel[grid](*args, **constexprs, **options)
+
+
+def triton_kernel(build: Callable) -> Callable[[], object]:
+    """Decorates ``build(triton, tl)``, which defines and returns a module's ``@triton.jit`` kernel, into a cached
+    ``() -> kernel``, or ``() -> None`` where Triton is not installed (the module then runs its PyTorch ops). Triton
+    is imported on the first call only, so that importing ``mom`` never needs it."""
+
+    @functools.cache
+    def kernel():
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            return None
+        return build(triton, tl)
+
+    return kernel

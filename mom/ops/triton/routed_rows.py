@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
 from mom.ops import backend
-from mom.ops.triton.launcher import launch
+from mom.ops.triton.launcher import launch, triton_kernel
 
 MAX_EXPERTS = 4  # the kernel takes one weight (and bias) pointer per expert; more experts take the PyTorch ops
 ROWS = 16  # rows per block: tl.dot's smallest tile side
@@ -45,14 +44,8 @@ class Blocks:
     stages: int | None = None
 
 
-@cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def routed_rows_kernel(x, expert, y, w0, w1, w2, w3, b0, b1, b2, b3, cs, cw, cb, B, OUT, CONV_C, s_x, s_y, s_cs,
                            IN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, CONV: tl.constexpr,

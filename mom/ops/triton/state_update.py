@@ -19,12 +19,11 @@ are called as modules, `mom.model.routing.project_rows`, and the state update ru
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 
 from mom.ops import reference
-from mom.ops.triton.launcher import launch
+from mom.ops.triton.launcher import launch, triton_kernel
 from mom.ops.triton.routed_rows import MAX_EXPERTS, expert_slots, routed_rows_linear
 
 
@@ -34,14 +33,8 @@ def tiling(rows: int) -> tuple[int, int]:
     return (16, 2) if rows <= 16 else (32, 1)
 
 
-@cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def state_update_kernel(state, x, z, dt_in, expert, w0, w1, w2, w3, b0, b1, b2, b3, A_log, B, C, D, y, DI,
                             s_state, s_x, s_z, s_dt, s_B, s_C, s_y, N: tl.constexpr, R: tl.constexpr,
