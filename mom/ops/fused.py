@@ -261,6 +261,7 @@ class HostCounts:
             raise ValueError("HostCounts: give the counts or a reader of them")
         self.reader = reader
         self._counts = None if counts is None else tuple(int(c) for c in counts)
+        self._blocks: tuple[tuple[int, int], ...] | None = None  # from _counts, built once (read at every GEMM)
 
     @property
     def known(self) -> tuple[int, ...] | None:
@@ -269,6 +270,7 @@ class HostCounts:
 
     def set(self, counts: Sequence[int]) -> None:
         self._counts = tuple(int(c) for c in counts)
+        self._blocks = None
 
     def read(self) -> tuple[int, ...]:
         """The counts; the first time, unless given, from ``reader`` (then dropped, with what it holds)."""
@@ -282,8 +284,10 @@ class HostCounts:
         counts = self.read() if read else self._counts
         if counts is None:
             return None
-        ends = [sum(counts[: m + 1]) for m in range(len(counts))]
-        return tuple((end - c, end) for end, c in zip(ends, counts))
+        if self._blocks is None:
+            ends = [sum(counts[: m + 1]) for m in range(len(counts))]
+            self._blocks = tuple((end - c, end) for end, c in zip(ends, counts))
+        return self._blocks
 
 
 @dataclass(frozen=True, eq=False)

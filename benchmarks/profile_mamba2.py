@@ -1,0 +1,54 @@
+"""Where the Mamba-2 MoM layer's GPU time goes: the top CUDA kernels of one fwd+bwd, beside mamba-ssm's `Mamba2`.
+
+    python benchmarks/profile_mamba2.py                        # 8x2048x1024, runs 64/256/128, sorted stream
+    python benchmarks/profile_mamba2.py --shape 4x4096x2048 --rows 30
+
+Complements benchmarks/bench_mamba2.py (the totals) as benchmarks/profile_layer.py does for Mamba-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import DEFAULT_RUNS, interleaved_modalities, profiled  # noqa: E402
+from bench_mamba2 import CHUNK_SIZE, D_CONV, D_STATE, EXPAND, HEADDIM, NGROUPS, _step, mom_mamba2  # noqa: E402
+
+from mom.model.routing import Routing  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="8x2048x1024", help="BATCHxLENGTHxD_MODEL")
+    parser.add_argument("--runs", default=",".join(map(str, DEFAULT_RUNS)), help="modality run lengths")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_mamba2: needs a CUDA device", file=sys.stderr)
+        return 2
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    b, l, d = (int(v) for v in args.shape.split("x"))
+    runs = tuple(int(v) for v in args.runs.split(","))
+    routing = Routing.build(interleaved_modalities(b, l, runs, "cuda"), len(runs))
+    routing.set_counts(tuple(routing.device_counts.tolist()))
+    x = torch.randn(b, l, d, device="cuda", requires_grad=True)
+    grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
+    dense = Mamba2(d, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, headdim=HEADDIM, ngroups=NGROUPS,
+                   chunk_size=CHUNK_SIZE, use_mem_eff_path=True).cuda()
+    steps = {"mamba-ssm Mamba2 (dense)": _step(dense, None, x, grad),
+             "MoM, fast, sorted stream": _step(mom_mamba2(len(runs), d, ("in_proj", "out_proj")), routing, x, grad,
+                                               sorted_tokens=True)}
+    for name, step in steps.items():
+        prof = profiled(step, 5)
+        print(f"\n=== {name}: CUDA time per kernel over 5 steps ===")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
