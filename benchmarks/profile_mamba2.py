@@ -2,8 +2,12 @@
 
     python benchmarks/profile_mamba2.py                        # 8x2048x1024, runs 64/256/128, sorted stream
     python benchmarks/profile_mamba2.py --shape 4x4096x2048 --rows 30
+    python benchmarks/profile_mamba2.py --host                 # host time per step against wall time
 
-Complements benchmarks/bench_mamba2.py (the totals) as benchmarks/profile_layer.py does for Mamba-1.
+Complements benchmarks/bench_mamba2.py (the totals) as benchmarks/profile_layer.py does for Mamba-1. ``--host``
+times each step's Python alone (``--steps`` steps enqueued after a synchronize, before the next one) and with the
+GPU's work (after it): where the two are about equal the layer is bound by the host, and its kernels' time (the
+default table's total) is not what decides its speed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -21,11 +26,29 @@ from bench_mamba2 import CHUNK_SIZE, D_CONV, D_STATE, EXPAND, HEADDIM, NGROUPS, 
 from mom.model.routing import Routing  # noqa: E402
 
 
+def host_and_wall(name: str, step, steps: int, repeats: int = 5) -> None:
+    """Print the best of ``repeats`` timings of ``steps`` steps: the host's time to enqueue them, and wall time."""
+    for _ in range(3):  # warm-up: compilations, tuning, the allocator
+        step()
+    host, wall = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start)
+    print(f"{name:<27} host {min(host) / steps * 1e3:7.3f} ms/step   wall {min(wall) / steps * 1e3:7.3f} ms/step")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8x2048x1024", help="BATCHxLENGTHxD_MODEL")
     parser.add_argument("--runs", default=",".join(map(str, DEFAULT_RUNS)), help="modality run lengths")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--host", action="store_true", help="host time per step against wall time, no profile")
+    parser.add_argument("--steps", type=int, default=3, help="steps per host timing (--host)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_mamba2: needs a CUDA device", file=sys.stderr)
@@ -44,6 +67,9 @@ def main(argv=None) -> int:
              "MoM, fast, sorted stream": _step(mom_mamba2(len(runs), d, ("in_proj", "out_proj")), routing, x, grad,
                                                sorted_tokens=True)}
     for name, step in steps.items():
+        if args.host:
+            host_and_wall(name, step, args.steps)
+            continue
         prof = profiled(step, 5)
         print(f"\n=== {name}: CUDA time per kernel over 5 steps ===")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
