@@ -584,7 +584,6 @@ def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: tor
 
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, conv_weight, conv_bias, A_log, D,
                 layout: _Layout, states_out, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
@@ -682,7 +681,6 @@ class _FusedMixer(torch.autograd.Function):
         return o.view(b, l, -1)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         with torch.autocast("cuda", enabled=False):
             return _FusedMixer._backward(ctx, dout)
