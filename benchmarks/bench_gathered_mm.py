@@ -5,10 +5,9 @@
     python benchmarks/bench_gathered_mm.py                   # Mamba-2's routed GEMMs at 8 x 2048 x 1024, bf16
     python benchmarks/bench_gathered_mm.py --shape 4x4096x2048 --sweep   # and the kernel's tilings
 
-For each GEMM of a Mamba-2 layer (sorted residual stream) whose rows change order (`cases`): in_proj's output to
-sequence order (forward); out_proj's input from sequence order, also kept sorted for the weight gradients (training
-forward); out_proj's input gradient to sequence order; in_proj's output gradient from sequence order, kept sorted,
-with its fp32 input gradient (backward); out_proj's input gathered with nothing kept (a prefill), it prints, in
+For each GEMM of a Mamba-2 layer (sorted residual stream) whose rows change order: in_proj's output to sequence
+order (forward), out_proj's input gradient to sequence order (backward), and out_proj's input from sequence order
+(a forward without backward: a training forward sorts those rows for the weight gradients), it prints, in
 microseconds per call (CUDA events over ``--iters`` calls, after warm-up):
   fused     `gathered_mm` at its tuned tiling (`gathered_mm.tuned`: the fastest of its candidates, picked on the
             first call)
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NamedTuple
 
 import torch
 
@@ -43,36 +41,20 @@ def time_us(fn, iters: int) -> float:
     return measure(fn, warmup=3, iters=iters)[0] * 1000
 
 
-class Case(NamedTuple):
-    """One routed GEMM of a Mamba-2 layer that crosses orders."""
-
-    name: str
-    K: int
-    O: int
-    gather: bool  # the input rows come in sequence order
-    scatter: bool  # the output rows go to sequence order
-    transposed: bool  # weights stored (E, O, K) (nn.Linear's) and read transposed
-    keep: bool = False  # the gathered rows are also wanted sorted (a backward's weight gradients read them)
-    out_dtype: torch.dtype = torch.bfloat16
-
-
-def cases(d_model: int, headdim: int = 64, d_state: int = 128) -> list[Case]:
-    """The routed GEMMs of a Mamba-2 layer's training step (sorted residual stream) and prefill that cross orders."""
+def cases(d_model: int, headdim: int = 64, d_state: int = 128):
+    """(name, K, O, gather the input, scatter the output, weights stored (E, O, K) and read transposed) of a
+    Mamba-2 layer's routed GEMMs that cross orders."""
     d_inner = 2 * d_model
     d_in_proj = 2 * d_inner + 2 * d_state + d_inner // headdim
     return [
-        Case("in_proj fwd (scatter out)", d_model, d_in_proj, False, True, True),
-        Case("out_proj fwd (gather, keep)", d_inner, d_model, True, False, True, keep=True),
-        Case("out_proj dx (scatter out)", d_model, d_inner, False, True, False),
-        # the input gradient of the fp32 residual stream's rows, written in fp32
-        Case("in_proj dx (gather d, keep)", d_in_proj, d_model, True, False, False, True, torch.float32),
-        Case("out_proj prefill (gather)", d_inner, d_model, True, False, True),
+        ("in_proj fwd (scatter out)", d_model, d_in_proj, False, True, True),
+        ("out_proj fwd (gather in)", d_inner, d_model, True, False, True),
+        ("out_proj dx (scatter out)", d_model, d_inner, False, True, False),
     ]
 
 
-def bench_case(case: Case, perm, inv_perm, ends, iters, sweep) -> bool:
+def bench_case(name, K, O, gather, scatter, transposed, perm, inv_perm, ends, iters, sweep) -> bool:
     """Print one GEMM's fused and unfused times (and the sweep's); False if an output is wrong."""
-    name, K, O, gather, scatter, transposed, keep, out_dtype = case
     n = perm.numel()
     a = torch.randn(n, K, device="cuda", dtype=torch.bfloat16)
     if transposed:  # nn.Linear weights (E, O, K), read as (E, K, O)
@@ -81,28 +63,23 @@ def bench_case(case: Case, perm, inv_perm, ends, iters, sweep) -> bool:
         w = torch.randn(EXPERTS, K, O, device="cuda", dtype=torch.bfloat16) / K**0.5
     moved = a if gather else torch.empty(n, O, device="cuda", dtype=torch.bfloat16)  # what the row gather moves
 
-    kept = torch.empty_like(a) if keep else None
-
     def unfused():
         rows = a.index_select(0, perm) if gather else a
-        out = torch._grouped_mm(rows, w, offs=ends).to(out_dtype)  # (the cast: what cuBLAS writes per expert)
+        out = torch._grouped_mm(rows, w, offs=ends)
         return out.index_select(0, inv_perm) if scatter else out
 
     def fused(tiles=None):
         return gathered_mm(a, w, ends, a_index=perm if gather else None, out_index=perm if scatter else None,
-                           out_dtype=out_dtype, gathered=kept, tiles=tiles)
+                           tiles=tiles)
 
     want = unfused().float()
     scale = want.abs().max().item()
     err = (fused().float() - want).abs().max().item() / scale
-    if keep and not torch.equal(kept, a.index_select(0, perm)):
-        print(f"{name}: the kept rows differ from the gathered ones")
-        return False
     if err > 2e-2:
         print(f"{name}: fused output differs from the unfused one (max error {err:.3g} of the largest entry)")
         return False
     t_unfused = time_us(unfused, iters)
-    t_gemm = time_us(lambda: torch._grouped_mm(a, w, offs=ends).to(out_dtype), iters)
+    t_gemm = time_us(lambda: torch._grouped_mm(a, w, offs=ends), iters)
     t_gather = time_us(lambda: moved.index_select(0, perm), iters)
     t_fused = time_us(fused, iters)
     print(f"{name:<28} K {K:5d} O {O:5d}  fused {t_fused:8.1f} us  unfused {t_unfused:8.1f} us "
@@ -147,7 +124,7 @@ def main(argv=None) -> int:
     ends = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {n} tokens, d_model {d_model}")
     for case in cases(d_model):
-        if not bench_case(case, perm, inv_perm, ends, args.iters, args.sweep):
+        if not bench_case(*case, perm, inv_perm, ends, args.iters, args.sweep):
             return 1
     return 0
 

@@ -9,12 +9,12 @@ What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' wei
   a concatenation and a permutation each way.
 * The input rows and the output rows are each in sequence order or in the sorted order (``x_sorted``,
   ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`). Where the operands are
-  bf16 / fp16 on CUDA, the GEMMs cross between the orders themselves (`mom.ops.triton.gathered_mm`): a GEMM whose
-  input rows are in sequence order gathers them (forward: x; input gradient: the output gradient), one whose output
-  goes to sequence order scatters it, and a gathering GEMM also writes the rows it gathered, sorted, for the weight
-  gradients' cuBLAS GEMMs (a kernel computing those from gathered rows measured slower: docs/performance.md). No
-  (n, f) copy between the orders of its own. Otherwise one row gather (``index_select``, as the Mamba-1 Function's
-  `_reorder`) crosses: the input rows are sorted in the forward, the output gradient once in the backward.
+  bf16 / fp16 on CUDA, a GEMM whose output goes to sequence order writes its rows there itself (forward and input
+  gradient), and a forward without a backward reads its input rows from sequence order itself
+  (`mom.ops.triton.gathered_mm`): no (n, f) copy between the orders. Otherwise one row gather (``index_select``, as
+  the Mamba-1 Function's `_reorder`) crosses: the input rows are sorted in the forward when a backward will need
+  them (the weight gradients' cuBLAS GEMMs read sorted rows; a kernel computing them from gathered rows measured
+  slower than the gather and cuBLAS: docs/performance.md), the output gradient is sorted once in the backward.
 * Every expert's weight and bias is cast to the compute dtype (autocast's, `mom.ops.fused.compute_dtype`) in one
   kernel (`mom.ops.triton.flatcast`), once per call.
 * Backward: the output gradient to sorted rows, one grouped GEMM for the input gradient (back to the input's order,
@@ -88,17 +88,15 @@ class _RoutedLinear(torch.autograd.Function):
             w, b = _cast(layout, params, dtype)
             rows = x.reshape(-1, layout.in_features).to(dtype)  # (n, i)
             ctx.kernel = gmm.kernel_applies(rows, w)
-            out_index = None if layout.out_sorted else perm
-            if ctx.kernel and not layout.x_sorted:  # the GEMM gathers its rows, and keeps them sorted if asked
-                kept = rows.new_empty(rows.shape) if layout.backward else None  # for the weight gradients' GEMMs
-                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, a_index=perm, out_index=out_index,
-                                      gathered=kept)
-                rows = rows if kept is None else kept
-            elif ctx.kernel and not layout.out_sorted:  # the GEMM writes its rows in sequence order
-                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, out_index=out_index)
+            # rows in sequence order are gathered here when a backward will want them sorted (the weight gradients'
+            # cuBLAS GEMMs); only a forward without one lets the kernel gather them (docs/performance.md)
+            gather_in_kernel = not layout.x_sorted and ctx.kernel and not layout.backward
+            if not layout.x_sorted and not gather_in_kernel:
+                rows = rows.index_select(0, perm)
+            if ctx.kernel and (gather_in_kernel or not layout.out_sorted):
+                out = gmm.gathered_mm(rows, w.transpose(1, 2), offsets, b, a_index=perm if gather_in_kernel else None,
+                                      out_index=None if layout.out_sorted else perm)
             else:
-                if not layout.x_sorted:
-                    rows = rows.index_select(0, perm)
                 out = grouped_rows(rows, w.transpose(1, 2), b, layout.counts, offsets)  # (n, o) sorted
                 if not layout.out_sorted:
                     out = out.index_select(0, inv_perm)
@@ -113,24 +111,17 @@ class _RoutedLinear(torch.autograd.Function):
         rows, w, perm, inv_perm, offsets = ctx.saved_tensors  # rows sorted
         with torch.autocast("cuda", enabled=False):
             d = dout.reshape(-1, layout.out_features).to(ctx.dtype)  # (n, o)
-            x_index = None if layout.x_sorted else perm
+            if not layout.out_sorted:  # sorted once, for the input and the weight gradients
+                d = d.index_select(0, perm)
             dx = None
-            if ctx.kernel and not layout.out_sorted and ctx.needs_input_grad[0]:
-                # the input gradient's GEMM gathers d's rows and keeps them sorted for the weight gradients
-                d_sorted = d.new_empty(d.shape)
-                dx = gmm.gathered_mm(d, w, offsets, a_index=perm, out_index=x_index, out_dtype=ctx.x_dtype,
-                                     gathered=d_sorted)
-                d = d_sorted
-            else:
-                if not layout.out_sorted:  # sorted once, for the input and the weight gradients
-                    d = d.index_select(0, perm)
-                if ctx.needs_input_grad[0] and ctx.kernel and not layout.x_sorted:  # written in sequence order
-                    dx = gmm.gathered_mm(d, w, offsets, out_index=x_index, out_dtype=ctx.x_dtype)
-                elif ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0]:
+                if ctx.kernel and not layout.x_sorted:  # written in sequence order by the GEMM
+                    dx = gmm.gathered_mm(d, w, offsets, out_index=perm, out_dtype=ctx.x_dtype)
+                else:
                     dx = grouped_rows(d, w, None, layout.counts, offsets, out_dtype=ctx.x_dtype)  # (n, i) sorted
                     if not layout.x_sorted:
                         dx = dx.index_select(0, inv_perm)
-            dx = None if dx is None else dx.view(ctx.x_shape)
+                dx = dx.view(ctx.x_shape)
             g_w, g_b = grouped_weight_grads(d.t(), rows, layout.has_bias, layout.counts, ctx.param_dtype, offsets)
         params = list(g_w.unbind()) + (list(g_b.unbind()) if g_b is not None else [])
         return (dx, None, None, None, None, None, *params)

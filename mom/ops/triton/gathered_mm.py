@@ -90,14 +90,12 @@ def tuned(key: tuple, run: Callable[[Tiles], object]) -> Tiles:
 @triton_kernel
 def _kernel(triton, tl):
     @triton.jit
-    def gathered_mm_kernel(a, w, bias, ends, a_index, out_index, out, copy, N, K, O, s_a_row, s_a_k, s_w_e, s_w_k,
-                           s_w_o, s_b_e, s_out_row, s_out_o, s_copy_row, E: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, COPY_A: tl.constexpr,
-                           EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           GROUP: tl.constexpr):
+    def gathered_mm_kernel(a, w, bias, ends, a_index, out_index, out, N, K, O, s_a_row, s_a_k, s_w_e, s_w_k, s_w_o,
+                           s_b_e, s_out_row, s_out_o, E: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
         """out[dst(j), o] = sum_k a[src(j), k] w[e(j), k, o] (+ bias[e(j), o]) for the N sorted rows j, e(j) the
-        expert whose block (ends on the device) holds j; with COPY_A, also copy[j, k] = a[src(j), k], written by the
-        programs of the first output tile (which read every k of their rows)."""
+        expert whose block (ends on the device) holds j."""
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(N, BM)
         tiles_n = tl.cdiv(O, BN)
@@ -120,7 +118,6 @@ def _kernel(triton, tl):
         else:
             dst = rows.to(tl.int64)
         a_rows = a + src[:, None] * s_a_row
-        copy_rows = copy + rows.to(tl.int64)[:, None] * s_copy_row
         out_at = out + dst[:, None] * s_out_row + cols[None, :].to(tl.int64) * s_out_o
         start = 0
         for e in tl.static_range(E):
@@ -134,16 +131,10 @@ def _kernel(triton, tl):
                     if EVEN_K:
                         a_t = tl.load(a_rows + ks[None, :] * s_a_k, mask=in_e[:, None], other=0.0)
                         w_t = tl.load(w_e + ks[:, None] * s_w_k, mask=col_ok[None, :], other=0.0)
-                        if COPY_A:
-                            if pid_n == 0:
-                                tl.store(copy_rows + ks[None, :], a_t, mask=in_e[:, None])
                     else:
                         k_ok = ks < K
                         a_t = tl.load(a_rows + ks[None, :] * s_a_k, mask=in_e[:, None] & k_ok[None, :], other=0.0)
                         w_t = tl.load(w_e + ks[:, None] * s_w_k, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                        if COPY_A:
-                            if pid_n == 0:
-                                tl.store(copy_rows + ks[None, :], a_t, mask=in_e[:, None] & k_ok[None, :])
                     acc = tl.dot(a_t, w_t, acc)
                 if HAS_BIAS:
                     acc += tl.load(bias + e * s_b_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -162,8 +153,8 @@ def kernel_applies(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torch.Tensor | None = None,
                 a_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, gathered: torch.Tensor | None = None,
-                tiles: Tiles | None = None, use_kernel: bool | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, tiles: Tiles | None = None,
+                use_kernel: bool | None = None) -> torch.Tensor:
     """A grouped GEMM over ``n`` rows sorted by expert, gathering its input rows and / or scattering its output rows.
 
     a: (n_a, K) rows (any strides); w: (E, K, O) the experts' weights as ``a @ w[e]`` (any strides: a view of
@@ -171,8 +162,6 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
     block of sorted rows ends; bias: (E, O) or None. ``a_index`` (n,) int64: sorted row j reads ``a[a_index[j]]``
     (else ``a[j]``, n_a = n); ``out_index`` (n,) int64: it writes ``out[out_index[j]]`` (else ``out[j]``), a
     permutation of the n rows. -> out (n, O) in ``out_dtype`` (default a's), accumulated in fp32 or wider.
-    ``gathered``: an (n, K) buffer in a's dtype, rows unit-strided, that also receives the gathered input rows
-    ``a[a_index]`` (a backward's weight gradients read them sorted) without a gather of their own.
 
     ``use_kernel``: None runs the Triton kernel where `kernel_applies`, False the PyTorch ops, True requires the
     kernel (Triton's interpreter runs it on CPU tensors). ``tiles``: the kernel's tiling; None: `tuned` per shape
@@ -187,33 +176,29 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
         raise ValueError(f"gathered_mm: bias {tuple(bias.shape)}, expected {(E, O)}")
     if out_index is not None and out_index.shape[0] != n:
         raise ValueError(f"gathered_mm: out_index of {out_index.shape[0]} rows for {n} sorted rows")
-    if gathered is not None and (a_index is None or gathered.shape != (n, K) or gathered.dtype != a.dtype
-                                 or gathered.device != a.device or (K > 1 and gathered.stride(1) != 1)):
-        raise ValueError(f"gathered_mm: gathered must be an ({n}, {K}) {a.dtype} buffer with unit-strided rows on "
-                         f"{a.device}, and a_index given; got {tuple(gathered.shape)} {gathered.dtype}, strides "
-                         f"{gathered.stride()}, on {gathered.device}, a_index {None if a_index is None else 'given'}")
     out_dtype = out_dtype or a.dtype
     if use_kernel is None:
         use_kernel = kernel_applies(a, w)
-    if not use_kernel or O == 0 or K == 0:  # no outputs, or an empty contraction (the bias alone): no kernel
-        return _reference(a, w, ends, bias, a_index, out_index, out_dtype, gathered)
+    if not use_kernel:
+        return _reference(a, w, ends, bias, a_index, out_index, out_dtype)
     out = torch.empty(n, O, dtype=out_dtype, device=a.device)
-    if n == 0:
+    if n == 0 or O == 0:
         return out
+    if K == 0:  # nothing to contract: the bias alone (an empty contraction's sum)
+        return out.copy_(_reference(a, w, ends, bias, a_index, out_index, out_dtype))
 
     def run(t: Tiles) -> None:
         launch(_kernel(), (-(-n // t.m) * -(-O // t.n), 1, 1),
                (a, w, bias if bias is not None else a, ends, a_index if a_index is not None else ends,
-                out_index if out_index is not None else ends, out, gathered if gathered is not None else out, n, K, O,
-                *a.stride(), *w.stride(), bias.stride(0) if bias is not None else 0, *out.stride(),
-                gathered.stride(0) if gathered is not None else 0),
+                out_index if out_index is not None else ends, out, n, K, O, *a.stride(), *w.stride(),
+                bias.stride(0) if bias is not None else 0, *out.stride()),
                {"num_warps": t.warps, "num_stages": t.stages},
                E=E, HAS_BIAS=bias is not None, GATHER_A=a_index is not None, SCATTER_OUT=out_index is not None,
-               COPY_A=gathered is not None, EVEN_K=K % t.k == 0, BM=t.m, BN=t.n, BK=t.k, GROUP=t.group)
+               EVEN_K=K % t.k == 0, BM=t.m, BN=t.n, BK=t.k, GROUP=t.group)
 
     if tiles is None and a.is_cuda:
         tiles = tuned(("mm", a.device, _bucket(n), K, O, E, a.dtype, out_dtype, bias is not None, a_index is not None,
-                       out_index is not None, gathered is not None), run)
+                       out_index is not None), run)
     run(tiles or DEFAULT_TILES)
     return out
 
@@ -223,12 +208,10 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _reference(a, w, ends, bias, a_index, out_index, out_dtype, gathered=None) -> torch.Tensor:
+def _reference(a, w, ends, bias, a_index, out_index, out_dtype) -> torch.Tensor:
     """The same in PyTorch ops (reads ``ends`` on the host): gather, one GEMM per expert in fp32 (or wider), scatter."""
     wide = torch.promote_types(a.dtype, torch.float32)
     rows = a if a_index is None else a.index_select(0, a_index)
-    if gathered is not None:
-        gathered.copy_(rows)
     sorted_out = torch.empty(rows.shape[0], w.shape[2], dtype=wide, device=a.device)
     start = 0
     for e, end in enumerate(ends.tolist()):
