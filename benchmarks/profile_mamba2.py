@@ -5,9 +5,9 @@
     python benchmarks/profile_mamba2.py --host                 # host time per step against wall time
 
 Complements benchmarks/bench_mamba2.py (the totals) as benchmarks/profile_layer.py does for Mamba-1. ``--host``
-times each step's Python alone (``--steps`` steps enqueued after a synchronize, before the next one) and with the
-GPU's work (after it): where the two are about equal the layer is bound by the host, and its kernels' time (the
-default table's total) is not what decides its speed.
+prints, as benchmarks/profile_lm.py does for a whole LM step, each side's host syncs, its wall time per step next to
+the host's time to enqueue it (where the two are about equal the layer is bound by the host, and its kernels' time,
+the default table's total, does not decide its speed), and where the host's time goes (cProfile of one step).
 """
 
 from __future__ import annotations
@@ -15,31 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import DEFAULT_RUNS, interleaved_modalities, profiled  # noqa: E402
 from bench_mamba2 import CHUNK_SIZE, D_CONV, D_STATE, EXPAND, HEADDIM, NGROUPS, _step, mom_mamba2  # noqa: E402
+from profile_lm import host_profile, host_view  # noqa: E402
 
 from mom.model.routing import Routing  # noqa: E402
-
-
-def host_and_wall(name: str, step, steps: int, repeats: int = 5) -> None:
-    """Print the best of ``repeats`` timings of ``steps`` steps: the host's time to enqueue them, and wall time."""
-    for _ in range(3):  # warm-up: compilations, tuning, the allocator
-        step()
-    host, wall = [], []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        host.append(time.perf_counter() - start)
-        torch.cuda.synchronize()
-        wall.append(time.perf_counter() - start)
-    print(f"{name:<27} host {min(host) / steps * 1e3:7.3f} ms/step   wall {min(wall) / steps * 1e3:7.3f} ms/step")
 
 
 def main(argv=None) -> int:
@@ -47,8 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="8x2048x1024", help="BATCHxLENGTHxD_MODEL")
     parser.add_argument("--runs", default=",".join(map(str, DEFAULT_RUNS)), help="modality run lengths")
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--host", action="store_true", help="host time per step against wall time, no profile")
-    parser.add_argument("--steps", type=int, default=3, help="steps per host timing (--host)")
+    parser.add_argument("--host", action="store_true",
+                        help="instead of the kernels: host syncs, wall vs enqueue time per step, cProfile of a step")
+    parser.add_argument("--steps", type=int, default=5, help="steps timed for wall vs enqueue (--host)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_mamba2: needs a CUDA device", file=sys.stderr)
@@ -68,7 +53,9 @@ def main(argv=None) -> int:
                                                sorted_tokens=True)}
     for name, step in steps.items():
         if args.host:
-            host_and_wall(name, step, args.steps)
+            print(f"\n=== {name} ===")
+            host_view(step, args.steps)
+            host_profile(step, args.rows)
             continue
         prof = profiled(step, 5)
         print(f"\n=== {name}: CUDA time per kernel over 5 steps ===")
