@@ -46,7 +46,17 @@ def mom_mamba2(num_modalities: int, d_model: int, decouple, fast: bool = True, d
     return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)
 
 
-def _step(layer, routing, x, grad, sorted_tokens=False):
+def dense_mamba2(d_model: int, device: str = "cuda"):
+    """mamba-ssm's dense `Mamba2` at the same sizes, on its memory-efficient (fused) path."""
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    return Mamba2(d_model, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, headdim=HEADDIM, ngroups=NGROUPS,
+                  chunk_size=CHUNK_SIZE, use_mem_eff_path=True).to(device)
+
+
+def train_step(layer, routing, x, grad, sorted_tokens=False):
+    """A training step's fwd + bwd of ``layer`` (bf16 autocast), gradients dropped after it."""
+
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = layer(x) if routing is None else layer(x, routing, sorted_tokens=sorted_tokens)
@@ -59,8 +69,6 @@ def _step(layer, routing, x, grad, sorted_tokens=False):
 
 def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], iters: int, rounds: int,
                 counts: str = "host") -> None:
-    from mamba_ssm.modules.mamba2 import Mamba2
-
     device = "cuda"
     modality_ids = interleaved_modalities(batch, length, runs, device)
     routing = Routing.build(modality_ids, len(runs))
@@ -69,13 +77,9 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
 
-    def dense_mamba2():
-        return Mamba2(d_model, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, headdim=HEADDIM, ngroups=NGROUPS,
-                      chunk_size=CHUNK_SIZE, use_mem_eff_path=True).to(device)
-
     routed = ("in_proj", "out_proj")
     variants = {  # name: (layer factory, routing or None, sorted_tokens)
-        "mamba-ssm Mamba2 (dense)": (dense_mamba2, None, False),
+        "mamba-ssm Mamba2 (dense)": (lambda: dense_mamba2(d_model, device), None, False),
         "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing, False),
         "MoM, fast path": (lambda: mom_mamba2(len(runs), d_model, routed), routing, False),
         "MoM, fast, sorted stream": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True),
@@ -91,7 +95,7 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
             if r is not None and layer.fast_path_applies(x) != layer.use_fast_path:
                 raise RuntimeError(f"{name}: use_fast_path={layer.use_fast_path} but the fast path applies: "
                                    f"{layer.fast_path_applies(x)}")
-            ms, gib, _ = measure(_step(layer, r, x, grad, sorted_tokens), iters=iters)
+            ms, gib, _ = measure(train_step(layer, r, x, grad, sorted_tokens), iters=iters)
             times[name].append(ms)
             memory[name] = gib
             torch.cuda.empty_cache()

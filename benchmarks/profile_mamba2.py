@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import DEFAULT_RUNS, interleaved_modalities, profiled  # noqa: E402
-from bench_mamba2 import CHUNK_SIZE, D_CONV, D_STATE, EXPAND, HEADDIM, NGROUPS, _step, mom_mamba2  # noqa: E402
+from bench_mamba2 import dense_mamba2, mom_mamba2, train_step  # noqa: E402
 from profile_lm import host_profile, host_view  # noqa: E402
 
 from mom.model.routing import Routing  # noqa: E402
@@ -38,19 +38,15 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("profile_mamba2: needs a CUDA device", file=sys.stderr)
         return 2
-    from mamba_ssm.modules.mamba2 import Mamba2
-
     b, l, d = (int(v) for v in args.shape.split("x"))
     runs = tuple(int(v) for v in args.runs.split(","))
     routing = Routing.build(interleaved_modalities(b, l, runs, "cuda"), len(runs))
     routing.set_counts(tuple(routing.device_counts.tolist()))
     x = torch.randn(b, l, d, device="cuda", requires_grad=True)
     grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
-    dense = Mamba2(d, d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, headdim=HEADDIM, ngroups=NGROUPS,
-                   chunk_size=CHUNK_SIZE, use_mem_eff_path=True).cuda()
-    steps = {"mamba-ssm Mamba2 (dense)": _step(dense, None, x, grad),
-             "MoM, fast, sorted stream": _step(mom_mamba2(len(runs), d, ("in_proj", "out_proj")), routing, x, grad,
-                                               sorted_tokens=True)}
+    steps = {"mamba-ssm Mamba2 (dense)": train_step(dense_mamba2(d), None, x, grad),
+             "MoM, fast, sorted stream": train_step(mom_mamba2(len(runs), d, ("in_proj", "out_proj")), routing, x,
+                                                    grad, sorted_tokens=True)}
     for name, step in steps.items():
         if args.host:
             print(f"\n=== {name} ===")
