@@ -12,7 +12,10 @@ mixer with in_proj and out_proj routed per modality on its fast path (each route
 the modality-sorted rows, `mom.ops.routed_linear`, with the row permutations around it; mamba-ssm's
 ``mamba_split_conv1d_scan_combined`` without its out_proj between them), called alone on rows in sequence order;
 "MoM, fast, sorted stream" the same as the LM runs it (`mom.model.mixer.sorted_stream`: its input and output rows in
-the sorted order, so in_proj reads and out_proj writes without a permutation); "MoM, module path" calls every expert
+the sorted order, so in_proj reads and out_proj writes without a permutation); "..., mamba-ssm's launches" the same
+with ``MOM_DIRECT_LAUNCH=0``: mamba-ssm's SSD function as it ships, its Triton kernels launched through Triton's
+autotuner and JIT, where mom's rebound copy launches them directly once tuned (`mom.ops.triton.rebind`; the same
+kernels, so the difference is host time); "MoM, module path" calls every expert
 as a module (``use_fast_path=False``: the reference, what LoRA-wrapped or ZeRO-3-partitioned experts take).
 ``--counts host`` (default): the tokens per modality are known on the host, as when the trainer passes
 ``modality_counts`` (large GEMMs then run per expert); ``device``: unknown, every routed GEMM grouped on the device's
@@ -33,6 +36,7 @@ from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: 
 
 import mom  # noqa: E402
 from mom.model.routing import Routing  # noqa: E402
+from mom.ops.ssd import DIRECT_LAUNCH_ENV  # noqa: E402
 
 D_STATE, HEADDIM, NGROUPS, CHUNK_SIZE, D_CONV, EXPAND = 128, 64, 1, 256, 4, 2  # mamba-ssm Mamba2's defaults
 
@@ -78,19 +82,22 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
 
     routed = ("in_proj", "out_proj")
-    variants = {  # name: (layer factory, routing or None, sorted_tokens)
-        "mamba-ssm Mamba2 (dense)": (lambda: dense_mamba2(d_model, device), None, False),
-        "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing, False),
-        "MoM, fast path": (lambda: mom_mamba2(len(runs), d_model, routed), routing, False),
-        "MoM, fast, sorted stream": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True),
-        "MoM, module path": (lambda: mom_mamba2(len(runs), d_model, routed, fast=False), routing, False),
+    variants = {  # name: (layer factory, routing or None, sorted_tokens, MOM_DIRECT_LAUNCH)
+        "mamba-ssm Mamba2 (dense)": (lambda: dense_mamba2(d_model, device), None, False, "1"),
+        "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing, False, "1"),
+        "MoM, fast path": (lambda: mom_mamba2(len(runs), d_model, routed), routing, False, "1"),
+        "MoM, fast, sorted stream": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, "1"),
+        "..., mamba-ssm's launches": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, "0"),
+        "MoM, module path": (lambda: mom_mamba2(len(runs), d_model, routed, fast=False), routing, False, "1"),
     }
     print(f"shape b={batch} l={length} d_model={d_model} d_state={D_STATE} headdim={HEADDIM} runs={runs} "
           f"counts={counts} rounds={rounds} (best time of each)")
     times = {name: [] for name in variants}
     memory = {}
+    previous = os.environ.get(DIRECT_LAUNCH_ENV)
     for _ in range(rounds):  # alternating rounds: a slow spell of the GPU hits every variant, not one
-        for name, (factory, r, sorted_tokens) in variants.items():
+        for name, (factory, r, sorted_tokens, direct) in variants.items():
+            os.environ[DIRECT_LAUNCH_ENV] = direct
             layer = factory()
             if r is not None and layer.fast_path_applies(x) != layer.use_fast_path:
                 raise RuntimeError(f"{name}: use_fast_path={layer.use_fast_path} but the fast path applies: "
@@ -99,12 +106,16 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
             times[name].append(ms)
             memory[name] = gib
             torch.cuda.empty_cache()
+    if previous is None:
+        os.environ.pop(DIRECT_LAUNCH_ENV)
+    else:
+        os.environ[DIRECT_LAUNCH_ENV] = previous
     base_ms, base_gib = min(times["mamba-ssm Mamba2 (dense)"]), memory["mamba-ssm Mamba2 (dense)"]
     for name in variants:
         ms, gib = min(times[name]), memory[name]
         print(f"  {name:<27} {ms:8.3f} ms ({ms / base_ms:5.3f}x)   peak {gib:6.3f} GiB ({gib / base_gib:5.3f}x)"
               f"   rounds: {' '.join(f'{t:.3f}' for t in times[name])}")
-    for name in ("MoM, fast path", "MoM, fast, sorted stream"):
+    for name in ("MoM, fast path", "MoM, fast, sorted stream", "..., mamba-ssm's launches"):
         print(f"  {name} / mamba-ssm Mamba2: time {min(times[name]) / base_ms:.3f}x (goal <= 1.10x), "
               f"peak memory {memory[name] / base_gib:.3f}x")
 

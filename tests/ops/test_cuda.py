@@ -238,6 +238,57 @@ def test_triton_kernels_launched_directly_after_the_first_call():
     assert launcher._direct and len(launcher._compiled) == 3  # gather, gated gather, flat cast: one key each
 
 
+def test_rebound_mamba2_scan_equals_mamba_ssms_and_launches_directly(monkeypatch):
+    """`mom.ops.triton.rebind`: `mom.ops.ssd.split_conv1d_scan` (a copy of mamba-ssm's fused conv + SSD scan + gated
+    norm, document resets on) computes what mamba-ssm's own function computes, forward and backward, and launches its
+    Triton kernels through `mom.ops.triton.launcher` once they are tuned; ``MOM_DIRECT_LAUNCH=0`` calls mamba-ssm's
+    function (both sides run the same kernels; the backward's atomic adds make the sums' order vary from run to run,
+    hence a tolerance)."""
+    from mom.ops import ssd
+    from mom.ops.triton import rebind
+
+    kernels = backend.mamba2_kernels(torch.empty(1, device="cuda"))
+    if kernels is None or kernels.split_conv1d_scan is None:
+        pytest.skip("needs mamba-ssm's SSD kernels and causal-conv1d")
+    torch.manual_seed(0)
+    b, l, h, p, n, g, chunk = 2, 300, 4, 16, 16, 1, 64  # batch, length, heads, headdim, d_state, groups
+    d_inner, conv_dim = h * p, h * p + 2 * g * n
+    zxbcdt = torch.randn(b, l, d_inner + conv_dim + h, device="cuda", requires_grad=True)
+    params = [torch.randn(conv_dim, 4, device="cuda") * 0.3, torch.randn(conv_dim, device="cuda") * 0.1,
+              torch.randn(h, device="cuda") * 0.5 - 2, -torch.rand(h, device="cuda") - 0.5,
+              torch.randn(h, device="cuda"), 1 + 0.1 * torch.randn(d_inner, device="cuda")]
+    for t in params:
+        t.requires_grad_(True)
+    reset = torch.zeros(b, l, dtype=torch.bool, device="cuda")
+    reset[:, 170] = True  # two documents per row
+    dy = torch.randn(b, l, d_inner, device="cuda")
+
+    def run(library: bool):
+        conv_w, conv_b, dt_bias, A, D, norm_w = params
+        if library:
+            y = kernels.split_conv1d_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk, seq_idx=ssd.seq_idx_of(reset),
+                                          activation="silu", rmsnorm_weight=norm_w, rmsnorm_eps=1e-5,
+                                          outproj_weight=None, outproj_bias=None, headdim=p, ngroups=g,
+                                          norm_before_gate=False)
+        else:
+            y = ssd.split_conv1d_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk, p, g, norm_w, 1e-5, reset)
+        return [y.detach(), *torch.autograd.grad(y, [zxbcdt, *params], dy)]
+
+    want = run(library=True)
+    launches = []
+    direct = rebind.launch_values
+    monkeypatch.setattr(rebind, "launch_values", lambda *args: launches.append(args[0]) or direct(*args))
+    for _ in range(3):  # tuned by the library's call above: direct launches from the first
+        for got_t, want_t in zip(run(library=False), want):
+            torch.testing.assert_close(got_t, want_t, rtol=1e-4, atol=1e-4 * want_t.abs().max().item())
+    assert len(launches) >= 3 * 15  # mamba-ssm's fwd + bwd launch about twenty Triton kernels, all through mom
+    monkeypatch.setenv(ssd.DIRECT_LAUNCH_ENV, "0")  # the switch back to mamba-ssm's own launches
+    before = len(launches)
+    for got_t, want_t in zip(run(library=False), want):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-4, atol=1e-4 * want_t.abs().max().item())
+    assert len(launches) == before
+
+
 def _graph_model(**overrides):
     torch.manual_seed(0)
     return mom.MoMForCausalLM(_config(**overrides)).cuda().eval()

@@ -34,23 +34,38 @@ def launch(kernel, grid: tuple[int, int, int], args: tuple, options: dict | None
     in order), ``constexprs``: its trailing ``tl.constexpr`` parameters, in order; ``options``: Triton's compile
     options (``num_warps``, ``num_stages``), part of the key. Under Triton's interpreter every launch goes through
     the JIT."""
+    launch_values(kernel, grid, (*args, *constexprs.values()), options)
+
+
+def launch_values(kernel, grid: tuple[int, int, int], values: tuple, options: dict | None = None) -> None:
+    """``kernel[grid](*values, **options)`` with ``values`` every parameter of the kernel, in order: tensors, ints,
+    floats, None and ``tl.constexpr`` values (the form `mom.ops.triton.rebind` launches a library's kernels in)."""
     global _direct
     options = options or {}
     if not _direct or _INTERPRETED:
-        kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*values, **options)
         return
-    key = (kernel, torch.cuda.current_device(), *constexprs.values(), *sorted(options.items()),
-           *(a if isinstance(a, int) else (a.dtype, a.data_ptr() % 16) for a in args))
+    key = (kernel, torch.cuda.current_device(), *sorted(options.items()),
+           *[v if type(v) is int else _specialisation(v) for v in values])  # ints, most values, inline: less time
     compiled = _compiled.get(key)
     if compiled is not None:
         try:
-            compiled[grid](*args, *constexprs.values())
+            compiled[grid](*values)
             return
         except TypeError:  # an argument convention this version's launcher does not take: checked before launching
             _direct = False
     if len(_compiled) >= _MAX_KEYS:
         _compiled.clear()
-    _compiled[key] = kernel[grid](*args, **constexprs, **options)
+    _compiled[key] = kernel[grid](*values, **options)
+
+
+def _specialisation(value) -> object:
+    """What of an argument Triton may compile into its kernel: a tensor's dtype and alignment, an integer's value
+    (covering its divisibility by 16 and whether it is 1; `launch_values` keeps plain ints as they are), a
+    constexpr's value; a float is passed, not specialised."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16
+    return float if isinstance(value, float) else value
 
 
 def triton_kernel(build: Callable) -> Callable[[], object]:
