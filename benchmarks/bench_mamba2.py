@@ -36,7 +36,7 @@ from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: 
 
 import mom  # noqa: E402
 from mom.model.routing import Routing  # noqa: E402
-from mom.ops.ssd import DIRECT_LAUNCH_ENV  # noqa: E402
+from mom.ops.triton.rebind import DIRECT_LAUNCH_ENV  # noqa: E402
 
 D_STATE, HEADDIM, NGROUPS, CHUNK_SIZE, D_CONV, EXPAND = 128, 64, 1, 256, 4, 2  # mamba-ssm Mamba2's defaults
 

@@ -20,16 +20,11 @@ mamba-ssm's functions as it ships them.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
 from mom.ops import backend
-from mom.ops.triton.rebind import rebound
-
-DIRECT_LAUNCH_ENV = "MOM_DIRECT_LAUNCH"  # "0": mamba-ssm's scan functions as it ships them (Triton's own launches)
+from mom.ops.triton.rebind import launched
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus):
@@ -131,19 +126,6 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False) -> 
     return y[:, 0]
 
 
-@functools.cache
-def _rebound(fn):
-    return rebound(fn, "mamba_ssm")
-
-
-def _launched(fn):
-    """mamba-ssm's function ``fn`` as this module calls it: its rebound copy (`mom.ops.triton.rebind`), or ``fn``
-    itself under ``MOM_DIRECT_LAUNCH=0``."""
-    if os.environ.get(DIRECT_LAUNCH_ENV, "1").lower() in ("0", "false", "no"):
-        return fn
-    return _rebound(fn)
-
-
 def seq_idx_of(reset: torch.Tensor) -> torch.Tensor:
     """reset (b, l) bool -> mamba-ssm's ``seq_idx`` (b, l) int32: the document number of each position."""
     return reset.to(torch.int32).cumsum(-1, dtype=torch.int32)
@@ -155,7 +137,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True,
     through its ``seq_idx``), `ssd_chunked` otherwise. -> y, or (y, final state (b, h, p, n) fp32)."""
     kernels = backend.mamba2_kernels(x)
     if kernels is not None:
-        scan = _launched(kernels.chunk_scan)
+        scan = launched(kernels.chunk_scan)
         result = scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,
                       seq_idx=None if reset is None else seq_idx_of(reset), dt_softplus=dt_softplus,
                       return_final_states=return_final_state)
@@ -188,7 +170,7 @@ def split_conv1d_scan(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size,
     kernels = backend.mamba2_kernels(zxbcdt)
     if kernels is None or kernels.split_conv1d_scan is None:
         raise ValueError("split_conv1d_scan needs CUDA tensors with mamba-ssm and causal-conv1d installed")
-    return _launched(kernels.split_conv1d_scan)(
+    return launched(kernels.split_conv1d_scan)(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size,
         seq_idx=None if reset is None else seq_idx_of(reset), activation="silu", rmsnorm_weight=norm_weight,
         rmsnorm_eps=norm_eps, outproj_weight=None, outproj_bias=None, headdim=headdim, ngroups=ngroups,

@@ -282,7 +282,7 @@ def test_rebound_mamba2_scan_equals_mamba_ssms_and_launches_directly(monkeypatch
         for got_t, want_t in zip(run(library=False), want):
             torch.testing.assert_close(got_t, want_t, rtol=1e-4, atol=1e-4 * want_t.abs().max().item())
     assert len(launches) >= 3 * 15  # mamba-ssm's fwd + bwd launch about twenty Triton kernels, all through mom
-    monkeypatch.setenv(ssd.DIRECT_LAUNCH_ENV, "0")  # the switch back to mamba-ssm's own launches
+    monkeypatch.setenv(rebind.DIRECT_LAUNCH_ENV, "0")  # the switch back to mamba-ssm's own launches
     before = len(launches)
     for got_t, want_t in zip(run(library=False), want):
         torch.testing.assert_close(got_t, want_t, rtol=1e-4, atol=1e-4 * want_t.abs().max().item())

@@ -161,6 +161,20 @@ def test_a_configs_pre_hook_runs_before_the_launch(tmp_path, monkeypatch):
     assert torch.equal(seen[0], torch.zeros(16))
 
 
+def test_launched_is_the_copy_made_once_unless_switched_off(monkeypatch):
+    """`launched`: what `mom.ops.ssd` calls mamba-ssm's scans through. A stand-in function of mamba-ssm's package."""
+
+    def library_scan(x):
+        return x * 2
+
+    library_scan.__module__ = "mamba_ssm.ops.triton.ssd_combined"
+    copy = rebind.launched(library_scan)
+    assert copy is not library_scan and copy.__code__ is library_scan.__code__ and copy(3) == 6
+    assert rebind.launched(library_scan) is copy
+    monkeypatch.setenv(rebind.DIRECT_LAUNCH_ENV, "0")
+    assert rebind.launched(library_scan) is library_scan
+
+
 def test_rebound_code_computes_what_the_library_computes_in_the_interpreter(tmp_path):
     script = textwrap.dedent('''
         import torch

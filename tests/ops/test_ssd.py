@@ -94,21 +94,6 @@ def test_seq_idx_numbers_the_documents():
     assert ssd.seq_idx_of(reset).dtype == torch.int32
 
 
-def test_mamba_ssms_scans_are_called_rebound_unless_switched_off(monkeypatch):
-    """`mom.ops.ssd` calls mamba-ssm's functions as rebound copies (`mom.ops.triton.rebind`, its Triton kernels launched
-    directly), mamba-ssm's own under ``MOM_DIRECT_LAUNCH=0``. A stand-in library function: its module is mamba-ssm's."""
-    pytest.importorskip("triton")
-
-    def library_scan(zxbcdt, *args, **kwargs):
-        return zxbcdt * 2
-
-    library_scan.__module__ = "mamba_ssm.ops.triton.ssd_combined"
-    copy = ssd._launched(library_scan)
-    assert copy is not library_scan and copy.__code__ is library_scan.__code__ and copy is ssd._launched(library_scan)
-    monkeypatch.setenv(ssd.DIRECT_LAUNCH_ENV, "0")
-    assert ssd._launched(library_scan) is library_scan
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("with_reset", [False, True], ids=["flow", "reset"])

@@ -12,6 +12,8 @@ functions or autograd Functions, to rebound copies of those (recursively, closur
 wrappers). The same code calls the same kernels with the same configs; only the launch path changes. The library
 itself is left alone: its own callers (a dense mamba-ssm model in the same process) keep Triton's launches.
 
+`launched(fn)` is what callers use: ``fn``'s copy, made once, or ``fn`` itself under ``MOM_DIRECT_LAUNCH=0``.
+
 `DirectKernel` does per call what Triton does for a key it has tuned: the key from the key arguments and the
 tensors' dtypes, the config from the autotuner's cache, the config's pre-hook (a buffer zeroed), the heuristics'
 values; then `launcher.launch_values`, which calls the JIT once per specialisation and the compiled kernel's
@@ -20,13 +22,30 @@ launcher after that. A key not tuned yet, or a kernel of a form it does not know
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 import types
 from collections.abc import Callable
 
 import torch
 
 from mom.ops.triton.launcher import launch_values
+
+DIRECT_LAUNCH_ENV = "MOM_DIRECT_LAUNCH"  # "0": a library's functions as it ships them (Triton's own launches)
+
+
+def launched(fn: Callable, package: str = "mamba_ssm") -> Callable:
+    """The library function ``fn`` as mom calls it: its rebound copy (`rebound`, made once), or ``fn`` itself under
+    ``MOM_DIRECT_LAUNCH=0``."""
+    if os.environ.get(DIRECT_LAUNCH_ENV, "1").lower() in ("0", "false", "no"):
+        return fn
+    return _rebound_once(fn, package)
+
+
+@functools.cache
+def _rebound_once(fn: Callable, package: str) -> Callable:
+    return rebound(fn, package)
 
 
 def _triton_kinds() -> tuple[type, type, type] | None:
