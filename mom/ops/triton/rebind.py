@@ -48,8 +48,9 @@ def _rebound_once(fn: Callable, package: str) -> Callable:
     return rebound(fn, package)
 
 
+@functools.cache
 def _triton_kinds() -> tuple[type, type, type] | None:
-    """Triton's Autotuner, Heuristics and JITFunction classes, or None without Triton."""
+    """Triton's Autotuner, Heuristics and JITFunction classes, or None without Triton (looked up once)."""
     try:
         from triton.runtime.autotuner import Autotuner, Heuristics
         from triton.runtime.jit import JITFunction
