@@ -36,6 +36,7 @@ from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, masks_on_device, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
+from mom.ops.triton.rebind import launched
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,11 @@ def add_norm(
     norm: nn.Module, out: torch.Tensor | None, residual: torch.Tensor, residual_in_fp32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual += out (the previous block's mixer output; None before the first block); return (norm(residual),
-    residual). On CUDA this is mamba-ssm's fused Triton add+norm kernel (one pass), as in its ``Block``."""
+    residual). On CUDA this is mamba-ssm's fused Triton add+norm kernel (one pass), as in its ``Block``, launched
+    directly once tuned (`mom.ops.triton.rebind.launched`)."""
     fn = backend.layer_norm_fn(residual)
     if fn is not None:
+        fn = launched(fn)
         return fn(residual if out is None else out, norm.weight, getattr(norm, "bias", None),
                   residual=None if out is None else residual, eps=norm.eps, prenorm=True,
                   residual_in_fp32=residual_in_fp32, is_rms_norm=isinstance(norm, RMSNorm))

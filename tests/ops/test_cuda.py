@@ -289,6 +289,38 @@ def test_rebound_mamba2_scan_equals_mamba_ssms_and_launches_directly(monkeypatch
     assert len(launches) == before
 
 
+def test_rebound_add_norm_equals_mamba_ssms_and_launches_directly(monkeypatch):
+    """The blocks' add + RMSNorm (`mom.model.modeling.add_norm`) calls mamba-ssm's ``layer_norm_fn`` rebound: the same
+    values and gradients as mamba-ssm's own, its Triton kernels launched through `mom.ops.triton.launcher`."""
+    from mom.model.modeling import RMSNorm, add_norm
+    from mom.ops.triton import rebind
+
+    library_norm = backend.layer_norm_fn(torch.empty(1, device="cuda"))
+    if library_norm is None:
+        pytest.skip("mamba-ssm's Triton layer norm not importable")
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).cuda()
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(96, device="cuda"))
+    out = torch.randn(3, 50, 96, device="cuda", requires_grad=True)
+    residual = torch.randn(3, 50, 96, device="cuda", requires_grad=True)
+    dy, dres = torch.randn(3, 50, 96, device="cuda"), torch.randn(3, 50, 96, device="cuda")
+
+    def run(fn):
+        y, res = fn()
+        return [y.detach(), res.detach(), *torch.autograd.grad((y, res), (out, residual, norm.weight), (dy, dres))]
+
+    want = run(lambda: library_norm(out, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True,
+                                    residual_in_fp32=True, is_rms_norm=True))
+    launches = []
+    direct = rebind.launch_values
+    monkeypatch.setattr(rebind, "launch_values", lambda *args: launches.append(args[0]) or direct(*args))
+    for _ in range(3):
+        for got_t, want_t in zip(run(lambda: add_norm(norm, out, residual, residual_in_fp32=True)), want):
+            torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
+    assert len(launches) == 3 * 2  # the forward's kernel and the backward's, each call
+
+
 def _graph_model(**overrides):
     torch.manual_seed(0)
     return mom.MoMForCausalLM(_config(**overrides)).cuda().eval()
