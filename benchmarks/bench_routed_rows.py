@@ -11,9 +11,10 @@ three modalities: every expert's weights read), it prints
   mom       `routed_rows_linear` (the kernel, its default blocks), three experts
   dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
-``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k; uniform rows) and prints the
-best per block of outputs; each configuration of each shape is a Triton compilation (about a second), so sweep a
-few shapes at a time (``--only``, ``--batch``). Every kernel output is checked against the PyTorch ops first.
+``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k) on uniform and on mixed rows
+and prints, per block of outputs, the tiling with the lowest sum of the two; each configuration of each shape is a
+Triton compilation (about a second), so sweep a few shapes at a time (``--only``,
+``--batch``). Every kernel output is checked against the PyTorch ops first.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--batch", type=int, action="append", help="rows (repeatable; default 1 and 64)")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel's configurations (SWEEP), uniform "
-                        "rows")
+                        "and mixed rows")
     parser.add_argument("--sweep-launch", action="store_true", help="with --sweep: each configuration also at every "
                         "warps / stages of SWEEP_LAUNCH (many more compilations)")
     parser.add_argument("--only", action="append", choices=("in_proj", "x_proj", "dt_proj", "out_proj"),
@@ -86,36 +87,50 @@ def main(argv=None) -> int:
         biases = [torch.randn(n_out, device="cuda", dtype=torch.bfloat16) for _ in range(EXPERTS)] if bias else None
         x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
         dense_us = graph_us(functools.partial(F.linear, x, weights[0], None if biases is None else biases[0]))
-        for rows in ("uniform", "mixed"):
-            ids = (torch.arange(batch, device="cuda") % EXPERTS if rows == "mixed"
-                   else torch.zeros(batch, dtype=torch.long, device="cuda"))
-            want = routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=False)
+        ids_of = {"uniform": torch.zeros(batch, dtype=torch.long, device="cuda"),
+                  "mixed": torch.arange(batch, device="cuda") % EXPERTS}
+        want = {rows: routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=False)
+                for rows, ids in ids_of.items()}
+        for rows, ids in ids_of.items():
             got = routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=True)
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(got, want[rows], rtol=2e-2, atol=2e-2)
             mom_us = graph_us(functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
                                                  use_kernel=True))
             print(f"batch {batch:3d}  {name:<9} {n_in:5d} -> {n_out:5d}  {rows:<8}  mom {mom_us:7.2f} us  "
                   f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
-            if args.sweep and rows == "uniform":
-                best: dict[int, tuple[float, routed_rows.Blocks]] = {}  # block of outputs -> fastest tiling with it
-                launches = SWEEP_LAUNCH if args.sweep_launch else [(None, None)]
-                for (block_out, block_k), (warps, stages) in itertools.product(SWEEP, launches):
-                    blocks = routed_rows.Blocks(block_out, block_k, warps, stages)
-                    call = functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
-                                             use_kernel=True, blocks=blocks)
-                    try:
-                        y = call()
-                        torch.cuda.synchronize()
-                    except Exception:  # a configuration this GPU cannot run (shared memory): skipped
-                        continue
-                    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
-                    us = graph_us(call)
-                    if block_out not in best or us < best[block_out][0]:
-                        best[block_out] = (us, blocks)
-                for block_out, (us, blocks) in sorted(best.items()):
-                    print(f"           out {block_out:3d} best: {us:7.2f} us  ratio to dense {us / dense_us:5.2f}x  "
-                          f"({blocks})")
+        if args.sweep:
+            sweep(x, weights, biases, ids_of, want, dense_us, args.sweep_launch)
     return 0
+
+
+def sweep(x, weights, biases, ids_of: dict, want: dict, dense_us: float, with_launch: bool) -> None:
+    """Time each tiling of `SWEEP` (and `SWEEP_LAUNCH`) on uniform and on mixed rows; print, per block of outputs,
+    the tiling with the lowest sum of the two, then the one the library picks (`default_blocks`)."""
+    best: dict[int, tuple[float, dict, routed_rows.Blocks]] = {}  # block of outputs -> (sum, us per rows, tiling)
+    for (block_out, block_k), (warps, stages) in itertools.product(SWEEP, SWEEP_LAUNCH if with_launch
+                                                                    else [(None, None)]):
+        blocks = routed_rows.Blocks(block_out, block_k, warps, stages)
+        times = {}
+        for rows, ids in ids_of.items():
+            call = functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids, use_kernel=True,
+                                     blocks=blocks)
+            try:
+                y = call()
+                torch.cuda.synchronize()
+            except Exception:  # a configuration this GPU cannot run (shared memory): skipped
+                break
+            torch.testing.assert_close(y, want[rows], rtol=2e-2, atol=2e-2)
+            times[rows] = graph_us(call)
+        if len(times) < len(ids_of):
+            continue
+        total = sum(times.values())
+        if block_out not in best or total < best[block_out][0]:
+            best[block_out] = (total, times, blocks)
+    for block_out, (_, times, blocks) in sorted(best.items()):
+        print(f"           out {block_out:3d} best: uniform {times['uniform']:7.2f} us  mixed {times['mixed']:7.2f} us"
+              f"  (mixed / uniform {times['mixed'] / times['uniform']:5.2f}x, uniform / dense "
+              f"{times['uniform'] / dense_us:5.2f}x)  {blocks}")
+    print(f"           library's pick: {routed_rows.default_blocks(x.shape[1], weights[0].shape[0])}")
 
 
 if __name__ == "__main__":
