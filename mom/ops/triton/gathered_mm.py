@@ -10,17 +10,10 @@ read and write of the (n, f) activation, about a third of the GEMM's own time at
 
 with ``src(j) = a_index[j]`` or ``j``, and ``dst(j) = out_index[j]`` or ``j``. Rows are token-major, so a gathered
 row is still one contiguous load along the contraction and a scattered one a contiguous store: only the row
-addresses come from the index. On an H100 at Mamba-2's shapes the fused GEMM took 0.65-0.83x the time of the
-gather and ``torch._grouped_mm`` together, though 1.03-1.25x the grouped GEMM's alone (docs/performance.md); weight
+addresses come from the index. On an H100 at Mamba-2's shapes the fused GEMM took 0.65-0.83x the time of the gather
+and ``torch._grouped_mm`` together, though 1.03-1.25x the grouped GEMM's alone (docs/performance.md); weight
 gradients computed from gathered rows the same way were slower than the gather and cuBLAS, so there is no kernel
 for them.
-
-Mamba-1's fused mixer (`mom.ops.fused`) crosses between sorted token-major rows and the feature-major ``(f, n)``
-columns in sequence order that its conv and scan read. For it the input may be a feature-major matrix transposed
-(rows along its unit stride), each input row may be gated on the way (``gate``: ``a[src(j)] * silu(gate[j])``, the
-scan's gated output), and the output may be written feature-major (``transposed_out``). A routing permutation is
-mostly long runs, so a tile's rows along the unit stride are then mostly consecutive addresses: the kernel lays
-those tiles out transposed, so that consecutive threads load and store along that stride.
 
 A program computes one (``BM`` rows, ``BN`` outputs) tile of the sorted rows (`Tiles`; `tuned` picks them per
 shape). A tile that straddles the end of an
