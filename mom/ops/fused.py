@@ -70,7 +70,6 @@ import torch
 from mom.ops import backend
 from mom.ops import reference as ref_scan
 from mom.ops.projections import Projection
-from mom.ops.triton import gathered_mm as gmm
 from mom.ops.triton.flatcast import flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.utils.errors import MissingDependencyError
@@ -484,28 +483,6 @@ def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Te
     return grouped_rows(rows, w, b, layout.counts, offsets, out_dtype)
 
 
-def _in_proj_cols(layout: _Layout, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                  offsets: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
-    """A routed projection from sorted rows (n, i) to feature-major columns in sequence order (o, n), w (k, i, o):
-    its GEMM writes them where `_crossing_in_gemm`, else a grouped GEMM writes sorted rows that a gather (with a
-    transpose) puts in sequence order."""
-    if _crossing_in_gemm(rows, w):
-        return gmm.gathered_mm(rows, w, offsets, b, out_index=perm, transposed_out=True)
-    return gather_rows_t(_routed_rows(layout, Projection.in_proj, rows, w, b, offsets), inv_perm)
-
-
-# Multiply-adds of a routed GEMM up to which a crossing between sorted token-major rows and sequence-ordered
-# feature-major columns runs inside the GEMM (`mom.ops.triton.gathered_mm`, a Triton GEMM) instead of cuBLAS (or
-# CUTLASS) and a gather kernel: the Triton GEMM is slower than cuBLAS's, by a share of a GEMM's time that the
-# gather it saves must exceed (docs/performance.md).
-CROSSING_MACS = float("inf")
-
-
-def _crossing_in_gemm(rows: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the GEMM of rows (n, i) and w (k, i, o) does the layout crossing itself (`CROSSING_MACS`)."""
-    return gmm.kernel_applies(rows, w) and rows.shape[0] * rows.shape[1] * w.shape[2] <= CROSSING_MACS
-
-
 def grouped_rows(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: HostCounts,
                  offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """A routed projection's GEMM on rows sorted by expert (`_grouped`): rows (n, i), w (k, i, o), b (k, o) or None
@@ -635,20 +612,14 @@ class _FusedMixer(torch.autograd.Function):
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
-        if in_routed:  # sorted rows -> sequence-order columns (2di, n): in the GEMM, or a grouped GEMM and a gather
-            w_in_t, b_x = w_in.transpose(1, 2), None if b_in is None else b_in[:, :di]  # (k, d_model, 2di), (k, di)
-            if ctx is None and out_routed and _crossing_in_gemm(h_in, w_in_t[:, :, :di]):  # no backward: only x
-                # goes to sequence order (its GEMM writes it there); out_proj's gated input reads z in in_proj's
-                # sorted rows, the order of its output
-                z_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in_t[:, :, di:],
-                                      None if b_in is None else b_in[:, di:], offsets)  # (n, di)
-                xz = gmm.gathered_mm(h_in, w_in_t[:, :, :di], offsets, b_x, out_index=perm, transposed_out=True)
-            elif ctx is None and out_routed:  # the same with one grouped GEMM and a gather of x only
-                xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in_t, b_in, offsets)  # (n, 2di)
+        if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)  # (n, 2di)
+            if ctx is None and out_routed:  # no backward: only x goes to sequence order; the gated gather before
+                # out_proj reads z in these rows, the order of its output (half of in_proj's gather spared)
                 xz, z_rows = gather_rows_t(xz_rows[:, :di], inv_perm), xz_rows[:, di:]  # (di, n), (n, di)
-                del xz_rows
             else:
-                xz = _in_proj_cols(layout, h_in, w_in_t, b_in, offsets, perm, inv_perm)
+                xz = gather_rows_t(xz_rows, inv_perm)
+            del xz_rows
         else:
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
         x = _bdl(xz[:di], b, l)  # (b, di, l) views
@@ -683,14 +654,6 @@ class _FusedMixer(torch.autograd.Function):
             states_out[1].copy_(last_state)
         del conv_out, delta, last_state
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
-        w_out_t = w_out.transpose(1, 2)  # (k, di, d_model)
-        if z_rows is not None and _crossing_in_gemm(_cols(out).t(), w_out_t):  # no backward: out_proj's GEMM reads
-            # its gated input rows from the scan's output and z's rows itself (nothing is kept for a backward)
-            out = _cols(out).t()  # (n, di) view of the feature-major output
-            del out_z, x, xz, h, h_in, B, C, BC, dt_in, checkpoints
-            o = gmm.gathered_mm(out, w_out_t, offsets, b_out, a_index=perm, gate=z_rows)  # (n, d_model), sorted
-            del out, z_rows
-            return _reorder(o, out_routed, layout.sorted_io, perm, inv_perm).view(b, l, -1)
         if not out_routed:
             y_rows = _cols(out_z).t()
         elif z_rows is not None:
@@ -700,7 +663,7 @@ class _FusedMixer(torch.autograd.Function):
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
             del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
-        o = _routed_rows(layout, Projection.out_proj, y_rows, w_out_t, b_out, offsets)  # (n, d_model)
+        o = _routed_rows(layout, Projection.out_proj, y_rows, w_out.transpose(1, 2), b_out, offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         if ctx is None:
             return o.view(b, l, -1)

@@ -53,28 +53,14 @@ def run(mixer, modality_ids, fast: bool, seed=1):
     return out.detach(), hidden.grad, grads
 
 
-def crossings_in_gemm(monkeypatch, on: bool) -> list:
-    """With ``on``, routed GEMMs do their layout crossings themselves (`fused._crossing_in_gemm`: on the GPU, in
-    `mom.ops.triton.gathered_mm`'s kernel; here in its PyTorch ops) -> the list of `gathered_mm` calls made."""
-    calls = []
-    if on:
-        monkeypatch.setattr(fused, "_crossing_in_gemm", lambda rows, w: True)
-        monkeypatch.setattr(fused.gmm, "gathered_mm",
-                            lambda *a, _f=fused.gmm.gathered_mm, **k: calls.append(k) or _f(*a, **k))
-    return calls
-
-
 @pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("in_proj", "dt_proj"), ("x_proj", "out_proj")])
 @pytest.mark.parametrize("layout", list(layouts()))
-@pytest.mark.parametrize("crossing", [False, True], ids=["gathers", "crossing in the GEMM"])
-def test_fused_matches_module_path(decouple, layout, crossing, monkeypatch):
+def test_fused_matches_module_path(decouple, layout):
     modality_ids = layouts()[layout]
     # biases on in_proj / out_proj: both routed in one case, both shared in another
     mixer = make_mixer(decouple, bias=decouple in (PROJECTIONS, ()))
     out_ref, dh_ref, g_ref = run(mixer, modality_ids, fast=False)
-    calls = crossings_in_gemm(monkeypatch, crossing)
     out, dh, g = run(mixer, modality_ids, fast=True)
-    assert len(calls) == (crossing and "in_proj" in decouple)  # in_proj's output written in sequence order
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(dh, dh_ref)
     assert g.keys() == g_ref.keys()
@@ -349,19 +335,14 @@ def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad:
 @pytest.mark.parametrize("decouple", [PROJECTIONS, (), ("x_proj", "out_proj"), ("in_proj", "dt_proj")])
 @pytest.mark.parametrize("length", [2, 4, 11], ids=["l<d_conv", "l=d_conv", "l>d_conv"])
 @pytest.mark.parametrize("sorted_tokens", [False, True], ids=["sequence rows", "sorted rows"])
-@pytest.mark.parametrize("crossing", [False, True], ids=["gathers", "crossing in the GEMM"])
-def test_fused_prefill_writes_the_module_paths_cache(decouple, length, sorted_tokens, crossing, monkeypatch):
+def test_fused_prefill_writes_the_module_paths_cache(decouple, length, sorted_tokens):
     """The states the Function writes (the conv's last d_conv inputs, left-padded with zeros; the scan's final state,
-    fp32 or wider) equal the module path's cache, for every row layout and decouple set, with the layout crossings
-    in gathers or in the GEMMs (in_proj's x written in sequence order, out_proj reading its gated rows itself)."""
+    fp32 or wider) equal the module path's cache, for every row layout and decouple set."""
     mixer = make_mixer(decouple, bias=decouple in (PROJECTIONS, ()))
     modality_ids = torch.randint(0, 3, (3, length), generator=torch.Generator().manual_seed(length))
     modality_ids[0] = 1  # one row in a single modality
     out_ref, conv_ref, ssm_ref = _prefill(mixer, modality_ids, fast=False)
-    calls = crossings_in_gemm(monkeypatch, crossing)
     out, conv, ssm = _prefill(mixer, modality_ids, fast=True, sorted_tokens=sorted_tokens)
-    routed = {"in_proj", "out_proj"} & set(decouple)
-    assert len(calls) == (crossing and ("in_proj" in routed) + (routed == {"in_proj", "out_proj"}))
     assert conv.shape == (3, mixer.d_inner, 4) and ssm.shape == (3, mixer.d_inner, 4)
     if length < 4:
         assert not conv[..., : 4 - length].any()  # zeros left of the prompt

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-from mom.ops.triton.gather import silu_gated
 from mom.ops.triton.launcher import launch, triton_kernel
 
 
@@ -91,15 +90,12 @@ def tuned(key: tuple, run: Callable[[Tiles], object]) -> Tiles:
 @triton_kernel
 def _kernel(triton, tl):
     @triton.jit
-    def gathered_mm_kernel(a, w, bias, ends, a_index, out_index, gate, out, N, K, O, s_a_row, s_a_k, s_w_e, s_w_k,
-                           s_w_o, s_b_e, s_g_row, s_g_k, s_out_row, s_out_o, E: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GATED: tl.constexpr,
-                           A_T: tl.constexpr, OUT_T: tl.constexpr, EVEN_K: tl.constexpr,
+    def gathered_mm_kernel(a, w, bias, ends, a_index, out_index, out, N, K, O, s_a_row, s_a_k, s_w_e, s_w_k, s_w_o,
+                           s_b_e, s_out_row, s_out_o, E: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
-        """out[dst(j), o] = sum_k a'[j, k] w[e(j), k, o] (+ bias[e(j), o]) for the N sorted rows j, e(j) the
-        expert whose block (ends on the device) holds j; a'[j] = a[src(j)], times silu(gate[j]) if GATED. A_T / OUT_T:
-        a's / out's rows are its unit-stride dimension (feature-major), so its tiles are addressed transposed (the
-        unit-stride dimension last, where Triton lays consecutive threads)."""
+        """out[dst(j), o] = sum_k a[src(j), k] w[e(j), k, o] (+ bias[e(j), o]) for the N sorted rows j, e(j) the
+        expert whose block (ends on the device) holds j."""
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(N, BM)
         tiles_n = tl.cdiv(O, BN)
@@ -121,6 +117,8 @@ def _kernel(triton, tl):
             dst = tl.load(out_index + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             dst = rows.to(tl.int64)
+        a_rows = a + src[:, None] * s_a_row
+        out_at = out + dst[:, None] * s_out_row + cols[None, :].to(tl.int64) * s_out_o
         start = 0
         for e in tl.static_range(E):
             end = tl.load(ends + e)
@@ -130,31 +128,17 @@ def _kernel(triton, tl):
                 acc = tl.zeros((BM, BN), dtype=tl.float32)
                 for k0 in range(0, K, BK):
                     ks = k0 + tl.arange(0, BK)
-                    if EVEN_K:  # no mask along k
-                        a_ok_t, a_ok, w_ok = in_e[None, :], in_e[:, None], col_ok[None, :]
+                    if EVEN_K:
+                        a_t = tl.load(a_rows + ks[None, :] * s_a_k, mask=in_e[:, None], other=0.0)
+                        w_t = tl.load(w_e + ks[:, None] * s_w_k, mask=col_ok[None, :], other=0.0)
                     else:
                         k_ok = ks < K
-                        a_ok_t, a_ok = in_e[None, :] & k_ok[:, None], in_e[:, None] & k_ok[None, :]
-                        w_ok = k_ok[:, None] & col_ok[None, :]
-                    if A_T:  # a (BK, BM) tile, rows along the unit stride, then transposed
-                        a_t = tl.trans(tl.load(a + src[None, :] * s_a_row + ks[:, None] * s_a_k, mask=a_ok_t,
-                                               other=0.0))
-                    else:
-                        a_t = tl.load(a + src[:, None] * s_a_row + ks[None, :] * s_a_k, mask=a_ok, other=0.0)
-                    if GATED:  # as the scan gates its output: in fp32, x * g / (1 + exp(-g)), rounded once
-                        g = tl.load(gate + rows.to(tl.int64)[:, None] * s_g_row + ks[None, :] * s_g_k, mask=a_ok,
-                                    other=0.0).to(tl.float32)
-                        a_t = (a_t.to(tl.float32) * (g / (1.0 + tl.exp(-g)))).to(a_t.dtype)
-                    w_t = tl.load(w_e + ks[:, None] * s_w_k, mask=w_ok, other=0.0)
+                        a_t = tl.load(a_rows + ks[None, :] * s_a_k, mask=in_e[:, None] & k_ok[None, :], other=0.0)
+                        w_t = tl.load(w_e + ks[:, None] * s_w_k, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                     acc = tl.dot(a_t, w_t, acc)
                 if HAS_BIAS:
                     acc += tl.load(bias + e * s_b_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                if OUT_T:  # (BN, BM) tile, rows along the unit stride
-                    tl.store(out + dst[None, :] * s_out_row + cols[:, None].to(tl.int64) * s_out_o,
-                             tl.trans(acc).to(out.dtype.element_ty), mask=in_e[None, :] & col_ok[:, None])
-                else:
-                    tl.store(out + dst[:, None] * s_out_row + cols[None, :].to(tl.int64) * s_out_o,
-                             acc.to(out.dtype.element_ty), mask=in_e[:, None] & col_ok[None, :])
+                tl.store(out_at, acc.to(out.dtype.element_ty), mask=in_e[:, None] & col_ok[None, :])
             start = end
 
     return gathered_mm_kernel
@@ -170,18 +154,14 @@ def kernel_applies(a: torch.Tensor, w: torch.Tensor) -> bool:
 def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torch.Tensor | None = None,
                 a_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, tiles: Tiles | None = None,
-                use_kernel: bool | None = None, gate: torch.Tensor | None = None,
-                transposed_out: bool = False) -> torch.Tensor:
+                use_kernel: bool | None = None) -> torch.Tensor:
     """A grouped GEMM over ``n`` rows sorted by expert, gathering its input rows and / or scattering its output rows.
 
-    a: (n_a, K) rows (any strides: a feature-major (K, n_a) matrix transposed is one); w: (E, K, O) the experts'
-    weights as ``a @ w[e]`` (any strides: a view of stacked (E, O, K) ``nn.Linear`` weights transposed is one); ends:
-    (E,) int32 on a's device, where each expert's block of sorted rows ends; bias: (E, O) or None. ``a_index`` (n,)
-    int64: sorted row j reads ``a[a_index[j]]`` (else ``a[j]``, n_a = n); ``gate`` (n, K), any strides: that row is
-    multiplied by ``silu(gate[j])`` first, in fp32 and rounded to a's dtype (as `mom.ops.triton.gather.silu_gated`);
-    ``out_index`` (n,) int64: it writes ``out[out_index[j]]`` (else ``out[j]``), a permutation of the n rows. -> out
-    (n, O) in ``out_dtype`` (default a's), accumulated in fp32 or wider; with ``transposed_out``, its transpose (O, n),
-    contiguous (feature-major: what the conv and the scan read).
+    a: (n_a, K) rows (any strides); w: (E, K, O) the experts' weights as ``a @ w[e]`` (any strides: a view of
+    stacked (E, O, K) ``nn.Linear`` weights transposed is one); ends: (E,) int32 on a's device, where each expert's
+    block of sorted rows ends; bias: (E, O) or None. ``a_index`` (n,) int64: sorted row j reads ``a[a_index[j]]``
+    (else ``a[j]``, n_a = n); ``out_index`` (n,) int64: it writes ``out[out_index[j]]`` (else ``out[j]``), a
+    permutation of the n rows. -> out (n, O) in ``out_dtype`` (default a's), accumulated in fp32 or wider.
 
     ``use_kernel``: None runs the Triton kernel where `kernel_applies`, False the PyTorch ops, True requires the
     kernel (Triton's interpreter runs it on CPU tensors). ``tiles``: the kernel's tiling; None: `tuned` per shape
@@ -196,39 +176,31 @@ def gathered_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, bias: torc
         raise ValueError(f"gathered_mm: bias {tuple(bias.shape)}, expected {(E, O)}")
     if out_index is not None and out_index.shape[0] != n:
         raise ValueError(f"gathered_mm: out_index of {out_index.shape[0]} rows for {n} sorted rows")
-    if gate is not None and tuple(gate.shape) != (n, K):
-        raise ValueError(f"gathered_mm: gate {tuple(gate.shape)} for {n} sorted rows of {K} inputs")
     out_dtype = out_dtype or a.dtype
     if use_kernel is None:
         use_kernel = kernel_applies(a, w)
     if not use_kernel:
-        out = _reference(a, w, ends, bias, a_index, out_index, out_dtype, gate)
-        return out.t().contiguous() if transposed_out else out
-    out_t = torch.empty(O, n, dtype=out_dtype, device=a.device) if transposed_out else None
-    out = out_t.t() if transposed_out else torch.empty(n, O, dtype=out_dtype, device=a.device)
+        return _reference(a, w, ends, bias, a_index, out_index, out_dtype)
+    out = torch.empty(n, O, dtype=out_dtype, device=a.device)
     if n == 0 or O == 0:
-        return out_t if transposed_out else out
+        return out
     if K == 0:  # nothing to contract: the bias alone (an empty contraction's sum)
-        out.copy_(_reference(a, w, ends, bias, a_index, out_index, out_dtype, gate))
-        return out_t if transposed_out else out
-    a_t = a.stride(0) == 1 and a.stride(1) != 1  # feature-major rows: tiles loaded transposed
+        return out.copy_(_reference(a, w, ends, bias, a_index, out_index, out_dtype))
 
     def run(t: Tiles) -> None:
         launch(_kernel(), (-(-n // t.m) * -(-O // t.n), 1, 1),
                (a, w, bias if bias is not None else a, ends, a_index if a_index is not None else ends,
-                out_index if out_index is not None else ends, gate if gate is not None else a, out, n, K, O,
-                *a.stride(), *w.stride(), bias.stride(0) if bias is not None else 0,
-                *(gate.stride() if gate is not None else (0, 0)), *out.stride()),
+                out_index if out_index is not None else ends, out, n, K, O, *a.stride(), *w.stride(),
+                bias.stride(0) if bias is not None else 0, *out.stride()),
                {"num_warps": t.warps, "num_stages": t.stages},
                E=E, HAS_BIAS=bias is not None, GATHER_A=a_index is not None, SCATTER_OUT=out_index is not None,
-               GATED=gate is not None, A_T=a_t, OUT_T=transposed_out, EVEN_K=K % t.k == 0, BM=t.m, BN=t.n, BK=t.k,
-               GROUP=t.group)
+               EVEN_K=K % t.k == 0, BM=t.m, BN=t.n, BK=t.k, GROUP=t.group)
 
     if tiles is None and a.is_cuda:
         tiles = tuned(("mm", a.device, _bucket(n), K, O, E, a.dtype, out_dtype, bias is not None, a_index is not None,
-                       out_index is not None, gate is not None, a_t, transposed_out), run)
+                       out_index is not None), run)
     run(tiles or DEFAULT_TILES)
-    return out_t if transposed_out else out
+    return out
 
 
 def _bucket(n: int) -> int:
@@ -236,12 +208,10 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _reference(a, w, ends, bias, a_index, out_index, out_dtype, gate=None) -> torch.Tensor:
-    """The same in PyTorch ops (reads ``ends`` on the host): gather, gate, one GEMM per expert in fp32 (or wider),
-    scatter."""
+def _reference(a, w, ends, bias, a_index, out_index, out_dtype) -> torch.Tensor:
+    """The same in PyTorch ops (reads ``ends`` on the host): gather, one GEMM per expert in fp32 (or wider), scatter."""
     wide = torch.promote_types(a.dtype, torch.float32)
     rows = a if a_index is None else a.index_select(0, a_index)
-    rows = rows if gate is None else silu_gated(rows, gate)
     sorted_out = torch.empty(rows.shape[0], w.shape[2], dtype=wide, device=a.device)
     start = 0
     for e, end in enumerate(ends.tolist()):
