@@ -130,7 +130,7 @@ def sweep(x, weights, biases, ids_of: dict, want: dict, dense_us: float, with_la
         print(f"           out {block_out:3d} best: uniform {times['uniform']:7.2f} us  mixed {times['mixed']:7.2f} us"
               f"  (mixed / uniform {times['mixed'] / times['uniform']:5.2f}x, uniform / dense "
               f"{times['uniform'] / dense_us:5.2f}x)  {blocks}")
-    print(f"           library's pick: {routed_rows.default_blocks(x.shape[1], weights[0].shape[0])}")
+    print(f"           library's pick: {routed_rows.default_blocks(x.shape[1], weights[0].shape[0], x.shape[0])}")
 
 
 if __name__ == "__main__":

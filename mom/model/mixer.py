@@ -230,7 +230,7 @@ class MoMMixer(nn.Module):
                 and conv_weight.shape == (self.d_inner, 1, conv_state.shape[-1])):
             weights, biases = [e.weight for e in experts], [e.bias for e in experts]
             conv = routed_rows.ConvStep(conv_state, conv_weight.view(self.d_inner, -1), self.conv1d.bias)
-            blocks = routed_rows.default_blocks(h.shape[1], weights[0].shape[0])
+            blocks = routed_rows.default_blocks(h.shape[1], weights[0].shape[0], h.shape[0])
             if routed_rows.kernel_applies(h, weights) and conv.applies(h, weights[0].shape[0], blocks):
                 xz = routed_rows.routed_rows_linear(h, weights, None if biases[0] is None else biases,
                                                     routing.expert_ids, use_kernel=True, blocks=blocks, conv=conv)

@@ -151,15 +151,18 @@ def expert_slots(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
     return ws, bs
 
 
-def default_blocks(n_in: int, n_out: int) -> Blocks:
-    """The kernel's tiling for a projection n_in -> n_out, from `benchmarks/bench_routed_rows.py --sweep` on an H100
-    at Mamba's decode shapes (docs/performance.md): wide outputs (in_proj) in tiles of 64; a short input (dt_proj: one
-    step of k) in tiles of 32; few outputs over a long input (x_proj, out_proj) in tiles of 16 with steps of 128, so
-    that more programs share the weights and each walks fewer steps."""
+def default_blocks(n_in: int, n_out: int, rows: int = 1) -> Blocks:
+    """The kernel's tiling for a projection n_in -> n_out of ``rows`` rows, from `benchmarks/bench_routed_rows.py
+    --sweep` on an H100 at Mamba's decode shapes, uniform and mixed rows (docs/performance.md): wide outputs (in_proj)
+    in tiles of 64, of 32 up to `ROWS` rows; a short input (dt_proj: one step of k) in tiles of 32; few outputs over a
+    long input (x_proj, out_proj) in tiles of 16 with steps of 128, so that more programs share the weights and each
+    walks fewer steps, except out_proj's hundreds of outputs above `ROWS` rows: tiles of 32, steps of 256."""
     if n_out >= 2048:
-        return Blocks(out=64)
+        return Blocks(out=32 if rows <= ROWS else 64)
     if n_in <= 128:
         return Blocks(out=32)
+    if n_out >= 256 and rows > ROWS:
+        return Blocks(out=32, k=256)
     return Blocks(out=16, k=128)
 
 
@@ -175,7 +178,7 @@ def routed_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
         use_kernel = kernel_applies(x, weights)
     b, n_in = x.shape
     n_out = weights[0].shape[0]
-    blocks = blocks or default_blocks(n_in, n_out)
+    blocks = blocks or default_blocks(n_in, n_out, b)
     if not use_kernel:
         ys = torch.stack([torch.nn.functional.linear(x, w, None if biases is None else biases[e])
                           for e, w in enumerate(weights)], dim=1)  # (b, M, out)
