@@ -4,7 +4,8 @@ mamba-ssm's Mamba-2 scan (``mamba_split_conv1d_scan_combined``: conv, SSD scan a
 autotuned Triton kernels in a layer's training step (`mom.ops.ssd` calls it rebound). Each launch goes
 through Triton's ``Autotuner.run`` (the arguments gathered into dicts, the tuning key, the tuned config) and
 ``JITFunction.run`` (the arguments bound and specialised, the compiled kernel looked up): host time that left a
-Mamba-2 layer bound by the host at (8, 2048, 1024) (docs/performance.md).
+Mamba-2 layer bound by the host at (8, 2048, 1024) (docs/performance.md). Every block's add + RMSNorm
+(``layer_norm_fn``, `mom.model.modeling.add_norm`) is called rebound too: two autotuned launches per block and step.
 
 `rebound(fn, package)` is a copy of the library function ``fn`` whose global names refer, where the original's refer
 to an autotuned or heuristic Triton kernel, to a `DirectKernel` around it, and where they refer to the library's own
