@@ -13,8 +13,8 @@ three modalities: every expert's weights read), it prints
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
 ``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k) on uniform and on mixed rows
 and prints, per block of outputs, the tiling with the lowest sum of the two; each configuration of each shape is a
-Triton compilation (about a second), so sweep a few shapes at a time (``--only``,
-``--batch``). Every kernel output is checked against the PyTorch ops first.
+Triton compilation (about a second), so sweep a few shapes at a time (``--only``, ``--batch``). Every kernel output
+is checked against the PyTorch ops first.
 """
 
 from __future__ import annotations
