@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 
 import mom
+from mom.ops.triton.rebind import DIRECT_LAUNCH_ENV
 
 DEFAULT_RUNS = (64, 256, 128)  # text / image / speech run lengths, repeated along the sequence
 
@@ -95,3 +98,18 @@ def profiled(step: Callable[[], None], steps: int, warmup: int = 3):
 def row(name: str, mom_value: float, dense_value: float, unit: str) -> str:
     ratio = mom_value / dense_value if dense_value else float("nan")
     return f"{name:<28} MoM {mom_value:10.3f} {unit:<6} dense {dense_value:10.3f} {unit:<6} ratio {ratio:6.3f}"
+
+
+@contextlib.contextmanager
+def launches(direct: bool) -> Iterator[None]:
+    """Within: mom calls mamba-ssm's Triton-launching functions as rebound copies that launch directly once tuned
+    (``direct``), or as mamba-ssm ships them (`mom.ops.triton.rebind`, ``MOM_DIRECT_LAUNCH``); restored after."""
+    previous = os.environ.get(DIRECT_LAUNCH_ENV)
+    os.environ[DIRECT_LAUNCH_ENV] = "1" if direct else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DIRECT_LAUNCH_ENV)
+        else:
+            os.environ[DIRECT_LAUNCH_ENV] = previous

@@ -3,6 +3,7 @@
     python benchmarks/bench_lm.py                                  # ~115M (768x24) and ~353M (1024x48), batch 8x2048
     python benchmarks/bench_lm.py --model 768x24 --batch 8 --length 2048
     python benchmarks/bench_lm.py --model 768x24 --mask             # + the default call with an all-ones mask
+    python benchmarks/bench_lm.py --model 768x24 --launches         # + the call with mamba-ssm's Triton launches
 
 MoM is measured twice: given the batch's tokens per modality, counted on the host (`modality_counts`, as `mom.train`
 does), and called as transformers' Trainer and peft call it, ``model(ids, labels=ids)`` (the default call). Prints
@@ -10,7 +11,9 @@ tokens/s, peak memory and MFU for each against the dense model and their ratios 
 tokens/s over the call with counts; same process, same data; each side is measured --rounds times, alternating, and its
 best round is compared. ``--mask`` adds a third MoM side: the default call with an all-ones ``attention_mask`` (what
 the Trainer passes when the collator makes one), which the fused path applies on the device unread, and its tokens/s
-over the default call's.
+over the default call's. ``--launches`` adds the call with counts with mamba-ssm's Triton-launching functions as it
+ships them (``MOM_DIRECT_LAUNCH=0``: the blocks' add + norm through Triton's autotuner) and the direct launches'
+tokens/s over it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, measure, row  # noqa: E402
+from bench_common import interleaved_modalities, launches, measure, row  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model import flops  # noqa: E402
@@ -86,13 +89,15 @@ def build(name: str, d_model: int, n_layer: int, device: str = "cuda", counts: t
 # MoM's calls: (whether the forward is given the counts, whether it is given an all-ones attention_mask)
 MOM_CALLS = {"counts": (True, False), "default": (False, False)}
 MASK_CALL = {"mask": (False, True)}  # with --mask
+LIBRARY_LAUNCHES = "mom counts, mamba-ssm's launches"  # with --launches: MOM_DIRECT_LAUNCH=0
 
 
 def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int, rounds: int,
-                mask: bool = False) -> None:
+                mask: bool = False, library_launches: bool = False) -> None:
     """Each side (MoM with counts, MoM's default call, with ``mask`` the default call with an all-ones attention
-    mask, dense) measured ``rounds`` times, alternating (a fresh model each time); the best round counts (one slow
-    round on either side, from the machine rather than the code, was seen to move the ratio by 15%)."""
+    mask, with ``library_launches`` the call with counts with mamba-ssm's Triton launches, dense) measured ``rounds``
+    times, alternating (a fresh model each time); the best round counts (one slow round on either side, from the
+    machine rather than the code, was seen to move the ratio by 15%)."""
     device = "cuda"
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
     ids = make_batch(config, batch, length, device)
@@ -100,17 +105,20 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
     ones = torch.ones_like(ids)  # made once, off the timed steps, as a collator's mask comes with the batch
     tokens = batch * length
     calls = {**MOM_CALLS, **(MASK_CALL if mask else {})}
-    sides = {f"mom {name}": ("mom", counts if given else None, ones if masked else None)
+    sides = {f"mom {name}": ("mom", counts if given else None, ones if masked else None, True)
              for name, (given, masked) in calls.items()}
-    sides["dense"] = ("dense", None, None)
+    if library_launches:
+        sides[LIBRARY_LAUNCHES] = ("mom", counts, None, False)
+    sides["dense"] = ("dense", None, None, True)
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in sides}
     for _ in range(rounds):
-        for name, (kind, given, attention_mask) in sides.items():
+        for name, (kind, given, attention_mask, direct) in sides.items():
             torch.cuda.empty_cache()
             model, forward = build(kind, d_model, n_layer, device, given, attention_mask)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
+            with launches(direct):
+                ms, gib, _ = measure(train_step_fn(model, ids, ids, optimizer, forward), warmup=3, iters=iters)
             results[name].append((tokens / (ms / 1e3), gib, params))
             del model, optimizer
     for name, runs in results.items():
@@ -131,6 +139,10 @@ def bench_model(d_model: int, n_layer: int, batch: int, length: int, iters: int,
     default, with_counts = best["mom default"][0], best["mom counts"][0]
     print(f"{'MoM default / counts':<28} tokens/s {default / 1e3:.1f}k vs {with_counts / 1e3:.1f}k "
           f"ratio {default / with_counts:6.3f}")
+    if library_launches:
+        library = best[LIBRARY_LAUNCHES][0]
+        print(f"{'MoM direct / library launches':<28} tokens/s {with_counts / 1e3:.1f}k vs {library / 1e3:.1f}k "
+              f"ratio {with_counts / library:6.3f}")
     if mask:
         masked = best["mom mask"][0]
         print(f"{'MoM mask / default':<28} tokens/s {masked / 1e3:.1f}k vs {default / 1e3:.1f}k "
@@ -146,6 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measurements per side, alternating; the best counts")
     parser.add_argument("--mask", action="store_true",
                         help="also measure the default call with an all-ones attention_mask")
+    parser.add_argument("--launches", action="store_true", help="also measure the call with counts with mamba-ssm's "
+                        "Triton launches (MOM_DIRECT_LAUNCH=0) instead of mom's direct ones")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lm: needs a CUDA device", file=sys.stderr)
@@ -153,7 +167,7 @@ def main(argv=None) -> int:
     print("device:", torch.cuda.get_device_name())
     for spec in args.model or ["768x24", "1024x48"]:
         d, n = (int(v) for v in spec.split("x"))
-        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.mask)
+        bench_model(d, n, args.batch, args.length, args.iters, args.rounds, args.mask, args.launches)
     return 0
 
 

@@ -32,11 +32,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEFAULT_RUNS, interleaved_modalities, measure  # noqa: E402
+from bench_common import DEFAULT_RUNS, interleaved_modalities, launches, measure  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.routing import Routing  # noqa: E402
-from mom.ops.triton.rebind import DIRECT_LAUNCH_ENV  # noqa: E402
 
 D_STATE, HEADDIM, NGROUPS, CHUNK_SIZE, D_CONV, EXPAND = 128, 64, 1, 256, 4, 2  # mamba-ssm Mamba2's defaults
 
@@ -82,34 +81,29 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
 
     routed = ("in_proj", "out_proj")
-    variants = {  # name: (layer factory, routing or None, sorted_tokens, MOM_DIRECT_LAUNCH)
-        "mamba-ssm Mamba2 (dense)": (lambda: dense_mamba2(d_model, device), None, False, "1"),
-        "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing, False, "1"),
-        "MoM, fast path": (lambda: mom_mamba2(len(runs), d_model, routed), routing, False, "1"),
-        "MoM, fast, sorted stream": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, "1"),
-        "..., mamba-ssm's launches": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, "0"),
-        "MoM, module path": (lambda: mom_mamba2(len(runs), d_model, routed, fast=False), routing, False, "1"),
+    variants = {  # name: (layer factory, routing or None, sorted_tokens, direct launches (`bench_common.launches`))
+        "mamba-ssm Mamba2 (dense)": (lambda: dense_mamba2(d_model, device), None, False, True),
+        "mom dense (decouple=())": (lambda: mom_mamba2(len(runs), d_model, ()), routing, False, True),
+        "MoM, fast path": (lambda: mom_mamba2(len(runs), d_model, routed), routing, False, True),
+        "MoM, fast, sorted stream": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, True),
+        "..., mamba-ssm's launches": (lambda: mom_mamba2(len(runs), d_model, routed), routing, True, False),
+        "MoM, module path": (lambda: mom_mamba2(len(runs), d_model, routed, fast=False), routing, False, True),
     }
     print(f"shape b={batch} l={length} d_model={d_model} d_state={D_STATE} headdim={HEADDIM} runs={runs} "
           f"counts={counts} rounds={rounds} (best time of each)")
     times = {name: [] for name in variants}
     memory = {}
-    previous = os.environ.get(DIRECT_LAUNCH_ENV)
     for _ in range(rounds):  # alternating rounds: a slow spell of the GPU hits every variant, not one
         for name, (factory, r, sorted_tokens, direct) in variants.items():
-            os.environ[DIRECT_LAUNCH_ENV] = direct
-            layer = factory()
-            if r is not None and layer.fast_path_applies(x) != layer.use_fast_path:
-                raise RuntimeError(f"{name}: use_fast_path={layer.use_fast_path} but the fast path applies: "
-                                   f"{layer.fast_path_applies(x)}")
-            ms, gib, _ = measure(train_step(layer, r, x, grad, sorted_tokens), iters=iters)
+            with launches(direct):
+                layer = factory()
+                if r is not None and layer.fast_path_applies(x) != layer.use_fast_path:
+                    raise RuntimeError(f"{name}: use_fast_path={layer.use_fast_path} but the fast path applies: "
+                                       f"{layer.fast_path_applies(x)}")
+                ms, gib, _ = measure(train_step(layer, r, x, grad, sorted_tokens), iters=iters)
             times[name].append(ms)
             memory[name] = gib
             torch.cuda.empty_cache()
-    if previous is None:
-        os.environ.pop(DIRECT_LAUNCH_ENV)
-    else:
-        os.environ[DIRECT_LAUNCH_ENV] = previous
     base_ms, base_gib = min(times["mamba-ssm Mamba2 (dense)"]), memory["mamba-ssm Mamba2 (dense)"]
     for name in variants:
         ms, gib = min(times[name]), memory[name]

@@ -1,4 +1,4 @@
-"""benchmarks/bench_common.py's batch layouts (the timing itself needs a GPU)."""
+"""benchmarks/bench_common.py's batch layouts and launch switch (the timing itself needs a GPU)."""
 
 import os
 import sys
@@ -7,7 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from bench_common import layout_modalities, shares  # noqa: E402
+from bench_common import launches, layout_modalities, shares  # noqa: E402
+
+from mom.ops.triton import rebind  # noqa: E402
 
 
 def test_layouts_have_the_stated_shares():
@@ -19,3 +21,22 @@ def test_layouts_have_the_stated_shares():
     assert torch.equal(balanced[0], torch.tensor([0] * 64 + [1] * 256 + [2] * 128))
     with pytest.raises(ValueError, match="layout 'mixed'"):
         layout_modalities("mixed", 1, 8, device="cpu")
+
+
+@pytest.mark.parametrize("before", [None, "1", "0"])
+def test_launches_switches_the_library_functions_and_restores_the_setting(monkeypatch, before):
+    """Inside ``launches(False)`` mom calls a library function as it ships (`rebind.launched` gives it back); inside
+    ``launches(True)`` its rebound copy; the environment is as before afterwards, also after an error."""
+    if before is None:
+        monkeypatch.delenv(rebind.DIRECT_LAUNCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(rebind.DIRECT_LAUNCH_ENV, before)
+    pytest.importorskip("triton")  # without Triton, a library function is never copied
+    fn = shares  # a function of the package "bench_common": launched as a copy of it
+    with launches(False):
+        assert rebind.launched(fn, package="bench_common") is fn
+    with pytest.raises(RuntimeError):
+        with launches(True):
+            assert rebind.launched(fn, package="bench_common") is not fn
+            raise RuntimeError("inside")
+    assert os.environ.get(rebind.DIRECT_LAUNCH_ENV) == before
