@@ -1,5 +1,6 @@
 """benchmarks/bench_common.py's batch layouts and launch switch (the timing itself needs a GPU)."""
 
+import importlib.util
 import os
 import sys
 
@@ -31,12 +32,15 @@ def test_launches_switches_the_library_functions_and_restores_the_setting(monkey
         monkeypatch.delenv(rebind.DIRECT_LAUNCH_ENV, raising=False)
     else:
         monkeypatch.setenv(rebind.DIRECT_LAUNCH_ENV, before)
-    pytest.importorskip("triton")  # without Triton, a library function is never copied
-    fn = shares  # a function of the package "bench_common": launched as a copy of it
+    fn = shares  # a function of the package "bench_common": launched as a copy of it where Triton is installed
     with launches(False):
+        assert os.environ[rebind.DIRECT_LAUNCH_ENV] == "0"
         assert rebind.launched(fn, package="bench_common") is fn
     with pytest.raises(RuntimeError):
         with launches(True):
-            assert rebind.launched(fn, package="bench_common") is not fn
+            assert os.environ[rebind.DIRECT_LAUNCH_ENV] == "1"
+            copy = rebind.launched(fn, package="bench_common")
+            assert copy is rebind.launched(fn, package="bench_common")  # made once
+            assert (copy is not fn) == (importlib.util.find_spec("triton") is not None)  # no Triton: nothing to rebind
             raise RuntimeError("inside")
     assert os.environ.get(rebind.DIRECT_LAUNCH_ENV) == before
