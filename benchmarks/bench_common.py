@@ -61,6 +61,13 @@ def mom_mixer(num_modalities: int, d_model: int, decouple, fast: bool = True, de
     return mom.MoMForCausalLM(config).backbone.layers[0].mixer.to(device)
 
 
+def layer_inputs(batch: int, length: int, d_model: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer benchmark's fwd+bwd operands: the input x (b, l, d) fp32, requiring grad (autocast casts it, as an
+    LM's fp32 residual stream), and the output's gradient (b, l, d) bf16."""
+    x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+    return x, torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
+
+
 def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[float, float, float]:
     """(mean milliseconds per call, peak GiB allocated during the calls, GiB resident before them).
 

@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import LAYOUTS, layout_modalities, measure, mom_mixer, shares  # noqa: E402
+from bench_common import LAYOUTS, layer_inputs, layout_modalities, measure, mom_mixer, shares  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.config import PROJECTIONS  # noqa: E402
@@ -63,8 +63,7 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
 
     device = "cuda"
     modality_ids = layout_modalities(layout, batch, length, runs, device)
-    x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
-    grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
+    x, grad = layer_inputs(batch, length, d_model, device)
 
     routing = Routing.build(modality_ids, len(runs))
 

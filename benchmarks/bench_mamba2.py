@@ -32,7 +32,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEFAULT_RUNS, interleaved_modalities, launches, measure  # noqa: E402
+from bench_common import DEFAULT_RUNS, interleaved_modalities, launches, layer_inputs, measure  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.routing import Routing  # noqa: E402
@@ -77,8 +77,7 @@ def bench_shape(batch: int, length: int, d_model: int, runs: tuple[int, ...], it
     routing = Routing.build(modality_ids, len(runs))
     if counts == "host":  # as a forward given modality_counts: read once, not timed
         routing.set_counts(tuple(routing.device_counts.tolist()))
-    x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
-    grad = torch.randn(batch, length, d_model, device=device, dtype=torch.bfloat16)
+    x, grad = layer_inputs(batch, length, d_model, device)
 
     routed = ("in_proj", "out_proj")
     variants = {  # name: (layer factory, routing or None, sorted_tokens, direct launches (`bench_common.launches`))

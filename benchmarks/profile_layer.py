@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import interleaved_modalities, mom_mixer, profiled  # noqa: E402
+from bench_common import DEFAULT_RUNS, interleaved_modalities, layer_inputs, mom_mixer, profiled  # noqa: E402
 
 import mom  # noqa: E402
 from mom.model.config import PROJECTIONS  # noqa: E402
@@ -32,7 +32,7 @@ def profile_step(name: str, step, rows: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8x2048x1024", help="BATCHxLENGTHxD_MODEL")
-    parser.add_argument("--runs", default="64,256,128", help="modality run lengths")
+    parser.add_argument("--runs", default=",".join(map(str, DEFAULT_RUNS)), help="modality run lengths")
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     modality_ids = interleaved_modalities(b, l, runs, "cuda")
     dense = Mamba(d, d_state=16, d_conv=4, expand=2).cuda()
     routing = Routing.build(modality_ids, len(runs))
-    x = torch.randn(b, l, d, device="cuda", requires_grad=True)
-    grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
+    x, grad = layer_inputs(b, l, d)
 
     def step(layer, *extra, **options):
         def run() -> None:

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEFAULT_RUNS, interleaved_modalities, profiled  # noqa: E402
+from bench_common import DEFAULT_RUNS, interleaved_modalities, layer_inputs, profiled  # noqa: E402
 from bench_mamba2 import dense_mamba2, mom_mamba2, train_step  # noqa: E402
 from profile_lm import host_profile, host_view  # noqa: E402
 
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     runs = tuple(int(v) for v in args.runs.split(","))
     routing = Routing.build(interleaved_modalities(b, l, runs, "cuda"), len(runs))
     routing.set_counts(tuple(routing.device_counts.tolist()))
-    x = torch.randn(b, l, d, device="cuda", requires_grad=True)
-    grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
+    x, grad = layer_inputs(b, l, d)
     steps = {"mamba-ssm Mamba2 (dense)": train_step(dense_mamba2(d), None, x, grad),
              "MoM, fast, sorted stream": train_step(mom_mamba2(len(runs), d, ("in_proj", "out_proj")), routing, x,
                                                     grad, sorted_tokens=True)}
