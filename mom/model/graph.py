@@ -38,14 +38,16 @@ StepFn = Callable[[torch.Tensor, MoMCache], torch.Tensor]  # (ids (b, 1), cache)
 Replay = Callable[[], None]
 Capture = Callable[[Callable[[], None], object], Replay]  # (fn writing the static outputs, memory pool) -> replay
 
-def capture_cuda_graph(fn: Callable[[], None], pool: object) -> Replay:
-    """Warm ``fn`` up on a side stream, capture it into a ``torch.cuda.CUDAGraph`` in ``pool``; -> its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(WARMUP_STEPS):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+def capture_cuda_graph(fn: Callable[[], None], pool: object, warmup: int = WARMUP_STEPS) -> Replay:
+    """Warm ``fn`` up on a side stream (``warmup`` runs: none where the caller warmed it up, e.g. a training step,
+    whose runs change the weights), capture it into a ``torch.cuda.CUDAGraph`` in ``pool``; -> its replay."""
+    if warmup:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         fn()

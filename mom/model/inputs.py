@@ -1,6 +1,7 @@
 """A forward's inputs, checked and routed: shapes from host metadata (`check_shapes`), ids and modality ids read
 from the device in one host sync together with the per-modality counts (`validate_and_route`, deferred until the
-forward's work is enqueued), each id's modality on the device (`modality_of_ids`), the padding mask
+forward's work is enqueued; not read in a forward recorded into a CUDA graph, whose caller checks each batch with
+`check_inputs` instead), each id's modality on the device (`modality_of_ids`), the padding mask
 (`padding_mask`) and transformers' ``logits_to_keep`` (`kept_positions`). The model (`mom.model.modeling`) and the
 Transfusion model (`mom.model.transfusion`) call them first in their forwards."""
 
@@ -123,6 +124,11 @@ def validate_and_route(
                 raise ValueError(message(bad))
         return tuple(values[len(checks) :])
 
+    if defer and capturing(routing.modality_ids):
+        # recorded into a CUDA graph (`mom.train.captured_step`): nothing can be read now, and counts given for this
+        # batch would be baked into the graph for every batch replayed after it; the step checks each batch before
+        # it goes in (`check_inputs`), and the routed GEMMs group the tokens on the device
+        return routing, lambda: None
     given = None if modality_counts is None else tuple(int(c) for c in modality_counts)
 
     def check() -> tuple[int, ...]:
@@ -140,6 +146,25 @@ def validate_and_route(
         return routing, check
     routing.host_counts.reader = check  # the one read: where a path first needs the counts, else at finish
     return routing, routing.host_counts.read
+
+
+def check_inputs(
+    config: MoMConfig,
+    input_ids: torch.Tensor | None,
+    modality_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> None:
+    """Raise ValueError for inputs a forward would reject (`validate_and_route`'s checks, made now: one read of the
+    inputs' device, none for CPU tensors)."""
+    validate_and_route(config, input_ids, modality_ids, labels, defer=False, shift_labels=shift_labels,
+                       inputs_embeds=inputs_embeds)
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is recording a CUDA graph on the current stream (nothing may be read from it now)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @functools.cache

@@ -31,7 +31,14 @@ from mom.model.cache import MoMCache
 from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel_mixer
 from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
-from mom.model.inputs import IGNORE_INDEX, kept_positions, modality_of_ids, padding_mask, validate_and_route
+from mom.model.inputs import (
+    IGNORE_INDEX,
+    check_inputs,
+    kept_positions,
+    modality_of_ids,
+    padding_mask,
+    validate_and_route,
+)
 from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, masks_on_device, sorted_stream
 from mom.model.routing import Routing, permute_rows
@@ -716,6 +723,15 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         # every field given at once: to_tuple() keeps the fields' order
         result = MoMCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states, **losses)
         return result if return_dict else result.to_tuple()
+
+    def check_inputs(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                     modality_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
+                     inputs_embeds: torch.Tensor | None = None, **other_inputs) -> None:
+        """Raise ValueError for a batch `forward` would reject (ids, labels or modality ids out of range or
+        contradicting each other), checked now: one read of the batch's device, none for CPU tensors. A CUDA-graph
+        step (`mom.train.captured_step`) checks each batch with it before it goes in, since a captured forward
+        cannot read the device to check it. ``other_inputs`` (a mask, seq_idx) need no check of their values."""
+        check_inputs(self.config, input_ids, modality_ids, labels, shift_labels, inputs_embeds)
 
     def decode_logits(self, input_ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
         """One token per row after ``cache``'s prefix, no host sync, ids unchecked (`MoMModel.decode_step`): ids (b, 1)
