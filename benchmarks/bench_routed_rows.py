@@ -11,6 +11,13 @@ three modalities: every expert's weights read), it prints
   mom       `routed_rows_linear` (the kernel, its default blocks), three experts
   dense     ``F.linear`` with one weight (cuBLAS: what a dense Mamba's step runs)
 and their ratio, in microseconds per call, each measured as 20 calls captured in one CUDA graph (no launch gaps).
+The calls cycle through copies of the weights and inputs (`copies`: together at least twice the GPU's L2 cache), so
+that each call reads its weights from memory, as in a decode step, which reads every layer's weights once. (Until the
+twenty-first session every call read one set, which stayed in the L2 cache: those figures in docs/performance.md
+are of L2-resident weights, and a tiling chosen on them did not change the captured step's time.) Mixed rows must
+read every expert's weights, three times the bytes of uniform rows; their line also prints
+  bytes     ``F.linear`` with the three experts' weights as one (cuBLAS reading the same weight bytes)
+and mom's time over it: how far the mixed rows' cost is the extra bytes rather than the kernel.
 ``--sweep`` times the kernel at each of `SWEEP`'s tilings (block of outputs, block of k) on uniform and on mixed rows
 and prints, per block of outputs, the tiling with the lowest sum of the two; each configuration of each shape is a
 Triton compilation (about a second), so sweep a few shapes at a time (``--only``, ``--batch``). Every kernel output
@@ -23,6 +30,7 @@ import argparse
 import functools
 import itertools
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +45,26 @@ SWEEP_LAUNCH = list(itertools.product((2, 4, 8), (2, 3, 4)))
 EXPERTS = 3
 
 
-def graph_us(fn, replays: int = 50) -> float:
-    """Device microseconds per call of ``fn``: CALLS calls captured in a CUDA graph, replayed ``replays`` times."""
+def copies(set_bytes: int) -> int:
+    """How many copies of a call's operands (``set_bytes`` each) together fill twice the GPU's L2 cache, so that a call
+    cycling through them finds its own evicted by the others (at least 2)."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 * 2**20)
+    return max(2, -(-2 * l2 // set_bytes))
+
+
+def graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
+    """Device microseconds per call: CALLS calls cycling through ``fns`` (the same call on different copies of its
+    operands) captured in a CUDA graph, replayed ``replays`` times."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+        for i in range(CALLS):
+            fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,10 +99,13 @@ def main(argv=None) -> int:
     shapes = {k: v for k, v in shapes.items() if not args.only or k in args.only}
     for batch, (name, (n_in, n_out, bias)) in itertools.product(args.batch or [1, 64], shapes.items()):
         torch.manual_seed(0)
-        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5 for _ in range(EXPERTS)]
-        biases = [torch.randn(n_out, device="cuda", dtype=torch.bfloat16) for _ in range(EXPERTS)] if bias else None
-        x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
-        dense_us = graph_us(functools.partial(F.linear, x, weights[0], None if biases is None else biases[0]))
+        sets = [operands(batch, n_in, n_out, bias)
+                for _ in range(copies(EXPERTS * (n_out * n_in + n_out + batch * n_in) * 2))]  # bf16
+        x, weights, biases = sets[0]
+        dense_us = graph_us([functools.partial(F.linear, x, w[0], None if b is None else b[0]) for x, w, b in sets])
+        cat = [(x, torch.cat(w), None if b is None else torch.cat(b)) for x, w, b in sets]
+        bytes_us = graph_us([functools.partial(F.linear, *args) for args in cat])
+        del cat
         ids_of = {"uniform": torch.zeros(batch, dtype=torch.long, device="cuda"),
                   "mixed": torch.arange(batch, device="cuda") % EXPERTS}
         want = {rows: routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=False)
@@ -94,16 +113,24 @@ def main(argv=None) -> int:
         for rows, ids in ids_of.items():
             got = routed_rows.routed_rows_linear(x, weights, biases, ids, use_kernel=True)
             torch.testing.assert_close(got, want[rows], rtol=2e-2, atol=2e-2)
-            mom_us = graph_us(functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids,
-                                                 use_kernel=True))
+            mom_us = graph_us([functools.partial(routed_rows.routed_rows_linear, x, w, b, ids, use_kernel=True)
+                               for x, w, b in sets])
+            same_bytes = (f"  bytes {bytes_us:7.2f} us  ratio {mom_us / bytes_us:5.2f}x" if rows == "mixed" else "")
             print(f"batch {batch:3d}  {name:<9} {n_in:5d} -> {n_out:5d}  {rows:<8}  mom {mom_us:7.2f} us  "
-                  f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x")
+                  f"dense {dense_us:7.2f} us  ratio {mom_us / dense_us:5.2f}x" + same_bytes)
         if args.sweep:
-            sweep(x, weights, biases, ids_of, want, dense_us, args.sweep_launch)
+            sweep(sets, ids_of, want, dense_us, args.sweep_launch)
     return 0
 
 
-def sweep(x, weights, biases, ids_of: dict, want: dict, dense_us: float, with_launch: bool) -> None:
+def operands(batch: int, n_in: int, n_out: int, bias: bool):
+    """One copy of a call's operands: x (batch, n_in), the experts' weights (n_out, n_in) and biases or None, bf16."""
+    weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5 for _ in range(EXPERTS)]
+    biases = [torch.randn(n_out, device="cuda", dtype=torch.bfloat16) for _ in range(EXPERTS)] if bias else None
+    return torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16), weights, biases
+
+
+def sweep(sets, ids_of: dict, want: dict, dense_us: float, with_launch: bool) -> None:
     """Time each tiling of `SWEEP` (and `SWEEP_LAUNCH`) on uniform and on mixed rows; print, per block of outputs,
     the tiling with the lowest sum of the two, then the one the library picks (`default_blocks`)."""
     best: dict[int, tuple[float, dict, routed_rows.Blocks]] = {}  # block of outputs -> (sum, us per rows, tiling)
@@ -112,15 +139,15 @@ def sweep(x, weights, biases, ids_of: dict, want: dict, dense_us: float, with_la
         blocks = routed_rows.Blocks(block_out, block_k, warps, stages)
         times = {}
         for rows, ids in ids_of.items():
-            call = functools.partial(routed_rows.routed_rows_linear, x, weights, biases, ids, use_kernel=True,
-                                     blocks=blocks)
+            calls = [functools.partial(routed_rows.routed_rows_linear, x, w, b, ids, use_kernel=True, blocks=blocks)
+                     for x, w, b in sets]
             try:
-                y = call()
+                y = calls[0]()
                 torch.cuda.synchronize()
             except Exception:  # a configuration this GPU cannot run (shared memory): skipped
                 break
             torch.testing.assert_close(y, want[rows], rtol=2e-2, atol=2e-2)
-            times[rows] = graph_us(call)
+            times[rows] = graph_us(calls)
         if len(times) < len(ids_of):
             continue
         total = sum(times.values())
@@ -130,6 +157,7 @@ def sweep(x, weights, biases, ids_of: dict, want: dict, dense_us: float, with_la
         print(f"           out {block_out:3d} best: uniform {times['uniform']:7.2f} us  mixed {times['mixed']:7.2f} us"
               f"  (mixed / uniform {times['mixed'] / times['uniform']:5.2f}x, uniform / dense "
               f"{times['uniform'] / dense_us:5.2f}x)  {blocks}")
+    x, weights, _ = sets[0]
     print(f"           library's pick: {routed_rows.default_blocks(x.shape[1], weights[0].shape[0], x.shape[0])}")
 
 
