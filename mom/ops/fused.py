@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
@@ -301,6 +301,7 @@ class Routes:
     counts: HostCounts  # tokens per expert on the host, once known (the per-expert GEMMs' blocks)
     expert_ids: torch.Tensor  # (n,) int64: each token's expert
     onehot: torch.Tensor  # (M, n): one where token t goes to expert m; in `compute_dtype` it spares a cast per layer
+    _dt_inputs: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # `dt_input`'s, per shape
 
     def __post_init__(self) -> None:
         n, M = self.perm.numel(), self.num_experts
@@ -317,6 +318,22 @@ class Routes:
     @property
     def num_experts(self) -> int:
         return self.onehot.shape[0]
+
+    def dt_input(self, select: torch.Tensor, rank: int, k_pad: int) -> torch.Tensor:
+        """dt_proj's expanded input (k_pad, n) (`_FusedMixer`) with its constant rows set: after the first
+        ``len(select) * rank`` rows, which each layer writes, ``select`` (the tokens' one-hot (M, n) for a routed
+        dt_proj, ones (1, n) for a shared one, in the compute dtype), then zeros. Built once per forward, shape and
+        dtype, and shared by the forward's layers: a layer without backward writes its rows into it (one launch
+        where building it took three), a layer with one copies it first (two)."""
+        key = (select.shape[0], rank, k_pad, select.dtype)
+        base = self._dt_inputs.get(key)
+        if base is None:
+            head = select.shape[0] * rank
+            base = select.new_empty(k_pad, select.shape[1])
+            base[head : head + select.shape[0]].copy_(select)
+            base[head + select.shape[0] :].zero_()
+            self._dt_inputs[key] = base
+        return base
 
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
@@ -365,7 +382,9 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     dtype = compute_dtype(hidden)
     onehot = routes.onehot if routes.onehot.dtype == dtype else routes.onehot.to(dtype)
     keep = None if mask is None else mask.reshape(b * l).to(hidden.device, dtype)  # (n,) 1: real token, 0: padding
-    args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep,
+    dt_sel = onehot if layout.routed(Projection.dt_proj) else _const((1, b * l), 1.0, dtype, hidden.device)
+    dt_base = routes.dt_input(dt_sel, dt_rank, _k_pad(layout))
+    args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep, dt_base,
             weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
         return _FusedMixer.apply(*args, *weights.params)
@@ -584,21 +603,22 @@ def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: tor
 
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, conv_weight, conv_bias, A_log, D,
+    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias, A_log, D,
                 layout: _Layout, states_out, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
         dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); keep
         (n,) in that dtype, in sequence order: 1 for real tokens, 0 for padding (`fused_mixer`'s mask), or None;
-        offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on the device (`Routes.offsets`);
-        states_out: None, or the recurrent states to write (`fused_mixer`)."""
+        dt_base (k_pad, n): dt_proj's expanded input with its constant rows set (`Routes.dt_input`), written only by
+        a forward without backward; offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on the
+        device (`Routes.offsets`); states_out: None, or the recurrent states to write (`fused_mixer`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
-            return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, keep,
+            return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base,
                                         conv_weight, conv_bias, A_log, D, layout, states_out, params)
 
     @staticmethod
-    def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, keep, conv_weight, conv_bias, A_log, D,
-                 layout, states_out, params):
+    def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias,
+                 A_log, D, layout, states_out, params):
         """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved."""
         ops = layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
@@ -633,14 +653,10 @@ class _FusedMixer(torch.autograd.Function):
         w_x_cat = w_x.view(-1, di)  # (M_x * (r + 2N), di)
         x_all = (w_x_cat @ _cols(conv_out)).view(M_x, r + 2 * N, b, l)
         # dt_proj: one GEMM over the expanded input [Δ-rank features spread to their expert's block; one-hot bias rows;
-        # zero padding] (k_pad, n), biases included
-        k_pad = _k_pad(layout)
-        dt_sel = select if layout.routed(Projection.dt_proj) else _const((1, n), 1.0, dtype, select.device)
-        dt_in = select.new_empty(k_pad, n)
+        # zero padding] (k_pad, n), biases included; the constant rows come set (dt_base), a backward keeps its own
+        dt_in = dt_base if ctx is None else dt_base.clone()
         _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
-        dt_in[M_dt * r : M_dt * (r + 1)].copy_(dt_sel)
-        dt_in[M_dt * (r + 1) :].zero_()
-        w_dt_cat = _dt_weight(w_dt, b_dt, k_pad)  # (di, k_pad)
+        w_dt_cat = _dt_weight(w_dt, b_dt, dt_in.shape[0])  # (di, k_pad)
         delta = w_dt_cat @ dt_in  # (di, n)
         BC = x_all.new_empty(b, 2 * N, l)  # B and C in one (the scan's fastest layout), each token's from its expert
         _route(x_all[:, r:], select, ids, BC.permute(1, 0, 2)[None])
@@ -743,8 +759,8 @@ class _FusedMixer(torch.autograd.Function):
             dh.mul_(keep_io[:, None])
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
-        return (dh.view(b, l, -1), None, None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log, dD,
-                None, None, *param_grads)
+        return (dh.view(b, l, -1), None, None, None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log,
+                dD, None, None, *param_grads)
 
 
 # ---- the backward's steps, in the order it runs them ----------------------------------------------------------------

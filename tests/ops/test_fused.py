@@ -371,6 +371,36 @@ def test_fused_prefill_without_grad_runs_outside_autograd(monkeypatch):
     assert len(applied) == 1
 
 
+@pytest.mark.parametrize("decouple", [PROJECTIONS, ("in_proj", "out_proj")], ids=["dt_proj routed", "dt_proj shared"])
+def test_layers_share_one_expanded_dt_input_per_forward(decouple):
+    """dt_proj's expanded input is built once per forward (`Routes.dt_input`: its one-hot and zero rows set) and
+    shared by the layers: without gradients each layer writes its rows into it, with gradients each keeps a copy.
+    Two layers with different weights on one routing, under both, equal each layer alone on a fresh routing."""
+    mixers = [make_mixer(decouple, bias=True, seed=s) for s in (0, 1)]
+    modality_ids = layouts()["uneven runs"]
+    hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64)
+
+    def alone(mixer):
+        with torch.no_grad():
+            return mixer.fused_forward(hidden, Routing.build(modality_ids, 3), fused.REFERENCE_OPS)
+
+    want = [alone(m) for m in mixers]
+    for grad in (False, True):
+        routing = Routing.build(modality_ids, 3)
+        with torch.set_grad_enabled(grad):
+            got = [m.fused_forward(hidden, routing, fused.REFERENCE_OPS) for m in mixers]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.detach(), w)
+        routes = routing.routes(torch.float64)
+        r, M = mixers[0].dt_rank, 3 if "dt_proj" in decouple else 1
+        k_pad = -(-M * (r + 1) // 8) * 8  # M * r + M rows rounded up to 8
+        sel = routes.onehot if M == 3 else torch.ones(1, modality_ids.numel(), dtype=torch.float64)
+        base = routes.dt_input(sel, r, k_pad)
+        assert base is routes.dt_input(sel, r, k_pad)  # one per forward and shape
+        torch.testing.assert_close(base[M * r : M * (r + 1)], sel)  # its constant rows intact after both layers
+        assert not base[M * (r + 1) :].any()
+
+
 def test_prefill_with_gradients_backpropagates_as_without_a_cache():
     """A prefill with gradients enabled: the states are written and the gradients are those of a forward without a
     cache (the states are outside the graph)."""
