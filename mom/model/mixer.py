@@ -84,6 +84,7 @@ class MoMMixer(nn.Module):
         mask: torch.Tensor | None = None,
         doc_start: torch.Tensor | None = None,
         sorted_tokens: bool = False,
+        A: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden: (b, l, d_model) -> (b, l, d_model).
 
@@ -92,14 +93,15 @@ class MoMMixer(nn.Module):
         one zeroes the same on the device, but a prefill with a mask runs this path). ``doc_start`` (b, l)
         bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
         hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
-        the model decides, `sorted_stream`).
+        the model decides, `sorted_stream`). ``A``: ``-exp(A_log)``, computed by the model for all layers at once
+        (`negative_exps`) for the fused path to read, or None (the module path computes its own, with autograd).
         """
         if sorted_tokens:
-            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask)
+            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask, A=A)
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
         if doc_start is None and (mask is None or cache is None) and self.fast_path_applies(hidden):
-            return self.fused_forward(hidden, routing, cache=cache, mask=mask)  # with a cache: a prefill, writing it
+            return self.fused_forward(hidden, routing, cache=cache, mask=mask, A=A)  # with a cache: a prefill
         l = hidden.shape[1]
         if mask is not None:  # on the hidden's device: accelerate's device_map may place blocks on several devices
             mask = mask.to(hidden.device)
@@ -183,7 +185,7 @@ class MoMMixer(nn.Module):
 
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, A: torch.Tensor | None = None) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
         ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
         ``sorted_tokens`` and ``mask`` (b, l) in sequence order as in `forward`. ``cache``: a prefill (nothing
@@ -200,7 +202,7 @@ class MoMMixer(nn.Module):
             states = (cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx])
         routes = routing.routes(fused.compute_dtype(hidden))
         return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens, states_out=states,
-                                 mask=mask)
+                                 mask=mask, A=A)
 
     def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""
@@ -288,6 +290,18 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
     if not all(m.fast_path_applies(hidden) for m in mixers):
         return False
     return any(m.routes_rows() for m in mixers)
+
+
+def negative_exps(mixers: Sequence[nn.Module]) -> list[torch.Tensor | None]:
+    """Each `MoMMixer`'s ``A = -exp(A_log)`` for its fused path, all in two launches (`mom.ops.fused.negative_exp`),
+    None for other mixers (and for all where some fast-path weights are absent): what a model whose mixers all take
+    the fused path (`sorted_stream`) hands them, instead of two launches in each layer."""
+    weights = [m.fast_path_weights() if isinstance(m, MoMMixer) else None for m in mixers]
+    logs = [w.A_log for w in weights if w is not None]
+    if not logs or any(isinstance(m, MoMMixer) and w is None for m, w in zip(mixers, weights)):
+        return [None] * len(mixers)
+    A = iter(fused.negative_exp(logs))
+    return [next(A) if w is not None else None for w in weights]
 
 
 def masks_on_device(mixers: Sequence[nn.Module]) -> bool:

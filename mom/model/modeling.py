@@ -40,7 +40,7 @@ from mom.model.inputs import (
     validate_and_route,
 )
 from mom.model.mamba2 import Mamba2Mixer
-from mom.model.mixer import MoMMixer, masks_on_device, sorted_stream
+from mom.model.mixer import MoMMixer, masks_on_device, negative_exps, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
 from mom.ops.triton.rebind import launched
@@ -124,10 +124,14 @@ class MoMBlock(GradientCheckpointingLayer):
             self.norm2 = make_norm(config)
             self.channel_mixer = make_channel_mixer(config)
 
-    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False):
-        """(previous block's output or None, residual stream) -> (this block's output, residual stream)."""
+    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False, A=None):
+        """(previous block's output or None, residual stream) -> (this block's output, residual stream). ``A``: the
+        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.negative_exps`), or None."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
-        out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
+        if A is None:
+            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
+        else:  # only a MoMMixer is given one
+            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens, A=A)
         if self.has_channel_mixer:
             hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
             out = self.channel_mixer(hidden, routing)
@@ -528,10 +532,13 @@ class MoMModel(MoMPreTrainedModel):
         in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
+        # every mixer takes its fused path: the Mamba-1 ones get A = -exp(A_log) computed for all in two launches
+        mixers = [layer.mixer for layer in self.layers]
+        As = negative_exps(mixers) if in_sorted else [None] * len(mixers)
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
-                                  sorted_tokens=in_sorted)
+                                  sorted_tokens=in_sorted, A=As[i])
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:

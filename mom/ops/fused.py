@@ -338,7 +338,7 @@ class Routes:
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
                 sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, A: torch.Tensor | None = None) -> torch.Tensor:
     """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
 
     ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
@@ -356,6 +356,10 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     leaves nothing in the real tokens' conv window or state, gets zero input gradients and out_proj's bias as output.
     Nothing is read on the host: an all-ones mask changes nothing (each product is by exactly one), at the cost of
     three elementwise products forward and three backward, each over one activation.
+
+    ``A`` (d_inner, d_state) fp32: ``-exp(weights.A_log)``, computed by the caller for all of a model's layers in
+    two launches (`negative_exp`), or None: computed here (two launches a layer). Not differentiated: the Function
+    gives A_log its gradient itself.
 
     Without gradients to compute (``torch.no_grad()`` or ``inference_mode``, as in ``generate()``, or nothing that
     requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
@@ -384,12 +388,25 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     keep = None if mask is None else mask.reshape(b * l).to(hidden.device, dtype)  # (n,) 1: real token, 0: padding
     dt_sel = onehot if layout.routed(Projection.dt_proj) else _const((1, b * l), 1.0, dtype, hidden.device)
     dt_base = routes.dt_input(dt_sel, dt_rank, _k_pad(layout))
+    if A is not None and (tuple(A.shape) != tuple(weights.A_log.shape) or A.dtype != torch.float32):
+        raise ValueError(f"fused_mixer: A has shape {tuple(A.shape)} and dtype {A.dtype}, expected A_log's "
+                         f"{tuple(weights.A_log.shape)} in float32")
     args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep, dt_base,
-            weights.conv_weight, weights.conv_bias, weights.A_log, weights.D.float(), layout, states_out)
+            weights.conv_weight, weights.conv_bias, weights.A_log, A, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
         return _FusedMixer.apply(*args, *weights.params)
     with torch.autocast("cuda", enabled=False):  # as the Function's forward runs (its dtypes are chosen here)
         return _FusedMixer._forward(None, dtype, *args, weights.params)
+
+
+def negative_exp(A_logs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``-exp(A_log)`` in fp32 for each of ``A_logs`` (a model's layers), outside autograd: two launches of torch's
+    multi-tensor kernels for all of them, where each layer's Function would take two of its own (a small model's
+    forward is bound by its launches: docs/performance.md). For `fused_mixer`'s ``A``."""
+    with torch.no_grad():
+        A = torch._foreach_exp([a.float() for a in A_logs])
+        torch._foreach_neg_(A)
+    return A
 
 
 def _check_states_out(states_out, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...]) -> None:
@@ -603,28 +620,30 @@ def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: tor
 
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias, A_log, D,
-                layout: _Layout, states_out, *params):
+    def forward(ctx, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias, A_log, A,
+                D, layout: _Layout, states_out, *params):
         """hidden (b, l, d_model) -> (b, l, d_model); select (M, n): the one-hot of each token's modality, in the
         dtype the projections run in (`compute_dtype`); ids (n,): each token's expert (`Routes.expert_ids`); keep
         (n,) in that dtype, in sequence order: 1 for real tokens, 0 for padding (`fused_mixer`'s mask), or None;
         dt_base (k_pad, n): dt_proj's expanded input with its constant rows set (`Routes.dt_input`), written only by
         a forward without backward; offsets (M,) int32: the ends of the experts' blocks of sorted tokens, on the
-        device (`Routes.offsets`); states_out: None, or the recurrent states to write (`fused_mixer`)."""
+        device (`Routes.offsets`); A: -exp(A_log) computed by the caller, or None; states_out: None, or the
+        recurrent states to write (`fused_mixer`)."""
         ctx.dtype = select.dtype
         with torch.autocast("cuda", enabled=False):  # dtypes are chosen here; the GEMMs write into slices (out=)
             return _FusedMixer._forward(ctx, ctx.dtype, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base,
-                                        conv_weight, conv_bias, A_log, D, layout, states_out, params)
+                                        conv_weight, conv_bias, A_log, A, D, layout, states_out, params)
 
     @staticmethod
     def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias,
-                 A_log, D, layout, states_out, params):
+                 A_log, A, D, layout, states_out, params):
         """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved."""
         ops = layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
         in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
-        A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
+        if A is None:
+            A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
@@ -760,7 +779,7 @@ class _FusedMixer(torch.autograd.Function):
         param_grads = _split_params([g_in, g_x, g_dt, g_out])
         dA_log = dA.mul_(A)  # A = -exp(A_log): dA/dA_log = A
         return (dh.view(b, l, -1), None, None, None, None, None, None, None, dconv_w.unsqueeze(1), dconv_b, dA_log,
-                dD, None, None, *param_grads)
+                None, dD, None, None, *param_grads)
 
 
 # ---- the backward's steps, in the order it runs them ----------------------------------------------------------------

@@ -217,7 +217,8 @@ def test_layout_gathers_on_cpu():
 @pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "out_proj"), ("in_proj",), ()])
 def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
     """When every mixer takes the fast path, the model keeps its residual stream in the routing's sorted order
-    (when in_proj or out_proj routes): loss, logits, hidden states and every gradient equal the module path's."""
+    (when in_proj or out_proj routes) and computes every layer's A at once: loss, logits, hidden states and every
+    gradient equal the module path's."""
     torch.manual_seed(0)
     config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
                            decouple=decouple)
@@ -242,6 +243,8 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
     out, g = forward()
     assert len(calls) == config.n_layer
     assert all(k.get("sorted_tokens", False) == (decouple != ()) for k in calls)
+    # on the sorted stream the model hands each mixer A = -exp(A_log), all layers' in one go (A_log's gradient below)
+    assert all((k.get("A") is not None) == (decouple != ()) for k in calls)
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(out.logits, ref.logits)
     for h, h_ref in zip(out.hidden_states, ref.hidden_states, strict=True):
@@ -306,6 +309,17 @@ def test_fused_mixer_names_bad_inputs():
     with pytest.raises(ValueError, match="dt_proj has 3 weights but 2 biases"):
         fused.MixerWeights(weights.weights, (*weights.biases[:2], weights.biases[2][:2], weights.biases[3]),
                            weights.conv_weight, weights.conv_bias, weights.A_log, weights.D)
+    with pytest.raises(ValueError, match=r"A has shape \(24, 3\) and dtype torch.float32, expected A_log's \(24, 4\)"):
+        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 3))
+    with pytest.raises(ValueError, match=r"dtype torch.float64, expected A_log's \(24, 4\) in float32"):
+        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 4, dtype=torch.float64))
+
+
+def test_negative_exp_of_every_layer_at_once():
+    A_logs = [torch.randn(6, 4, requires_grad=True), torch.randn(3, 2).double(), torch.randn(5, 4)]
+    for A, A_log in zip(fused.negative_exp(A_logs), A_logs, strict=True):
+        assert A.dtype == torch.float32 and not A.requires_grad
+        torch.testing.assert_close(A, -torch.exp(A_log.detach().float()))
 
 
 # ---- generation's prefill: the Function writes the recurrent cache's states -----------------------------------------
