@@ -5,6 +5,7 @@ import torch
 
 import mom
 from mom.model.modeling import GENERATE_CARRIES_CACHE
+from mom.ops.triton import flatcast
 
 # generate() carries MoM's recurrent cache only in transformers >= 5.24 (older ones pass caches under other names
 # and the model re-runs the whole sequence each step): tests of the decode path through generate() need it.
@@ -106,3 +107,19 @@ def assert_left_padded_generate_equals_each_row_alone(model) -> None:
     for row, alone in ((0, long), (1, short)):
         expected = model.generate(alone, max_new_tokens=5, do_sample=False)[:, -5:]
         assert torch.equal(together[row : row + 1, -5:], expected)
+
+
+def side_by_side_places():
+    """`mom.ops.triton.flatcast`'s places, as the fused path lays out dt_proj: a 7-element tensor, then three (5, 2)
+    experts and their (5,) biases as the columns of a (5, 12) matrix, zeros in its last 3 columns
+    [W_0 | W_1 | W_2 | b_0 b_1 b_2 | 0 0 0]. -> (tensors, places, the buffer they make)."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(5, 2, generator=g) for _ in range(3)]
+    bs = [torch.randn(5, generator=g) for _ in range(3)]
+    head = torch.randn(7, generator=g)
+    zeros = torch.zeros(5 * 3)
+    Place = flatcast.Place
+    places = ([Place(0, 7, 0)] + [Place(7 + 2 * m, 2, 12) for m in range(3)] + [Place(13 + m, 1, 12) for m in range(3)]
+              + [Place(16, 3, 12)])
+    want = torch.cat([head, torch.cat([*ws, *(b[:, None] for b in bs), zeros.view(5, 3)], dim=1).reshape(-1)])
+    return [head, *ws, *bs, zeros], places, want

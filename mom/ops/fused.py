@@ -47,10 +47,13 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): only x is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
-  (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` and
-  its gradient are computed inside the Function, every expert weight is cast in one kernel (`_cast_params`,
-  `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer), each projection's
-  weight gradients are written stacked in the parameters' dtype by cuBLAS, and constants are cached.
+  (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` is
+  computed for all of a model's layers in two launches (`negative_exp`, given as ``A``; else inside the Function) and
+  its gradient inside the Function, every expert weight is cast in one kernel (`_cast_params`,
+  `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer, and dt_proj's
+  experts and biases its expanded GEMM's matrix), dt_proj's expanded input is built once per forward
+  (`Routes.dt_input`), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS,
+  and constants are cached.
 
 The Function runs ops on the conv and the scan (`ScanOps`): mamba-ssm's and causal-conv1d's CUDA kernels
 (`cuda_ops`), or the pure-PyTorch ones (`REFERENCE_OPS`, any device), so that its routing, layouts and backward are
@@ -70,7 +73,7 @@ import torch
 from mom.ops import backend
 from mom.ops import reference as ref_scan
 from mom.ops.projections import Projection
-from mom.ops.triton.flatcast import flat_cast
+from mom.ops.triton.flatcast import Place, flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.utils.errors import MissingDependencyError
 
@@ -459,18 +462,46 @@ class _Layout:
 
 
 def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked:
-    one kernel (`mom.ops.triton.flatcast`) instead of a cast per weight and a cat per stacked projection (each launch
-    costs host time, which can bound the LM step); the results are views of the one cast buffer."""
-    flat = flat_cast(params, dtype)
-    out, i = [], 0
-    for k, (fo, fi), has_bias in zip(layout.experts, layout.shapes, layout.has_bias):
-        w = flat[i : i + k * fo * fi].view(k, fo, fi)
-        i += w.numel()
-        b = flat[i : i + k * fo].view(k, fo) if has_bias else None
-        i += k * fo if has_bias else 0
-        out.append((w, b))
-    return out
+    """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked,
+    but for dt_proj (its experts and biases side by side as one matrix, None): (d_inner, k_pad) =
+    [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], the weight of its expanded GEMM (zeros in place of absent biases). One kernel
+    (`mom.ops.triton.flatcast`) instead of a cast per weight, a cat per stacked projection and one for dt_proj's
+    matrix (each launch costs host time, which can bound a small model's step); the results are views of the one
+    cast buffer."""
+    places, size, views, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias, _k_pad(layout))
+    pad = (_zeros(zeros, params[0].dtype, params[0].device),) if zeros else ()
+    flat = flat_cast([*params, *pad], dtype, places, size)
+    return [(flat[w].view(ws), None if b is None else flat[b].view(bs)) for w, ws, b, bs in views]
+
+
+@functools.lru_cache(maxsize=64)
+def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], has_bias: tuple[bool, ...],
+                 k_pad: int) -> tuple[tuple[Place, ...], int, list, int]:
+    """`_cast_params`' layout of the buffer, built once per mixer shape: (a `Place` per parameter in the Function's
+    order, then one for dt_proj's zero columns; the buffer's size; per projection (slice, shape) of its weights and
+    of its biases or None; the number of zeros)."""
+    places, views, start = [], [], 0
+    for p, (k, (fo, fi), bias) in enumerate(zip(experts, shapes, has_bias)):
+        if p == Projection.dt_proj:  # (fo = d_inner, k_pad): expert m's (fo, fi) at column m * fi, bias m at k * fi + m
+            places += [Place(start + m * fi, fi, k_pad) for m in range(k)]
+            places += [Place(start + k * fi + m, 1, k_pad) for m in range(k)] if bias else []
+            first_zero = k * fi + (k if bias else 0)
+            zero_cols = k_pad - first_zero
+            views.append((slice(start, start + fo * k_pad), (fo, k_pad), None, None))
+            start += fo * k_pad
+            continue
+        views.append((slice(start, start + k * fo * fi), (k, fo, fi),
+                      slice(start + k * fo * fi, start + k * fo * (fi + 1)) if bias else None, (k, fo)))
+        places += [Place(start + m * fo * fi, fo * fi, 0) for m in range(k)]
+        start += k * fo * fi
+        if bias:
+            places += [Place(start + m * fo, fo, 0) for m in range(k)]
+            start += k * fo
+    dt_start = views[Projection.dt_proj][0].start
+    zeros = shapes[Projection.dt_proj][0] * zero_cols
+    if zeros:
+        places.append(Place(dt_start + first_zero, zero_cols, k_pad))
+    return tuple(places), start, views, zeros
 
 
 def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
@@ -602,14 +633,11 @@ def _route(src: torch.Tensor, select: torch.Tensor, ids: torch.Tensor, out: torc
     return out.copy_(src)
 
 
-def _dt_weight(w: torch.Tensor, b: torch.Tensor | None, k_pad: int) -> torch.Tensor:
-    """dt_proj's experts side by side: w (M, d_inner, r), b (M, d_inner) -> (d_inner, k_pad) =
-    [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], one cat (every piece contiguous)."""
-    M, di, _ = w.shape
-    zero = _const((di,), 0.0, w.dtype, w.device)
-    cols = list(w.unbind()) + [(b[m] if b is not None else zero)[:, None] for m in range(M)]
-    pad = k_pad - sum(c.shape[1] for c in cols)
-    return torch.cat(cols + ([_const((di, pad), 0.0, w.dtype, w.device)] if pad else []), dim=1)
+@functools.lru_cache(maxsize=64)
+def _zeros(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size,) zeros that dt_proj's cast reads for its padding columns (`_cast_params`), made once: the flat cast's
+    table of addresses is built once per set of addresses (a new one waits for the device)."""
+    return torch.zeros(size, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -645,7 +673,7 @@ class _FusedMixer(torch.autograd.Function):
         if A is None:
             A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
-        (w_in, b_in), (w_x, _), (w_dt, b_dt), (w_out, b_out) = _cast_params(layout, params, dtype)
+        (w_in, b_in), (w_x, _), (w_dt_cat, _), (w_out, b_out) = _cast_params(layout, params, dtype)
         # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
         keep_io = _keep_rows(keep, layout.sorted_io, perm)  # (n,) in the input's row order, or None
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
@@ -675,7 +703,6 @@ class _FusedMixer(torch.autograd.Function):
         # zero padding] (k_pad, n), biases included; the constant rows come set (dt_base), a backward keeps its own
         dt_in = dt_base if ctx is None else dt_base.clone()
         _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
-        w_dt_cat = _dt_weight(w_dt, b_dt, dt_in.shape[0])  # (di, k_pad)
         delta = w_dt_cat @ dt_in  # (di, n)
         BC = x_all.new_empty(b, 2 * N, l)  # B and C in one (the scan's fastest layout), each token's from its expert
         _route(x_all[:, r:], select, ids, BC.permute(1, 0, 2)[None])

@@ -216,6 +216,13 @@ def test_flat_cast_matches_cat_and_cast():
         assert torch.equal(flat_cast(tensors, dtype), torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
     tensors[0] = tensors[0].t()  # not contiguous: the cat + cast fallback, same result
     assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
+    # each tensor as the columns of a matrix (dt_proj's experts and biases side by side), with the PyTorch ops' result
+    from helpers import side_by_side_places
+
+    tensors, places, want = side_by_side_places()
+    for dtype in (torch.bfloat16, torch.float32):
+        got = flat_cast([t.cuda() for t in tensors], dtype, places, want.numel())
+        assert torch.equal(got.cpu(), want.to(dtype))
 
 
 def test_triton_kernels_launched_directly_after_the_first_call():
