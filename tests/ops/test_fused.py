@@ -315,6 +315,22 @@ def test_fused_mixer_names_bad_inputs():
         fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 4, dtype=torch.float64))
 
 
+def test_negative_exps_for_the_mamba_1_mixers_of_a_model():
+    """`mom.model.mixer.negative_exps`: each Mamba-1 mixer's -exp(A_log), None for other mixers (attention); all None
+    when a Mamba-1 mixer has no fast-path weights (its module path computes A with autograd)."""
+    from mom.model.mixer import negative_exps
+
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
+                           attention_layers=[1])
+    mixers = [layer.mixer for layer in mom.MoMForCausalLM(config).backbone.layers]
+    A = negative_exps(mixers)
+    assert A[1] is None
+    for a, mixer in zip((A[0], A[2]), (mixers[0], mixers[2])):
+        torch.testing.assert_close(a, -torch.exp(mixer.A_log.detach()))
+    mixers[2].x_proj["image"] = torch.nn.Sequential(mixers[2].x_proj["image"])  # not a plain nn.Linear expert
+    assert negative_exps(mixers) == [None, None, None]
+
+
 def test_negative_exp_of_every_layer_at_once():
     A_logs = [torch.randn(6, 4, requires_grad=True), torch.randn(3, 2).double(), torch.randn(5, 4)]
     for A, A_log in zip(fused.negative_exp(A_logs), A_logs, strict=True):
