@@ -429,7 +429,7 @@ class MoMModel(MoMPreTrainedModel):
         ``modality_counts`` (M,): the batch's tokens per modality, counted on the host by the caller. A forward
         without cache starts without waiting for the device whether they are given or not (its checks are read once
         its work is enqueued: see `validate_and_route`); given, the fused GPU path's forward can run its largest
-        routed GEMMs per expert (`mom.ops.fused.PER_EXPERT_MACS`), which it otherwise groups on the device.
+        routed GEMMs per expert (`mom.ops.grouped.PER_EXPERT_MACS`), which it otherwise groups on the device.
         ``attention_mask``: 1 (nonzero) for real tokens, 0 for padding, (b, l); continuing from a cache it may also
         cover the cached tokens, (b, past + l), and is then unused (new tokens are never padding). A forward without
         cache of a Mamba-1 model applies it on the device, read by nothing (`padding_mask`).

@@ -17,7 +17,8 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
-from mom.ops.fused import HostCounts, Routes
+from mom.ops.fused import Routes
+from mom.ops.grouped import HostCounts
 from mom.ops.triton import routed_rows
 
 
@@ -78,7 +79,7 @@ class Routing:
 
     @cached_property
     def host_counts(self) -> HostCounts:
-        """Tokens per modality on the host once known (`mom.ops.fused.HostCounts`), shared with the fused path's
+        """Tokens per modality on the host once known (`mom.ops.grouped.HostCounts`), shared with the fused path's
         `routes`: given (`set_counts`), or read from the device the first time a path needs them (by its ``reader``:
         ``device_counts``, or the model's deferred input checks, which read them in their own sync)."""
         return HostCounts(self.device_counts.tolist)

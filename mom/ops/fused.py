@@ -12,11 +12,12 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
 * Routed in_proj and out_proj run on token-major ``(n, f)`` rows sorted by modality (`Routes.perm`: the permutation
   is built once per model forward): ONE ``torch._grouped_mm`` per GEMM gives each expert's block of rows its weight
   (group ends on the device, `Routes.offsets`). Where the tokens per expert are known on the host (`HostCounts`),
-  large GEMMs (`PER_EXPERT_MACS`) run one cuBLAS GEMM per expert instead (faster there, measured), and so do the
-  weight gradients, written in fp32 by cuBLAS (``torch._grouped_mm`` would write bf16 and need a cast, slower:
-  docs/performance.md), and the input gradient of an fp32 input (no cast kernel after the Function). Where they are
-  not known, nothing waits to read them: every routed GEMM is grouped on the device's offsets, the weight gradients
-  too (grouped along the tokens), in bf16 then cast. One gather that also transposes
+  large GEMMs (`mom.ops.grouped.PER_EXPERT_MACS`) run one cuBLAS GEMM per expert instead (faster there, measured),
+  and so do the weight gradients, written in fp32 by cuBLAS (``torch._grouped_mm`` would write bf16 and need a
+  cast, slower: docs/performance.md), and the input gradient of an fp32 input (no cast kernel after the Function).
+  Where they are not known, nothing waits to read them: every routed GEMM is grouped on the device's offsets, the
+  weight gradients too (grouped along the tokens), in bf16 then cast (`mom.ops.grouped`). One gather that also
+  transposes
   (`mom.ops.triton.gather.gather_rows_t` / `gather_cols_t`) crosses between the two layouts.
 * x_proj and dt_proj are small (a few percent of the projections' FLOPs), so they route without any gather of a
   (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked;
@@ -46,12 +47,12 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   in_proj's sorted rows, which are the order of out_proj's input, and the gated gather reads it there
   (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): only x is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
-  routed GEMMs below `PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled launcher
-  (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them, ``A = -exp(A_log)`` is
-  computed for all of a model's layers in two launches (`negative_exp`, given as ``A``; else inside the Function) and
-  its gradient inside the Function, every expert weight is cast in one kernel (`_cast_params`,
-  `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer, and dt_proj's
-  experts and biases its expanded GEMM's matrix), dt_proj's expanded input is built once per forward
+  routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
+  launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,
+  ``A = -exp(A_log)`` is computed for all of a model's layers in two launches (`negative_exp`, given as ``A``; else
+  inside the Function) and its gradient inside the Function, every expert weight is cast in one kernel
+  (`_cast_params`, `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer,
+  and dt_proj's experts and biases its expanded GEMM's matrix), dt_proj's expanded input is built once per forward
   (`Routes.dt_input`), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS,
   and constants are cached.
 
@@ -63,15 +64,16 @@ tested on CPU.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
 import torch
 
-from mom.ops import backend
+from mom.ops import backend, grouped
 from mom.ops import reference as ref_scan
+from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.flatcast import Place, flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
@@ -246,51 +248,6 @@ class MixerWeights:
         """Whether every weight holds its values: ZeRO-3 leaves a module's weights empty until the module itself is
         called, and the Function reads them without calling any module. (Read at every forward: one C call each.)"""
         return min(map(torch.Tensor.numel, self.tensors)) > 0
-
-
-class HostCounts:
-    """Tokens per expert on the host (the sizes of the experts' blocks of sorted tokens), once known.
-
-    The Function runs without them: its routed GEMMs group the rows by the blocks' ends on the device
-    (`Routes.offsets`, ``torch._grouped_mm``) where that applies. The GEMMs that run per expert where the counts are
-    known (`PER_EXPERT_MACS`, the weight gradients) or must (dtypes and layouts ``torch._grouped_mm`` does not take)
-    read them here. They are known once given (`set`: counted on the host by the caller) or read (`read`: ``reader``,
-    a host sync, called the first time only): a backward finds them known when its forward's caller read them after
-    the forward was enqueued (the model's deferred input checks read them in their one sync).
-    """
-
-    def __init__(self, reader: Callable[[], Sequence[int]] | None = None, counts: Sequence[int] | None = None) -> None:
-        if reader is None and counts is None:
-            raise ValueError("HostCounts: give the counts or a reader of them")
-        self.reader = reader
-        self._counts = None if counts is None else tuple(int(c) for c in counts)
-        self._blocks: tuple[tuple[int, int], ...] | None = None  # from _counts, built once (read at every GEMM)
-
-    @property
-    def known(self) -> tuple[int, ...] | None:
-        """The counts if known, without reading them."""
-        return self._counts
-
-    def set(self, counts: Sequence[int]) -> None:
-        self._counts = tuple(int(c) for c in counts)
-        self._blocks = None
-
-    def read(self) -> tuple[int, ...]:
-        """The counts; the first time, unless given, from ``reader`` (then dropped, with what it holds)."""
-        if self._counts is None:
-            self.set(self.reader())
-            self.reader = None
-        return self._counts
-
-    def blocks(self, read: bool = False) -> tuple[tuple[int, int], ...] | None:
-        """(start, end) of each expert's block of sorted tokens; None while unknown unless ``read``."""
-        counts = self.read() if read else self._counts
-        if counts is None:
-            return None
-        if self._blocks is None:
-            ends = [sum(counts[: m + 1]) for m in range(len(counts))]
-            self._blocks = tuple((end - c, end) for end, c in zip(ends, counts))
-        return self._blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -509,115 +466,12 @@ def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> 
     return torch.mm(w, rhs) if b is None else torch.addmm(b[:, None], w, rhs)
 
 
-def _grouped(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor,
-             out_dtype: torch.dtype | None = None):
-    """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
-    expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a
-    shared projection (k = 1, one block) is one GEMM. ``blocks``: each expert's (start, end) on the host, or None
-    where they are not known there.
-
-    ONE launch for routed ones, ``torch._grouped_mm`` with the blocks' ends on the device (``offsets``), where it
-    applies (`_grouped_mm_applies`) and either the blocks are unknown (whatever the size: a bias is then added by a
-    GEMM with the rows' one-hot, another ``out_dtype`` by a cast) or the GEMM is one ``torch._grouped_mm`` takes
-    alone (no bias, rows' dtype out) below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert over ``blocks``, which
-    writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
-    out_dtype = out_dtype or rows.dtype
-    n, i = rows.shape
-    alone = b is None and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
-    if w.shape[0] > 1 and (blocks is None or alone) and _grouped_mm_applies(rows, w):
-        out = torch._grouped_mm(rows, w, offs=offsets)
-        if b is not None:
-            out.addmm_(_sorted_onehot(offsets, n, out.dtype), b)
-        return out.to(out_dtype)
-    if blocks is None:
-        raise ValueError("fused._grouped: the experts' blocks are unknown on the host and torch._grouped_mm does not "
-                         f"take these operands (rows {tuple(rows.stride())} {rows.dtype}, weights {w.dtype})")
-    out = rows.new_empty(n, w.shape[2], dtype=out_dtype)
-    for m, (lo, hi) in enumerate(blocks):
-        if hi > lo:
-            if b is None:
-                _mm(rows[lo:hi], w[m], out_dtype, out=out[lo:hi])
-            else:
-                torch.addmm(b[m], rows[lo:hi], w[m], out=out[lo:hi])
-    return out
-
-
 def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Projection ``p``'s GEMM on rows (n, i) -> (n, o): one GEMM for a shared one, `grouped_rows` for a routed one."""
     if not layout.routed(p):
-        return _grouped(rows, w, b, layout.blocks(p, False), offsets, out_dtype)
-    return grouped_rows(rows, w, b, layout.counts, offsets, out_dtype)
-
-
-def grouped_rows(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: HostCounts,
-                 offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A routed projection's GEMM on rows sorted by expert (`_grouped`): rows (n, i), w (k, i, o), b (k, o) or None
-    -> (n, o), with the blocks ``counts`` knows; unknown ones are read (a host sync) only where ``torch._grouped_mm``
-    cannot group the rows on the device. (Also the GEMMs of `mom.ops.routed_linear`.)"""
-    on_device = counts.known is None and _grouped_mm_applies(rows, w)
-    return _grouped(rows, w, b, counts.blocks(read=not on_device), offsets, out_dtype)
-
-
-def _sorted_onehot(offsets: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, k) in ``dtype``: a one in each sorted row's expert's column, from the blocks' ends on the device."""
-    pos = torch.arange(n, device=offsets.device)[:, None]
-    ends = offsets.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    return ((pos >= starts) & (pos < ends)).to(dtype)
-
-
-# Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
-# (CUTLASS): per-expert GEMMs were faster for d_model 2048's in_proj and out_proj (2^38 and 2^37 multiply-adds at
-# 4 x 4096 tokens) and the same at d_model 1024 (2^36, 2^35), where the grouped GEMM's single launch matters more
-# (a small model's step can be bound by the host's launch rate); the measurements: docs/performance.md.
-PER_EXPERT_MACS = 2**37
-
-
-def _grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these operands without a host sync (`_grouped_mm_supported`): bases 16-byte
-    aligned, one unit stride in the last two dimensions and the other a multiple of 16 bytes, inner and output sizes
-    multiples of 16 bytes; rows (n, i) row-major (with transposed rows, CUDA's version device-asserts unless every
-    block is a multiple of 8 rows), w (k, i, o)."""
-    if rows.stride(1) != 1 or not _aligned(rows, rows.shape[1], w.shape[2]):
-        return False
-    if not all(1 in t.stride()[-2:] and _aligned(t, max(t.stride()[-2:])) for t in (rows, w)):
-        return False
-    return _grouped_mm_supported(rows.device, rows.dtype, w.dtype)
-
-
-def _grouped_mm_k_applies(d_cols: torch.Tensor, x_rows: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes d_cols (o, n) and x_rows (n, i) grouped along the n tokens, the contraction
-    (a weight gradient per expert), without a host sync: each with the tokens as its strided dimension (so that every
-    block starts on a 16-byte boundary) and the other unit-strided, strides, sizes and bases 16-byte aligned."""
-    if d_cols.stride(0) != 1 or x_rows.stride(1) != 1:
-        return False
-    o, i = d_cols.shape[0], x_rows.shape[1]
-    aligned = _aligned(d_cols, d_cols.stride(1), o) and _aligned(x_rows, x_rows.stride(0), i)
-    return aligned and _grouped_mm_supported(d_cols.device, d_cols.dtype, x_rows.dtype)
-
-
-def _aligned(t: torch.Tensor, *sizes: int) -> bool:
-    """Whether ``t``'s base and every one of ``sizes`` (elements) are multiples of 16 bytes."""
-    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in sizes)
-
-
-@functools.cache
-def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, other: torch.dtype) -> bool:
-    """Whether this torch has ``torch._grouped_mm`` for ``dtype`` on this device without a host sync: on CUDA bf16
-    only (its CUTLASS kernels; other dtypes fall back to a loop over the groups that reads their ends on the host),
-    elsewhere what it accepts (the CPU's loop reads memory it already holds). Builds differ by version and GPU
-    architecture: tried once on tiny operands, per device and dtype."""
-    if not hasattr(torch, "_grouped_mm") or other != dtype or (device.type == "cuda" and dtype != torch.bfloat16):
-        return False
-    rows = torch.zeros(8, 8, dtype=dtype, device=device)
-    offs = torch.full((1,), 8, dtype=torch.int32, device=device)
-    try:
-        torch._grouped_mm(rows, torch.zeros(1, 8, 8, dtype=dtype, device=device), offs=offs)
-        torch._grouped_mm(rows.t(), rows, offs=offs)  # grouped along the contraction (weight gradients)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
+        return grouped.grouped_gemm(rows, w, b, layout.blocks(p, False), offsets, out_dtype)
+    return grouped.grouped_rows(rows, w, b, layout.counts, offsets, out_dtype)
 
 
 def _route(src: torch.Tensor, select: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -854,9 +708,10 @@ def _dt_proj_weight_grads(layout: _Layout, ddelta: torch.Tensor, dt_in: torch.Te
     """dt_proj's (dW (M, di, r), db (M, di) or None), from the expanded GEMM's weight gradient (di, k_pad) =
     [dW_0 .. dW_M-1 | db_0 .. db_M-1 | padding]. ddelta (di, n), dt_in (k_pad, n)."""
     M, r, di = layout.experts[Projection.dt_proj], layout.dt_rank, layout.d_inner
-    dw_dt_cat = _mm(ddelta, dt_in.t(), pdtype)
-    dw = _contiguous(dw_dt_cat[:, : M * r].view(di, M, r).transpose(0, 1), pdtype)
-    db = _contiguous(dw_dt_cat[:, M * r : M * (r + 1)].t(), pdtype) if layout.has_bias[Projection.dt_proj] else None
+    dw_dt_cat = grouped.mm_as(ddelta, dt_in.t(), pdtype)
+    dw = grouped.contiguous_as(dw_dt_cat[:, : M * r].view(di, M, r).transpose(0, 1), pdtype)
+    has_bias = layout.has_bias[Projection.dt_proj]
+    db = grouped.contiguous_as(dw_dt_cat[:, M * r : M * (r + 1)].t(), pdtype) if has_bias else None
     return dw, db
 
 
@@ -877,7 +732,7 @@ def _x_proj_output_grad(layout: _Layout, ddelta: torch.Tensor, dB, dC, w_dt_cat:
 def _x_proj_weight_grads(layout: _Layout, dx_all: torch.Tensor, conv_out: torch.Tensor, pdtype: torch.dtype):
     """x_proj's (dW (M_x, r + 2N, di), None): every expert on every token, one GEMM. conv_out (b, di, l)."""
     M_x, di = layout.experts[Projection.x_proj], layout.d_inner
-    return _mm(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None
+    return grouped.mm_as(dx_all, _cols(conv_out).t(), pdtype).view(M_x, -1, di), None
 
 
 def _conv_output_grad(dconv_out: torch.Tensor, dx_all: torch.Tensor, w_x_cat: torch.Tensor, dtype: torch.dtype,
@@ -940,57 +795,14 @@ def _saved_tensors_hooked() -> bool:
         return True
 
 
-def _weight_grads(d_cols, x_cols, blocks, has_bias: bool, dtype: torch.dtype, offsets: torch.Tensor | None = None):
-    """Per expert block s: dW_m = d[:, s] @ x[:, s]^T, db_m = d[:, s].sum(1) (zero for an empty block), stacked, in
-    ``dtype``: -> (dW (k, o, i), db (k, o) or None). d_cols (o, n), x_cols (i, n). ``blocks``: each expert's
-    (start, end) on the host, one GEMM each (cuBLAS writes an fp32 ``dtype`` from its accumulator); None where they
-    are not known there: ONE ``torch._grouped_mm`` grouped along the tokens by the blocks' ends on the device
-    (``offsets``; `_grouped_mm_k_applies`), in the operands' dtype then cast, db by a GEMM with the rows' one-hot."""
-    if blocks is None:
-        g_w = torch._grouped_mm(d_cols, x_cols.t(), offs=offsets)  # (k, o, i)
-        # an empty block's gradient is zero, whatever a kernel leaves there (its output is not initialised)
-        starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
-        g_w.masked_fill_((offsets == starts).view(-1, 1, 1), 0)
-        g_b = _mm(d_cols, _sorted_onehot(offsets, d_cols.shape[1], d_cols.dtype), dtype).t() if has_bias else None
-        return _contiguous(g_w, dtype), None if g_b is None else _contiguous(g_b, dtype)
-    g_w = d_cols.new_empty(len(blocks), d_cols.shape[0], x_cols.shape[0], dtype=dtype)
-    g_b = d_cols.new_empty(len(blocks), d_cols.shape[0], dtype=dtype) if has_bias else None
-    for m, (lo, hi) in enumerate(blocks):
-        d = d_cols[:, lo:hi]
-        _mm(d, x_cols[:, lo:hi].t(), dtype, out=g_w[m])
-        if g_b is not None:
-            torch.sum(d, 1, dtype=dtype, out=g_b[m])
-    return g_w, g_b
-
-
 def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x_rows: torch.Tensor,
                          dtype: torch.dtype, offsets: torch.Tensor):
-    """Projection ``p``'s (dW, db) per expert (`_weight_grads`): d_cols (o, n), its input x_rows (n, i); one GEMM for
-    a shared projection, `grouped_weight_grads` for a routed one."""
+    """Projection ``p``'s (dW, db) per expert (`mom.ops.grouped.weight_grads`): d_cols (o, n), its input x_rows
+    (n, i); one GEMM for a shared projection, `mom.ops.grouped.grouped_weight_grads` for a routed one."""
     if not layout.routed(p):
-        return _weight_grads(d_cols, x_rows.t(), layout.blocks(p, False), layout.has_bias[p], dtype, offsets)
-    return grouped_weight_grads(d_cols, x_rows, layout.has_bias[p], counts=layout.counts, dtype=dtype, offsets=offsets)
-
-
-def grouped_weight_grads(d_cols: torch.Tensor, x_rows: torch.Tensor, has_bias: bool, counts: HostCounts,
-                         dtype: torch.dtype, offsets: torch.Tensor):
-    """A routed projection's (dW (k, o, i), db (k, o) or None) in ``dtype`` (`_weight_grads`): d_cols (o, n) and its
-    input x_rows (n, i), both over rows sorted by expert, with the blocks ``counts`` knows; unknown ones are read (a
-    host sync) only where ``torch._grouped_mm`` cannot group the tokens on the device. (Also the weight gradients of
-    `mom.ops.routed_linear`.)"""
-    on_device = counts.known is None and _grouped_mm_k_applies(d_cols, x_rows)
-    return _weight_grads(d_cols, x_rows.t(), counts.blocks(read=not on_device), has_bias, dtype, offsets)
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` in ``dtype`` (into ``out`` if given). For fp32 weight gradients of bf16/fp16 operands on CUDA,
-    cuBLAS writes its fp32 accumulator directly: no rounding to bf16 and no cast kernel. Otherwise a cast."""
-    if dtype == a.dtype:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=dtype) if out is None else torch.mm(a, b, out_dtype=dtype, out=out)
-    result = torch.mm(a, b).to(dtype)
-    return result if out is None else out.copy_(result)
+        return grouped.weight_grads(d_cols, x_rows.t(), layout.blocks(p, False), layout.has_bias[p], dtype, offsets)
+    return grouped.grouped_weight_grads(d_cols, x_rows, layout.has_bias[p], counts=layout.counts, dtype=dtype,
+                                        offsets=offsets)
 
 
 def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:
@@ -998,12 +810,6 @@ def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_p
     if is_sorted == want_sorted:
         return rows
     return rows.index_select(0, perm if want_sorted else inv_perm)
-
-
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, contiguous (a parameter's gradient must match its layout), in one copy at most. (``to``
-    with a memory format returns ``t`` itself, whatever its strides, when the dtype is already ``dtype``.)"""
-    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _split_params(stacked) -> list[torch.Tensor]:

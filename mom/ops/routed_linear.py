@@ -4,8 +4,8 @@ What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' wei
 `mom.ops.fused.Routes`), the way the Mamba-1 fast path (`mom.ops.fused`) runs its routed in_proj and out_proj:
 
 * ONE grouped GEMM over the rows sorted by modality (`Routes.perm`), each expert's block ending at `Routes.offsets`
-  on the device (`mom.ops.fused.grouped_rows`: ``torch._grouped_mm``; one cuBLAS GEMM per expert where the counts are
-  known on the host and the GEMM is large, `mom.ops.fused.PER_EXPERT_MACS`), instead of a module call per expert,
+  on the device (`mom.ops.grouped.grouped_rows`: ``torch._grouped_mm``; one cuBLAS GEMM per expert where the counts are
+  known on the host and the GEMM is large, `mom.ops.grouped.PER_EXPERT_MACS`), instead of a module call per expert,
   a concatenation and a permutation each way.
 * The input rows and the output rows are each in sequence order or in the sorted order (``x_sorted``,
   ``out_sorted``: a residual stream the model keeps sorted, `mom.model.mixer.sorted_stream`). Where the operands are
@@ -19,7 +19,7 @@ What a `mom.model.routing.RoutedLinear` computes, from tensors (the experts' wei
   kernel (`mom.ops.triton.flatcast`), once per call.
 * Backward: the output gradient to sorted rows, one grouped GEMM for the input gradient (back to the input's order,
   in its dtype), the weight gradients grouped along the tokens, or per expert where the counts are known
-  (`mom.ops.fused.grouped_weight_grads`), written in the parameters' dtype. An absent modality's expert gets zero
+  (`mom.ops.grouped.grouped_weight_grads`), written in the parameters' dtype. An absent modality's expert gets zero
   gradients. Saved for the backward: the sorted input rows (in the compute dtype) and the cast weights.
 """
 
@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from mom.ops.fused import HostCounts, Routes, compute_dtype, grouped_rows, grouped_weight_grads
+from mom.ops.fused import Routes, compute_dtype
+from mom.ops.grouped import HostCounts, grouped_rows, grouped_weight_grads
 from mom.ops.triton import gathered_mm as gmm
 from mom.ops.triton.flatcast import flat_cast
 

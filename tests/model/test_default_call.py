@@ -15,7 +15,7 @@ from helpers import assert_same_outputs, interleaved_ids, tiny_config
 import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
-from mom.ops import backend, fused
+from mom.ops import backend, fused, grouped
 
 RUNS = [(0, 5), (1, 8), (2, 3), (0, 4), (1, 3)]
 HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
@@ -65,18 +65,20 @@ def test_default_call_equals_the_call_with_counts_and_the_module_path(decouple, 
     model = _model(decouple, bias)
     ids = _ids(model.config)
     counts = _counts(model.config, ids)
-    assert fused._grouped_mm_supported(torch.device("cpu"), torch.float32, torch.float32)  # probed before counting
-    grouped = []
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, _f=torch._grouped_mm, **k: grouped.append(1) or _f(*a, **k))
+    assert grouped.grouped_mm_supported(torch.device("cpu"), torch.float32, torch.float32)  # probed before counting
+    grouped_calls = []
+    monkeypatch.setattr(torch, "_grouped_mm",
+                        lambda *a, _f=torch._grouped_mm, **k: grouped_calls.append(1) or _f(*a, **k))
     out, grads = _step(model, ids)
     assert fast_path_on_cpu == [None] * model.config.n_layer  # the forward knew no counts
     routed = {"in_proj", "out_proj"} & set(decouple)
-    assert len(grouped) == 2 * len(routed) * model.config.n_layer  # forward and input gradient; not weight gradients
-    grouped.clear()
+    # forward and input gradient; not weight gradients
+    assert len(grouped_calls) == 2 * len(routed) * model.config.n_layer
+    grouped_calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(fused, "PER_EXPERT_MACS", 0)
+        m.setattr(grouped, "PER_EXPERT_MACS", 0)
         ref, ref_grads = _step(model, ids, counts)
-    assert fast_path_on_cpu[-1] == counts and not grouped
+    assert fast_path_on_cpu[-1] == counts and not grouped_calls
     assert_same_outputs(out, grads, ref, ref_grads)
     monkeypatch.setattr(fused, "runs_on", lambda t: False)  # the module path
     ref, ref_grads = _step(model, ids)
@@ -139,7 +141,7 @@ def test_one_host_read_after_the_forward_and_none_in_the_backward(counts_given, 
     attention_mask = _mask(ids, mask)
     _step(model, ids, counts, attention_mask)  # first calls out of the way (probes, caches)
     blocks_known = []
-    monkeypatch.setattr(fused, "_weight_grads", lambda d, x, blocks, *a, _f=fused._weight_grads, **k: (
+    monkeypatch.setattr(grouped, "weight_grads", lambda d, x, blocks, *a, _f=grouped.weight_grads, **k: (
         blocks_known.append(blocks is not None) or _f(d, x, blocks, *a, **k)))
     mixers = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: (
@@ -282,7 +284,7 @@ def test_cuda_default_call_equals_the_call_with_counts(layout, per_expert, monke
     counts = _counts(model.config, ids.cpu())
     out, grads = _cuda_step(model, ids)
     if per_expert:
-        monkeypatch.setattr(fused, "PER_EXPERT_MACS", 0)
+        monkeypatch.setattr(grouped, "PER_EXPERT_MACS", 0)
     ref, ref_grads = _cuda_step(model, ids, counts)
     _assert_close_to_max(out.logits, ref.logits, 2e-2, "logits")
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=1e-2)

@@ -108,11 +108,12 @@ def _run_path(model, ids, fast: bool, autocast: bool):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_fast_path_matches_module_path(decouple, layout, autocast, monkeypatch):
     from mom.ops import fused
+    from mom.ops.grouped import grouped_mm_supported
 
     monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
     device = torch.device("cuda", torch.cuda.current_device())
     for dtype in (torch.float32, torch.bfloat16):  # its probe calls, before counting
-        fused._grouped_mm_supported(device, dtype, dtype)
+        grouped_mm_supported(device, dtype, dtype)
     calls, grouped = [], []
     monkeypatch.setattr(fused, "fused_mixer",  # fused_mixer(hidden, weights, routes, ...): the input's dtype
                         lambda *a, _f=fused.fused_mixer, **k: calls.append(a[0].dtype) or _f(*a, **k))

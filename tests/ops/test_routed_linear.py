@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mom.model.routing import RoutedLinear, Routing
-from mom.ops import fused
+from mom.ops import fused, grouped
 from mom.ops import routed_linear as routed_linear_module
 from mom.ops.routed_linear import routed_linear
 from mom.ops.triton import gathered_mm
@@ -87,7 +87,7 @@ def test_grouped_path_reads_no_counts_from_the_host():
     proj = make_proj(True, torch.float32)
     routing = Routing.build(LAYOUTS["uneven runs"], len(MODALITIES))
     routes = routing.routes(torch.float32)
-    unreadable = fused.HostCounts(reader=lambda: pytest.fail("the counts were read from the device"))
+    unreadable = grouped.HostCounts(reader=lambda: pytest.fail("the counts were read from the device"))
     routes = fused.Routes(routes.perm, routes.inv_perm, routes.offsets, unreadable, routes.expert_ids, routes.onehot)
     x = torch.randn(2, 17, 8, requires_grad=True)
     experts = list(proj.values())
