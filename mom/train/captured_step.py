@@ -173,10 +173,10 @@ class CapturedStep:
                                  f"after the step was recorded with it; give the optimizer a tensor learning rate "
                                  f"(lr=torch.tensor(...)) and change it in place to schedule it")
         if self._registrations is not None and self._registrations is not registrations.current():
-            self._registrations = registrations.current()
-            if fingerprint(self.model) != self._fingerprint:
+            if fingerprint(self.model) != self._fingerprint:  # (checked again at every call until they are back)
                 raise ValueError("CapturedStep: the model's modules or parameters were replaced since the step was "
                                  "recorded (load_state_dict(assign=True), a peft wrap, an assignment); the graph "
                                  "still reads the old ones: make a new CapturedStep")
+            self._registrations = registrations.current()
         if self.check is not None:
             self.check(**batch)

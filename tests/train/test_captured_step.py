@@ -149,9 +149,13 @@ def test_replaced_parameters_after_the_recording_raise():
     step = CapturedStep(model, torch.optim.AdamW(model.parameters()), warmup=1, **EAGER)
     step(batches[0])
     step(batches[1])
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    with pytest.raises(ValueError, match="replaced since the step was recorded"):
-        step(batches[2])
+    original = model.lm_head.weight
+    model.lm_head.weight = torch.nn.Parameter(original.detach().clone())
+    for _ in range(2):  # and again at the next call
+        with pytest.raises(ValueError, match="replaced since the step was recorded"):
+            step(batches[2])
+    model.lm_head.weight = original  # the recorded parameter back: the step runs again
+    step(batches[2])
 
 
 def test_bad_setups_are_named():
