@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,10 +27,10 @@ from mom.ops.triton.launcher import launch, triton_kernel
 BLOCK = 4096  # elements per program: 16 KiB of fp32 read, 8 KiB of bf16 written
 
 
-@dataclass(frozen=True)
-class Place:
+class Place(NamedTuple):
     """Where a tensor goes in the buffer, as rows of ``cols`` elements in its own row-major order: its row i at
-    ``start + i * stride``. One run (`flat_cast`'s default) has ``cols`` the tensor's size and ``stride`` 0."""
+    ``start + i * stride``. One run (`flat_cast`'s default) has ``cols`` the tensor's size and ``stride`` 0. (A named
+    tuple: the places are part of a cached table's key, hashed at every call.)"""
 
     start: int
     cols: int
