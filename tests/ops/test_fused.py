@@ -275,10 +275,13 @@ def test_negative_exps_for_the_mamba_1_mixers_of_a_model():
     assert negative_exps(mixers) == [None, None, None]
 
 
-def test_negative_exp_of_every_layer_at_once():
-    A_logs = [torch.randn(6, 4, requires_grad=True), torch.randn(3, 2).double(), torch.randn(5, 4)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_exp_of_every_layer_at_once(dtype):
+    """fp32 whatever A_log's dtype (exp of the exact fp32 value of a bf16 one), each A shaped as its A_log."""
+    A_logs = [torch.randn(6, 4, requires_grad=True), torch.randn(3, 2), torch.randn(5, 4)]
+    A_logs = [a.to(dtype) for a in A_logs]
     for A, A_log in zip(fused.negative_exp(A_logs), A_logs, strict=True):
-        assert A.dtype == torch.float32 and not A.requires_grad
+        assert A.dtype == torch.float32 and A.shape == A_log.shape and not A.requires_grad
         torch.testing.assert_close(A, -torch.exp(A_log.detach().float()))
 
 
