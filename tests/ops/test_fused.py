@@ -7,6 +7,7 @@ dt_proj GEMM and hand-written backward are checked exactly, for every decouple s
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mom
 from mom.model.config import PROJECTIONS
@@ -493,3 +494,99 @@ def test_gather_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ---- launches: a small model's forward is bound by them (docs/performance.md) ---------------------------------------
+class _Launches(TorchDispatchMode):
+    """Counts what a fused forward launches on a GPU, run on CPU: every aten op that computes (not views, not
+    allocations), and each call of a function that is one kernel there (the Triton flat cast and gathers, the conv and
+    the scan: `one`) as one."""
+
+    ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] | None = None  # counting while a list
+        self.depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.names is not None and self.depth == 0:
+            name = func._schema.name.split("::")[1]
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            if not view and name not in self.ALLOCATIONS:
+                self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def one(self, fn, name: str):
+        def call(*args, **kwargs):
+            if self.names is not None and self.depth == 0:
+                self.names.append(name)
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return call
+
+
+class _KernelLayoutOps:
+    """`fused.REFERENCE_OPS` with CUDA's contract: each output in its input's layout (the kernels keep it), one
+    launch each."""
+
+    def __init__(self, launches: _Launches) -> None:
+        ref = fused.REFERENCE_OPS
+
+        def conv_fwd(x, weight, bias):
+            return torch.empty_like(x).copy_(ref.conv_fwd(x, weight, bias))
+
+        def scan_fwd(u, delta, A, B, C, D, z):
+            out, checkpoints, out_z, last = ref.scan_fwd(u, delta, A, B, C, D, z)
+            return torch.empty_like(u).copy_(out), checkpoints, out_z, last
+
+        self.conv_fwd, self.scan_fwd = launches.one(conv_fwd, "conv"), launches.one(scan_fwd, "scan")
+        self.conv_bwd, self.scan_bwd = ref.conv_bwd, ref.scan_bwd
+
+
+def test_kernels_a_layers_fused_forward_launches(monkeypatch):
+    """Pins the launches of a layer's fused forward on the sorted stream (every projection routed, a bf16 model as
+    `model.to(torch.bfloat16)` makes it): a prefill's and a training forward's, counted on CPU as a GPU runs them.
+    A change that adds one must update this list on purpose."""
+    launches = _Launches()
+    monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    for name in ("flat_cast", "gather_rows_t", "gather_cols_t"):
+        monkeypatch.setattr(fused, name, launches.one(getattr(fused, name), name))
+    per_layer = []
+
+    def counted(*args, _f=fused.fused_mixer, **kwargs):
+        launches.names = []
+        try:
+            return _f(*args, **kwargs)
+        finally:
+            per_layer.append(launches.names)
+            launches.names = None
+
+    monkeypatch.setattr(fused, "fused_mixer", counted)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(16, 8, 8), d_model=16, n_layer=3, d_state=4)
+    model = mom.MoMForCausalLM(config).bfloat16()
+    ids = torch.randint(0, 32, (2, 12))
+    layer = ["_to_copy",  # D to fp32 (a bf16 D; none for an fp32 one)
+             "flat_cast",  # every expert weight, dt_proj's matrix among them
+             "_grouped_mm", "gather_rows_t",  # in_proj, x to sequence-order columns
+             "conv", "mm",  # the conv, x_proj
+             "mul", "mm",  # dt_proj's Δ-rank rows into its expanded input, dt_proj
+             "gather", "scan",  # each token's B and C from its expert, the scan
+             "gather_cols_t", "_grouped_mm"]  # the gated gather into out_proj's rows, out_proj
+    once = ["copy_", "zero_"]  # the expanded input's constant rows, by the first layer of a forward
+    with torch.no_grad():  # the first calls out of the way (torch._grouped_mm's probe, cached constants)
+        model(ids, use_cache=True, logits_to_keep=1)
+    per_layer.clear()
+    with launches, torch.no_grad():  # a prefill: also the cache's conv window and SSM state
+        model(ids, use_cache=True, logits_to_keep=1)
+    prefill = layer[:4] + ["copy_"] + layer[4:10] + ["copy_"] + layer[10:]
+    assert per_layer == [once + prefill] + [prefill] * (config.n_layer - 1)
+    per_layer.clear()
+    with launches:  # a training forward: each layer copies the expanded input, which its backward reads
+        model(ids, labels=ids)
+    training = layer[:6] + ["clone"] + layer[6:]
+    assert per_layer == [once + training] + [training] * (config.n_layer - 1)
