@@ -78,8 +78,8 @@ class MoMCache(Cache):
         kinds = {i in attention: i for i in range(self.n_layer)}  # one layer of each kind: the config is read once each
         by_kind = {kind: state_shapes(self.config, i, batch_size) for kind, i in kinds.items()}
         shapes = [by_kind[i in attention] for i in range(self.n_layer)]
-        self.conv_states = [torch.zeros(conv, device=device, dtype=dtype) for conv, _ in shapes]
-        self.ssm_states = [torch.zeros(ssm, device=device, dtype=torch.float32) for _, ssm in shapes]
+        self.conv_states = _zeros([conv for conv, _ in shapes], device, dtype)
+        self.ssm_states = _zeros([ssm for _, ssm in shapes], device, torch.float32)
         d_head = self.config.d_model // self.attention_heads
         empty = (batch_size, self.attention_heads, 0, d_head)
         self.attention_keys = {i: torch.zeros(empty, device=device, dtype=dtype) for i in self.attention_layers}
@@ -247,3 +247,11 @@ class MoMCache(Cache):
             self.seqlen_offset -= n
             self._cut_attention(self.seqlen_offset)  # keys and values are not recorded: they are cut
         self.history = []
+
+
+def _zeros(shapes: list[tuple[int, ...]], device: torch.device | str | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Zero tensors of these shapes, zeroed by one multi-tensor launch instead of one each (a prefill at batch 1 is
+    bound by its launches: docs/performance.md); separate tensors, so that autograd can record writes into each."""
+    states = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
+    torch._foreach_zero_(states)
+    return states

@@ -590,3 +590,30 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
         model(ids, labels=ids)
     training = layer[:6] + ["clone"] + layer[6:]
     assert per_layer == [once + training] + [training] * (config.n_layer - 1)
+
+
+def test_a_prefills_launches_outside_its_layers_do_not_grow_with_depth(monkeypatch):
+    """Everything a prefill launches besides its layers (input checks, routing, the cache's zeroed states, every
+    layer's A, the embedding, the head) is per forward: the same count at 2 and at 5 layers (the cache's states are
+    zeroed in one launch per kind, not one per layer)."""
+    from mom.model import modeling
+
+    launches = _Launches()
+    monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(fused, "fused_mixer", launches.one(fused.fused_mixer, "layer"))
+    monkeypatch.setattr(modeling, "add_norm", launches.one(modeling.add_norm, "layer"))
+    outside = {}
+    for n_layer in (2, 5):
+        config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(16, 8, 8), d_model=16, n_layer=n_layer, d_state=4)
+        model = mom.MoMForCausalLM(config).bfloat16()
+        ids = torch.randint(0, 32, (1, 12))
+        with torch.no_grad():
+            model(ids, use_cache=True, logits_to_keep=1)  # first calls out of the way
+            launches.names = []
+            with launches:
+                model(ids, use_cache=True, logits_to_keep=1)
+        names, launches.names = launches.names, None
+        assert names.count("layer") == 2 * n_layer + 1  # add + norm and mixer per layer, the final norm
+        outside[n_layer] = [name for name in names if name != "layer"]
+    assert outside[2] == outside[5] and outside[2].count("_foreach_zero_") == 2, outside
