@@ -16,7 +16,7 @@ from mom.ops.triton.flatcast import Place, flat_cast, runs
 
 def test_runs_are_a_cat_and_a_cast():
     tensors = [torch.randn(3, 4), torch.randn(0), torch.randn(5)]
-    assert runs([12, 0, 5]) == ((Place(0, 12, 0), Place(12, 1, 0), Place(12, 5, 0)), 17)
+    assert runs((12, 0, 5)) == ((Place(0, 12, 0), Place(12, 1, 0), Place(12, 5, 0)), 17)
     assert torch.equal(flat_cast(tensors, torch.bfloat16), torch.cat([t.reshape(-1) for t in tensors]).bfloat16())
 
 
@@ -53,7 +53,7 @@ def test_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
             assert torch.equal(run(tensors, dtype, places, want.numel()), want.to(dtype))
             plain = [torch.randn(3, 5), torch.randn(9)]
             want_plain = torch.cat([plain[0].reshape(-1), plain[1]]).to(dtype)
-            assert torch.equal(run(plain, dtype, *flatcast.runs([15, 9])), want_plain)
+            assert torch.equal(run(plain, dtype, *flatcast.runs((15, 9))), want_plain)
         print("ok")
     """)
     here = os.path.dirname(os.path.abspath(__file__))

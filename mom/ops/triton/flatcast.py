@@ -72,8 +72,10 @@ def _table(addresses: tuple[int, ...], sizes: tuple[int, ...], places: tuple[Pla
     return torch.tensor(columns, dtype=torch.int64, device=device)
 
 
-def runs(sizes: Sequence[int]) -> tuple[tuple[Place, ...], int]:
-    """The places of tensors of these sizes one after another, and the buffer's size (`flat_cast`'s default)."""
+@functools.lru_cache(maxsize=1024)
+def runs(sizes: tuple[int, ...]) -> tuple[tuple[Place, ...], int]:
+    """The places of tensors of these sizes one after another, and the buffer's size (`flat_cast`'s default); built
+    once per set of sizes (a call per forward and layer would loop over them in Python each time)."""
     places, start = [], 0
     for s in sizes:
         places.append(Place(start, max(s, 1), 0))
@@ -118,7 +120,7 @@ def _check(sizes: Sequence[int], places: Sequence[Place]) -> None:
 def _placed(tensors: Sequence[torch.Tensor], dtype: torch.dtype, places: tuple[Place, ...], size: int) -> torch.Tensor:
     """`flat_cast` in PyTorch ops: a cat and a cast where the places are one run after another, else a copy per
     tensor."""
-    sizes = [t.numel() for t in tensors]
+    sizes = tuple(t.numel() for t in tensors)
     _check(sizes, places)
     if (places, size) == runs(sizes):
         return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
