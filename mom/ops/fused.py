@@ -75,6 +75,7 @@ from mom.ops import backend, grouped
 from mom.ops import reference as ref_scan
 from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
+from mom.ops.triton.conv_rows import conv_rows_t, write_window
 from mom.ops.triton.flatcast import Place, flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.utils.errors import MissingDependencyError
@@ -378,17 +379,6 @@ def _check_states_out(states_out, conv_shape: tuple[int, ...], ssm_shape: tuple[
                              f"(batch, d_inner, {'d_conv' if name == 'conv_state' else 'd_state'})")
 
 
-def _write_conv_window(conv_state: torch.Tensor, x: torch.Tensor) -> None:
-    """conv_state (b, di, w) <- the last w columns of x (b, di, l), left-padded with zeros when l < w: the window the
-    recurrent conv step reads (`mom.ops.backend.causal_conv1d_update`)."""
-    w, l = conv_state.shape[-1], x.shape[-1]
-    if l >= w:
-        conv_state.copy_(x[..., l - w :])
-    else:
-        conv_state[..., : w - l].zero_()
-        conv_state[..., w - l :].copy_(x)
-
-
 # ---- the Function ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
@@ -533,21 +523,29 @@ class _FusedMixer(torch.autograd.Function):
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
-        if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+        window = None if states_out is None else states_out[0]
+        if in_routed and ctx is None:  # no backward: x is never gathered into sequence order; the conv reads its
+            # windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
             xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)  # (n, 2di)
-            if ctx is None and out_routed:  # no backward: only x goes to sequence order; the gated gather before
-                # out_proj reads z in these rows, the order of its output (half of in_proj's gather spared)
-                xz, z_rows = gather_rows_t(xz_rows[:, :di], inv_perm), xz_rows[:, di:]  # (di, n), (n, di)
+            conv_out = _bdl(conv_rows_t(xz_rows[:, :di], inv_perm, l, conv_weight.squeeze(1), conv_bias, keep,
+                                        window), b, l)  # (b, di, l)
+            x = xz = None
+            if out_routed:  # z stays in these rows, the order of out_proj's input: the gated gather reads it there
+                z_rows, z = xz_rows[:, di:], None  # (n, di)
             else:
-                xz = gather_rows_t(xz_rows, inv_perm)
+                z = _bdl(gather_rows_t(xz_rows[:, di:], inv_perm), b, l)
             del xz_rows
         else:
-            xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
-        x = _bdl(xz[:di], b, l)  # (b, di, l) views
-        z = _bdl(xz[di:], b, l) if z_rows is None else None
-        if states_out is not None:
-            _write_conv_window(states_out[0], x)
-        conv_out = _masked_conv(ops, x, conv_weight, conv_bias, keep)  # (b, di, l)
+            if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
+                xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)
+                xz = gather_rows_t(xz_rows, inv_perm)  # (2di, n)
+                del xz_rows
+            else:
+                xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
+            x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
+            if window is not None:
+                write_window(window, x)
+            conv_out = _masked_conv(ops, x, conv_weight, conv_bias, keep)  # (b, di, l)
         # x_proj: every expert on every token (M times a small GEMM instead of column gathers of conv_out and of its
         # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
         M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
@@ -575,7 +573,7 @@ class _FusedMixer(torch.autograd.Function):
         elif z_rows is not None:
             y_rows = gather_cols_t(_cols(out), perm, gate_rows=z_rows)
         else:
-            y_rows = gather_cols_t(_cols(out), perm, gate=xz[di:])
+            y_rows = gather_cols_t(_cols(out), perm, gate=_cols(z))
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
             del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints

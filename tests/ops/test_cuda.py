@@ -165,6 +165,34 @@ def test_layout_gathers_match_index_select(shape):
         assert torch.equal(wide[:, f:], cols.index_select(1, index).t()) and not wide[:, :f].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, l, f", [(2, 2048, 1536), (3, 70, 37), (2, 3, 8)])
+def test_conv_from_rows_matches_causal_conv1d_on_gathered_columns(dtype, b, l, f):
+    """`conv_rows_t` (the Triton kernel) against causal-conv1d on x gathered into sequence order: the output, with and
+    without bias and keep, and the conv window it writes."""
+    from causal_conv1d import causal_conv1d_fn
+
+    from mom.ops.triton.conv_rows import conv_rows_t, write_window
+
+    n = b * l
+    rows = torch.randn(n, 2 * f, device="cuda", dtype=dtype)[:, :f]  # x's half of in_proj's rows
+    index = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True).argsort()  # sorted rows' inverse
+    weight, bias = torch.randn(f, 4, device="cuda", dtype=dtype), torch.randn(f, device="cuda", dtype=dtype)
+    keep = (torch.rand(n, device="cuda") > 0.1).to(dtype)
+    x = rows.index_select(0, index).t().contiguous().view(f, b, l).permute(1, 0, 2)  # (b, f, l) sequence order
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # one rounding of an fp32 result, summed in another order
+    for bias_, keep_ in ((bias, None), (None, keep)):
+        window, want_window = torch.ones(b, f, 4, device="cuda", dtype=dtype), torch.empty(b, f, 4, device="cuda",
+                                                                                            dtype=dtype)
+        got = conv_rows_t(rows, index, l, weight, bias_, keep_, window)
+        want = causal_conv1d_fn(x, weight, bias_, activation="silu")
+        if keep_ is not None:
+            want = want * keep_.view(b, 1, l)
+        torch.testing.assert_close(got.view(f, b, l).permute(1, 0, 2), want, atol=tol, rtol=tol)
+        write_window(want_window, x)
+        assert torch.equal(window, want_window)
+
+
 @pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
 def test_grouped_matches_per_expert_gemms_on_cuda(counts):
     """torch._grouped_mm (one launch) equals one cuBLAS GEMM per expert, for the operand layouts of the fast path

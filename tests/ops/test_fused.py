@@ -554,7 +554,7 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     launches = _Launches()
     monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
     monkeypatch.setattr(fused, "runs_on", lambda t: True)
-    for name in ("flat_cast", "gather_rows_t", "gather_cols_t"):
+    for name in ("flat_cast", "gather_rows_t", "gather_cols_t", "conv_rows_t"):
         monkeypatch.setattr(fused, name, launches.one(getattr(fused, name), name))
     per_layer = []
 
@@ -581,9 +581,9 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     with torch.no_grad():  # the first calls out of the way (torch._grouped_mm's probe, cached constants)
         model(ids, use_cache=True, logits_to_keep=1)
     per_layer.clear()
-    with launches, torch.no_grad():  # a prefill: also the cache's conv window and SSM state
-        model(ids, use_cache=True, logits_to_keep=1)
-    prefill = layer[:4] + ["copy_"] + layer[4:10] + ["copy_"] + layer[10:]
+    with launches, torch.no_grad():  # a prefill: the conv reads x in in_proj's rows and writes the cache's conv
+        model(ids, use_cache=True, logits_to_keep=1)  # window (one kernel for the gather and the conv), then the
+    prefill = layer[:3] + ["conv_rows_t"] + layer[5:10] + ["copy_"] + layer[10:]  # SSM state's copy
     assert per_layer == [once + prefill] + [prefill] * (config.n_layer - 1)
     per_layer.clear()
     with launches:  # a training forward: each layer copies the expanded input, which its backward reads

@@ -1,0 +1,116 @@
+"""The causal depthwise conv read straight from a routed in_proj's sorted rows: gather and conv in one pass.
+
+A forward without backward (generation's prefill) with a routed in_proj has x in in_proj's token-major rows, sorted
+by modality; the conv and the scan read feature-major ``(f, n)`` columns in sequence order. `conv_rows_t` loads
+each output tile's window of rows through the routing's inverse permutation and writes ``silu(conv(x) + bias)``
+feature-major: one read and one write of x, where a gather into sequence order followed by causal-conv1d read and
+wrote it twice each (and took two launches). It also writes the conv's window, the recurrent state a decode step
+reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
+
+A program computes a tile of 64 positions of one sequence x 64 features: for each of the conv's ``w`` taps it loads
+the 64 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
+cache), accumulates in fp32 as causal-conv1d does, adds the bias, applies silu and stores the tile transposed
+(Triton goes through shared memory), so the output's stores run along its contiguous tokens. Elsewhere (CPU, no
+Triton) it is a gather and `mom.ops.backend.reference_causal_conv1d`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mom.ops import backend
+from mom.ops.triton.launcher import launch, triton_kernel
+
+TILE = 64  # positions and features per program, as the gathers' (mom.ops.triton.gather)
+
+
+@triton_kernel
+def _kernel(triton, tl):
+    @triton.jit
+    def conv_rows_kernel(src, index, weight, bias, keep, out, window, L, F, n, s_src, s_w_feat, s_w_tap, s_win_b,
+                         s_win_feat, s_win_tap, W: tl.constexpr, BL: tl.constexpr, BF: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        """out[f, r * L + p] = silu(bias[f] + sum_k weight[f, k] * src[index[r * L + p - (W - 1 - k)], f]) (taps before
+        the sequence's start read zeros), times keep[r * L + p] if HAS_KEEP; window[r, f, j] = the input at position
+        L - W + j if HAS_WINDOW (slots before the start are left as they are)."""
+        tiles = tl.cdiv(L, BL)
+        seq = tl.program_id(0) // tiles
+        pos = (tl.program_id(0) % tiles) * BL + tl.arange(0, BL)
+        feats = tl.program_id(1) * BF + tl.arange(0, BF)
+        feat_ok = feats < F
+        feats64 = feats.to(tl.int64)
+        acc = tl.zeros((BL, BF), dtype=tl.float32)
+        for k in tl.static_range(W):  # tap k reads position pos - (W - 1 - k)
+            p = pos - (W - 1 - k)
+            ok = (p >= 0) & (p < L)
+            row = tl.load(index + seq * L + p, mask=ok, other=0).to(tl.int64)
+            ok2 = ok[:, None] & feat_ok[None, :]
+            x = tl.load(src + row[:, None] * s_src + feats64[None, :], mask=ok2, other=0.0)
+            w_k = tl.load(weight + feats64 * s_w_feat + k * s_w_tap, mask=feat_ok, other=0.0).to(tl.float32)
+            acc += x.to(tl.float32) * w_k[None, :]
+            if HAS_WINDOW and k == W - 1:  # the current positions: the last W of the sequence are its window
+                slot = p - (L - W)
+                at = window + seq * s_win_b + feats64[None, :] * s_win_feat + slot.to(tl.int64)[:, None] * s_win_tap
+                tl.store(at, x.to(window.dtype.element_ty), mask=ok2 & (slot >= 0)[:, None])
+        if HAS_BIAS:
+            acc += tl.load(bias + feats64, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc / (1.0 + tl.exp(-acc))  # silu, in fp32 and rounded once (as causal-conv1d)
+        tok = seq * L + pos
+        pos_ok = pos < L
+        if HAS_KEEP:
+            y = y * tl.load(keep + tok, mask=pos_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out + feats64[None, :] * n + tok.to(tl.int64)[:, None], y.to(out.dtype.element_ty),
+                 mask=pos_ok[:, None] & feat_ok[None, :])
+
+    return conv_rows_kernel
+
+
+def write_window(window: torch.Tensor, x: torch.Tensor) -> None:
+    """window (b, f, w) <- the last w columns of x (b, f, l), left-padded with zeros when l < w: the conv's recurrent
+    state, the window a decode step reads (`mom.ops.backend.causal_conv1d_update`)."""
+    w, l = window.shape[-1], x.shape[-1]
+    if l >= w:
+        window.copy_(x[..., l - w :])
+    else:
+        window[..., : w - l].zero_()
+        window[..., w - l :].copy_(x)
+
+
+def conv_rows_t(rows: torch.Tensor, index: torch.Tensor, length: int, weight: torch.Tensor,
+                bias: torch.Tensor | None, keep: torch.Tensor | None = None,
+                window: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(depthwise causal conv) of ``rows[index]`` read as ``b = n // length`` sequences, feature-major.
+
+    rows (m, f) token-major, any row stride (x's half of in_proj's rows); index (n,) int64: each sequence-order
+    token's row; weight (f, w), bias (f,) or None; keep (n,) in sequence order (1 for real tokens, 0 for padding,
+    multiplied into the output) or None; window (b, f, w) or None: written with the last w inputs of each sequence
+    (`write_window`). -> (f, n) contiguous, in rows' dtype.
+    """
+    n, f = index.shape[0], rows.shape[1]
+    if length <= 0 or n % length:
+        raise ValueError(f"conv_rows_t: {n} tokens are not whole sequences of length {length}")
+    if weight.shape[0] != f or weight.dim() != 2:
+        raise ValueError(f"conv_rows_t: weight {tuple(weight.shape)} must be ({f}, width)")
+    b, w = n // length, weight.shape[1]
+    if window is not None and window.shape != (b, f, w):
+        raise ValueError(f"conv_rows_t: window {tuple(window.shape)} must be {(b, f, w)}")
+    if rows.stride(1) != 1 or not (rows.is_cuda and _kernel() is not None):
+        x = rows.index_select(0, index).t().reshape(f, b, length).permute(1, 0, 2)  # (b, f, l)
+        if window is not None:
+            write_window(window, x)
+        y = backend.reference_causal_conv1d(x, weight, bias)
+        if keep is not None:
+            y = y * keep.view(b, 1, length).to(y.dtype)
+        return y.permute(1, 0, 2).reshape(f, n).contiguous()
+    out = rows.new_empty(f, n)
+    if n and f:
+        if window is not None and length < w:
+            window[..., : w - length].zero_()
+        grid = (b * -(-length // TILE), -(-f // TILE), 1)
+        win_strides = (0, 0, 0) if window is None else window.stride()
+        launch(_kernel(), grid, (rows, index, weight, out if bias is None else bias, out if keep is None else keep,
+                                 out, out if window is None else window, length, f, n, rows.stride(0),
+                                 *weight.stride(), *win_strides),
+               W=w, BL=TILE, BF=TILE, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+               HAS_WINDOW=window is not None)
+    return out
