@@ -10,6 +10,11 @@ Rows, each with its time, bandwidth and ratio to the row gather (what a permutat
   PyTorch, rows -> cols  ``x.index_select(0, index).t().contiguous()``: the same result in two passes
 The index is a routing permutation (`mom.model.routing.Routing` of interleaved modality runs). Every result is checked
 against PyTorch's.
+
+Where causal-conv1d is installed, two more rows time a prefill's conv input (sequences of --length tokens, width 4):
+  gather + causal-conv1d  ``gather_rows_t`` then ``causal_conv1d_fn(..., activation="silu")``: two passes over x
+  conv from rows          `mom.ops.triton.conv_rows.conv_rows_t`: the conv reads its windows through the index
+and the ratio of the second to the first.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="16384x4096", help="TOKENSxFEATURES")
     parser.add_argument("--runs", default="64,256,128", help="modality run lengths")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--length", type=int, default=2048, help="sequence length of the conv rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gather: needs a CUDA device", file=sys.stderr)
@@ -59,6 +65,46 @@ def main(argv=None) -> int:
         base = base or ms
         rate = gigabytes / (ms / 1e3)
         print(f"  {name:<22} {ms * 1e3:8.1f} us  {rate:7.0f} GB/s  ({ms / base:5.2f}x the row gather)")
+    return _conv(rows, index, args)
+
+
+def _conv(rows: torch.Tensor, index: torch.Tensor, args) -> int:
+    """The conv from sorted rows (one pass) against the gather and causal-conv1d (two), on the same inputs."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        print("  (causal-conv1d not installed: no conv rows)")
+        return 0
+    from mom.ops.triton.conv_rows import conv_rows_t
+
+    n, f = rows.shape
+    l = args.length
+    if n % l:
+        print(f"  (no conv rows: {n} tokens are not whole sequences of --length {l})")
+        return 0
+    b = n // l
+    inv = torch.argsort(index)  # sequence-order token -> its sorted row
+    weight, bias = torch.randn(f, 4, device="cuda", dtype=rows.dtype), torch.randn(f, device="cuda", dtype=rows.dtype)
+
+    def two_passes():
+        return causal_conv1d_fn(gather_rows_t(rows, inv).view(f, b, l).permute(1, 0, 2), weight, bias,
+                                activation="silu")
+
+    def one_pass():
+        return conv_rows_t(rows, inv, l, weight, bias)
+
+    got, want = one_pass().view(f, b, l).permute(1, 0, 2), two_passes()
+    if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
+        print("  conv from rows         WRONG RESULT")
+        return 1
+    times = {}
+    for _ in range(3):  # alternating rounds, the fastest counts
+        for name, fn in (("gather + causal-conv1d", two_passes), ("conv from rows", one_pass)):
+            times[name] = min(times.get(name, float("inf")), measure(fn, iters=args.iters)[0])
+    for name, ms in times.items():
+        print(f"  {name:<22} {ms * 1e3:8.1f} us  (sequences of {l})")
+    ratio = times["conv from rows"] / times["gather + causal-conv1d"]
+    print(f"  ratio conv from rows / gather + causal-conv1d: {ratio:.3f}x time")
     return 0
 
 
