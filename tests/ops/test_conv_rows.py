@@ -83,7 +83,7 @@ def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
     script = textwrap.dedent("""
         import torch
         from mom.ops.triton import conv_rows
-        from mom.ops.triton.conv_rows import TILE, conv_rows_t
+        from mom.ops.triton.conv_rows import TILE_F, TILE_L, conv_rows_t
 
         def run(rows, index, l, weight, bias, keep, window):  # as conv_rows_t launches it
             n, f = index.shape[0], rows.shape[1]
@@ -91,15 +91,15 @@ def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
             if window is not None and l < weight.shape[1]:
                 window[..., : weight.shape[1] - l].zero_()
             strides = (0, 0, 0) if window is None else window.stride()
-            conv_rows._kernel()[(n // l * -(-l // TILE), -(-f // TILE), 1)](
+            conv_rows._kernel()[(n // l * -(-l // TILE_L), -(-f // TILE_F), 1)](
                 rows, index, weight, out if bias is None else bias, out if keep is None else keep, out,
                 out if window is None else window, l, f, n, rows.stride(0), *weight.stride(), *strides,
-                W=weight.shape[1], BL=TILE, BF=TILE, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+                W=weight.shape[1], BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
                 HAS_WINDOW=window is not None)
             return out
 
         g = torch.Generator().manual_seed(0)
-        for dtype, (b, l, f), bias, keep in ((torch.float32, (2, 150, 70), True, True),
+        for dtype, (b, l, f), bias, keep in ((torch.float32, (2, 150, 140), True, True),
                                              (torch.float32, (3, 2, 9), False, False),
                                              (torch.bfloat16, (2, 65, 64), True, False)):
             n = b * l

@@ -7,8 +7,8 @@ feature-major: one read and one write of x, where a gather into sequence order f
 wrote it twice each (and took two launches). It also writes the conv's window, the recurrent state a decode step
 reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
 
-A program computes a tile of 64 positions of one sequence x 64 features: for each of the conv's ``w`` taps it loads
-the 64 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
+A program computes a tile of 32 positions of one sequence x 128 features: for each of the conv's ``w`` taps it loads
+the 32 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
 cache), accumulates in fp32 as causal-conv1d does, adds the bias, applies silu and stores the tile transposed
 (Triton goes through shared memory), so the output's stores run along its contiguous tokens. Elsewhere (CPU, no
 Triton) it is a gather and `mom.ops.backend.reference_causal_conv1d`.
@@ -21,7 +21,8 @@ import torch
 from mom.ops import backend
 from mom.ops.triton.launcher import launch, triton_kernel
 
-TILE = 64  # positions and features per program, as the gathers' (mom.ops.triton.gather)
+# positions x features per program: the fastest of a sweep of tiles and warps on an H100 (docs/performance.md)
+TILE_L, TILE_F = 32, 128
 
 
 @triton_kernel
@@ -106,11 +107,11 @@ def conv_rows_t(rows: torch.Tensor, index: torch.Tensor, length: int, weight: to
     if n and f:
         if window is not None and length < w:
             window[..., : w - length].zero_()
-        grid = (b * -(-length // TILE), -(-f // TILE), 1)
+        grid = (b * -(-length // TILE_L), -(-f // TILE_F), 1)
         win_strides = (0, 0, 0) if window is None else window.stride()
         launch(_kernel(), grid, (rows, index, weight, out if bias is None else bias, out if keep is None else keep,
                                  out, out if window is None else window, length, f, n, rows.stride(0),
                                  *weight.stride(), *win_strides),
-               W=w, BL=TILE, BF=TILE, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+               W=w, BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
                HAS_WINDOW=window is not None)
     return out
