@@ -111,10 +111,10 @@ def sorted_onehot(offsets: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Te
 
 
 # Multiply-adds of a routed GEMM from which its experts run as one cuBLAS GEMM each instead of one grouped GEMM
-# (CUTLASS): per-expert GEMMs were faster for d_model 2048's in_proj and out_proj (2^38 and 2^37 multiply-adds at
-# 4 x 4096 tokens) and the same at d_model 1024 (2^36, 2^35), where the grouped GEMM's single launch matters more
-# (a small model's step can be bound by the host's launch rate); the measurements: docs/performance.md.
-PER_EXPERT_MACS = 2**37
+# (CUTLASS) where the counts are known: per-expert GEMMs were faster for a prefill's in_proj and out_proj at d_model
+# 768 (2^35.2 to 2^38.2 multiply-adds) and d_model 2048's training shapes, and the same for the layer and the LM
+# steps at d_model 768-1024 (2^34 to 2^36); the measurements: docs/performance.md.
+PER_EXPERT_MACS = 2**35
 
 
 def grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
