@@ -43,9 +43,11 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   ``states_out`` receive the conv's last ``d_conv`` inputs (copied from in_proj's output, in sequence order whatever
   the rows' layout) and the scan's final state (from the scan's own checkpoints, as mamba-ssm's ``selective_scan_fn``
   returns it): no extra pass. Without gradients to compute (generation runs under ``no_grad``) the forward runs
-  outside autograd, saving nothing for a backward; when in_proj and out_proj both route it also leaves z in
-  in_proj's sorted rows, which are the order of out_proj's input, and the gated gather reads it there
-  (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): only x is gathered into sequence order.
+  outside autograd, saving nothing for a backward; with a routed in_proj the conv reads x straight from in_proj's
+  sorted rows (`mom.ops.triton.conv_rows.conv_rows_t`: one pass for the gather into sequence order and the conv,
+  writing the conv window too), and with a routed out_proj z stays in those rows, which are the order of out_proj's
+  input, and the gated gather reads it there (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): nothing of
+  in_proj's output is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
   launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,
