@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py                         # 768 x 24, batch 1, rows of text
     python benchmarks/profile_decode.py --batch 64 --rows mixed # rows cycling through the modalities
     python benchmarks/profile_decode.py --prefill 2048          # the prompt's forward instead (fresh cache each call)
+    python benchmarks/profile_decode.py --prefill 2048 --batch 16 --timeline   # + each side's GPU timeline
 
 `bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
 (the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
@@ -12,7 +13,9 @@ included), mamba-ssm as ``MambaLMHeadModel(ids, inference_params=...)`` after th
 table of kernels (calls and device time per step, largest first), then the kernels and device microseconds per step.
 With ``--prefill N`` the profiled call is an N-token prompt's forward into a fresh cache (logits of the last position
 only, as ``generate()`` asks), and each side also prints its wall time per call (synchronised): wall time well above
-the kernels' device time means the call waits on the host (launches and Python), not on the GPU.
+the kernels' device time means the call waits on the host (launches and Python), not on the GPU. ``--timeline``
+adds each side's GPU timeline over a few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches
+longer than 30 us with the kernels on either side, launches by kind), which shows where such a wait falls.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import profiled  # noqa: E402
 from bench_generate import mamba_ssm_side, mom_side, prompt_ids, step_ids  # noqa: E402
+from profile_lm import timeline  # noqa: E402
 
 import mom  # noqa: E402
 
@@ -81,11 +85,19 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
             model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
 
         print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call")
+        if args.timeline:
+            timeline("MoM prefill", prefill, top=args.top)
         return kernel_table(prefill, args.steps)
     cache = mom.MoMCache(model.config)
     model(prompt_ids(model.config, args.batch, PROMPT), cache=cache, use_cache=True, logits_to_keep=1)
     ids = step_ids(model.config, args.batch, args.rows)
-    return kernel_table(lambda: model(ids, cache=cache, use_cache=True), args.steps)
+
+    def step() -> None:
+        model(ids, cache=cache, use_cache=True)
+
+    if args.timeline:
+        timeline("MoM decode step", step, top=args.top)
+    return kernel_table(step, args.steps)
 
 
 def main(argv=None) -> int:
@@ -99,6 +111,8 @@ def main(argv=None) -> int:
                         help="profile an N-token prompt's forward instead of a decode step")
     parser.add_argument("--steps", type=int, default=16, help="profiled steps (or prefills) per side")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also each side's GPU timeline: time running, idle gaps and their neighbours")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_decode: needs a CUDA device", file=sys.stderr)
@@ -125,6 +139,8 @@ def main(argv=None) -> int:
                 dense(prompt, inference_params=fresh, num_last_tokens=1)
 
             print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call")
+            if args.timeline:
+                timeline("mamba-ssm prefill", dense_prefill, top=args.top)
             report("mamba-ssm", kernel_table(dense_prefill, args.steps), args.top)
             return 0
         params = InferenceParams(max_seqlen=PROMPT + 4 * args.steps, max_batch_size=args.batch)
@@ -136,6 +152,9 @@ def main(argv=None) -> int:
         def dense_step() -> None:
             dense(token, inference_params=params, num_last_tokens=1)
             params.seqlen_offset += 1
+
+        if args.timeline:
+            timeline("mamba-ssm decode step", dense_step, top=args.top)
 
         report("mamba-ssm", kernel_table(dense_step, args.steps), args.top)
     return 0
