@@ -520,15 +520,17 @@ class _FusedMixer(torch.autograd.Function):
             A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
         # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
         (w_in, b_in), (w_x, _), (w_dt_cat, _), (w_out, b_out) = _cast_params(layout, params, dtype)
-        # in_proj: xz (2di, n), each expert on its block of sorted tokens, then back to sequence order
+        # in_proj's input rows: masked, in the order in_proj reads them
         keep_io = _keep_rows(keep, layout.sorted_io, perm)  # (n,) in the input's row order, or None
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         window = None if states_out is None else states_out[0]
-        if in_routed and ctx is None:  # no backward: x is never gathered into sequence order; the conv reads its
-            # windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
-            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)  # (n, 2di)
+        # in_proj: a routed one is one grouped GEMM on the sorted rows, a shared one a GEMM into sequence-order columns
+        xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets) \
+            if in_routed else None  # (n, 2di)
+        if xz_rows is not None and ctx is None:  # no backward: x is never gathered into sequence order; the conv
+            # reads its windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
             conv_out = _bdl(conv_rows_t(xz_rows[:, :di], inv_perm, l, conv_weight.squeeze(1), conv_bias, keep,
                                         window), b, l)  # (b, di, l)
             x = xz = None
@@ -537,13 +539,10 @@ class _FusedMixer(torch.autograd.Function):
             else:
                 z = _bdl(gather_rows_t(xz_rows[:, di:], inv_perm), b, l)
             del xz_rows
-        else:
-            if in_routed:  # one grouped GEMM on the sorted rows, then rows -> sequence-order columns
-                xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets)
-                xz = gather_rows_t(xz_rows, inv_perm)  # (2di, n)
-                del xz_rows
-            else:
-                xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t())
+        else:  # a backward reads x and z in sequence order: rows -> sequence-order columns
+            xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t()) if xz_rows is None \
+                else gather_rows_t(xz_rows, inv_perm)  # (2di, n)
+            del xz_rows  # before the conv's output is allocated
             x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
             if window is not None:
                 write_window(window, x)
