@@ -87,6 +87,16 @@ def measure(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> tuple[f
     return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30, resident
 
 
+def fastest(sides: dict[str, Callable[[], None]], rounds: int = 3, iters: int = 20) -> dict[str, float]:
+    """{name: the fastest mean ms per call} over ``rounds`` alternating rounds of `measure` (one per side a round),
+    so that a slow spell of the machine falls on every side alike."""
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            times[name] = min(times.get(name, float("inf")), measure(fn, iters=iters)[0])
+    return times
+
+
 def profiled(step: Callable[[], None], steps: int, warmup: int = 3):
     """A ``torch.profiler.profile`` (CUDA activity only) of ``steps`` calls of ``step``, after ``warmup`` calls
     (autotuning, allocator) and a synchronize; the profiled calls end with one too."""

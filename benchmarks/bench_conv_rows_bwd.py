@@ -35,7 +35,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import measure  # noqa: E402
+from bench_common import fastest  # noqa: E402
 
 from mom.ops.triton.launcher import triton_kernel  # noqa: E402
 
@@ -205,11 +205,8 @@ def _compare(b: int, l: int, f: int, iters: int, backward) -> int:
             and torch.allclose(db, want_db, atol=1e-3 * scale, rtol=1e-3)):
         print(f"({b}, {l}, {f}): candidate WRONG RESULT")
         return 1
-    times: dict[str, float] = {}
-    for _ in range(3):
-        for name, fn in (("causal-conv1d backward", causal_alone), ("gather + backward + gather", replaced),
-                         ("candidate, rows", candidate)):
-            times[name] = min(times.get(name, float("inf")), measure(fn, iters=iters)[0])
+    times = fastest({"causal-conv1d backward": causal_alone, "gather + backward + gather": replaced,
+                     "candidate, rows": candidate}, iters=iters)
     print(f"({b}, {l}, {f}):")
     for name, ms in times.items():
         print(f"  {name:<28} {ms * 1e3:8.1f} us")
