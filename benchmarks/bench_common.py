@@ -97,6 +97,14 @@ def fastest(sides: dict[str, Callable[[], None]], rounds: int = 3, iters: int = 
     return times
 
 
+def print_fastest(times: dict[str, float], new: str, old: str, note: str = "") -> None:
+    """`fastest`'s times, one line per side (``note`` after each), then the ratio ``new`` / ``old``."""
+    width = max(len(name) for name in times)
+    for name, ms in times.items():
+        print(f"  {name:<{width}} {ms * 1e3:8.1f} us{note}")
+    print(f"  ratio {new} / {old}: {times[new] / times[old]:.3f}x time")
+
+
 def profiled(step: Callable[[], None], steps: int, warmup: int = 3):
     """A ``torch.profiler.profile`` (CUDA activity only) of ``steps`` calls of ``step``, after ``warmup`` calls
     (autotuning, allocator) and a synchronize; the profiled calls end with one too."""

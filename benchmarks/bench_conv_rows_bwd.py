@@ -35,7 +35,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import fastest  # noqa: E402
+from bench_common import fastest, print_fastest  # noqa: E402
 
 from mom.ops.triton.launcher import triton_kernel  # noqa: E402
 
@@ -208,10 +208,7 @@ def _compare(b: int, l: int, f: int, iters: int, backward) -> int:
     times = fastest({"causal-conv1d backward": causal_alone, "gather + backward + gather": replaced,
                      "candidate, rows": candidate}, iters=iters)
     print(f"({b}, {l}, {f}):")
-    for name, ms in times.items():
-        print(f"  {name:<28} {ms * 1e3:8.1f} us")
-    ratio = times["candidate, rows"] / times["gather + backward + gather"]
-    print(f"  ratio candidate / gather + backward + gather: {ratio:.3f}x time")
+    print_fastest(times, "candidate, rows", "gather + backward + gather")
     return 0
 
 

@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import fastest, interleaved_modalities, measure  # noqa: E402
+from bench_common import fastest, interleaved_modalities, measure, print_fastest  # noqa: E402
 
 from mom.model.routing import Routing  # noqa: E402
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t  # noqa: E402
@@ -98,10 +98,7 @@ def _conv(rows: torch.Tensor, index: torch.Tensor, args) -> int:
         print("  conv from rows         WRONG RESULT")
         return 1
     times = fastest({"gather + causal-conv1d": two_passes, "conv from rows": one_pass}, iters=args.iters)
-    for name, ms in times.items():
-        print(f"  {name:<22} {ms * 1e3:8.1f} us  (sequences of {l})")
-    ratio = times["conv from rows"] / times["gather + causal-conv1d"]
-    print(f"  ratio conv from rows / gather + causal-conv1d: {ratio:.3f}x time")
+    print_fastest(times, "conv from rows", "gather + causal-conv1d", f"  (sequences of {l})")
     return 0
 
 
