@@ -35,8 +35,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import fastest, print_fastest  # noqa: E402
+from bench_common import fastest, interleaved_modalities, print_fastest  # noqa: E402
 
+from mom.model.routing import Routing  # noqa: E402
 from mom.ops.triton.launcher import triton_kernel  # noqa: E402
 
 SPLITS = 4  # parts of a sequence, each one program's walk (more programs in flight; one look-ahead chunk each)
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_conv_rows_bwd: needs causal-conv1d (pip install -e '.[cuda]')", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name()}  bf16 x, fp32 conv weights, width 4, runs of three modalities")
+    print(f"device: {torch.cuda.get_device_name()}  bf16 x, fp32 conv weights, width 4, runs of 64 / 256 / 128 tokens")
     for shape in args.shape or ["8x2048x2048"]:
         if _compare(*(int(v) for v in shape.split("x")), iters=args.iters, backward=causal_conv1d_bwd_function):
             return 1
@@ -175,8 +176,8 @@ def _compare(b: int, l: int, f: int, iters: int, backward) -> int:
 
     n = b * l
     rows = torch.randn(n, 2 * f, device="cuda", dtype=torch.bfloat16)[:, :f]  # x's half of in_proj's rows
-    perm = torch.argsort(torch.arange(n, device="cuda") % 3, stable=True)  # sorted row -> token
-    index = perm.argsort()  # token -> sorted row
+    routing = Routing.build(interleaved_modalities(b, l, device="cuda"), 3)  # the benchmarks' runs of modalities
+    perm, index = routing.perm, routing.inv_perm  # sorted row -> token, token -> sorted row
     weight, bias = torch.randn(f, 4, device="cuda"), torch.randn(f, device="cuda")
     dout = torch.randn(f, n, device="cuda", dtype=torch.bfloat16)
     dxz = torch.zeros(n, 2 * f, device="cuda", dtype=torch.bfloat16)  # in_proj's sorted gradient rows

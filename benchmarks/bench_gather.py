@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         return 2
     n, f = (int(v) for v in args.shape.split("x"))
     runs = tuple(int(v) for v in args.runs.split(","))
-    index = Routing.build(interleaved_modalities(1, n, runs, "cuda"), len(runs)).perm
+    routing = Routing.build(interleaved_modalities(1, n, runs, "cuda"), len(runs))
+    index = routing.perm
     rows = torch.randn(n, f, device="cuda", dtype=torch.bfloat16)
     cols = rows.t().contiguous()  # the same values, feature-major
     expected = rows.index_select(0, index)  # (n, f)
@@ -65,11 +66,12 @@ def main(argv=None) -> int:
         base = base or ms
         rate = gigabytes / (ms / 1e3)
         print(f"  {name:<22} {ms * 1e3:8.1f} us  {rate:7.0f} GB/s  ({ms / base:5.2f}x the row gather)")
-    return _conv(rows, index, args)
+    return _conv(rows, routing.inv_perm, args)
 
 
-def _conv(rows: torch.Tensor, index: torch.Tensor, args) -> int:
-    """The conv from sorted rows (one pass) against the gather and causal-conv1d (two), on the same inputs."""
+def _conv(rows: torch.Tensor, inv: torch.Tensor, args) -> int:
+    """The conv from sorted rows (one pass) against the gather and causal-conv1d (two), on the same inputs; ``inv``:
+    each sequence-order token's sorted row (`Routing.inv_perm`)."""
     try:
         from causal_conv1d import causal_conv1d_fn
     except ImportError:
@@ -83,7 +85,6 @@ def _conv(rows: torch.Tensor, index: torch.Tensor, args) -> int:
         print(f"  (no conv rows: {n} tokens are not whole sequences of --length {l})")
         return 0
     b = n // l
-    inv = torch.argsort(index)  # sequence-order token -> its sorted row
     weight, bias = torch.randn(f, 4, device="cuda", dtype=rows.dtype), torch.randn(f, device="cuda", dtype=rows.dtype)
 
     def two_passes():
