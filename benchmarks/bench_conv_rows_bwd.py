@@ -42,6 +42,7 @@ from mom.ops.triton.launcher import triton_kernel  # noqa: E402
 
 SPLITS = 4  # parts of a sequence, each one program's walk (more programs in flight; one look-ahead chunk each)
 CHUNK, FEATURES = 32, 64  # positions x features a program holds at a time
+WARPS = 4
 
 
 @triton_kernel
@@ -128,7 +129,7 @@ def conv_rows_bwd(rows: torch.Tensor, index: torch.Tensor, length: int, weight: 
     scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * FEATURES, device=rows.device, dtype=torch.float32)
     _kernel()[grid](rows, index, weight, partial if bias is None else bias, dout, dx_rows, partial, scratch, length,
                     f, n, span, rows.stride(0), dx_rows.stride(0), *weight.stride(), W=w, WP=wp, BL=CHUNK,
-                    BF=FEATURES, SPLITS=SPLITS, HAS_BIAS=bias is not None)
+                    BF=FEATURES, SPLITS=SPLITS, HAS_BIAS=bias is not None, num_warps=WARPS)
     sums = partial.sum(0)  # (wp + 1, f)
     return sums[:w].t(), (sums[wp] if bias is not None else None)
 

@@ -410,27 +410,57 @@ class _Layout:
         return self.counts.blocks(read=not on_device)
 
 
-def _cast_params(layout: _Layout, params, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _cast_params(layout: _Layout, params, dtype: torch.dtype, own: tuple[bool, ...]) -> list[tuple]:
     """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked,
     but for dt_proj (its experts and biases side by side as one matrix, None): (d_inner, k_pad) =
     [W_0 .. W_M-1 | b_0 .. b_M-1 | 0], the weight of its expanded GEMM (zeros in place of absent biases). One kernel
     (`mom.ops.triton.flatcast`) instead of a cast per weight, a cat per stacked projection and one for dt_proj's
     matrix (each launch costs host time, which can bound a small model's step); the results are views of the one
-    cast buffer."""
-    places, size, views, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias, _k_pad(layout))
+    cast buffer. A projection whose GEMM reads its experts' own weights (``own[p]``, `_own_weights`) is not copied:
+    (its k weights (o, i), its k biases or None), the parameters themselves."""
+    places, size, views, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias, _k_pad(layout), own)
+    per_projection, start = [], 0
+    for k, bias in zip(layout.experts, layout.has_bias):
+        per_projection.append(params[start : start + k * (2 if bias else 1)])
+        start += len(per_projection[-1])
+    cast = [t for p, ts in enumerate(per_projection) if not own[p] for t in ts]
     pad = (_zeros(zeros, params[0].dtype, params[0].device),) if zeros else ()
-    flat = flat_cast([*params, *pad], dtype, places, size)
-    return [(flat[w].view(ws), None if b is None else flat[b].view(bs)) for w, ws, b, bs in views]
+    flat = flat_cast([*cast, *pad], dtype, places, size)
+    out = []
+    for p, (view, ts) in enumerate(zip(views, per_projection)):
+        if own[p]:
+            k = layout.experts[p]
+            out.append((tuple(ts[:k]), tuple(ts[k:]) or None))
+        else:
+            w, ws, b, bs = view
+            out.append((flat[w].view(ws), None if b is None else flat[b].view(bs)))
+    return out
+
+
+def _own_weights(layout: _Layout, params, dtype: torch.dtype, backward: bool) -> tuple[bool, ...]:
+    """Per projection, whether its GEMM reads the experts' own weights rather than a stacked copy: a forward without
+    backward (which saves no stacked weights), a routed in_proj or out_proj whose parameters are already in
+    ``dtype`` (bf16 weights in generation), run per expert (`mom.ops.grouped.per_expert`: the blocks known, a large
+    GEMM). The cast copies nothing else of the largest weights then."""
+    if backward or layout.counts.known is None or params[0].dtype != dtype:
+        return (False,) * len(Projection)
+    n = layout.batch * layout.length
+    return tuple(p in (Projection.in_proj, Projection.out_proj) and layout.routed(p)
+                 and grouped.per_expert(n * layout.shapes[p][0] * layout.shapes[p][1], layout.has_bias[p], False)
+                 for p in Projection)
 
 
 @functools.lru_cache(maxsize=64)
 def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], has_bias: tuple[bool, ...],
-                 k_pad: int) -> tuple[tuple[Place, ...], int, list, int]:
-    """`_cast_params`' layout of the buffer, built once per mixer shape: (a `Place` per parameter in the Function's
-    order, then one for dt_proj's zero columns; the buffer's size; per projection (slice, shape) of its weights and
-    of its biases or None; the number of zeros)."""
+                 k_pad: int, own: tuple[bool, ...]) -> tuple[tuple[Place, ...], int, list, int]:
+    """`_cast_params`' layout of the buffer, built once per mixer shape: (a `Place` per parameter cast, in the
+    Function's order, then one for dt_proj's zero columns; the buffer's size; per projection (slice, shape) of its
+    weights and of its biases or None, None for a projection left out (``own``); the number of zeros)."""
     places, views, start = [], [], 0
     for p, (k, (fo, fi), bias) in enumerate(zip(experts, shapes, has_bias)):
+        if own[p]:
+            views.append(None)
+            continue
         if p == Projection.dt_proj:  # (fo = d_inner, k_pad): expert m's (fo, fi) at column m * fi, bias m at k * fi + m
             places += [Place(start + m * fi, fi, k_pad) for m in range(k)]
             places += [Place(start + k * fi + m, 1, k_pad) for m in range(k)] if bias else []
@@ -518,8 +548,10 @@ class _FusedMixer(torch.autograd.Function):
         in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
         if A is None:
             A = torch.exp(A_log.float()).neg_()  # (di, N); dA_log = dA * A in backward
-        # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass
-        (w_in, b_in), (w_x, _), (w_dt_cat, _), (w_out, b_out) = _cast_params(layout, params, dtype)
+        # weights (k, o, i) and biases (k, o) | None per projection, every expert cast in one pass (but where the
+        # GEMM reads the experts' own weights: k (o, i) and k (o,) | None)
+        own = _own_weights(layout, params, dtype, ctx is not None)
+        (w_in, b_in), (w_x, _), (w_dt_cat, _), (w_out, b_out) = _cast_params(layout, params, dtype, own)
         # in_proj's input rows: masked, in the order in_proj reads them
         keep_io = _keep_rows(keep, layout.sorted_io, perm)  # (n,) in the input's row order, or None
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
@@ -527,7 +559,7 @@ class _FusedMixer(torch.autograd.Function):
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         window = None if states_out is None else states_out[0]
         # in_proj: a routed one is one grouped GEMM on the sorted rows, a shared one a GEMM into sequence-order columns
-        xz_rows = _routed_rows(layout, Projection.in_proj, h_in, w_in.transpose(1, 2), b_in, offsets) \
+        xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_in), b_in, offsets) \
             if in_routed else None  # (n, 2di)
         if xz_rows is not None and ctx is None:  # no backward: x is never gathered into sequence order; the conv
             # reads its windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
@@ -578,7 +610,7 @@ class _FusedMixer(torch.autograd.Function):
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
             del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
-        o = _routed_rows(layout, Projection.out_proj, y_rows, w_out.transpose(1, 2), b_out, offsets)  # (n, d_model)
+        o = _routed_rows(layout, Projection.out_proj, y_rows, _transposed(w_out), b_out, offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         if ctx is None:
             return o.view(b, l, -1)
@@ -819,6 +851,11 @@ def _split_params(stacked) -> list[torch.Tensor]:
         out += list(w.unbind())
         out += list(b.unbind()) if b is not None else []
     return out
+
+
+def _transposed(w):
+    """Stacked weights (k, o, i) -> (k, i, o) view; the experts' own k (o, i) -> k (i, o) views."""
+    return w.transpose(1, 2) if isinstance(w, torch.Tensor) else [m.t() for m in w]
 
 
 def _k_pad(layout: _Layout) -> int:

@@ -60,30 +60,35 @@ class HostCounts:
         return self._blocks
 
 
-def grouped_gemm(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, blocks, offsets: torch.Tensor,
-             out_dtype: torch.dtype | None = None):
+def grouped_gemm(rows: torch.Tensor, w: torch.Tensor | Sequence[torch.Tensor],
+                 b: torch.Tensor | Sequence[torch.Tensor] | None, blocks, offsets: torch.Tensor,
+                 out_dtype: torch.dtype | None = None):
     """Each expert's block of (sorted) rows through its weight: ``out[s] = rows[s] @ w[m] (+ b[m])`` for block s of
-    expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o), b (k, o) or None, any strides -> (n, o); a
-    shared projection (k = 1, one block) is one GEMM. ``blocks``: each expert's (start, end) on the host, or None
-    where they are not known there.
+    expert m, in ``out_dtype`` (default rows'). rows (n, i), w (k, i, o) stacked or a sequence of k (i, o) matrices
+    (the experts' own weights: per-expert GEMMs only), b (k, o) or k (o,) or None, any strides -> (n, o); a shared
+    projection (k = 1, one block) is one GEMM. ``blocks``: each expert's (start, end) on the host, or None where they
+    are not known there.
 
     ONE launch for routed ones, ``torch._grouped_mm`` with the blocks' ends on the device (``offsets``), where it
-    applies (`grouped_mm_applies`) and either the blocks are unknown (whatever the size: a bias is then added by a
-    GEMM with the rows' one-hot, another ``out_dtype`` by a cast) or the GEMM is one ``torch._grouped_mm`` takes
-    alone (no bias, rows' dtype out) below `PER_EXPERT_MACS`; else one cuBLAS GEMM per expert over ``blocks``, which
-    writes an fp32 ``out_dtype`` from its accumulator (no cast kernel)."""
+    applies (`grouped_mm_applies`: stacked weights) and either the blocks are unknown (whatever the size: a bias is
+    then added by a GEMM with the rows' one-hot, another ``out_dtype`` by a cast) or the GEMM does not run per expert
+    (`per_expert`); else one cuBLAS GEMM per expert over ``blocks``, which writes an fp32 ``out_dtype`` from its
+    accumulator (no cast kernel)."""
     out_dtype = out_dtype or rows.dtype
     n, i = rows.shape
-    alone = b is None and out_dtype == rows.dtype and n * i * w.shape[2] < PER_EXPERT_MACS
-    if w.shape[0] > 1 and (blocks is None or alone) and grouped_mm_applies(rows, w):
+    o = w[0].shape[-1]
+    stacked = isinstance(w, torch.Tensor)
+    alone = not per_expert(n * i * o, b is not None, out_dtype != rows.dtype)
+    if len(w) > 1 and (blocks is None or alone) and stacked and grouped_mm_applies(rows, w):
         out = torch._grouped_mm(rows, w, offs=offsets)
         if b is not None:
             out.addmm_(sorted_onehot(offsets, n, out.dtype), b)
         return out.to(out_dtype)
     if blocks is None:
         raise ValueError("grouped_gemm: the experts' blocks are unknown on the host and torch._grouped_mm does not "
-                         f"take these operands (rows {tuple(rows.stride())} {rows.dtype}, weights {w.dtype})")
-    out = rows.new_empty(n, w.shape[2], dtype=out_dtype)
+                         f"take these operands (rows {tuple(rows.stride())} {rows.dtype}, weights "
+                         f"{w.dtype if stacked else 'per expert'})")
+    out = rows.new_empty(n, o, dtype=out_dtype)
     for m, (lo, hi) in enumerate(blocks):
         if hi > lo:
             if b is None:
@@ -93,12 +98,13 @@ def grouped_gemm(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, bl
     return out
 
 
-def grouped_rows(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: HostCounts,
+def grouped_rows(rows: torch.Tensor, w: torch.Tensor | Sequence[torch.Tensor],
+                 b: torch.Tensor | Sequence[torch.Tensor] | None, counts: HostCounts,
                  offsets: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """A routed projection's GEMM on rows sorted by expert (`grouped_gemm`): rows (n, i), w (k, i, o), b (k, o) or None
     -> (n, o), with the blocks ``counts`` knows; unknown ones are read (a host sync) only where ``torch._grouped_mm``
     cannot group the rows on the device. (Also the GEMMs of `mom.ops.routed_linear`.)"""
-    on_device = counts.known is None and grouped_mm_applies(rows, w)
+    on_device = counts.known is None and isinstance(w, torch.Tensor) and grouped_mm_applies(rows, w)
     return grouped_gemm(rows, w, b, counts.blocks(read=not on_device), offsets, out_dtype)
 
 
@@ -115,6 +121,13 @@ def sorted_onehot(offsets: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Te
 # 768 (2^35.2 to 2^38.2 multiply-adds) and d_model 2048's training shapes, and the same for the layer and the LM
 # steps at d_model 768-1024 (2^34 to 2^36); the measurements: docs/performance.md.
 PER_EXPERT_MACS = 2**35
+
+
+def per_expert(macs: int, has_bias: bool, casts: bool) -> bool:
+    """Whether a routed GEMM of ``macs`` multiply-adds runs one cuBLAS GEMM per expert where the blocks are known:
+    large ones (`PER_EXPERT_MACS`), and those ``torch._grouped_mm`` cannot finish alone (a bias, an output dtype
+    other than the rows')."""
+    return has_bias or casts or macs >= PER_EXPERT_MACS
 
 
 def grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
-from mom.ops import fused
+from mom.ops import fused, grouped
 from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t
@@ -287,8 +287,9 @@ def test_negative_exp_of_every_layer_at_once(dtype):
 
 
 # ---- generation's prefill: the Function writes the recurrent cache's states -----------------------------------------
-def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad: bool = False):
-    """A prefill through the mixer: (output (b, l, d) in sequence order, conv state, SSM state of its layer)."""
+def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad: bool = False, counts: bool = False):
+    """A prefill through the mixer: (output (b, l, d) in sequence order, conv state, SSM state of its layer);
+    ``counts``: the tokens per modality read on the host first (as the model's prefill reads them)."""
     torch.manual_seed(1)
     b, l = modality_ids.shape
     config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4)
@@ -297,6 +298,8 @@ def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad:
         s.fill_(7.0)
     hidden = torch.randn(b, l, 12, dtype=torch.float64, requires_grad=grad)
     routing = Routing.build(modality_ids, len(MODALITIES))
+    if counts:
+        routing.set_counts(tuple(routing.device_counts.tolist()))
     with torch.set_grad_enabled(grad):
         if not fast:
             out = mixer(hidden, routing, cache=cache)
@@ -617,3 +620,27 @@ def test_a_prefills_launches_outside_its_layers_do_not_grow_with_depth(monkeypat
         assert names.count("layer") == 2 * n_layer + 1  # add + norm and mixer per layer, the final norm
         outside[n_layer] = [name for name in names if name != "layer"]
     assert outside[2] == outside[5] and outside[2].count("_foreach_zero_") == 2, outside
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_forward_without_backward_reads_the_experts_own_weights_where_they_run_per_expert(monkeypatch, bias):
+    """Without a backward, a routed in_proj and out_proj that run per expert (`grouped.per_expert`) on parameters
+    already in the compute dtype read those parameters themselves: the one cast copies x_proj and dt_proj only. The
+    prefill's output and states equal the module path's; a forward with backward still casts every parameter."""
+    mixer = make_mixer(PROJECTIONS, bias=bias)
+    modality_ids = layouts()["uneven runs"]
+    cast = []
+    real = fused.flat_cast
+    monkeypatch.setattr(fused, "flat_cast", lambda ts, *a: cast.append(sum(t.numel() for t in ts)) or real(ts, *a))
+    monkeypatch.setattr(grouped, "PER_EXPERT_MACS", 0)  # every GEMM large enough to run per expert
+    want = _prefill(mixer, modality_ids, fast=False)
+    got = _prefill(mixer, modality_ids, fast=True, counts=True)
+    _prefill(mixer, modality_ids, fast=True, grad=True, counts=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    params = dict(mixer.named_parameters())
+    big = sum(p.numel() for name, p in params.items() if name.startswith(("in_proj", "out_proj")))
+    everything = sum(p.numel() for name, p in params.items() if name.startswith(("in_proj", "out_proj", "x_proj",
+                                                                                 "dt_proj")))
+    zeros = cast[1] - everything  # dt_proj's padding columns, cast from a buffer of zeros
+    assert zeros >= 0 and cast == [everything - big + zeros, everything + zeros]
