@@ -93,6 +93,30 @@ def test_cuda_generation_matches_full_forward(decouple, monkeypatch):
 
 
 
+def test_prefill_on_the_experts_own_bf16_weights_equals_the_stacked_copy(monkeypatch):
+    """A bf16 model's prefill whose routed in_proj and out_proj run per expert reads the experts' own weights
+    (`fused._own_weights`: no stacked copy): the same last logits and cache states as on the stacked copy."""
+    from mom.ops import fused, grouped
+    from mom.ops.projections import Projection
+
+    monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
+    monkeypatch.setattr(grouped, "PER_EXPERT_MACS", 0)  # every routed GEMM runs per expert
+    model = mom.MoMForCausalLM(_config()).cuda().to(torch.bfloat16).eval()
+    ids = interleaved_ids(model.config, 2, RUN_LAYOUTS["uneven"]).cuda()
+    owned = []
+    monkeypatch.setattr(fused, "_own_weights", lambda *a, _f=fused._own_weights: owned.append(_f(*a)) or owned[-1])
+    with torch.no_grad():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    assert len(owned) == model.config.n_layer
+    assert all(o[Projection.in_proj] and o[Projection.out_proj] for o in owned)
+    monkeypatch.setattr(fused, "_own_weights", lambda *a: (False,) * len(Projection))
+    with torch.no_grad():
+        ref = model(ids, use_cache=True, logits_to_keep=1)
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-2, rtol=2e-2)
+    for got, want in zip(out.cache.conv_states + out.cache.ssm_states, ref.cache.conv_states + ref.cache.ssm_states):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 def _run_path(model, ids, fast: bool, autocast: bool):
     for layer in model.backbone.layers:
         layer.mixer.use_fast_path = fast
