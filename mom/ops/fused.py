@@ -26,35 +26,28 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own expert
   (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost ``M``
   times a small GEMM.
-* Rows mode (`_rows_mode`: a routed in_proj, and a routed out_proj or no backward): in_proj's output stays in its
-  sorted rows. The conv reads x's windows from them (`mom.ops.triton.conv_rows.conv_rows_t`: one pass where a gather
-  into sequence order and the conv were two); z stays there too, the order of out_proj's input, and the gated gather
-  into out_proj's rows computes ``out * silu(z)`` reading it there (`gather_cols_t`'s ``gate_rows``): the scan
-  neither reads z nor writes a second (d_inner, n) output, and nothing of in_proj's output is gathered into sequence
-  order. Its backward (`_gate_backward`, `mom.ops.triton.gather.gated_gather_backward`) turns out_proj's input
-  gradient rows into the scan's output gradient in sequence order and writes dz straight into in_proj's sorted
-  gradient rows; the scan's backward runs ungated; x is gathered into sequence order for causal-conv1d's backward
-  only, and dx back into the rows. Otherwise (a shared in_proj, or a shared out_proj with a backward, whose scan
-  gates with z in sequence order) in_proj's output is gathered into sequence order once, xz (2 d_inner, n).
+* The scan gates its output only for a shared out_proj; a routed one's gather computes ``out * silu(z)`` on the way
+  (the scan then neither reads z nor writes a second (d_inner, n) output).
 * Backward recomputes the conv output and Δ instead of storing them (as ``mamba_inner_fn`` does with
-  ``checkpoint_lvl=1``); stored: the in_proj input, in_proj's output (rows, or xz), B and C, dt_proj's expanded
-  input, the scan's output and checkpoints, and a routed out_proj's input (the gated output in sorted rows:
-  recomputing it for the weight gradient would cost a gated gather per step; it is freed before the scan's backward,
-  the peak, so the layer's peak does not grow, but a model holds one (d_inner, n) matrix more per layer until its
-  backward). A shared out_proj's gated output is recomputed by the scan's backward. in_proj's output, the scan's
-  output and the gated rows are freed as soon as the backward is done with them (so a retained graph cannot be
-  differentiated twice through this Function: it says so), except under saved-tensor hooks (activation
-  checkpointing, offloading), which see them as saved tensors. For a routed in_proj outside rows mode, dz and dx
-  are two matrices (each gathered into half of in_proj's sorted gradient rows), so that dx is allocated only after
-  the scan's backward. The backward runs as named steps (`_FusedMixer._backward`), each freeing what it was the
-  last to read.
+  ``checkpoint_lvl=1``); stored: the in_proj input, xz, B and C, dt_proj's expanded input, the scan's output and
+  checkpoints, and a routed out_proj's input (the gated output in sorted rows: recomputing it for the weight
+  gradient would cost a gated gather per step; it is freed before the scan's backward, the peak, so the layer's
+  peak does not grow, but a model holds one (d_inner, n) matrix more per layer until its backward). A shared
+  out_proj's gated output is recomputed by the scan's backward. xz, the scan's output and the gated rows are freed
+  as soon as the backward is done with them (so a retained graph cannot be differentiated twice through this
+  Function: it says so), except under saved-tensor hooks (activation checkpointing, offloading), which see them as
+  saved tensors. For a routed in_proj, dz and dx are two matrices (each gathered into half of in_proj's sorted
+  gradient rows), so that dx is allocated only after the scan's backward. The backward runs as named steps
+  (`_FusedMixer._backward`), each freeing what it was the last to read.
 * Generation's prefill (a forward from a fresh recurrent state) takes the same forward: `fused_mixer`'s
-  ``states_out`` receive the conv's last ``d_conv`` inputs (written by the conv from rows, or copied from xz, in
-  sequence order either way) and the scan's final state (from the scan's own checkpoints, as mamba-ssm's
-  ``selective_scan_fn`` returns it): no extra pass. Without gradients to compute (generation runs under
-  ``no_grad``) the forward runs outside autograd, saving nothing for a backward, and a routed in_proj / out_proj
-  that runs per expert on weights already in the compute dtype reads the experts' own weights (`_own_weights`: no
-  stacked copy of them).
+  ``states_out`` receive the conv's last ``d_conv`` inputs (copied from in_proj's output, in sequence order whatever
+  the rows' layout) and the scan's final state (from the scan's own checkpoints, as mamba-ssm's ``selective_scan_fn``
+  returns it): no extra pass. Without gradients to compute (generation runs under ``no_grad``) the forward runs
+  outside autograd, saving nothing for a backward; with a routed in_proj the conv reads x straight from in_proj's
+  sorted rows (`mom.ops.triton.conv_rows.conv_rows_t`: one pass for the gather into sequence order and the conv,
+  writing the conv window too), and with a routed out_proj z stays in those rows, which are the order of out_proj's
+  input, and the gated gather reads it there (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): nothing of
+  in_proj's output is gathered into sequence order.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
   launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,

@@ -1,12 +1,11 @@
 """The causal depthwise conv read straight from a routed in_proj's sorted rows: gather and conv in one pass.
 
-With a routed in_proj the fused mixer leaves x in in_proj's token-major rows, sorted by modality (its rows mode,
-`mom.ops.fused`); the conv and the scan read feature-major ``(f, n)`` columns in sequence order. `conv_rows_t` loads
+A forward without backward (generation's prefill) with a routed in_proj has x in in_proj's token-major rows, sorted
+by modality; the conv and the scan read feature-major ``(f, n)`` columns in sequence order. `conv_rows_t` loads
 each output tile's window of rows through the routing's inverse permutation and writes ``silu(conv(x) + bias)``
 feature-major: one read and one write of x, where a gather into sequence order followed by causal-conv1d read and
 wrote it twice each (and took two launches). It also writes the conv's window, the recurrent state a decode step
-reads, when given one. Training uses it twice, in the forward and for the backward's recompute of the conv; the
-conv's backward (causal-conv1d's) still reads x gathered into sequence order.
+reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
 
 A program computes a tile of 32 positions of one sequence x 128 features: for each of the conv's ``w`` taps it loads
 the 32 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
