@@ -79,7 +79,7 @@ from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.conv_rows import conv_rows_t, write_window
 from mom.ops.triton.flatcast import Place, flat_cast
-from mom.ops.triton.gather import gated_gather_backward, gather_cols_t, gather_rows_t, silu_gated
+from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.utils.errors import MissingDependencyError
 
 
@@ -98,8 +98,7 @@ class ScanOps(Protocol):
         position (b, di, n) fp32, a view of what the scan keeps anyway); B, C: (b, 1, n, l)."""
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None). With z
-        None (an ungated scan; its gate's backward done outside) ``out`` and ``dz`` are not read."""
+        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
 
 
 class CudaScanOps:
@@ -126,12 +125,10 @@ class CudaScanOps:
         return out, checkpoints, out_z[0] if z is not None else None, checkpoints[:, :, -1, 1::2]
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        # -> du, ddelta, dA, dB, dC, dD, ddelta_bias, then with z: dz (written in place) and the gated output if asked
-        du, ddelta, dA, dB, dC, dD, _, *rest = self._scan.bwd(
-            u, delta, A, B, C, D, z, None, dout, checkpoints, out if z is not None else None, dz, True,
-            recompute_out_z and z is not None,
+        du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
+            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, recompute_out_z
         )
-        return du, ddelta, dA, dB, dC, dD, rest[1] if recompute_out_z and z is not None else None
+        return du, ddelta, dA, dB, dC, dD, out_z[0] if recompute_out_z else None
 
 
 class ReferenceScanOps:
@@ -159,13 +156,12 @@ class ReferenceScanOps:
         return out, None, silu_gated(out, z) if z is not None else None, last_state
 
     def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D) + ((z,) if z is not None else ())]
+        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
         with torch.enable_grad():
-            out_z = self._scan(*leaves, *(() if z is not None else (None,)))
-            du, ddelta, dA, dB, dC, dD, *dz_ = torch.autograd.grad(out_z, leaves, dout)
-        if z is not None:
-            dz.copy_(dz_[0])
-        return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z and z is not None else None
+            out_z = self._scan(*leaves)
+            du, ddelta, dA, dB, dC, dD, dz_ = torch.autograd.grad(out_z, leaves, dout)
+        dz.copy_(dz_)
+        return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z else None
 
 
 REFERENCE_OPS = ReferenceScanOps()
@@ -414,14 +410,6 @@ class _Layout:
         return self.counts.blocks(read=not on_device)
 
 
-def _rows_mode(layout: _Layout, backward: bool) -> bool:
-    """Whether the Function keeps in_proj's output in its sorted rows (x read from them by the conv, z by the gated
-    gather and by its backward, `gated_gather_backward`; saved as those rows) rather than gathering it into
-    sequence order: a routed in_proj, and a routed out_proj or no backward (a shared out_proj's scan gates with z in
-    sequence order; a prefill gathers only z then)."""
-    return layout.routed(Projection.in_proj) and (layout.routed(Projection.out_proj) or not backward)
-
-
 def _cast_params(layout: _Layout, params, dtype: torch.dtype, own: tuple[bool, ...]) -> list[tuple]:
     """The parameters in ``dtype`` -> per projection (weights (k, o, i), biases (k, o) or None), the experts stacked,
     but for dt_proj (its experts and biases side by side as one matrix, None): (d_inner, k_pad) =
@@ -568,25 +556,25 @@ class _FusedMixer(torch.autograd.Function):
         keep_io = _keep_rows(keep, layout.sorted_io, perm)  # (n,) in the input's row order, or None
         h = _masked_rows(hidden.reshape(n, -1), keep_io, dtype)  # (n, d_model), sorted rows if layout.sorted_io
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
-        z_rows = None  # z in in_proj's sorted rows (n, di), where it stays for a routed out_proj (below)
+        z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         window = None if states_out is None else states_out[0]
         # in_proj: a routed one is one grouped GEMM on the sorted rows, a shared one a GEMM into sequence-order columns
         xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_in), b_in, offsets) \
             if in_routed else None  # (n, 2di)
-        rows = _rows_mode(layout, ctx is not None)
-        if rows:  # x is never gathered into sequence order: the conv reads its windows from the sorted rows
-            # (`conv_rows_t`: one pass where a gather and the conv were two)
+        if xz_rows is not None and ctx is None:  # no backward: x is never gathered into sequence order; the conv
+            # reads its windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
             conv_out = _bdl(conv_rows_t(xz_rows[:, :di], inv_perm, l, conv_weight.squeeze(1), conv_bias, keep,
                                         window), b, l)  # (b, di, l)
             x = xz = None
             if out_routed:  # z stays in these rows, the order of out_proj's input: the gated gather reads it there
                 z_rows, z = xz_rows[:, di:], None  # (n, di)
-            else:  # (no backward)
+            else:
                 z = _bdl(gather_rows_t(xz_rows[:, di:], inv_perm), b, l)
-        else:  # the conv and the scan read x and z in sequence order: rows -> sequence-order columns
+            del xz_rows
+        else:  # a backward reads x and z in sequence order: rows -> sequence-order columns
             xz = _linear_cols(w_in[0], None if b_in is None else b_in[0], h_in.t()) if xz_rows is None \
                 else gather_rows_t(xz_rows, inv_perm)  # (2di, n)
-            xz_rows = None  # freed before the conv's output is allocated
+            del xz_rows  # before the conv's output is allocated
             x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)  # (b, di, l) views
             if window is not None:
                 write_window(window, x)
@@ -621,7 +609,7 @@ class _FusedMixer(torch.autograd.Function):
             y_rows = gather_cols_t(_cols(out), perm, gate=_cols(z))
         del out_z
         if ctx is None:  # no backward: the activations go before out_proj's output is allocated
-            del x, z, xz, xz_rows, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
+            del x, z, xz, z_rows, out, h, h_in, B, C, BC, dt_in, checkpoints
         o = _routed_rows(layout, Projection.out_proj, y_rows, _transposed(w_out), b_out, offsets)  # (n, d_model)
         o = _reorder(o, out_routed, layout.sorted_io, perm, inv_perm)  # a row gather (PyTorch's is fast) or none
         if ctx is None:
@@ -632,7 +620,7 @@ class _FusedMixer(torch.autograd.Function):
         # allocated, the end of the backward can be its peak), unless saved-tensor hooks (activation checkpointing,
         # offloading) are active: those must see every saved tensor.
         ctx.hooked = _saved_tensors_hooked()
-        held = (xz_rows if rows else xz, out, y_rows if out_routed else None)
+        held = (xz, out, y_rows if out_routed else None)
         ctx.save_for_backward(h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select,
                               ids, keep, keep_io, dt_in, w_x_cat, w_dt_cat, w_in, w_out,
                               *(held if ctx.hooked else ()))
@@ -652,13 +640,13 @@ class _FusedMixer(torch.autograd.Function):
         layout, dtype, ops = ctx.layout, ctx.dtype, ctx.layout.ops
         (h_in, conv_weight, conv_bias, A, B, C, D, checkpoints, perm, inv_perm, offsets, select, ids, keep, keep_io,
          dt_in, w_x_cat, w_dt_cat, w_in, w_out, *held) = ctx.saved_tensors
-        xz, out, y_rows = _take_held(ctx, held)  # in rows mode xz is in_proj's sorted output rows (n, 2di)
+        xz, out, y_rows = _take_held(ctx, held)
         del held
         b, l, di = layout.batch, layout.length, layout.d_inner
         n = b * l
         pdtype = ctx.param_dtype
         in_routed, out_routed = layout.routed(Projection.in_proj), layout.routed(Projection.out_proj)
-        rows = _rows_mode(layout, True)
+        x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
         dout_in = _reorder(dout.reshape(n, -1).to(dtype), layout.sorted_io, out_routed, perm, inv_perm)  # (n, d_model)
         del dout
         # out_proj. A routed one's weight gradient comes first, from the gated rows kept by the forward, which are
@@ -666,22 +654,14 @@ class _FusedMixer(torch.autograd.Function):
         # which the scan's backward recomputes.
         g_out = _out_proj_weight_grads(layout, dout_in, y_rows, pdtype, offsets) if out_routed else None
         del y_rows
-        if rows:  # the gate's backward from the sorted rows: dz straight into in_proj's sorted gradient rows, the
-            # scan's output gradient into sequence order; the scan then runs ungated, and the conv reads the rows
-            dxz_rows, dy = _gate_backward(layout, dout_in, w_out, xz, out, perm, offsets)
-            dz = x = z = dxz = None
-            conv_out = _bdl(conv_rows_t(xz[:, :di], inv_perm, l, conv_weight.squeeze(1), conv_bias, keep), b, l)
-        else:
-            x, z = _bdl(xz[:di], b, l), _bdl(xz[di:], b, l)
-            dy = _out_proj_input_grad(layout, dout_in, w_out, inv_perm, offsets)  # (di, n) sequence order
-            # the scan writes dz. A routed in_proj reads dx and dz through the gathers that sort them, so they can be
-            # two matrices, and dx is allocated after the scan's backward (its peak); a shared one reads them as one
-            # (2di, n) matrix, dxz.
-            dxz = None if in_routed else torch.empty_like(xz)
-            dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
-            conv_out = _masked_conv(ops, x, conv_weight, conv_bias, keep)  # (b, di, l), recomputed
-        dconv_out, ddelta, dA, dB, dC, dD, out_z = _scan_backward(
-            layout, conv_out, z, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz
+        dy = _out_proj_input_grad(layout, dout_in, w_out, inv_perm, offsets)  # (di, n) sequence order
+        # the scan, on the recomputed conv output and Δ; it writes dz. A routed in_proj reads dx and dz through the
+        # gathers that sort them, so they can be two matrices, and dx is allocated after the scan's backward (its
+        # peak); a shared one reads them as one (2di, n) matrix, dxz.
+        dxz = None if in_routed else torch.empty_like(xz)
+        dz = xz.new_empty(di, n) if dxz is None else dxz[di:]
+        conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z = _scan_backward(
+            layout, x, z, conv_weight, conv_bias, keep, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz
         )
         del dy, out
         if not out_routed:
@@ -697,16 +677,11 @@ class _FusedMixer(torch.autograd.Function):
         del conv_out
         dconv_cols = _conv_output_grad(dconv_out, dx_all, w_x_cat, dtype, keep)  # (di, n)
         del dconv_out, dx_all
-        if rows:  # x gathered into sequence order for causal-conv1d's backward, dx gathered back into the rows
-            x, xz = _bdl(gather_rows_t(xz[:, :di], inv_perm), b, l), None  # the rows freed before dx is allocated
-        dx = dconv_cols.new_empty(di, n) if dxz is None else dxz[:di]
+        dx = xz.new_empty(di, n) if dxz is None else dxz[:di]
         _, dconv_w, dconv_b = ops.conv_bwd(x, conv_weight.squeeze(1), conv_bias, _bdl(dconv_cols, b, l), _bdl(dx, b, l))
         del dconv_cols, x, z, xz
         # in_proj
-        if rows:
-            gather_cols_t(dx, perm, out=dxz_rows[:, :di])
-        else:
-            dxz_rows = _in_proj_output_grad_rows(layout, dx, dz, dxz, perm)  # (n, 2di), sorted iff in_proj routes
+        dxz_rows = _in_proj_output_grad_rows(layout, dx, dz, dxz, perm)  # (n, 2di), sorted iff in_proj routes
         del dxz, dx, dz
         dh, g_in = _in_proj_grads(layout, dxz_rows, h_in, w_in, offsets, ctx.hidden_dtype, pdtype)
         del dxz_rows
@@ -746,30 +721,18 @@ def _out_proj_input_grad(layout: _Layout, dout_in: torch.Tensor, w_out: torch.Te
     return torch.mm(w_out[0].t(), dout_in.t())
 
 
-def _gate_backward(layout: _Layout, dout_in: torch.Tensor, w_out, xz_rows: torch.Tensor, out: torch.Tensor, perm,
-                   offsets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows mode (`_rows_mode`): out_proj's input gradient on its sorted rows, then the gate's backward
-    (`gated_gather_backward`, z read from in_proj's sorted output rows xz_rows (n, 2di), the scan's output ``out``
-    (b, di, l)) -> (in_proj's sorted output gradient rows (n, 2di), dz written, dx to come; the scan's output
-    gradient (di, n) in sequence order)."""
-    di = layout.d_inner
-    dy_rows = _routed_rows(layout, Projection.out_proj, dout_in, w_out, None, offsets)  # (n, di) sorted
-    dxz_rows = dy_rows.new_empty(dy_rows.shape[0], 2 * di)
-    d_out = dy_rows.new_empty(di, dy_rows.shape[0])
-    gated_gather_backward(dy_rows, xz_rows[:, di:], _cols(out), perm, d_out, dxz_rows[:, di:])
-    return dxz_rows, d_out
-
-
-def _scan_backward(layout: _Layout, conv_out, z, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints, out, dz):
-    """The scan's backward on the recomputed (masked) conv output (b, di, l) and Δ; with z, it gates and writes dz
-    (the gate's gradient) in place; without (rows mode), dy is the ungated output's gradient. -> (dconv_out, ddelta,
-    dA, dB, dC, dD, out_z): the gradients, and the gated output, recomputed for a shared out_proj's weight gradient
-    (else None)."""
+def _scan_backward(layout: _Layout, x, z, conv_weight, conv_bias, keep, w_dt_cat, dt_in, A, B, C, D, dy, checkpoints,
+                   out, dz):
+    """The scan's backward on the recomputed (masked) conv output and Δ; writes dz (the gate's gradient) in place.
+    -> (conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z): the recomputed conv output (x_proj's weight gradient
+    reads it), the gradients, and the gated output, recomputed for a shared out_proj's weight gradient (else None)."""
     b, l = layout.batch, layout.length
-    return layout.ops.scan_bwd(
-        conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out,
-        None if dz is None else _bdl(dz, b, l), not layout.routed(Projection.out_proj),
+    conv_out = _masked_conv(layout.ops, x, conv_weight, conv_bias, keep)  # (b, di, l)
+    dconv_out, ddelta, dA, dB, dC, dD, out_z = layout.ops.scan_bwd(
+        conv_out, _bdl(w_dt_cat @ dt_in, b, l), A, B, C, D, z, _bdl(dy, b, l), checkpoints, out, _bdl(dz, b, l),
+        not layout.routed(Projection.out_proj),
     )
+    return conv_out, dconv_out, ddelta, dA, dB, dC, dD, out_z
 
 
 def _dt_proj_weight_grads(layout: _Layout, ddelta: torch.Tensor, dt_in: torch.Tensor, pdtype: torch.dtype):

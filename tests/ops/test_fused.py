@@ -82,20 +82,17 @@ def test_backward_twice_through_a_retained_graph_names_the_problem():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("decouple", [PROJECTIONS, ("x_proj", "dt_proj")], ids=["rows mode", "sequence order"])
-def test_saved_tensor_hooks_see_every_activation(decouple):
-    """Under saved-tensor hooks (activation checkpointing, offloading) in_proj's output (in its sorted rows, or in
-    sequence order for a shared in_proj) and the scan's output are saved through them like the rest, not held on ctx,
-    and a retained graph can be differentiated twice."""
-    mixer = make_mixer(decouple)
+def test_saved_tensor_hooks_see_every_activation():
+    """Under saved-tensor hooks (activation checkpointing, offloading) xz and the scan's output are saved through
+    them like the rest, not held on ctx, and a retained graph can be differentiated twice."""
+    mixer = make_mixer(PROJECTIONS)
     hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
     routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
         out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS)
     n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
-    xz = (n, 2 * d_inner) if decouple == PROJECTIONS else (2 * d_inner, n)  # sorted rows, or sequence-order columns
-    assert xz in packed and (2, d_inner, 9) in packed  # out (b, d_inner, l)
+    assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
     out.sum().backward(retain_graph=True)
     first = hidden.grad.clone()
     hidden.grad = None
@@ -578,23 +575,23 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     ids = torch.randint(0, 32, (2, 12))
     layer = ["_to_copy",  # D to fp32 (a bf16 D; none for an fp32 one)
              "flat_cast",  # every expert weight, dt_proj's matrix among them
-             "_grouped_mm", "conv_rows_t",  # in_proj, the conv reading x in in_proj's sorted rows (one kernel for
-             "mm",  # the gather and the conv), x_proj
+             "_grouped_mm", "gather_rows_t",  # in_proj, x to sequence-order columns
+             "conv", "mm",  # the conv, x_proj
              "mul", "mm",  # dt_proj's Δ-rank rows into its expanded input, dt_proj
              "gather", "scan",  # each token's B and C from its expert, the scan
-             "gather_cols_t", "_grouped_mm"]  # the gated gather into out_proj's rows (z read in them), out_proj
+             "gather_cols_t", "_grouped_mm"]  # the gated gather into out_proj's rows, out_proj
     once = ["copy_", "zero_"]  # the expanded input's constant rows, by the first layer of a forward
     with torch.no_grad():  # the first calls out of the way (torch._grouped_mm's probe, cached constants)
         model(ids, use_cache=True, logits_to_keep=1)
     per_layer.clear()
-    with launches, torch.no_grad():  # a prefill: the conv also writes the cache's conv window, then the SSM state's
-        model(ids, use_cache=True, logits_to_keep=1)  # copy
-    prefill = layer[:9] + ["copy_"] + layer[9:]
+    with launches, torch.no_grad():  # a prefill: the conv reads x in in_proj's rows and writes the cache's conv
+        model(ids, use_cache=True, logits_to_keep=1)  # window (one kernel for the gather and the conv), then the
+    prefill = layer[:3] + ["conv_rows_t"] + layer[5:10] + ["copy_"] + layer[10:]  # SSM state's copy
     assert per_layer == [once + prefill] + [prefill] * (config.n_layer - 1)
     per_layer.clear()
     with launches:  # a training forward: each layer copies the expanded input, which its backward reads
         model(ids, labels=ids)
-    training = layer[:5] + ["clone"] + layer[5:]
+    training = layer[:6] + ["clone"] + layer[6:]
     assert per_layer == [once + training] + [training] * (config.n_layer - 1)
 
 
