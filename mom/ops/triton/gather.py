@@ -8,12 +8,8 @@ gather with a transpose:
 * `gather_cols_t`: ``x[:, index].t()``, feature-major columns -> token-major rows (the scan's output to a GEMM);
   with ``gate``, ``(x * silu(gate))[:, index].t()``: the scan's gated output computed from its ungated one and z on
   the way (a routed out_proj's input; the scan then does not write a gated copy); with ``gate_rows``, the gate is
-  read in the output's row order instead (z left in in_proj's sorted rows: nothing of in_proj's output is then
-  gathered into sequence order);
-* `gated_gather_backward`: the backward of that gated gather, the other way: the gradient of the gated rows (n, f)
-  gives the scan's output gradient, scattered into feature-major columns in sequence order, and the gate's gradient,
-  written in the rows' order (into in_proj's sorted gradient rows: the scan's backward then neither reads z nor
-  writes dz, and dz needs no gather).
+  read in the output's row order instead (z left in in_proj's sorted rows: a forward without backward then gathers
+  only x into sequence order).
 
 One Triton kernel does both: a program copies a tile of 64 tokens x 64 features, loading along the source's
 contiguous dimension and storing along the output's (Triton transposes the tile through shared memory); a routing
@@ -57,31 +53,6 @@ def _kernel(triton, tl):
         tl.store(out + toks.to(tl.int64)[:, None] * s_out_tok + feats64 * s_out_feat, values, mask=ok)
 
     return gather_t_kernel
-
-
-@triton_kernel
-def _backward_kernel(triton, tl):
-    @triton.jit
-    def gated_gather_backward_kernel(dy, z, out, index, d_out, dz, N, F, s_dy, s_z, s_dz, s_out, s_d_out,
-                                     BN: tl.constexpr, BF: tl.constexpr):
-        """For rows j < N, features f < F, t = index[j]: d_out[f, t] = dy[j, f] silu(z[j, f]) and dz[j, f] =
-        dy[j, f] out[f, t] silu'(z[j, f]), in fp32, rounded once (rows unit-strided along f, columns along t)."""
-        toks = tl.program_id(0) * BN + tl.arange(0, BN)
-        feats = tl.program_id(1) * BF + tl.arange(0, BF)
-        tok_ok, feat_ok = toks < N, feats < F
-        ok = tok_ok[:, None] & feat_ok[None, :]
-        rows = toks.to(tl.int64)[:, None]
-        feats64 = feats.to(tl.int64)[None, :]
-        cols = tl.load(index + toks, mask=tok_ok, other=0).to(tl.int64)[:, None]
-        g = tl.load(dy + rows * s_dy + feats64, mask=ok, other=0.0).to(tl.float32)
-        zz = tl.load(z + rows * s_z + feats64, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(out + feats64 * s_out + cols, mask=ok, other=0.0).to(tl.float32)
-        sig = 1.0 / (1.0 + tl.exp(-zz))
-        tl.store(d_out + feats64 * s_d_out + cols, (g * zz * sig).to(d_out.dtype.element_ty), mask=ok)
-        tl.store(dz + rows * s_dz + feats64, (g * o * sig * (1.0 + zz * (1.0 - sig))).to(dz.dtype.element_ty),
-                 mask=ok)
-
-    return gated_gather_backward_kernel
 
 
 def _gather_t(src_rows: torch.Tensor, index: torch.Tensor, out_rows: torch.Tensor,
@@ -138,33 +109,3 @@ def gather_cols_t(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor | Non
     else:
         _gather_t(x.t(), index, out, None if gate is None else gate.t())
     return out
-
-
-def gated_gather_backward(dy_rows: torch.Tensor, z_rows: torch.Tensor, out_cols: torch.Tensor, index: torch.Tensor,
-                          d_out_cols: torch.Tensor, dz_rows: torch.Tensor) -> None:
-    """The backward of ``y_rows = gather_cols_t(out_cols, index, gate_rows=z_rows)``: dy_rows, z_rows (m, f) rows
-    of unit feature stride (any row stride), out_cols (f, n) feature-major of unit token stride, index (m,) int64.
-    Writes d_out_cols (f, n) (its columns ``index``; the others are left as they are) with ``dy * silu(z)`` and
-    dz_rows (m, f) with ``dy * out * silu'(z)``, each computed in fp32 (or wider) and rounded once."""
-    m, f = dy_rows.shape
-    for name, t, want in (("z_rows", z_rows, (m, f)), ("dz_rows", dz_rows, (m, f)), ("index", index, (m,)),
-                          ("d_out_cols", d_out_cols, tuple(out_cols.shape))):
-        if tuple(t.shape) != want:
-            raise ValueError(f"gated_gather_backward: {name} has shape {tuple(t.shape)}, expected {want}")
-    if out_cols.shape[0] != f:
-        raise ValueError(f"gated_gather_backward: out_cols {tuple(out_cols.shape)} must have {f} features")
-    unit = all(t.stride(-1) == 1 for t in (dy_rows, z_rows, dz_rows, out_cols, d_out_cols))
-    if not (dy_rows.is_cuda and unit and _backward_kernel() is not None):
-        wide = torch.promote_types(dy_rows.dtype, torch.float32)
-        g, z = dy_rows.to(wide), z_rows.to(wide)
-        o = out_cols.index_select(1, index).t().to(wide)  # (m, f)
-        sig = torch.sigmoid(z)
-        d_out_cols.index_copy_(1, index, (g * z * sig).t().to(d_out_cols.dtype))
-        dz_rows.copy_(g * o * sig * (1 + z * (1 - sig)))
-        return
-    if m and f:
-        grid = (-(-m // TILE), -(-f // TILE), 1)
-        launch(_backward_kernel(), grid, (dy_rows, z_rows, out_cols, index, d_out_cols, dz_rows, m, f,
-                                          dy_rows.stride(0), z_rows.stride(0), dz_rows.stride(0), out_cols.stride(0),
-                                          d_out_cols.stride(0)),
-               BN=TILE, BF=TILE)
