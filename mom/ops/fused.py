@@ -47,7 +47,9 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   sorted rows (`mom.ops.triton.conv_rows.conv_rows_t`: one pass for the gather into sequence order and the conv,
   writing the conv window too), and with a routed out_proj z stays in those rows, which are the order of out_proj's
   input, and the gated gather reads it there (`mom.ops.triton.gather.gather_cols_t`'s ``gate_rows``): nothing of
-  in_proj's output is gathered into sequence order.
+  in_proj's output is gathered into sequence order. A routed in_proj / out_proj that runs per expert on weights
+  already in the compute dtype (bf16 weights in generation) reads the experts' own weights there (`_own_weights`):
+  the weight cast copies none of them.
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
   launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,
