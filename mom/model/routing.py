@@ -43,8 +43,13 @@ class Routing:
 
     @cached_property
     def perm(self) -> torch.Tensor:
-        """(n,) flat token indices sorted by modality (stable, so order within a modality is kept)."""
-        return torch.argsort(self.modality_ids.reshape(-1), stable=True)
+        """(n,) flat token indices sorted by modality (stable, so order within a modality is kept), by each token's
+        expert id (`expert_ids`: a modality id out of range, which the model's checks reject, still leaves a
+        permutation). The keys are one byte where the modalities fit in one: CUDA's radix sort makes a pass (and a
+        launch) per byte of its keys, eight for int64 ids, and a prefill's prelude is bound by its launches
+        (docs/performance.md)."""
+        keys = self.expert_ids
+        return torch.argsort(keys.to(torch.uint8) if self.num_modalities <= 256 else keys, stable=True)
 
     @cached_property
     def inv_perm(self) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +61,21 @@ def test_random_interleaving_counts_and_permutation():
     assert torch.equal(flat[routing.perm], flat.sort(stable=True).values)
     assert torch.equal(routing.perm[routing.inv_perm], torch.arange(flat.numel()))
     check_against_reference(ids)
+
+
+@pytest.mark.parametrize("num_modalities", [3, 300], ids=["one-byte keys", "int64 keys"])
+def test_the_permutation_is_the_stable_sort_of_the_modality_ids(num_modalities):
+    """``perm`` is exactly the stable argsort of the modality ids (one-byte keys while the modalities fit in a byte,
+    the ids themselves beyond), and ``inv_perm`` its inverse; ids out of range (rejected later by the model's checks)
+    still give a permutation."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, num_modalities, (3, 41), generator=g)
+    routing = Routing.build(ids, num_modalities)
+    assert torch.equal(routing.perm, torch.argsort(ids.flatten(), stable=True))
+    assert torch.equal(routing.perm[routing.inv_perm], torch.arange(ids.numel()))
+    bad = ids.clone()
+    bad[0, :3] = torch.tensor([-1, num_modalities, 1000])
+    assert torch.equal(Routing.build(bad, num_modalities).perm.sort().values, torch.arange(ids.numel()))
 
 
 def test_every_expert_is_called_even_without_grad():
