@@ -421,10 +421,7 @@ def _cast_params(layout: _Layout, params, dtype: torch.dtype, own: tuple[bool, .
     cast buffer. A projection whose GEMM reads its experts' own weights (``own[p]``, `_own_weights`) is not copied:
     (its k weights (o, i), its k biases or None), the parameters themselves."""
     places, size, views, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias, _k_pad(layout), own)
-    per_projection, start = [], 0
-    for k, bias in zip(layout.experts, layout.has_bias):
-        per_projection.append(params[start : start + k * (2 if bias else 1)])
-        start += len(per_projection[-1])
+    per_projection = [params[lo:hi] for lo, hi in _param_spans(layout.experts, layout.has_bias)]
     cast = [t for p, ts in enumerate(per_projection) if not own[p] for t in ts]
     pad = (_zeros(zeros, params[0].dtype, params[0].device),) if zeros else ()
     flat = flat_cast([*cast, *pad], dtype, places, size)
@@ -444,12 +441,25 @@ def _own_weights(layout: _Layout, params, dtype: torch.dtype, backward: bool) ->
     backward (which saves no stacked weights), a routed in_proj or out_proj whose parameters are already in
     ``dtype`` (bf16 weights in generation), run per expert (`mom.ops.grouped.per_expert`: the blocks known, a large
     GEMM). The cast copies nothing else of the largest weights then."""
-    if backward or layout.counts.known is None or params[0].dtype != dtype:
+    if backward or layout.counts.known is None:
         return (False,) * len(Projection)
     n = layout.batch * layout.length
+    spans = _param_spans(layout.experts, layout.has_bias)
     return tuple(p in (Projection.in_proj, Projection.out_proj) and layout.routed(p)
                  and grouped.per_expert(n * layout.shapes[p][0] * layout.shapes[p][1], layout.has_bias[p], False)
+                 and all(t.dtype == dtype for t in params[spans[p][0] : spans[p][1]])
                  for p in Projection)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_spans(experts: tuple[int, ...], has_bias: tuple[bool, ...]) -> tuple[tuple[int, int], ...]:
+    """Per projection, the (start, end) of its parameters in the Function's flat order (its experts' weights, then
+    their biases: `MixerWeights.params`)."""
+    spans, start = [], 0
+    for k, bias in zip(experts, has_bias):
+        spans.append((start, start + k * (2 if bias else 1)))
+        start = spans[-1][1]
+    return tuple(spans)
 
 
 @functools.lru_cache(maxsize=64)
