@@ -54,8 +54,9 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
   launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,
   ``A = -exp(A_log)`` is computed for all of a model's layers in three launches (`negative_exp`, given as ``A``;
-  else inside the Function) and its gradient inside the Function, every expert weight is cast in one kernel
-  (`_cast_params`, `mom.ops.triton.flatcast`: the experts of a projection become stacked views of the one buffer,
+  else inside the Function) and its gradient inside the Function, every expert weight is cast in one kernel (but
+  those a forward without backward reads as they are, `_own_weights`) (`_cast_params`, `mom.ops.triton.flatcast`:
+  the experts of a projection become stacked views of the one buffer,
   and dt_proj's experts and biases its expanded GEMM's matrix), dt_proj's expanded input is built once per forward
   (`Routes.dt_input`), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS,
   and constants are cached.
