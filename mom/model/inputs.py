@@ -87,42 +87,53 @@ def validate_and_route(
     """
     check_shapes(config, input_ids, inputs_embeds, modality_ids=modality_ids, labels=labels, shift_labels=shift_labels)
     V, M = config.vocab_size, config.num_modalities
-    checks: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], str]]] = {}  # name -> (bad (b, l), message)
+    # name -> (values on the device, each (1,), whether the values read say it failed, the message then); a range check
+    # reads its tensor's min and max (one launch), the others whether any position is bad: few launches, as a
+    # prefill's GPU idles until the host has run everything before its first layer (docs/performance.md)
+    checks: dict[str, tuple[tuple[torch.Tensor, ...], Callable[[list[int]], bool], Callable[[], str]]] = {}
 
     def first(t: torch.Tensor, bad: torch.Tensor) -> int:
         return int(t[bad][0])
 
+    def in_range(name: str, t: torch.Tensor, n: int, valid: str) -> None:
+        lo, hi = t.aminmax()
+        checks[name] = ((lo.view(1), hi.view(1)), lambda v: v[0] < 0 or v[1] >= n,
+                        lambda: f"{name} {first(t, (t < 0) | (t >= n))} is out of range; valid: [0, {n}){valid}")
+
     derived = None
     if input_ids is not None:
-        bad = (input_ids < 0) | (input_ids >= V)
-        checks["token id"] = (bad, lambda bad: f"token id {first(input_ids, bad)} is out of range; valid: [0, {V})")
+        in_range("token id", input_ids, V, "")
         derived = modality_of_ids(config, input_ids)  # (b, l)
     if modality_ids is not None:
-        bad = (modality_ids < 0) | (modality_ids >= M)
-        checks["modality id"] = (bad, lambda bad: f"modality id {first(modality_ids, bad)} is out of range; "
-                                                  f"valid: [0, {M}) {config.modalities}")
+        in_range("modality id", modality_ids, M, f" {config.modalities}")
         if derived is not None:
-            checks["routing"] = (modality_ids != derived, lambda bad: (
-                f"modality_ids contradict the token ids: token id {first(input_ids, bad)} belongs to "
-                f"{config.modalities[first(derived, bad)]!r} but its modality id is {first(modality_ids, bad)} "
-                f"({config.modalities[first(modality_ids, bad)]!r}); modality ids must follow the vocabulary ranges "
-                f"(first ids {config.vocab_offsets} of {config.modalities})"))
+            contradict = modality_ids != derived
+
+            def routing_message() -> str:
+                token, given = first(input_ids, contradict), first(modality_ids, contradict)
+                return (f"modality_ids contradict the token ids: token id {token} belongs to "
+                        f"{config.modalities[first(derived, contradict)]!r} but its modality id is {given} "
+                        f"({config.modalities[given]!r}); modality ids must follow the vocabulary ranges (first ids "
+                        f"{config.vocab_offsets} of {config.modalities})")
+
+            checks["routing"] = ((contradict.any().view(1),), lambda v: bool(v[0]), routing_message)
     for name, t in (("label", labels), ("shift label", shift_labels)):
         if t is not None:
             bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= V)
-            checks[name] = (bad, lambda bad, t=t, name=name: f"{name} {first(t, bad)} is out of range; "
-                                                             f"valid: [0, {V}) or {IGNORE_INDEX}")
+            checks[name] = ((bad.any().view(1),), lambda v: bool(v[0]), lambda t=t, name=name, bad=bad: (
+                f"{name} {first(t, bad)} is out of range; valid: [0, {V}) or {IGNORE_INDEX}"))
     routing = Routing((derived if modality_ids is None else modality_ids).long(), M)
-    flags = [bad.any() for bad, _ in checks.values()]
-    flags_and_counts = torch.cat([torch.stack(flags).long(), routing.device_counts]) if flags else routing.device_counts
+    # one tensor (one cat, whose dtypes it promotes to a common one) and one read for every check and the counts
+    values = torch.cat([*(t for v, _, _ in checks.values() for t in v), routing.device_counts])
 
     def read() -> tuple[int, ...]:
         """The one host sync: raise for the first failed check, else return the device's counts."""
-        values = flags_and_counts.tolist()
-        for (bad, message), flag in zip(checks.values(), values):
-            if flag:
-                raise ValueError(message(bad))
-        return tuple(values[len(checks) :])
+        got, at = values.tolist(), 0
+        for v, failed, message in checks.values():
+            if failed(got[at : at + len(v)]):
+                raise ValueError(message())
+            at += len(v)
+        return tuple(int(c) for c in got[at:])
 
     if defer and capturing(routing.modality_ids):
         # recorded into a CUDA graph (`mom.train.captured_step`): nothing can be read now, and counts given for this

@@ -293,7 +293,7 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
 
 
 def negative_exps(mixers: Sequence[nn.Module]) -> list[torch.Tensor | None]:
-    """Each `MoMMixer`'s ``A = -exp(A_log)`` for its fused path, all in three launches (`mom.ops.fused.negative_exp`),
+    """Each `MoMMixer`'s ``A = -exp(A_log)`` for its fused path, all in two launches (`mom.ops.fused.negative_exp`),
     None for other mixers (and for all where some fast-path weights are absent): what a model whose mixers all take
     the fused path (`sorted_stream`) hands them, instead of two launches in each layer."""
     weights = [m.fast_path_weights() if isinstance(m, MoMMixer) else None for m in mixers]

@@ -478,7 +478,7 @@ class MoMModel(MoMPreTrainedModel):
                      and self.config.channel_mixer is None and not self.config.layer_averaging
                      and sorted_stream(mixers, input_ids))
         if in_sorted:
-            embed_ids = embed_ids.reshape(-1)[routing.perm].view(b, l)
+            embed_ids = embed_ids.reshape(-1).index_select(0, routing.perm).view(b, l)
         if inputs_embeds is None:
             residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
 
@@ -532,7 +532,7 @@ class MoMModel(MoMPreTrainedModel):
         in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
-        # every mixer takes its fused path: the Mamba-1 ones get A = -exp(A_log) computed for all in three launches
+        # every mixer takes its fused path: the Mamba-1 ones get A = -exp(A_log) computed for all in two launches
         mixers = [layer.mixer for layer in self.layers]
         As = negative_exps(mixers) if in_sorted else [None] * len(mixers)
         out = None

@@ -11,6 +11,7 @@ meanwhile, as the model's deferred input checks read them after the forward).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,16 +55,15 @@ class Routing:
     @cached_property
     def inv_perm(self) -> torch.Tensor:
         """(n,) inverse of ``perm``: position of each original token in the sorted order."""
-        inv = torch.empty_like(self.perm)
-        inv[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
-        return inv
+        order = torch.arange(self.perm.numel(), device=self.perm.device)
+        return torch.empty_like(self.perm).scatter_(0, self.perm, order)
 
     @cached_property
     def is_modality(self) -> torch.Tensor:
         """(num_modalities, n) bool, row m marks the tokens of modality m. A comparison with ``arange``: unlike
         ``bincount`` and ``one_hot``, which read the ids' range on the host, it does not synchronise."""
         flat = self.modality_ids.reshape(-1)
-        return flat[None, :] == torch.arange(self.num_modalities, device=flat.device)[:, None]
+        return flat[None, :] == _modality_column(self.num_modalities, flat.device)
 
     @cached_property
     def device_counts(self) -> torch.Tensor:
@@ -123,6 +123,12 @@ class Routing:
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
         return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)
+
+
+@functools.cache
+def _modality_column(num_modalities: int, device: torch.device) -> torch.Tensor:
+    """(num_modalities, 1): 0, 1, ... on the device, made once (not a launch at every forward)."""
+    return torch.arange(num_modalities, device=device)[:, None]
 
 
 class _PermuteRows(torch.autograd.Function):

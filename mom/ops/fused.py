@@ -53,7 +53,7 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
 * Few launches and little host time per launch: a whole LM step can be bound by the host (docs/performance.md), so
   routed GEMMs below `mom.ops.grouped.PER_EXPERT_MACS` are grouped, the Triton kernels go through their compiled
   launcher (`mom.ops.triton.launcher`), the mixer gathers its `MixerWeights` once and reuses them,
-  ``A = -exp(A_log)`` is computed for all of a model's layers in three launches (`negative_exp`, given as ``A``;
+  ``A = -exp(A_log)`` is computed for all of a model's layers in two launches (`negative_exp`, given as ``A``;
   else inside the Function) and its gradient inside the Function, every expert weight is cast in one kernel (but
   those a forward without backward reads as they are, `_own_weights`) (`_cast_params`, `mom.ops.triton.flatcast`:
   the experts of a projection become stacked views of the one buffer,
@@ -324,8 +324,8 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     three elementwise products forward and three backward, each over one activation.
 
     ``A`` (d_inner, d_state) fp32: ``-exp(weights.A_log)``, computed by the caller for all of a model's layers in
-    three launches (`negative_exp`), or None: computed here (two launches a layer, three for a bf16 A_log). Not
-    differentiated: the Function gives A_log its gradient itself.
+    two multi-tensor launches (`negative_exp`), or None: computed here (two launches a layer, three for a bf16
+    A_log). Not differentiated: the Function gives A_log its gradient itself.
 
     Without gradients to compute (``torch.no_grad()`` or ``inference_mode``, as in ``generate()``, or nothing that
     requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
@@ -366,13 +366,14 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
 
 
 def negative_exp(A_logs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``-exp(A_log)`` in fp32 for each of ``A_logs`` (a model's layers), outside autograd, as views of one buffer:
-    three launches for all of them (a cat, exp, neg; a fourth, the cast, for A_logs not in fp32), where each layer's
-    Function would take two or three of its own (a small model's forward is bound by its launches:
+    """``-exp(A_log)`` in fp32 for each of ``A_logs`` (a model's layers), outside autograd: two multi-tensor launches
+    for all of them (and a cast for each A_log not in fp32, as a model keeps them: `keep_ssm_params_fp32`), where each layer's Function would take two or three of
+    its own (a small model's forward is bound by its launches, a prefill's GPU idles through the host's prelude:
     docs/performance.md). For `fused_mixer`'s ``A``."""
     with torch.no_grad():
-        flat = torch.cat([a.reshape(-1) for a in A_logs]).float().exp_().neg_()
-    return [a.view(A_log.shape) for a, A_log in zip(flat.split([t.numel() for t in A_logs]), A_logs)]
+        A = torch._foreach_exp([a.float() for a in A_logs])
+        torch._foreach_neg_(A)
+    return A
 
 
 def _check_states_out(states_out, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...]) -> None:

@@ -31,6 +31,36 @@ def test_validate_and_route_derives_the_routing_and_names_bad_ids():
     assert routing.host_counts.known is None
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_every_check_is_read_in_the_one_read_and_names_its_first_bad_value(dtype):
+    """Token ids and modality ids are checked by their range (min and max), the routing and labels position by
+    position; each failure names the first bad value, below the range as above it, and the counts come with them."""
+    config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
+    ids = torch.tensor([[0, 12, 15, 3, 17, 19, 9]], dtype=dtype)
+    modality = modality_of_ids(config, ids).to(dtype)
+    labels = ids.clone()
+    labels[0, 0] = -100
+    routing, _ = validate_and_route(config, ids, modality, labels, defer=False, shift_labels=labels)
+    assert routing.host_counts.known == (3, 2, 2)
+    cases = [
+        (dict(input_ids=(0, 1, -3)), "token id -3 is out of range; valid: \\[0, 20\\)"),
+        (dict(input_ids=(0, 5, 25)), "token id 25 is out of range"),
+        (dict(modality_ids=(0, 2, 3)), "modality id 3 is out of range; valid: \\[0, 3\\) \\('text'"),
+        (dict(modality_ids=(0, 2, -1)), "modality id -1 is out of range"),
+        (dict(modality_ids=(0, 4, 1)), "token id 17 belongs to 'speech' but its modality id is 1 \\('image'\\)"),
+        (dict(labels=(0, 2, -5)), "label -5 is out of range"),
+        (dict(shift_labels=(0, 6, 20)), "shift label 20 is out of range"),
+    ]
+    for change, message in cases:
+        given = dict(input_ids=ids.clone(), modality_ids=modality.clone(), labels=labels.clone(),
+                     shift_labels=labels.clone())
+        for name, (row, col, value) in change.items():
+            given[name][row, col] = value
+        with pytest.raises(ValueError, match=message):
+            validate_and_route(config, given["input_ids"], given["modality_ids"], given["labels"], defer=False,
+                               shift_labels=given["shift_labels"])
+
+
 def test_modality_of_ids_follows_the_vocabulary_ranges():
     config = MoMConfig(vocab_sizes=(10, 6, 4), d_model=8, n_layer=1)
     ids = torch.tensor([[0, 9, 10, 15, 16, 19]])

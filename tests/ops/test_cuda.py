@@ -220,9 +220,10 @@ def test_conv_from_rows_matches_causal_conv1d_on_gathered_columns(dtype, b, l, f
 @pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
 def test_grouped_matches_per_expert_gemms_on_cuda(counts):
     """torch._grouped_mm (one launch) equals one cuBLAS GEMM per expert, for the operand layouts of the fast path
-    (token-major rows, weights as stored or transposed) with uneven and empty blocks; transposed rows (which CUDA's
-    version takes only in blocks of multiples of 8) go through the per-expert GEMMs."""
-    from mom.ops.fused import _grouped, _grouped_mm_applies
+    (token-major rows, weights as stored or transposed) with uneven and empty blocks, the blocks known on the host or
+    only on the device; transposed rows (which CUDA's version takes only in blocks of multiples of 8) go through the
+    per-expert GEMMs."""
+    from mom.ops.grouped import grouped_gemm, grouped_mm_applies
 
     n = sum(counts)
     ends = torch.tensor(counts).cumsum(0)
@@ -232,10 +233,12 @@ def test_grouped_matches_per_expert_gemms_on_cuda(counts):
     for rows in (torch.randn(n, 64, device="cuda", dtype=torch.bfloat16),
                  torch.randn(64, n + 8, device="cuda", dtype=torch.bfloat16)[:, :n].t()):
         for weights in (w, torch.randn(3, 48, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)):
-            assert _grouped_mm_applies(rows, weights) == (rows.stride(1) == 1)
-            got = _grouped(rows, weights, None, blocks, offsets)
+            grouped = grouped_mm_applies(rows, weights)
+            assert grouped == (rows.stride(1) == 1)
             want = torch.cat([rows[lo:hi] @ weights[m] for m, (lo, hi) in enumerate(blocks)])
-            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+            for known in (blocks, None) if grouped else (blocks,):
+                got = grouped_gemm(rows, weights, None, known, offsets)
+                torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 def test_host_counts_on_cuda_match_and_bad_ids_raise_a_value_error():
