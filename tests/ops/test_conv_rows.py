@@ -77,31 +77,20 @@ def test_bad_shapes_are_named():
 
 
 def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
-    """Sequences longer and shorter than a tile and than the window, features not a multiple of the tile, strided
-    rows, bias or none, keep, the window; fp32 and bf16."""
+    """Sequences longer and shorter than a tile and than the window, or whole tiles; features a multiple of the tile
+    or not; strided rows, bias or none, keep, the window; fp32 and bf16; 32- and 64-bit offsets."""
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
         from mom.ops.triton import conv_rows
         from mom.ops.triton.conv_rows import TILE_F, TILE_L, conv_rows_t
 
-        def run(rows, index, l, weight, bias, keep, window):  # as conv_rows_t launches it
-            n, f = index.shape[0], rows.shape[1]
-            out = rows.new_empty(f, n)
-            if window is not None and l < weight.shape[1]:
-                window[..., : weight.shape[1] - l].zero_()
-            strides = (0, 0, 0) if window is None else window.stride()
-            conv_rows._kernel()[(n // l * -(-l // TILE_L), -(-f // TILE_F), 1)](
-                rows, index, weight, out if bias is None else bias, out if keep is None else keep, out,
-                out if window is None else window, l, f, n, rows.stride(0), *weight.stride(), *strides,
-                W=weight.shape[1], BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
-                HAS_WINDOW=window is not None)
-            return out
-
         g = torch.Generator().manual_seed(0)
-        for dtype, (b, l, f), bias, keep in ((torch.float32, (2, 150, 140), True, True),
-                                             (torch.float32, (3, 2, 9), False, False),
-                                             (torch.bfloat16, (2, 65, 64), True, False)):
+        for dtype, (b, l, f), bias, keep, i32 in ((torch.float32, (2, 150, 140), True, True, True),
+                                                  (torch.float32, (3, 2, 9), False, False, False),
+                                                  (torch.bfloat16, (2, 65, TILE_F), True, False, True),
+                                                  (torch.float32, (2, 2 * TILE_L, 2 * TILE_F), True, True, True),
+                                                  (torch.float32, (1, TILE_L, TILE_F), False, True, False)):
             n = b * l
             rows = torch.randn(n + 3, 2 * f, generator=g).to(dtype)[:, f:]
             index = torch.randperm(n + 3, generator=g)[:n]
@@ -111,7 +100,7 @@ def test_the_kernel_in_tritons_interpreter_equals_the_pytorch_ops():
             want_window, window = torch.zeros(b, f, 4, dtype=dtype), torch.ones(b, f, 4, dtype=dtype)
             want = conv_rows_t(rows.float(), index, l, weight.float(), None if bias_ is None else bias_.float(),
                                None if keep_ is None else keep_.float(), want_window)
-            got = run(rows, index, l, weight, bias_, keep_, window)
+            got = conv_rows._launch(rows, index, l, weight, bias_, keep_, window, i32=i32)
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # one rounding of the fp32 result
             torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
             assert torch.equal(window.float(), want_window)

@@ -7,7 +7,7 @@ feature-major: one read and one write of x, where a gather into sequence order f
 wrote it twice each (and took two launches). It also writes the conv's window, the recurrent state a decode step
 reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
 
-A program computes a tile of 32 positions of one sequence x 128 features: for each of the conv's ``w`` taps it loads
+A program computes a tile of 64 positions of one sequence x 64 features: for each of the conv's ``w`` taps it loads
 the 32 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
 cache), accumulates in fp32 as causal-conv1d does, adds the bias, applies silu and stores the tile transposed
 (Triton goes through shared memory), so the output's stores run along its contiguous tokens. Elsewhere (CPU, no
@@ -22,7 +22,8 @@ from mom.ops import backend
 from mom.ops.triton.launcher import launch, triton_kernel
 
 # positions x features per program: the fastest of a sweep of tiles and warps on an H100 (docs/performance.md)
-TILE_L, TILE_F = 32, 128
+TILE_L, TILE_F = 64, 64
+INT32_MAX = 2**31 - 1
 
 
 @triton_kernel
@@ -30,38 +31,71 @@ def _kernel(triton, tl):
     @triton.jit
     def conv_rows_kernel(src, index, weight, bias, keep, out, window, L, F, n, s_src, s_w_feat, s_w_tap, s_win_b,
                          s_win_feat, s_win_tap, W: tl.constexpr, BL: tl.constexpr, BF: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         EVEN_L: tl.constexpr, EVEN_F: tl.constexpr, I32: tl.constexpr):
         """out[f, r * L + p] = silu(bias[f] + sum_k weight[f, k] * src[index[r * L + p - (W - 1 - k)], f]) (taps before
         the sequence's start read zeros), times keep[r * L + p] if HAS_KEEP; window[r, f, j] = the input at position
-        L - W + j if HAS_WINDOW (slots before the start are left as they are)."""
+        L - W + j if HAS_WINDOW (slots before the start are left as they are). EVEN_L / EVEN_F: L / F are multiples of
+        the tile's (no bounds masks); I32: every offset fits in 32 bits (cheaper address arithmetic)."""
         tiles = tl.cdiv(L, BL)
         seq = tl.program_id(0) // tiles
         pos = (tl.program_id(0) % tiles) * BL + tl.arange(0, BL)
         feats = tl.program_id(1) * BF + tl.arange(0, BF)
         feat_ok = feats < F
-        feats64 = feats.to(tl.int64)
+        if not I32:
+            feats = feats.to(tl.int64)
         acc = tl.zeros((BL, BF), dtype=tl.float32)
         for k in tl.static_range(W):  # tap k reads position pos - (W - 1 - k)
             p = pos - (W - 1 - k)
             ok = (p >= 0) & (p < L)
-            row = tl.load(index + seq * L + p, mask=ok, other=0).to(tl.int64)
-            ok2 = ok[:, None] & feat_ok[None, :]
-            x = tl.load(src + row[:, None] * s_src + feats64[None, :], mask=ok2, other=0.0)
-            w_k = tl.load(weight + feats64 * s_w_feat + k * s_w_tap, mask=feat_ok, other=0.0).to(tl.float32)
-            acc += x.to(tl.float32) * w_k[None, :]
+            row = tl.load(index + seq * L + p, mask=ok, other=0)
+            if I32:
+                row = row.to(tl.int32)
+            else:
+                row = row.to(tl.int64)
+            at = src + (row * s_src)[:, None] + feats[None, :]
+            if EVEN_L and k == W - 1:  # the current positions: all inside the sequence
+                if EVEN_F:
+                    x = tl.load(at)
+                else:
+                    x = tl.load(at, mask=feat_ok[None, :], other=0.0)
+            elif EVEN_F:
+                x = tl.load(at, mask=ok[:, None], other=0.0)
+            else:
+                x = tl.load(at, mask=ok[:, None] & feat_ok[None, :], other=0.0)
+            if EVEN_F:
+                w_k = tl.load(weight + feats * s_w_feat + k * s_w_tap)
+            else:
+                w_k = tl.load(weight + feats * s_w_feat + k * s_w_tap, mask=feat_ok, other=0.0)
+            acc += x.to(tl.float32) * w_k.to(tl.float32)[None, :]
             if HAS_WINDOW and k == W - 1:  # the current positions: the last W of the sequence are its window
                 slot = p - (L - W)
-                at = window + seq * s_win_b + feats64[None, :] * s_win_feat + slot.to(tl.int64)[:, None] * s_win_tap
-                tl.store(at, x.to(window.dtype.element_ty), mask=ok2 & (slot >= 0)[:, None])
+                if not I32:
+                    slot = slot.to(tl.int64)
+                at = window + seq * s_win_b + (feats * s_win_feat)[None, :] + (slot * s_win_tap)[:, None]
+                tl.store(at, x.to(window.dtype.element_ty), mask=(ok & (slot >= 0))[:, None] & feat_ok[None, :])
         if HAS_BIAS:
-            acc += tl.load(bias + feats64, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
-        y = acc / (1.0 + tl.exp(-acc))  # silu, in fp32 and rounded once (as causal-conv1d)
+            if EVEN_F:
+                acc += tl.load(bias + feats).to(tl.float32)[None, :]
+            else:
+                acc += tl.load(bias + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+        # silu in fp32, rounded once (as causal-conv1d): exp(-a) as exp2(-a log2(e)), the GPU's exp2 instruction, and
+        # the fast division (a few ulp of fp32)
+        y = tl.fdiv(acc, 1.0 + tl.exp2(acc * -1.4426950408889634), ieee_rounding=False)
         tok = seq * L + pos
+        if not I32:
+            tok = tok.to(tl.int64)
         pos_ok = pos < L
         if HAS_KEEP:
-            y = y * tl.load(keep + tok, mask=pos_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out + feats64[None, :] * n + tok.to(tl.int64)[:, None], y.to(out.dtype.element_ty),
-                 mask=pos_ok[:, None] & feat_ok[None, :])
+            if EVEN_L:
+                y = y * tl.load(keep + tok).to(tl.float32)[:, None]
+            else:
+                y = y * tl.load(keep + tok, mask=pos_ok, other=0.0).to(tl.float32)[:, None]
+        at = out + (feats * n)[None, :] + tok[:, None]
+        if EVEN_L and EVEN_F:
+            tl.store(at, y.to(out.dtype.element_ty))
+        else:
+            tl.store(at, y.to(out.dtype.element_ty), mask=pos_ok[:, None] & feat_ok[None, :])
 
     return conv_rows_kernel
 
@@ -103,15 +137,29 @@ def conv_rows_t(rows: torch.Tensor, index: torch.Tensor, length: int, weight: to
         if keep is not None:
             y = y * keep.view(b, 1, length).to(y.dtype)
         return y.permute(1, 0, 2).reshape(f, n).contiguous()
+    return _launch(rows, index, length, weight, bias, keep, window)
+
+
+def _launch(rows: torch.Tensor, index: torch.Tensor, length: int, weight: torch.Tensor, bias: torch.Tensor | None,
+            keep: torch.Tensor | None, window: torch.Tensor | None, i32: bool | None = None) -> torch.Tensor:
+    """`conv_rows_t`'s kernel on checked arguments (also in Triton's interpreter, on CPU tensors: the tests); ``i32``:
+    32-bit offsets (default: where every offset fits)."""
+    n, f = index.shape[0], rows.shape[1]
+    b, w = n // length, weight.shape[1]
     out = rows.new_empty(f, n)
-    if n and f:
-        if window is not None and length < w:
-            window[..., : w - length].zero_()
-        grid = (b * -(-length // TILE_L), -(-f // TILE_F), 1)
-        win_strides = (0, 0, 0) if window is None else window.stride()
-        launch(_kernel(), grid, (rows, index, weight, out if bias is None else bias, out if keep is None else keep,
-                                 out, out if window is None else window, length, f, n, rows.stride(0),
-                                 *weight.stride(), *win_strides),
-               W=w, BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
-               HAS_WINDOW=window is not None)
+    if not (n and f):
+        return out
+    if window is not None and length < w:
+        window[..., : w - length].zero_()
+    if i32 is None:
+        extents = (rows.shape[0] * rows.stride(0), f * n, weight.shape[0] * weight.stride(0),
+                   0 if window is None else window.shape[0] * window.stride(0))
+        i32 = max(extents) <= INT32_MAX
+    grid = (b * -(-length // TILE_L), -(-f // TILE_F), 1)
+    win_strides = (0, 0, 0) if window is None else window.stride()
+    launch(_kernel(), grid, (rows, index, weight, out if bias is None else bias, out if keep is None else keep, out,
+                             out if window is None else window, length, f, n, rows.stride(0), *weight.stride(),
+                             *win_strides),
+           W=w, BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+           HAS_WINDOW=window is not None, EVEN_L=length % TILE_L == 0, EVEN_F=f % TILE_F == 0, I32=i32)
     return out
