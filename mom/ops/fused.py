@@ -367,9 +367,9 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
 
 def negative_exp(A_logs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``-exp(A_log)`` in fp32 for each of ``A_logs`` (a model's layers), outside autograd: two multi-tensor launches
-    for all of them (and a cast for each A_log not in fp32, as a model keeps them: `keep_ssm_params_fp32`), where each layer's Function would take two or three of
-    its own (a small model's forward is bound by its launches, a prefill's GPU idles through the host's prelude:
-    docs/performance.md). For `fused_mixer`'s ``A``."""
+    for all of them (and a cast for each A_log not in fp32; a model keeps them in fp32), where each layer's Function
+    would take two or three of its own (a small model's forward is bound by its launches, a prefill's GPU idles
+    through the host's prelude: docs/performance.md). For `fused_mixer`'s ``A``."""
     with torch.no_grad():
         A = torch._foreach_exp([a.float() for a in A_logs])
         torch._foreach_neg_(A)
