@@ -13,7 +13,9 @@ included), mamba-ssm as ``MambaLMHeadModel(ids, inference_params=...)`` after th
 table of kernels (calls and device time per step, largest first), then the kernels and device microseconds per step.
 With ``--prefill N`` the profiled call is an N-token prompt's forward into a fresh cache (logits of the last position
 only, as ``generate()`` asks), and each side also prints its wall time per call (synchronised): wall time well above
-the kernels' device time means the call waits on the host (launches and Python), not on the GPU. ``--timeline``
+the kernels' device time means the call waits on the host (launches and Python), not on the GPU, and its host time
+from the call's start to its first layer (the prelude: input checks, cache, routing, embedding; the GPU has nothing
+queued until then, so every microsecond of it is idle device time). ``--timeline``
 adds each side's GPU timeline over a few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches
 longer than 30 us with the kernels on either side, launches by kind), which shows where such a wait falls.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -62,6 +65,26 @@ def wall_ms(step, calls: int = 5) -> float:
     return best
 
 
+def prelude_us(call, first_layer: torch.nn.Module, calls: int = 9) -> float:
+    """The median host time (us) from the start of a synchronised ``call`` to ``first_layer``'s forward (after two
+    warm-up calls): the host's work before the first layer's kernels, while the GPU idles."""
+    entered: list[float] = []
+    hook = first_layer.register_forward_pre_hook(lambda *_: entered.append(time.perf_counter()))
+    times = []
+    try:
+        for i in range(calls + 2):
+            torch.cuda.synchronize()
+            entered.clear()
+            start = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append((entered[0] - start) * 1e6)
+    finally:
+        hook.remove()
+    return statistics.median(times)
+
+
 def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
     rows = sorted(table.items(), key=lambda kv: -kv[1][1])
     print(f"\n=== {name}: per step ===")
@@ -84,7 +107,8 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         def prefill() -> None:
             model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
 
-        print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call")
+        print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; host time to the first layer "
+              f"{prelude_us(prefill, model.backbone.layers[0]):.0f} us")
         if args.timeline:
             timeline("MoM prefill", prefill, top=args.top)
         return kernel_table(prefill, args.steps)
@@ -138,7 +162,8 @@ def main(argv=None) -> int:
                 fresh = InferenceParams(max_seqlen=args.prefill + 1, max_batch_size=args.batch)
                 dense(prompt, inference_params=fresh, num_last_tokens=1)
 
-            print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call")
+            print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call; host time to the first "
+                  f"layer {prelude_us(dense_prefill, dense.backbone.layers[0]):.0f} us")
             if args.timeline:
                 timeline("mamba-ssm prefill", dense_prefill, top=args.top)
             report("mamba-ssm", kernel_table(dense_prefill, args.steps), args.top)
