@@ -8,7 +8,7 @@ wrote it twice each (and took two launches). It also writes the conv's window, t
 reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
 
 A program computes a tile of 64 positions of one sequence x 64 features: for each of the conv's ``w`` taps it loads
-the 32 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
+the 64 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
 cache), accumulates in fp32 as causal-conv1d does, adds the bias, applies silu and stores the tile transposed
 (Triton goes through shared memory), so the output's stores run along its contiguous tokens. Elsewhere (CPU, no
 Triton) it is a gather and `mom.ops.backend.reference_causal_conv1d`.
