@@ -133,7 +133,7 @@ def validate_and_route(
             if failed(got[at : at + len(v)]):
                 raise ValueError(message())
             at += len(v)
-        return tuple(int(c) for c in got[at:])
+        return tuple(got[at:])
 
     if defer and capturing(routing.modality_ids):
         # recorded into a CUDA graph (`mom.train.captured_step`): nothing can be read now, and counts given for this
