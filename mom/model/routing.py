@@ -46,24 +46,27 @@ class Routing:
     def perm(self) -> torch.Tensor:
         """(n,) flat token indices sorted by modality (stable, so order within a modality is kept), by each token's
         expert id (`expert_ids`: a modality id out of range, which the model's checks reject, still leaves a
-        permutation). The keys are one byte where the modalities fit in one: CUDA's radix sort makes a pass (and a
-        launch) per byte of its keys, eight for int64 ids, and a prefill's prelude is bound by its launches
-        (docs/performance.md)."""
-        keys = self.expert_ids
-        return torch.argsort(keys.to(torch.uint8) if self.num_modalities <= 256 else keys, stable=True)
+        permutation): the inverse of ``inv_perm``, one scatter."""
+        inv = self.inv_perm
+        return torch.empty_like(inv).scatter_(0, inv, _positions(inv.numel(), inv.device))
 
     @cached_property
     def inv_perm(self) -> torch.Tensor:
-        """(n,) inverse of ``perm``: position of each original token in the sorted order."""
-        order = torch.arange(self.perm.numel(), device=self.perm.device)
-        return torch.empty_like(self.perm).scatter_(0, self.perm, order)
+        """(n,) each token's position in the sorted order: the stable partition by expert, without a sort. A cumsum
+        over the one-hot read row by row (`is_modality`, flattened) counts, at (m, i), the tokens of every expert
+        before m plus those of m up to token i: token i's place, less one, in its own expert's row. A few launches
+        where CUDA's radix sort made a pass per byte of its keys plus its own (10 at 16 x 2048 tokens), and a
+        prefill's prelude is bound by its launches (docs/performance.md)."""
+        onehot = self.is_modality  # (M, n)
+        places = onehot.view(-1).cumsum(0).view(onehot.shape)  # (M, n) int64
+        return places.gather(0, self.expert_ids[None]).squeeze(0).sub_(1)
 
     @cached_property
     def is_modality(self) -> torch.Tensor:
-        """(num_modalities, n) bool, row m marks the tokens of modality m. A comparison with ``arange``: unlike
+        """(num_modalities, n) bool, row m marks the tokens of expert m (`expert_ids`: a modality id out of range
+        counts in the expert it is clamped to; the model's checks reject it). A comparison with ``arange``: unlike
         ``bincount`` and ``one_hot``, which read the ids' range on the host, it does not synchronise."""
-        flat = self.modality_ids.reshape(-1)
-        return flat[None, :] == _modality_column(self.num_modalities, flat.device)
+        return self.expert_ids[None, :] == _modality_column(self.num_modalities, self.expert_ids.device)
 
     @cached_property
     def device_counts(self) -> torch.Tensor:
@@ -123,6 +126,12 @@ class Routing:
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
         return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """(n,) 0, 1, ... n - 1 on the device, made once per token count (the shapes of training steps repeat)."""
+    return torch.arange(n, device=device)
 
 
 @functools.cache
