@@ -24,6 +24,7 @@ LoRA-wrapped experts, ZeRO-3-partitioned weights; decode steps after a cached pr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -94,7 +95,7 @@ class MoMMixer(nn.Module):
         bool marks where packed documents start: the conv window and the SSM state restart there. ``sorted_tokens``:
         hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
         the model decides, `sorted_stream`). ``A``: ``-exp(A_log)``, computed by the model for all layers at once
-        (`negative_exps`) for the fused path to read, or None (the module path computes its own, with autograd).
+        (`SortedStream`) for the fused path to read, or None (the module path computes its own, with autograd).
         """
         if sorted_tokens:
             return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask, A=A)
@@ -176,7 +177,11 @@ class MoMMixer(nn.Module):
         """Whether the fused Function replaces the module path for a forward on ``hidden`` (a cache that holds tokens
         already, a padding mask, a document reset: the caller checks): ``use_fast_path`` is set, the CUDA ops serve
         ``hidden`` and `fast_path_weights` has this mixer's parameters."""
-        return self.use_fast_path and fused.runs_on(hidden) and self.fast_path_weights() is not None
+        return self.fast_path(hidden) is not None
+
+    def fast_path(self, hidden: torch.Tensor) -> fused.MixerWeights | None:
+        """`fast_path_weights` where `fast_path_applies`, else None."""
+        return self.fast_path_weights() if self.use_fast_path and fused.runs_on(hidden) else None
 
     def routes_rows(self) -> bool:
         """Whether in_proj or out_proj routes (a sorted residual stream spares their row gathers); with the fast
@@ -280,28 +285,38 @@ def submodule_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if id(p) not in own]
 
 
-def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> bool:
-    """Whether a model keeps its residual stream in the routing's sorted order (``forward(..., sorted_tokens=True)``):
-    when every mixer takes its fast path (`MoMMixer`'s fused Function and `mom.model.mamba2.Mamba2Mixer`'s routed
-    GEMMs read and write rows in either order; other mixer kinds have no fast path and read sequence order) and some
-    route in_proj or out_proj (``routes_rows``: a shared one reads sequence order as cheaply). ``hidden``: any tensor
-    on the forward's device. Cache and reset: the caller checks (a padding mask goes along, in
-    sequence order)."""
-    if not all(m.fast_path_applies(hidden) for m in mixers):
-        return False
-    return any(m.routes_rows() for m in mixers)
+@dataclass(frozen=True)
+class SortedStream:
+    """A forward whose residual stream stays in the routing's sorted order (`sorted_stream`), and what the model hands
+    its mixers then, by layer: each `MoMMixer`'s ``A = -exp(A_log)`` for its fused path, computed for all of them in
+    two launches (`mom.ops.fused.negative_exp`) instead of two in each layer; None for other mixers."""
+
+    A: list[torch.Tensor | None]
 
 
-def negative_exps(mixers: Sequence[nn.Module]) -> list[torch.Tensor | None]:
-    """Each `MoMMixer`'s ``A = -exp(A_log)`` for its fused path, all in two launches (`mom.ops.fused.negative_exp`),
-    None for other mixers (and for all where some fast-path weights are absent): what a model whose mixers all take
-    the fused path (`sorted_stream`) hands them, instead of two launches in each layer."""
-    weights = [m.fast_path_weights() if isinstance(m, MoMMixer) else None for m in mixers]
-    logs = [w.A_log for w in weights if w is not None]
-    if not logs or any(isinstance(m, MoMMixer) and w is None for m, w in zip(mixers, weights)):
-        return [None] * len(mixers)
-    A = iter(fused.negative_exp(logs))
-    return [next(A) if w is not None else None for w in weights]
+def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> SortedStream | None:
+    """Whether a model keeps its residual stream in the routing's sorted order (``forward(..., sorted_tokens=True)``),
+    None where it does not: when every mixer takes its fast path (`MoMMixer`'s fused Function and
+    `mom.model.mamba2.Mamba2Mixer`'s routed GEMMs read and write rows in either order; other mixer kinds have no fast
+    path and read sequence order) and some route in_proj or out_proj (``routes_rows``: a shared one reads sequence
+    order as cheaply). ``hidden``: any tensor on the forward's device. Cache and reset: the caller checks (a padding
+    mask goes along, in sequence order). Each mixer's fast-path weights are looked up once: a prefill's prelude, during
+    which the GPU has nothing queued, is host time (docs/performance.md)."""
+    logs: list[torch.Tensor | None] = []
+    for m in mixers:
+        if isinstance(m, MoMMixer):
+            weights = m.fast_path(hidden)
+            if weights is None:
+                return None
+            logs.append(weights.A_log)
+        elif m.fast_path_applies(hidden):
+            logs.append(None)
+        else:
+            return None
+    if not any(m.routes_rows() for m in mixers):
+        return None
+    A = iter(fused.negative_exp([a for a in logs if a is not None]) if any(a is not None for a in logs) else ())
+    return SortedStream([None if a is None else next(A) for a in logs])
 
 
 def masks_on_device(mixers: Sequence[nn.Module]) -> bool:

@@ -25,7 +25,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from mom.model import generate_loop
+from mom.model import generate_loop, registrations
 from mom.model.attention import ATTENTION_PROJECTIONS, DECOUPLED_WITH, AttentionMixer
 from mom.model.cache import MoMCache
 from mom.model.channel_mixers import EinFFT, SelectiveChannelMixer, make_channel_mixer
@@ -40,7 +40,7 @@ from mom.model.inputs import (
     validate_and_route,
 )
 from mom.model.mamba2 import Mamba2Mixer
-from mom.model.mixer import MoMMixer, masks_on_device, negative_exps, sorted_stream
+from mom.model.mixer import MoMMixer, SortedStream, masks_on_device, sorted_stream
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
 from mom.ops.triton.rebind import launched
@@ -126,7 +126,7 @@ class MoMBlock(GradientCheckpointingLayer):
 
     def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False, A=None):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream). ``A``: the
-        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.negative_exps`), or None."""
+        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.SortedStream`), or None."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
         if A is None:
             out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
@@ -388,7 +388,13 @@ class MoMModel(MoMPreTrainedModel):
         self.keep_ssm_params_fp32()  # also under from_config(dtype=...), which sets torch's default dtype
         self.gradient_checkpointing = False
         self._logged_backend: str | None = None
+        self._mixers: registrations.Cached[list[nn.Module]] = registrations.Cached()
         self.post_init()
+
+    def mixers(self) -> list[nn.Module]:
+        """Each block's mixer, by layer: read at every forward, so gathered once and again after any module is
+        assigned anywhere (`mom.model.registrations`)."""
+        return self._mixers.get(lambda: [layer.mixer for layer in self.layers])
 
     @property
     def backend(self) -> str:
@@ -456,7 +462,7 @@ class MoMModel(MoMPreTrainedModel):
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
         cache = self._ready_cache(cache if use_cache else None, use_cache, b)
-        mixers = [layer.mixer for layer in self.layers]
+        mixers = self.mixers()
         mask = padding_mask(attention_mask, b, l, cache.seqlen_offset if cache is not None else 0,
                             unread=defer and masks_on_device(mixers))
 
@@ -474,10 +480,10 @@ class MoMModel(MoMPreTrainedModel):
         # take a mask on rows in sequence order only.
         fresh = cache is None or (cache.seqlen_offset == 0 and not recorded)
         mask_ok = mask is None or (cache is None and masks_on_device(mixers))
-        in_sorted = (fresh and mask_ok and doc_start is None and inputs_embeds is None
-                     and self.config.channel_mixer is None and not self.config.layer_averaging
-                     and sorted_stream(mixers, input_ids))
-        if in_sorted:
+        stream = (sorted_stream(mixers, input_ids)
+                  if (fresh and mask_ok and doc_start is None and inputs_embeds is None
+                      and self.config.channel_mixer is None and not self.config.layer_averaging) else None)
+        if stream is not None:
             embed_ids = embed_ids.reshape(-1).index_select(0, routing.perm).view(b, l)
         if inputs_embeds is None:
             residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
@@ -487,7 +493,7 @@ class MoMModel(MoMPreTrainedModel):
         if recorded:
             hidden, all_hidden = self._run_recorded(residual, routing, cache, doc_start, output_hidden_states, recorded)
         else:
-            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states)
+            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, stream, output_hidden_states)
             if cache is not None:
                 cache.seqlen_offset += l
         finish_checks()  # raises for bad input before anything (loss, backward) uses the forward
@@ -525,20 +531,20 @@ class MoMModel(MoMPreTrainedModel):
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {batch}")
         return cache
 
-    def _run(self, residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states):
+    def _run(self, residual, routing, cache, mask, doc_start, stream: SortedStream | None, output_hidden_states):
         """Embedded tokens (b, l, d) through every block and the final norm -> (hidden (b, l, d), the residual stream
-        after the embedding and after each block, or None). With layer averaging, block i's hidden state is its
-        output stream (the stream the plain model would carry on), before the averaging."""
-        in_order = functools.partial(self._sequence_order, routing) if in_sorted else (lambda t: t)
+        after the embedding and after each block, or None). ``stream``: the residual stream's rows are in the
+        routing's sorted order (`mom.model.mixer.sorted_stream`), or None (sequence order). With layer averaging,
+        block i's hidden state is its output stream (the stream the plain model would carry on), before the
+        averaging."""
+        in_order = functools.partial(self._sequence_order, routing) if stream is not None else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
-        # every mixer takes its fused path: the Mamba-1 ones get A = -exp(A_log) computed for all in two launches
-        mixers = [layer.mixer for layer in self.layers]
-        As = negative_exps(mixers) if in_sorted else [None] * len(mixers)
+        As = stream.A if stream is not None else [None] * len(self.layers)
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
-                                  sorted_tokens=in_sorted, A=As[i])
+                                  sorted_tokens=stream is not None, A=As[i])
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
@@ -568,12 +574,12 @@ class MoMModel(MoMPreTrainedModel):
         if l > recorded:
             head = l - recorded
             chunks.append(self._run(residual[:, :head], Routing(routing.modality_ids[:, :head], routing.num_modalities),
-                                    cache, None, None if doc_start is None else doc_start[:, :head], False,
+                                    cache, None, None if doc_start is None else doc_start[:, :head], None,
                                     output_hidden_states))
             cache.seqlen_offset += head
         for t in range(l - recorded, l):
             cache.record()
-            chunks.append(self._run(residual[:, t : t + 1], routing.at(t), cache, None, None, False,
+            chunks.append(self._run(residual[:, t : t + 1], routing.at(t), cache, None, None, None,
                                     output_hidden_states))
             cache.seqlen_offset += 1
         hidden = torch.cat([h for h, _ in chunks], dim=1)

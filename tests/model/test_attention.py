@@ -22,8 +22,9 @@ from mom.model import flops
 from mom.model import mixer as mixer_module
 from mom.model.attention import ATTENTION_PROJECTIONS, ROPE_BASE, AttentionMixer
 from mom.model.graph import DecodeGraphs
-from mom.model.mixer import MoMMixer, sorted_stream
+from mom.model.mixer import sorted_stream
 from mom.model.routing import RoutedLinear, Routing
+from mom.ops import fused
 
 RUNS = [(0, 3), (1, 4), (2, 3), (0, 2)]  # l = 12, every modality
 
@@ -292,12 +293,7 @@ def test_lora_preset_wraps_attention_experts_and_changes_outputs():
 def test_sorted_stream_is_off_with_an_attention_layer(monkeypatch):
     """The fast path's sorted residual stream is for Mamba-1 mixers only (forced on here, as on a GPU)."""
 
-    class Routed:
-        def routed(self, p):
-            return True
-
-    monkeypatch.setattr(MoMMixer, "fast_path_applies", lambda self, hidden: True)
-    monkeypatch.setattr(MoMMixer, "fast_path_weights", lambda self: Routed())
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)
     pure = mom.MoMForCausalLM(tiny_config())
     ids = torch.zeros(1, 2, dtype=torch.long)
     assert sorted_stream([layer.mixer for layer in pure.backbone.layers], ids)

@@ -260,20 +260,25 @@ def test_fused_mixer_names_bad_inputs():
         fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 4, dtype=torch.float64))
 
 
-def test_negative_exps_for_the_mamba_1_mixers_of_a_model():
-    """`mom.model.mixer.negative_exps`: each Mamba-1 mixer's -exp(A_log), None for other mixers (attention); all None
-    when a Mamba-1 mixer has no fast-path weights (its module path computes A with autograd)."""
-    from mom.model.mixer import negative_exps
+def test_sorted_stream_hands_each_mamba_1_mixer_its_A(monkeypatch):
+    """`mom.model.mixer.sorted_stream`: where every mixer takes its fast path, each Mamba-1 mixer's -exp(A_log)
+    (computed for all at once); None (the stream in sequence order) where one has no fast-path weights or none
+    routes in_proj or out_proj."""
+    from mom.model.mixer import sorted_stream
 
-    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
-                           attention_layers=[1])
+    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4)
     mixers = [layer.mixer for layer in mom.MoMForCausalLM(config).backbone.layers]
-    A = negative_exps(mixers)
-    assert A[1] is None
-    for a, mixer in zip((A[0], A[2]), (mixers[0], mixers[2])):
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    stream = sorted_stream(mixers, ids)
+    assert len(stream.A) == 3
+    for a, mixer in zip(stream.A, mixers):
         torch.testing.assert_close(a, -torch.exp(mixer.A_log.detach()))
+    shared = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4,
+                           decouple=("x_proj",))  # in_proj and out_proj shared: sequence order is as cheap
+    assert sorted_stream([layer.mixer for layer in mom.MoMForCausalLM(shared).backbone.layers], ids) is None
     mixers[2].x_proj["image"] = torch.nn.Sequential(mixers[2].x_proj["image"])  # not a plain nn.Linear expert
-    assert negative_exps(mixers) == [None, None, None]
+    assert sorted_stream(mixers, ids) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
