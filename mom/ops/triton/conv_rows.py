@@ -7,8 +7,8 @@ feature-major: one read and one write of x, where a gather into sequence order f
 wrote it twice each (and took two launches). It also writes the conv's window, the recurrent state a decode step
 reads, when given one. A training forward keeps the gather: its backward reads x in sequence order.
 
-A program computes a tile of 64 positions of one sequence x 64 features: for each of the conv's ``w`` taps it loads
-the 64 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
+A program computes a tile of 32 positions of one sequence x 128 features: for each of the conv's ``w`` taps it loads
+the 32 rows that tap reads (contiguous features, so each row's load is coalesced; neighbouring taps' rows hit the
 cache), accumulates in fp32 as causal-conv1d does, adds the bias, applies silu and stores the tile transposed
 (Triton goes through shared memory), so the output's stores run along its contiguous tokens. Elsewhere (CPU, no
 Triton) it is a gather and `mom.ops.backend.reference_causal_conv1d`.
@@ -21,8 +21,9 @@ import torch
 from mom.ops import backend
 from mom.ops.triton.launcher import launch, triton_kernel
 
-# positions x features per program: the fastest of a sweep of tiles and warps on an H100 (docs/performance.md)
-TILE_L, TILE_F = 64, 64
+# positions x features per program: the fastest of the tiles compared at 16 and 64 x 2048 tokens on an H100
+# (docs/performance.md, twenty-fifth session)
+TILE_L, TILE_F = 32, 128
 INT32_MAX = 2**31 - 1
 
 
