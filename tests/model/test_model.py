@@ -300,3 +300,15 @@ def test_host_counts_still_name_bad_input(change, message):
     if "modality_counts" in change:  # with a cache (eval) the counts are checked before the forward, as the rest
         with pytest.raises(ValueError, match="do not match"):
             model.eval()(ids, labels=labels, modality_counts=change["modality_counts"])
+
+
+def test_the_mixers_list_follows_a_replaced_mixer():
+    """`MoMModel.mixers` is gathered once and again after any module assignment: a replaced mixer is the one the
+    forward sees."""
+    model = mom.MoMForCausalLM(tiny_config())
+    backbone = model.backbone
+    first = backbone.mixers()
+    assert first is backbone.mixers() and first == [layer.mixer for layer in backbone.layers]
+    replacement = type(first[1])(backbone.config, 1)
+    backbone.layers[1].mixer = replacement
+    assert backbone.mixers()[1] is replacement and backbone.mixers()[0] is first[0]
