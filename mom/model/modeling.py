@@ -480,10 +480,10 @@ class MoMModel(MoMPreTrainedModel):
         # take a mask on rows in sequence order only.
         fresh = cache is None or (cache.seqlen_offset == 0 and not recorded)
         mask_ok = mask is None or (cache is None and masks_on_device(mixers))
-        stream = (sorted_stream(mixers, input_ids)
-                  if (fresh and mask_ok and doc_start is None and inputs_embeds is None
-                      and self.config.channel_mixer is None and not self.config.layer_averaging) else None)
-        if stream is not None:
+        in_sorted = (sorted_stream(mixers, input_ids)
+                     if (fresh and mask_ok and doc_start is None and inputs_embeds is None
+                         and self.config.channel_mixer is None and not self.config.layer_averaging) else None)
+        if in_sorted is not None:
             embed_ids = embed_ids.reshape(-1).index_select(0, routing.perm).view(b, l)
         if inputs_embeds is None:
             residual = self.embeddings(embed_ids)  # the residual stream (b, l, d) is residual + out
@@ -493,7 +493,7 @@ class MoMModel(MoMPreTrainedModel):
         if recorded:
             hidden, all_hidden = self._run_recorded(residual, routing, cache, doc_start, output_hidden_states, recorded)
         else:
-            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, stream, output_hidden_states)
+            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states)
             if cache is not None:
                 cache.seqlen_offset += l
         finish_checks()  # raises for bad input before anything (loss, backward) uses the forward
@@ -531,20 +531,21 @@ class MoMModel(MoMPreTrainedModel):
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {batch}")
         return cache
 
-    def _run(self, residual, routing, cache, mask, doc_start, stream: SortedStream | None, output_hidden_states):
+    def _run(self, residual, routing, cache, mask, doc_start, in_sorted: SortedStream | None,
+             output_hidden_states):
         """Embedded tokens (b, l, d) through every block and the final norm -> (hidden (b, l, d), the residual stream
-        after the embedding and after each block, or None). ``stream``: the residual stream's rows are in the
+        after the embedding and after each block, or None). ``in_sorted``: the residual stream's rows are in the
         routing's sorted order (`mom.model.mixer.sorted_stream`), or None (sequence order). With layer averaging,
         block i's hidden state is its output stream (the stream the plain model would carry on), before the
         averaging."""
-        in_order = functools.partial(self._sequence_order, routing) if stream is not None else (lambda t: t)
+        in_order = functools.partial(self._sequence_order, routing) if in_sorted is not None else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
-        As = stream.A if stream is not None else [None] * len(self.layers)
+        As = in_sorted.A if in_sorted is not None else [None] * len(self.layers)
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
-                                  sorted_tokens=stream is not None, A=As[i])
+                                  sorted_tokens=in_sorted is not None, A=As[i])
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
