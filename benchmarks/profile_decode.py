@@ -4,6 +4,7 @@
     python benchmarks/profile_decode.py --batch 64 --rows mixed # rows cycling through the modalities
     python benchmarks/profile_decode.py --prefill 2048          # the prompt's forward instead (fresh cache each call)
     python benchmarks/profile_decode.py --prefill 2048 --batch 16 --timeline   # + each side's GPU timeline
+    python benchmarks/profile_decode.py --prefill 2048 --prelude # + where the host's time before the first layer goes
 
 `bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
 (the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
@@ -15,7 +16,9 @@ With ``--prefill N`` the profiled call is an N-token prompt's forward into a fre
 only, as ``generate()`` asks), and each side also prints its wall time per call (synchronised): wall time well above
 the kernels' device time means the call waits on the host (launches and Python), not on the GPU, and its host time
 from the call's start to its first layer (the prelude: input checks, cache, routing, embedding; the GPU has nothing
-queued until then, so every microsecond of it is idle device time). ``--timeline``
+queued until then, so every microsecond of it is idle device time); ``--prelude`` splits that time into PyTorch's
+top-level ops (by name, with their calls and time) and the Python between them (the longest stretches, with the ops
+on either side). ``--timeline``
 adds each side's GPU timeline over a few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches
 longer than 30 us with the kernels on either side, launches by kind), which shows where such a wait falls.
 """
@@ -85,6 +88,64 @@ def prelude_us(call, first_layer: torch.nn.Module, calls: int = 9) -> float:
     return statistics.median(times)
 
 
+def prelude_ops(call, first_layer: torch.nn.Module) -> tuple[float, list[tuple[float, float, str]]]:
+    """Where the prelude's host time goes, in one synchronised ``call`` (after two warm-up calls): -> (the time from
+    the call's start to ``first_layer``'s forward, in us; PyTorch's top-level CPU ops in that stretch as (start us,
+    duration us, name), in order). What lies between the ops is Python: the model's own and its wrappers', and the
+    profiler's own bookkeeping, which makes the call slower than `prelude_us` measures it: compare the parts, not the
+    total."""
+    def marker(name: str) -> None:
+        with torch.profiler.record_function(name):
+            pass
+
+    hook = first_layer.register_forward_pre_hook(lambda *_: marker("profile_decode.first_layer"))
+    try:
+        for _ in range(2):
+            call()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call()  # the profiler's own first-event costs fall here, not in the call measured
+            torch.cuda.synchronize()
+            marker("profile_decode.start")
+            call()
+            torch.cuda.synchronize()
+    finally:
+        hook.remove()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.time_range.start)
+    start = next(e.time_range.start for e in events if e.name == "profile_decode.start")
+    end = next(e.time_range.start for e in events
+               if e.name == "profile_decode.first_layer" and e.time_range.start > start)
+    ops, last_end = [], start
+    for e in events:
+        if e.name.startswith("profile_decode.") or not start <= e.time_range.start < end:
+            continue
+        if e.time_range.start >= last_end:  # top level: not inside the previous op
+            ops.append((e.time_range.start - start, e.time_range.end - e.time_range.start, e.name))
+            last_end = e.time_range.end
+    return end - start, ops
+
+
+def report_prelude(name: str, prelude: float, ops: list[tuple[float, float, str]], top: int) -> None:
+    """`prelude_ops`' figures: time in ops and between them, the ops by total time, the longest stretches between."""
+    in_ops = sum(d for _, d, _ in ops)
+    print(f"\n=== {name}: host time to the first layer {prelude:.0f} us: {len(ops)} top-level ops taking "
+          f"{in_ops:.0f} us, {prelude - in_ops:.0f} us between them (Python) ===")
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for _, d, op in ops:
+        by_op[op][0] += 1
+        by_op[op][1] += d
+    for op, (calls, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{us:9.1f} us  {calls:4d} calls  {op}")
+    ends = [0.0] + [s + d for s, d, _ in ops]
+    names = ["(start)"] + [op for _, _, op in ops]
+    gaps = [(s - ends[i], names[i], op) for i, (s, _, op) in enumerate(ops)] + [(prelude - ends[-1], names[-1],
+                                                                                  "(first layer)")]
+    print("longest stretches between ops:")
+    for gap, before, after in sorted(gaps, reverse=True)[:5]:
+        print(f"{gap:9.1f} us  after {before}, before {after}")
+
+
 def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
     rows = sorted(table.items(), key=lambda kv: -kv[1][1])
     print(f"\n=== {name}: per step ===")
@@ -109,6 +170,8 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
 
         print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; host time to the first layer "
               f"{prelude_us(prefill, model.backbone.layers[0]):.0f} us")
+        if args.prelude:
+            report_prelude("MoM prefill", *prelude_ops(prefill, model.backbone.layers[0]), args.top)
         if args.timeline:
             timeline("MoM prefill", prefill, top=args.top)
         return kernel_table(prefill, args.steps)
@@ -135,6 +198,9 @@ def main(argv=None) -> int:
                         help="profile an N-token prompt's forward instead of a decode step")
     parser.add_argument("--steps", type=int, default=16, help="profiled steps (or prefills) per side")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
+    parser.add_argument("--prelude", action="store_true",
+                        help="with --prefill: where each side's host time before its first layer goes (PyTorch's "
+                             "ops and the Python between them)")
     parser.add_argument("--timeline", action="store_true",
                         help="also each side's GPU timeline: time running, idle gaps and their neighbours")
     args = parser.parse_args(argv)
@@ -164,6 +230,8 @@ def main(argv=None) -> int:
 
             print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call; host time to the first "
                   f"layer {prelude_us(dense_prefill, dense.backbone.layers[0]):.0f} us")
+            if args.prelude:
+                report_prelude("mamba-ssm prefill", *prelude_ops(dense_prefill, dense.backbone.layers[0]), args.top)
             if args.timeline:
                 timeline("mamba-ssm prefill", dense_prefill, top=args.top)
             report("mamba-ssm", kernel_table(dense_prefill, args.steps), args.top)

@@ -41,3 +41,30 @@ def test_prelude_is_the_host_time_before_the_first_layer(monkeypatch):
         time.sleep(0.02)  # the layers
 
     assert 2000 <= prelude_us(call, first, calls=3) < 15000
+
+
+def test_prelude_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, capsys):
+    """`prelude_ops`: the ops a call runs before its first layer's forward (not those inside another op, nor those
+    after), and the time between them; `report_prelude` names the longest stretch between ops."""
+    from profile_decode import prelude_ops, report_prelude
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    first = torch.nn.Identity()
+    x = torch.ones(64)
+
+    def call():
+        torch.add(x, 1)
+        torch.nn.functional.softmax(x, 0)  # one top-level op (its own ops nested inside)
+        time.sleep(0.003)  # Python between the ops
+        torch.mul(x, 2)
+        first(x)
+        torch.sub(x, 1)  # after the first layer: not the prelude's
+
+    prelude, ops = prelude_ops(call, first)
+    assert [name for _, _, name in ops] == ["aten::add", "aten::softmax", "aten::mul"]
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(ops, ops[1:]))  # in order, none inside another
+    assert 3000 <= prelude - sum(d for _, d, _ in ops) < 50000
+    report_prelude("test", prelude, ops, top=5)
+    out = capsys.readouterr().out
+    longest = out.split("longest stretches between ops:")[1].splitlines()[1]
+    assert "3 top-level ops" in out and "after aten::softmax, before aten::mul" in longest
