@@ -137,10 +137,9 @@ def report_prelude(name: str, prelude: float, ops: list[tuple[float, float, str]
         by_op[op][1] += d
     for op, (calls, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{us:9.1f} us  {calls:4d} calls  {op}")
-    ends = [0.0] + [s + d for s, d, _ in ops]
-    names = ["(start)"] + [op for _, _, op in ops]
-    gaps = [(s - ends[i], names[i], op) for i, (s, _, op) in enumerate(ops)] + [(prelude - ends[-1], names[-1],
-                                                                                  "(first layer)")]
+    ends = [(0.0, "(start)")] + [(s + d, op) for s, d, op in ops]  # where each op ends
+    starts = [(s, op) for s, _, op in ops] + [(prelude, "(first layer)")]  # where the next begins
+    gaps = [(start - end, before, after) for (end, before), (start, after) in zip(ends, starts)]
     print("longest stretches between ops:")
     for gap, before, after in sorted(gaps, reverse=True)[:5]:
         print(f"{gap:9.1f} us  after {before}, before {after}")

@@ -315,7 +315,8 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> SortedSt
             return None
     if not any(m.routes_rows() for m in mixers):
         return None
-    A = iter(fused.negative_exp([a for a in logs if a is not None]) if any(a is not None for a in logs) else ())
+    present = [a for a in logs if a is not None]
+    A = iter(fused.negative_exp(present) if present else [])
     return SortedStream([None if a is None else next(A) for a in logs])
 
 
