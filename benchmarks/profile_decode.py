@@ -4,7 +4,8 @@
     python benchmarks/profile_decode.py --batch 64 --rows mixed # rows cycling through the modalities
     python benchmarks/profile_decode.py --prefill 2048          # the prompt's forward instead (fresh cache each call)
     python benchmarks/profile_decode.py --prefill 2048 --batch 16 --timeline   # + each side's GPU timeline
-    python benchmarks/profile_decode.py --prefill 2048 --prelude # + where the host's time before the first layer goes
+    python benchmarks/profile_decode.py --prefill 2048 --prelude # + where the host's time goes: before the first layer,
+                                                                 #   and within one layer
 
 `bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
 (the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
@@ -18,9 +19,10 @@ the kernels' device time means the call waits on the host (launches and Python),
 from the call's start to its first layer (the prelude: input checks, cache, routing, embedding; the GPU has nothing
 queued until then, so every microsecond of it is idle device time); ``--prelude`` splits that time into PyTorch's
 top-level ops (by name, with their calls and time) and the Python between them (the longest stretches, with the ops
-on either side). ``--timeline``
-adds each side's GPU timeline over a few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches
-longer than 30 us with the kernels on either side, launches by kind), which shows where such a wait falls.
+on either side), and does the same for one layer (the second: from its forward to the third's), whose host time
+a one-row prefill waits on 24 times. ``--timeline`` adds each side's GPU timeline over a few calls
+(`profile_lm.timeline`: the time kernels ran, the idle stretches longer than 30 us with the kernels on either side,
+launches by kind), which shows where such a wait falls.
 """
 
 from __future__ import annotations
@@ -88,17 +90,20 @@ def prelude_us(call, first_layer: torch.nn.Module, calls: int = 9) -> float:
     return statistics.median(times)
 
 
-def prelude_ops(call, first_layer: torch.nn.Module) -> tuple[float, list[tuple[float, float, str]]]:
-    """Where the prelude's host time goes, in one synchronised ``call`` (after two warm-up calls): -> (the time from
-    the call's start to ``first_layer``'s forward, in us; PyTorch's top-level CPU ops in that stretch as (start us,
-    duration us, name), in order). What lies between the ops is Python: the model's own and its wrappers', and the
-    profiler's own bookkeeping, which makes the call slower than `prelude_us` measures it: compare the parts, not the
-    total."""
+def host_ops(call, end: torch.nn.Module, start: torch.nn.Module | None = None
+             ) -> tuple[float, list[tuple[float, float, str]]]:
+    """Where the host's time goes from ``start``'s forward (the call's start if None) to ``end``'s, in one
+    synchronised ``call`` (after two warm-up calls): -> (that time in us; PyTorch's top-level CPU ops in that stretch
+    as (start us, duration us, name), in order). What lies between the ops is Python: the model's own and its
+    wrappers', and the profiler's own bookkeeping, which makes the call slower than `prelude_us` measures it: compare
+    the parts, not the total."""
     def marker(name: str) -> None:
         with torch.profiler.record_function(name):
             pass
 
-    hook = first_layer.register_forward_pre_hook(lambda *_: marker("profile_decode.first_layer"))
+    hooks = [end.register_forward_pre_hook(lambda *_: marker("profile_decode.end"))]
+    if start is not None:
+        hooks.append(start.register_forward_pre_hook(lambda *_: marker("profile_decode.start")))
     try:
         for _ in range(2):
             call()
@@ -106,31 +111,35 @@ def prelude_ops(call, first_layer: torch.nn.Module) -> tuple[float, list[tuple[f
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call()  # the profiler's own first-event costs fall here, not in the call measured
             torch.cuda.synchronize()
-            marker("profile_decode.start")
+            marker("profile_decode.call")
             call()
             torch.cuda.synchronize()
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU),
                     key=lambda e: e.time_range.start)
-    start = next(e.time_range.start for e in events if e.name == "profile_decode.start")
-    end = next(e.time_range.start for e in events
-               if e.name == "profile_decode.first_layer" and e.time_range.start > start)
-    ops, last_end = [], start
+    called = next(e.time_range.start for e in events if e.name == "profile_decode.call")
+    begin = called if start is None else next(e.time_range.start for e in events
+                                              if e.name == "profile_decode.start" and e.time_range.start > called)
+    finish = next(e.time_range.start for e in events
+                  if e.name == "profile_decode.end" and e.time_range.start > begin)
+    ops, last_end = [], begin
     for e in events:
-        if e.name.startswith("profile_decode.") or not start <= e.time_range.start < end:
+        if e.name.startswith("profile_decode.") or not begin <= e.time_range.start < finish:
             continue
         if e.time_range.start >= last_end:  # top level: not inside the previous op
-            ops.append((e.time_range.start - start, e.time_range.end - e.time_range.start, e.name))
+            ops.append((e.time_range.start - begin, e.time_range.end - e.time_range.start, e.name))
             last_end = e.time_range.end
-    return end - start, ops
+    return finish - begin, ops
 
 
-def report_prelude(name: str, prelude: float, ops: list[tuple[float, float, str]], top: int) -> None:
-    """`prelude_ops`' figures: time in ops and between them, the ops by total time, the longest stretches between."""
+def report_host(name: str, total: float, ops: list[tuple[float, float, str]], top: int,
+                end: str = "the first layer") -> None:
+    """`host_ops`' figures: time in ops and between them, the ops by total time, the longest stretches between."""
     in_ops = sum(d for _, d, _ in ops)
-    print(f"\n=== {name}: host time to the first layer {prelude:.0f} us: {len(ops)} top-level ops taking "
-          f"{in_ops:.0f} us, {prelude - in_ops:.0f} us between them (Python) ===")
+    print(f"\n=== {name}: host time {total:.0f} us: {len(ops)} top-level ops taking "
+          f"{in_ops:.0f} us, {total - in_ops:.0f} us between them (Python) ===")
     by_op: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for _, d, op in ops:
         by_op[op][0] += 1
@@ -138,11 +147,20 @@ def report_prelude(name: str, prelude: float, ops: list[tuple[float, float, str]
     for op, (calls, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{us:9.1f} us  {calls:4d} calls  {op}")
     ends = [(0.0, "(start)")] + [(s + d, op) for s, d, op in ops]  # where each op ends
-    starts = [(s, op) for s, _, op in ops] + [(prelude, "(first layer)")]  # where the next begins
-    gaps = [(start - end, before, after) for (end, before), (start, after) in zip(ends, starts)]
+    starts = [(s, op) for s, _, op in ops] + [(total, f"({end})")]  # where the next begins
+    gaps = [(start - end_, before, after) for (end_, before), (start, after) in zip(ends, starts)]
     print("longest stretches between ops:")
     for gap, before, after in sorted(gaps, reverse=True)[:5]:
         print(f"{gap:9.1f} us  after {before}, before {after}")
+
+
+def report_prelude_and_layer(name: str, call, layers: torch.nn.ModuleList, top: int) -> None:
+    """`--prelude`: the host's time before the first layer, then within one layer (the second, from its forward to
+    the third's, or to the end of the call for a shorter model), each split by `host_ops`."""
+    report_host(f"{name} prelude (to the first layer)", *host_ops(call, layers[0]), top)
+    if len(layers) > 2:
+        report_host(f"{name} one layer (the second)", *host_ops(call, layers[2], start=layers[1]), top,
+                    end="the third layer")
 
 
 def report(name: str, table: dict[str, tuple[int, float]], top: int) -> None:
@@ -170,7 +188,7 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; host time to the first layer "
               f"{prelude_us(prefill, model.backbone.layers[0]):.0f} us")
         if args.prelude:
-            report_prelude("MoM prefill", *prelude_ops(prefill, model.backbone.layers[0]), args.top)
+            report_prelude_and_layer("MoM prefill", prefill, model.backbone.layers, args.top)
         if args.timeline:
             timeline("MoM prefill", prefill, top=args.top)
         return kernel_table(prefill, args.steps)
@@ -198,8 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="profiled steps (or prefills) per side")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
     parser.add_argument("--prelude", action="store_true",
-                        help="with --prefill: where each side's host time before its first layer goes (PyTorch's "
-                             "ops and the Python between them)")
+                        help="with --prefill: where each side's host time before its first layer, and within one "
+                             "layer, goes (PyTorch's ops and the Python between them)")
     parser.add_argument("--timeline", action="store_true",
                         help="also each side's GPU timeline: time running, idle gaps and their neighbours")
     args = parser.parse_args(argv)
@@ -230,7 +248,7 @@ def main(argv=None) -> int:
             print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call; host time to the first "
                   f"layer {prelude_us(dense_prefill, dense.backbone.layers[0]):.0f} us")
             if args.prelude:
-                report_prelude("mamba-ssm prefill", *prelude_ops(dense_prefill, dense.backbone.layers[0]), args.top)
+                report_prelude_and_layer("mamba-ssm prefill", dense_prefill, dense.backbone.layers, args.top)
             if args.timeline:
                 timeline("mamba-ssm prefill", dense_prefill, top=args.top)
             report("mamba-ssm", kernel_table(dense_prefill, args.steps), args.top)

@@ -43,10 +43,10 @@ def test_prelude_is_the_host_time_before_the_first_layer(monkeypatch):
     assert 2000 <= prelude_us(call, first, calls=3) < 15000
 
 
-def test_prelude_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, capsys):
-    """`prelude_ops`: the ops a call runs before its first layer's forward (not those inside another op, nor those
-    after), and the time between them; `report_prelude` names the longest stretch between ops."""
-    from profile_decode import prelude_ops, report_prelude
+def test_host_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, capsys):
+    """`host_ops`: the ops a call runs before its first layer's forward (not those inside another op, nor those
+    after), and the time between them; `report_host` names the longest stretch between ops."""
+    from profile_decode import host_ops, report_host
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     first = torch.nn.Identity()
@@ -60,11 +60,41 @@ def test_prelude_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, c
         first(x)
         torch.sub(x, 1)  # after the first layer: not the prelude's
 
-    prelude, ops = prelude_ops(call, first)
+    prelude, ops = host_ops(call, first)
     assert [name for _, _, name in ops] == ["aten::add", "aten::softmax", "aten::mul"]
     assert all(a[0] + a[1] <= b[0] for a, b in zip(ops, ops[1:]))  # in order, none inside another
     assert 3000 <= prelude - sum(d for _, d, _ in ops) < 50000
-    report_prelude("test", prelude, ops, top=5)
+    report_host("test", prelude, ops, top=5)
     out = capsys.readouterr().out
     longest = out.split("longest stretches between ops:")[1].splitlines()[1]
     assert "3 top-level ops" in out and "after aten::softmax, before aten::mul" in longest
+
+
+def test_host_ops_between_two_modules(monkeypatch, capsys):
+    """With ``start``: only the ops from one module's forward to the other's (one layer's), not before or after;
+    `report_prelude_and_layer` reports the prelude and that layer."""
+    from profile_decode import host_ops, report_prelude_and_layer
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+    x = torch.ones(64)
+
+    def call():
+        torch.add(x, 1)  # the prelude
+        layers[0](x)
+        torch.sub(x, 1)  # the first layer's
+        layers[1](x)
+        torch.mul(x, 2)  # the second layer's
+        time.sleep(0.002)
+        torch.div(x, 2)
+        layers[2](x)
+        torch.neg(x)  # the third layer's
+
+    total, ops = host_ops(call, layers[2], start=layers[1])
+    assert [name for _, _, name in ops] == ["aten::mul", "aten::div"]
+    assert 2000 <= total < 50000 and ops[0][0] >= 0
+    report_prelude_and_layer("test", call, layers, top=5)
+    out = capsys.readouterr().out
+    assert "test prelude (to the first layer): host time" in out and "1 top-level ops" in out
+    assert "test one layer (the second): host time" in out and "2 top-level ops" in out
+    assert "before (the third layer)" in out
