@@ -23,9 +23,9 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   (d_inner, n) matrix: x_proj runs every expert on every token in ONE GEMM with the experts' weights stacked;
   dt_proj's input is expanded to ``(M * r + M, n)``, token ``t``'s Δ-rank features (from its own x_proj expert) in
   the block of its modality and a one in the row of its modality's bias, zeros elsewhere, so that ONE GEMM with the
-  experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own expert
-  (`_route`: one multiply by the one-hot, or one gather). Both are exact (the zeros add nothing) and cost ``M``
-  times a small GEMM.
+  experts side by side gives each token ``W_m @ dt + b_m``; B and C are each token's rows of its own expert. One
+  kernel writes both from x_proj's output (`mom.ops.triton.expert_cols.split_x_proj`, reading each token's own
+  expert's rows). Both are exact (the zeros add nothing) and cost ``M`` times a small GEMM.
 * The scan gates its output only for a shared out_proj; a routed one's gather computes ``out * silu(z)`` on the way
   (the scan then neither reads z nor writes a second (d_inner, n) output).
 * Backward recomputes the conv output and Δ instead of storing them (as ``mamba_inner_fn`` does with
@@ -81,6 +81,7 @@ from mom.ops import reference as ref_scan
 from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.conv_rows import conv_rows_t, write_window
+from mom.ops.triton.expert_cols import route_cols, split_x_proj
 from mom.ops.triton.flatcast import Place, flat_cast
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
 from mom.utils.errors import MissingDependencyError
@@ -510,19 +511,6 @@ def _routed_rows(layout: _Layout, p: Projection, rows: torch.Tensor, w: torch.Te
     return grouped.grouped_rows(rows, w, b, layout.counts, offsets, out_dtype)
 
 
-def _route(src: torch.Tensor, select: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Each token's rows to or from the block of its expert, into ``out``: src (Ms, f, b, l), out (Mo, f, b, l), any
-    strides, Ms and Mo each 1 (a shared projection) or M. Mo = M: block m holds src's columns of modality m's tokens
-    and zeros elsewhere (a multiply by the one-hot ``select`` (M, n); a shared src is broadcast); Mo = 1 from Ms = M:
-    each token's column from its expert's block (a gather by ``ids`` (n,)); both 1: a copy."""
-    m_out, f, b, l = out.shape
-    if m_out > 1:
-        return torch.mul(src, select.view(m_out, 1, b, l), out=out)
-    if src.shape[0] > 1:
-        return torch.gather(src, 0, ids.view(1, 1, b, l).expand(1, f, b, l), out=out)
-    return out.copy_(src)
-
-
 @functools.lru_cache(maxsize=64)
 def _zeros(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(size,) zeros that dt_proj's cast reads for its padding columns (`_cast_params`), made once: the flat cast's
@@ -597,15 +585,15 @@ class _FusedMixer(torch.autograd.Function):
         # gradient); each token's Δ-rank features and B, C are then taken from its own expert's rows
         M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
         w_x_cat = w_x.view(-1, di)  # (M_x * (r + 2N), di)
-        x_all = (w_x_cat @ _cols(conv_out)).view(M_x, r + 2 * N, b, l)
+        x_all = w_x_cat @ _cols(conv_out)  # (M_x * (r + 2N), n)
         # dt_proj: one GEMM over the expanded input [Δ-rank features spread to their expert's block; one-hot bias rows;
-        # zero padding] (k_pad, n), biases included; the constant rows come set (dt_base), a backward keeps its own
+        # zero padding] (k_pad, n), biases included; the constant rows come set (dt_base), a backward keeps its own.
+        # B and C in one (b, 2N, l) (the scan's fastest layout). Both each token's from its own expert: one kernel.
         dt_in = dt_base if ctx is None else dt_base.clone()
-        _route(x_all[:, :r], select, ids, dt_in[: M_dt * r].view(M_dt, r, b, l))
-        delta = w_dt_cat @ dt_in  # (di, n)
-        BC = x_all.new_empty(b, 2 * N, l)  # B and C in one (the scan's fastest layout), each token's from its expert
-        _route(x_all[:, r:], select, ids, BC.permute(1, 0, 2)[None])
+        BC = x_all.new_empty(b, 2 * N, l)
+        split_x_proj(x_all, M_x, ids, select, r, dt_in[: M_dt * r], BC)
         del x_all
+        delta = w_dt_cat @ dt_in  # (di, n)
         B, C = BC[:, None, :N], BC[:, None, N:]  # (b, 1, N, l) views
         # the scan gates its output for a shared out_proj; a routed one's gather gates it on the way (the scan then
         # neither reads z nor writes a second (di, n) output)
@@ -768,9 +756,9 @@ def _x_proj_output_grad(layout: _Layout, ddelta: torch.Tensor, dB, dC, w_dt_cat:
     M_x, M_dt = layout.experts[Projection.x_proj], layout.experts[Projection.dt_proj]
     dx_all = ddelta.new_empty(M_x, r + 2 * N, b, l)
     dt_low = (w_dt_cat[:, : M_dt * r].t() @ ddelta).view(M_dt, r, b, l)
-    _route(dt_low, select, ids, dx_all[:, :r])
-    _route(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
-    _route(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
+    route_cols(dt_low, select, ids, dx_all[:, :r])
+    route_cols(dB[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r : r + N])
+    route_cols(dC[:, 0].permute(1, 0, 2)[None], select, ids, dx_all[:, r + N :])
     return dx_all.view(-1, b * l)
 
 

@@ -217,6 +217,29 @@ def test_conv_from_rows_matches_causal_conv1d_on_gathered_columns(dtype, b, l, f
         assert torch.equal(window, want_window)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m_x, m_dt", [(3, 3), (1, 3), (3, 1)])
+@pytest.mark.parametrize("b, l", [(16, 2048), (3, 70)])
+def test_split_x_proj_kernel_matches_the_pytorch_ops(dtype, m_x, m_dt, b, l):
+    """`split_x_proj`'s Triton kernel against its PyTorch ops (the one-hot multiply and the gather) on a routing's
+    runs: dt_proj's expanded rows (the constant rows after them untouched) and B, C, bit for bit."""
+    from mom.ops.triton import expert_cols
+    from mom.ops.triton.expert_cols import route_cols, split_x_proj
+
+    rank, n_state, n = 48, 16, b * l
+    ids = (torch.arange(n, device="cuda") // 64) % 3  # runs of 64 tokens
+    select = torch.nn.functional.one_hot(ids, 3).t().to(dtype)
+    x_all = torch.randn(m_x * (rank + 2 * n_state), n, device="cuda", dtype=dtype)
+    dt, want_dt = (torch.full((m_dt * rank + m_dt + 8, n), 7.0, device="cuda", dtype=dtype) for _ in range(2))
+    bc, want_bc = (torch.empty(b, 2 * n_state, l, device="cuda", dtype=dtype) for _ in range(2))
+    assert expert_cols._kernel() is not None
+    split_x_proj(x_all, m_x, ids, select, rank, dt[: m_dt * rank], bc)
+    x = x_all.view(m_x, -1, b, l)
+    route_cols(x[:, :rank], select, ids, want_dt[: m_dt * rank].view(m_dt, rank, b, l))
+    route_cols(x[:, rank:], select, ids, want_bc.permute(1, 0, 2)[None])
+    assert torch.equal(dt, want_dt) and torch.equal(bc, want_bc)
+
+
 @pytest.mark.parametrize("counts", [(2560, 9728, 4096), (5, 0, 3), (0, 0, 8)])
 def test_grouped_matches_per_expert_gemms_on_cuda(counts):
     """torch._grouped_mm (one launch) equals one cuBLAS GEMM per expert, for the operand layouts of the fast path

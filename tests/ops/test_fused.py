@@ -562,7 +562,7 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     launches = _Launches()
     monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
     monkeypatch.setattr(fused, "runs_on", lambda t: True)
-    for name in ("flat_cast", "gather_rows_t", "gather_cols_t", "conv_rows_t"):
+    for name in ("flat_cast", "gather_rows_t", "gather_cols_t", "conv_rows_t", "split_x_proj"):
         monkeypatch.setattr(fused, name, launches.one(getattr(fused, name), name))
     per_layer = []
 
@@ -582,8 +582,8 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
              "flat_cast",  # every expert weight, dt_proj's matrix among them
              "_grouped_mm", "gather_rows_t",  # in_proj, x to sequence-order columns
              "conv", "mm",  # the conv, x_proj
-             "mul", "mm",  # dt_proj's Δ-rank rows into its expanded input, dt_proj
-             "gather", "scan",  # each token's B and C from its expert, the scan
+             "split_x_proj", "mm",  # each token's Δ-rank rows into dt_proj's expanded input and B, C; dt_proj
+             "scan",  # the scan
              "gather_cols_t", "_grouped_mm"]  # the gated gather into out_proj's rows, out_proj
     once = ["copy_", "zero_"]  # the expanded input's constant rows, by the first layer of a forward
     with torch.no_grad():  # the first calls out of the way (torch._grouped_mm's probe, cached constants)
@@ -591,7 +591,7 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     per_layer.clear()
     with launches, torch.no_grad():  # a prefill: the conv reads x in in_proj's rows and writes the cache's conv
         model(ids, use_cache=True, logits_to_keep=1)  # window (one kernel for the gather and the conv), then the
-    prefill = layer[:3] + ["conv_rows_t"] + layer[5:10] + ["copy_"] + layer[10:]  # SSM state's copy
+    prefill = layer[:3] + ["conv_rows_t"] + layer[5:9] + ["copy_"] + layer[9:]  # SSM state's copy
     assert per_layer == [once + prefill] + [prefill] * (config.n_layer - 1)
     per_layer.clear()
     with launches:  # a training forward: each layer copies the expanded input, which its backward reads
