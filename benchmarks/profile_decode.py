@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode step, {args.rows} rows"
     print(f"device: {torch.cuda.get_device_name()}  {args.d_model} x {args.n_layer}  batch {args.batch}  bf16  {what}")
 
-    report("MoM", mom_table(args), args.top)
+    report("MoM" if args.prefill else f"MoM ({args.rows} rows)", mom_table(args), args.top)
     torch.cuda.empty_cache()
 
     try:
