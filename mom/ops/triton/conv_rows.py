@@ -24,6 +24,7 @@ from mom.ops.triton.launcher import launch, triton_kernel
 # positions x features per program: the fastest of the tiles compared at 16 and 64 x 2048 tokens on an H100
 # (docs/performance.md, twenty-fifth session)
 TILE_L, TILE_F = 32, 128
+WARPS = 4  # Triton's default
 INT32_MAX = 2**31 - 1
 
 
@@ -161,6 +162,6 @@ def _launch(rows: torch.Tensor, index: torch.Tensor, length: int, weight: torch.
     launch(_kernel(), grid, (rows, index, weight, out if bias is None else bias, out if keep is None else keep, out,
                              out if window is None else window, length, f, n, rows.stride(0), *weight.stride(),
                              *win_strides),
-           W=w, BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+           {"num_warps": WARPS}, W=w, BL=TILE_L, BF=TILE_F, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
            HAS_WINDOW=window is not None, EVEN_L=length % TILE_L == 0, EVEN_F=f % TILE_F == 0, I32=i32)
     return out
