@@ -41,8 +41,7 @@ def _kernel(triton, tl):
         the tile's (no bounds masks); I32: every offset fits in 32 bits (cheaper address arithmetic)."""
         tiles = tl.cdiv(L, BL)
         seq = tl.program_id(0) // tiles
-        start = (tl.program_id(0) % tiles) * BL
-        pos = start + tl.arange(0, BL)
+        pos = (tl.program_id(0) % tiles) * BL + tl.arange(0, BL)
         feats = tl.program_id(1) * BF + tl.arange(0, BF)
         feat_ok = feats < F
         if not I32:
@@ -71,15 +70,12 @@ def _kernel(triton, tl):
             else:
                 w_k = tl.load(weight + feats * s_w_feat + k * s_w_tap, mask=feat_ok, other=0.0)
             acc += x.to(tl.float32) * w_k.to(tl.float32)[None, :]
-            # the current positions: the last W of the sequence are its window, written by the tiles that hold them
-            # only (a store masked off in every other tile cost a quarter of the kernel's time: docs/performance.md)
-            if HAS_WINDOW and k == W - 1:
-                if start + BL > L - W:
-                    slot = p - (L - W)
-                    if not I32:
-                        slot = slot.to(tl.int64)
-                    at = window + seq * s_win_b + (feats * s_win_feat)[None, :] + (slot * s_win_tap)[:, None]
-                    tl.store(at, x.to(window.dtype.element_ty), mask=(ok & (slot >= 0))[:, None] & feat_ok[None, :])
+            if HAS_WINDOW and k == W - 1:  # the current positions: the last W of the sequence are its window
+                slot = p - (L - W)
+                if not I32:
+                    slot = slot.to(tl.int64)
+                at = window + seq * s_win_b + (feats * s_win_feat)[None, :] + (slot * s_win_tap)[:, None]
+                tl.store(at, x.to(window.dtype.element_ty), mask=(ok & (slot >= 0))[:, None] & feat_ok[None, :])
         if HAS_BIAS:
             if EVEN_F:
                 acc += tl.load(bias + feats).to(tl.float32)[None, :]
