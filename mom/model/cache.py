@@ -71,15 +71,18 @@ class MoMCache(Cache):
         if batch_size is not None:
             self.allocate(batch_size, device, dtype)
 
-    def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+    def allocate(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype,
+                 zero: bool = True) -> None:
         """Zero states for ``batch_size`` rows; the conv window in ``dtype``, the SSM state in fp32 (every backend
-        accumulates it in fp32); attention layers: no key yet, keys and values in ``dtype``."""
+        accumulates it in fp32); attention layers: no key yet, keys and values in ``dtype``. ``zero=False`` leaves
+        the states unset, for a forward that writes every layer's states whole before reading any (a prefill: each
+        mixer writes its conv window, left-padded with zeros, and its SSM state), sparing the zeroing's launches."""
         attention = set(self.attention_layers)
         kinds = {i in attention: i for i in range(self.n_layer)}  # one layer of each kind: the config is read once each
         by_kind = {kind: state_shapes(self.config, i, batch_size) for kind, i in kinds.items()}
         shapes = [by_kind[i in attention] for i in range(self.n_layer)]
-        self.conv_states = _zeros([conv for conv, _ in shapes], device, dtype)
-        self.ssm_states = _zeros([ssm for _, ssm in shapes], device, torch.float32)
+        self.conv_states = _states([conv for conv, _ in shapes], device, dtype, zero)
+        self.ssm_states = _states([ssm for _, ssm in shapes], device, torch.float32, zero)
         d_head = self.config.d_model // self.attention_heads
         empty = (batch_size, self.attention_heads, 0, d_head)
         self.attention_keys = {i: torch.zeros(empty, device=device, dtype=dtype) for i in self.attention_layers}
@@ -249,9 +252,11 @@ class MoMCache(Cache):
         self.history = []
 
 
-def _zeros(shapes: list[tuple[int, ...]], device: torch.device | str | None, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Zero tensors of these shapes, zeroed by one multi-tensor launch instead of one each (a prefill at batch 1 is
-    bound by its launches: docs/performance.md); separate tensors, so that autograd can record writes into each."""
+def _states(shapes: list[tuple[int, ...]], device: torch.device | str | None, dtype: torch.dtype,
+            zero: bool) -> list[torch.Tensor]:
+    """Tensors of these shapes, zeroed (``zero``) by one multi-tensor launch instead of one each (a prefill at batch 1
+    is bound by its launches: docs/performance.md); separate tensors, so that autograd can record writes into each."""
     states = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
-    torch._foreach_zero_(states)
+    if zero:
+        torch._foreach_zero_(states)
     return states

@@ -179,14 +179,17 @@ class MoMMixer(nn.Module):
         ``hidden`` and `fast_path_weights` has this mixer's parameters."""
         return self.fast_path(hidden) is not None
 
-    def fast_path(self, hidden: torch.Tensor) -> fused.MixerWeights | None:
-        """`fast_path_weights` where `fast_path_applies`, else None."""
-        return self.fast_path_weights() if self.use_fast_path and fused.runs_on(hidden) else None
+    def fast_path(self, hidden: torch.Tensor, runs: bool | None = None) -> fused.MixerWeights | None:
+        """`fast_path_weights` where `fast_path_applies`, else None. ``runs``: `mom.ops.fused.runs_on` ``(hidden)``
+        where the caller knows it already (a model asks it once for all its mixers)."""
+        if not self.use_fast_path or not (fused.runs_on(hidden) if runs is None else runs):
+            return None
+        return self.fast_path_weights()
 
     def routes_rows(self) -> bool:
         """Whether in_proj or out_proj routes (a sorted residual stream spares their row gathers); with the fast
         path's weights (`fast_path_weights`)."""
-        return any(self.fast_path_weights().routed(p) for p in (Projection.in_proj, Projection.out_proj))
+        return self.fast_path_weights().routes_rows
 
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None,
@@ -303,17 +306,20 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> SortedSt
     mask goes along, in sequence order). Each mixer's fast-path weights are looked up once: a prefill's prelude, during
     which the GPU has nothing queued, is host time (docs/performance.md)."""
     logs: list[torch.Tensor | None] = []
+    runs, routes = fused.runs_on(hidden), False
     for m in mixers:
         if isinstance(m, MoMMixer):
-            weights = m.fast_path(hidden)
+            weights = m.fast_path(hidden, runs)
             if weights is None:
                 return None
             logs.append(weights.A_log)
+            routes = routes or weights.routes_rows
         elif m.fast_path_applies(hidden):
             logs.append(None)
+            routes = routes or m.routes_rows()
         else:
             return None
-    if not any(m.routes_rows() for m in mixers):
+    if not routes:
         return None
     present = [a for a in logs if a is not None]
     A = iter(fused.negative_exp(present) if present else [])

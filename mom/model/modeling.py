@@ -461,7 +461,10 @@ class MoMModel(MoMPreTrainedModel):
         if self._logged_backend != self.backend:
             self._logged_backend = self.backend
             logger.info("mom: selective-scan backend = %s", self.backend)
-        cache = self._ready_cache(cache if use_cache else None, use_cache, b)
+        # a forward through `_run` from a fresh cache writes every layer's states whole before reading any: no zeroing
+        # then (recorded tokens alone read the states first)
+        written = l > 0 and (cache is None or (cache.seqlen_offset == 0 and cache.tokens_to_record(l) < l))
+        cache = self._ready_cache(cache if use_cache else None, use_cache, b, zero=not written)
         mixers = self.mixers()
         mask = padding_mask(attention_mask, b, l, cache.seqlen_offset if cache is not None else 0,
                             unread=defer and masks_on_device(mixers))
@@ -516,9 +519,9 @@ class MoMModel(MoMPreTrainedModel):
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
         return hidden
 
-    def _ready_cache(self, cache: MoMCache | None, use_cache: bool, batch: int) -> MoMCache | None:
-        """The cache this forward writes: the given one (its states allocated here if generate() built it empty), or
-        a new one."""
+    def _ready_cache(self, cache: MoMCache | None, use_cache: bool, batch: int, zero: bool) -> MoMCache | None:
+        """The cache this forward writes: the given one (its states allocated here if generate() built it empty,
+        zeroed or not: `MoMCache.allocate`), or a new one."""
         if not use_cache:
             return None
         if cache is None:
@@ -526,7 +529,7 @@ class MoMModel(MoMPreTrainedModel):
         if not isinstance(cache, MoMCache):
             raise ValueError(f"cache must be a MoMCache, got {type(cache).__name__}")
         if not cache.is_initialized:
-            cache.allocate(batch, self.embeddings.weight.device, self.embeddings.weight.dtype)
+            cache.allocate(batch, self.embeddings.weight.device, self.embeddings.weight.dtype, zero=zero)
         elif cache.batch_size != batch:
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {batch}")
         return cache

@@ -237,6 +237,12 @@ class MixerWeights:
         return self.experts[p] > 1
 
     @cached_property
+    def routes_rows(self) -> bool:
+        """Whether in_proj or out_proj routes: the Function then reads and writes token-major rows, in sorted order
+        when asked (``sorted_tokens``), without row gathers."""
+        return self.routed(Projection.in_proj) or self.routed(Projection.out_proj)
+
+    @cached_property
     def shapes(self) -> tuple[tuple[int, int], ...]:
         """(out, in) features per projection (read when the weights are present, so not ZeRO-3's empty ones)."""
         return tuple(tuple(w[0].shape) for w in self.weights)
@@ -372,7 +378,7 @@ def negative_exp(A_logs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     would take two or three of its own (a small model's forward is bound by its launches, a prefill's GPU idles
     through the host's prelude: docs/performance.md). For `fused_mixer`'s ``A``."""
     with torch.no_grad():
-        A = torch._foreach_exp([a.float() for a in A_logs])
+        A = torch._foreach_exp([a if a.dtype == torch.float32 else a.float() for a in A_logs])  # no call where fp32
         torch._foreach_neg_(A)
     return A
 

@@ -229,3 +229,52 @@ def test_cuda_generate_after_the_fused_prefill_gives_the_module_paths_tokens(dec
             layer.mixer.use_fast_path = fast
         tokens[fast] = model.generate(prompt, **kwargs)
     assert torch.equal(tokens[True], tokens[False])
+
+
+# ---- the cache's states are not zeroed for a prefill, which writes them whole ---------------------------------------
+@pytest.mark.parametrize("kind", ["mamba1 fused", "mamba1 module", "mamba2", "hybrid attention", "padded"])
+@pytest.mark.parametrize("length", [2, 9], ids=["l<d_conv", "l>d_conv"])
+def test_a_prefill_writes_every_state_whole_so_its_cache_is_not_zeroed(kind, length, monkeypatch):
+    """A prefill into a cache the forward allocates leaves its states unzeroed (here: filled with NaN, as stale memory
+    could be) and writes every one of them whole: the states and logits equal a prefill into a zeroed cache. A
+    forward whose tokens are all recorded (run one by one from the state) gets zeroed states."""
+    from mom.model import cache as cache_module
+
+    overrides = {"mamba2": dict(mixer="mamba2", headdim=8, decouple=("in_proj", "out_proj")),
+                 "hybrid attention": dict(n_layer=3, attention_layers=(1,), attention_heads=2)}.get(kind, {})
+    torch.manual_seed(0)
+    model = mom.MoMForCausalLM(tiny_config(**{"decouple": PROJECTIONS, **overrides})).double().eval()
+    if kind == "mamba1 fused":
+        calls = _fast_path_on_cpu(monkeypatch)
+    prompt = interleaved_ids(model.config, 2, RUNS)[:, :length]
+    mask = None
+    if kind == "padded":
+        mask = torch.ones_like(prompt)
+        mask[1, :1] = 0
+    with torch.no_grad():
+        want = model(prompt, attention_mask=mask, cache=mom.MoMCache(model.config, 2, dtype=torch.float64),
+                     use_cache=True)
+    zeroed = []
+    real = cache_module._states
+
+    def stale(shapes, device, dtype, zero):
+        zeroed.append(zero)
+        states = real(shapes, device, dtype, zero)
+        return states if zero else [s.fill_(float("nan")) for s in states]
+
+    monkeypatch.setattr(cache_module, "_states", stale)
+    with torch.no_grad():
+        got = model(prompt, attention_mask=mask, cache=mom.MoMCache(model.config), use_cache=True)
+    assert zeroed == [False, False]
+    if kind == "mamba1 fused":
+        assert len(calls) == 2 * model.config.n_layer and all(written for written, _ in calls)
+    torch.testing.assert_close(got.logits, want.logits)
+    for name in ("conv_states", "ssm_states"):
+        for state, state_want in zip(getattr(got.cache, name), getattr(want.cache, name), strict=True):
+            assert not state.isnan().any()
+            torch.testing.assert_close(state, state_want, msg=lambda m, name=name: f"{name}: {m}")
+    recording = mom.MoMCache(model.config)
+    recording.activate_past_recording(None)  # every token recorded: each read the state before it
+    with torch.no_grad():
+        model(prompt[:, :2], cache=recording, use_cache=True)
+    assert zeroed[-2:] == [True, True]
