@@ -11,9 +11,11 @@ Rows, each with its time, bandwidth and ratio to the row gather (what a permutat
 The index is a routing permutation (`mom.model.routing.Routing` of interleaved modality runs). Every result is checked
 against PyTorch's.
 
-Where causal-conv1d is installed, two more rows time a prefill's conv input (sequences of --length tokens, width 4):
-  gather + causal-conv1d  ``gather_rows_t`` then ``causal_conv1d_fn(..., activation="silu")``: two passes over x
-  conv from rows          `mom.ops.triton.conv_rows.conv_rows_t`: the conv reads its windows through the index
+Where causal-conv1d is installed, three more rows time a prefill's conv input (sequences of --length tokens, width
+4), each writing the cache's conv window (the last 4 inputs of each sequence) as a prefill does:
+  gather + causal-conv1d  ``gather_rows_t``, ``causal_conv1d_fn(..., activation="silu")``, the window copied from x
+  conv from rows          `mom.ops.triton.conv_rows.conv_rows_t` with the window: reads x's windows through the index
+  ... without the window  the same kernel asked for no window (a training forward's conv needs none)
 and the ratio of the second to the first.
 """
 
@@ -77,7 +79,7 @@ def _conv(rows: torch.Tensor, inv: torch.Tensor, args) -> int:
     except ImportError:
         print("  (causal-conv1d not installed: no conv rows)")
         return 0
-    from mom.ops.triton.conv_rows import conv_rows_t
+    from mom.ops.triton.conv_rows import conv_rows_t, write_window
 
     n, f = rows.shape
     l = args.length
@@ -85,20 +87,28 @@ def _conv(rows: torch.Tensor, inv: torch.Tensor, args) -> int:
         print(f"  (no conv rows: {n} tokens are not whole sequences of --length {l})")
         return 0
     b = n // l
-    weight, bias = torch.randn(f, 4, device="cuda", dtype=rows.dtype), torch.randn(f, device="cuda", dtype=rows.dtype)
+    weight, bias = torch.randn(f, 4, device=rows.device, dtype=rows.dtype), torch.randn(f, device=rows.device,
+                                                                                          dtype=rows.dtype)
+    window, want_window = (torch.empty(b, f, 4, device=rows.device, dtype=rows.dtype) for _ in range(2))
 
     def two_passes():
-        return causal_conv1d_fn(gather_rows_t(rows, inv).view(f, b, l).permute(1, 0, 2), weight, bias,
-                                activation="silu")
+        x = gather_rows_t(rows, inv).view(f, b, l).permute(1, 0, 2)  # (b, f, l)
+        write_window(want_window, x)
+        return causal_conv1d_fn(x, weight, bias, activation="silu")
 
     def one_pass():
+        return conv_rows_t(rows, inv, l, weight, bias, window=window)
+
+    def no_window():
         return conv_rows_t(rows, inv, l, weight, bias)
 
     got, want = one_pass().view(f, b, l).permute(1, 0, 2), two_passes()
-    if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
+    if (not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2) or not torch.equal(window, want_window)
+            or not torch.equal(no_window(), one_pass())):
         print("  conv from rows         WRONG RESULT")
         return 1
-    times = fastest({"gather + causal-conv1d": two_passes, "conv from rows": one_pass}, iters=args.iters)
+    times = fastest({"gather + causal-conv1d": two_passes, "conv from rows": one_pass,
+                     "... without the window": no_window}, iters=args.iters)
     print_fastest(times, "conv from rows", "gather + causal-conv1d", f"  (sequences of {l})")
     return 0
 
