@@ -17,12 +17,12 @@ With ``--prefill N`` the profiled call is an N-token prompt's forward into a fre
 only, as ``generate()`` asks), and each side also prints its wall time per call (synchronised): wall time well above
 the kernels' device time means the call waits on the host (launches and Python), not on the GPU, and its host time
 from the call's start to its first layer (the prelude: input checks, cache, routing, embedding; the GPU has nothing
-queued until then, so every microsecond of it is idle device time); ``--prelude`` splits that time into PyTorch's
-top-level ops (by name, with their calls and time) and the Python between them (the longest stretches, with the ops
-on either side), and does the same for one layer (the second: from its forward to the third's), whose host time
-a one-row prefill waits on 24 times. ``--timeline`` adds each side's GPU timeline over a few calls
-(`profile_lm.timeline`: the time kernels ran, the idle stretches longer than 30 us with the kernels on either side,
-launches by kind), which shows where such a wait falls.
+queued until then, so every microsecond of it is idle device time) and within one layer; ``--prelude`` splits
+that time into PyTorch's top-level ops (by name, with their calls and time) and the Python between them (the longest
+stretches, with the ops on either side), and does the same for one layer (the second: from its forward to the
+third's), whose host time a one-row prefill waits on 24 times. ``--timeline`` adds each side's GPU timeline over a
+few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches longer than 30 us with the kernels on
+either side, launches by kind), which shows where such a wait falls.
 """
 
 from __future__ import annotations
@@ -70,24 +70,38 @@ def wall_ms(step, calls: int = 5) -> float:
     return best
 
 
-def prelude_us(call, first_layer: torch.nn.Module, calls: int = 9) -> float:
-    """The median host time (us) from the start of a synchronised ``call`` to ``first_layer``'s forward (after two
-    warm-up calls): the host's work before the first layer's kernels, while the GPU idles."""
-    entered: list[float] = []
-    hook = first_layer.register_forward_pre_hook(lambda *_: entered.append(time.perf_counter()))
+def host_us(call, end: torch.nn.Module, start: torch.nn.Module | None = None, calls: int = 9) -> float:
+    """The median host time (us) from the start of a synchronised ``call`` (or from ``start``'s forward) to ``end``'s
+    forward (after two warm-up calls), unprofiled. From the call's start to its first layer, the prelude: the host's
+    work before the first layer's kernels, while the GPU idles; between two layers, one layer's host time, which a
+    prefill that waits on the host pays once per layer."""
+    entered: dict[str, list[float]] = {"start": [], "end": []}
+    hooks = [end.register_forward_pre_hook(lambda *_: entered["end"].append(time.perf_counter()))]
+    if start is not None:
+        hooks.append(start.register_forward_pre_hook(lambda *_: entered["start"].append(time.perf_counter())))
     times = []
     try:
         for i in range(calls + 2):
             torch.cuda.synchronize()
-            entered.clear()
-            start = time.perf_counter()
+            entered["start"].clear()
+            entered["end"].clear()
+            called = time.perf_counter()
             call()
             torch.cuda.synchronize()
             if i >= 2:
-                times.append((entered[0] - start) * 1e6)
+                times.append((entered["end"][0] - (entered["start"][0] if start is not None else called)) * 1e6)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return statistics.median(times)
+
+
+def host_line(call, layers: torch.nn.ModuleList) -> str:
+    """`host_us` to the first layer, and within one layer (the second, to the third's forward) where there are three."""
+    line = f"host time to the first layer {host_us(call, layers[0]):.0f} us"
+    if len(layers) > 2:
+        line += f", in one layer (the second) {host_us(call, layers[2], layers[1]):.0f} us"
+    return line
 
 
 def host_ops(call, end: torch.nn.Module, start: torch.nn.Module | None = None
@@ -95,7 +109,7 @@ def host_ops(call, end: torch.nn.Module, start: torch.nn.Module | None = None
     """Where the host's time goes from ``start``'s forward (the call's start if None) to ``end``'s, in one
     synchronised ``call`` (after two warm-up calls): -> (that time in us; PyTorch's top-level CPU ops in that stretch
     as (start us, duration us, name), in order). What lies between the ops is Python: the model's own and its
-    wrappers', and the profiler's own bookkeeping, which makes the call slower than `prelude_us` measures it: compare
+    wrappers', and the profiler's own bookkeeping, which makes the call slower than `host_us` measures it: compare
     the parts, not the total."""
     def marker(name: str) -> None:
         with torch.profiler.record_function(name):
@@ -185,8 +199,7 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         def prefill() -> None:
             model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
 
-        print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; host time to the first layer "
-              f"{prelude_us(prefill, model.backbone.layers[0]):.0f} us")
+        print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; {host_line(prefill, model.backbone.layers)}")
         if args.prelude:
             report_prelude_and_layer("MoM prefill", prefill, model.backbone.layers, args.top)
         if args.timeline:
@@ -245,8 +258,8 @@ def main(argv=None) -> int:
                 fresh = InferenceParams(max_seqlen=args.prefill + 1, max_batch_size=args.batch)
                 dense(prompt, inference_params=fresh, num_last_tokens=1)
 
-            print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call; host time to the first "
-                  f"layer {prelude_us(dense_prefill, dense.backbone.layers[0]):.0f} us")
+            print(f"\nmamba-ssm prefill wall time: {wall_ms(dense_prefill):.2f} ms per call; "
+                  f"{host_line(dense_prefill, dense.backbone.layers)}")
             if args.prelude:
                 report_prelude_and_layer("mamba-ssm prefill", dense_prefill, dense.backbone.layers, args.top)
             if args.timeline:

@@ -27,10 +27,10 @@ def test_a_table_per_side(capsys):
     assert "=== MoM (uniform rows): per step ===" in out and out.count("total: ") >= 1
 
 
-def test_prelude_is_the_host_time_before_the_first_layer(monkeypatch):
-    """`prelude_us`: the time from a call's start to its first layer's forward, not to the call's end (on CPU, with
-    the synchronisations as no-ops)."""
-    from profile_decode import prelude_us
+def test_host_us_is_the_host_time_before_the_first_layer_or_between_two(monkeypatch):
+    """`host_us`: the time from a call's start to its first layer's forward, not to the call's end, or from one
+    module's forward to another's; `host_line` says both (on CPU, with the synchronisations as no-ops)."""
+    from profile_decode import host_line, host_us
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     first = torch.nn.Identity()
@@ -40,7 +40,21 @@ def test_prelude_is_the_host_time_before_the_first_layer(monkeypatch):
         first(None)
         time.sleep(0.02)  # the layers
 
-    assert 2000 <= prelude_us(call, first, calls=3) < 15000
+    assert 2000 <= host_us(call, first, calls=3) < 15000
+    layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+
+    def layered():
+        time.sleep(0.002)  # the prelude
+        layers[0](None)
+        layers[1](None)
+        time.sleep(0.005)  # the second layer
+        layers[2](None)
+        time.sleep(0.02)  # the rest
+
+    assert 5000 <= host_us(layered, layers[2], layers[1], calls=3) < 18000
+    line = host_line(layered, layers)
+    assert line.startswith("host time to the first layer ") and ", in one layer (the second) " in line
+    assert ", in one layer" not in host_line(layered, layers[:2])
 
 
 def test_host_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, capsys):
