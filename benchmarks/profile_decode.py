@@ -75,32 +75,38 @@ def host_us(call, end: torch.nn.Module, start: torch.nn.Module | None = None, ca
     forward (after two warm-up calls), unprofiled. From the call's start to its first layer, the prelude: the host's
     work before the first layer's kernels, while the GPU idles; between two layers, one layer's host time, which a
     prefill that waits on the host pays once per layer."""
-    entered: dict[str, list[float]] = {"start": [], "end": []}
-    hooks = [end.register_forward_pre_hook(lambda *_: entered["end"].append(time.perf_counter()))]
-    if start is not None:
-        hooks.append(start.register_forward_pre_hook(lambda *_: entered["start"].append(time.perf_counter())))
+    marks: dict[str, float] = {}  # the first time each hook fired in this call
+    hooks = [module.register_forward_pre_hook(lambda *_, key=key: marks.setdefault(key, time.perf_counter()))
+             for key, module in (("start", start), ("end", end)) if module is not None]
     times = []
     try:
         for i in range(calls + 2):
             torch.cuda.synchronize()
-            entered["start"].clear()
-            entered["end"].clear()
-            called = time.perf_counter()
+            marks.clear()
+            if start is None:  # from the call's start
+                marks["start"] = time.perf_counter()
             call()
             torch.cuda.synchronize()
             if i >= 2:
-                times.append((entered["end"][0] - (entered["start"][0] if start is not None else called)) * 1e6)
+                times.append((marks["end"] - marks["start"]) * 1e6)
     finally:
         for hook in hooks:
             hook.remove()
     return statistics.median(times)
 
 
+def one_layer(layers: torch.nn.ModuleList) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The stretch that stands for one layer's host time: from the second layer's forward to the third's (the first
+    layer's own start follows the prelude); None for a model of fewer than three layers."""
+    return (layers[1], layers[2]) if len(layers) > 2 else None
+
+
 def host_line(call, layers: torch.nn.ModuleList) -> str:
-    """`host_us` to the first layer, and within one layer (the second, to the third's forward) where there are three."""
+    """`host_us` to the first layer, and within one layer (`one_layer`) where there is one to time."""
     line = f"host time to the first layer {host_us(call, layers[0]):.0f} us"
-    if len(layers) > 2:
-        line += f", in one layer (the second) {host_us(call, layers[2], layers[1]):.0f} us"
+    layer = one_layer(layers)
+    if layer is not None:
+        line += f", in one layer (the second) {host_us(call, layer[1], layer[0]):.0f} us"
     return line
 
 
@@ -169,11 +175,12 @@ def report_host(name: str, total: float, ops: list[tuple[float, float, str]], to
 
 
 def report_prelude_and_layer(name: str, call, layers: torch.nn.ModuleList, top: int) -> None:
-    """`--prelude`: the host's time before the first layer, then within one layer (the second, from its forward to
-    the third's, or to the end of the call for a shorter model), each split by `host_ops`."""
+    """`--prelude`: the host's time before the first layer, then within one layer (`one_layer`, where there is one),
+    each split by `host_ops`."""
     report_host(f"{name} prelude (to the first layer)", *host_ops(call, layers[0]), top)
-    if len(layers) > 2:
-        report_host(f"{name} one layer (the second)", *host_ops(call, layers[2], start=layers[1]), top,
+    layer = one_layer(layers)
+    if layer is not None:
+        report_host(f"{name} one layer (the second)", *host_ops(call, layer[1], start=layer[0]), top,
                     end="the third layer")
 
 

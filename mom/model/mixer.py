@@ -186,11 +186,6 @@ class MoMMixer(nn.Module):
             return None
         return self.fast_path_weights()
 
-    def routes_rows(self) -> bool:
-        """Whether in_proj or out_proj routes (a sorted residual stream spares their row gathers); with the fast
-        path's weights (`fast_path_weights`)."""
-        return self.fast_path_weights().routes_rows
-
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None,
                       mask: torch.Tensor | None = None, A: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,10 +296,11 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> SortedSt
     """Whether a model keeps its residual stream in the routing's sorted order (``forward(..., sorted_tokens=True)``),
     None where it does not: when every mixer takes its fast path (`MoMMixer`'s fused Function and
     `mom.model.mamba2.Mamba2Mixer`'s routed GEMMs read and write rows in either order; other mixer kinds have no fast
-    path and read sequence order) and some route in_proj or out_proj (``routes_rows``: a shared one reads sequence
-    order as cheaply). ``hidden``: any tensor on the forward's device. Cache and reset: the caller checks (a padding
-    mask goes along, in sequence order). Each mixer's fast-path weights are looked up once: a prefill's prelude, during
-    which the GPU has nothing queued, is host time (docs/performance.md)."""
+    path and read sequence order) and some route in_proj or out_proj (`mom.ops.fused.MixerWeights.routes_rows`, a
+    Mamba-2 mixer's ``routes_rows``: a shared one reads sequence order as cheaply). ``hidden``: any tensor on the
+    forward's device. Cache and reset: the caller checks (a padding mask goes along, in sequence order). Each mixer's
+    fast-path weights are looked up once: a prefill's prelude, during which the GPU has nothing queued, is host time
+    (docs/performance.md)."""
     logs: list[torch.Tensor | None] = []
     runs, routes = fused.runs_on(hidden), False
     for m in mixers:
