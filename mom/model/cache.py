@@ -12,12 +12,15 @@ keys and values once (as transformers' ``DynamicCache`` does).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from transformers import Cache
 
 from mom.model.config import MoMConfig
+
+ALIGN = 64  # elements: 128 bytes in bf16, wider than any kernel's vector loads of a state
 
 
 def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -254,9 +257,12 @@ class MoMCache(Cache):
 
 def _states(shapes: list[tuple[int, ...]], device: torch.device | str | None, dtype: torch.dtype,
             zero: bool) -> list[torch.Tensor]:
-    """Tensors of these shapes, zeroed (``zero``) by one multi-tensor launch instead of one each (a prefill at batch 1
-    is bound by its launches: docs/performance.md); separate tensors, so that autograd can record writes into each."""
-    states = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
-    if zero:
-        torch._foreach_zero_(states)
-    return states
+    """Tensors of these shapes, zeroed (``zero``), cut from one allocation: a prefill at batch 1 is bound by its host
+    time, of which one allocation per layer and kind was a part (docs/performance.md). Each part is taken with
+    ``.data``, so that autograd sees separate tensors, each with its own version counter, as separate allocations
+    would be (views of one buffer share theirs: a write into one layer's state would then invalidate another's that
+    a backward saved). Every part starts on a multiple of `ALIGN` elements, as an allocation of its own would."""
+    sizes = [math.prod(shape) for shape in shapes]
+    spans = [-(-size // ALIGN) * ALIGN for size in sizes]
+    flat = (torch.zeros if zero else torch.empty)(sum(spans), device=device, dtype=dtype)
+    return [part[:size].view(shape).data for part, size, shape in zip(flat.split(spans), sizes, shapes, strict=True)]

@@ -8,6 +8,7 @@ from helpers import (
 )
 
 import mom
+from mom.model.cache import ALIGN
 
 RUNS = [(0, 4), (1, 7), (0, 2), (2, 6), (0, 3)]
 
@@ -31,6 +32,31 @@ def test_prefill_then_steps_match_full_forward():
         out = model(ids[:, :10], use_cache=True)
         rest = model(ids[:, 10:], cache=out.cache, use_cache=True).logits  # several tokens after prefill
     torch.testing.assert_close(torch.cat([out.logits, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_caches_states_are_cut_from_one_allocation_per_kind_each_aligned_and_zero():
+    config = tiny_config()
+    cache = mom.MoMCache(config, batch_size=3)
+    for states in (cache.conv_states, cache.ssm_states):
+        assert len({s.untyped_storage().data_ptr() for s in states}) == 1 and len(states) == config.n_layer
+        assert all(s.storage_offset() % ALIGN == 0 and not s.any() for s in states)
+    cache.conv_states[0].fill_(1.0)
+    assert not cache.conv_states[1].any()
+
+
+def test_a_prefill_under_autograd_writes_its_cache_and_gives_a_full_forwards_gradients():
+    """The cache's states are cut from one allocation (`mom.model.cache._states`), yet autograd sees separate tensors:
+    a prefill with gradients writes each layer's states in place and backpropagates as a forward without cache."""
+    model = mom.MoMForCausalLM(tiny_config()).eval()
+    ids = interleaved_ids(model.config, 2, RUNS)
+    model(ids).logits.square().mean().backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(ids, use_cache=True)
+    assert all(s.requires_grad for s in out.cache.conv_states + out.cache.ssm_states)
+    out.logits.square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_generate_greedy_equals_manual_argmax_and_cache_is_constant_size():
