@@ -12,15 +12,12 @@ keys and values once (as transformers' ``DynamicCache`` does).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from transformers import Cache
 
 from mom.model.config import MoMConfig
-
-ALIGN = 64  # elements: 128 bytes in bf16, wider than any kernel's vector loads of a state
 
 
 def state_shapes(config: MoMConfig, layer_idx: int, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -257,12 +254,17 @@ class MoMCache(Cache):
 
 def _states(shapes: list[tuple[int, ...]], device: torch.device | str | None, dtype: torch.dtype,
             zero: bool) -> list[torch.Tensor]:
-    """Tensors of these shapes, zeroed (``zero``), cut from one allocation: a prefill at batch 1 is bound by its host
-    time, of which one allocation per layer and kind was a part (docs/performance.md). Each part is taken with
-    ``.data``, so that autograd sees separate tensors, each with its own version counter, as separate allocations
-    would be (views of one buffer share theirs: a write into one layer's state would then invalidate another's that
-    a backward saved). Every part starts on a multiple of `ALIGN` elements, as an allocation of its own would."""
-    sizes = [math.prod(shape) for shape in shapes]
-    spans = [-(-size // ALIGN) * ALIGN for size in sizes]
-    flat = (torch.zeros if zero else torch.empty)(sum(spans), device=device, dtype=dtype)
-    return [part[:size].view(shape).data for part, size, shape in zip(flat.split(spans), sizes, shapes, strict=True)]
+    """Tensors of these shapes, zeroed (``zero``): the layers of each shape share one allocation, a prefill at batch
+    1 being bound by its host time, of which one allocation per layer and kind was a part (docs/performance.md).
+    Each layer's part is taken with ``.data``, so that autograd sees separate tensors, each with its own version
+    counter, as separate allocations would be (views of one buffer share theirs: a write into one layer's state would
+    then invalidate another's that a backward saved)."""
+    layers: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        layers.setdefault(shape, []).append(i)
+    states: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+    for shape, idx in layers.items():
+        block = (torch.zeros if zero else torch.empty)((len(idx), *shape), device=device, dtype=dtype)
+        for i, part in zip(idx, block.unbind(0), strict=True):
+            states[i] = part.data
+    return states
