@@ -368,6 +368,8 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
             weights.conv_weight, weights.conv_bias, weights.A_log, A, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
         return _FusedMixer.apply(*args, *weights.params)
+    if not torch.is_autocast_enabled("cuda"):  # a prefill of bf16 weights: no context to enter (host time, per layer)
+        return _FusedMixer._forward(None, dtype, *args, weights.params)
     with torch.autocast("cuda", enabled=False):  # as the Function's forward runs (its dtypes are chosen here)
         return _FusedMixer._forward(None, dtype, *args, weights.params)
 
@@ -429,19 +431,20 @@ def _cast_params(layout: _Layout, params, dtype: torch.dtype, own: tuple[bool, .
     matrix (each launch costs host time, which can bound a small model's step); the results are views of the one
     cast buffer. A projection whose GEMM reads its experts' own weights (``own[p]``, `_own_weights`) is not copied:
     (its k weights (o, i), its k biases or None), the parameters themselves."""
-    places, size, views, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias, _k_pad(layout), own)
+    places, size, pieces, shapes, zeros = _cast_layout(layout.experts, layout.shapes, layout.has_bias,
+                                                       _k_pad(layout), own)
     per_projection = [params[lo:hi] for lo, hi in _param_spans(layout.experts, layout.has_bias)]
     cast = [t for p, ts in enumerate(per_projection) if not own[p] for t in ts]
     pad = (_zeros(zeros, params[0].dtype, params[0].device),) if zeros else ()
-    flat = flat_cast([*cast, *pad], dtype, places, size)
+    parts = iter(flat_cast([*cast, *pad], dtype, places, size).split_with_sizes(pieces))  # one call for every view
     out = []
-    for p, (view, ts) in enumerate(zip(views, per_projection)):
+    for p, ts in enumerate(per_projection):
         if own[p]:
             k = layout.experts[p]
             out.append((tuple(ts[:k]), tuple(ts[k:]) or None))
         else:
-            w, ws, b, bs = view
-            out.append((flat[w].view(ws), None if b is None else flat[b].view(bs)))
+            ws, bs = shapes[p]
+            out.append((next(parts).view(ws), None if bs is None else next(parts).view(bs)))
     return out
 
 
@@ -473,11 +476,12 @@ def _param_spans(experts: tuple[int, ...], has_bias: tuple[bool, ...]) -> tuple[
 
 @functools.lru_cache(maxsize=64)
 def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], has_bias: tuple[bool, ...],
-                 k_pad: int, own: tuple[bool, ...]) -> tuple[tuple[Place, ...], int, list, int]:
+                 k_pad: int, own: tuple[bool, ...]) -> tuple[tuple[Place, ...], int, tuple[int, ...], list, int]:
     """`_cast_params`' layout of the buffer, built once per mixer shape: (a `Place` per parameter cast, in the
-    Function's order, then one for dt_proj's zero columns; the buffer's size; per projection (slice, shape) of its
-    weights and of its biases or None, None for a projection left out (``own``); the number of zeros)."""
-    places, views, start = [], [], 0
+    Function's order, then one for dt_proj's zero columns; the buffer's size; the sizes of its consecutive pieces,
+    each projection's weights then its biases if any (dt_proj: one matrix); per projection the shapes of its weights
+    and of its biases or None, None for a projection left out (``own``); the number of zeros)."""
+    places, pieces, views, start = [], [], [], 0
     for p, (k, (fo, fi), bias) in enumerate(zip(experts, shapes, has_bias)):
         if own[p]:
             views.append(None)
@@ -487,21 +491,23 @@ def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], 
             places += [Place(start + k * fi + m, 1, k_pad) for m in range(k)] if bias else []
             first_zero = k * fi + (k if bias else 0)
             zero_cols = k_pad - first_zero
-            views.append((slice(start, start + fo * k_pad), (fo, k_pad), None, None))
+            dt_start = start
+            pieces.append(fo * k_pad)
+            views.append(((fo, k_pad), None))
             start += fo * k_pad
             continue
-        views.append((slice(start, start + k * fo * fi), (k, fo, fi),
-                      slice(start + k * fo * fi, start + k * fo * (fi + 1)) if bias else None, (k, fo)))
+        views.append(((k, fo, fi), (k, fo) if bias else None))
         places += [Place(start + m * fo * fi, fo * fi, 0) for m in range(k)]
+        pieces.append(k * fo * fi)
         start += k * fo * fi
         if bias:
             places += [Place(start + m * fo, fo, 0) for m in range(k)]
+            pieces.append(k * fo)
             start += k * fo
-    dt_start = views[Projection.dt_proj][0].start
     zeros = shapes[Projection.dt_proj][0] * zero_cols
     if zeros:
         places.append(Place(dt_start + first_zero, zero_cols, k_pad))
-    return tuple(places), start, views, zeros
+    return tuple(places), start, tuple(pieces), views, zeros
 
 
 def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:

@@ -134,12 +134,14 @@ def grouped_mm_applies(rows: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands without a host sync (`grouped_mm_supported`): bases 16-byte
     aligned, one unit stride in the last two dimensions and the other a multiple of 16 bytes, inner and output sizes
     multiples of 16 bytes; rows (n, i) row-major (with transposed rows, CUDA's version device-asserts unless every
-    block is a multiple of 8 rows), w (k, i, o)."""
-    if rows.stride(1) != 1 or not _aligned(rows, rows.shape[1], w.shape[2]):
+    block is a multiple of 8 rows), w (k, i, o). (Asked at every routed GEMM: plain arithmetic, no helpers.)"""
+    (row_stride, unit), (w_a, w_b) = rows.stride(), w.stride()[1:]
+    size, w_size = rows.element_size(), w.element_size()
+    if unit != 1 or (w_a != 1 and w_b != 1) or rows.data_ptr() % 16 or w.data_ptr() % 16:
         return False
-    if not all(1 in t.stride()[-2:] and _aligned(t, max(t.stride()[-2:])) for t in (rows, w)):
+    if (rows.shape[1] * size) % 16 or (w.shape[2] * size) % 16 or (row_stride * size) % 16:
         return False
-    return grouped_mm_supported(rows.device, rows.dtype, w.dtype)
+    return (max(w_a, w_b) * w_size) % 16 == 0 and grouped_mm_supported(rows.device, rows.dtype, w.dtype)
 
 
 def grouped_mm_k_applies(d_cols: torch.Tensor, x_rows: torch.Tensor) -> bool:

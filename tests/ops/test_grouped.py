@@ -7,6 +7,24 @@ import torch
 from mom.ops import grouped
 
 
+def test_grouped_mm_applies_only_to_16_byte_aligned_operands():
+    """Each of `grouped_mm_applies`' rules, on bf16 operands: every case after the first two breaks one."""
+    if not grouped.grouped_mm_supported(torch.device("cpu"), torch.bfloat16, torch.bfloat16):
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    bf = torch.bfloat16
+    rows, w = torch.randn(8, 32, dtype=bf), torch.randn(3, 16, 32, dtype=bf).transpose(1, 2)  # (n, i), (k, i, o)
+    assert grouped.grouped_mm_applies(rows, w)
+    assert grouped.grouped_mm_applies(torch.randn(8, 48, dtype=bf)[:, :32], w)  # row stride 96 bytes
+    assert not grouped.grouped_mm_applies(torch.randn(8, 36, dtype=bf)[:, :32], w)  # row stride 72 bytes
+    assert not grouped.grouped_mm_applies(torch.randn(8 * 32 + 1, dtype=bf)[1:].view(8, 32), w)  # base + 2 bytes
+    assert not grouped.grouped_mm_applies(torch.randn(32, 8, dtype=bf).t(), w)  # rows not row-major
+    assert not grouped.grouped_mm_applies(torch.randn(8, 36, dtype=bf), torch.randn(3, 36, 16, dtype=bf))  # inner 72 B
+    assert not grouped.grouped_mm_applies(rows, torch.randn(3, 32, 12, dtype=bf))  # output size 24 bytes
+    assert not grouped.grouped_mm_applies(rows, torch.randn(3, 32, 32, dtype=bf)[:, :, ::2])  # no unit stride
+    assert not grouped.grouped_mm_applies(rows, torch.randn(3 * 32 * 16 + 1, dtype=bf)[1:].view(3, 32, 16))  # base
+    assert not grouped.grouped_mm_applies(rows, w.float())  # dtypes that differ
+
+
 @pytest.mark.parametrize("counts", [(7, 12, 5), (0, 9, 0)])
 def test_grouped_gemm_matches_per_expert_gemms(counts):
     """`grouped_gemm`: ONE torch._grouped_mm for bf16 aligned row-major rows (what autocast gives on GPU; torch
