@@ -481,10 +481,10 @@ def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], 
     Function's order, then one for dt_proj's zero columns; the buffer's size; the sizes of its consecutive pieces,
     each projection's weights then its biases if any (dt_proj: one matrix); per projection the shapes of its weights
     and of its biases or None, None for a projection left out (``own``); the number of zeros)."""
-    places, pieces, views, start = [], [], [], 0
+    places, pieces, view_shapes, start = [], [], [], 0
     for p, (k, (fo, fi), bias) in enumerate(zip(experts, shapes, has_bias)):
         if own[p]:
-            views.append(None)
+            view_shapes.append(None)
             continue
         if p == Projection.dt_proj:  # (fo = d_inner, k_pad): expert m's (fo, fi) at column m * fi, bias m at k * fi + m
             places += [Place(start + m * fi, fi, k_pad) for m in range(k)]
@@ -493,10 +493,10 @@ def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], 
             zero_cols = k_pad - first_zero
             dt_start = start
             pieces.append(fo * k_pad)
-            views.append(((fo, k_pad), None))
+            view_shapes.append(((fo, k_pad), None))
             start += fo * k_pad
             continue
-        views.append(((k, fo, fi), (k, fo) if bias else None))
+        view_shapes.append(((k, fo, fi), (k, fo) if bias else None))
         places += [Place(start + m * fo * fi, fo * fi, 0) for m in range(k)]
         pieces.append(k * fo * fi)
         start += k * fo * fi
@@ -507,7 +507,7 @@ def _cast_layout(experts: tuple[int, ...], shapes: tuple[tuple[int, int], ...], 
     zeros = shapes[Projection.dt_proj][0] * zero_cols
     if zeros:
         places.append(Place(dt_start + first_zero, zero_cols, k_pad))
-    return tuple(places), start, tuple(pieces), views, zeros
+    return tuple(places), start, tuple(pieces), view_shapes, zeros
 
 
 def _linear_cols(w: torch.Tensor, b: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor:
