@@ -259,12 +259,7 @@ def _states(shapes: list[tuple[int, ...]], device: torch.device | str | None, dt
     Each layer's part is taken with ``.data``, so that autograd sees separate tensors, each with its own version
     counter, as separate allocations would be (views of one buffer share theirs: a write into one layer's state would
     then invalidate another's that a backward saved)."""
-    layers: dict[tuple[int, ...], list[int]] = {}
-    for i, shape in enumerate(shapes):
-        layers.setdefault(shape, []).append(i)
-    states: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-    for shape, idx in layers.items():
-        block = (torch.zeros if zero else torch.empty)((len(idx), *shape), device=device, dtype=dtype)
-        for i, part in zip(idx, block.unbind(0), strict=True):
-            states[i] = part.data
-    return states
+    new = torch.zeros if zero else torch.empty
+    parts = {shape: iter(new((shapes.count(shape), *shape), device=device, dtype=dtype).unbind(0))
+             for shape in dict.fromkeys(shapes)}  # per distinct shape, in layer order
+    return [next(parts[shape]).data for shape in shapes]
