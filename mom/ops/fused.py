@@ -68,6 +68,7 @@ tested on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -368,9 +369,9 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
             weights.conv_weight, weights.conv_bias, weights.A_log, A, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
         return _FusedMixer.apply(*args, *weights.params)
-    if not torch.is_autocast_enabled("cuda"):  # a prefill of bf16 weights: no context to enter (host time, per layer)
-        return _FusedMixer._forward(None, dtype, *args, weights.params)
-    with torch.autocast("cuda", enabled=False):  # as the Function's forward runs (its dtypes are chosen here)
+    # as the Function's forward runs (its dtypes are chosen here); no context to enter where autocast is off, as in a
+    # prefill of bf16 weights (host time, per layer)
+    with torch.autocast("cuda", enabled=False) if torch.is_autocast_enabled("cuda") else contextlib.nullcontext():
         return _FusedMixer._forward(None, dtype, *args, weights.params)
 
 
