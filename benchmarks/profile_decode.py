@@ -76,7 +76,11 @@ def host_us(call, end: torch.nn.Module, start: torch.nn.Module | None = None, ca
     work before the first layer's kernels, while the GPU idles; between two layers, one layer's host time, which a
     prefill that waits on the host pays once per layer."""
     marks: dict[str, float] = {}  # the first time each hook fired in this call
-    hooks = [module.register_forward_pre_hook(lambda *_, key=key: marks.setdefault(key, time.perf_counter()))
+
+    def mark(key: str) -> None:  # a pre-hook that returns None, so the module's arguments pass unchanged
+        marks.setdefault(key, time.perf_counter())
+
+    hooks = [module.register_forward_pre_hook(lambda *_, key=key: mark(key))
              for key, module in (("start", start), ("end", end)) if module is not None]
     times = []
     try:
