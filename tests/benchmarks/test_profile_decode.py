@@ -57,6 +57,28 @@ def test_host_us_is_the_host_time_before_the_first_layer_or_between_two(monkeypa
     assert ", in one layer" not in host_line(layered, layers[:2])
 
 
+def test_host_us_leaves_the_timed_modules_arguments_as_they_are(monkeypatch):
+    """`host_us`'s hooks only mark the time: a layer called with several arguments gets them unchanged (a pre-hook
+    that returns a value replaces them)."""
+    from profile_decode import host_us
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    seen = []
+
+    class TwoArguments(torch.nn.Module):
+        def forward(self, a, b):
+            seen.append((a, b))
+
+    first, second = TwoArguments(), TwoArguments()
+
+    def call():
+        first("a", "b")
+        second("c", "d")
+
+    assert host_us(call, second, first, calls=1) >= 0
+    assert seen == [("a", "b"), ("c", "d")] * 3  # two warm-up calls and one timed
+
+
 def test_host_ops_are_the_top_level_ops_before_the_first_layer(monkeypatch, capsys):
     """`host_ops`: the ops a call runs before its first layer's forward (not those inside another op, nor those
     after), and the time between them; `report_host` names the longest stretch between ops."""
