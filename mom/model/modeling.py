@@ -124,14 +124,19 @@ class MoMBlock(GradientCheckpointingLayer):
             self.norm2 = make_norm(config)
             self.channel_mixer = make_channel_mixer(config)
 
-    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False, A=None):
+    def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False, A=None,
+                kept=None):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream). ``A``: the
-        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.SortedStream`), or None."""
+        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.SortedStream`), or None. ``kept``
+        (m,): the sequence-order indices of the only tokens whose output is read (the last block of a sorted stream,
+        without gradients: `MoMModel`); both results are then those tokens' rows (m, d), in ``kept``'s order."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
-        if A is None:
+        if A is None and kept is None:
             out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
-        else:  # only a MoMMixer is given one
-            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens, A=A)
+        else:  # only a MoMMixer is given either
+            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens, A=A, kept=kept)
+        if kept is not None:  # the stream's rows are sorted: token t is at row inv_perm[t]
+            residual = residual.view(-1, residual.shape[-1]).index_select(0, routing.inv_perm.index_select(0, kept))
         if self.has_channel_mixer:
             hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
             out = self.channel_mixer(hidden, routing)
@@ -373,6 +378,13 @@ def _linears(proj: nn.Module) -> list[nn.Linear]:
     return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
 
 
+def _last_tokens(b: int, l: int, k: int, device: torch.device) -> torch.Tensor:
+    """(b * k,) int64: the flat indices (b * l numbering) of each row's last k positions, row by row."""
+    if k == 1:  # generate()'s prefill: one launch
+        return torch.arange(l - 1, b * l, l, device=device)
+    return (torch.arange(0, b * l, l, device=device)[:, None] + torch.arange(l - k, l, device=device)).view(-1)
+
+
 class MoMModel(MoMPreTrainedModel):
     def __init__(self, config: MoMConfig) -> None:
         super().__init__(config)
@@ -425,6 +437,7 @@ class MoMModel(MoMPreTrainedModel):
         modality_counts: Sequence[int] | torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
+        keep_last: int = 0,
         **kwargs,
     ) -> MoMOutput | tuple:
         """input_ids, modality_ids, attention_mask, seq_idx: (b, l); or ``inputs_embeds`` (b, l, d_model) in place of
@@ -440,7 +453,11 @@ class MoMModel(MoMPreTrainedModel):
         cover the cached tokens, (b, past + l), and is then unused (new tokens are never padding). A forward without
         cache of a Mamba-1 model applies it on the device, read by nothing (`padding_mask`).
         ``output_hidden_states`` / ``return_dict`` default to the config's, as in transformers.
+        ``keep_last`` k > 0: ``last_hidden_state`` holds each row's last k positions only, (b, k, d) (the causal LM's
+        ``logits_to_keep``); a prefill's last Mamba-1 block then runs out_proj for those tokens alone, where it can.
         """
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -496,10 +513,13 @@ class MoMModel(MoMPreTrainedModel):
         if recorded:
             hidden, all_hidden = self._run_recorded(residual, routing, cache, doc_start, output_hidden_states, recorded)
         else:
-            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states)
+            hidden, all_hidden = self._run(residual, routing, cache, mask, doc_start, in_sorted, output_hidden_states,
+                                           keep_last)
             if cache is not None:
                 cache.seqlen_offset += l
         finish_checks()  # raises for bad input before anything (loss, backward) uses the forward
+        if keep_last and hidden.shape[1] > keep_last:  # where `_run` could not keep them alone (a view)
+            hidden = hidden[:, -keep_last:]
         out = MoMOutput(hidden, routing.modality_ids, cache, all_hidden)
         return out if return_dict else out.to_tuple()
 
@@ -535,25 +555,34 @@ class MoMModel(MoMPreTrainedModel):
         return cache
 
     def _run(self, residual, routing, cache, mask, doc_start, in_sorted: SortedStream | None,
-             output_hidden_states):
+             output_hidden_states, keep_last: int = 0):
         """Embedded tokens (b, l, d) through every block and the final norm -> (hidden (b, l, d), the residual stream
         after the embedding and after each block, or None). ``in_sorted``: the residual stream's rows are in the
         routing's sorted order (`mom.model.mixer.sorted_stream`), or None (sequence order). With layer averaging,
         block i's hidden state is its output stream (the stream the plain model would carry on), before the
-        averaging."""
+        averaging. ``keep_last`` k > 0: the hidden states of each row's last k positions are all that is read; where
+        the last block is a Mamba-1 mixer of a sorted stream (whose out_proj then runs for those tokens alone, and
+        the final norm too) and no hidden state is output, hidden is (b, k, d), else still (b, l, d)."""
+        b, l, _ = residual.shape
         in_order = functools.partial(self._sequence_order, routing) if in_sorted is not None else (lambda t: t)
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
         As = in_sorted.A if in_sorted is not None else [None] * len(self.layers)
+        kept = None
+        if 0 < keep_last < l and As[-1] is not None and not output_hidden_states and not torch.is_grad_enabled():
+            kept = _last_tokens(b, l, keep_last, residual.device)  # As[-1]: a sorted stream, a Mamba-1 last block
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
-                                  sorted_tokens=in_sorted is not None, A=As[i])
+                                  sorted_tokens=in_sorted is not None, A=As[i],
+                                  kept=kept if i == len(self.layers) - 1 else None)
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
                 all_hidden += (in_order(streams[-1] if streams is not None else residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
+        if kept is not None:
+            return hidden.view(b, keep_last, -1), all_hidden
         return in_order(hidden), all_hidden
 
     def _average(self, streams: list[torch.Tensor], i: int, out: torch.Tensor,
@@ -709,6 +738,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         has_targets = labels is not None or shift_labels is not None
         keep = kept_positions(logits_to_keep)
+        keep_last = -keep.start if isinstance(keep, slice) else 0  # the last k positions, or 0: all or an index
         if cuda_graph and self._graph_step_applies(input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
                                                    output_hidden_states):
             logits = self.decode_logits(input_ids, cache).unsqueeze(1)  # (b, 1, V)
@@ -729,8 +759,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             shift_labels=shift_labels,
             inputs_embeds=inputs_embeds,
             return_dict=True,
+            keep_last=keep_last,
         )
-        hidden = out.last_hidden_state[:, keep]
+        hidden = out.last_hidden_state if keep_last else out.last_hidden_state[:, keep]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, kept, V)
         losses = {}
         if has_targets:

@@ -312,8 +312,10 @@ class Routes:
 
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
                 sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, A: torch.Tensor | None = None) -> torch.Tensor:
-    """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model).
+                mask: torch.Tensor | None = None, A: torch.Tensor | None = None,
+                kept: torch.Tensor | None = None) -> torch.Tensor:
+    """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model), or (m, d_model) with
+    ``kept``.
 
     ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
     ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routes' sorted order (``Routes.perm``)
@@ -338,6 +340,11 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     Without gradients to compute (``torch.no_grad()`` or ``inference_mode``, as in ``generate()``, or nothing that
     requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
     are freed before out_proj's output is allocated.
+
+    ``kept`` (m,) int64, sequence-order token indices (b * l numbering), without gradients only: out_proj runs for
+    these tokens alone and the output is their m rows, in ``kept``'s order (a prefill's last layer, of which only the
+    last positions' output is read: `mom.model.modeling.MoMModel`). The conv, the scan and ``states_out`` are as
+    without it.
     """
     ops = ops or cuda_ops()
     if ops is None:
@@ -368,11 +375,13 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     args = (hidden, routes.perm, routes.inv_perm, routes.offsets, onehot, routes.expert_ids, keep, dt_base,
             weights.conv_weight, weights.conv_bias, weights.A_log, A, weights.D.float(), layout, states_out)
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in weights.tensors)):
+        if kept is not None:
+            raise ValueError("fused_mixer: kept tokens are for a forward without gradients (torch.no_grad())")
         return _FusedMixer.apply(*args, *weights.params)
     # as the Function's forward runs (its dtypes are chosen here); no context to enter where autocast is off, as in a
     # prefill of bf16 weights (host time, per layer)
     with torch.autocast("cuda", enabled=False) if torch.is_autocast_enabled("cuda") else contextlib.nullcontext():
-        return _FusedMixer._forward(None, dtype, *args, weights.params)
+        return _FusedMixer._forward(None, dtype, *args, weights.params, kept)
 
 
 def negative_exp(A_logs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -555,8 +564,9 @@ class _FusedMixer(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, dtype, hidden, perm, inv_perm, offsets, select, ids, keep, dt_base, conv_weight, conv_bias,
-                 A_log, A, D, layout, states_out, params):
-        """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved."""
+                 A_log, A, D, layout, states_out, params, kept=None):
+        """The forward; ``ctx`` None: no backward to come (`fused_mixer` without gradients), nothing is saved, and
+        ``kept`` may give the only tokens whose output is wanted (`fused_mixer`)."""
         ops = layout.ops
         b, l, di, r, N = layout.batch, layout.length, layout.d_inner, layout.dt_rank, layout.d_state
         n = b * l
@@ -615,6 +625,8 @@ class _FusedMixer(torch.autograd.Function):
         if states_out is not None:
             states_out[1].copy_(last_state)
         del conv_out, delta, last_state
+        if kept is not None:
+            return _kept_out_proj(layout, kept, out, out_z, z, z_rows, inv_perm, ids, w_out, b_out)
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
         if not out_routed:
             y_rows = _cols(out_z).t()
@@ -849,6 +861,31 @@ def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x
         return grouped.weight_grads(d_cols, x_rows.t(), layout.blocks(p, False), layout.has_bias[p], dtype, offsets)
     return grouped.grouped_weight_grads(d_cols, x_rows, layout.has_bias[p], counts=layout.counts, dtype=dtype,
                                         offsets=offsets)
+
+
+def _kept_out_proj(layout: _Layout, kept: torch.Tensor, out: torch.Tensor, out_z: torch.Tensor | None,
+                   z: torch.Tensor | None, z_rows: torch.Tensor | None, inv_perm: torch.Tensor, ids: torch.Tensor,
+                   w_out, b_out) -> torch.Tensor:
+    """out_proj for the m tokens ``kept`` (sequence-order indices) only -> (m, d_model) in their order, from the scan's
+    output as `_FusedMixer._forward` leaves it: gated by the scan (``out_z``) for a shared out_proj, else gated here
+    from ``z_rows`` (in_proj's sorted rows) or ``z`` (sequence order). A routed one runs every expert on the m rows
+    (m is a handful: the last positions of each sequence) and keeps each token's own: a few launches, no sort."""
+    if not layout.routed(Projection.out_proj):
+        w, b = w_out[0], None if b_out is None else b_out[0]
+        return torch.nn.functional.linear(_cols(out_z).index_select(1, kept).t(), w, b)
+    if z_rows is not None:
+        y = gather_cols_t(_cols(out), kept, gate_rows=z_rows.index_select(0, inv_perm.index_select(0, kept)))
+    else:
+        y = gather_cols_t(_cols(out), kept, gate=_cols(z))  # (m, di)
+    w = w_out if isinstance(w_out, torch.Tensor) else torch.stack(w_out)  # (k, d_model, di)
+    ys = y.expand(w.shape[0], -1, -1)  # (k, m, di)
+    if b_out is None:
+        o = torch.bmm(ys, w.transpose(1, 2))  # (k, m, d_model)
+    else:
+        bias = b_out if isinstance(b_out, torch.Tensor) else torch.stack(b_out)  # (k, d_model)
+        o = torch.baddbmm(bias.unsqueeze(1), ys, w.transpose(1, 2))
+    own = ids.index_select(0, kept).view(1, -1, 1).expand(1, -1, o.shape[-1])  # each token's expert
+    return o.gather(0, own).squeeze(0)
 
 
 def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:

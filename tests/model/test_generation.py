@@ -150,6 +150,63 @@ def test_fused_prefill_cache_and_tokens_equal_the_module_paths(decouple, length,
     assert torch.equal(tokens, ref_tokens)
 
 
+@pytest.mark.parametrize("decouple", [PROJECTIONS, ("in_proj",), ("out_proj", "x_proj")],
+                         ids=["all routed", "in_proj routed", "out_proj routed"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_fused_prefill_runs_the_last_out_proj_for_the_kept_positions_only(decouple, k, monkeypatch):
+    """With logits_to_keep=k (generate() passes 1) the last block of a sorted stream runs out_proj, and the model its
+    final norm, for each row's last k tokens only: the module path's logits and cache all the same, and the
+    backbone's last_hidden_state is those positions' (b, k, d)."""
+    model = _double_model(decouple)
+    prompt = interleaved_ids(model.config, 3, RUNS)[:, :13]
+    prompt[1] = prompt[1].roll(5)  # rows in different modalities at the same position
+    with torch.no_grad():
+        ref = model(prompt, use_cache=True)  # the module path, every position
+        ref_hidden = model.backbone(prompt).last_hidden_state
+    calls = _fast_path_on_cpu(monkeypatch)
+    rows = []
+    model.backbone.layers[-1].mixer.register_forward_hook(lambda m, args, out: rows.append(tuple(out.shape)))
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, logits_to_keep=k)
+        hidden = model.backbone(prompt, keep_last=k).last_hidden_state
+    d = model.config.d_model
+    assert [sorted_ for _, sorted_ in calls] == [True] * (2 * model.config.n_layer)
+    assert rows == [(3 * k, d)] * 2  # out_proj's rows: the kept tokens only
+    torch.testing.assert_close(out.logits, ref.logits[:, -k:])
+    torch.testing.assert_close(hidden, ref_hidden[:, -k:])
+    for state, state_ref in zip(out.cache.ssm_states + out.cache.conv_states,
+                                ref.cache.ssm_states + ref.cache.conv_states, strict=True):
+        torch.testing.assert_close(state, state_ref)
+
+
+def test_the_kept_positions_alone_are_for_forwards_without_gradients(monkeypatch):
+    """Under autograd every position goes through out_proj (a backward needs them all) and the logits are the same;
+    the fused Function refuses kept tokens there; keep_last must be a non-negative int; the module path slices."""
+    model = _double_model(PROJECTIONS)
+    prompt = interleaved_ids(model.config, 2, RUNS)[:, :9]
+    with torch.no_grad():
+        ref = model.backbone(prompt).last_hidden_state
+    with pytest.raises(ValueError, match="keep_last must be a non-negative int"):
+        model.backbone(prompt, keep_last=-1)
+    assert torch.equal(model.backbone(prompt, keep_last=2).last_hidden_state.detach(), ref[:, -2:])  # module path
+    _fast_path_on_cpu(monkeypatch)
+    rows = []
+    model.backbone.layers[-1].mixer.register_forward_hook(lambda m, args, out: rows.append(tuple(out.shape)))
+    logits = model(prompt, logits_to_keep=1).logits
+    assert rows == [(2, 9, model.config.d_model)]
+    with torch.no_grad():
+        torch.testing.assert_close(logits.detach(), model(prompt, logits_to_keep=1).logits)
+    from mom.model.inputs import modality_of_ids
+    from mom.model.routing import Routing
+    from mom.ops import fused
+
+    routes = Routing(modality_of_ids(model.config, prompt), model.config.num_modalities).routes(torch.float64)
+    hidden = torch.randn(2, 9, model.config.d_model, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="kept tokens are for a forward without gradients"):
+        fused.fused_mixer(hidden, model.backbone.layers[0].mixer.fast_path_weights(), routes, fused.REFERENCE_OPS,
+                          kept=torch.tensor([8]))
+
+
 def test_prefill_with_padding_or_a_recording_cache_takes_the_module_path(monkeypatch):
     """Left padding and a cache recording its states (assisted decoding) stay on the module path."""
     model = _double_model(PROJECTIONS)
