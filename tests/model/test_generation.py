@@ -153,22 +153,30 @@ def test_fused_prefill_cache_and_tokens_equal_the_module_paths(decouple, length,
 @pytest.mark.parametrize("decouple", [PROJECTIONS, ("in_proj",), ("out_proj", "x_proj")],
                          ids=["all routed", "in_proj routed", "out_proj routed"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_fused_prefill_runs_the_last_out_proj_for_the_kept_positions_only(decouple, k, monkeypatch):
+@pytest.mark.parametrize("own", [False, True], ids=["stacked", "own weights"])
+def test_a_fused_prefill_runs_the_last_out_proj_for_the_kept_positions_only(decouple, k, own, monkeypatch):
     """With logits_to_keep=k (generate() passes 1) the last block of a sorted stream runs out_proj, and the model its
     final norm, for each row's last k tokens only: the module path's logits and cache all the same, and the
-    backbone's last_hidden_state is those positions' (b, k, d)."""
+    backbone's last_hidden_state (without a cache) is those positions' (b, k, d). out_proj's weights stacked by the
+    cast, or the experts' own (read where a prefill's large GEMMs run per expert: forced either way here)."""
+    from mom.ops import fused, grouped
+
+    if own:
+        monkeypatch.setattr(grouped, "PER_EXPERT_MACS", 0)
+    else:
+        monkeypatch.setattr(fused, "_own_weights", lambda layout, *args: (False,) * len(layout.experts))
     model = _double_model(decouple)
     prompt = interleaved_ids(model.config, 3, RUNS)[:, :13]
     prompt[1] = prompt[1].roll(5)  # rows in different modalities at the same position
     with torch.no_grad():
         ref = model(prompt, use_cache=True)  # the module path, every position
-        ref_hidden = model.backbone(prompt).last_hidden_state
+        ref_hidden = model.backbone(prompt, use_cache=False).last_hidden_state
     calls = _fast_path_on_cpu(monkeypatch)
     rows = []
     model.backbone.layers[-1].mixer.register_forward_hook(lambda m, args, out: rows.append(tuple(out.shape)))
     with torch.no_grad():
         out = model(prompt, use_cache=True, logits_to_keep=k)
-        hidden = model.backbone(prompt, keep_last=k).last_hidden_state
+        hidden = model.backbone(prompt, use_cache=False, keep_last=k).last_hidden_state
     d = model.config.d_model
     assert [sorted_ for _, sorted_ in calls] == [True] * (2 * model.config.n_layer)
     assert rows == [(3 * k, d)] * 2  # out_proj's rows: the kept tokens only
