@@ -86,9 +86,9 @@ class MoMMixer(nn.Module):
         doc_start: torch.Tensor | None = None,
         sorted_tokens: bool = False,
         A: torch.Tensor | None = None,
-        kept: torch.Tensor | None = None,
+        keep_last: int = 0,
     ) -> torch.Tensor:
-        """hidden: (b, l, d_model) -> (b, l, d_model), or (m, d_model) for the m tokens ``kept``.
+        """hidden: (b, l, d_model) -> (b, l, d_model), or (b * k, d_model) with ``keep_last`` k > 0.
 
         ``mask`` (b, l), 1 (True) for real tokens and 0 for padding, zeroes padded positions before the projection
         and after the conv so that they leave no trace in the conv window or the SSM state; on either path (the fused
@@ -97,13 +97,15 @@ class MoMMixer(nn.Module):
         hidden's rows and the output's are in the routing's sorted order (a sorted residual stream, fast path only:
         the model decides, `sorted_stream`). ``A``: ``-exp(A_log)``, computed by the model for all layers at once
         (`SortedStream`) for the fused path to read, or None (the module path computes its own, with autograd).
-        ``kept`` (m,): with ``sorted_tokens``, the sequence-order indices (b * l numbering) of the only tokens whose
-        output is wanted, without gradients (`mom.ops.fused.fused_mixer`); the output is their m rows.
+        ``keep_last`` k > 0: with ``sorted_tokens`` and without gradients, each row's last k tokens are the only ones
+        whose output is wanted (`Routing.last_tokens`, `mom.ops.fused.fused_mixer`'s ``kept``); the output is their
+        rows, row by row.
         """
         if sorted_tokens:
-            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask, A=A, kept=kept)
-        if kept is not None:
-            raise ValueError("MoMMixer: kept tokens are for a sorted residual stream (the fused path)")
+            return self.fused_forward(hidden, routing, sorted_tokens=True, cache=cache, mask=mask, A=A,
+                                      keep_last=keep_last)
+        if keep_last:
+            raise ValueError("MoMMixer: keep_last is for a sorted residual stream (the fused path)")
         if cache is not None and cache.seqlen_offset > 0:
             return self._continue(hidden, routing, cache)
         if doc_start is None and (mask is None or cache is None) and self.fast_path_applies(hidden):
@@ -194,12 +196,12 @@ class MoMMixer(nn.Module):
     def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None,
                       mask: torch.Tensor | None = None, A: torch.Tensor | None = None,
-                      kept: torch.Tensor | None = None) -> torch.Tensor:
+                      keep_last: int = 0) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
         ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
         ``sorted_tokens`` and ``mask`` (b, l) in sequence order as in `forward`. ``cache``: a prefill (nothing
         consumed yet): this layer's conv window and SSM state are written into it, as the module path writes them.
-        ``kept``: as in `forward`."""
+        ``keep_last``: as in `forward`."""
         weights = self.fast_path_weights()
         if weights is None:
             raise ValueError("the fused mixer needs plain nn.Linear experts with their weights present; wrapped (LoRA) "
@@ -212,7 +214,7 @@ class MoMMixer(nn.Module):
             states = (cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx])
         routes = routing.routes(fused.compute_dtype(hidden))
         return fused.fused_mixer(hidden, weights, routes, ops, sorted_tokens=sorted_tokens, states_out=states,
-                                 mask=mask, A=A, kept=kept)
+                                 mask=mask, A=A, kept=routing.last_tokens(keep_last) if keep_last else None)
 
     def _ssm_params(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (b, l, di) -> Δ pre-activation (b, l, di), B (b, l, n), C (b, l, n)."""

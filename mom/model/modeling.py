@@ -125,18 +125,19 @@ class MoMBlock(GradientCheckpointingLayer):
             self.channel_mixer = make_channel_mixer(config)
 
     def forward(self, out, residual, routing, cache=None, mask=None, doc_start=None, sorted_tokens=False, A=None,
-                kept=None):
+                keep_last=0):
         """(previous block's output or None, residual stream) -> (this block's output, residual stream). ``A``: the
-        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.SortedStream`), or None. ``kept``
-        (m,): the sequence-order indices of the only tokens whose output is read (the last block of a sorted stream,
-        without gradients: `MoMModel`); both results are then those tokens' rows (m, d), in ``kept``'s order."""
+        Mamba-1 mixer's ``-exp(A_log)`` computed by the model (`mom.model.mixer.SortedStream`), or None.
+        ``keep_last`` k > 0: each row's last k tokens are the only ones whose output is read (the last block of a
+        sorted stream, without gradients: `MoMModel`); both results are then their rows (b * k, d), row by row
+        (`Routing.last_tokens`)."""
         hidden, residual = add_norm(self.norm, out, residual, self.residual_in_fp32)
-        if A is None and kept is None:
+        if A is None and not keep_last:
             out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens)
         else:  # only a MoMMixer is given either
-            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens, A=A, kept=kept)
-        if kept is not None:  # the stream's rows are sorted: token t is at row inv_perm[t]
-            residual = residual.view(-1, residual.shape[-1]).index_select(0, routing.inv_perm.index_select(0, kept))
+            out = self.mixer(hidden, routing, cache, mask, doc_start, sorted_tokens, A=A, keep_last=keep_last)
+        if keep_last:  # the stream's rows are sorted: the kept tokens' rows
+            residual = residual.view(-1, residual.shape[-1]).index_select(0, routing.last_tokens(keep_last)[1])
         if self.has_channel_mixer:
             hidden, residual = add_norm(self.norm2, out, residual, self.residual_in_fp32)
             out = self.channel_mixer(hidden, routing)
@@ -378,13 +379,6 @@ def _linears(proj: nn.Module) -> list[nn.Linear]:
     return [proj] if isinstance(proj, nn.Linear) else [m for m in proj.values() if isinstance(m, nn.Linear)]
 
 
-def _last_tokens(b: int, l: int, k: int, device: torch.device) -> torch.Tensor:
-    """(b * k,) int64: the flat indices (b * l numbering) of each row's last k positions, row by row."""
-    if k == 1:  # generate()'s prefill: one launch
-        return torch.arange(l - 1, b * l, l, device=device)
-    return (torch.arange(0, b * l, l, device=device)[:, None] + torch.arange(l - k, l, device=device)).view(-1)
-
-
 class MoMModel(MoMPreTrainedModel):
     def __init__(self, config: MoMConfig) -> None:
         super().__init__(config)
@@ -568,20 +562,19 @@ class MoMModel(MoMPreTrainedModel):
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
         As = in_sorted.A if in_sorted is not None else [None] * len(self.layers)
-        kept = None
-        if 0 < keep_last < l and As[-1] is not None and not output_hidden_states and not torch.is_grad_enabled():
-            kept = _last_tokens(b, l, keep_last, residual.device)  # As[-1]: a sorted stream, a Mamba-1 last block
+        # As[-1]: a sorted stream, a Mamba-1 last block
+        kept = 0 < keep_last < l and As[-1] is not None and not output_hidden_states and not torch.is_grad_enabled()
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
                                   sorted_tokens=in_sorted is not None, A=As[i],
-                                  kept=kept if i == len(self.layers) - 1 else None)
+                                  keep_last=keep_last if kept and i == len(self.layers) - 1 else 0)
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
                 all_hidden += (in_order(streams[-1] if streams is not None else residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
-        if kept is not None:
+        if kept:
             return hidden.view(b, keep_last, -1), all_hidden
         return in_order(hidden), all_hidden
 

@@ -123,6 +123,25 @@ class Routing:
                                          onehot=self.is_modality.to(dtype))
         return self._routes[dtype]
 
+    @cached_property
+    def _last_tokens(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {}
+
+    def last_tokens(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's last ``k`` tokens, row by row: their flat indices in sequence order (b * k,) int64 and their
+        positions in the sorted order (``inv_perm`` at them); built once per k and shared by the block and the mixer
+        that read them (`mom.model.modeling.MoMModel`'s ``keep_last``)."""
+        if k not in self._last_tokens:
+            b, l = self.modality_ids.shape
+            device = self.modality_ids.device
+            if k == 1:  # generate()'s prefill: one launch
+                tokens = torch.arange(l - 1, b * l, l, device=device)
+            else:
+                tokens = (torch.arange(0, b * l, l, device=device)[:, None] + torch.arange(l - k, l, device=device))
+                tokens = tokens.view(-1)
+            self._last_tokens[k] = tokens, self.inv_perm.index_select(0, tokens)
+        return self._last_tokens[k]
+
     def at(self, t: int) -> Routing:
         """Routing of position ``t`` alone, (b, 1)."""
         return Routing.build(self.modality_ids[:, t : t + 1], self.num_modalities)

@@ -313,7 +313,7 @@ class Routes:
 def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
                 sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, A: torch.Tensor | None = None,
-                kept: torch.Tensor | None = None) -> torch.Tensor:
+                kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model), or (m, d_model) with
     ``kept``.
 
@@ -341,10 +341,10 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     requires grad) the forward runs outside autograd: nothing is saved for a backward, and the largest activations
     are freed before out_proj's output is allocated.
 
-    ``kept`` (m,) int64, sequence-order token indices (b * l numbering), without gradients only: out_proj runs for
-    these tokens alone and the output is their m rows, in ``kept``'s order (a prefill's last layer, of which only the
-    last positions' output is read: `mom.model.modeling.MoMModel`). The conv, the scan and ``states_out`` are as
-    without it.
+    ``kept`` (tokens, rows), each (m,) int64, without gradients only: the tokens' indices in sequence order (b * l
+    numbering) and their positions in the sorted order (``routes.inv_perm`` at them). out_proj runs for these tokens
+    alone and the output is their m rows, in that order (a prefill's last layer, of which only the last positions'
+    output is read: `mom.model.modeling.MoMModel`). The conv, the scan and ``states_out`` are as without it.
     """
     ops = ops or cuda_ops()
     if ops is None:
@@ -626,7 +626,7 @@ class _FusedMixer(torch.autograd.Function):
             states_out[1].copy_(last_state)
         del conv_out, delta, last_state
         if kept is not None:
-            return _kept_out_proj(layout, kept, out, out_z, z, z_rows, inv_perm, ids, w_out, b_out)
+            return _kept_out_proj(layout, *kept, out, out_z, z, z_rows, ids, w_out, b_out)
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
         if not out_routed:
             y_rows = _cols(out_z).t()
@@ -863,18 +863,19 @@ def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x
                                         offsets=offsets)
 
 
-def _kept_out_proj(layout: _Layout, kept: torch.Tensor, out: torch.Tensor, out_z: torch.Tensor | None,
-                   z: torch.Tensor | None, z_rows: torch.Tensor | None, inv_perm: torch.Tensor, ids: torch.Tensor,
+def _kept_out_proj(layout: _Layout, kept: torch.Tensor, kept_rows: torch.Tensor, out: torch.Tensor,
+                   out_z: torch.Tensor | None, z: torch.Tensor | None, z_rows: torch.Tensor | None, ids: torch.Tensor,
                    w_out, b_out) -> torch.Tensor:
-    """out_proj for the m tokens ``kept`` (sequence-order indices) only -> (m, d_model) in their order, from the scan's
-    output as `_FusedMixer._forward` leaves it: gated by the scan (``out_z``) for a shared out_proj, else gated here
-    from ``z_rows`` (in_proj's sorted rows) or ``z`` (sequence order). A routed one runs every expert on the m rows
-    (m is a handful: the last positions of each sequence) and keeps each token's own: a few launches, no sort."""
+    """out_proj for the m tokens ``kept`` (sequence-order indices; ``kept_rows``: their sorted positions) only ->
+    (m, d_model) in their order, from the scan's output as `_FusedMixer._forward` leaves it: gated by the scan
+    (``out_z``) for a shared out_proj, else gated here from ``z_rows`` (in_proj's sorted rows) or ``z`` (sequence
+    order). A routed one runs every expert on the m rows (m is a handful: the last positions of each sequence) and
+    keeps each token's own: a few launches, no sort."""
     if not layout.routed(Projection.out_proj):
         w, b = w_out[0], None if b_out is None else b_out[0]
         return torch.nn.functional.linear(_cols(out_z).index_select(1, kept).t(), w, b)
     if z_rows is not None:
-        y = gather_cols_t(_cols(out), kept, gate_rows=z_rows.index_select(0, inv_perm.index_select(0, kept)))
+        y = gather_cols_t(_cols(out), kept, gate_rows=z_rows.index_select(0, kept_rows))
     else:
         y = gather_cols_t(_cols(out), kept, gate=_cols(z))  # (m, di)
     w = w_out if isinstance(w_out, torch.Tensor) else torch.stack(w_out)  # (k, d_model, di)

@@ -212,7 +212,7 @@ def test_the_kept_positions_alone_are_for_forwards_without_gradients(monkeypatch
     hidden = torch.randn(2, 9, model.config.d_model, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="kept tokens are for a forward without gradients"):
         fused.fused_mixer(hidden, model.backbone.layers[0].mixer.fast_path_weights(), routes, fused.REFERENCE_OPS,
-                          kept=torch.tensor([8]))
+                          kept=(torch.tensor([8]), torch.tensor([8])))
 
 
 def test_prefill_with_padding_or_a_recording_cache_takes_the_module_path(monkeypatch):

@@ -129,3 +129,14 @@ def test_routes_for_the_fused_mixer_once_per_dtype():
     assert routes.expert_ids.tolist() == ids.flatten().tolist()
     assert routes.onehot.dtype == torch.bfloat16
     assert torch.equal(routes.onehot.argmax(0), ids.flatten()) and routes.onehot.sum().item() == ids.numel()
+
+
+def test_last_tokens_are_each_rows_last_positions_and_their_sorted_rows_built_once():
+    """`Routing.last_tokens(k)`: row by row, the flat indices of each row's last k positions and where they sit in
+    the sorted order; the same tensors at every call with that k (the block and its mixer share them)."""
+    routing = Routing(torch.tensor([[0, 1, 2, 1, 0], [2, 2, 0, 1, 1]]), 3)
+    tokens, rows = routing.last_tokens(2)
+    assert tokens.tolist() == [3, 4, 8, 9]
+    assert torch.equal(routing.perm[rows], tokens)
+    assert routing.last_tokens(1)[0].tolist() == [4, 9]
+    assert all(a is b for a, b in zip(routing.last_tokens(2), (tokens, rows), strict=True))
