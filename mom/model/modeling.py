@@ -562,19 +562,19 @@ class MoMModel(MoMPreTrainedModel):
         all_hidden = (in_order(residual),) if output_hidden_states else None
         streams = [residual] if self.layer_weights is not None else None
         As = in_sorted.A if in_sorted is not None else [None] * len(self.layers)
-        # As[-1]: a sorted stream, a Mamba-1 last block
-        kept = 0 < keep_last < l and As[-1] is not None and not output_hidden_states and not torch.is_grad_enabled()
+        last_only = (0 < keep_last < l and As[-1] is not None  # As[-1]: a sorted stream, a Mamba-1 last block
+                     and not output_hidden_states and not torch.is_grad_enabled())
         out = None
         for i, layer in enumerate(self.layers):
             out, residual = layer(out, residual, routing, cache=cache, mask=mask, doc_start=doc_start,
                                   sorted_tokens=in_sorted is not None, A=As[i],
-                                  keep_last=keep_last if kept and i == len(self.layers) - 1 else 0)
+                                  keep_last=keep_last if last_only and i == len(self.layers) - 1 else 0)
             if streams is not None:
                 out, residual = self._average(streams, i, out, residual)
             if output_hidden_states:
                 all_hidden += (in_order(streams[-1] if streams is not None else residual + out),)
         hidden, _ = add_norm(self.norm_f, out, residual, self.config.residual_in_fp32)
-        if kept:
+        if last_only:
             return hidden.view(b, keep_last, -1), all_hidden
         return in_order(hidden), all_hidden
 

@@ -23,10 +23,6 @@ from mom.ops.triton.gathered_mm import Tiles, gathered_mm  # noqa: E402
 from mom.ops.triton.routed_rows import Blocks, ConvStep, routed_rows_linear  # noqa: E402
 from mom.ops.triton.state_update import routed_state_update  # noqa: E402
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-          torch.bool: "i1"}
-
 
 def _triton_ir(kernel, values: tuple, options: dict | None) -> None:
     """Triton's front end on ``kernel`` with the types of ``values`` (every parameter, in order, as
@@ -36,19 +32,14 @@ def _triton_ir(kernel, values: tuple, options: dict | None) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
 
     signature, constexprs = {}, {}
     for param, value in zip(kernel.params, values, strict=True):
         if param.is_constexpr or value is None:
             signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            signature[param.name] = "fp32"
+        else:  # Triton's own type of an argument: "*bf16", "i32", "i64", "fp32", ...
+            signature[param.name] = mangle_type(value)
     target = GPUTarget("cuda", 90, 32)
     backend = CUDABackend(target)
     opts = backend.parse_options(dict(options or {}))
