@@ -583,15 +583,26 @@ class _FusedMixer(torch.autograd.Function):
         h_in = _reorder(h, layout.sorted_io, in_routed, perm, inv_perm)  # sorted iff in_proj routes
         z_rows = None  # z in in_proj's sorted rows (n, di), where a forward without backward leaves it (below)
         window = None if states_out is None else states_out[0]
-        # in_proj: a routed one is one grouped GEMM on the sorted rows, a shared one a GEMM into sequence-order columns
-        xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_in), b_in, offsets) \
-            if in_routed else None  # (n, 2di)
+        # in_proj: a routed one is one grouped GEMM on the sorted rows, a shared one a GEMM into sequence-order columns.
+        # Where only the kept tokens' output is wanted and out_proj routes, z (read by their gate alone) is computed
+        # for those tokens only: the GEMM over every row computes x.
+        z_kept = None  # (m, di): the kept tokens' z, in their order
+        kept_own = ids.index_select(0, kept[0]) if kept is not None and out_routed else None  # (m,) their experts
+        if in_routed and kept_own is not None:
+            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, *_transposed_half(w_in, b_in, slice(0, di)),
+                                   offsets)  # (n, di): x alone
+            z_kept = _own_expert_rows(h_in.index_select(0, kept[1]), *_half(w_in, b_in, slice(di, None)), kept_own)
+        else:
+            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_in), b_in, offsets) \
+                if in_routed else None  # (n, 2di)
         if xz_rows is not None and ctx is None:  # no backward: x is never gathered into sequence order; the conv
             # reads its windows from the sorted rows (`conv_rows_t`: one pass where a gather and the conv were two)
             conv_out = _bdl(conv_rows_t(xz_rows[:, :di], inv_perm, l, conv_weight.squeeze(1), conv_bias, keep,
                                         window), b, l)  # (b, di, l)
             x = xz = None
-            if out_routed:  # z stays in these rows, the order of out_proj's input: the gated gather reads it there
+            if z_kept is not None:  # z computed for the kept tokens alone (above)
+                z = None
+            elif out_routed:  # z stays in these rows, the order of out_proj's input: the gated gather reads it there
                 z_rows, z = xz_rows[:, di:], None  # (n, di)
             else:
                 z = _bdl(gather_rows_t(xz_rows[:, di:], inv_perm), b, l)
@@ -626,7 +637,9 @@ class _FusedMixer(torch.autograd.Function):
             states_out[1].copy_(last_state)
         del conv_out, delta, last_state
         if kept is not None:
-            return _kept_out_proj(layout, *kept, out, out_z, z, z_rows, ids, w_out, b_out)
+            if z_kept is None and z_rows is not None:
+                z_kept = z_rows.index_select(0, kept[1])
+            return _kept_out_proj(layout, kept[0], out, out_z, z, z_kept, kept_own, w_out, b_out)
         # out_proj on the gated output's rows (n, di), sorted iff out_proj routes; its output back to the stream's order
         if not out_routed:
             y_rows = _cols(out_z).t()
@@ -863,30 +876,49 @@ def _routed_weight_grads(layout: _Layout, p: Projection, d_cols: torch.Tensor, x
                                         offsets=offsets)
 
 
-def _kept_out_proj(layout: _Layout, kept: torch.Tensor, kept_rows: torch.Tensor, out: torch.Tensor,
-                   out_z: torch.Tensor | None, z: torch.Tensor | None, z_rows: torch.Tensor | None, ids: torch.Tensor,
-                   w_out, b_out) -> torch.Tensor:
-    """out_proj for the m tokens ``kept`` (sequence-order indices; ``kept_rows``: their sorted positions) only ->
-    (m, d_model) in their order, from the scan's output as `_FusedMixer._forward` leaves it: gated by the scan
-    (``out_z``) for a shared out_proj, else gated here from ``z_rows`` (in_proj's sorted rows) or ``z`` (sequence
-    order). A routed one runs every expert on the m rows (m is a handful: the last positions of each sequence) and
-    keeps each token's own: a few launches, no sort."""
+def _kept_out_proj(layout: _Layout, kept: torch.Tensor, out: torch.Tensor, out_z: torch.Tensor | None,
+                   z: torch.Tensor | None, z_kept: torch.Tensor | None, own: torch.Tensor | None, w_out,
+                   b_out) -> torch.Tensor:
+    """out_proj for the m tokens ``kept`` (sequence-order indices) only -> (m, d_model) in their order, from the scan's
+    output as `_FusedMixer._forward` leaves it: gated by the scan (``out_z``) for a shared out_proj, else gated here
+    by ``z_kept`` (the kept tokens' z (m, di)) or ``z`` (sequence order). A routed one runs every expert on the m rows
+    (`_own_expert_rows`; ``own`` (m,): each one's expert)."""
     if not layout.routed(Projection.out_proj):
         w, b = w_out[0], None if b_out is None else b_out[0]
         return torch.nn.functional.linear(_cols(out_z).index_select(1, kept).t(), w, b)
-    if z_rows is not None:
-        y = gather_cols_t(_cols(out), kept, gate_rows=z_rows.index_select(0, kept_rows))
+    if z_kept is not None:
+        y = gather_cols_t(_cols(out), kept, gate_rows=z_kept)
     else:
         y = gather_cols_t(_cols(out), kept, gate=_cols(z))  # (m, di)
-    w = w_out if isinstance(w_out, torch.Tensor) else torch.stack(w_out)  # (k, d_model, di)
-    ys = y.expand(w.shape[0], -1, -1)  # (k, m, di)
-    if b_out is None:
-        o = torch.bmm(ys, w.transpose(1, 2))  # (k, m, d_model)
+    return _own_expert_rows(y, w_out, b_out, own)
+
+
+def _own_expert_rows(rows: torch.Tensor, w, b, own: torch.Tensor) -> torch.Tensor:
+    """Each of m rows through its own expert: rows (m, i), w (k, o, i) or the k experts' (o, i), b (k, o) or k (o,)
+    or None, own (m,) each row's expert -> (m, o). Every expert runs on every row and each keeps its own: for a
+    handful of rows (the last positions of each sequence), a few launches and no sort."""
+    w = w if isinstance(w, torch.Tensor) else torch.stack(w)  # (k, o, i)
+    ys = rows.expand(w.shape[0], -1, -1)  # (k, m, i)
+    if b is None:
+        o = torch.bmm(ys, w.transpose(1, 2))  # (k, m, o)
     else:
-        bias = b_out if isinstance(b_out, torch.Tensor) else torch.stack(b_out)  # (k, d_model)
+        bias = b if isinstance(b, torch.Tensor) else torch.stack(b)  # (k, o)
         o = torch.baddbmm(bias.unsqueeze(1), ys, w.transpose(1, 2))
-    own = ids.index_select(0, kept).view(1, -1, 1).expand(1, -1, o.shape[-1])  # each token's expert
-    return o.gather(0, own).squeeze(0)
+    return o.gather(0, own.view(1, -1, 1).expand(1, -1, o.shape[-1])).squeeze(0)
+
+
+def _half(w, b, features: slice):
+    """A projection's (weights, biases) cut to its output ``features``: (k, o, i) / (k, o) or the experts' own
+    (o, i) / (o,); biases None stay None."""
+    if isinstance(w, torch.Tensor):
+        return w[:, features], None if b is None else b[:, features]
+    return [m[features] for m in w], None if b is None else [v[features] for v in b]
+
+
+def _transposed_half(w, b, features: slice):
+    """`_half`, the weights transposed (`_transposed`) as `_routed_rows` takes them."""
+    w, b = _half(w, b, features)
+    return _transposed(w), b
 
 
 def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:

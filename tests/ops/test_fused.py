@@ -592,9 +592,11 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     with launches, torch.no_grad():  # a prefill: the conv reads x in in_proj's rows and writes the cache's conv
         model(ids, use_cache=True, logits_to_keep=1)  # window (one kernel for the gather and the conv), then the
     prefill = layer[:3] + ["conv_rows_t"] + layer[5:9] + ["copy_"] + layer[9:]  # SSM state's copy
-    # the last layer's output is read at the last position only: out_proj for those tokens alone (z at their sorted
-    # rows, the gated gather, every expert on them, each token's expert, its own expert's output)
-    last = prefill[:-2] + ["index_select", "gather_cols_t", "bmm", "index_select", "gather"]
+    # the last layer's output is read at the last position only: in_proj computes x alone, and z for those tokens
+    # (their experts; their rows, every expert on them, each one's own), out_proj runs for them alone (the gated
+    # gather, every expert on them, each one's own)
+    last = (prefill[:2] + ["index_select", "_grouped_mm", "index_select", "bmm", "gather"] + prefill[3:-2]
+            + ["gather_cols_t", "bmm", "gather"])
     assert per_layer == [once + prefill] + [prefill] * (config.n_layer - 2) + [last]
     per_layer.clear()
     with launches:  # a training forward: each layer copies the expanded input, which its backward reads
