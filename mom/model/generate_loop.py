@@ -66,6 +66,7 @@ class Plan:
     eos_token_ids: torch.Tensor | None
     pad_token_id: int
     cuda_graph: bool
+    prefill_cuda_graph: bool
     warpers: LogitsProcessorList | None = None
     processors: LogitsProcessorList | None = None
 
@@ -88,10 +89,11 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     model_kwargs = config.update(**{k: v for k, v in kwargs.items() if k not in OTHER_LOOPS})
     input_ids = model_kwargs.pop("input_ids", None) if inputs is None else inputs
     cuda_graph = model_kwargs.pop("cuda_graph", True)
+    prefill_cuda_graph = model_kwargs.pop("prefill_cuda_graph", False)
     mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         return None  # other model inputs (embeddings, a cache, modality ids...) or no plain prompt
-    if input_ids.is_floating_point() or not isinstance(cuda_graph, bool):
+    if input_ids.is_floating_point() or not isinstance(cuda_graph, bool) or not isinstance(prefill_cuda_graph, bool):
         return None
     defaults = GenerationConfig().to_dict()
     for key, value in config.to_diff_dict().items():
@@ -110,7 +112,7 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     # transformers fills an unset top_k with its global default, but keeps a top_k=None given to generate(): none
     warpers = sampling_warpers(config, None if "top_k" in kwargs else TOP_K) if config.do_sample else None
     return Plan(input_ids, int(config.max_new_tokens), int(config.min_new_tokens or 0), eos_ids, int(pad), cuda_graph,
-                warpers, processors)
+                prefill_cuda_graph, warpers, processors)
 
 
 def sampling_warpers(config: GenerationConfig, unset_top_k: int | None = TOP_K) -> LogitsProcessorList:
@@ -135,7 +137,8 @@ def decode(model: Any, p: Plan) -> torch.Tensor:
     out = ids.new_full((b, length + p.max_new_tokens), p.pad_token_id)
     out[:, :length] = ids
     cache = MoMCache(model.config)
-    logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V) fp32
+    logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1,  # (b, V) fp32
+                   cuda_graph=p.prefill_cuda_graph).logits[:, -1]
     unfinished = torch.ones(b, dtype=torch.bool, device=ids.device)
     ended_at = torch.full((b,), p.max_new_tokens, dtype=torch.long, device=ids.device)  # step after a row's EOS
     for t in range(p.max_new_tokens):

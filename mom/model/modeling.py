@@ -33,6 +33,7 @@ from mom.model.config import MoMConfig
 from mom.model.graph import DecodeGraphs
 from mom.model.inputs import (
     IGNORE_INDEX,
+    capturing,
     check_inputs,
     kept_positions,
     modality_of_ids,
@@ -41,6 +42,7 @@ from mom.model.inputs import (
 )
 from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, SortedStream, masks_on_device, sorted_stream
+from mom.model.prefill_graph import PrefillGraphs
 from mom.model.routing import Routing, permute_rows
 from mom.ops import backend, fused
 from mom.ops.triton.rebind import launched
@@ -458,8 +460,9 @@ class MoMModel(MoMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed blocks run without a cache, as transformers' do
-        # deferred checks only without a cache: a forward that writes the recurrent cache is checked before it runs
-        defer = not use_cache
+        # deferred checks only without a cache: a forward that writes the recurrent cache is checked before it runs,
+        # unless it is being recorded into a CUDA graph (which cannot read the device: its caller checks the ids)
+        defer = not use_cache or capturing(self.embeddings.weight)
         routing, finish_checks = validate_and_route(self.config, input_ids, modality_ids, labels, modality_counts,
                                                     defer, shift_labels=shift_labels, inputs_embeds=inputs_embeds)
         b, l = routing.modality_ids.shape
@@ -628,6 +631,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         self.backbone = MoMModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.decode_graphs = DecodeGraphs()  # generate()'s CUDA-graph decode steps (`mom.model.graph`)
+        self.prefill_graphs = PrefillGraphs()  # recorded prefills, opt-in (`mom.model.prefill_graph`)
         self.post_init()
 
     @property
@@ -683,12 +687,16 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         modality_ids: torch.LongTensor | None = None,
         cuda_graph: bool = True,
+        prefill_cuda_graph: bool = False,
         **kwargs,
     ) -> dict:
         """transformers' inputs (every keyword argument goes on to ``forward``), as for its Mamba: the tokens the cache
         has not consumed, no attention mask after the prefill. ``modality_ids`` go with the prompt's ``inputs_embeds``
         only: token ids say their modality. ``cuda_graph`` (a generate() keyword, default True): decode steps replay
-        a CUDA graph where one applies (`decode_logits`)."""
+        a CUDA graph where one applies (`decode_logits`). ``prefill_cuda_graph`` (a generate() keyword, default False)
+        records and replays the prompt's forward (`mom.model.prefill_graph`) in MoM's own loop (a plain greedy or
+        sampling call, `mom.model.generate_loop`); transformers' loop, which passes the prompt's attention mask, runs
+        it eagerly."""
         if not GENERATE_CARRIES_CACHE:
             cache, next_sequence_length, use_cache = None, None, False
         model_inputs = super().prepare_inputs_for_generation(
@@ -727,7 +735,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         those positions; ``generate()`` passes 1. ``inputs_embeds``, ``seq_idx``, ``modality_counts``: see
         `MoMModel.forward`. ``return_dict=False`` returns ``to_tuple()`` of the output. ``cuda_graph``: a one-token
         step after a cached prefix replays a CUDA graph where one applies (`decode_logits`); its ids are not checked
-        (generate() sets it for the ids it sampled)."""
+        (generate() sets it for the ids it sampled). On a prefill (token ids into a fresh cache, ``logits_to_keep=k``,
+        no other input) it records the prompt shape's forward the second time the shape comes and replays it from
+        then on, its ids checked first (`mom.model.prefill_graph`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         has_targets = labels is not None or shift_labels is not None
         keep = kept_positions(logits_to_keep)
@@ -737,6 +747,17 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             logits = self.decode_logits(input_ids, cache).unsqueeze(1)  # (b, 1, V)
             result = MoMCausalLMOutput(logits=logits, cache=cache)
             return result if return_dict else result.to_tuple()
+        if cuda_graph and self._graph_prefill_applies(input_ids, cache, use_cache, keep_last, has_targets,
+                                                      output_hidden_states, modality_ids, attention_mask, seq_idx,
+                                                      modality_counts, inputs_embeds):
+            cache = cache if cache is not None else MoMCache(self.config)  # (the eager forward's too, if it runs)
+            logits = None
+            if self.prefill_graphs.applies(input_ids, cache, keep_last):
+                logits = self.prefill_graphs.logits(self, functools.partial(self._prefill_logits, keep_last=keep_last),
+                                                    input_ids, cache, keep_last, self.check_inputs)
+            if logits is not None:  # else: a shape seen for the first time, or one that cannot be recorded
+                result = MoMCausalLMOutput(logits=logits, cache=cache)
+                return result if return_dict else result.to_tuple()
         if has_targets and not (isinstance(keep, slice) and keep == slice(0, None)):
             raise ValueError("labels cannot be combined with logits_to_keep: the loss needs every position's logits")
         out = self.backbone(
@@ -790,6 +811,27 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         hidden = self.backbone.decode_step(input_ids, cache)[:, -1]  # (b, d)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
+    def _prefill_logits(self, input_ids: torch.Tensor, cache: MoMCache, keep_last: int) -> torch.Tensor:
+        """A prompt's forward into a fresh ``cache`` -> the last ``keep_last`` positions' logits (b, k, V) fp32 (what a
+        prefill graph records, `mom.model.prefill_graph`)."""
+        hidden = self.backbone(input_ids, cache=cache, use_cache=True, output_hidden_states=False, return_dict=True,
+                               keep_last=keep_last).last_hidden_state
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def _hidden_states_asked(self, output_hidden_states: bool | None) -> bool:
+        return bool(output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states))
+
+    def _graph_prefill_applies(self, input_ids, cache, use_cache, keep_last, has_targets, output_hidden_states,
+                               *other_inputs) -> bool:
+        """Whether a forward may be a prefill that a prefill graph computes (`mom.model.prefill_graph`, which checks
+        the ids and the cache): token ids into a cache, the last positions' logits wanted (``logits_to_keep=k``), no
+        other input (modality ids, mask, seq_idx, counts, embeddings: ``other_inputs`` all None) and nothing else
+        asked for."""
+        wants_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return (wants_cache and keep_last > 0 and input_ids is not None and all(x is None for x in other_inputs)
+                and (cache is None or isinstance(cache, MoMCache)) and not has_targets
+                and not self._hidden_states_asked(output_hidden_states) and not self._weights_offloaded())
+
     def _graph_step_applies(self, input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
                             output_hidden_states) -> bool:
         """Whether a forward is a plain decode step that `decode_logits` computes: one token id per row after a
@@ -797,7 +839,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         return (input_ids is not None and inputs_embeds is None and input_ids.dim() == 2 and input_ids.shape[1] == 1
                 and isinstance(cache, MoMCache) and cache.seqlen_offset > 0 and use_cache is not False
                 and cache.batch_size == input_ids.shape[0] and not cache.recording and not has_targets
-                and not (output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states))
+                and not self._hidden_states_asked(output_hidden_states)
                 and isinstance(keep, slice) and not self._weights_offloaded())
 
     def _weights_offloaded(self) -> bool:
