@@ -6,6 +6,7 @@ transformers' `MambaForCausalLM.generate`), same process, same prompt, bf16 weig
     python benchmarks/bench_generate.py --mixed             # MoM only: rows decoding different modalities vs one
     python benchmarks/bench_generate.py --eager             # MoM's decode steps without its CUDA graph
     python benchmarks/bench_generate.py --prefill-only      # the prompt's forward only, both sides, no generate()
+    python benchmarks/bench_generate.py --prefill-only --prefill-graph   # + MoM's prefill replayed from a CUDA graph
 
 Per batch size, one line per side, then the ratios: MoM's prefill speed and decode tokens/s over mamba-ssm's; for a
 batch of several rows, also MoM's decode with rows in different modalities over rows in one ("mixed rows").
@@ -16,8 +17,11 @@ runs only that comparison. The plain "mom" side is MoM's ``generate`` as a user 
 call runs MoM's own loop (`mom.model.generate_loop`: no read of the device between steps); "mom, tf loop" times the same
 call in transformers' loop (which reads the device after every step), and a ratio line compares the two. A logits
 processor (the rows sides) always runs in transformers' loop, which needs transformers >= 5.24 to carry MoM's cache:
-with an older one those sides are left out. Last, per batch, MoM's decode step alone ("mom decode step alone":
-`decode_logits` on fixed ids, 200 steps after a prefill, uniform and mixed rows), what no loop around it can go below.
+with an older one those sides are left out. --prefill-graph adds the side "mom, prefill graph": MoM with its prompt's
+forward recorded into a CUDA graph the second time its shape comes and replayed after (`mom.model.prefill_graph`;
+generate(prefill_cuda_graph=True)); its line also gives the recording call's time. Last, per batch, MoM's decode
+step alone ("mom decode step alone": `decode_logits` on fixed ids, 200 steps after a prefill, uniform and mixed rows),
+what no loop around it can go below.
 
 For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only: MoM
 and mamba-ssm; the fastest of --prefill-reps calls), decode tokens/s (batch x new tokens over generate's time minus
@@ -113,10 +117,11 @@ class RowModality(DeviceLogitsProcessor):
 
 
 def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bool = True,
-             transformers_loop: bool = False):
+             transformers_loop: bool = False, prefill_graph: bool = False):
     """``rows``: None, or "uniform" / "mixed" (`RowModality`); ``cuda_graph``: generate()'s graph decode;
     ``transformers_loop``: transformers' own generate() loop even for the plain greedy call (which MoM's
-    ``generate`` runs in its own loop, `mom.model.generate_loop`)."""
+    ``generate`` runs in its own loop, `mom.model.generate_loop`); ``prefill_graph``: the prefill replayed from a
+    CUDA graph (`mom.model.prefill_graph`)."""
     from transformers import GenerationMixin, LogitsProcessorList
 
     config = mom.MoMConfig(vocab_sizes=VOCAB_SPLIT, d_model=d_model, n_layer=n_layer)
@@ -124,7 +129,7 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
     model.keep_ssm_params_fp32()  # A_log and D stay fp32, as in training and in from_pretrained
 
     def prefill(ids: torch.Tensor) -> None:
-        model(ids, use_cache=True, logits_to_keep=1)
+        model(ids, use_cache=True, logits_to_keep=1, cuda_graph=prefill_graph)
 
     processors = LogitsProcessorList([RowModality(config, rows == "mixed")] if rows else [])
 
@@ -132,7 +137,8 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
 
     def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
         return call(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                    eos_token_id=None, logits_processor=processors, cuda_graph=cuda_graph)
+                    eos_token_id=None, logits_processor=processors, cuda_graph=cuda_graph,
+                    prefill_cuda_graph=prefill_graph)
 
     return model, prefill, generate
 
@@ -176,7 +182,8 @@ def hf_side(d_model: int, n_layer: int):
 SIDES = {"mom": mom_side, "mom, tf loop": functools.partial(mom_side, transformers_loop=True),
          "mamba-ssm": mamba_ssm_side, "transformers": hf_side,
          "mom uniform": functools.partial(mom_side, rows="uniform"),
-         "mom mixed": functools.partial(mom_side, rows="mixed")}
+         "mom mixed": functools.partial(mom_side, rows="mixed"),
+         "mom, prefill graph": functools.partial(mom_side, prefill_graph=True)}
 
 
 @torch.inference_mode()
@@ -194,6 +201,8 @@ def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, n
         result["backend"] = model.backend  # "... (fused mixer)" when the prefill can take the fused path
     try:
         prefill(ids)  # warm-up: kernels, autotuning
+        if name == "mom, prefill graph":  # the second call of the shape records its graph
+            result["record_ms"] = timed(lambda: prefill(ids))[0] * 1e3
         pre, pre_peak = min(timed(lambda: prefill(ids)) for _ in range(prefill_reps))
         result["prefill_ms"], result["prefill_peak_gib"] = pre * 1e3, pre_peak
         if prefill_only:
@@ -222,6 +231,8 @@ def fmt(r: dict) -> str:
     if "decode_tok_s" in r:
         line += (f"   decode {r['decode_tok_s']:10.1f} tok/s ({r['ms_per_step']:7.2f} ms/step)   peak "
                  f"{r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
+    if "record_ms" in r:
+        line += f"   (the recording call {r['record_ms']:.2f} ms)"
     return line + (f"   [{r['backend']}]" if "backend" in r else "")
 
 
@@ -236,6 +247,11 @@ def ratios(results: dict[str, dict], mixed_rows: bool) -> list[str]:
             line += (f", decode {m['decode_tok_s'] / base['decode_tok_s']:.3f}x tokens/s "
                      f"({m['decode_tok_s']:.1f} vs {base['decode_tok_s']:.1f})")
         lines.append(line)
+    graph = results.get("mom, prefill graph")
+    if graph and base and not (graph.get("oom") or base.get("oom")):
+        lines.append(f"  ratio mom (prefill graph) / mamba-ssm: prefill "
+                     f"{base['prefill_ms'] / graph['prefill_ms']:.3f}x speed ({graph['prefill_ms']:.2f} vs "
+                     f"{base['prefill_ms']:.2f} ms)")
     own, theirs = results.get("mom"), results.get("mom, tf loop")
     if own and theirs and "decode_tok_s" in own and "decode_tok_s" in theirs:
         lines.append(f"  ratio MoM's loop / transformers' loop (MoM decode): "
@@ -261,6 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="MoM decodes without its CUDA graph")
     parser.add_argument("--prefill-reps", type=int, default=5, help="timed prefills per side; the fastest counts")
     parser.add_argument("--prefill-only", action="store_true", help="time the prefill only (no generate())")
+    parser.add_argument("--prefill-graph", action="store_true",
+                        help="also time MoM with its prefill replayed from a CUDA graph "
+                             "(generate(prefill_cuda_graph=True))")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)
@@ -288,6 +307,7 @@ def main(argv=None) -> int:
             sides = ["mom uniform", "mom mixed"]
         else:
             sides = ["mom"] + (["mom, tf loop"] if tf_loop and not args.prefill_only else []) + ["mamba-ssm"]
+            sides += ["mom, prefill graph"] if args.prefill_graph else []
             sides += ["transformers"] if args.hf else []
             sides += ["mom uniform", "mom mixed"] if mixed_rows and tf_loop else []
         print(f"batch {batch}:")

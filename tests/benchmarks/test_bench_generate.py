@@ -53,3 +53,12 @@ def test_step_ids_and_the_step_alone_on_cpu():
     assert config.modality_of(step_ids(config, 4, "uniform", "cpu")).flatten().tolist() == [0, 0, 0, 0]
     model = mom.MoMForCausalLM(config).eval()
     assert replay_ms(model, torch.randint(0, 40, (2, 8)), "mixed", steps=3) > 0
+
+
+def test_the_prefill_graph_side_reports_its_ratio_and_recording_call():
+    graph = {**side("mom, prefill graph", 8.0), "record_ms": 95.5}
+    results = {"mom": side("mom", 20.0), "mamba-ssm": side("mamba-ssm", 16.0), "mom, prefill graph": graph}
+    assert ratios(results, mixed_rows=False) == [
+        "  ratio mom / mamba-ssm: prefill 0.800x speed (20.00 vs 16.00 ms)",
+        "  ratio mom (prefill graph) / mamba-ssm: prefill 2.000x speed (8.00 vs 16.00 ms)"]
+    assert "(the recording call 95.50 ms)" in fmt(graph)
