@@ -122,7 +122,8 @@ class PrefillGraphs:
         graph.replay()
         if not cache.is_initialized:
             cache.allocate(input_ids.shape[0], input_ids.device, graph.cache.conv_states[0].dtype, zero=False)
-        torch._foreach_copy_(cache.conv_states + cache.ssm_states, graph.cache.conv_states + graph.cache.ssm_states)
+        torch._foreach_copy_(cache.conv_states, graph.cache.conv_states)  # one dtype a list: the multi-tensor kernel
+        torch._foreach_copy_(cache.ssm_states, graph.cache.ssm_states)
         cache.seqlen_offset += input_ids.shape[1]
         return graph.logits.clone()
 
