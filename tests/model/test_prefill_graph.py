@@ -160,6 +160,41 @@ def test_at_most_max_graphs_shapes_are_kept(monkeypatch):
     _assert_same_prefill(_prefill(model, shapes[0]), _prefill(model, shapes[0], cuda_graph=False))
 
 
+class _Wrapped(torch.nn.Module):
+    """A module from outside torch / transformers / mom around an expert (as a peft LoRA wrapper is)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_model_with_modules_from_elsewhere_prefills_eagerly():
+    model = _model()
+    experts = model.backbone.layers[0].mixer.in_proj
+    experts["text"] = _Wrapped(experts["text"])
+    ids = _ids(model)
+    want = _prefill(model, ids, cuda_graph=False)
+    for _ in range(3):
+        _assert_same_prefill(_prefill(model, ids), want)
+    assert model.prefill_graphs.captures == 0
+
+
+def test_a_copied_model_records_its_own_graphs():
+    import copy
+    import pickle
+
+    model = _model()
+    ids = _ids(model)
+    _prefill(model, ids)
+    _prefill(model, ids)
+    twin = copy.deepcopy(model)
+    assert twin.prefill_graphs is not model.prefill_graphs and not twin.prefill_graphs.graphs
+    assert not pickle.loads(pickle.dumps(model.prefill_graphs)).graphs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_prefill_graph_replays_the_eager_prefill():
