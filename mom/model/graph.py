@@ -22,7 +22,7 @@ decodes eagerly, through the same sync-free step.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +62,14 @@ def is_plain(model: nn.Module) -> bool:
 def fingerprint(model: nn.Module) -> tuple:
     """The modules and the storage, dtype and shape of every parameter and buffer: what a capture depends on."""
     modules = tuple((name, id(m)) for name, m in model.named_modules())
-    tensors = tuple((name, t.data_ptr(), t.dtype, tuple(t.shape))
-                    for name, t in (*model.named_parameters(), *model.named_buffers()))
-    return modules, tensors
+    named = (*model.named_parameters(), *model.named_buffers())
+    return modules, tuple(name for name, _ in named), storage_places(t for _, t in named)
+
+
+def storage_places(tensors: Iterable[torch.Tensor]) -> tuple:
+    """Each tensor's address, dtype and shape: where a recorded graph reads it (a graph holds addresses, so a tensor
+    whose storage was replaced, by a ``.data`` swap or ``model.to``, is no longer read by it)."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
 
 
 @dataclass

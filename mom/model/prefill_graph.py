@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from mom.model import registrations
 from mom.model.cache import MoMCache
-from mom.model.graph import Capture, capture_cuda_graph, is_plain
+from mom.model.graph import Capture, capture_cuda_graph, is_plain, storage_places
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +99,18 @@ class PrefillGraphs:
         if not self._plain:
             return None
         key = (*input_ids.shape, keep_last, model.dtype, input_ids.device)
-        graph = self.graphs.get(key)
         if key in self.graphs:
+            graph = self.graphs[key]
             self.graphs.move_to_end(key)
+            if graph is None:  # could not be recorded
+                return None
         else:
             if key not in self.seen and len(self.seen) >= MAX_SEEN:
                 self.seen.clear()  # prompts of many lengths, each seen once: bounded bookkeeping
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] < RECORD_AT:
                 return None
-        if key in self.graphs and graph is None:
-            return None
+            graph = None
         check(input_ids)  # before anything is recorded or written
         if graph is None:
             del self.seen[key]
@@ -141,7 +142,7 @@ class PrefillGraphs:
             self._tensors = [*model.parameters(), *model.buffers()]
             self._plain = is_plain(model)
             self.clear()
-        weights = tuple((t.data_ptr(), t.dtype, t.shape) for t in self._tensors)
+        weights = storage_places(self._tensors)
         if weights != self._weights:
             self.clear()
             self._weights = weights

@@ -589,8 +589,8 @@ class _FusedMixer(torch.autograd.Function):
         z_kept = None  # (m, di): the kept tokens' z, in their order
         kept_own = ids.index_select(0, kept[0]) if kept is not None and out_routed else None  # (m,) their experts
         if in_routed and kept_own is not None:
-            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, *_transposed_half(w_in, b_in, slice(0, di)),
-                                   offsets)  # (n, di): x alone
+            w_x_in, b_x_in = _half(w_in, b_in, slice(0, di))
+            xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_x_in), b_x_in, offsets)  # (n, di)
             z_kept = _own_expert_rows(h_in.index_select(0, kept[1]), *_half(w_in, b_in, slice(di, None)), kept_own)
         else:
             xz_rows = _routed_rows(layout, Projection.in_proj, h_in, _transposed(w_in), b_in, offsets) \
@@ -913,12 +913,6 @@ def _half(w, b, features: slice):
     if isinstance(w, torch.Tensor):
         return w[:, features], None if b is None else b[:, features]
     return [m[features] for m in w], None if b is None else [v[features] for v in b]
-
-
-def _transposed_half(w, b, features: slice):
-    """`_half`, the weights transposed (`_transposed`) as `_routed_rows` takes them."""
-    w, b = _half(w, b, features)
-    return _transposed(w), b
 
 
 def _reorder(rows: torch.Tensor, is_sorted: bool, want_sorted: bool, perm, inv_perm) -> torch.Tensor:
