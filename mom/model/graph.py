@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mom.model import registrations
+from mom.model import inputs, registrations
 from mom.model.cache import MoMCache
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture (allocator and Triton autotuning settle), as mamba-ssm
@@ -39,12 +39,13 @@ Replay = Callable[[], None]
 Capture = Callable[[Callable[[], None], object], Replay]  # (fn writing the static outputs, memory pool) -> replay
 
 def capture_cuda_graph(fn: Callable[[], None], pool: object, warmup: int = WARMUP_STEPS) -> Replay:
-    """Warm ``fn`` up on a side stream (``warmup`` runs: none where the caller warmed it up, e.g. a training step,
-    whose runs change the weights), capture it into a ``torch.cuda.CUDAGraph`` in ``pool``; -> its replay."""
+    """Warm ``fn`` up on a side stream (``warmup`` runs, on the recording's path: `inputs.rehearsal`; none where the
+    caller warmed it up, e.g. a training step, whose runs change the weights), capture it into a
+    ``torch.cuda.CUDAGraph`` in ``pool``; -> its replay."""
     if warmup:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), inputs.rehearsal():
             for _ in range(warmup):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)

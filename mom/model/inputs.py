@@ -7,8 +7,10 @@ Transfusion model (`mom.model.transfusion`) call them first in their forwards.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -173,9 +175,26 @@ def check_inputs(
                        inputs_embeds=inputs_embeds)
 
 
+_rehearsing = threading.local()  # .depth: `rehearsal` blocks entered on this thread
+
+
 def capturing(t: torch.Tensor) -> bool:
-    """Whether ``t``'s device is recording a CUDA graph on the current stream (nothing may be read from it now)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether ``t``'s device is recording a CUDA graph on the current stream (nothing may be read from it now), or
+    warming a recording up (`rehearsal`)."""
+    return t.is_cuda and (getattr(_rehearsing, "depth", 0) > 0 or torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def rehearsal() -> Iterator[None]:
+    """Forwards run in this block take a recorded forward's path (`capturing`: the checks left to the caller, the
+    routed GEMMs grouping the tokens on the device), so that what that path builds lazily (the weight cast's address
+    tables, Triton's compiles and tunings) is built by the warm-up runs before a recording, where copying from host
+    memory fails. The caller checks the inputs, as for a recording."""
+    _rehearsing.depth = getattr(_rehearsing, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _rehearsing.depth -= 1
 
 
 @functools.cache

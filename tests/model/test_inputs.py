@@ -1,10 +1,13 @@
 """Tests of mom.model.inputs: a forward's inputs checked and routed (more through the model's forward in
 test_model.py, test_padding.py and test_default_call.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from mom import MoMConfig
+from mom.model import inputs
 from mom.model.inputs import kept_positions, modality_of_ids, validate_and_route
 
 
@@ -75,3 +78,15 @@ def test_kept_positions():
     for bad in (-1, True, 1.5, torch.zeros(2, 2, dtype=torch.long), torch.tensor([0.5])):
         with pytest.raises(ValueError, match="logits_to_keep"):
             kept_positions(bad)
+
+
+def test_a_rehearsal_takes_a_recorded_forwards_path_on_cuda_tensors_until_it_ends(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no graph being recorded
+    cuda_like, cpu = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert not inputs.capturing(cuda_like)
+    with pytest.raises(RuntimeError, match="mid-rehearsal"), inputs.rehearsal():
+        with inputs.rehearsal():
+            assert inputs.capturing(cuda_like) and not inputs.capturing(cpu)
+        assert inputs.capturing(cuda_like)  # the outer block still runs
+        raise RuntimeError("mid-rehearsal")
+    assert not inputs.capturing(cuda_like)

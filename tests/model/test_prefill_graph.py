@@ -14,7 +14,7 @@ import mom
 from mom.model import inputs, modeling, prefill_graph
 from mom.model.cache import MoMCache
 from mom.model.prefill_graph import PrefillGraphs
-from mom.ops import backend
+from mom.ops import backend, grouped
 
 RUNS = [(0, 5), (1, 6), (2, 4), (0, 3)]  # 18 tokens a row
 
@@ -197,11 +197,16 @@ def test_a_copied_model_records_its_own_graphs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_prefill_graph_replays_the_eager_prefill():
+@pytest.mark.parametrize("own_weights", [False, True])
+def test_cuda_prefill_graph_replays_the_eager_prefill(own_weights, monkeypatch):
     """A real CUDA graph (bf16: the routed GEMMs group the tokens on the device while recording) gives the eager
-    prefill's logits and states."""
+    prefill's logits and states. ``own_weights``: the eager forward's in_proj and out_proj read each expert's own
+    weights (as large prompts do), so only the recording's path casts them all: its warm-up runs must build what
+    that path needs (`mom.model.inputs.rehearsal`), as no table can be copied from host memory while recording."""
     if backend.backend_name(torch.device("cuda")) == "reference":
         pytest.skip("mamba-ssm CUDA kernels not importable")
+    if own_weights:
+        monkeypatch.setattr(grouped, "PER_EXPERT_MACS", 0)
     torch.manual_seed(0)
     config = tiny_config(vocab_sizes=(200, 120, 80), d_model=64, n_layer=2, d_state=16, dt_rank=4)
     model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
