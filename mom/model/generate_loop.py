@@ -89,7 +89,7 @@ def plan(inputs: Any, generation_config: GenerationConfig | None, default: Gener
     model_kwargs = config.update(**{k: v for k, v in kwargs.items() if k not in OTHER_LOOPS})
     input_ids = model_kwargs.pop("input_ids", None) if inputs is None else inputs
     cuda_graph = model_kwargs.pop("cuda_graph", True)
-    prefill_cuda_graph = model_kwargs.pop("prefill_cuda_graph", False)
+    prefill_cuda_graph = model_kwargs.pop("prefill_cuda_graph", True)
     mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         return None  # other model inputs (embeddings, a cache, modality ids...) or no plain prompt

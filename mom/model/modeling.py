@@ -44,7 +44,7 @@ from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, SortedStream, masks_on_device, sorted_stream
 from mom.model.prefill_graph import PrefillGraphs
 from mom.model.routing import Routing, permute_rows
-from mom.ops import backend, fused
+from mom.ops import backend, fused, grouped
 from mom.ops.triton.rebind import launched
 
 logger = logging.getLogger(__name__)
@@ -631,7 +631,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         self.backbone = MoMModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.decode_graphs = DecodeGraphs()  # generate()'s CUDA-graph decode steps (`mom.model.graph`)
-        self.prefill_graphs = PrefillGraphs()  # recorded prefills, opt-in (`mom.model.prefill_graph`)
+        self.prefill_graphs = PrefillGraphs()  # recorded prefills (`mom.model.prefill_graph`)
         self.post_init()
 
     @property
@@ -687,13 +687,13 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         modality_ids: torch.LongTensor | None = None,
         cuda_graph: bool = True,
-        prefill_cuda_graph: bool = False,
+        prefill_cuda_graph: bool = True,
         **kwargs,
     ) -> dict:
         """transformers' inputs (every keyword argument goes on to ``forward``), as for its Mamba: the tokens the cache
         has not consumed, no attention mask after the prefill. ``modality_ids`` go with the prompt's ``inputs_embeds``
         only: token ids say their modality. ``cuda_graph`` (a generate() keyword, default True): decode steps replay
-        a CUDA graph where one applies (`decode_logits`). ``prefill_cuda_graph`` (a generate() keyword, default False)
+        a CUDA graph where one applies (`decode_logits`). ``prefill_cuda_graph`` (a generate() keyword, default True)
         records and replays the prompt's forward (`mom.model.prefill_graph`) in MoM's own loop (a plain greedy or
         sampling call, `mom.model.generate_loop`); transformers' loop, which passes the prompt's attention mask, runs
         it eagerly."""
@@ -830,7 +830,14 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         wants_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         return (wants_cache and keep_last > 0 and input_ids is not None and all(x is None for x in other_inputs)
                 and (cache is None or isinstance(cache, MoMCache)) and not has_targets
-                and not self._hidden_states_asked(output_hidden_states) and not self._weights_offloaded())
+                and not self._hidden_states_asked(output_hidden_states) and not self._weights_offloaded()
+                and self._groups_on_device(input_ids.device))
+
+    def _groups_on_device(self, device: torch.device) -> bool:
+        """Whether a forward on ``device`` can run its routed GEMMs without the tokens per modality on the host, as a
+        recorded one must: in a dtype (autocast's, else the weights') that ``torch._grouped_mm`` takes there."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.dtype
+        return grouped.grouped_mm_supported(device, dtype, dtype)
 
     def _graph_step_applies(self, input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
                             output_hidden_states) -> bool:

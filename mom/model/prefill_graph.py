@@ -8,7 +8,8 @@ the ids are checked on the host first (`MoMForCausalLM.check_inputs`: a recorded
 check them), copied into the graph's input, the graph replayed, and its recurrent states copied into the caller's
 cache (one multi-tensor copy). Recorded, the forward cannot read the tokens per modality either, so its routed GEMMs
 group the tokens on the device (`mom.ops.grouped`), which `torch._grouped_mm` does for bf16 on CUDA; a forward that
-must read them (fp32 weights, the module path) cannot be recorded, and its shape then runs eagerly for good.
+must read them (the module path) cannot be recorded, and its shape then runs eagerly for good (the model does not
+ask for graphs in dtypes that need the counts: fp32 and fp16 on CUDA).
 
 A graph keeps its activations' memory (in one pool that every prefill graph of the model shares, as they never run
 at once), so only prompts of up to `MAX_TOKENS` tokens are recorded, and at most `MAX_GRAPHS` shapes are kept. It
@@ -17,8 +18,8 @@ holds the addresses of the weights it read: the graphs are dropped when a module
 swaps and ``model.to``, checked at every replay). Models of plain modules only (`mom.model.graph.is_plain`): a peft
 wrapper's switches are Python branches that a graph would freeze.
 
-Opt-in (``generate(..., prefill_cuda_graph=True)`` or ``model(..., cuda_graph=True)`` on a prefill): not yet timed
-on a GPU (docs/performance.md).
+On by default in ``generate()`` (MoM's own loop; ``prefill_cuda_graph=False`` turns it off), and for
+``model(..., cuda_graph=True)`` on a prefill; figures in docs/performance.md.
 """
 
 from __future__ import annotations

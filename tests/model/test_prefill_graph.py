@@ -85,6 +85,27 @@ def test_the_replayed_prefill_generates_what_the_eager_one_does():
     assert model.prefill_graphs.captures == 1
 
 
+def test_generate_records_the_prompts_prefill_unless_told_not_to():
+    model = _model()
+    ids = _ids(model)
+    for _ in range(3):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cuda_graph=False, prefill_cuda_graph=False)
+    assert model.prefill_graphs.captures == 0
+    for _ in range(2):  # the default: recorded at the shape's second prompt
+        model.generate(ids, max_new_tokens=2, do_sample=False, cuda_graph=False)
+    assert model.prefill_graphs.captures == 1
+
+
+def test_no_recording_where_the_routed_gemms_cannot_group_on_the_device():
+    """On CUDA only bf16 GEMMs group their tokens there (`torch._grouped_mm`): an fp32 or fp16 model prefills
+    eagerly, without a failed recording's warning."""
+    model = _model()
+    cuda = torch.device("cuda")
+    assert not model._groups_on_device(cuda)  # fp32 (this asks no CUDA device: the dtype decides)
+    assert not model.half()._groups_on_device(cuda)
+    assert model.float()._groups_on_device(torch.device("cpu"))  # the CPU's grouped GEMM takes fp32
+
+
 def test_bad_ids_raise_before_the_cache_is_written():
     model = _model()
     ids = _ids(model)
