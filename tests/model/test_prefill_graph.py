@@ -96,6 +96,19 @@ def test_generate_records_the_prompts_prefill_unless_told_not_to():
     assert model.prefill_graphs.captures == 1
 
 
+def test_prefills_recorded_and_replayed_under_inference_mode_give_the_eager_prefill():
+    model = _model()
+    ids = _ids(model)
+    want = _prefill(model, ids, cuda_graph=False)
+    with torch.inference_mode():
+        for _ in range(3):  # eager, recorded, replayed
+            got = _prefill(model, ids)
+            _assert_same_prefill(got, want)
+            generated = model.generate(ids, max_new_tokens=3, do_sample=False, cuda_graph=False)
+    assert model.prefill_graphs.captures == 1
+    assert torch.equal(generated, model.generate(ids, max_new_tokens=3, do_sample=False, prefill_cuda_graph=False))
+
+
 def test_no_recording_where_the_routed_gemms_cannot_group_on_the_device():
     """On CUDA only bf16 GEMMs group their tokens there (`torch._grouped_mm`): an fp32 or fp16 model prefills
     eagerly, without a failed recording's warning."""
