@@ -19,9 +19,10 @@ call in transformers' loop (which reads the device after every step), and a rati
 processor (the rows sides) always runs in transformers' loop, which needs transformers >= 5.24 to carry MoM's cache:
 with an older one those sides are left out. --prefill-graph adds the side "mom, prefill graph": MoM with its prompt's
 forward recorded into a CUDA graph the second time its shape comes and replayed after (`mom.model.prefill_graph`;
-generate(prefill_cuda_graph=True)); its line also gives the recording call's time. Last, per batch, MoM's decode
-step alone ("mom decode step alone": `decode_logits` on fixed ids, 200 steps after a prefill, uniform and mixed rows),
-what no loop around it can go below.
+generate(prefill_cuda_graph=True), the default); its line also gives the recording call's time and the replay's
+largest logit difference from an eager forward. Last, per batch, MoM's decode step alone ("mom decode step
+alone": `decode_logits` on fixed ids, 200 steps after a prefill, uniform and mixed rows), what no loop around it can
+go below.
 
 For each side: prefill (the prompt's forward with a fresh recurrent state, logits of the last position only: MoM
 and mamba-ssm; the fastest of --prefill-reps calls), decode tokens/s (batch x new tokens over generate's time minus
@@ -128,8 +129,8 @@ def mom_side(d_model: int, n_layer: int, rows: str | None = None, cuda_graph: bo
     model = mom.MoMForCausalLM(config).to("cuda", torch.bfloat16).eval()
     model.keep_ssm_params_fp32()  # A_log and D stay fp32, as in training and in from_pretrained
 
-    def prefill(ids: torch.Tensor) -> None:
-        model(ids, use_cache=True, logits_to_keep=1, cuda_graph=prefill_graph)
+    def prefill(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=True, logits_to_keep=1, cuda_graph=prefill_graph).logits  # (b, 1, V)
 
     processors = LogitsProcessorList([RowModality(config, rows == "mixed")] if rows else [])
 
@@ -205,6 +206,9 @@ def bench_side(name: str, d_model: int, n_layer: int, batch: int, prompt: int, n
             result["record_ms"] = timed(lambda: prefill(ids))[0] * 1e3
         pre, pre_peak = min(timed(lambda: prefill(ids)) for _ in range(prefill_reps))
         result["prefill_ms"], result["prefill_peak_gib"] = pre * 1e3, pre_peak
+        if name == "mom, prefill graph":  # the replay's logits against the eager forward's (bf16: last bits differ)
+            eager_logits = model(ids, use_cache=True, logits_to_keep=1).logits
+            result["max_logit_diff"] = (prefill(ids) - eager_logits).abs().max().item()
         if prefill_only:
             del model
             return result
@@ -232,7 +236,7 @@ def fmt(r: dict) -> str:
         line += (f"   decode {r['decode_tok_s']:10.1f} tok/s ({r['ms_per_step']:7.2f} ms/step)   peak "
                  f"{r['peak_gib']:6.2f} GiB (short run {r['peak_gib_short']:6.2f})")
     if "record_ms" in r:
-        line += f"   (the recording call {r['record_ms']:.2f} ms)"
+        line += f"   (the recording call {r['record_ms']:.2f} ms; max |logit - eager logit| {r['max_logit_diff']:.3g})"
     return line + (f"   [{r['backend']}]" if "backend" in r else "")
 
 

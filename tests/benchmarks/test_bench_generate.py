@@ -56,9 +56,9 @@ def test_step_ids_and_the_step_alone_on_cpu():
 
 
 def test_the_prefill_graph_side_reports_its_ratio_and_recording_call():
-    graph = {**side("mom, prefill graph", 8.0), "record_ms": 95.5}
+    graph = {**side("mom, prefill graph", 8.0), "record_ms": 95.5, "max_logit_diff": 0.0625}
     results = {"mom": side("mom", 20.0), "mamba-ssm": side("mamba-ssm", 16.0), "mom, prefill graph": graph}
     assert ratios(results, mixed_rows=False) == [
         "  ratio mom / mamba-ssm: prefill 0.800x speed (20.00 vs 16.00 ms)",
         "  ratio mom (prefill graph) / mamba-ssm: prefill 2.000x speed (8.00 vs 16.00 ms)"]
-    assert "(the recording call 95.50 ms)" in fmt(graph)
+    assert "(the recording call 95.50 ms; max |logit - eager logit| 0.0625)" in fmt(graph)
