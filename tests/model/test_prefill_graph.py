@@ -75,6 +75,17 @@ def test_a_shape_is_recorded_the_second_time_and_replayed_for_other_prompts_of_i
     assert got[0].shape == (2, keep, model.config.vocab_size)
 
 
+@pytest.mark.parametrize("overrides", [{"mixer": "mamba2", "d_model": 32, "headdim": 8, "d_state": 8},
+                                       {"channel_mixer": "einfft"}, {"channel_mixer": "selective"}],
+                         ids=["mamba2", "einfft", "selective channel mixer"])
+def test_other_mixers_replay_the_eager_prefill(overrides):
+    model = _model(**overrides)
+    for seed in range(3):  # eager, recorded, replayed
+        ids = _ids(model, seed=seed)
+        _assert_same_prefill(_prefill(model, ids), _prefill(model, ids, cuda_graph=False))
+    assert model.prefill_graphs.captures == 1
+
+
 def test_the_replayed_prefill_generates_what_the_eager_one_does():
     model = _model()
     ids = _ids(model)
