@@ -835,8 +835,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
 
     def _groups_on_device(self, device: torch.device) -> bool:
         """Whether a forward on ``device`` can run its routed GEMMs without the tokens per modality on the host, as a
-        recorded one must: in a dtype (autocast's, else the weights') that ``torch._grouped_mm`` takes there."""
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.dtype
+        recorded one must: in a compute dtype (`fused.compute_dtype` of the embedded tokens) that ``torch._grouped_mm``
+        takes there."""
+        dtype = fused.compute_dtype(self.get_input_embeddings().weight)
         return grouped.grouped_mm_supported(device, dtype, dtype)
 
     def _graph_step_applies(self, input_ids, cache, use_cache, keep, has_targets, inputs_embeds,
