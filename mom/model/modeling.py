@@ -755,7 +755,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             if self.prefill_graphs.applies(input_ids, cache, keep_last):
                 logits = self.prefill_graphs.logits(self, functools.partial(self._prefill_logits, keep_last=keep_last),
                                                     input_ids, cache, keep_last, self.check_inputs)
-            if logits is not None:  # else: a shape seen for the first time, or one that cannot be recorded
+            if logits is not None:  # else: a shape that cannot be recorded, or a model of other modules
                 result = MoMCausalLMOutput(logits=logits, cache=cache)
                 return result if return_dict else result.to_tuple()
         if has_targets and not (isinstance(keep, slice) and keep == slice(0, None)):

@@ -3,13 +3,16 @@ that shape.
 
 A prefill at a few rows waits on the host: launching its thousands of kernels takes several times as long as
 running them (docs/performance.md). `PrefillGraphs` records the prefill of one (batch, length, kept positions) shape
-the second time that shape comes (a one-off prompt runs eagerly and records nothing) and replays it from then on:
+the second time that shape comes and replays it from then on (a one-off prompt runs eagerly and records nothing):
 the ids are checked on the host first (`MoMForCausalLM.check_inputs`: a recorded forward cannot read the device to
 check them), copied into the graph's input, the graph replayed, and its recurrent states copied into the caller's
 cache (one multi-tensor copy). Recorded, the forward cannot read the tokens per modality either, so its routed GEMMs
 group the tokens on the device (`mom.ops.grouped`), which `torch._grouped_mm` does for bf16 on CUDA; a forward that
 must read them (the module path) cannot be recorded, and its shape then runs eagerly for good (the model does not
-ask for graphs in dtypes that need the counts: fp32 and fp16 on CUDA).
+ask for graphs in dtypes that need the counts: fp32 and fp16 on CUDA). A shape's prefills before its recording run
+eagerly on the recording's path too (`mom.model.inputs.rehearsal`, after the same check of the ids), so a prompt's
+logits do not depend on whether its shape was recorded yet (the per-expert GEMMs that an eager prefill of many
+tokens would run sum in another order than the grouped ones).
 
 A graph keeps its activations' memory (in one pool that every prefill graph of the model shares, as they never run
 at once), so only prompts of up to `MAX_TOKENS` tokens are recorded, and at most `MAX_GRAPHS` shapes are kept. It
@@ -24,6 +27,7 @@ On by default in ``generate()`` (MoM's own loop; ``prefill_cuda_graph=False`` tu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mom.model import registrations
+from mom.model import inputs, registrations
 from mom.model.cache import MoMCache
 from mom.model.graph import Capture, capture_cuda_graph, is_plain, storage_places
 
@@ -46,6 +50,7 @@ RECORD_AT = 2  # a shape is recorded the second time it comes
 MAX_SEEN = 64  # shapes counted (seen fewer than RECORD_AT times) at once; the count restarts beyond
 
 PrefillFn = Callable[[torch.Tensor, MoMCache], torch.Tensor]  # (ids (b, l), fresh cache) -> logits (b, k, V)
+Rehearse = Callable[[], contextlib.AbstractContextManager]  # forwards in it take a recorded forward's path
 
 
 @dataclass
@@ -60,11 +65,12 @@ class PrefillGraph:
 
 class PrefillGraphs:
     """A model's prefill graphs, keyed by (batch, length, kept positions, state dtype, device) (module docstring).
-    ``capture`` and ``device_type`` default to CUDA graphs on CUDA tensors; the tests pass an eager capture to run the
-    bookkeeping on CPU."""
+    ``capture``, ``rehearse`` and ``device_type`` default to CUDA graphs on CUDA tensors; the tests pass an eager
+    capture and rehearsal to run the bookkeeping on CPU."""
 
-    def __init__(self, capture: Capture = capture_cuda_graph, device_type: str = "cuda") -> None:
-        self.capture, self.device_type = capture, device_type
+    def __init__(self, capture: Capture = capture_cuda_graph, device_type: str = "cuda",
+                 rehearse: Rehearse = inputs.rehearsal) -> None:
+        self.capture, self.device_type, self.rehearse = capture, device_type, rehearse
         self.graphs: OrderedDict[tuple, PrefillGraph | None] = OrderedDict()  # None: cannot be recorded
         self.seen: dict[tuple, int] = {}  # prefills per shape not recorded yet
         self.captures = 0  # graphs recorded so far (the tests read it)
@@ -75,7 +81,7 @@ class PrefillGraphs:
         self._plain = False
 
     def __deepcopy__(self, memo: dict) -> PrefillGraphs:
-        return PrefillGraphs(self.capture, self.device_type)  # a copied model records its own graphs
+        return PrefillGraphs(self.capture, self.device_type, self.rehearse)  # a copied model records its own graphs
 
     def __reduce__(self) -> tuple:
         return PrefillGraphs, ()
@@ -93,9 +99,9 @@ class PrefillGraphs:
     def logits(self, model: nn.Module, prefill: PrefillFn, input_ids: torch.Tensor, cache: MoMCache,
                keep_last: int, check: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
         """The prefill of ``input_ids`` into ``cache`` from this shape's graph (recorded now if this is the shape's
-        `RECORD_AT`-th prefill): -> logits (b, keep_last, V), a copy, with ``cache`` holding the states after the
-        prompt; or None where the caller runs it eagerly (a new shape, one that cannot be recorded, a model of other
-        modules). ``check(ids)`` raises for bad ids (before anything is written)."""
+        `RECORD_AT`-th prefill; before that, eagerly on the recording's path): -> logits (b, keep_last, V), with
+        ``cache`` holding the states after the prompt; or None where the caller runs it eagerly (a shape that cannot
+        be recorded, a model of other modules). ``check(ids)`` raises for bad ids (before anything is written)."""
         self._drop_if_weights_changed(model)
         if not self._plain:
             return None
@@ -109,10 +115,11 @@ class PrefillGraphs:
             if key not in self.seen and len(self.seen) >= MAX_SEEN:
                 self.seen.clear()  # prompts of many lengths, each seen once: bounded bookkeeping
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] < RECORD_AT:
-                return None
             graph = None
         check(input_ids)  # before anything is recorded or written
+        if graph is None and self.seen[key] < RECORD_AT:
+            with self.rehearse():
+                return prefill(input_ids, cache)
         if graph is None:
             del self.seen[key]
             graph = self.graphs[key] = self._record(model.config, prefill, input_ids)
@@ -151,7 +158,7 @@ class PrefillGraphs:
     def _record(self, config, prefill: PrefillFn, input_ids: torch.Tensor) -> PrefillGraph | None:
         """Record this shape's prefill (an eager run first: the logits' shape, the cache's states allocated outside
         the graph's pool), or None where it cannot be recorded (it reads the device on the host)."""
-        with torch.inference_mode(False), torch.no_grad():  # buffers that later no-grad calls write
+        with torch.inference_mode(False), torch.no_grad(), self.rehearse():  # buffers that later no-grad calls write
             static_ids = input_ids.clone()
             static_cache = MoMCache(config)
             static_logits = torch.empty_like(prefill(static_ids, static_cache))  # (b, k, V)

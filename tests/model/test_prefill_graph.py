@@ -4,6 +4,7 @@ prefill again on the static buffers, believing itself recorded (so it neither ch
 as a replayed graph does not), so that its buffers, checks and invalidation are those of the CUDA path; the last
 test records real CUDA graphs."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -26,19 +27,31 @@ def _model(**overrides) -> mom.MoMForCausalLM:
     return model
 
 
+REHEARSALS = []  # one entry per forward run in `_as_if_recording` (the tests read it)
+
+
+@contextlib.contextmanager
+def _as_if_recording():
+    """Forwards in this block take a recorded forward's path (`mom.model.inputs.capturing` is true), as
+    `mom.model.inputs.rehearsal` makes them on CUDA."""
+    REHEARSALS.append(1)
+    recording = lambda t: True  # noqa: E731
+    with mock.patch.object(modeling, "capturing", recording), mock.patch.object(inputs, "capturing", recording):
+        yield
+
+
 def _as_recorded(fn, pool):
-    """An eager "capture": the replay runs ``fn`` as a recorded forward would run (`mom.model.inputs.capturing`)."""
+    """An eager "capture": the replay runs ``fn`` as a recorded forward would run."""
 
     def replay() -> None:
-        recording = lambda t: True  # noqa: E731
-        with mock.patch.object(modeling, "capturing", recording), mock.patch.object(inputs, "capturing", recording):
+        with _as_if_recording():
             fn()
 
     return replay
 
 
 def _eager_graphs(capture=_as_recorded) -> PrefillGraphs:
-    return PrefillGraphs(capture=capture, device_type="cpu")
+    return PrefillGraphs(capture=capture, device_type="cpu", rehearse=_as_if_recording)
 
 
 def _ids(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -130,11 +143,15 @@ def test_no_recording_where_the_routed_gemms_cannot_group_on_the_device():
     assert model.float()._groups_on_device(torch.device("cpu"))  # the CPU's grouped GEMM takes fp32
 
 
-def test_bad_ids_raise_before_the_cache_is_written():
+@pytest.mark.parametrize("recorded", [False, True])
+def test_bad_ids_raise_before_the_cache_is_written(recorded):
+    """Before its recording a shape's prefill runs on the recording's path, which checks nothing: its ids are
+    checked first, as for a replay."""
     model = _model()
     ids = _ids(model)
-    _prefill(model, ids)
-    _prefill(model, ids)  # recorded
+    if recorded:
+        _prefill(model, ids)
+        _prefill(model, ids)
     bad = ids.clone()
     bad[1, 4] = model.config.vocab_size
     cache = MoMCache(model.config)
@@ -142,6 +159,17 @@ def test_bad_ids_raise_before_the_cache_is_written():
         with torch.no_grad():
             model(bad, cache=cache, use_cache=True, logits_to_keep=1, cuda_graph=True)
     assert cache.seqlen_offset == 0 and not cache.is_initialized
+
+
+def test_a_shapes_prefills_before_its_recording_run_on_the_recordings_path():
+    """So that a prompt's logits do not depend on whether its shape was recorded yet."""
+    model = _model()
+    ids = _ids(model)
+    REHEARSALS.clear()
+    want = _prefill(model, ids, cuda_graph=False)
+    assert not REHEARSALS  # an eager forward outside prefill graphs: its own path
+    _assert_same_prefill(_prefill(model, ids), want)
+    assert len(REHEARSALS) == 1 and model.prefill_graphs.captures == 0
 
 
 def test_replaced_weights_drop_the_graphs():
@@ -258,10 +286,12 @@ def test_cuda_prefill_graph_replays_the_eager_prefill(own_weights, monkeypatch):
     model.keep_ssm_params_fp32()
     ids = interleaved_ids(config, 2, [(0, 64), (1, 256), (2, 128), (0, 64)]).cuda()
     want = _prefill(model, ids, cuda_graph=False)
-    for _ in range(3):
+    first = _prefill(model, ids)  # before the recording: eagerly, on the recording's path
+    for _ in range(2):
         got = _prefill(model, ids)
     assert model.prefill_graphs.captures == 1
     logits, cache = got
     torch.testing.assert_close(logits, want[0], atol=2e-2, rtol=2e-2)
+    assert torch.equal(logits, first[0])  # the same kernels, whether the shape was recorded yet or not
     for a, b in zip(cache.conv_states + cache.ssm_states, want[1].conv_states + want[1].ssm_states, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
