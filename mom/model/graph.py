@@ -1,4 +1,5 @@
-"""CUDA-graph decoding: a model's one-token step captured once per (batch size, dtype, device), replayed per token.
+"""CUDA-graph decoding: a model's one-token step captured once per (batch size, dtype, autocast, device),
+replayed per token.
 
 As mamba-ssm's ``generate(cg=True)`` (``mamba_ssm/utils/generation.py``, ``capture_graph``): a `DecodeGraph` owns
 static buffers for the step's input ids (b, 1), every layer's recurrent state and the logits (b, V); its graph reads
@@ -53,6 +54,12 @@ def capture_cuda_graph(fn: Callable[[], None], pool: object, warmup: int = WARMU
     with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph.replay
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on ``device_type`` now, None where it is off: part of a graph's key, as a recording runs in the
+    dtypes it saw."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def is_plain(model: nn.Module) -> bool:
@@ -111,9 +118,9 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """A model's decode graphs, keyed by (batch, state dtype, device); built on first use, dropped when the model's
-    weights change (module docstring). ``capture`` and ``device_type`` default to CUDA graphs on CUDA tensors; the
-    tests pass an eager capture to run the buffer management on CPU."""
+    """A model's decode graphs, keyed by (batch, state dtype, autocast's dtype, device); built on first use, dropped
+    when the model's weights change (module docstring). ``capture`` and ``device_type`` default to CUDA graphs on CUDA
+    tensors; the tests pass an eager capture to run the buffer management on CPU."""
 
     def __init__(self, capture: Capture = capture_cuda_graph, device_type: str = "cuda") -> None:
         self.capture, self.device_type = capture, device_type
@@ -148,7 +155,7 @@ class DecodeGraphs:
         ``cache``'s states advance (it holds the graph's buffers from now on). The weights are checked when a new
         cache binds and after any module or parameter assignment; a cache whose states were replaced since it bound
         (beam search's reorder) is copied in again."""
-        key = (input_ids.shape[0], cache.conv_states[0].dtype, input_ids.device)
+        key = (input_ids.shape[0], cache.conv_states[0].dtype, autocast_dtype(self.device_type), input_ids.device)
         graph = self.graphs.get(key)
         if self._registrations is not registrations.current() or graph is None or not graph.owned_by(cache):
             self._registrations = registrations.current()

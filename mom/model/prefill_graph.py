@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from mom.model import inputs, registrations
 from mom.model.cache import MoMCache
-from mom.model.graph import Capture, capture_cuda_graph, is_plain, storage_places
+from mom.model.graph import Capture, autocast_dtype, capture_cuda_graph, is_plain, storage_places
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class PrefillGraph:
 
 
 class PrefillGraphs:
-    """A model's prefill graphs, keyed by (batch, length, kept positions, state dtype, device) (module docstring).
+    """A model's prefill graphs, keyed by (batch, length, kept positions, the weights' dtype, autocast's dtype,
+    device) (module docstring).
     ``capture``, ``rehearse`` and ``device_type`` default to CUDA graphs on CUDA tensors; the tests pass an eager
     capture and rehearsal to run the bookkeeping on CPU."""
 
@@ -105,7 +106,7 @@ class PrefillGraphs:
         self._drop_if_weights_changed(model)
         if not self._plain:
             return None
-        key = (*input_ids.shape, keep_last, model.dtype, input_ids.device)
+        key = (*input_ids.shape, keep_last, model.dtype, autocast_dtype(self.device_type), input_ids.device)
         if key in self.graphs:
             graph = self.graphs[key]
             self.graphs.move_to_end(key)

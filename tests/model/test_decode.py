@@ -173,6 +173,21 @@ def test_graphs_replay_the_eager_tokens_and_are_reused_per_batch(pick):
     assert graphs.captures == 2 and len(graphs.graphs) == 2
 
 
+def test_steps_under_autocast_are_captured_apart():
+    """A graph runs in the dtypes it saw at capture: a step under autocast does not replay one captured without."""
+    model = _model()
+    model.decode_graphs = graphs = _eager_graphs()
+    prompt = _mixed_rows(model)[:, :6]
+    cache = mom.MoMCache(model.config)
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        model.decode_logits(prompt[:, -1:], cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.decode_logits(prompt[:, -1:], cache)
+        model.decode_logits(prompt[:, -1:], cache)
+    assert graphs.captures == 2 and len(graphs.graphs) == 2
+
+
 @needs_generate_cache
 def test_a_cache_keeps_its_states_when_another_takes_the_graph():
     model = _model()

@@ -109,6 +109,21 @@ def test_the_replayed_prefill_generates_what_the_eager_one_does():
     assert model.prefill_graphs.captures == 1
 
 
+def test_autocast_prefills_are_recorded_apart():
+    """A recording runs in the dtypes it saw: a prefill under autocast does not replay one recorded without it."""
+    model = _model()
+    ids = _ids(model)
+    for _ in range(2):
+        _prefill(model, ids)
+    assert model.prefill_graphs.captures == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _prefill(model, ids, cuda_graph=False)
+        for _ in range(3):
+            _assert_same_prefill(_prefill(model, ids), want)
+    assert model.prefill_graphs.captures == 2
+    assert want[0].dtype == torch.float32 and not torch.equal(want[0], _prefill(model, ids)[0])  # autocast mattered
+
+
 def test_generate_records_the_prompts_prefill_unless_told_not_to():
     model = _model()
     ids = _ids(model)
