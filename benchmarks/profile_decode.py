@@ -6,6 +6,8 @@
     python benchmarks/profile_decode.py --prefill 2048 --batch 16 --timeline   # + each side's GPU timeline
     python benchmarks/profile_decode.py --prefill 2048 --prelude # + where the host's time goes: before the first layer,
                                                                  #   and within one layer
+    python benchmarks/profile_decode.py --prefill 2048 --batch 16 --graph-path   # MoM's prefill as a prefill graph
+                                                                 #   records it (the kernels its replays run)
 
 `bench_generate.py` times the captured step whole ("mom decode step alone"); this attributes a step to its kernels
 (the routed projections, the conv and state updates, the norms, the LM head, small elementwise ops) on each side, so
@@ -22,12 +24,15 @@ that time into PyTorch's top-level ops (by name, with their calls and time) and 
 stretches, with the ops on either side), and does the same for one layer (the second: from its forward to the
 third's), whose host time a one-row prefill waits on 24 times. ``--timeline`` adds each side's GPU timeline over a
 few calls (`profile_lm.timeline`: the time kernels ran, the idle stretches longer than 30 us with the kernels on
-either side, launches by kind), which shows where such a wait falls.
+either side, launches by kind), which shows where such a wait falls. ``--graph-path`` runs MoM's prefill on the path
+that a prefill graph records (`mom.model.inputs.rehearsal`: the tokens per modality not read, the routed GEMMs grouped
+on the device, every expert weight cast), eagerly, so that its table lists the kernels a replayed prefill runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -42,6 +47,7 @@ from bench_generate import mamba_ssm_side, mom_side, prompt_ids, step_ids  # noq
 from profile_lm import timeline  # noqa: E402
 
 import mom  # noqa: E402
+from mom.model import inputs  # noqa: E402
 
 PROMPT = 64  # prompt tokens before the profiled steps (a step's cost does not depend on the prompt's length)
 
@@ -208,7 +214,8 @@ def mom_table(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         prompt = prompt_ids(model.config, args.batch, args.prefill)
 
         def prefill() -> None:
-            model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
+            with inputs.rehearsal() if args.graph_path else contextlib.nullcontext():
+                model(prompt, cache=mom.MoMCache(model.config), use_cache=True, logits_to_keep=1)
 
         print(f"MoM prefill wall time: {wall_ms(prefill):.2f} ms per call; {host_line(prefill, model.backbone.layers)}")
         if args.prelude:
@@ -242,6 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prelude", action="store_true",
                         help="with --prefill: where each side's host time before its first layer, and within one "
                              "layer, goes (PyTorch's ops and the Python between them)")
+    parser.add_argument("--graph-path", action="store_true",
+                        help="with --prefill: MoM's prefill on the path a prefill graph records, run eagerly")
     parser.add_argument("--timeline", action="store_true",
                         help="also each side's GPU timeline: time running, idle gaps and their neighbours")
     args = parser.parse_args(argv)
@@ -249,6 +258,7 @@ def main(argv=None) -> int:
         print("profile_decode: needs a CUDA device", file=sys.stderr)
         return 2
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode step, {args.rows} rows"
+    what += " (MoM on a prefill graph's path)" if args.prefill and args.graph_path else ""
     print(f"device: {torch.cuda.get_device_name()}  {args.d_model} x {args.n_layer}  batch {args.batch}  bf16  {what}")
 
     report("MoM" if args.prefill else f"MoM ({args.rows} rows)", mom_table(args), args.top)
