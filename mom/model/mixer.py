@@ -33,7 +33,7 @@ from mom.model import registrations
 from mom.model.cache import MoMCache
 from mom.model.config import MoMConfig
 from mom.model.routing import RoutedLinear, Routing, plain_experts, project, project_rows
-from mom.ops import backend, fused
+from mom.ops import backend, fused, scan_ops
 from mom.ops.projections import Projection
 from mom.ops.triton import routed_rows, state_update
 
@@ -187,18 +187,18 @@ class MoMMixer(nn.Module):
         return self.fast_path(hidden) is not None
 
     def fast_path(self, hidden: torch.Tensor, runs: bool | None = None) -> fused.MixerWeights | None:
-        """`fast_path_weights` where `fast_path_applies`, else None. ``runs``: `mom.ops.fused.runs_on` ``(hidden)``
+        """`fast_path_weights` where `fast_path_applies`, else None. ``runs``: `mom.ops.scan_ops.runs_on` ``(hidden)``
         where the caller knows it already (a model asks it once for all its mixers)."""
-        if not self.use_fast_path or not (fused.runs_on(hidden) if runs is None else runs):
+        if not self.use_fast_path or not (scan_ops.runs_on(hidden) if runs is None else runs):
             return None
         return self.fast_path_weights()
 
-    def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: fused.ScanOps | None = None,
+    def fused_forward(self, hidden: torch.Tensor, routing: Routing, ops: scan_ops.ScanOps | None = None,
                       sorted_tokens: bool = False, cache: MoMCache | None = None,
                       mask: torch.Tensor | None = None, A: torch.Tensor | None = None,
                       keep_last: int = 0) -> torch.Tensor:
         """The forward through the fused Function (`mom.ops.fused.fused_mixer`), whatever `fast_path_applies` says.
-        ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.fused.REFERENCE_OPS` runs anywhere);
+        ``ops``: the Function's conv and scan, CUDA's by default (`mom.ops.scan_ops.REFERENCE_OPS` runs anywhere);
         ``sorted_tokens`` and ``mask`` (b, l) in sequence order as in `forward`. ``cache``: a prefill (nothing
         consumed yet): this layer's conv window and SSM state are written into it, as the module path writes them.
         ``keep_last``: as in `forward`."""
@@ -311,7 +311,7 @@ def sorted_stream(mixers: Sequence[nn.Module], hidden: torch.Tensor) -> SortedSt
     fast-path weights are looked up once: a prefill's prelude, during which the GPU has nothing queued, is host time
     (docs/performance.md)."""
     logs: list[torch.Tensor | None] = []
-    runs, routes = fused.runs_on(hidden), False
+    runs, routes = scan_ops.runs_on(hidden), False
     for m in mixers:
         if isinstance(m, MoMMixer):
             weights = m.fast_path(hidden, runs)

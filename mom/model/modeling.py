@@ -44,7 +44,7 @@ from mom.model.mamba2 import Mamba2Mixer
 from mom.model.mixer import MoMMixer, SortedStream, masks_on_device, sorted_stream
 from mom.model.prefill_graph import PrefillGraphs
 from mom.model.routing import Routing, permute_rows
-from mom.ops import backend, fused, grouped
+from mom.ops import backend, fused, grouped, scan_ops
 from mom.ops.triton.rebind import launched
 
 logger = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ class MoMModel(MoMPreTrainedModel):
         """Which selective-scan backend this model's forward uses on its current device, and whether its mixers take
         the fused fast path (`mom.ops.fused`) where they can."""
         name = backend.backend_name(self.embeddings.weight.device)
-        if name != "reference" and self.config.use_fast_path and fused.cuda_ops() is not None:
+        if name != "reference" and self.config.use_fast_path and scan_ops.cuda_ops() is not None:
             name += " (fused mixer)"
         return name
 

@@ -61,9 +61,9 @@ when this path applies and gathers its parameters (`MixerWeights`); the model's 
   (`Routes.dt_input`), each projection's weight gradients are written stacked in the parameters' dtype by cuBLAS,
   and constants are cached.
 
-The Function runs ops on the conv and the scan (`ScanOps`): mamba-ssm's and causal-conv1d's CUDA kernels
-(`cuda_ops`), or the pure-PyTorch ones (`REFERENCE_OPS`, any device), so that its routing, layouts and backward are
-tested on CPU.
+The Function runs ops on the conv and the scan (`mom.ops.scan_ops.ScanOps`): mamba-ssm's and causal-conv1d's CUDA
+kernels (`scan_ops.cuda_ops`), or the pure-PyTorch ones (`scan_ops.REFERENCE_OPS`, any device), so that its routing,
+layouts and backward are tested on CPU.
 """
 
 from __future__ import annotations
@@ -73,120 +73,17 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
 
 import torch
 
-from mom.ops import backend, grouped
-from mom.ops import reference as ref_scan
+from mom.ops import grouped, scan_ops
 from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.conv_rows import conv_rows_t, write_window
 from mom.ops.triton.expert_cols import route_cols, split_x_proj
 from mom.ops.triton.flatcast import Place, flat_cast
-from mom.ops.triton.gather import gather_cols_t, gather_rows_t, silu_gated
+from mom.ops.triton.gather import gather_cols_t, gather_rows_t
 from mom.utils.errors import MissingDependencyError
-
-
-# ---- the ops the Function runs on the conv and the scan: mamba-ssm / causal-conv1d, or the reference ---------------
-class ScanOps(Protocol):
-    """The conv and the selective scan, forward and backward, on ``(b, f, l)`` views of feature-major activations."""
-
-    def conv_fwd(self, x, weight, bias):
-        """silu(depthwise causal conv): x (b, di, l), weight (di, w), bias (di,) or None -> (b, di, l)."""
-
-    def conv_bwd(self, x, weight, bias, dout, dx):
-        """Writes the input gradient into ``dx``; -> (dx, dweight, dbias)."""
-
-    def scan_fwd(self, u, delta, A, B, C, D, z):
-        """-> (out, checkpoints, out_z: the gated output, None without z; last_state: the state after the last
-        position (b, di, n) fp32, a view of what the scan keeps anyway); B, C: (b, 1, n, l)."""
-
-    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        """Writes dz in place; -> (du, ddelta, dA, dB, dC, dD, out_z: the gated output if asked, else None)."""
-
-
-class CudaScanOps:
-    """causal-conv1d and mamba-ssm's selective scan, called directly (as ``mamba_inner_fn`` does)."""
-
-    def __init__(self) -> None:
-        import selective_scan_cuda
-        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-
-        self._scan = selective_scan_cuda
-        self._conv_fwd, self._conv_bwd = causal_conv1d_fwd_function, causal_conv1d_bwd_function
-
-    def conv_fwd(self, x, weight, bias):
-        return self._conv_fwd(x, weight, bias, None, None, None, True)
-
-    def conv_bwd(self, x, weight, bias, dout, dx):
-        dx, dweight, dbias, *_ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
-        return dx, dweight, dbias
-
-    def scan_fwd(self, u, delta, A, B, C, D, z):
-        out, checkpoints, *out_z = self._scan.fwd(u, delta, A, B, C, D, z, None, True)
-        # checkpoints (b, di, chunks, 2n): each chunk's end state, interleaved as pairs; the last chunk's odd entries
-        # are the final state (as mamba-ssm's selective_scan_fn reads it for return_last_state)
-        return out, checkpoints, out_z[0] if z is not None else None, checkpoints[:, :, -1, 1::2]
-
-    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        du, ddelta, dA, dB, dC, dD, _, _, *out_z = self._scan.bwd(
-            u, delta, A, B, C, D, z, None, dout, checkpoints, out, dz, True, recompute_out_z
-        )
-        return du, ddelta, dA, dB, dC, dD, out_z[0] if recompute_out_z else None
-
-
-class ReferenceScanOps:
-    """The same ops on the pure-PyTorch conv and scan (any device; backward by autograd on a recompute)."""
-
-    def conv_fwd(self, x, weight, bias):
-        return backend.reference_causal_conv1d(x, weight, bias)
-
-    def conv_bwd(self, x, weight, bias, dout, dx):
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-        with torch.enable_grad():
-            y = backend.reference_causal_conv1d(*leaves)
-            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dout)
-        dx.copy_(grads[0])
-        return dx, grads[1], grads[2] if bias is not None else None
-
-    @staticmethod
-    def _scan(u, delta, A, B, C, D, z, return_last_state=False):
-        return ref_scan.selective_scan(u, delta, A, B[:, 0], C[:, 0], D, z, delta_softplus=True,
-                                       return_last_state=return_last_state)
-
-    def scan_fwd(self, u, delta, A, B, C, D, z):
-        """The ungated output too (as the CUDA scan's), gated as `mom.ops.triton.gather.gather_cols_t` gates it."""
-        out, last_state = self._scan(u, delta, A, B, C, D, None, return_last_state=True)
-        return out, None, silu_gated(out, z) if z is not None else None, last_state
-
-    def scan_bwd(self, u, delta, A, B, C, D, z, dout, checkpoints, out, dz, recompute_out_z):
-        leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z)]
-        with torch.enable_grad():
-            out_z = self._scan(*leaves)
-            du, ddelta, dA, dB, dC, dD, dz_ = torch.autograd.grad(out_z, leaves, dout)
-        dz.copy_(dz_)
-        return du, ddelta, dA, dB, dC, dD, out_z.detach() if recompute_out_z else None
-
-
-REFERENCE_OPS = ReferenceScanOps()
-
-
-@functools.cache
-def cuda_ops() -> CudaScanOps | None:
-    """The CUDA ops when both packages import (the fast path needs causal-conv1d's backward too), else None."""
-    if not backend.has_mamba_ssm_and_causal_conv1d():
-        return None
-    try:
-        return CudaScanOps()
-    except Exception:  # an extension that does not load (missing .so, CUDA mismatch)
-        return None
-
-
-def runs_on(t: torch.Tensor) -> bool:
-    """Whether the CUDA ops serve tensors like ``t``: on CUDA, both packages load and the reference is not forced
-    (``MOM_FORCE_REFERENCE``). The caller decides the rest (which mixers, which forwards)."""
-    return t.is_cuda and not backend.force_reference() and cuda_ops() is not None
 
 
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -310,14 +207,14 @@ class Routes:
         return base
 
 
-def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: ScanOps | None = None,
+def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops: scan_ops.ScanOps | None = None,
                 sorted_tokens: bool = False, states_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, A: torch.Tensor | None = None,
                 kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A MoM mixer's forward through `_FusedMixer`. hidden (b, l, d_model) -> (b, l, d_model), or (m, d_model) with
     ``kept``.
 
-    ``ops``: `cuda_ops()` (default) or `REFERENCE_OPS` (any device; what the CPU tests use).
+    ``ops``: `scan_ops.cuda_ops()` (default) or `scan_ops.REFERENCE_OPS` (any device; what the CPU tests use).
     ``sorted_tokens``: hidden's b * l rows, and the output's, are in the routes' sorted order (``Routes.perm``)
     instead of sequence order: a residual stream kept in that order spares the row gathers around in_proj and
     out_proj (four per layer, forward and backward) when they route.
@@ -346,10 +243,10 @@ def fused_mixer(hidden: torch.Tensor, weights: MixerWeights, routes: Routes, ops
     alone and the output is their m rows, in that order (a prefill's last layer, of which only the last positions'
     output is read: `mom.model.modeling.MoMModel`). The conv, the scan and ``states_out`` are as without it.
     """
-    ops = ops or cuda_ops()
+    ops = ops or scan_ops.cuda_ops()
     if ops is None:
         raise MissingDependencyError("fused_mixer: mamba-ssm and causal-conv1d do not load (pip install -e '.[cuda]'); "
-                                     "pass ops=REFERENCE_OPS for the pure-PyTorch conv and scan")
+                                     "pass ops=scan_ops.REFERENCE_OPS for the pure-PyTorch conv and scan")
     b, l, _ = hidden.shape
     if b * l != routes.perm.numel():
         raise ValueError(f"fused_mixer: {b} x {l} tokens but routes for {routes.perm.numel()}")
@@ -419,7 +316,7 @@ class _Layout:
     has_bias: tuple[bool, ...]  # per Projection
     counts: HostCounts  # tokens per modality on the host, once known: the per-expert GEMMs' blocks
     sorted_io: bool  # the input and output rows are in the routing's sorted order (a sorted residual stream)
-    ops: ScanOps
+    ops: scan_ops.ScanOps
 
     def routed(self, p: Projection) -> bool:
         return self.experts[p] > 1
@@ -849,7 +746,7 @@ def _masked_rows(rows: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dty
     return torch.mul(rows, keep[:, None], out=rows.new_empty(rows.shape, dtype=dtype))
 
 
-def _masked_conv(ops: ScanOps, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+def _masked_conv(ops: scan_ops.ScanOps, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                  keep: torch.Tensor | None) -> torch.Tensor:
     """silu(conv(x)) (b, di, l), zero at padding (``keep`` (n,) in sequence order, 0 there) if given."""
     conv_out = ops.conv_fwd(x, conv_weight.squeeze(1), conv_bias)

@@ -24,7 +24,7 @@ from mom.model.attention import ATTENTION_PROJECTIONS, ROPE_BASE, AttentionMixer
 from mom.model.graph import DecodeGraphs
 from mom.model.mixer import sorted_stream
 from mom.model.routing import RoutedLinear, Routing
-from mom.ops import fused
+from mom.ops import scan_ops
 
 RUNS = [(0, 3), (1, 4), (2, 3), (0, 2)]  # l = 12, every modality
 
@@ -293,7 +293,7 @@ def test_lora_preset_wraps_attention_experts_and_changes_outputs():
 def test_sorted_stream_is_off_with_an_attention_layer(monkeypatch):
     """The fast path's sorted residual stream is for Mamba-1 mixers only (forced on here, as on a GPU)."""
 
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     pure = mom.MoMForCausalLM(tiny_config())
     ids = torch.zeros(1, 2, dtype=torch.long)
     assert sorted_stream([layer.mixer for layer in pure.backbone.layers], ids)

@@ -1,7 +1,7 @@
 """The default call, ``model(ids, labels=ids)`` without ``modality_counts`` (how transformers' Trainer and peft call a
 model): no host read before the forward is enqueued, the same results as the call with counts and as the module path.
 
-On CPU the fused path runs on the reference conv and scan (``fused.runs_on`` patched, as tests/ops/test_fused.py
+On CPU the fused path runs on the reference conv and scan (``scan_ops.runs_on`` patched, as tests/ops/test_fused.py
 does), so its Python logic (which GEMMs group on the device's offsets, when the counts are read) is what the GPU runs;
 tests/ops/test_cuda.py-style GPU tests at the end compare the two calls on CUDA bf16 (skipped without CUDA).
 """
@@ -15,7 +15,7 @@ from helpers import assert_same_outputs, interleaved_ids, tiny_config
 import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
-from mom.ops import backend, fused, grouped
+from mom.ops import backend, fused, grouped, scan_ops
 
 RUNS = [(0, 5), (1, 8), (2, 3), (0, 4), (1, 3)]
 HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
@@ -48,8 +48,8 @@ def _step(model, ids, counts=None, attention_mask=None):
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """The fused path on CPU tensors (reference conv and scan); -> the routes' known counts at each mixer call."""
-    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     known = []
     monkeypatch.setattr(fused, "fused_mixer", lambda h, w, routes, *a, _f=fused.fused_mixer, **k: (
         known.append(routes.counts.known) or _f(h, w, routes, *a, **k)))
@@ -80,7 +80,7 @@ def test_default_call_equals_the_call_with_counts_and_the_module_path(decouple, 
         ref, ref_grads = _step(model, ids, counts)
     assert fast_path_on_cpu[-1] == counts and not grouped_calls
     assert_same_outputs(out, grads, ref, ref_grads)
-    monkeypatch.setattr(fused, "runs_on", lambda t: False)  # the module path
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: False)  # the module path
     ref, ref_grads = _step(model, ids)
     assert_same_outputs(out, grads, ref, ref_grads)
 
@@ -174,7 +174,7 @@ def test_without_any_host_counts_the_fused_path_runs_forward_and_backward_on_dev
         routing = Routing.build(modality_ids, config.num_modalities)
         if fast:
             routing.host_counts.reader = lambda: pytest.fail("the fused path read the counts")
-        out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS) if fast else mixer(hidden, routing)
+        out = mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS) if fast else mixer(hidden, routing)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
         results.append((out.detach(), hidden.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()}))
         mixer.zero_grad(set_to_none=True)
@@ -217,8 +217,8 @@ def test_bad_input_raises_the_same_named_error(change, message, fast, monkeypatc
     (module path): bad ids never crash it first (the embedding sees them clamped) and still raise a ValueError
     naming the value, before any loss."""
     if fast:
-        monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-        monkeypatch.setattr(fused, "runs_on", lambda t: True)
+        monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+        monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     model = _model()
     ids = _ids(model.config)
     labels, modality_ids = ids.clone(), None

@@ -102,10 +102,10 @@ PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 def _fast_path_on_cpu(monkeypatch) -> list[tuple[bool, bool]]:
     """CPU tensors take the fast path, on the reference conv and scan (as on CUDA with mamba-ssm's); -> a list that
     records, per fused mixer call, whether it wrote a cache's states and whether its rows were sorted."""
-    from mom.ops import fused
+    from mom.ops import fused, scan_ops
 
-    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     calls = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(
         (k.get("states_out") is not None, k.get("sorted_tokens", False))) or _f(*a, **k))
@@ -206,12 +206,12 @@ def test_the_kept_positions_alone_are_for_forwards_without_gradients(monkeypatch
         torch.testing.assert_close(logits.detach(), model(prompt, logits_to_keep=1).logits)
     from mom.model.inputs import modality_of_ids
     from mom.model.routing import Routing
-    from mom.ops import fused
+    from mom.ops import fused, scan_ops
 
     routes = Routing(modality_of_ids(model.config, prompt), model.config.num_modalities).routes(torch.float64)
     hidden = torch.randn(2, 9, model.config.d_model, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="kept tokens are for a forward without gradients"):
-        fused.fused_mixer(hidden, model.backbone.layers[0].mixer.fast_path_weights(), routes, fused.REFERENCE_OPS,
+        fused.fused_mixer(hidden, model.backbone.layers[0].mixer.fast_path_weights(), routes, scan_ops.REFERENCE_OPS,
                           kept=(torch.tensor([8]), torch.tensor([8])))
 
 
@@ -247,12 +247,12 @@ def test_prefill_computes_the_last_positions_logits_only():
 
 # ---- the same on a GPU: the CUDA fused prefill (mamba-ssm's and causal-conv1d's kernels) against the module path ----
 def _cuda_fast_path_or_skip(monkeypatch) -> None:
-    from mom.ops import backend, fused
+    from mom.ops import backend, scan_ops
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     monkeypatch.setenv(backend.FORCE_REFERENCE_ENV, "0")
-    if fused.cuda_ops() is None:
+    if scan_ops.cuda_ops() is None:
         pytest.skip("mamba-ssm and causal-conv1d CUDA kernels not importable")
 
 

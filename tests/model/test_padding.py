@@ -2,7 +2,7 @@
 (`mom.model.inputs.padding_mask`), and the fused path zeroes padded positions on the device where the module path
 zeroes them, so that an all-ones mask changes nothing and a padded one gives the module path's results.
 
-On CPU the fused path runs on the reference conv and scan (``fused.runs_on`` patched, as tests/model/
+On CPU the fused path runs on the reference conv and scan (``scan_ops.runs_on`` patched, as tests/model/
 test_default_call.py does); the GPU tests at the end compare the same on CUDA bf16 (skipped without CUDA). The host
 reads of a masked forward are counted in tests/model/test_default_call.py.
 """
@@ -15,7 +15,7 @@ import mom
 from mom.model.config import PROJECTIONS
 from mom.model.inputs import IGNORE_INDEX
 from mom.model.routing import Routing
-from mom.ops import backend, fused
+from mom.ops import backend, fused, scan_ops
 
 RUNS = [(0, 5), (1, 8), (2, 3), (0, 4), (1, 3)]  # 23 positions
 
@@ -49,8 +49,8 @@ def _mask(ids, kind):
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """The fused path on CPU tensors (reference conv and scan); -> per fused mixer call (mask given, rows sorted)."""
-    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     calls = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: (
         calls.append((k.get("mask") is not None, k.get("sorted_tokens", False))) or _f(*a, **k)))
@@ -85,7 +85,7 @@ def test_fused_path_with_a_mask_equals_the_module_path(decouple, bias, kind, fas
     mask = _mask(ids, kind)
     out, grads = _step(model, ids, mask)
     assert fast_path_on_cpu == [(True, decouple == PROJECTIONS)] * model.config.n_layer
-    monkeypatch.setattr(fused, "runs_on", lambda t: False)  # the module path
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: False)  # the module path
     ref, ref_grads = _step(model, ids, mask)
     assert_same_outputs(out, grads, ref, ref_grads)
 
@@ -94,8 +94,8 @@ def test_fused_path_with_a_mask_equals_the_module_path(decouple, bias, kind, fas
 def test_an_all_ones_mask_changes_nothing(fast, monkeypatch):
     """An all-ones mask, applied unread, gives exactly the results of the call without one (each product by one)."""
     if fast:
-        monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-        monkeypatch.setattr(fused, "runs_on", lambda t: True)
+        monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+        monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     model = _model(bias=True)
     ids = _ids(model.config)
     out, grads = _step(model, ids, torch.ones_like(ids))
@@ -135,10 +135,10 @@ def test_fused_mixer_with_a_mask_equals_the_module_path_and_padding_gets_no_grad
         hidden = torch.randn(*modality_ids.shape, config.d_model, requires_grad=True)
         if fast and sorted_tokens:
             rows = hidden.reshape(-1, config.d_model)[routing.perm].view_as(hidden)
-            out = mixer.fused_forward(rows, routing, fused.REFERENCE_OPS, sorted_tokens=True, mask=mask)
+            out = mixer.fused_forward(rows, routing, scan_ops.REFERENCE_OPS, sorted_tokens=True, mask=mask)
             out = out.reshape(-1, config.d_model)[routing.inv_perm].view_as(hidden)
         elif fast:
-            out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, mask=mask)
+            out = mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS, mask=mask)
         else:
             out = mixer(hidden, routing, mask=mask)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
@@ -161,7 +161,7 @@ def test_fused_mixer_rejects_a_mask_of_another_shape():
     modality_ids = config.modality_of(_ids(config))
     hidden = torch.randn(*modality_ids.shape, config.d_model)
     with pytest.raises(ValueError, match="mask has shape"):
-        mixer.fused_forward(hidden, Routing.build(modality_ids, config.num_modalities), fused.REFERENCE_OPS,
+        mixer.fused_forward(hidden, Routing.build(modality_ids, config.num_modalities), scan_ops.REFERENCE_OPS,
                             mask=torch.ones(2, 5, dtype=torch.bool))
 
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mom
 from mom.model.config import PROJECTIONS
 from mom.model.routing import Routing
-from mom.ops import fused, grouped
+from mom.ops import fused, grouped, scan_ops
 from mom.ops.grouped import HostCounts
 from mom.ops.projections import Projection
 from mom.ops.triton.gather import gather_cols_t, gather_rows_t
@@ -48,7 +48,7 @@ def run(mixer, modality_ids, fast: bool, seed=1):
     torch.manual_seed(seed)
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
     routing = Routing.build(modality_ids, len(MODALITIES))
-    out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS) if fast else mixer(hidden, routing)
+    out = mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS) if fast else mixer(hidden, routing)
     out.backward(torch.randn_like(out))
     grads = {name: p.grad.clone() for name, p in mixer.named_parameters()}
     mixer.zero_grad(set_to_none=True)
@@ -75,7 +75,7 @@ def test_backward_twice_through_a_retained_graph_names_the_problem():
     an error that says so (and how to avoid it) instead of computing on freed tensors."""
     mixer = make_mixer(PROJECTIONS)
     hidden = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
-    out = mixer.fused_forward(hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), fused.REFERENCE_OPS)
+    out = mixer.fused_forward(hidden, Routing.build(layouts()["uneven runs"][:, :9], 3), scan_ops.REFERENCE_OPS)
     out.sum().backward(retain_graph=True)
     assert hidden.grad is not None
     with pytest.raises(RuntimeError, match="ran twice.*use_fast_path=False"):
@@ -90,7 +90,7 @@ def test_saved_tensor_hooks_see_every_activation():
     routing = Routing.build(layouts()["uneven runs"][:, :9], 3)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
-        out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS)
+        out = mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS)
     n, d_inner = hidden.shape[0] * hidden.shape[1], mixer.d_inner
     assert (2 * d_inner, n) in packed and (2, d_inner, 9) in packed  # xz (2 d_inner, n); out (b, d_inner, l)
     out.sum().backward(retain_graph=True)
@@ -124,7 +124,7 @@ def test_fast_path_only_for_plain_present_linear_experts_on_cuda():
     mixer = wrapped.base_model.model.backbone.layers[0].mixer
     assert mixer.fast_path_weights() is None  # a LoRA-wrapped expert: defer to module calls
     with pytest.raises(ValueError, match="plain nn.Linear"):
-        mixer.fused_forward(hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3), fused.REFERENCE_OPS)
+        mixer.fused_forward(hidden, Routing.build(torch.zeros(1, 4, dtype=torch.long), 3), scan_ops.REFERENCE_OPS)
 
 
 def test_fused_bf16_weights_close_to_module_path():
@@ -134,7 +134,7 @@ def test_fused_bf16_weights_close_to_module_path():
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.bfloat16)
     routing = Routing.build(modality_ids, len(MODALITIES))
     ref = mixer(hidden, routing).float()
-    out = mixer.fused_forward(hidden.requires_grad_(), routing, fused.REFERENCE_OPS)
+    out = mixer.fused_forward(hidden.requires_grad_(), routing, scan_ops.REFERENCE_OPS)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mixer.parameters())
@@ -181,8 +181,8 @@ def test_sorted_residual_stream_matches_module_path(decouple, monkeypatch):
         return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
     ref, g_ref = forward()  # CPU: the module path
-    monkeypatch.setattr(fused, "cuda_ops", lambda: fused.REFERENCE_OPS)
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)  # CPU tensors take the fast path, on the reference ops
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: scan_ops.REFERENCE_OPS)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)  # CPU tensors take the fast path, on the reference ops
     calls = []
     monkeypatch.setattr(fused, "fused_mixer", lambda *a, _f=fused.fused_mixer, **k: calls.append(k) or _f(*a, **k))
     out, g = forward()
@@ -241,10 +241,10 @@ def test_fused_mixer_names_bad_inputs():
     with pytest.raises(MissingDependencyError, match="REFERENCE_OPS"):  # no CUDA ops on this machine
         fused.fused_mixer(hidden, weights, routes)
     with pytest.raises(ValueError, match="2 x 8 tokens but routes for 18"):
-        fused.fused_mixer(hidden[:, :8], weights, routes, fused.REFERENCE_OPS)
+        fused.fused_mixer(hidden[:, :8], weights, routes, scan_ops.REFERENCE_OPS)
     two = Routing.build(torch.zeros(2, 9, dtype=torch.long), 2).routes(torch.float64)
     with pytest.raises(ValueError, match=r"experts per projection \(3, 3, 3, 3\) but routes for 2 experts"):
-        fused.fused_mixer(hidden, weights, two, fused.REFERENCE_OPS)
+        fused.fused_mixer(hidden, weights, two, scan_ops.REFERENCE_OPS)
     with pytest.raises(ValueError, match=r"onehot has shape \(3, 17\), expected \(3, 18\)"):
         fused.Routes(routes.perm, routes.inv_perm, routes.offsets, routes.counts, routes.expert_ids,
                      routes.onehot[:, 1:])
@@ -255,9 +255,9 @@ def test_fused_mixer_names_bad_inputs():
         fused.MixerWeights(weights.weights, (*weights.biases[:2], weights.biases[2][:2], weights.biases[3]),
                            weights.conv_weight, weights.conv_bias, weights.A_log, weights.D)
     with pytest.raises(ValueError, match=r"A has shape \(24, 3\) and dtype torch.float32, expected A_log's \(24, 4\)"):
-        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 3))
+        fused.fused_mixer(hidden, weights, routes, scan_ops.REFERENCE_OPS, A=torch.zeros(24, 3))
     with pytest.raises(ValueError, match=r"dtype torch.float64, expected A_log's \(24, 4\) in float32"):
-        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, A=torch.zeros(24, 4, dtype=torch.float64))
+        fused.fused_mixer(hidden, weights, routes, scan_ops.REFERENCE_OPS, A=torch.zeros(24, 4, dtype=torch.float64))
 
 
 def test_sorted_stream_hands_each_mamba_1_mixer_its_A(monkeypatch):
@@ -266,7 +266,7 @@ def test_sorted_stream_hands_each_mamba_1_mixer_its_A(monkeypatch):
     routes in_proj or out_proj."""
     from mom.model.mixer import sorted_stream
 
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=3, d_state=4)
     mixers = [layer.mixer for layer in mom.MoMForCausalLM(config).backbone.layers]
     ids = torch.zeros(1, 2, dtype=torch.long)
@@ -310,10 +310,10 @@ def _prefill(mixer, modality_ids, fast: bool, sorted_tokens: bool = False, grad:
             out = mixer(hidden, routing, cache=cache)
         elif sorted_tokens:  # the stream's rows in the routing's sorted order in and out
             rows = hidden.reshape(b * l, -1)[routing.perm].view(b, l, -1)
-            out = mixer.fused_forward(rows, routing, fused.REFERENCE_OPS, sorted_tokens=True, cache=cache)
+            out = mixer.fused_forward(rows, routing, scan_ops.REFERENCE_OPS, sorted_tokens=True, cache=cache)
             out = out.reshape(b * l, -1)[routing.inv_perm].view(b, l, -1)
         else:
-            out = mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, cache=cache)
+            out = mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS, cache=cache)
     i = mixer.layer_idx
     return out.detach(), cache.conv_states[i], cache.ssm_states[i]
 
@@ -353,7 +353,7 @@ def test_fused_prefill_without_grad_runs_outside_autograd(monkeypatch):
     torch.testing.assert_close(ssm, ssm_grad)
     with torch.no_grad():  # parameters that require grad do not matter under no_grad
         mixer.fused_forward(torch.randn(2, 23, 12, dtype=torch.float64), Routing.build(modality_ids, 3),
-                            fused.REFERENCE_OPS)
+                            scan_ops.REFERENCE_OPS)
     assert len(applied) == 1
 
 
@@ -368,13 +368,13 @@ def test_layers_share_one_expanded_dt_input_per_forward(decouple):
 
     def alone(mixer):
         with torch.no_grad():
-            return mixer.fused_forward(hidden, Routing.build(modality_ids, 3), fused.REFERENCE_OPS)
+            return mixer.fused_forward(hidden, Routing.build(modality_ids, 3), scan_ops.REFERENCE_OPS)
 
     want = [alone(m) for m in mixers]
     for grad in (False, True):
         routing = Routing.build(modality_ids, 3)
         with torch.set_grad_enabled(grad):
-            got = [m.fused_forward(hidden, routing, fused.REFERENCE_OPS) for m in mixers]
+            got = [m.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS) for m in mixers]
         for g, w in zip(got, want):
             torch.testing.assert_close(g.detach(), w)
         routes = routing.routes(torch.float64)
@@ -397,7 +397,7 @@ def test_prefill_with_gradients_backpropagates_as_without_a_cache():
     cache = mom.MoMCache(config, batch_size=2, dtype=torch.float64)
     torch.manual_seed(1)
     hidden = torch.randn(*modality_ids.shape, 12, dtype=torch.float64, requires_grad=True)
-    out = mixer.fused_forward(hidden, Routing.build(modality_ids, 3), fused.REFERENCE_OPS, cache=cache)
+    out = mixer.fused_forward(hidden, Routing.build(modality_ids, 3), scan_ops.REFERENCE_OPS, cache=cache)
     out.backward(torch.randn_like(out))
     assert cache.ssm_states[1].abs().sum() > 0 and not cache.ssm_states[1].requires_grad
     for name, p in mixer.named_parameters():
@@ -411,14 +411,14 @@ def test_fused_prefill_names_bad_states():
     weights, routes = mixer.fast_path_weights(), routing.routes(torch.float64)
     conv, ssm = torch.zeros(2, mixer.d_inner, 4, dtype=torch.float64), torch.zeros(2, mixer.d_inner, 4)
     with pytest.raises(ValueError, match=r"conv_state has shape \(2, 24, 3\), expected \(2, 24, 4\)"):
-        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, states_out=(conv[..., :3], ssm))
+        fused.fused_mixer(hidden, weights, routes, scan_ops.REFERENCE_OPS, states_out=(conv[..., :3], ssm))
     with pytest.raises(ValueError, match=r"ssm_state has shape \(1, 24, 4\), expected \(2, 24, 4\)"):
-        fused.fused_mixer(hidden, weights, routes, fused.REFERENCE_OPS, states_out=(conv, ssm[:1]))
+        fused.fused_mixer(hidden, weights, routes, scan_ops.REFERENCE_OPS, states_out=(conv, ssm[:1]))
     config = mom.MoMConfig(modalities=MODALITIES, vocab_sizes=(8, 8, 8), d_model=12, n_layer=2, d_state=4)
     cache = mom.MoMCache(config, batch_size=2, dtype=torch.float64)
     cache.seqlen_offset = 3
     with pytest.raises(ValueError, match="from a fresh state.*holds 3 tokens"):
-        mixer.fused_forward(hidden, routing, fused.REFERENCE_OPS, cache=cache)
+        mixer.fused_forward(hidden, routing, scan_ops.REFERENCE_OPS, cache=cache)
 
 
 def test_gated_gather_with_the_gate_in_the_outputs_rows():
@@ -538,11 +538,11 @@ class _Launches(TorchDispatchMode):
 
 
 class _KernelLayoutOps:
-    """`fused.REFERENCE_OPS` with CUDA's contract: each output in its input's layout (the kernels keep it), one
+    """`scan_ops.REFERENCE_OPS` with CUDA's contract: each output in its input's layout (the kernels keep it), one
     launch each."""
 
     def __init__(self, launches: _Launches) -> None:
-        ref = fused.REFERENCE_OPS
+        ref = scan_ops.REFERENCE_OPS
 
         def conv_fwd(x, weight, bias):
             return torch.empty_like(x).copy_(ref.conv_fwd(x, weight, bias))
@@ -560,8 +560,8 @@ def test_kernels_a_layers_fused_forward_launches(monkeypatch):
     `model.to(torch.bfloat16)` makes it): a prefill's and a training forward's, counted on CPU as a GPU runs them.
     A change that adds one must update this list on purpose."""
     launches = _Launches()
-    monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: _KernelLayoutOps(launches))
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     for name in ("flat_cast", "gather_rows_t", "gather_cols_t", "conv_rows_t", "split_x_proj"):
         monkeypatch.setattr(fused, name, launches.one(getattr(fused, name), name))
     per_layer = []
@@ -612,8 +612,8 @@ def test_a_prefills_launches_outside_its_layers_do_not_grow_with_depth(monkeypat
     from mom.model import modeling
 
     launches = _Launches()
-    monkeypatch.setattr(fused, "cuda_ops", lambda: _KernelLayoutOps(launches))
-    monkeypatch.setattr(fused, "runs_on", lambda t: True)
+    monkeypatch.setattr(scan_ops, "cuda_ops", lambda: _KernelLayoutOps(launches))
+    monkeypatch.setattr(scan_ops, "runs_on", lambda t: True)
     monkeypatch.setattr(fused, "fused_mixer", launches.one(fused.fused_mixer, "layer"))
     monkeypatch.setattr(modeling, "add_norm", launches.one(modeling.add_norm, "layer"))
     outside = {}

@@ -209,7 +209,7 @@ def test_cuda_graph_step_equals_ordinary_steps():
     """The fused path's default call records (nothing read on the host) and replays each new batch as an ordinary
     bf16-autocast step computes it."""
     batches, model, opt, twin, step = _cuda_setup(fast=True)
-    if not mom.ops.fused.runs_on(next(twin.parameters())):
+    if not mom.ops.scan_ops.runs_on(next(twin.parameters())):
         pytest.skip("the fused path needs mamba-ssm and causal-conv1d")
     got = [step(b).item() for b in batches]
     assert step.captured

@@ -54,6 +54,7 @@ DRIVER = textwrap.dedent(
     from fixed_batches import FixedBatches, global_batches
 
     import mom.ops.fused as fused
+    import mom.ops.scan_ops as scan_ops
     import mom.train.loop as loop
     from mom.train.recipe import load_recipe
     from mom.train.resolve import resolve_model_config
@@ -65,7 +66,7 @@ DRIVER = textwrap.dedent(
     def counted(*args, **kwargs):
         calls[0] += 1
         return fused_mixer(*args, **kwargs)
-    fused.fused_mixer, fused.runs_on, fused.cuda_ops = counted, lambda t: True, lambda: fused.REFERENCE_OPS
+    fused.fused_mixer, scan_ops.runs_on, scan_ops.cuda_ops = counted, lambda t: True, lambda: scan_ops.REFERENCE_OPS
 
     out, stages, recipe_path, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     first = load_recipe(recipe_path, overrides)
