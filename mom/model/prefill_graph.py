@@ -65,9 +65,8 @@ class PrefillGraph:
 
 class PrefillGraphs:
     """A model's prefill graphs, keyed by (batch, length, kept positions, the weights' dtype, autocast's dtype,
-    device) (module docstring).
-    ``capture``, ``rehearse`` and ``device_type`` default to CUDA graphs on CUDA tensors; the tests pass an eager
-    capture and rehearsal to run the bookkeeping on CPU."""
+    device) (module docstring). ``capture``, ``rehearse`` and ``device_type`` default to CUDA graphs on CUDA tensors;
+    the tests pass an eager capture and rehearsal to run the bookkeeping on CPU."""
 
     def __init__(self, capture: Capture = capture_cuda_graph, device_type: str = "cuda",
                  rehearse: Rehearse = inputs.rehearsal) -> None:
@@ -118,10 +117,10 @@ class PrefillGraphs:
             self.seen[key] = self.seen.get(key, 0) + 1
             graph = None
         check(input_ids)  # before anything is recorded or written
-        if graph is None and self.seen[key] < RECORD_AT:
-            with self.rehearse():
-                return prefill(input_ids, cache)
         if graph is None:
+            if self.seen[key] < RECORD_AT:
+                with self.rehearse():
+                    return prefill(input_ids, cache)
             del self.seen[key]
             graph = self.graphs[key] = self._record(model.config, prefill, input_ids)
             while len(self.graphs) > MAX_GRAPHS:
